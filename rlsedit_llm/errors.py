@@ -1,0 +1,30 @@
+"""Typed errors of the LLM layer. All subclass :class:`rlsedit_theory.errors.RLSEditError`."""
+
+from rlsedit_theory.errors import (  # noqa: F401  (re-exported)
+    HyperparameterError,
+    NonFiniteError,
+    NotPositiveDefiniteError,
+    RLSEditError,
+    ShapeError,
+)
+
+
+class FactError(RLSEditError, ValueError):
+    """A fact cannot be edited as given: the subject is missing from the prompt, the target is
+    empty or cannot be encoded by the tokenizer, a batch holds the same fact twice, ..."""
+
+
+class UnsupportedArchitectureError(RLSEditError, TypeError):
+    """The model's architecture is not one rlsedit knows how to edit."""
+
+
+class StateMismatchError(RLSEditError, ValueError):
+    """A saved edit state does not belong to this model (weights fingerprint or shapes differ)."""
+
+
+class ModelLoadError(RLSEditError, OSError):
+    """A model could not be loaded (for example a hub name while offline)."""
+
+
+class CorpusError(RLSEditError, ValueError):
+    """A text corpus for key statistics cannot be read or holds too few tokens."""

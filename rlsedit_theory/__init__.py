@@ -1,0 +1,51 @@
+"""rlsedit_theory: the exact RLSEdit objective, closed form and recursion in NumPy/SciPy (float64).
+
+Row-key convention: ``W (d_k, d_v)``, edit batch ``K (u, d_k)``, ``V (u, d_v)``, fit ``K W ~ V``.
+"""
+
+from .errors import (
+    HyperparameterError,
+    NonFiniteError,
+    NotPositiveDefiniteError,
+    RLSEditError,
+    ShapeError,
+)
+from .objective import (
+    ObjectiveTerms,
+    closed_form,
+    gradient,
+    information_matrix,
+    normal_rhs,
+    objective,
+    objective_terms,
+    stack_edits,
+)
+from .problem import Problem
+from .recursive import RecursiveLS, StepInfo, woodbury_downdate, woodbury_update
+from .reference import DenseCumulative, HardWrite, NullSpaceProjection, PerBatchReset, run_stream
+
+__all__ = [
+    "Problem",
+    "objective",
+    "objective_terms",
+    "ObjectiveTerms",
+    "gradient",
+    "information_matrix",
+    "normal_rhs",
+    "closed_form",
+    "stack_edits",
+    "RecursiveLS",
+    "StepInfo",
+    "woodbury_update",
+    "woodbury_downdate",
+    "HardWrite",
+    "PerBatchReset",
+    "NullSpaceProjection",
+    "DenseCumulative",
+    "run_stream",
+    "RLSEditError",
+    "ShapeError",
+    "NonFiniteError",
+    "HyperparameterError",
+    "NotPositiveDefiniteError",
+]

@@ -1,0 +1,183 @@
+"""The Woodbury recursion: the exact minimiser of ``J_t`` updated in ``O(d_k^2 u)`` per batch.
+
+This module is the single home of the recursion. :func:`woodbury_update` and
+:func:`woodbury_downdate` are pure functions on ``(C, W)``; :class:`RecursiveLS` keeps that state
+for a stream. With ``C_{t-1} = G_{t-1}^{-1}`` and ``W_{t-1}`` the minimiser of ``J_{t-1}``:
+
+    r = V - K W_{t-1}          innovation            (u, d_v)
+    F = C_{t-1} K^T                                  (d_k, u)
+    S = I + K F                SPD, Cholesky-solved  (u, u)
+    L = F S^{-1} = C_t K^T     gain                  (d_k, u)
+    C_t = C_{t-1} - L F^T      Woodbury              (d_k, d_k)
+    W_t = W_{t-1} + L r                              (d_k, d_v)
+
+The downdate removes a batch that was added before: the same with ``S = I - K F`` and the signs
+flipped. ``C`` is re-symmetrised after every step.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import scipy.linalg
+
+from .errors import NotPositiveDefiniteError, ShapeError
+from .problem import Problem
+
+__all__ = ["StepInfo", "woodbury_update", "woodbury_downdate", "RecursiveLS"]
+
+
+class StepInfo(NamedTuple):
+    """What one step used, for the bounds of T2/T4/T5."""
+
+    innovation: np.ndarray  # r (u, d_v)
+    gain: np.ndarray  # L = C_t K^T (d_k, u)
+    S: np.ndarray  # I +/- K C_{t-1} K^T (u, u)
+
+
+def _cholesky(S: np.ndarray, what: str):
+    try:
+        return scipy.linalg.cho_factor((S + S.T) / 2, lower=True)
+    except np.linalg.LinAlgError as exc:
+        raise NotPositiveDefiniteError(what) from exc
+
+
+def woodbury_update(C: np.ndarray, W: np.ndarray, K: np.ndarray, V: np.ndarray):
+    """Add the batch ``(K, V)``: return ``(C_t, W_t, StepInfo)``.
+
+    ``C (d_k, d_k)`` SPD, ``W (d_k, d_v)``, ``K (u, d_k)``, ``V (u, d_v)``. Inputs are not
+    modified. Cost ``2 d_k^2 u + O(d_k u^2 + u^3 + d_k d_v u)``.
+    """
+    r = V - K @ W  # (u, d_v)
+    F = C @ K.T  # (d_k, u)
+    S = np.eye(K.shape[0]) + K @ F  # (u, u)
+    L = scipy.linalg.cho_solve(_cholesky(S, "I + K C K^T is not SPD: is C corrupted?"), F.T).T
+    C_new = C - L @ F.T
+    C_new = (C_new + C_new.T) / 2
+    return C_new, W + L @ r, StepInfo(r, L, S)
+
+
+def woodbury_downdate(C: np.ndarray, W: np.ndarray, K: np.ndarray, V: np.ndarray):
+    """Remove a batch ``(K, V)`` added earlier: return ``(C_prev, W_prev, StepInfo)``.
+
+    Exact inverse of :func:`woodbury_update` on the information ``G`` and right-hand side ``B``
+    whatever happened in between. Raises :class:`NotPositiveDefiniteError` when
+    ``I - K C K^T`` is not positive definite, i.e. the batch cannot have been part of the data.
+    """
+    r = V - K @ W  # (u, d_v)
+    F = C @ K.T  # (d_k, u)
+    S = np.eye(K.shape[0]) - K @ F  # (u, u)
+    msg = "I - K C K^T is not positive definite: this batch was never added to the state"
+    L = scipy.linalg.cho_solve(_cholesky(S, msg), F.T).T  # C_prev K^T
+    C_new = C + L @ F.T
+    C_new = (C_new + C_new.T) / 2
+    return C_new, W - L @ r, StepInfo(r, L, S)
+
+
+class RecursiveLS:
+    """Streaming exact minimiser of the cumulative RLSEdit objective.
+
+    Parameters
+    ----------
+    problem : Problem
+        Pre-trained weights, regularisation weights and anchor.
+    track_information : bool, default True
+        Also carry ``G_t = A + sum K_i^T K_i`` (``d_k^2`` more memory) to measure the drift
+        ``||C_t G_t - I||``.
+
+    Attributes
+    ----------
+    W_ : ndarray (d_k, d_v)
+        Current minimiser ``W*_t``.
+    C_ : ndarray (d_k, d_k)
+        ``G_t^{-1}``, symmetric positive definite.
+    G_ : ndarray (d_k, d_k) or None
+        ``G_t`` if tracked.
+    n_updates_ : int
+        Batches added minus batches removed.
+    n_rows_ : int
+        Rows (keys) currently in the data.
+    last_step_ : StepInfo or None
+        Innovation, gain and ``S`` of the latest update.
+    """
+
+    def __init__(self, problem: Problem, *, track_information: bool = True):
+        if not isinstance(problem, Problem):
+            raise TypeError(f"problem must be a Problem; got {type(problem).__name__}")
+        self.problem = problem
+        self.track_information = track_information
+        self.reset()
+
+    def reset(self) -> "RecursiveLS":
+        """Back to ``t = 0``: ``C_0 = A^{-1}``, ``W*_0 = A^{-1} B_0``."""
+        p = self.problem
+        # The recursion's state is G^{-1} itself; build it by a Cholesky solve of A.
+        C = p.solve_metric(np.eye(p.d_k))
+        self.C_ = (C + C.T) / 2
+        self.W_ = p.W_star0
+        self.G_ = p.metric.copy() if self.track_information else None
+        self.n_updates_ = 0
+        self.n_rows_ = 0
+        self.last_step_ = None
+        return self
+
+    def update(self, K, V) -> np.ndarray:
+        """Add the batch ``K (u, d_k)``, ``V (u, d_v)``; return the new ``W_``."""
+        K, V = self.problem.check_batch(K, V)
+        self.C_, self.W_, self.last_step_ = woodbury_update(self.C_, self.W_, K, V)
+        if self.G_ is not None:
+            self.G_ = self.G_ + K.T @ K
+        self.n_updates_ += 1
+        self.n_rows_ += K.shape[0]
+        return self.W_
+
+    def partial_fit(self, K, V) -> "RecursiveLS":
+        """scikit-learn style alias of :meth:`update` that returns ``self``."""
+        self.update(K, V)
+        return self
+
+    def downdate(self, K, V) -> np.ndarray:
+        """Remove a batch added earlier (exactly); return the new ``W_``.
+
+        The state is unchanged if this raises.
+        """
+        K, V = self.problem.check_batch(K, V)
+        if K.shape[0] > self.n_rows_:
+            raise ShapeError(f"cannot remove {K.shape[0]} rows: the state holds {self.n_rows_}")
+        self.C_, self.W_, _ = woodbury_downdate(self.C_, self.W_, K, V)
+        if self.G_ is not None:
+            self.G_ = self.G_ - K.T @ K
+        self.n_updates_ -= 1
+        self.n_rows_ -= K.shape[0]
+        self.last_step_ = None
+        return self.W_
+
+    def drift(self) -> float:
+        """``||C_t G_t - I||_F``: how far the carried inverse is from the carried information."""
+        if self.G_ is None:
+            raise RuntimeError("construct with track_information=True to measure drift")
+        return float(np.linalg.norm(self.C_ @ self.G_ - np.eye(self.problem.d_k)))
+
+    def copy(self) -> "RecursiveLS":
+        """Deep copy of the state (the problem is shared: it is never modified)."""
+        new = object.__new__(RecursiveLS)
+        new.__dict__.update(self.__dict__)
+        for name in ("C_", "W_", "G_"):
+            value = getattr(self, name)
+            setattr(new, name, None if value is None else value.copy())
+        return new
+
+    def allclose(self, other: "RecursiveLS", *, rtol: float = 1e-9, atol: float = 0.0) -> bool:
+        """Whether two states hold the same ``W_`` and ``C_`` to tolerance (relative to norms)."""
+        def close(a, b):
+            return np.linalg.norm(a - b) <= atol + rtol * max(np.linalg.norm(a), np.linalg.norm(b))
+
+        return (
+            self.W_.shape == other.W_.shape
+            and close(self.W_, other.W_)
+            and close(self.C_, other.C_)
+        )
+
+    def __repr__(self) -> str:
+        return f"RecursiveLS({self.problem!r}, n_updates_={self.n_updates_}, n_rows_={self.n_rows_})"

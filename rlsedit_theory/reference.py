@@ -1,0 +1,109 @@
+"""Reference editors run on the same streams, to compare RLSEdit against.
+
+Each has the interface of :class:`~rlsedit_theory.recursive.RecursiveLS`: ``update(K, V)``
+returns the new weights, and ``W_`` holds them.
+
+- :class:`HardWrite`: exact minimum-``A``-norm change that makes ``K W = V`` (least squares
+  where that is impossible). The ``s -> 0`` limit of one soft step.
+- :class:`PerBatchReset`: MEMIT-like; each batch solves its own soft problem around the current
+  weights with the prior metric ``A`` (the recursion with ``C`` reset to ``A^{-1}`` every batch).
+- :class:`NullSpaceProjection`: AlphaEdit-like; updates restricted to the span of the anchor
+  Gram's small eigenvalues, with cumulative past keys and a ridge.
+- :class:`DenseCumulative`: MEMIT-seq-like; the cumulative normal equations re-solved densely
+  every batch (``O(d_k^3)`` per batch). Equals RLSEdit exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import scipy.linalg
+
+from .errors import HyperparameterError
+from .problem import Problem
+from .recursive import woodbury_update
+
+__all__ = ["HardWrite", "PerBatchReset", "NullSpaceProjection", "DenseCumulative", "run_stream"]
+
+
+class _Editor:
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self.W_ = problem.W_star0
+        self.n_updates_ = 0
+
+    def update(self, K, V) -> np.ndarray:
+        K, V = self.problem.check_batch(K, V)
+        self.W_ = self.W_ + self._delta(K, V - K @ self.W_)
+        self.n_updates_ += 1
+        return self.W_
+
+    def _delta(self, K, r):  # (u, d_k), (u, d_v) -> (d_k, d_v)
+        raise NotImplementedError
+
+
+class HardWrite(_Editor):
+    """``W <- W + A^{-1} K^T (K A^{-1} K^T)^+ r``: the minimum-``A``-norm exact write."""
+
+    def _delta(self, K, r):
+        AK = self.problem.solve_metric(K.T)  # (d_k, u)
+        M = K @ AK  # (u, u) symmetric PSD
+        y = scipy.linalg.lstsq(M, r, cond=1e-12)[0]  # minimum-norm solution, = M^+ r
+        return AK @ y
+
+
+class PerBatchReset(_Editor):
+    """Each batch: ``min ||K W - V||^2 + ||W - W_prev||_A^2`` (memory of past edits dropped)."""
+
+    def __init__(self, problem: Problem):
+        super().__init__(problem)
+        self._C0 = problem.solve_metric(np.eye(problem.d_k))
+
+    def _delta(self, K, r):
+        # One recursion step from W = 0 with target r returns exactly the change L r.
+        _, step, _ = woodbury_update(self._C0, np.zeros((self.problem.d_k, r.shape[1])), K, r)
+        return step
+
+
+class NullSpaceProjection(_Editor):
+    """AlphaEdit-like: ``Delta = (P X_t + ridge I)^{-1} P K^T r`` with ``X_t = sum_{i<=t} K_i^T K_i``.
+
+    ``P`` projects onto the eigenvectors of ``K0^T K0`` whose eigenvalue is at most
+    ``threshold`` times the largest (all of them when there is no anchor), so the anchor keys'
+    outputs are preserved exactly on the complement. ``Delta`` lies in the range of ``P``.
+    """
+
+    def __init__(self, problem: Problem, *, threshold: float = 1e-2, ridge: float = 1.0):
+        super().__init__(problem)
+        if not threshold >= 0 or not ridge > 0:
+            raise HyperparameterError("threshold must be >= 0 and ridge > 0")
+        evals, evecs = np.linalg.eigh(problem.gram0)
+        keep = evals <= threshold * max(evals.max(), 0.0)
+        Q = evecs[:, keep]  # (d_k, m) orthonormal basis of the kept space
+        self.projector_ = Q @ Q.T
+        self.ridge = ridge
+        self._X = np.zeros((problem.d_k, problem.d_k))
+
+    def _delta(self, K, r):
+        self._X = self._X + K.T @ K
+        P = self.projector_
+        M = P @ self._X + self.ridge * np.eye(self.problem.d_k)
+        return scipy.linalg.solve(M, P @ (K.T @ r))
+
+
+class DenseCumulative(_Editor):
+    """MEMIT-seq-like: ``Delta = G_t^{-1} K^T r`` with ``G_t`` kept and factorised every batch."""
+
+    def __init__(self, problem: Problem):
+        super().__init__(problem)
+        self._G = problem.metric.copy()
+
+    def _delta(self, K, r):
+        self._G = self._G + K.T @ K
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(self._G, lower=True), K.T @ r)
+
+
+def run_stream(editor, edits: Iterable) -> list[np.ndarray]:
+    """Feed ``edits`` (pairs ``(K_i, V_i)``) to ``editor``; return ``W`` after each batch."""
+    return [editor.update(K, V).copy() for K, V in edits]
