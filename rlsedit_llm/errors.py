@@ -28,3 +28,7 @@ class ModelLoadError(RLSEditError, OSError):
 
 class CorpusError(RLSEditError, ValueError):
     """A text corpus for key statistics cannot be read or holds too few tokens."""
+
+
+class UnknownEditError(RLSEditError, KeyError):
+    """An edit id that is not (or no longer) in the editor's journal."""

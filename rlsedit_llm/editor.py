@@ -1,0 +1,388 @@
+"""The lifelong editor: RLSEdit on a Hugging Face causal LM.
+
+One :class:`Editor` per model. Each call to :meth:`Editor.edit` takes a batch of facts and
+
+1. computes the target hidden state ``z*`` of each fact at the last edited layer (values.py);
+2. for each edited layer ``l_i`` (ascending): the keys ``K (u, d_k)`` at the subject's last token,
+   the current hidden state ``h`` at the last edited layer, and the innovation
+   ``R = (z* - h) / (L - i)`` (the layer's share of the residual: the residual is never used as an
+   absolute value);
+3. applies the verified recursion (:class:`~rlsedit_llm.solver.LayerRLS`), whose state persists
+   across calls, and writes the new weights into the model.
+
+Every call is a transaction: if anything fails (bad fact, NaN, out of memory, Ctrl-C) the model's
+weights and the editor's state are exactly as before the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import FactError, HyperparameterError, NonFiniteError, UnknownEditError
+from .facts import Fact, as_facts, validate_facts
+from .keys import compute_keys, generate_templates, subject_hidden_states
+from .models import detect_spec, get_module, read_weight, write_weight
+from .scoring import score_targets
+from .solver import LayerRLS
+from .stats import second_moments
+from .values import ValueConfig, compute_values, default_value_config
+
+__all__ = ["EditConfig", "Editor", "EditReport", "FactReport", "EditRecord", "edit"]
+
+log = logging.getLogger(__name__)
+
+_ATTR = "_rlsedit_editor"  # where rlsedit_llm.edit keeps the lifelong editor on the model
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Hyperparameters of an :class:`Editor` (all have published or sensible defaults).
+
+    ``alpha`` weighs ``||W - W0||^2``; ``beta`` weighs the anchor ``||K0 (W - W0)||^2`` whose Gram
+    is ``mom2_weight * E[k k^T]`` (published RLSEdit: ``alpha = 0`` (lambda = 0), ``beta = 1``
+    (mu = 1), ``mom2_weight = 15000``).
+    """
+
+    layers: tuple[int, ...] | None = None  # None: the family's default block
+    alpha: float = 0.0
+    beta: float = 1.0
+    mom2_weight: float = 15000.0
+    corpus: str = "enwiki_sample"
+    stats_tokens: int = 100_000
+    stats_max_length: int = 512
+    state_dtype: str = "float64"  # the recursion's state: float64 or float32
+    template_seed: int = 0
+    n_templates: int = 5
+    template_length: int = 10
+    value: ValueConfig | None = None  # None: the family's default
+    replace: bool = True  # a new fact for an (subject, relation) retracts the earlier one
+    track_information: bool = False  # carry G_t too (for drift certificates)
+    cache_dir: str | None = None  # statistics cache; None: the user cache directory
+
+    def validate(self) -> None:
+        for name in ("alpha", "beta", "mom2_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+                raise HyperparameterError(f"{name} must be a finite number >= 0; got {value!r}")
+        if self.alpha == 0 and (self.beta == 0 or self.mom2_weight == 0):
+            raise HyperparameterError(
+                "alpha = 0 and a zero anchor weight leave the preservation metric singular; "
+                "set alpha > 0 or beta > 0 and mom2_weight > 0"
+            )
+        if self.state_dtype not in ("float32", "float64"):
+            raise HyperparameterError(f"state_dtype must be 'float32' or 'float64'; got {self.state_dtype!r}")
+        if self.stats_tokens < 1 or self.n_templates < 0 or self.template_length < 1:
+            raise HyperparameterError("stats_tokens and template_length must be >= 1, n_templates >= 0")
+        if self.layers is not None and len(self.layers) == 0:
+            raise HyperparameterError("layers must name at least one layer (or be None)")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EditConfig":
+        d = dict(d)
+        if d.get("layers") is not None:
+            d["layers"] = tuple(d["layers"])
+        if d.get("value") is not None:
+            d["value"] = ValueConfig(**d["value"])
+        return cls(**d)
+
+
+@dataclass
+class FactReport:
+    """What one edit did to one fact."""
+
+    fact: Fact
+    prob_before: float  # P(target | prompt) before the call
+    prob_after: float
+    residual_before: float  # ||z* - h|| at the last edited layer before the write
+    residual_after: float  # what is left unfitted after the write
+    replaced: tuple[int, ...] = ()  # ids of earlier edits this fact retracted
+
+
+@dataclass
+class EditReport:
+    """Result of one :meth:`Editor.edit` call."""
+
+    edit_id: int
+    layers: tuple[int, ...]
+    facts: list[FactReport]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def efficacy(self) -> float:
+        """Share of facts whose target became more probable than before."""
+        return sum(f.prob_after > f.prob_before for f in self.facts) / max(len(self.facts), 1)
+
+    def __str__(self) -> str:
+        lines = [f"edit {self.edit_id} on layers {list(self.layers)}: {len(self.facts)} fact(s)"]
+        for r in self.facts:
+            lines.append(
+                f"  {r.fact.text()!r} -> {r.fact.target!r}: P {r.prob_before:.4f} -> {r.prob_after:.4f}, "
+                f"residual {r.residual_before:.3g} -> {r.residual_after:.3g}"
+                + (f" (replaced edit {', '.join(map(str, r.replaced))})" if r.replaced else "")
+            )
+        if self.seconds:
+            lines.append("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+@dataclass
+class EditRecord:
+    """Journal entry of one applied edit: enough to retract it exactly (downdate)."""
+
+    edit_id: int
+    facts: list[Fact]
+    keys: dict[int, torch.Tensor]  # layer -> K (u, d_k), in the state dtype, on CPU
+    values: dict[int, torch.Tensor]  # layer -> V = K W_prev + R (u, d_v), absolute values
+    created: float = field(default_factory=time.time)
+
+
+def _fact_slot(fact: Fact) -> tuple[str, str]:
+    """What makes two facts "the same question": subject and relation (or prompt template)."""
+    return (fact.subject, fact.relation_id or fact.prompt)
+
+
+class Editor:
+    """Lifelong RLSEdit editor of one model.
+
+    Parameters
+    ----------
+    model : transformers PreTrainedModel (causal LM)
+    tokenizer : the model's tokenizer
+    config : EditConfig, optional
+
+    Attributes
+    ----------
+    spec_ : ModelSpec — the detected architecture
+    layers_ : tuple of edited layer indices
+    templates_ : list[str] — context templates (generated once, seeded, saved with the state)
+    solvers_ : dict layer -> LayerRLS — the recursion state per layer, on that layer's device
+    journal_ : list[EditRecord] — every applied edit, in order
+    """
+
+    def __init__(self, model, tokenizer, config: EditConfig | None = None):
+        config = config or EditConfig()
+        if not isinstance(config, EditConfig):
+            raise HyperparameterError(f"config must be an EditConfig; got {type(config).__name__}")
+        config.validate()
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.spec_ = detect_spec(model)
+        layers = tuple(config.layers) if config.layers is not None else tuple(self.spec_.default_layers)
+        bad = [l for l in layers if not (isinstance(l, int) and 0 <= l < self.spec_.n_layers)]
+        if bad or sorted(set(layers)) != list(layers):
+            raise HyperparameterError(
+                f"layers must be distinct ascending ints in [0, {self.spec_.n_layers}); got {layers}"
+            )
+        self.layers_ = layers
+        self.value_config_ = config.value or default_value_config(self.spec_)
+        self.templates_: list[str] | None = None
+        self.solvers_: dict[int, LayerRLS] = {}
+        self.journal_: list[EditRecord] = []
+        self.next_id_ = 0
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _module(self, layer: int):
+        return get_module(self.model, self.spec_.edit_module_path.format(layer))
+
+    def prepare(self) -> "Editor":
+        """Statistics, per-layer states and templates (done lazily by the first edit)."""
+        if self.solvers_ and self.templates_ is not None:
+            return self
+        cfg = self.config
+        moments = second_moments(
+            self.model, self.tokenizer, self.spec_, list(self.layers_), corpus=cfg.corpus,
+            n_tokens=cfg.stats_tokens, max_length=cfg.stats_max_length, cache_dir=cfg.cache_dir,
+        )
+        dtype = getattr(torch, cfg.state_dtype)
+        solvers = {}
+        for layer in self.layers_:
+            W0 = read_weight(self._module(layer))  # (d_k, d_v)
+            gram0 = cfg.mom2_weight * moments[layer].to(device=W0.device, dtype=dtype)
+            solvers[layer] = LayerRLS(W0, cfg.alpha, cfg.beta, gram0, dtype=dtype,
+                                      track_information=cfg.track_information)
+        templates = generate_templates(self.model, self.tokenizer, seed=cfg.template_seed,
+                                       n=cfg.n_templates, length=cfg.template_length)
+        self.solvers_, self.templates_ = solvers, templates
+        return self
+
+    # -- editing -----------------------------------------------------------------------------
+    def edit(self, facts) -> EditReport:
+        """Apply a batch of facts as one step of the lifelong stream; return a report.
+
+        ``facts``: :class:`Fact` objects, dicts with prompt/subject/target, CounterFact or zsRE
+        records. Raises :class:`FactError` (and leaves everything unchanged) for bad facts.
+        """
+        facts = as_facts(facts)
+        if not facts:
+            raise FactError("no facts given: pass at least one fact to edit")
+        validate_facts(facts, self.tokenizer)
+        seconds: dict[str, float] = {}
+        tic = time.perf_counter()
+        self.prepare()
+        seconds["prepare"] = time.perf_counter() - tic
+        with self._transaction():
+            return self._edit(facts, seconds)
+
+    def _transaction(self):
+        editor = self
+
+        class _Txn:
+            def __enter__(self):
+                # Weights of the edited modules, and the (immutable-tensor) state references.
+                self.weights = {l: read_weight(editor._module(l)) for l in editor.layers_}
+                self.states = {l: dict(s.__dict__) for l, s in editor.solvers_.items()}
+                self.journal = list(editor.journal_)
+                self.next_id = editor.next_id_
+
+            def __exit__(self, exc_type, exc, tb):
+                if exc_type is None:
+                    return False
+                for l, W in self.weights.items():
+                    write_weight(editor._module(l), W)
+                for l, state in self.states.items():
+                    editor.solvers_[l].__dict__.clear()
+                    editor.solvers_[l].__dict__.update(state)
+                editor.journal_, editor.next_id_ = self.journal, self.next_id
+                log.warning("edit rolled back after %s: model and state restored", exc_type.__name__)
+                return False
+
+        return _Txn()
+
+    def _edit(self, facts: list[Fact], seconds: dict[str, float]) -> EditReport:
+        model, tok, spec, layers = self.model, self.tokenizer, self.spec_, self.layers_
+        z_layer = layers[-1]
+
+        replaced = self._retract_replaced(facts) if self.config.replace else {}
+
+        tic = time.perf_counter()
+        before = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
+        seconds["score"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        values = compute_values(model, tok, spec, z_layer, facts, self.templates_, self.value_config_)
+        z_star = values.target  # (u, d_model) float32
+        if not torch.isfinite(z_star).all():
+            raise NonFiniteError("value optimisation produced NaN/inf; lower the value learning rate")
+        seconds["values"] = time.perf_counter() - tic
+
+        seconds["keys"] = seconds["update"] = 0.0
+        record = EditRecord(self.next_id_, list(facts), {}, {})
+        pending = {}
+        residual_before = None
+        for i, layer in enumerate(layers):
+            tic = time.perf_counter()
+            K = compute_keys(model, tok, spec, layer, facts, self.templates_)  # (u, d_k)
+            h = subject_hidden_states(model, tok, spec, z_layer, facts)  # (u, d_model)
+            seconds["keys"] += time.perf_counter() - tic
+
+            tic = time.perf_counter()
+            delta = z_star.to(h.device) - h  # (u, d_model)
+            if residual_before is None:
+                residual_before = delta.norm(dim=1)
+            solver = self.solvers_[layer]
+            R = delta / (len(layers) - i)  # this layer's share of the residual (u, d_v)
+            K = K.to(device=solver.C_.device, dtype=solver.dtype)
+            R = R.to(device=solver.C_.device, dtype=solver.dtype)
+            C_new, W_new, _ = solver.step(K, R)
+            if not (torch.isfinite(W_new).all() and torch.isfinite(C_new).all()):
+                raise NonFiniteError(f"layer {layer}: the update produced NaN/inf")
+            write_weight(self._module(layer), W_new)
+            pending[layer] = (C_new, W_new, K)
+            record.keys[layer] = K.cpu()
+            record.values[layer] = (K @ solver.W_ + R).cpu()  # absolute targets, for undo
+            seconds["update"] += time.perf_counter() - tic
+
+        h_after = subject_hidden_states(model, tok, spec, z_layer, facts)
+        residual_after = (z_star.to(h_after.device) - h_after).norm(dim=1)
+        after = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
+
+        # Commit: plain assignments only, nothing below can fail half-way.
+        for layer, (C_new, W_new, K) in pending.items():
+            self.solvers_[layer].commit(C_new, W_new, K)
+        self.journal_.append(record)
+        self.next_id_ += 1
+        reports = [
+            FactReport(f, b.prob, a.prob, float(rb), float(ra), replaced.get(j, ()))
+            for j, (f, b, a, rb, ra) in enumerate(zip(facts, before, after, residual_before, residual_after))
+        ]
+        log.info("edit %d: %d fact(s) on layers %s", record.edit_id, len(facts), list(layers))
+        return EditReport(record.edit_id, layers, reports, seconds)
+
+    # -- retraction ----------------------------------------------------------------------------
+    def _retract_replaced(self, facts: list[Fact]) -> dict[int, tuple[int, ...]]:
+        """Retract earlier facts with the same (subject, relation) as a new one."""
+        slots = {_fact_slot(f): j for j, f in enumerate(facts)}
+        replaced: dict[int, list[int]] = {}
+        for record in list(self.journal_):
+            hits = [j for j, f in enumerate(record.facts) if _fact_slot(f) in slots]
+            if hits:
+                self._retract_rows(record, hits)
+                for j in hits:
+                    replaced.setdefault(slots[_fact_slot(record.facts[j])], []).append(record.edit_id)
+        return {j: tuple(ids) for j, ids in replaced.items()}
+
+    def _retract_rows(self, record: EditRecord, rows: list[int]) -> None:
+        """Downdate some rows of a journal entry from every layer and drop them from the journal.
+
+        The record object itself is never mutated (a rolled-back transaction restores it)."""
+        keep = [j for j in range(len(record.facts)) if j not in rows]
+        for layer in self.layers_:
+            K, V = record.keys[layer][rows], record.values[layer][rows]
+            self.solvers_[layer].downdate(K, V)
+            write_weight(self._module(layer), self.solvers_[layer].W_)
+        index = self.journal_.index(record)
+        if keep:
+            self.journal_[index] = dataclasses.replace(
+                record,
+                facts=[record.facts[j] for j in keep],
+                keys={l: K[keep] for l, K in record.keys.items()},
+                values={l: V[keep] for l, V in record.values.items()},
+            )
+        else:
+            del self.journal_[index]
+
+    def undo(self, edit_id: int) -> None:
+        """Retract a past edit exactly: the state equals a stream in which it was never made
+        (other edits' stored keys and values unchanged)."""
+        record = next((r for r in self.journal_ if r.edit_id == edit_id), None)
+        if record is None:
+            known = [r.edit_id for r in self.journal_]
+            raise UnknownEditError(f"no edit with id {edit_id} in the journal (known ids: {known})")
+        with self._transaction():
+            self._retract_rows(record, list(range(len(record.facts))))
+
+
+def edit(model, facts, *, tokenizer=None, config: EditConfig | None = None) -> EditReport:
+    """Edit ``model`` with ``facts``, continuing the model's lifelong RLSEdit stream.
+
+    The first call creates an :class:`Editor` (statistics, per-layer state) and keeps it with the
+    model; later calls continue the same recursion. ``tokenizer`` is needed on the first call.
+    """
+    editor = getattr(model, _ATTR, None)
+    if editor is None:
+        if tokenizer is None:
+            raise HyperparameterError("the first rlsedit_llm.edit call on a model needs tokenizer=")
+        editor = Editor(model, tokenizer, config)
+        object.__setattr__(model, _ATTR, editor)
+    elif config is not None and config != editor.config:
+        raise HyperparameterError(
+            "this model already has a lifelong editor with a different config; "
+            "use rlsedit_llm.Editor for a separate stream"
+        )
+    elif tokenizer is not None and tokenizer is not editor.tokenizer:
+        editor.tokenizer = tokenizer
+    return editor.edit(facts)
+
+
+def editor_of(model) -> Editor | None:
+    """The lifelong editor :func:`edit` keeps with ``model`` (None before the first call)."""
+    return getattr(model, _ATTR, None)

@@ -1,0 +1,89 @@
+"""Teacher-forced scoring of target strings after prompts.
+
+One function serves the edit report (probability of the target before and after an edit) and the
+evaluation metrics (length-normalised NLL comparisons, token accuracy). Prompts and targets are
+tokenised separately and concatenated (``add_special_tokens=False``; the target gets a leading
+space), so the scored tokens are exactly the tokens the value optimisation trains on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TargetScore", "encode_target", "score_targets"]
+
+
+def encode_target(tokenizer, target: str) -> list[int]:
+    """Token ids of ``" " + target`` without special tokens (a leading BOS is dropped)."""
+    ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    return list(ids)
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """Per-token log-probabilities of a target and whether each token was the argmax."""
+
+    token_logprobs: torch.Tensor  # (n_target_tokens,) float32, on CPU
+    token_correct: torch.Tensor  # (n_target_tokens,) bool
+
+    @property
+    def logprob(self) -> float:
+        """log P(target | prompt), the sum over tokens."""
+        return float(self.token_logprobs.sum())
+
+    @property
+    def prob(self) -> float:
+        return float(torch.exp(self.token_logprobs.sum()))
+
+    @property
+    def mean_nll(self) -> float:
+        """Length-normalised negative log-likelihood (CounterFact's comparison statistic)."""
+        return float(-self.token_logprobs.mean())
+
+    @property
+    def accuracy(self) -> float:
+        """Share of target tokens that are the teacher-forced argmax (zsRE's metric)."""
+        return float(self.token_correct.float().mean())
+
+    @property
+    def all_correct(self) -> bool:
+        return bool(self.token_correct.all())
+
+
+def _input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@torch.no_grad()
+def score_targets(model, tokenizer, prompts, targets, *, batch_size: int = 16) -> list[TargetScore]:
+    """Score ``targets[i]`` after ``prompts[i]`` (both lists of str, same length)."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = _input_device(model)
+    scores: list[TargetScore] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = []
+        for prompt, target in zip(prompts[start:start + batch_size], targets[start:start + batch_size]):
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            t = encode_target(tokenizer, target)
+            rows.append((p, t))
+        width = max(len(p) + len(t) for p, t in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (p, t) in enumerate(rows):  # right padding
+            ids[i, : len(p) + len(t)] = torch.tensor(p + t)
+            mask[i, : len(p) + len(t)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # (b, width, vocab)
+        for i, (p, t) in enumerate(rows):
+            pos = torch.arange(len(p) - 1, len(p) + len(t) - 1)  # positions predicting t
+            tgt = torch.tensor(t)
+            token_logprobs = logp[i, pos, tgt]
+            correct = logp[i, pos].argmax(-1) == tgt
+            scores.append(TargetScore(token_logprobs, correct))
+    return scores

@@ -1,0 +1,86 @@
+"""The torch twin LayerRLS equals the verified NumPy recursion on the same K, V."""
+
+import numpy as np
+import pytest
+import torch
+
+from rlsedit_llm.errors import HyperparameterError, NotPositiveDefiniteError, ShapeError
+from rlsedit_llm.solver import LayerRLS
+from rlsedit_theory import Problem, RecursiveLS, closed_form
+
+
+def _instance(seed, d_k=12, d_v=5, n0=40, batches=(1, 3, 20, 2)):
+    rng = np.random.default_rng(seed)
+    W0 = rng.normal(size=(d_k, d_v))
+    K0 = rng.normal(size=(n0, d_k)) * rng.uniform(0.1, 3, size=d_k)
+    edits = [(rng.normal(size=(u, d_k)), rng.normal(size=(u, d_v))) for u in batches]
+    return W0, K0.T @ K0 / n0, edits
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.0, 2.0), (0.3, 0.0), (1.5, 15.0)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_layer_rls_equals_numpy_recursion(alpha, beta, seed):
+    W0, gram, edits = _instance(seed)
+    ref = RecursiveLS(Problem(W0, alpha, beta, gram0=gram))
+    twin = LayerRLS(torch.from_numpy(W0), alpha, beta, torch.from_numpy(gram), track_information=True)
+    for K, V in edits:
+        ref.update(K, V)
+        twin.update(torch.from_numpy(K), torch.from_numpy(V))
+        np.testing.assert_allclose(twin.W_.numpy(), ref.W_, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(twin.C_.numpy(), ref.C_, rtol=1e-10, atol=1e-13)
+    assert twin.drift() < 1e-10
+    assert torch.equal(twin.C_, twin.C_.mT)
+
+
+def test_innovation_form_and_downdate_match_closed_form():
+    W0, gram, edits = _instance(3)
+    problem = Problem(W0, 0.5, 3.0, gram0=gram)
+    twin = LayerRLS(torch.from_numpy(W0), 0.5, 3.0, torch.from_numpy(gram))
+    for K, V in edits:  # the LLM layer passes innovations R = V - K W
+        Kt = torch.from_numpy(K)
+        twin.update_innovation(Kt, torch.from_numpy(V) - Kt @ twin.W_)
+    np.testing.assert_allclose(twin.W_.numpy(), closed_form(problem, edits), rtol=1e-10)
+    twin.downdate(*(torch.from_numpy(x) for x in edits[2]))
+    rest = edits[:2] + edits[3:]
+    np.testing.assert_allclose(twin.W_.numpy(), closed_form(problem, rest), rtol=1e-9)
+
+
+def test_float32_state_close_to_float64():
+    W0, gram, edits = _instance(4)
+    t64 = LayerRLS(torch.from_numpy(W0), 1.0, 5.0, torch.from_numpy(gram))
+    t32 = LayerRLS(torch.from_numpy(W0), 1.0, 5.0, torch.from_numpy(gram), dtype=torch.float32)
+    for K, V in edits:
+        t64.update(torch.from_numpy(K), torch.from_numpy(V))
+        t32.update(torch.from_numpy(K), torch.from_numpy(V))
+    assert t32.W_.dtype == torch.float32
+    rel = torch.linalg.norm(t32.W_.double() - t64.W_) / torch.linalg.norm(t64.W_)
+    assert rel < 1e-4
+
+
+def test_state_dict_round_trip_continues_the_same_recursion():
+    W0, gram, edits = _instance(5)
+    a = LayerRLS(torch.from_numpy(W0), 0.1, 1.0, torch.from_numpy(gram))
+    a.update(*(torch.from_numpy(x) for x in edits[0]))
+    b = LayerRLS.from_state_dict(a.state_dict())
+    for K, V in edits[1:]:
+        a.update(torch.from_numpy(K), torch.from_numpy(V))
+        b.update(torch.from_numpy(K), torch.from_numpy(V))
+    assert torch.equal(a.W_, b.W_) and torch.equal(a.C_, b.C_)
+
+
+def test_typed_errors_leave_state_untouched():
+    W0, gram, edits = _instance(6)
+    with pytest.raises(HyperparameterError):
+        LayerRLS(torch.from_numpy(W0), -1.0, 1.0, torch.from_numpy(gram))
+    with pytest.raises(NotPositiveDefiniteError):
+        LayerRLS(torch.from_numpy(W0), 0.0, 1.0, torch.zeros(12, 12, dtype=torch.float64))
+    s = LayerRLS(torch.from_numpy(W0), 0.1, 1.0, torch.from_numpy(gram))
+    s.update(*(torch.from_numpy(x) for x in edits[0]))
+    before = s.state_dict()["tensors"]
+    before = {k: v.clone() for k, v in before.items()}
+    with pytest.raises(ShapeError):
+        s.update(torch.zeros(2, 11, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.float64))
+    with pytest.raises(NotPositiveDefiniteError):  # never added: I - K C K^T not PD
+        s.downdate(torch.from_numpy(edits[2][0][:1]) * 1e3, torch.zeros(1, 5, dtype=torch.float64))
+    for k, v in s.state_dict()["tensors"].items():
+        assert torch.equal(v, before[k])
