@@ -28,8 +28,9 @@ from .facts import Fact, as_facts, validate_facts
 from .keys import compute_keys, generate_templates, subject_hidden_states
 from .models import detect_spec, get_module, read_weight, write_weight
 from .scoring import score_targets
+from .baselines import METHODS, make_layer_solver
 from .solver import LayerRLS
-from .stats import second_moments
+from .stats import model_fingerprint, second_moments
 from .values import ValueConfig, compute_values, default_value_config
 
 __all__ = ["EditConfig", "Editor", "EditReport", "FactReport", "EditRecord", "edit"]
@@ -49,6 +50,7 @@ class EditConfig:
     """
 
     layers: tuple[int, ...] | None = None  # None: the family's default block
+    method: str = "rlsedit"  # or a baseline solver: memit, memit_seq, alphaedit
     alpha: float = 0.0
     beta: float = 1.0
     mom2_weight: float = 15000.0
@@ -74,6 +76,8 @@ class EditConfig:
                 "alpha = 0 and a zero anchor weight leave the preservation metric singular; "
                 "set alpha > 0 or beta > 0 and mom2_weight > 0"
             )
+        if self.method not in METHODS:
+            raise HyperparameterError(f"method must be one of {sorted(METHODS)}; got {self.method!r}")
         if self.state_dtype not in ("float32", "float64"):
             raise HyperparameterError(f"state_dtype must be 'float32' or 'float64'; got {self.state_dtype!r}")
         if self.stats_tokens < 1 or self.n_templates < 0 or self.template_length < 1:
@@ -176,6 +180,7 @@ class Editor:
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.spec_ = detect_spec(model)
+        self.base_fingerprint_ = model_fingerprint(model)  # of the weights before any edit
         layers = tuple(config.layers) if config.layers is not None else tuple(self.spec_.default_layers)
         bad = [l for l in layers if not (isinstance(l, int) and 0 <= l < self.spec_.n_layers)]
         if bad or sorted(set(layers)) != list(layers):
@@ -207,8 +212,8 @@ class Editor:
         for layer in self.layers_:
             W0 = read_weight(self._module(layer))  # (d_k, d_v)
             gram0 = cfg.mom2_weight * moments[layer].to(device=W0.device, dtype=dtype)
-            solvers[layer] = LayerRLS(W0, cfg.alpha, cfg.beta, gram0, dtype=dtype,
-                                      track_information=cfg.track_information)
+            solvers[layer] = make_layer_solver(cfg.method, W0, cfg.alpha, cfg.beta, gram0,
+                                               dtype=dtype, track_information=cfg.track_information)
         templates = generate_templates(self.model, self.tokenizer, seed=cfg.template_seed,
                                        n=cfg.n_templates, length=cfg.template_length)
         self.solvers_, self.templates_ = solvers, templates
@@ -292,11 +297,11 @@ class Editor:
             R = delta / (len(layers) - i)  # this layer's share of the residual (u, d_v)
             K = K.to(device=solver.C_.device, dtype=solver.dtype)
             R = R.to(device=solver.C_.device, dtype=solver.dtype)
-            C_new, W_new, _ = solver.step(K, R)
-            if not (torch.isfinite(W_new).all() and torch.isfinite(C_new).all()):
+            step = solver.step(K, R)
+            if not (torch.isfinite(step.W).all() and torch.isfinite(step.C).all()):
                 raise NonFiniteError(f"layer {layer}: the update produced NaN/inf")
-            write_weight(self._module(layer), W_new)
-            pending[layer] = (C_new, W_new, K)
+            write_weight(self._module(layer), step.W)
+            pending[layer] = step
             record.keys[layer] = K.cpu()
             record.values[layer] = (K @ solver.W_ + R).cpu()  # absolute targets, for undo
             seconds["update"] += time.perf_counter() - tic
@@ -306,8 +311,8 @@ class Editor:
         after = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
 
         # Commit: plain assignments only, nothing below can fail half-way.
-        for layer, (C_new, W_new, K) in pending.items():
-            self.solvers_[layer].commit(C_new, W_new, K)
+        for layer, step in pending.items():
+            self.solvers_[layer].commit(step)
         self.journal_.append(record)
         self.next_id_ += 1
         reports = [
@@ -359,6 +364,33 @@ class Editor:
             raise UnknownEditError(f"no edit with id {edit_id} in the journal (known ids: {known})")
         with self._transaction():
             self._retract_rows(record, list(range(len(record.facts))))
+
+
+    # -- persistence and certificates (implemented in state.py / certificates.py) -------------
+    def save(self, directory) -> None:
+        """Write the whole lifelong state to ``directory`` atomically (see :mod:`.state`)."""
+        from .state import save_editor
+
+        save_editor(self, directory)
+
+    @classmethod
+    def load(cls, model, tokenizer, directory) -> "Editor":
+        """Restore an editor saved by :meth:`save` onto ``model`` (refused for another model)."""
+        from .state import load_editor
+
+        return load_editor(model, tokenizer, directory)
+
+    def save_edit_pack(self, path) -> None:
+        """Write only the edited weights' deltas, to apply to a fresh copy of the base model."""
+        from .state import save_edit_pack
+
+        save_edit_pack(self, path)
+
+    def certificate(self):
+        """Per-layer optimality and drift certificate with the theorems' bounds."""
+        from .certificates import certificate
+
+        return certificate(self)
 
 
 def edit(model, facts, *, tokenizer=None, config: EditConfig | None = None) -> EditReport:

@@ -10,11 +10,22 @@ implicit, so ``W*_0 = W0`` and ``C_0 = (alpha I + beta K0^T K0)^{-1}``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .errors import HyperparameterError, NonFiniteError, NotPositiveDefiniteError, ShapeError
 
-__all__ = ["LayerRLS"]
+__all__ = ["LayerRLS", "Pending"]
+
+
+class Pending(NamedTuple):
+    """A computed but not yet adopted step (see :meth:`LayerRLS.step`)."""
+
+    C: torch.Tensor  # new state matrix (d_k, d_k)
+    W: torch.Tensor  # new weights (d_k, d_v)
+    K: torch.Tensor  # the batch's keys (u, d_k), in the state dtype and device
+    sign: int  # +1 added, -1 removed
 
 _STATE_DTYPES = (torch.float32, torch.float64)
 
@@ -44,7 +55,8 @@ class LayerRLS:
 
     Attributes
     ----------
-    W_ (d_k, d_v), C_ (d_k, d_k), G_ (d_k, d_k) or None, n_updates_, n_rows_.
+    W_ (d_k, d_v), C_ (d_k, d_k), G_ (d_k, d_k) or None, gram0_ (d_k, d_k) or None (the
+    symmetrised anchor Gram, so ``A = alpha I + beta gram0_`` is recoverable), n_updates_, n_rows_.
     """
 
     def __init__(
@@ -74,15 +86,17 @@ class LayerRLS:
             if gram0.shape != (d_k, d_k):
                 raise ShapeError(f"gram0 must have shape ({d_k}, {d_k}); got {tuple(gram0.shape)}")
             gram0 = gram0.detach().to(device=device, dtype=dtype)
-            A = A + beta * (gram0 + gram0.mT) / 2
+            gram0 = (gram0 + gram0.mT) / 2
+            A = A + beta * gram0
         if not torch.isfinite(A).all():
             raise NonFiniteError("the anchor Gram matrix contains NaN or infinity")
         L = _cholesky(A, "the preservation metric A = alpha*I + beta*N*E[kk^T] is singular; "
                          "use alpha > 0 or more statistics tokens")
         C = torch.cholesky_solve(torch.eye(d_k, dtype=dtype, device=device), L)
-        self.C_ = (C + C.mT) / 2
+        self.C_ = ((C + C.mT) / 2).contiguous()  # row-major always: same BLAS path after a reload
         self.W_ = self.W0_.clone()
         self.G_ = A if track_information else None
+        self.gram0_ = gram0  # the anchor Gram K0^T K0, so A (and G_t, J_t) stay recoverable
         self.n_updates_ = 0
         self.n_rows_ = 0
 
@@ -99,35 +113,32 @@ class LayerRLS:
             raise NonFiniteError(f"K or {name} contains NaN or infinity")
         return K, X
 
-    def step(self, K: torch.Tensor, R: torch.Tensor, *, sign: int = 1):
-        """Return the state after adding (``sign=1``) or removing (``sign=-1``) a batch whose
-        innovation at the current weights is ``R = V - K W_`` (u, d_v), without changing self.
-
-        Returns ``(C_new, W_new, L)`` with the gain ``L (d_k, u)``.
+    def step(self, K: torch.Tensor, R: torch.Tensor, *, sign: int = 1) -> Pending:
+        """Compute the state after adding (``sign=1``) or removing (``sign=-1``) a batch whose
+        innovation at the current weights is ``R = V - K W_`` (u, d_v). Changes nothing: pass
+        the result to :meth:`commit` to adopt it (so a caller can roll back by not committing).
         """
         K, R = self._check(K, R, "R")
         F = self.C_ @ K.mT  # (d_k, u)
         S = torch.eye(K.shape[0], dtype=self.dtype, device=K.device) + sign * (K @ F)  # (u, u)
         what = ("I + K C K^T is not SPD: the state is corrupted" if sign > 0 else
                 "I - K C K^T is not positive definite: this batch was never added to the state")
-        L = torch.cholesky_solve(F.mT, _cholesky(S, what)).mT  # F S^{-1}  (d_k, u)
+        L = torch.cholesky_solve(F.mT, _cholesky(S, what)).mT  # gain F S^{-1}  (d_k, u)
         C_new = self.C_ - sign * (L @ F.mT)
-        C_new = (C_new + C_new.mT) / 2
-        return C_new, self.W_ + sign * (L @ R), L
+        C_new = ((C_new + C_new.mT) / 2).contiguous()  # (the sum of X and X^T may come out column-major)
+        return Pending(C_new, self.W_ + sign * (L @ R), K, sign)
 
-    def commit(self, C_new: torch.Tensor, W_new: torch.Tensor, K: torch.Tensor, sign: int = 1):
-        """Adopt a state returned by :meth:`step` for batch ``K``."""
-        K = K.detach().to(device=self.C_.device, dtype=self.dtype)
-        self.C_, self.W_ = C_new, W_new
+    def commit(self, pending: Pending) -> None:
+        """Adopt a step computed by :meth:`step` (plain assignments: cannot fail half-way)."""
+        self.C_, self.W_ = pending.C, pending.W
         if self.G_ is not None:
-            self.G_ = self.G_ + sign * (K.mT @ K)
-        self.n_updates_ += sign
-        self.n_rows_ += sign * K.shape[0]
+            self.G_ = self.G_ + pending.sign * (pending.K.mT @ pending.K)
+        self.n_updates_ += pending.sign
+        self.n_rows_ += pending.sign * pending.K.shape[0]
 
     def update_innovation(self, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """Add a batch given its innovation ``R = V - K W_``; return the new ``W_``."""
-        C_new, W_new, _ = self.step(K, R)
-        self.commit(C_new, W_new, K)
+        self.commit(self.step(K, R))
         return self.W_
 
     def update(self, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -140,8 +151,7 @@ class LayerRLS:
         K, V = self._check(K, V, "V")
         if K.shape[0] > self.n_rows_:
             raise ShapeError(f"cannot remove {K.shape[0]} rows: the state holds {self.n_rows_}")
-        C_new, W_new, _ = self.step(K, V - K @ self.W_, sign=-1)
-        self.commit(C_new, W_new, K, sign=-1)
+        self.commit(self.step(K, V - K @ self.W_, sign=-1))
         return self.W_
 
     # -- diagnostics and persistence -----------------------------------------------------
@@ -157,6 +167,8 @@ class LayerRLS:
         tensors = {"W0": self.W0_, "W": self.W_, "C": self.C_}
         if self.G_ is not None:
             tensors["G"] = self.G_
+        if getattr(self, "gram0_", None) is not None:
+            tensors["gram0"] = self.gram0_
         return {"tensors": tensors, "alpha": self.alpha, "beta": self.beta,
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "n_updates": self.n_updates_, "n_rows": self.n_rows_}
@@ -171,6 +183,7 @@ class LayerRLS:
         move = dict(device=device, dtype=new.dtype)
         new.W0_, new.W_, new.C_ = (t[k].to(**move).clone() for k in ("W0", "W", "C"))
         new.G_ = t["G"].to(**move).clone() if "G" in t else None
+        new.gram0_ = t["gram0"].to(**move).clone() if "gram0" in t else None
         new.n_updates_, new.n_rows_ = int(state["n_updates"]), int(state["n_rows"])
         return new
 

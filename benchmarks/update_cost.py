@@ -1,0 +1,331 @@
+"""Cost of one RLSEdit update on this machine: flat in the history length, near the memory floor?
+
+Measures, for the Woodbury recursion of ``rlsedit_theory.recursive``:
+
+1. time of one update ``woodbury_update`` against the history length ``t`` (the state is really
+   advanced through ``t`` single-row updates before the update at ``t`` is timed);
+2. time of one update against ``d_k`` for batch sizes ``u`` in {1, 10, 100}, next to the time of a
+   closed-form re-solve at the same point (Cholesky of the kept ``G_t`` plus a solve);
+3. the memory-traffic floor of an update: one read of ``C`` to form ``F = C K^T`` and one read plus
+   one write of ``C`` for ``C - F S^{-1} F^T``, i.e. ``3 * 8 * d_k^2`` bytes, divided by the copy
+   bandwidth measured with ``np.copyto`` on a large array (a copy moves 2 bytes per byte copied:
+   one read and one write). For large ``u`` the flop count ``4 d_k^2 u`` (``F`` and the rank-``u``
+   update) at the measured ``dgemm`` rate is the binding floor; the table shows both.
+
+Besides the library function it times candidate implementations of the same step (see
+``CANDIDATES``), so that a proposed optimisation comes with before/after figures:
+
+- ``gemm``: ``C_new = copy(C)``, then ``C_new -= G G^T`` in place by BLAS ``dgemm`` with
+  ``G = F R^{-T}`` (``S = R R^T``). No ``d_k^2`` temporaries, no transposed reads. ``C_new`` is
+  exactly symmetric for ``u = 1``; for ``u > 1`` the BLAS may round ``(i, j)`` and ``(j, i)``
+  differently (1 ulp).
+- ``syrk``: ``C_new = C - G @ G.T``: NumPy forms ``G G^T`` by ``dsyrk`` and mirrors it, so
+  ``C_new`` is exactly symmetric whenever ``C`` is; one ``d_k^2`` temporary.
+- ``inplace``: the ``gemm`` variant without the copy (what a stateful estimator that owns ``C``
+  could do); this one reaches the floor as defined above.
+
+Run ``python benchmarks/update_cost.py`` (about 10 minutes) or ``--quick`` (about a minute).
+Environment variables that change BLAS behaviour (``OPENBLAS_NUM_THREADS``,
+``OPENBLAS_CORETYPE``) are reported, not changed; compare runs with them set and unset from the
+shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import scipy
+import scipy.linalg
+from scipy.linalg import blas, lapack
+
+try:  # optional: only used to report the BLAS in use
+    import threadpoolctl
+except ImportError:  # pragma: no cover - depends on the environment
+    threadpoolctl = None
+
+from rlsedit_theory import Problem, RecursiveLS, woodbury_update
+
+# ---------------------------------------------------------------------------------------------
+# Candidate implementations of the same step (maths identical to recursive.woodbury_update).
+# ---------------------------------------------------------------------------------------------
+
+
+def _factor(C: np.ndarray, K: np.ndarray):
+    F = C @ K.T  # (d_k, u): one read of C
+    S = np.eye(K.shape[0]) + K @ F  # (u, u)
+    R, info = lapack.dpotrf((S + S.T) / 2, lower=1, clean=1)  # S = R R^T
+    if info != 0:
+        raise np.linalg.LinAlgError("I + K C K^T is not SPD")
+    G = scipy.linalg.solve_triangular(R, F.T, lower=True, check_finite=False).T  # F R^{-T}
+    L = scipy.linalg.solve_triangular(R, G.T, lower=True, trans="T", check_finite=False).T  # F S^-1
+    return G, L
+
+
+def _gemm_minus_GGt(C_out: np.ndarray, G: np.ndarray) -> None:
+    """``C_out -= G G^T`` in place (``C_out`` C-contiguous and symmetric: its transpose is the
+    Fortran-ordered array BLAS updates)."""
+    res = blas.dgemm(-1.0, G, G, beta=1.0, c=C_out.T, trans_b=True, overwrite_c=True)
+    if not np.shares_memory(res, C_out):  # not updated in place (unexpected layout)
+        C_out[...] = res.T
+
+
+def update_gemm(C, W, K, V):
+    r = V - K @ W  # (u, d_v)
+    G, L = _factor(C, K)
+    C_new = C.copy()
+    _gemm_minus_GGt(C_new, G)
+    return C_new, W + L @ r
+
+
+def update_syrk(C, W, K, V):
+    r = V - K @ W
+    G, L = _factor(C, K)
+    return C - G @ G.T, W + L @ r
+
+
+def update_inplace(C, W, K, V):
+    r = V - K @ W
+    G, L = _factor(C, K)
+    _gemm_minus_GGt(C, G)
+    W += L @ r
+    return C, W
+
+
+def update_library(C, W, K, V):
+    C_new, W_new, _ = woodbury_update(C, W, K, V)
+    return C_new, W_new
+
+
+CANDIDATES: dict[str, Callable] = {
+    "library": update_library,
+    "gemm": update_gemm,
+    "syrk": update_syrk,
+    "inplace": update_inplace,
+}
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers.
+# ---------------------------------------------------------------------------------------------
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Minimum wall time of ``fn()`` over ``repeats`` calls (seconds). The minimum is the most
+    reproducible statistic on a shared machine."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def copy_bandwidth(n_bytes: int, repeats: int) -> float:
+    """Bytes moved per second by ``np.copyto`` (read + write counted: ``2 * n_bytes`` per copy)."""
+    src = np.ones(n_bytes // 8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # touch the pages
+    return 2 * n_bytes / best_time(lambda: np.copyto(dst, src), repeats)
+
+
+def gemm_rate(n: int, k: int, repeats: int) -> float:
+    """Flop rate of ``C -= A B^T`` (``n x n``, inner size ``k``) in place: the kernel of the update."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((n, k))
+    Cf = np.asfortranarray(rng.standard_normal((n, n)))
+    return 2 * n * n * k / best_time(
+        lambda: blas.dgemm(-1.0, A, A, beta=1.0, c=Cf, trans_b=True, overwrite_c=True), repeats
+    )
+
+
+def make_problem(d_k: int, d_v: int, seed: int = 0) -> Problem:
+    rng = np.random.default_rng(seed)
+    K_anchor = rng.standard_normal((2 * d_k, d_k)) / np.sqrt(2 * d_k)
+    return Problem(rng.standard_normal((d_k, d_v)), 0.5, 1.0, gram0=K_anchor.T @ K_anchor)
+
+
+def key_batches(rng, u: int, d_k: int, d_v: int):
+    while True:
+        yield rng.standard_normal((u, d_k)) / np.sqrt(d_k), rng.standard_normal((u, d_v))
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:9.3f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The two experiments.
+# ---------------------------------------------------------------------------------------------
+
+
+def time_vs_history(d_k: int, d_v: int, ts: list[int], repeats: int, variant: str, seed: int = 1):
+    """Advance the state with single-row updates of ``variant`` and time the update at each ``t``
+    (the timed updates are trial steps on the state at ``t``; the state then moves on)."""
+    step = CANDIDATES[variant]
+    problem = make_problem(d_k, d_v)
+    rls = RecursiveLS(problem, track_information=False)
+    C, W = rls.C_.copy(), rls.W_.copy()
+    rng = np.random.default_rng(seed)
+    batches = key_batches(rng, 1, d_k, d_v)
+    t, out = 0, {}
+    for target in sorted(ts):
+        while t < target:  # really perform the t updates
+            K, V = next(batches)
+            C, W = step(C, W, K, V)
+            t += 1
+        K, V = next(batches)
+        if variant == "inplace":  # time on scratch copies, so the state is not advanced here
+            scratch = [C.copy() for _ in range(repeats)]
+            it = iter(scratch)
+            out[target] = best_time(lambda: update_inplace(next(it), W.copy(), K, V), repeats)
+        else:
+            out[target] = best_time(lambda: step(C, W, K, V), repeats)
+    return out
+
+
+def time_vs_size(d_k: int, d_v: int, u: int, variants: list[str], repeats: int, t_warm: int = 10):
+    """Times at ``t = t_warm`` for each variant, and for a closed-form re-solve with ``G_t`` kept."""
+    problem = make_problem(d_k, d_v)
+    rls = RecursiveLS(problem, track_information=True)
+    rng = np.random.default_rng(2)
+    batches = key_batches(rng, u, d_k, d_v)
+    B = problem.rhs0.copy()
+    for _ in range(t_warm):
+        K, V = next(batches)
+        rls.update(K, V)
+        B += K.T @ V
+    K, V = next(batches)
+    G_next, B_next = rls.G_ + K.T @ K, B + K.T @ V
+    res = {}
+    for name in variants:
+        if name == "inplace":
+            scratch = iter([rls.C_.copy() for _ in range(repeats)])
+            res[name] = best_time(lambda: update_inplace(next(scratch), rls.W_.copy(), K, V), repeats)
+        else:
+            res[name] = best_time(lambda: CANDIDATES[name](rls.C_, rls.W_, K, V), repeats)
+    res["closed_form"] = best_time(
+        lambda: scipy.linalg.cho_solve(scipy.linalg.cho_factor(G_next, lower=True), B_next),
+        max(1, min(repeats, 3)),
+    )
+    # Same result? (relative to the library step, for the record)
+    C_ref, W_ref = update_library(rls.C_, rls.W_, K, V)
+    agree = {}
+    for name in variants:
+        C_x, W_x = CANDIDATES[name](rls.C_.copy(), rls.W_.copy(), K, V)
+        agree[name] = max(
+            np.linalg.norm(C_x - C_ref) / np.linalg.norm(C_ref),
+            np.linalg.norm(W_x - W_ref) / np.linalg.norm(W_ref),
+        )
+    return res, agree
+
+
+def describe_environment() -> list[str]:
+    lines = [
+        f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}",
+        f"cpu: {platform.processor() or platform.machine()}, os.cpu_count() = {os.cpu_count()}",
+    ]
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "MKL_NUM_THREADS"):
+        lines.append(f"{var} = {os.environ.get(var, '(unset)')}")
+    if threadpoolctl is not None:
+        for info in threadpoolctl.threadpool_info():
+            lines.append(
+                f"BLAS: {info.get('internal_api')} {info.get('version')} "
+                f"arch={info.get('architecture')} threads={info.get('num_threads')}"
+            )
+    else:
+        cfg = np.show_config(mode="dicts") if "mode" in np.show_config.__code__.co_varnames else None
+        blas_cfg = (cfg or {}).get("Build Dependencies", {}).get("blas", {})
+        lines.append(
+            f"BLAS (numpy build config; threadpoolctl not installed): {blas_cfg.get('name')} "
+            f"{blas_cfg.get('version')}"
+        )
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and short histories")
+    parser.add_argument("--repeats", type=int, default=None, help="timing repeats (best is kept)")
+    parser.add_argument("--variants", default="library,gemm,syrk,inplace",
+                        help="comma-separated subset of: " + ",".join(CANDIDATES))
+    parser.add_argument("--history-variants", default="library,gemm",
+                        help="variants whose time is measured against t")
+    args = parser.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants + args.history_variants.split(","):
+        if v not in CANDIDATES:
+            parser.error(f"unknown variant {v!r}; choose from {sorted(CANDIDATES)}")
+
+    d_v = 8
+    if args.quick:
+        repeats = args.repeats or 5
+        sizes, us = [256, 1024], [1, 10, 100]
+        hist = {256: [1, 10, 100, 1000], 1024: [1, 10, 100]}
+        bw_bytes = 64 << 20
+    else:
+        repeats = args.repeats or 7
+        sizes, us = [256, 512, 1024, 2048, 4096], [1, 10, 100]
+        hist = {256: [1, 10, 100, 1000, 10000], 1024: [1, 10, 100, 1000, 10000], 4096: [1, 10, 100]}
+        bw_bytes = 256 << 20
+
+    print("# RLSEdit update cost")
+    for line in describe_environment():
+        print("#", line)
+    bw = copy_bandwidth(bw_bytes, repeats)
+    rate = gemm_rate(1024, 64, 3)
+    print(f"# copy bandwidth (np.copyto, {bw_bytes >> 20} MiB, read+write counted): {bw / 1e9:.1f} GB/s")
+    print(f"# dgemm rate (C -= A A^T, n=1024, k=64): {rate / 1e9:.1f} GFLOP/s")
+    print("# floor(update) = max(3 * 8 * d_k^2 bytes / bandwidth, 4 d_k^2 u flops / dgemm rate)")
+
+    # 1. time vs history length
+    print("\n## Update time (ms) against history length t (u = 1, d_v = %d)" % d_v)
+    flat_checks = []
+    for d_k, ts in hist.items():
+        for variant in args.history_variants.split(","):
+            started = time.perf_counter()
+            res = time_vs_history(d_k, d_v, ts, repeats, variant)
+            row = "  ".join(f"t={t}: {fmt_ms(s).strip()}" for t, s in res.items())
+            print(f"d_k={d_k:5d} {variant:8s} {row}   ({time.perf_counter() - started:.0f} s to run)")
+            if 10 in res and max(res) >= 1000:
+                flat_checks.append((d_k, variant, max(res), res[max(res)] / res[10]))
+
+    # 2. time vs size
+    print(f"\n## Update time (ms) against d_k and u (t = 10, d_v = {d_v}); closed form = Cholesky "
+          "of kept G_t + solve")
+    header = f"{'d_k':>5} {'u':>4} " + " ".join(f"{v:>9}" for v in variants)
+    header += f" {'closed':>9} {'mem floor':>9} {'floor':>9} " + " ".join(f"{v + '/fl':>10}" for v in variants)
+    print(header)
+    floor_checks = []
+    for d_k in sizes:
+        for u in us:
+            res, agree = time_vs_size(d_k, d_v, u, variants, repeats)
+            mem_floor = 3 * 8 * d_k**2 / bw
+            floor = max(mem_floor, 4 * d_k**2 * u / rate)
+            line = f"{d_k:5d} {u:4d} " + " ".join(fmt_ms(res[v]) for v in variants)
+            line += f" {fmt_ms(res['closed_form'])} {fmt_ms(mem_floor)} {fmt_ms(floor)} "
+            line += " ".join(f"{res[v] / floor:10.2f}" for v in variants)
+            print(line)
+            worst = max(agree.values())
+            if worst > 1e-12:
+                print(f"      !! a variant differs from the library step by {worst:.1e}")
+            if d_k >= 1024 and u == 1:
+                floor_checks.extend((d_k, v, res[v] / mem_floor) for v in variants)
+
+    print("\n## Target checks")
+    for d_k, variant, t_max, ratio in flat_checks:
+        verdict = "PASS" if ratio <= 1.2 else "FAIL"
+        print(f"flat in t:   d_k={d_k} {variant}: time(t={t_max}) / time(t=10) = {ratio:.2f}  [{verdict}, <= 1.2]")
+    for d_k, variant, ratio in floor_checks:
+        verdict = "PASS" if ratio <= 3 else "FAIL"
+        print(f"near floor:  d_k={d_k} u=1 {variant}: time / memory floor = {ratio:.2f}  [{verdict}, <= 3]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

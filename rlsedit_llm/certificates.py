@@ -1,0 +1,239 @@
+"""Certificates: proof, per edited layer, that the weights are the exact minimiser of ``J_t``, how
+far the carried inverse has drifted, and the theorems' bounds next to the measured deviations.
+
+Per layer, with the journal's stacked keys ``K (n, d_k)`` and absolute values ``V (n, d_v)``, the
+anchor Gram ``gram0 = K0^T K0 = N E[k k^T]`` kept by the solver, ``A = alpha I + beta gram0``,
+``Delta = W_t - W0`` and the initial demand ``R0 = V - K W0``:
+
+- **optimality**: ``||grad J_t(W)|| / ||B_t||`` where ``grad J_t(W) / 2 = G_t W - B_t =
+  A (W - W0) + K^T (K W - V)`` and ``B_t = A W0 + K^T V`` (the anchor's values are implicit,
+  ``V0 = K0 W0``). Zero up to round-off for the exact minimiser (T1). Measured at the state's
+  master copy and at the weights the model actually holds (rounded to the model's dtype);
+- **drift**: ``max_j ||C_t (G_t x_j) - x_j|| / ||x_j||`` over a few random probes ``x_j`` — how
+  far the recursion's ``C_t`` is from ``G_t^{-1}``, at the cost of a few matrix-vector products
+  (no ``d_k^3`` factorisation);
+- **T3(a)** ``||W_t - W0||_F <= ||R0||_F / (2 sqrt(alpha))`` (vacuous when ``alpha = 0``, the
+  published setting), **T3(b)** ``||K0 (W_t - W0)||_F = sqrt(tr(Delta^T gram0 Delta)) <=
+  ||R0||_F / (2 sqrt(beta))``, **T3** ``||Delta||_A^2 <= ||R0||_F^2 / 4`` and the exact energy
+  identity ``||R0||^2 = ||K W_t - V||^2 + ||K Delta||^2 + 2 ||Delta||_A^2``;
+- for the most recent journal entry, taken as the last step (exact whatever undo/replace did
+  since, because ``W*_t`` does not depend on the order of the data, T1): **T4(a)**
+  ``||W_t - W_{t-1}||_{G_{t-1}} <= ||r_t||_F / 2``, **T4(c)** ``||W_t - W_{t-1}||_F <=
+  ||C_{t-1} K_t^T||_2 ||r_t||_F`` and **T2** ``||V_t - K_t W_t||_F <= ||r_t||_F / (1 +
+  lambda_min(K_t C_{t-1} K_t^T))``. ``W_{t-1}, C_{t-1}`` come from a downdate that is computed
+  and not committed.
+
+Everything is computed in the state dtype on the layer's device with matrix products only. The
+results use :class:`rlsedit_theory.bounds.Bound` / :class:`~rlsedit_theory.bounds.Identity`, the
+types of the NumPy statements of the same theorems (tests check the numbers agree).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from rlsedit_theory.bounds import Bound, Identity
+
+from .errors import HyperparameterError
+from .models import read_weight
+
+__all__ = ["Certificate", "LayerCertificate", "certificate"]
+
+
+@dataclass
+class LayerCertificate:
+    """The certificate of one edited layer (see the module docstring for every quantity)."""
+
+    layer: int
+    n_rows: int  # rows (facts) in the journal for this layer
+    gradient: float  # ||grad J_t|| / ||B_t|| at the state's master weights
+    gradient_model: float  # the same at the weights the model holds (its dtype)
+    weights_match: bool  # the model holds exactly the master weights cast to its dtype
+    drift: float  # max_j ||C_t G_t x_j - x_j|| / ||x_j||
+    metric: Bound  # T3  ||Delta||_A^2 <= ||R0||^2 / 4
+    energy: Identity  # T3 energy identity
+    deviation: Bound | None  # T3(a); None when alpha = 0 (vacuous)
+    anchor: Bound | None  # T3(b); None when beta = 0 or no anchor
+    step_metric: Bound | None = None  # T4(a) for the last journal entry
+    step: Bound | None = None  # T4(c)
+    adherence: Bound | None = None  # T2
+    last_edit_id: int | None = None
+
+    def bounds(self) -> list[Bound]:
+        return [b for b in (self.metric, self.deviation, self.anchor, self.step_metric, self.step,
+                            self.adherence) if b is not None]
+
+    def holds(self, rtol: float = 1e-8) -> bool:
+        """Every bound holds up to ``rtol`` times its right-hand side, and the identity to ``rtol``."""
+        return all(b.holds(rtol * max(abs(b.rhs), abs(b.lhs))) for b in self.bounds()) and \
+            self.energy.holds(max(rtol, 1e-10))
+
+    def lines(self) -> list[str]:
+        def cmp(label: str, b: Bound | None, vacuous: str) -> str:
+            if b is None:
+                return f"  {label}: {vacuous}"
+            pct = "" if not math.isfinite(b.ratio) or b.rhs == 0 else f"  ({100 * b.ratio:.1f}% of the bound)"
+            return f"  {label}: {b.lhs:.4g} <= {b.rhs:.4g}{pct}"
+
+        out = [
+            f"layer {self.layer}: {self.n_rows} row(s)"
+            + (f", last edit {self.last_edit_id}" if self.last_edit_id is not None else ""),
+            f"  optimality ||grad J_t|| / ||B_t||: {self.gradient:.3g} (state), {self.gradient_model:.3g} "
+            f"(model weights{'' if self.weights_match else ', DIFFER from the state'})",
+            f"  drift ||C_t G_t x - x|| / ||x||: {self.drift:.3g}",
+            f"  T3 energy identity: relative error {self.energy.relative_error:.3g}",
+            cmp("T3  ||W_t - W0||_A^2 <= ||R0||^2/4", self.metric, ""),
+            cmp("T3a ||W_t - W0||_F <= ||R0||/(2 sqrt alpha)", self.deviation, "vacuous (alpha = 0)"),
+            cmp("T3b ||K0 (W_t - W0)||_F <= ||R0||/(2 sqrt beta)", self.anchor, "vacuous (beta = 0)"),
+        ]
+        if self.step is not None:
+            out += [
+                cmp("T4a last step ||W_t - W_t-1||_G <= ||r_t||/2", self.step_metric, ""),
+                cmp("T4c last step ||W_t - W_t-1||_F <= ||C K^T|| ||r_t||", self.step, ""),
+                cmp("T2  last residual ||V_t - K_t W_t|| <= shrink ||r_t||", self.adherence, ""),
+            ]
+        return out
+
+
+@dataclass
+class Certificate:
+    """Per-layer certificates of an :class:`~rlsedit_llm.editor.Editor` (``str()`` to read)."""
+
+    layers: list[LayerCertificate]
+    n_edits: int
+    alpha: float
+    beta: float
+    state_dtype: str
+    n_probes: int = 8
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gradient(self) -> float:
+        """Worst relative gradient over the layers (state weights)."""
+        return max((c.gradient for c in self.layers), default=0.0)
+
+    @property
+    def drift(self) -> float:
+        """Worst drift over the layers."""
+        return max((c.drift for c in self.layers), default=0.0)
+
+    def holds(self, rtol: float = 1e-8) -> bool:
+        """Every layer's bounds hold (see :meth:`LayerCertificate.holds`)."""
+        return all(c.holds(rtol) for c in self.layers)
+
+    def __str__(self) -> str:
+        head = (f"RLSEdit certificate: {self.n_edits} edit(s) in the journal, alpha={self.alpha:g}, "
+                f"beta={self.beta:g}, state {self.state_dtype}, drift from {self.n_probes} random probes")
+        lines = [head]
+        for c in self.layers:
+            lines += c.lines()
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _stack(editor, layer: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    Ks = [r.keys[layer] for r in editor.journal_ if layer in r.keys]
+    Vs = [r.values[layer] for r in editor.journal_ if layer in r.values]
+    solver = editor.solvers_[layer]
+    d_k, d_v = solver.W_.shape
+    if not Ks:
+        return (torch.zeros(0, d_k, dtype=dtype, device=device), torch.zeros(0, d_v, dtype=dtype, device=device))
+    return (torch.cat(Ks).to(device=device, dtype=dtype), torch.cat(Vs).to(device=device, dtype=dtype))
+
+
+def _fro(X: torch.Tensor) -> float:
+    return float(torch.linalg.norm(X)) if X.numel() else 0.0
+
+
+@torch.no_grad()
+def _layer_certificate(editor, layer: int, n_probes: int, seed: int) -> LayerCertificate:
+    solver = editor.solvers_[layer]
+    dtype, device = solver.dtype, solver.C_.device
+    alpha, beta = solver.alpha, solver.beta
+    gram0 = getattr(solver, "gram0_", None)
+    W0, W, C = solver.W0_, solver.W_, solver.C_
+    K, V = _stack(editor, layer, dtype, device)  # (n, d_k), (n, d_v)
+
+    def apply_A(X):  # A X = alpha X + beta gram0 X
+        out = alpha * X
+        return out + beta * (gram0 @ X) if gram0 is not None and beta != 0 else out
+
+    def metric_sq(X):  # ||X||_A^2
+        return max(float((X * apply_A(X)).sum()), 0.0)
+
+    def gradient_rel(Wx):  # ||A (W - W0) + K^T (K W - V)|| / ||A W0 + K^T V||
+        grad = apply_A(Wx - W0) + K.mT @ (K @ Wx - V)
+        return _fro(grad) / max(_fro(apply_A(W0) + K.mT @ V), torch.finfo(dtype).tiny)
+
+    held = read_weight(editor._module(layer))  # what the model holds (its dtype and orientation)
+    weights_match = bool(torch.equal(held, W.to(device=held.device, dtype=held.dtype)))
+    gradient = gradient_rel(W)
+    gradient_model = gradient_rel(held.to(device=device, dtype=dtype))
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    X = torch.randn(W.shape[0], n_probes, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    GX = apply_A(X) + K.mT @ (K @ X)
+    drift = float(((C @ GX - X).norm(dim=0) / X.norm(dim=0)).max())
+
+    Delta = W - W0
+    R0 = V - K @ W0
+    r0 = _fro(R0)
+    metric = Bound(metric_sq(Delta), r0**2 / 4, "T3 ||W_t - W0||_A^2 <= ||R0||^2 / 4")
+    energy = Identity(r0**2, _fro(K @ W - V) ** 2 + _fro(K @ Delta) ** 2 + 2 * metric_sq(Delta),
+                      "T3 ||R0||^2 = ||K W_t - V||^2 + ||K Delta||^2 + 2||Delta||_A^2")
+    deviation = (Bound(_fro(Delta), r0 / (2 * math.sqrt(alpha)), "T3a ||W_t - W0|| <= ||R0|| / (2 sqrt(alpha))")
+                 if alpha > 0 else None)
+    anchor = None
+    if beta > 0 and gram0 is not None:
+        anchor = Bound(math.sqrt(max(float((Delta * (gram0 @ Delta)).sum()), 0.0)), r0 / (2 * math.sqrt(beta)),
+                       "T3b ||K0 (W_t - W0)|| <= ||R0|| / (2 sqrt(beta))")
+
+    cert = LayerCertificate(layer, K.shape[0], gradient, gradient_model, weights_match, drift,
+                            metric, energy, deviation, anchor)
+    last = next((r for r in reversed(editor.journal_) if layer in r.keys), None)
+    if last is not None:
+        Kt = last.keys[layer].to(device=device, dtype=dtype)  # (u, d_k)
+        Vt = last.values[layer].to(device=device, dtype=dtype)  # (u, d_v)
+        prev = solver.step(Kt, Vt - Kt @ W, sign=-1)  # the state without the last entry, not committed
+        W_prev, C_prev = prev.W, prev.C
+        r = Vt - Kt @ W_prev  # innovation of the last step (u, d_v)
+        D = W - W_prev
+        # ||D||_{G_{t-1}}^2 = tr(D^T G_t D) - ||K_t D||^2, with G_t D = A D + K^T K D.
+        g_sq = metric_sq(D) + _fro(K @ D) ** 2 - _fro(Kt @ D) ** 2
+        cert.step_metric = Bound(math.sqrt(max(g_sq, 0.0)), _fro(r) / 2, "T4a ||W_t - W_{t-1}||_{G_{t-1}} <= ||r_t|| / 2")
+        gain = C_prev @ Kt.mT  # (d_k, u)
+        cert.step = Bound(_fro(D), float(torch.linalg.matrix_norm(gain, ord=2)) * _fro(r),
+                          "T4c ||W_t - W_{t-1}|| <= ||C_{t-1} K_t^T|| ||r_t||")
+        M = Kt @ gain
+        lam = max(float(torch.linalg.eigvalsh((M + M.mT) / 2)[0]), 0.0)
+        cert.adherence = Bound(_fro(Vt - Kt @ W), _fro(r) / (1 + lam),
+                               "T2 ||V_t - K_t W_t|| <= ||r_t|| / (1 + lambda_min(K_t C_{t-1} K_t^T))")
+        cert.last_edit_id = last.edit_id
+    return cert
+
+
+def certificate(editor, *, n_probes: int = 8, seed: int = 0) -> Certificate:
+    """Compute the :class:`Certificate` of ``editor``'s current state (changes nothing).
+
+    Cost per layer: ``O(d_k^2 (d_v + n_probes) + n d_k d_v)`` for ``n`` journal rows, plus one
+    uncommitted downdate ``O(d_k^2 u)`` for the last entry. Needs ``method="rlsedit"`` (the
+    baselines do not minimise ``J_t`` or keep ``C_t``).
+    """
+    if editor.config.method != "rlsedit":
+        raise HyperparameterError(
+            f"certificates are defined for method='rlsedit'; this editor uses {editor.config.method!r}"
+        )
+    if not (isinstance(n_probes, int) and n_probes >= 1):
+        raise HyperparameterError(f"n_probes must be an int >= 1; got {n_probes!r}")
+    notes = []
+    if not editor.solvers_:
+        notes.append("the editor has not been prepared (no edit yet): nothing to certify")
+    for layer, solver in editor.solvers_.items():
+        if getattr(solver, "gram0_", None) is None and solver.beta > 0:
+            notes.append(f"layer {layer}: the solver keeps no anchor Gram; T3b and the gradient omit the anchor")
+    layers = [_layer_certificate(editor, l, n_probes, seed) for l in sorted(editor.solvers_)]
+    return Certificate(layers, len(editor.journal_), editor.config.alpha, editor.config.beta,
+                       editor.config.state_dtype, n_probes, notes)

@@ -1,0 +1,185 @@
+"""Command line: ``rlsedit demo``, ``rlsedit edit``, ``rlsedit bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+log = logging.getLogger("rlsedit")
+
+# Facts SmolLM2-135M knows (spec A), rewritten in two lifelong calls; neighbours must not move.
+DEMO_CALLS = [
+    [
+        {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target": "Rome"},
+        {"prompt": "{} is located in the city of", "subject": "The Louvre", "target": "London"},
+    ],
+    [
+        {"prompt": "{} is located in the city of", "subject": "The Colosseum", "target": "Berlin"},
+        {"prompt": "{} is headquartered in the country of", "subject": "Toyota", "target": "Germany"},
+    ],
+]
+DEMO_NEIGHBOURS = [
+    "Big Ben is located in the city of",
+    "The Brandenburg Gate is located in the city of",
+    "Honda is headquartered in the country of",
+    "The capital of Italy is the city of",
+]
+
+
+def _greedy(model, tok, prompt: str, n: int = 4) -> str:
+    import torch
+
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = ids.to(model.get_input_embeddings().weight.device)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def _demo(args) -> int:
+    import rlsedit_llm
+
+    t0 = time.perf_counter()
+    model, tok = rlsedit_llm.load_model("smollm2")
+    print(f"loaded SmolLM2-135M in {time.perf_counter() - t0:.1f} s")
+    config = rlsedit_llm.EditConfig(stats_tokens=args.stats_tokens)
+    facts = [rlsedit_llm.as_fact(f) for call in DEMO_CALLS for f in call]
+    watch = [f.text() for f in facts] + DEMO_NEIGHBOURS
+    before = {p: _greedy(model, tok, p) for p in watch}
+
+    def show(title):
+        print(f"\n{title}")
+        for p in watch:
+            now = _greedy(model, tok, p)
+            mark = "" if now == before[p] else "   (was: " + before[p] + ")"
+            print(f"  {p!r:<60} -> {now!r}{mark}")
+
+    show("before editing")
+    for i, call in enumerate(DEMO_CALLS, 1):
+        t = time.perf_counter()
+        report = rlsedit_llm.edit(model, call, tokenizer=tok, config=config)
+        print(f"\ncall {i} ({time.perf_counter() - t:.1f} s):\n{report}")
+        show(f"after call {i}")
+
+    first = [rlsedit_llm.as_fact(f) for f in DEMO_CALLS[0]]
+    survived = sum(f.target.lower() in _greedy(model, tok, f.text()).lower() for f in first)
+    moved = sum(_greedy(model, tok, p) != before[p] for p in DEMO_NEIGHBOURS)
+    print(f"\nfirst call's edits still hold after the second: {survived}/{len(first)}")
+    print(f"neighbouring prompts changed: {moved}/{len(DEMO_NEIGHBOURS)}")
+    print(f"total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _read_facts(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+        return data if isinstance(data, list) else [data]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _edit(args) -> int:
+    import rlsedit_llm
+
+    model, tok = rlsedit_llm.load_model(args.model)
+    state = Path(args.state) if args.state else None
+    if state is not None and (state / "editor.json").exists():
+        editor = rlsedit_llm.Editor.load(model, tok, state)
+        log.info("continuing the stream saved in %s (%d edits)", state, len(editor.journal_))
+    else:
+        layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+        config = rlsedit_llm.EditConfig(layers=layers, alpha=args.alpha, beta=args.beta,
+                                        mom2_weight=args.mom2_weight, stats_tokens=args.stats_tokens)
+        editor = rlsedit_llm.Editor(model, tok, config)
+    facts = _read_facts(Path(args.facts))
+    for start in range(0, len(facts), args.batch):
+        print(editor.edit(facts[start:start + args.batch]))
+    if state is not None:
+        editor.save(state)
+        print(f"saved the edit state to {state}")
+    return 0
+
+
+def _bench(args) -> int:
+    from .evaluation.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlsedit", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="edit SmolLM2-135M in two lifelong calls")
+    demo.add_argument("--stats-tokens", type=int, default=20_000,
+                      help="Wikipedia tokens for the key statistics (default 20000)")
+    demo.set_defaults(func=_demo)
+
+    ed = sub.add_parser("edit", help="apply facts from a JSON/JSONL file, keeping state in DIR")
+    ed.add_argument("--model", default="smollm2", help="'smollm2' or a HF model name/path")
+    ed.add_argument("--facts", required=True, help="JSON list or JSONL of facts")
+    ed.add_argument("--state", help="edit-state directory (loaded if present, saved after)")
+    ed.add_argument("--batch", type=int, default=10, help="facts per edit call")
+    ed.add_argument("--layers", help="comma-separated layer indices (default: family default)")
+    ed.add_argument("--alpha", type=float, default=0.0)
+    ed.add_argument("--beta", type=float, default=1.0)
+    ed.add_argument("--mom2-weight", type=float, default=15000.0)
+    ed.add_argument("--stats-tokens", type=int, default=100_000)
+    ed.set_defaults(func=_edit)
+
+    bench = sub.add_parser("bench", help="sequential editing benchmark (CounterFact / zsRE)")
+    bench.add_argument("--dataset", choices=["counterfact", "zsre"], default="counterfact")
+    bench.add_argument("--model", default="smollm2")
+    bench.add_argument("--edits", type=int, default=100)
+    bench.add_argument("--batch", type=int, default=10)
+    bench.add_argument("--methods", default="rlsedit,memit_seq",
+                       help="comma-separated: rlsedit, memit, memit_seq, alphaedit, ft (or 'all')")
+    bench.add_argument("--out", required=True)
+    bench.add_argument("--stats-tokens", type=int, default=100_000)
+    bench.add_argument("--checkpoints", type=int, default=5, help="retention re-scoring points")
+    bench.add_argument("--glue", type=int, default=0, help="GLUE items per task (0: skip)")
+    bench.add_argument("--layers", help="comma-separated edited layers (default: family default)")
+    bench.add_argument("--alpha", type=float, default=0.0, help="weight of ||W - W0||^2 (all Editor methods)")
+    bench.add_argument("--beta", type=float, default=1.0, help="weight of the anchor term")
+    bench.add_argument("--mom2-weight", type=float, default=15000.0, help="N in the anchor Gram N E[kk^T]")
+    bench.add_argument("--cache-dir", help="key-statistics cache folder (default: the user cache)")
+    bench.add_argument("--retention-fraction", type=float, default=0.1,
+                       help="share of the stream tracked by the retention curve (default 0.1)")
+    bench.add_argument("--fluency-cases", type=int, default=50,
+                       help="cases whose first generation prompt is scored for fluency (0: skip)")
+    bench.add_argument("--fluency-tokens", type=int, default=100, help="greedy tokens per fluency prompt")
+    bench.add_argument("--no-wild", action="store_true", help="skip the generation check (no teacher forcing)")
+    bench.add_argument("--ft-lr", type=float, default=5e-4, help="Adam learning rate of the FT baseline")
+    bench.add_argument("--ft-steps", type=int, default=10, help="Adam steps per batch of the FT baseline")
+    bench.add_argument("--state-dir", help="where per-method resume states live (default OUT/state)")
+    bench.add_argument("--keep-state", action="store_true", help="keep finished methods' editor states")
+    bench.add_argument("--save-every", type=int, default=1,
+                       help="save the resume state every this many batches (default 1)")
+    bench.add_argument("--restart", action="store_true", help="discard earlier results in OUT and start over")
+    bench.add_argument("--report-only", action="store_true", help="rebuild tables and plots from OUT/results.json")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; the model and edit state were left as before the current call",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

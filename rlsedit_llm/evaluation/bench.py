@@ -1,0 +1,382 @@
+"""``rlsedit bench``: the sequential editing benchmark, resumable, with JSON/CSV/PNG/Markdown output.
+
+    rlsedit bench --dataset counterfact --edits 1000 --batch 10 --methods rlsedit,memit_seq --out DIR
+
+For every method in turn the base model's edited weights are restored (and the whole model's
+fingerprint checked), the stream is written batch by batch (:func:`.protocol.run_method`), and
+after every batch the method's progress is checkpointed atomically into ``DIR``: ``results.json``
+(written to a temporary file, then renamed) and the method's editor state (``Editor.save`` /
+``FineTuneEditor.save``) under ``DIR/state/<method>``. Rerunning the same command continues where
+it stopped; a command whose stream or settings differ is refused (use ``--restart`` or another
+``--out``). Finished methods keep only their results (their state is deleted unless
+``--keep-state``). ``--report-only`` rebuilds the tables and figures from ``results.json``.
+
+Outputs in ``DIR``: ``results.json`` (everything), ``summary.csv``, ``curves.csv``,
+``deviation.csv``, ``results.md`` and ``scores.png``, ``retention.png``, ``deviation.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..editor import EditConfig
+from ..errors import HyperparameterError, StateMismatchError
+from ..models import detect_spec, load_model
+from ..stats import model_fingerprint, second_moments
+from . import plots
+from .protocol import (
+    ALL_METHODS,
+    ProtocolConfig,
+    base_report,
+    immediate_summary,
+    load_glue,
+    load_runner,
+    load_stream,
+    make_runner,
+    new_record,
+    restore_weights,
+    run_method,
+    snapshot_weights,
+)
+
+__all__ = ["run_bench", "write_report", "read_results", "parse_methods"]
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+FORMAT = "rlsedit-bench-v1"
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"rlsedit,memit_seq"`` -> ``["rlsedit", "memit_seq"]``; ``"all"`` -> every method."""
+    if text.strip() == "all":
+        return list(ALL_METHODS)
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad or not methods:
+        raise HyperparameterError(f"unknown method(s) {bad}; choose from {list(ALL_METHODS)} (comma-separated) or 'all'")
+    if len(set(methods)) != len(methods):
+        raise HyperparameterError(f"a method is listed twice in {text!r}")
+    return methods
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_results(out) -> dict | None:
+    """The ``results.json`` of a benchmark folder, or None."""
+    path = Path(out) / RESULTS
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_results(out: Path, results: dict) -> None:
+    _atomic_write_text(out / RESULTS, json.dumps(results, indent=1))
+
+
+def _machine() -> dict:
+    import transformers
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def _arg(args, name, default):
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def run_bench(args) -> int:
+    """Entry point of ``rlsedit bench`` (``args``: the parsed command line, see :mod:`..cli`)."""
+    out = Path(args.out)
+    if _arg(args, "report_only", False):
+        results = read_results(out)
+        if results is None:
+            raise HyperparameterError(f"no {RESULTS} in {out}; run the benchmark first")
+        write_report(results, out)
+        print(f"report rebuilt in {out}")
+        return 0
+
+    methods = parse_methods(_arg(args, "methods", "rlsedit,memit_seq"))
+    cfg = ProtocolConfig(
+        dataset=args.dataset, n_edits=int(args.edits), batch_size=int(args.batch),
+        checkpoints=int(_arg(args, "checkpoints", 5)),
+        retention_fraction=float(_arg(args, "retention_fraction", 0.1)),
+        fluency_cases=int(_arg(args, "fluency_cases", 50)), fluency_tokens=int(_arg(args, "fluency_tokens", 100)),
+        glue_items=int(_arg(args, "glue", 0)), wild=not _arg(args, "no_wild", False),
+    )
+    cfg.validate()
+    layers = tuple(int(x) for x in args.layers.split(",")) if _arg(args, "layers", None) else None
+    edit_config = EditConfig(
+        layers=layers, alpha=float(_arg(args, "alpha", 0.0)), beta=float(_arg(args, "beta", 1.0)),
+        mom2_weight=float(_arg(args, "mom2_weight", 15000.0)), stats_tokens=int(_arg(args, "stats_tokens", 100_000)),
+        cache_dir=_arg(args, "cache_dir", None), replace=False,
+    )
+    edit_config.validate()
+    ft = {"ft_lr": float(_arg(args, "ft_lr", 5e-4)), "ft_steps": int(_arg(args, "ft_steps", 10))}
+    state_root = Path(_arg(args, "state_dir", None) or out / "state")
+    save_every = int(_arg(args, "save_every", 1))
+    if save_every < 1:
+        raise HyperparameterError(f"--save-every must be >= 1; got {save_every}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    log.info("loaded %s in %.1f s", args.model, time.perf_counter() - t0)
+    spec = detect_spec(model)
+    layers = tuple(edit_config.layers or spec.default_layers)
+    facts = load_stream(cfg.dataset, cfg.n_edits, tok)
+    settings = {
+        "format": FORMAT, "model": args.model, **cfg.to_dict(), "layers": list(layers),
+        "alpha": edit_config.alpha, "beta": edit_config.beta, "mom2_weight": edit_config.mom2_weight,
+        "stats_tokens": edit_config.stats_tokens, "corpus": edit_config.corpus,
+        "case_ids": [f.case_id for f in facts], **ft,
+    }
+    results = read_results(out)
+    if results is not None and _arg(args, "restart", False):
+        results = None
+        shutil.rmtree(state_root, ignore_errors=True)
+    if results is not None:
+        old = {k: v for k, v in results["settings"].items()}
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise HyperparameterError(
+                f"{out} holds a benchmark with other settings ({', '.join(diff)}); rerun the same "
+                f"command to resume it, or pass --restart (discards it) or another --out")
+        log.info("resuming the benchmark in %s", out)
+    else:
+        results = {"settings": settings, "config": {}, "sessions": [], "base": None, "methods": {}}
+    results["config"] = {"model": args.model, "dataset": cfg.dataset, "n_edits": cfg.n_edits,
+                         "batch_size": cfg.batch_size, "retention_size": cfg.retention_size,
+                         "checkpoint_batches": cfg.checkpoint_batches(), "layers": list(layers),
+                         "stats_tokens": edit_config.stats_tokens}
+    results["sessions"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "methods": methods,
+                                "machine": _machine()})
+    _write_results(out, results)
+
+    W0 = snapshot_weights(model, spec, layers)
+    base_fp = model_fingerprint(model)
+    glue = {t: load_glue(t, cfg.glue_items) for t in ("sst2", "mrpc", "cola", "rte")} if cfg.glue_items else {}
+    tic = time.perf_counter()
+    moments = second_moments(model, tok, spec, list(layers), corpus=edit_config.corpus,
+                             n_tokens=edit_config.stats_tokens, max_length=edit_config.stats_max_length,
+                             cache_dir=edit_config.cache_dir)
+    grams = {l: edit_config.mom2_weight * m.to("cpu", torch.float64) for l, m in moments.items()}
+    log.info("statistics ready in %.1f s", time.perf_counter() - tic)
+
+    if results["base"] is None:
+        log.info("scoring the unedited model on %d cases", cfg.n_edits)
+        results["base"] = base_report(model, tok, facts, cfg, glue)
+        _write_results(out, results)
+
+    for name in methods:
+        record = results["methods"].get(name)
+        if record is not None and record.get("done"):
+            log.info("%s: already complete", name)
+            continue
+        restore_weights(model, spec, W0)
+        if model_fingerprint(model) != base_fp:
+            raise StateMismatchError("the model differs from the base model after restoring the edited "
+                                     "layers; another module was modified")
+        state = state_root / name
+        runner = None
+        if record is not None and record["batches_done"] > 0 and state.exists():
+            try:
+                runner = load_runner(name, model, tok, state)
+                n_saved = (runner.editor.n_batches_ if name == "ft" else len(runner.editor.journal_))
+                if n_saved > record["batches_done"]:
+                    raise StateMismatchError(f"state holds {n_saved} batches, results {record['batches_done']}")
+                truncate_record(record, n_saved)  # batches after the last saved state are redone
+                log.info("%s: resuming after %d batches", name, n_saved)
+            except Exception as exc:  # an unusable checkpoint restarts the method, never corrupts it
+                log.warning("%s: cannot resume from %s (%s); restarting this method", name, state, exc)
+                runner = None
+                restore_weights(model, spec, W0)
+        if runner is None:
+            record = new_record()
+            runner = make_runner(name, model, tok, edit_config=edit_config, **ft)
+        results["methods"][name] = record
+        last = [time.perf_counter()]
+
+        def on_batch(rec, runner=runner, state=state, last=last):
+            now = time.perf_counter()
+            rec["seconds_wall"] = round(rec.get("seconds_wall", 0.0) + now - last[0], 2)
+            if not rec["done"] and (rec["batches_done"] % save_every == 0 or rec["batches_done"] == cfg.n_batches):
+                runner.save(state)
+            rec["seconds_wall"] = round(rec["seconds_wall"] + time.perf_counter() - now, 2)
+            last[0] = time.perf_counter()
+            _write_results(out, results)
+
+        run_method(runner, model, tok, facts, cfg, record, W0=W0, grams=grams, alpha=edit_config.alpha,
+                   beta=edit_config.beta, glue=glue, base=results["base"], on_batch=on_batch,
+                   progress=not _arg(args, "quiet", False))
+        if not _arg(args, "keep_state", False):
+            shutil.rmtree(state, ignore_errors=True)
+        write_report(results, out)
+    restore_weights(model, spec, W0)
+    write_report(results, out)
+    print(f"results in {out}")
+    return 0
+
+
+def truncate_record(record: dict, n_batches: int) -> None:
+    """Forget the progress after ``n_batches`` batches (to resume from a state saved then)."""
+    record["immediate"] = [e for e in record["immediate"] if e["batch"] <= n_batches]
+    record["checkpoints"] = [p for p in record["checkpoints"] if p["batch"] <= n_batches]
+    record["batches_done"] = n_batches
+    record["edits_done"] = record["immediate"][-1]["edits"] if record["immediate"] else 0
+    record["seconds_edit"] = round(sum(e["seconds_edit"] for e in record["immediate"]), 3)
+    record["seconds_eval"] = round(sum(e["seconds_eval"] for e in record["immediate"]), 3)
+    record["done"], record["final"] = False, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def _pct(x, digits: int = 1) -> str:
+    return "—" if x is None else f"{100 * x:.{digits}f}"
+
+
+def _num(x, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _method_row(name: str, rec: dict) -> dict:
+    final = rec.get("final") or {}
+    fa, fr = final.get("all") or {}, final.get("retention") or {}
+    imm = immediate_summary(rec)
+    last_ret = (rec.get("checkpoints") or [{}])[-1].get("retention", {}) if rec.get("checkpoints") else {}
+    n_b = rec.get("batches_done", 0)
+    row = {"method": name, "edits": rec.get("edits_done", 0), "done": rec.get("done", False),
+           "sec_per_batch_edit": round(rec["seconds_edit"] / n_b, 2) if n_b else None,
+           "sec_per_batch_update": (round(sum(e.get("seconds_update") or 0 for e in rec["immediate"]) / n_b, 4)
+                                    if n_b else None),
+           "seconds_edit": rec.get("seconds_edit"), "seconds_eval": rec.get("seconds_eval"),
+           "seconds_wall": rec.get("seconds_wall")}
+    for k in ("efficacy", "generalization", "specificity", "score", "efficacy_magnitude",
+              "generalization_magnitude", "specificity_magnitude", "efficacy_acc", "generalization_acc",
+              "specificity_acc", "wild"):
+        row[f"final_{k}"] = fa.get(k)
+    for k in ("efficacy", "generalization", "specificity", "score", "wild"):
+        row[f"immediate_{k}"] = imm.get(k)
+        row[f"retention_{k}"] = (fr or last_ret).get(k)
+    row["fluency"] = final.get("fluency")
+    row["glue_mean"] = (final.get("glue") or {}).get("mean")
+    return row
+
+
+def write_report(results: dict, out) -> None:
+    """Write ``summary.csv``, ``curves.csv``, ``deviation.csv``, ``results.md`` and the PNG
+    figures of ``results`` into ``out`` (partial results are reported as such)."""
+    out = Path(out)
+    methods = results.get("methods", {})
+    rows = [_method_row(n, r) for n, r in methods.items()]
+    base = results.get("base") or {}
+    if rows:
+        with open(out / "summary.csv", "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    keys = ("efficacy", "generalization", "specificity", "score", "wild")
+    with open(out / "curves.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "kind", "batch", "edits", *keys])
+        for name, rec in methods.items():
+            for e in rec.get("immediate", []):
+                w.writerow([name, "immediate", e["batch"], e["edits"], *(e.get(k) for k in keys)])
+            for p in rec.get("checkpoints", []):
+                w.writerow([name, "retention", p["batch"], p["edits"], *(p["retention"].get(k) for k in keys)])
+    with open(out / "deviation.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "edits", "layer", "fro", "anchor", "t3a", "t3b"])
+        for name, rec in methods.items():
+            for p in rec.get("checkpoints", []):
+                for layer, d in p["deviation"].items():
+                    w.writerow([name, p["edits"], layer, *(d.get(k) for k in ("fro", "anchor", "t3a", "t3b"))])
+    if any(r.get("immediate") for r in methods.values()):
+        plots.plot_scores(results, out / "scores.png")
+        plots.plot_retention(results, out / "retention.png")
+        plots.plot_deviation(results, out / "deviation.png")
+    _atomic_write_text(out / "results.md", _markdown(results, rows, base))
+
+
+def _markdown(results: dict, rows: list[dict], base: dict) -> str:
+    c = results.get("config", {})
+    ds = c.get("dataset", "?")
+    lines = [f"# Sequential editing benchmark: {ds}, {c.get('n_edits')} edits in batches of "
+             f"{c.get('batch_size')} on {c.get('model')}", ""]
+    lines += ["Scores x100. *Final*: every edit of the stream re-scored after the last batch. "
+              "*Immediate*: each batch scored right after it was written. *Retention*: the first "
+              f"{c.get('retention_size')} edits, re-scored at the end. Wild = greedy decoding "
+              "produces the target (no teacher forcing). Fluency: weighted 2/3-gram entropy x100.", ""]
+    head = ("| method | edits | final ES | final PS | final NS | final score | wild | fluency | GLUE | "
+            "imm. ES | imm. PS | imm. NS | imm. score | ret. ES | ret. PS | ret. NS | ret. score | s/batch |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    ba, bfl = base.get("all") or {}, base.get("fluency")
+    br = base.get("retention") or {}
+    if ba:
+        lines.append(f"| unedited | 0 | {_pct(ba.get('efficacy'))} | {_pct(ba.get('generalization'))} | "
+                     f"{_pct(ba.get('specificity'))} | {_pct(ba.get('score'))} | {_pct(ba.get('wild'))} | "
+                     f"{_num(None if bfl is None else 100 * bfl)} | {_pct((base.get('glue') or {}).get('mean'))} | "
+                     f"— | — | — | — | {_pct(br.get('efficacy'))} | {_pct(br.get('generalization'))} | "
+                     f"{_pct(br.get('specificity'))} | {_pct(br.get('score'))} | — |")
+    for r in rows:
+        edits = f"{r['edits']}" + ("" if r["done"] else f" of {c.get('n_edits')} (running/stopped)")
+        fl = r["fluency"]
+        lines.append(
+            f"| {r['method']} | {edits} | {_pct(r['final_efficacy'])} | {_pct(r['final_generalization'])} | "
+            f"{_pct(r['final_specificity'])} | {_pct(r['final_score'])} | {_pct(r['final_wild'])} | "
+            f"{_num(None if fl is None else 100 * fl)} | {_pct(r['glue_mean'])} | "
+            f"{_pct(r['immediate_efficacy'])} | {_pct(r['immediate_generalization'])} | "
+            f"{_pct(r['immediate_specificity'])} | {_pct(r['immediate_score'])} | "
+            f"{_pct(r['retention_efficacy'])} | {_pct(r['retention_generalization'])} | "
+            f"{_pct(r['retention_specificity'])} | {_pct(r['retention_score'])} | {_num(r['sec_per_batch_edit'])} |")
+    lines.append("")
+    if ds == "counterfact" and rows:
+        lines += ["Magnitudes (mean probability differences, x100) and all-tokens-argmax accuracies, final:", "",
+                  "| method | ES mag. | PS mag. | NS mag. | ES acc | PS acc | NS acc |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['method']} | {_pct(r['final_efficacy_magnitude'])} | "
+                         f"{_pct(r['final_generalization_magnitude'])} | {_pct(r['final_specificity_magnitude'])} | "
+                         f"{_pct(r['final_efficacy_acc'])} | {_pct(r['final_generalization_acc'])} | "
+                         f"{_pct(r['final_specificity_acc'])} |")
+        lines.append("")
+    lines += ["Wall time per method (seconds): editing (values, keys and the solver update), of which "
+              "the solver update per batch, evaluation, total (including checkpoint saves).", "",
+              "| method | edit | update / batch | eval | total |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {_num(r['seconds_edit'], 0)} | {_num(r['sec_per_batch_update'], 3)} | "
+                     f"{_num(r['seconds_eval'], 0)} | {_num(r['seconds_wall'], 0)} |")
+    sessions = results.get("sessions") or []
+    if sessions:
+        m = sessions[-1]["machine"]
+        lines += ["", f"Machine: {m.get('processor')}, {m.get('cpu_count')} CPUs, torch threads "
+                      f"{m.get('torch_threads')}, GPU {m.get('cuda') or 'none'}; torch {m.get('torch')}, "
+                      f"transformers {m.get('transformers')}."]
+    lines += ["", "![immediate scores](scores.png)", "", "![retention](retention.png)", "",
+              "![deviation](deviation.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Plain fine-tuning baseline (FT): Adam on the edited layers' MLP output weights.
+
+Each batch of facts takes ``steps`` Adam steps (a fresh optimiser per batch) on the weights of the
+same modules the locate-then-edit methods rewrite (the MLP down-projections of the edited layers),
+minimising the target NLL on the rewrite prompt: per fact the mean over the target's tokens,
+then the mean over facts. No constraint keeps the weights near the original ones: this is the
+"unconstrained FT" of the editing literature and the baseline that forgets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import FactError, HyperparameterError, NonFiniteError, StateMismatchError
+from ..facts import as_facts, validate_facts
+from ..models import detect_spec, get_module, model_device, read_weight, write_weight
+from ..scoring import encode_target
+
+__all__ = ["FineTuneEditor", "target_nll"]
+
+log = logging.getLogger(__name__)
+
+
+def target_nll(model, tokenizer, prompts, targets) -> torch.Tensor:
+    """Differentiable mean target NLL: per pair the mean over ``" " + target`` tokens after the
+    prompt (teacher forced, right padding, no special tokens), then the mean over pairs."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = []
+    for p, t in zip(prompts, targets):
+        rows.append((tokenizer(p, add_special_tokens=False)["input_ids"], encode_target(tokenizer, t)))
+    width = max(len(p) + len(t) for p, t in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    weight = torch.zeros((len(rows), width - 1))  # weight of the prediction at position j -> j+1
+    for i, (p, t) in enumerate(rows):
+        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
+        mask[i, : len(p) + len(t)] = 1
+        weight[i, len(p) - 1: len(p) + len(t) - 1] = 1.0 / len(t)
+    device = model_device(model)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]  # (b, w-1, V)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)  # (b, w-1)
+    return (nll * weight.to(device)).sum() / len(rows)
+
+
+class FineTuneEditor:
+    """Sequential fine-tuning of the edited layers' MLP output weights.
+
+    Parameters
+    ----------
+    model, tokenizer : the causal LM to edit in place, and its tokenizer
+    layers : tuple of int or None
+        Layers whose MLP output projection is trained (None: the family's default edited block,
+        the same layers as :class:`~rlsedit_llm.Editor`).
+    lr : float > 0
+        Adam learning rate.
+    steps : int >= 1
+        Adam steps per batch (a fresh optimiser per batch).
+
+    Attributes
+    ----------
+    spec_, layers_, W0_ (layer -> (d_k, d_v) pre-edit weights, CPU), n_edits_, n_batches_,
+    losses_ (per batch: loss before and after its steps).
+    """
+
+    def __init__(self, model, tokenizer, *, layers=None, lr: float = 5e-4, steps: int = 10):
+        if not (isinstance(lr, (int, float)) and lr > 0 and lr == lr and lr != float("inf")):
+            raise HyperparameterError(f"lr must be a finite number > 0; got {lr!r}")
+        if not (isinstance(steps, int) and steps >= 1):
+            raise HyperparameterError(f"steps must be an int >= 1; got {steps!r}")
+        self.model, self.tokenizer, self.lr, self.steps = model, tokenizer, float(lr), steps
+        self.spec_ = detect_spec(model)
+        layers = tuple(layers) if layers is not None else tuple(self.spec_.default_layers)
+        if not layers or any(not (0 <= l < self.spec_.n_layers) for l in layers):
+            raise HyperparameterError(f"layers must lie in [0, {self.spec_.n_layers}); got {layers}")
+        self.layers_ = layers
+        self.W0_ = {l: read_weight(self._module(l)).cpu() for l in layers}
+        self.n_edits_ = 0
+        self.n_batches_ = 0
+        self.losses_: list[tuple[float, float]] = []
+
+    def _module(self, layer: int):
+        return get_module(self.model, self.spec_.edit_module_path.format(layer))
+
+    def edit(self, facts) -> dict:
+        """Fine-tune on one batch; return ``{"loss_before", "loss_after", "seconds"}``.
+
+        Bad facts raise :class:`FactError` and a failure half-way restores the weights.
+        """
+        facts = as_facts(facts)
+        if not facts:
+            raise FactError("no facts given: pass at least one fact to edit")
+        validate_facts(facts, self.tokenizer)
+        tic = time.perf_counter()
+        modules = [self._module(l) for l in self.layers_]
+        params = [m.weight for m in modules]
+        saved = [p.detach().clone() for p in params]
+        flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        prompts, targets = [f.text() for f in facts], [f.target for f in facts]
+        try:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.Adam(params, lr=self.lr)
+            with torch.no_grad():
+                before = float(target_nll(self.model, self.tokenizer, prompts, targets))
+            for _ in range(self.steps):
+                opt.zero_grad(set_to_none=True)
+                loss = target_nll(self.model, self.tokenizer, prompts, targets)
+                if not torch.isfinite(loss):
+                    raise NonFiniteError("fine-tuning loss became NaN/inf; lower the learning rate")
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                after = float(target_nll(self.model, self.tokenizer, prompts, targets))
+            if not all(torch.isfinite(p).all() for p in params):
+                raise NonFiniteError("fine-tuning produced NaN/inf weights; lower the learning rate")
+        except BaseException:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+            raise
+        finally:
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(flags[n])
+                p.grad = None
+        self.n_edits_ += len(facts)
+        self.n_batches_ += 1
+        self.losses_.append((before, after))
+        log.info("FT batch %d: loss %.3f -> %.3f", self.n_batches_, before, after)
+        return {"loss_before": before, "loss_after": after, "seconds": time.perf_counter() - tic}
+
+    def weights(self) -> dict[int, torch.Tensor]:
+        """Current weights of the trained modules, ``(d_k, d_v)`` per layer."""
+        return {l: read_weight(self._module(l)) for l in self.layers_}
+
+    # -- persistence: the trained weights and counters (the optimiser restarts every batch) --
+    def save(self, directory) -> None:
+        """Write the trained weights and counters to ``directory`` (temporary files + rename)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".weights.pt.tmp-{os.getpid()}"
+        torch.save({l: W.cpu() for l, W in self.weights().items()}, tmp)
+        os.replace(tmp, directory / "weights.pt")
+        meta = {"layers": list(self.layers_), "lr": self.lr, "steps": self.steps,
+                "n_edits": self.n_edits_, "n_batches": self.n_batches_, "losses": self.losses_}
+        tmp = directory / f".finetune.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, directory / "finetune.json")
+
+    @classmethod
+    def load(cls, model, tokenizer, directory) -> "FineTuneEditor":
+        """Restore a saved fine-tuning stream onto a pristine copy of the model."""
+        directory = Path(directory)
+        meta = json.loads((directory / "finetune.json").read_text())
+        new = cls(model, tokenizer, layers=meta["layers"], lr=meta["lr"], steps=meta["steps"])
+        weights = torch.load(directory / "weights.pt", map_location="cpu")
+        for l in new.layers_:
+            W = weights.get(l)
+            if W is None or W.shape != new.W0_[l].shape:
+                raise StateMismatchError(f"saved fine-tuning weights do not match layer {l} of this model")
+        for l in new.layers_:
+            write_weight(new._module(l), weights[l].to(new.W0_[l].dtype))
+        new.n_edits_, new.n_batches_ = int(meta["n_edits"]), int(meta["n_batches"])
+        new.losses_ = [tuple(x) for x in meta["losses"]]
+        return new

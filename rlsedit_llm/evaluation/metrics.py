@@ -1,0 +1,329 @@
+"""Editing metrics: CounterFact, zsRE, generation checks, fluency and zero-shot GLUE accuracy.
+
+The definitions follow the MEMIT-lineage evaluation (see ``docs/llm/benchmarks.md``):
+
+CounterFact, per case (``nll`` = length-normalised negative log-likelihood of ``" " + target``
+after the prompt, teacher forced, :attr:`TargetScore.mean_nll`; ``p = exp(-nll)``):
+
+- efficacy       ``1[nll(new) < nll(true)]`` on the rewrite prompt;
+- generalization the same, averaged over the case's paraphrase prompts;
+- specificity    ``1[nll(true) < nll(new)]`` averaged over the neighbourhood prompts;
+- magnitudes     ``p(new) - p(true)`` (``p(true) - p(new)`` for specificity), same averaging;
+- ``*_acc``      every target token is the teacher-forced argmax (``target_new`` on rewrite and
+  paraphrase prompts, ``target_true`` on neighbourhood prompts);
+- wild           greedy decoding (no teacher forcing) of the rewrite prompt starts with the target.
+
+Aggregates are means over cases; ``score`` is the harmonic mean of efficacy, generalization and
+specificity. zsRE, per case: teacher-forced top-1 token accuracy of ``alt`` after ``src``
+(efficacy) and after ``rephrase`` (generalization), and of ``loc_ans`` after ``loc + "?"``
+(specificity, absolute; about 25 % even before editing). Fluency is the weighted 2-/3-gram
+entropy of greedy generations. Scores are fractions in ``[0, 1]`` (fluency in bits); tables
+multiply by 100.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from ..errors import HyperparameterError
+from ..facts import Fact
+from ..models import model_device
+from ..scoring import encode_target, score_targets
+
+__all__ = [
+    "harmonic_mean",
+    "ngram_entropy",
+    "score_pairs",
+    "counterfact_case_scores",
+    "zsre_case_scores",
+    "summarize_cases",
+    "greedy_generate",
+    "generation_check",
+    "fluency",
+    "GLUE_TASKS",
+    "glue_prompt",
+    "glue_accuracy",
+    "CF_METRICS",
+    "ZSRE_METRICS",
+]
+
+#: Per-case metric names of each data set (the first three enter the harmonic ``score``).
+CF_METRICS = ("efficacy", "generalization", "specificity", "efficacy_magnitude",
+              "generalization_magnitude", "specificity_magnitude", "efficacy_acc",
+              "generalization_acc", "specificity_acc")
+ZSRE_METRICS = ("efficacy", "generalization", "specificity")
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pure functions
+
+
+def harmonic_mean(values: Iterable[float]) -> float:
+    """Harmonic mean of non-negative numbers; ``0`` if any is ``0`` (and for an empty input)."""
+    values = [float(v) for v in values]
+    if not values or any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """Weighted n-gram entropy of a text (the fluency statistic), in bits.
+
+    The text is split into words and punctuation marks; for each ``n`` the entropy
+    ``H_n = -sum_g f_g log2 f_g`` of the empirical n-gram frequencies ``f`` is weighted by
+    ``weights[i]`` and the weighted entropies are averaged: ``mean_i(w_i H_{n_i})``. A text with
+    fewer than ``n`` words contributes ``H_n = 0``. Repetitive text scores low.
+    """
+    if len(ns) != len(weights) or not ns:
+        raise HyperparameterError("ns and weights must be non-empty and of equal length")
+    words = _WORD.findall(text)
+    terms = []
+    for n, w in zip(ns, weights):
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        terms.append(w * h)
+    return sum(terms) / len(terms)
+
+
+def score_pairs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32):
+    """:func:`~rlsedit_llm.scoring.score_targets` over pairs sorted by length (less padding),
+    returned in the input order."""
+    if len(prompts) != len(targets):
+        raise HyperparameterError(f"{len(prompts)} prompts but {len(targets)} targets")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
+    scored = score_targets(model, tokenizer, [prompts[i] for i in order], [targets[i] for i in order],
+                           batch_size=batch_size)
+    out = [None] * len(prompts)
+    for i, s in zip(order, scored):
+        out[i] = s
+    return out
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# CounterFact and zsRE (teacher forced)
+
+
+def counterfact_case_scores(model, tokenizer, facts: Sequence[Fact], *, batch_size: int = 32) -> list[dict]:
+    """Per-case CounterFact metrics (see the module docstring) of ``facts`` on ``model``.
+
+    Each fact needs ``target_true``; paraphrase and neighbourhood prompts may be empty (the
+    corresponding metrics are then NaN). Returns one dict per fact with ``case_id`` and
+    :data:`CF_METRICS`.
+    """
+    prompts, targets, where = [], [], []  # where: (case, kind, which target)
+    for c, f in enumerate(facts):
+        if f.target_true is None:
+            raise HyperparameterError(f"CounterFact scoring needs target_true ({f.describe()})")
+        for kind, ps in (("rw", (f.text(),)), ("pp", f.paraphrases), ("nb", f.neighbourhood)):
+            for p in ps:
+                for which, t in (("new", f.target), ("true", f.target_true)):
+                    prompts.append(p)
+                    targets.append(t)
+                    where.append((c, kind, which))
+    scores = score_pairs(model, tokenizer, prompts, targets, batch_size=batch_size)
+    # Collect (nll_new, nll_true, acc_new, acc_true) per prompt; the two targets alternate.
+    per: list[dict[str, list]] = [{"rw": [], "pp": [], "nb": []} for _ in facts]
+    for j in range(0, len(scores), 2):
+        (c, kind, _), new, true = where[j], scores[j], scores[j + 1]
+        per[c][kind].append((new.mean_nll, true.mean_nll, new.all_correct, true.all_correct))
+    out = []
+    for f, p in zip(facts, per):
+        row = {"case_id": f.case_id}
+        for kind, name in (("rw", "efficacy"), ("pp", "generalization")):
+            row[name] = _mean(float(n < t) for n, t, _, _ in p[kind])
+            row[name + "_magnitude"] = _mean(math.exp(-n) - math.exp(-t) for n, t, _, _ in p[kind])
+            row[name + "_acc"] = _mean(float(a) for _, _, a, _ in p[kind])
+        row["specificity"] = _mean(float(t < n) for n, t, _, _ in p["nb"])
+        row["specificity_magnitude"] = _mean(math.exp(-t) - math.exp(-n) for n, t, _, _ in p["nb"])
+        row["specificity_acc"] = _mean(float(b) for _, _, _, b in p["nb"])
+        out.append(row)
+    return out
+
+
+def zsre_locality_prompt(question: str) -> str:
+    """zsRE's neighbourhood prompt: the NQ question (``"nq question: ..."``) with a ``"?"``."""
+    return question if question.rstrip().endswith("?") else question + "?"
+
+
+def zsre_case_scores(model, tokenizer, facts: Sequence[Fact], *, batch_size: int = 32) -> list[dict]:
+    """Per-case zsRE metrics: teacher-forced top-1 token accuracy of the target after the rewrite
+    prompt (efficacy) and the paraphrase (generalization), and of the NQ answer after the NQ
+    question (specificity). Each fact needs ``neighbourhood`` (the ``loc`` question) and
+    ``neighbourhood_target`` (``loc_ans``)."""
+    prompts, targets, where = [], [], []
+    for c, f in enumerate(facts):
+        items = [("efficacy", f.text(), f.target)]
+        items += [("generalization", p, f.target) for p in f.paraphrases]
+        if f.neighbourhood and f.neighbourhood_target is None:
+            raise HyperparameterError(f"zsRE scoring needs neighbourhood_target (loc_ans) ({f.describe()})")
+        items += [("specificity", zsre_locality_prompt(p), f.neighbourhood_target) for p in f.neighbourhood]
+        for kind, p, t in items:
+            prompts.append(p)
+            targets.append(t)
+            where.append((c, kind))
+    scores = score_pairs(model, tokenizer, prompts, targets, batch_size=batch_size)
+    per = [{k: [] for k in ZSRE_METRICS} for _ in facts]
+    for (c, kind), s in zip(where, scores):
+        per[c][kind].append(s.accuracy)
+    return [{"case_id": f.case_id, **{k: _mean(v) for k, v in p.items()}} for f, p in zip(facts, per)]
+
+
+def summarize_cases(rows: Sequence[dict], keys: Sequence[str] | None = None) -> dict:
+    """Mean of each metric over cases (NaNs skipped) and the harmonic ``score`` of
+    efficacy, generalization and specificity. ``n`` is the number of cases."""
+    if keys is None:
+        keys = [k for k in (rows[0] if rows else {}) if k != "case_id"]
+    out: dict[str, float] = {"n": len(rows)}
+    for k in keys:
+        vals = [r[k] for r in rows if r.get(k) is not None and not math.isnan(r[k])]
+        out[k] = _mean(vals)
+    parts = [out.get(k) for k in ("efficacy", "generalization", "specificity")]
+    if all(p is not None and not math.isnan(p) for p in parts):
+        out["score"] = harmonic_mean(parts)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation (no teacher forcing)
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
+                    batch_size: int = 16, stop_at_eos: bool = True) -> list[list[int]]:
+    """Greedy continuations (token ids, prompt excluded) of ``prompts``.
+
+    Prompts are encoded without special tokens and left padded in batches; the continuation of a
+    row stops at the tokenizer's EOS token when ``stop_at_eos`` (the EOS is not returned).
+    """
+    if max_new_tokens < 1:
+        raise HyperparameterError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = tokenizer.eos_token_id
+    device = model_device(model)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out: list[list[int] | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):  # left padding
+            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[r, width - len(encoded[i]):] = 1
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            min_new_tokens=0, do_sample=False, temperature=None, top_p=None, top_k=None,
+            pad_token_id=pad, eos_token_id=eos if stop_at_eos else None,
+        )[:, width:].cpu()  # (b, <= max_new_tokens)
+        for r, i in enumerate(rows):
+            seq = gen[r].tolist()
+            if stop_at_eos and eos is not None and eos in seq:
+                seq = seq[: seq.index(eos)]
+            out[i] = seq
+    return out  # type: ignore[return-value]
+
+
+def generation_check(model, tokenizer, facts: Sequence[Fact], *, extra_tokens: int = 0,
+                     batch_size: int = 16) -> list[float]:
+    """Per fact: 1.0 if greedy decoding of the rewrite prompt (no teacher forcing) starts with the
+    target, else 0.0. Decodes as many tokens as the target has (plus ``extra_tokens``) and compares
+    the whitespace-stripped texts."""
+    n = max(len(encode_target(tokenizer, f.target)) for f in facts) + extra_tokens if facts else 1
+    gens = greedy_generate(model, tokenizer, [f.text() for f in facts], n, batch_size=batch_size)
+    return [float(tokenizer.decode(g).strip().startswith(f.target.strip())) for f, g in zip(facts, gens)]
+
+
+def fluency(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 100, batch_size: int = 16) -> float:
+    """Mean weighted n-gram entropy (:func:`ngram_entropy`) of prompt + greedy continuation of
+    ``max_new_tokens`` tokens, over ``prompts`` (bits; the published tables show x100)."""
+    if not prompts:
+        return float("nan")
+    gens = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
+    return _mean(ngram_entropy(p + tokenizer.decode(g)) for p, g in zip(prompts, gens))
+
+
+# ----------------------------------------------------------------------------------------------
+# General capability: zero-shot GLUE subsets
+
+#: label index -> label word, per task (GLUE label conventions).
+GLUE_TASKS: dict[str, tuple[str, ...]] = {
+    "sst2": ("negative", "positive"),  # 0 negative, 1 positive
+    "mrpc": ("no", "yes"),  # 1 = paraphrase
+    "cola": ("no", "yes"),  # 1 = acceptable
+    "rte": ("yes", "no"),  # 0 = entailment
+}
+
+
+def glue_prompt(task: str, item: dict) -> str:
+    """The zero-shot prompt of one GLUE item; the answer is one of :data:`GLUE_TASKS` ``[task]``."""
+    if task == "sst2":
+        return f"Review: {item['sentence'].strip()}\nIs the sentiment of this review positive or negative?\nAnswer:"
+    if task == "mrpc":
+        return (f"Sentence 1: {item['sentence1'].strip()}\nSentence 2: {item['sentence2'].strip()}\n"
+                "Do the two sentences mean the same thing? Answer yes or no.\nAnswer:")
+    if task == "cola":
+        return f"Sentence: {item['sentence'].strip()}\nIs this sentence grammatically correct? Answer yes or no.\nAnswer:"
+    if task == "rte":
+        return (f"{item['sentence1'].strip()}\nQuestion: does this imply that \"{item['sentence2'].strip()}\"? "
+                "Answer yes or no.\nAnswer:")
+    raise HyperparameterError(f"unknown GLUE task {task!r}; choose one of {sorted(GLUE_TASKS)}")
+
+
+@torch.no_grad()
+def glue_predictions(model, tokenizer, task: str, items: Sequence[dict], *, batch_size: int = 8) -> list[int]:
+    """Predicted label of each item: the label word with the highest log-probability after the
+    prompt (teacher forced, with a leading space; a multi-token word scores its total)."""
+    words = GLUE_TASKS.get(task)
+    if words is None:
+        raise HyperparameterError(f"unknown GLUE task {task!r}; choose one of {sorted(GLUE_TASKS)}")
+    prompts = [glue_prompt(task, it) for it in items]
+    word_ids = [encode_target(tokenizer, w) for w in words]
+    k = len(words)
+    if any(len(ids) != 1 for ids in word_ids):  # general case: one scored sequence per label word
+        scores = score_pairs(model, tokenizer, [p for p in prompts for _ in words],
+                             [w for _ in prompts for w in words], batch_size=batch_size)
+        return [max(range(k), key=lambda j: scores[i * k + j].logprob) for i in range(len(prompts))]
+    # Single-token label words: one forward per prompt, read the next-token logits.
+    label_ids = torch.tensor([ids[0] for ids in word_ids])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = model_device(model)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    preds = [0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):  # right padding
+            ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[r, : len(encoded[i])] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (b, w, vocab)
+        last = torch.tensor([len(encoded[i]) - 1 for i in rows])
+        picked = logits[torch.arange(len(rows)), last.to(logits.device)].float().cpu()[:, label_ids]  # (b, k)
+        for r, i in enumerate(rows):
+            preds[i] = int(picked[r].argmax())
+    return preds
+
+
+def glue_accuracy(model, tokenizer, task: str, items: Sequence[dict], *, batch_size: int = 16) -> dict:
+    """Zero-shot accuracy on ``items`` and the predictions (to compare before/after an edit)."""
+    preds = glue_predictions(model, tokenizer, task, items, batch_size=batch_size)
+    correct = [float(p == int(it["label"])) for p, it in zip(preds, items)]
+    return {"accuracy": _mean(correct), "n": len(items), "predictions": preds}

@@ -1,0 +1,150 @@
+"""PNG figures of a benchmark's results (matplotlib, Agg backend; nothing is shown on screen).
+
+All functions take the results dict written by :mod:`.bench` and a file path; a method without
+data for a figure is left out of it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+__all__ = ["plot_scores", "plot_retention", "plot_deviation", "METRIC_LABELS"]
+
+METRIC_LABELS = {
+    "efficacy": "efficacy",
+    "generalization": "generalization (paraphrase)",
+    "specificity": "specificity (neighbourhood)",
+    "score": "score (harmonic mean)",
+    "wild": "generation check (no teacher forcing)",
+}
+_PANELS = ("efficacy", "generalization", "specificity", "score")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _rolling(values, window: int):
+    out = []
+    for i in range(len(values)):
+        chunk = [v for v in values[max(0, i - window + 1): i + 1] if v is not None]
+        out.append(sum(chunk) / len(chunk) if chunk else math.nan)
+    return out
+
+
+def _methods(results: dict):
+    return [(name, rec) for name, rec in results.get("methods", {}).items() if rec.get("immediate")]
+
+
+def _title(results: dict, what: str) -> str:
+    c = results.get("config", {})
+    return f"{what}: {c.get('dataset', '?')} on {c.get('model', '?')}, batches of {c.get('batch_size', '?')}"
+
+
+def plot_scores(results: dict, path, *, window: int = 5) -> Path:
+    """Immediate scores of each batch (rolling mean over ``window`` batches) against edits."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(_PANELS), figsize=(4.2 * len(_PANELS), 3.6), sharex=True)
+    for name, rec in _methods(results):
+        xs = [e["edits"] for e in rec["immediate"]]
+        for ax, key in zip(axes, _PANELS):
+            ys = _rolling([e.get(key) for e in rec["immediate"]], window)
+            ax.plot(xs, [100 * y for y in ys], label=name)
+    for ax, key in zip(axes, _PANELS):
+        ax.set_title(METRIC_LABELS[key], fontsize=10)
+        ax.set_xlabel("edits written")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"immediate score x100 (rolling mean, {window} batches)")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(_title(results, "Immediate scores"), fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_retention(results: dict, path) -> Path:
+    """Scores of the first edits of the stream (the retention set) at every checkpoint."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(_PANELS), figsize=(4.2 * len(_PANELS), 3.6), sharex=True)
+    base = (results.get("base") or {}).get("retention") or {}
+    for name, rec in _methods(results):
+        pts = rec.get("checkpoints") or []
+        xs = [p["edits"] for p in pts]
+        for ax, key in zip(axes, _PANELS):
+            ys = [p["retention"].get(key) for p in pts]
+            ax.plot(xs, [100 * y if y is not None else math.nan for y in ys], marker="o", ms=3, label=name)
+    for ax, key in zip(axes, _PANELS):
+        if base.get(key) is not None:
+            ax.axhline(100 * base[key], color="grey", ls=":", lw=1, label="before editing")
+        ax.set_title(METRIC_LABELS[key], fontsize=10)
+        ax.set_xlabel("edits written")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    n = (results.get("config") or {}).get("retention_size", "?")
+    axes[0].set_ylabel(f"score x100 of the first {n} edits")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(_title(results, "Retention of early edits"), fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_deviation(results: dict, path) -> Path:
+    """Per edited layer: ``||W_t - W0||_F`` (top) and the anchor drift ``||K0 (W_t - W0)||_F``
+    (bottom) against edits, with the T3(a) / T3(b) bounds (dashed) where they are defined."""
+    plt = _pyplot()
+    layers = []
+    for _, rec in _methods(results):
+        for p in rec.get("checkpoints") or []:
+            layers = sorted(set(layers) | set(p["deviation"]), key=int)
+    if not layers:
+        layers = ["?"]
+    fig, axes = plt.subplots(2, len(layers), figsize=(3.4 * len(layers), 6.2), squeeze=False)
+    colours = {}
+    for name, rec in _methods(results):
+        pts = rec.get("checkpoints") or []
+        for j, layer in enumerate(layers):
+            xs = [p["edits"] for p in pts if layer in p["deviation"]]
+            rows = [p["deviation"][layer] for p in pts if layer in p["deviation"]]
+            for i, (lhs, rhs) in enumerate((("fro", "t3a"), ("anchor", "t3b"))):
+                ax = axes[i][j]
+                ys = [r.get(lhs) for r in rows]
+                if not any(y is not None for y in ys):
+                    continue
+                (line,) = ax.plot(xs, [y if y is not None else math.nan for y in ys], marker="o", ms=3,
+                                  label=name, color=colours.get(name))
+                colours[name] = line.get_color()
+                bs = [r.get(rhs) for r in rows]
+                if any(b is not None and math.isfinite(b) for b in bs):
+                    ax.plot(xs, [b if b is not None else math.nan for b in bs], ls="--", lw=1,
+                            color=colours[name], label=f"{name}: bound {rhs.upper()}")
+    for j, layer in enumerate(layers):
+        axes[0][j].set_title(f"layer {layer}", fontsize=10)
+        for i in range(2):
+            axes[i][j].set_yscale("log")
+            axes[i][j].grid(alpha=0.3, which="both")
+            axes[1][j].set_xlabel("edits written")
+    axes[0][0].set_ylabel("||W_t - W0||_F")
+    axes[1][0].set_ylabel("||K0 (W_t - W0)||_F")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    h2, l2 = axes[1][0].get_legend_handles_labels()
+    for h, l in zip(h2, l2):
+        if l not in labels:
+            handles.append(h)
+            labels.append(l)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+    fig.suptitle(_title(results, "Weight deviation vs theory bounds"), fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,453 @@
+"""The sequential editing protocol: one model, one stream of N edits in batches of b, per method.
+
+For each method the stream is written batch after batch on the same model (starting from the
+pristine base weights). The protocol keeps three kinds of scores apart:
+
+- **immediate**: each batch scored right after it is written (the edit as first applied);
+- **retention**: the first ``retention_fraction`` of the stream (whole batches; 10 % by default)
+  re-scored at every checkpoint, which gives the retention curve of early edits;
+- **final** (retained): every edit of the stream re-scored after the last batch, plus fluency on
+  a subset, the generation check and the zero-shot GLUE accuracy.
+
+Checkpoints also record, per edited layer, the weight deviation ``||W_t - W0||_F`` and the anchor
+drift ``||K0 (W_t - W0)||_F = sqrt(tr(D^T N E[kk^T] D))``, and for the methods whose weights are
+the minimiser of the cumulative objective (RLSEdit, MEMIT-seq) the theory's bounds T3(a) and T3(b)
+(:mod:`rlsedit_theory.bounds`) computed from the stream's keys and values.
+
+The progress of a method is one JSON-serialisable dict (its *record*): :func:`run_method` starts
+at ``record["batches_done"]`` and calls ``on_batch`` after every batch, so a caller can persist
+the record together with the method's state and resume after an interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..baselines import METHODS
+from ..editor import EditConfig, Editor
+from ..errors import FactError, HyperparameterError
+from ..facts import Fact, as_fact, validate_facts
+from ..models import get_module, read_weight, write_weight
+from . import metrics
+from .finetune import FineTuneEditor
+
+__all__ = [
+    "DATASETS",
+    "ALL_METHODS",
+    "BOUND_METHODS",
+    "data_dir",
+    "load_stream",
+    "load_glue",
+    "ProtocolConfig",
+    "MethodRunner",
+    "make_runner",
+    "load_runner",
+    "case_scores",
+    "deviation_report",
+    "base_report",
+    "run_method",
+]
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("counterfact", "zsre")
+#: Every method the benchmark runs: the Editor's solvers plus plain fine-tuning.
+ALL_METHODS = tuple(METHODS) + ("ft",)
+#: Methods whose weights minimise the cumulative objective J_t, so that T3 applies.
+BOUND_METHODS = ("rlsedit", "memit_seq")
+
+_FILES = {"counterfact": "counterfact.json", "zsre": "zsre_eval.json"}
+
+
+def data_dir() -> Path:
+    """``rlsedit_llm/data`` (the shipped evaluation files; licences in its README.md)."""
+    return Path(__file__).resolve().parent.parent / "data"
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def load_stream(dataset: str, n_edits: int, tokenizer=None, *, path=None) -> list[Fact]:
+    """The first ``n_edits`` usable records of a data set, as facts in file order.
+
+    ``dataset`` is ``"counterfact"`` or ``"zsre"`` (the shipped files, or ``path``). zsRE records
+    get ``case_id`` = their index in the file. With a ``tokenizer``, records whose fact the
+    tokenizer cannot represent (:func:`~rlsedit_llm.facts.validate_facts`) are skipped and
+    logged. Raises :class:`HyperparameterError` if fewer than ``n_edits`` records are usable.
+    """
+    if dataset not in DATASETS:
+        raise HyperparameterError(f"dataset must be one of {DATASETS}; got {dataset!r}")
+    if not isinstance(n_edits, int) or n_edits < 1:
+        raise HyperparameterError(f"n_edits must be an int >= 1; got {n_edits!r}")
+    records = json.loads(Path(path or data_dir() / _FILES[dataset]).read_text(encoding="utf-8"))
+    facts, skipped = [], 0
+    for i, rec in enumerate(records):
+        if dataset == "zsre":
+            rec = {**rec, "case_id": i}
+        fact = as_fact(rec)
+        if tokenizer is not None:
+            try:
+                validate_facts([fact], tokenizer)
+            except FactError as exc:
+                skipped += 1
+                log.info("skipping record %s: %s", fact.case_id, exc)
+                continue
+        facts.append(fact)
+        if len(facts) == n_edits:
+            break
+    if skipped:
+        log.warning("%s: skipped %d record(s) the tokenizer cannot represent", dataset, skipped)
+    if len(facts) < n_edits:
+        raise HyperparameterError(
+            f"{dataset} has only {len(facts)} usable records; ask for at most that many edits")
+    return facts
+
+
+def load_glue(task: str, n_items: int) -> list[dict]:
+    """The first ``n_items`` items of a shipped GLUE subset (sst2, mrpc, cola, rte; 200 each)."""
+    if task not in metrics.GLUE_TASKS:
+        raise HyperparameterError(f"unknown GLUE task {task!r}; choose from {sorted(metrics.GLUE_TASKS)}")
+    items = json.loads((data_dir() / "glue" / f"{task}.json").read_text(encoding="utf-8"))
+    return items[:n_items]
+
+
+def case_scores(dataset: str, model, tokenizer, facts: Sequence[Fact], *, batch_size: int = 32) -> list[dict]:
+    """Per-case metrics of ``facts`` on the model as it is now (CounterFact or zsRE)."""
+    if not facts:
+        return []
+    if dataset == "counterfact":
+        return metrics.counterfact_case_scores(model, tokenizer, facts, batch_size=batch_size)
+    return metrics.zsre_case_scores(model, tokenizer, facts, batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """What one benchmark stream is and how it is scored.
+
+    Attributes
+    ----------
+    dataset : "counterfact" or "zsre"
+    n_edits, batch_size : the stream: the first ``n_edits`` records, ``batch_size`` per edit call
+    checkpoints : number of evenly spaced re-scoring points (the last batch is always one)
+    retention_fraction : share of the stream (rounded up to whole batches) tracked by the
+        retention curve
+    fluency_cases : cases whose first generation prompt is used for fluency (CounterFact; 0 = off)
+    fluency_tokens : greedy tokens generated per fluency prompt
+    glue_items : items per GLUE task for the zero-shot accuracy (0 = off)
+    wild : also run the generation check (greedy decoding, no teacher forcing)
+    score_batch_size : sequences per scoring forward pass
+    """
+
+    dataset: str = "counterfact"
+    n_edits: int = 100
+    batch_size: int = 10
+    checkpoints: int = 5
+    retention_fraction: float = 0.1
+    fluency_cases: int = 50
+    fluency_tokens: int = 100
+    glue_items: int = 0
+    wild: bool = True
+    score_batch_size: int = 32
+
+    def validate(self) -> None:
+        if self.dataset not in DATASETS:
+            raise HyperparameterError(f"dataset must be one of {DATASETS}; got {self.dataset!r}")
+        for name in ("n_edits", "batch_size", "checkpoints", "fluency_tokens", "score_batch_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise HyperparameterError(f"{name} must be an int >= 1; got {getattr(self, name)!r}")
+        if not 0 < self.retention_fraction <= 1:
+            raise HyperparameterError(f"retention_fraction must lie in (0, 1]; got {self.retention_fraction}")
+        if self.fluency_cases < 0 or self.glue_items < 0:
+            raise HyperparameterError("fluency_cases and glue_items must be >= 0")
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(self.n_edits / self.batch_size)
+
+    @property
+    def retention_batches(self) -> int:
+        """Number of leading batches whose edits form the retention set."""
+        return min(self.n_batches, math.ceil(math.ceil(self.retention_fraction * self.n_edits) / self.batch_size))
+
+    @property
+    def retention_size(self) -> int:
+        return min(self.n_edits, self.retention_batches * self.batch_size)
+
+    def checkpoint_batches(self) -> list[int]:
+        """Batch counts after which the retention set is re-scored (1-based, ascending): the end
+        of the retention set, ``checkpoints`` evenly spaced points, and the last batch."""
+        n = self.n_batches
+        points = {self.retention_batches, n}
+        points |= {max(1, round(n * (j + 1) / self.checkpoints)) for j in range(self.checkpoints)}
+        return sorted(points)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods behind one interface
+
+
+class MethodRunner:
+    """One method's editor on a model: ``edit(facts)``, ``weights()``, ``save(dir)``.
+
+    Wraps :class:`~rlsedit_llm.Editor` (``rlsedit``, ``memit``, ``memit_seq``, ``alphaedit``: same
+    keys, values, statistics and templates; only the solver differs) or
+    :class:`~.finetune.FineTuneEditor` (``ft``).
+    """
+
+    def __init__(self, name: str, editor):
+        self.name, self.editor = name, editor
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.editor.layers_)
+
+    def edit(self, facts: Sequence[Fact]) -> dict[str, float]:
+        """Write one batch; return the seconds spent per stage (values, keys, update, ...)."""
+        report = self.editor.edit(list(facts))
+        if isinstance(report, dict):  # fine-tuning
+            return {"update": report["seconds"]}
+        return dict(report.seconds)
+
+    def weights(self) -> dict[int, torch.Tensor]:
+        """Current weights of the edited modules, ``(d_k, d_v)`` float64 on CPU (the solver's
+        master copy for the Editor's methods, the module's weight for fine-tuning)."""
+        if isinstance(self.editor, Editor):
+            return {l: s.W_.detach().to("cpu", torch.float64) for l, s in self.editor.solvers_.items()}
+        return {l: W.detach().to("cpu", torch.float64) for l, W in self.editor.weights().items()}
+
+    def edits(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (keys, absolute values) batches the solver of ``layer`` has absorbed (Editor only)."""
+        if not isinstance(self.editor, Editor):
+            return []
+        return [(r.keys[layer], r.values[layer]) for r in self.editor.journal_]
+
+    def save(self, directory) -> None:
+        self.editor.save(directory)
+
+
+def make_runner(name: str, model, tokenizer, *, edit_config: EditConfig | None = None,
+                ft_lr: float = 5e-4, ft_steps: int = 10) -> MethodRunner:
+    """A fresh runner of method ``name`` (:data:`ALL_METHODS`) on ``model`` (which must hold
+    the pristine base weights). ``edit_config`` (its ``method`` is overridden) sets the layers,
+    statistics and hyperparameters shared by the Editor's methods; fine-tuning uses its layers."""
+    if name not in ALL_METHODS:
+        raise HyperparameterError(f"unknown method {name!r}; choose from {list(ALL_METHODS)}")
+    config = edit_config or EditConfig()
+    if name == "ft":
+        return MethodRunner(name, FineTuneEditor(model, tokenizer, layers=config.layers, lr=ft_lr, steps=ft_steps))
+    return MethodRunner(name, Editor(model, tokenizer, replace(config, method=name)))
+
+
+def load_runner(name: str, model, tokenizer, directory) -> MethodRunner:
+    """Restore a runner saved by :meth:`MethodRunner.save` onto the pristine ``model``."""
+    if name == "ft":
+        return MethodRunner(name, FineTuneEditor.load(model, tokenizer, directory))
+    editor = Editor.load(model, tokenizer, directory)
+    if editor.config.method != name:
+        raise HyperparameterError(f"the state in {directory} is of method {editor.config.method!r}, not {name!r}")
+    return MethodRunner(name, editor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight deviation and the theory's bounds
+
+
+def deviation_report(runner: MethodRunner, W0: dict[int, torch.Tensor], grams: dict[int, torch.Tensor] | None,
+                     *, alpha: float, beta: float) -> dict[str, dict]:
+    """Per edited layer: ``fro = ||W_t - W0||_F`` and ``anchor = ||K0 (W_t - W0)||_F`` with
+    ``K0^T K0 = grams[layer]`` (``N E[k k^T]``); for :data:`BOUND_METHODS` also the bounds
+    ``t3a = ||R0|| / (2 sqrt(lambda_min(A)))`` and ``t3b = ||R0|| / (2 sqrt(beta))`` of
+    :mod:`rlsedit_theory.bounds` for the stream absorbed so far (``inf`` when undefined).
+    """
+    from rlsedit_theory import bounds
+    from rlsedit_theory.problem import Problem
+
+    out: dict[str, dict] = {}
+    weights = runner.weights()
+    for layer, W in weights.items():
+        D = (W - W0[layer].to(torch.float64)).numpy()  # (d_k, d_v)
+        row = {"fro": float(np.linalg.norm(D))}
+        gram = grams.get(layer) if grams else None
+        if gram is not None:
+            G = gram.to("cpu", torch.float64).numpy()
+            row["anchor"] = math.sqrt(max(float(np.sum(D * (G @ D))), 0.0))
+            edits = runner.edits(layer)
+            if runner.name in BOUND_METHODS and edits:
+                problem = Problem(W0[layer].to(torch.float64).numpy(), alpha, beta, gram0=G)
+                stacked = [(torch.cat([K for K, _ in edits]).double().numpy(),
+                            torch.cat([V for _, V in edits]).double().numpy())]
+                t3a = bounds.t3a_deviation_bound(problem, stacked, W.numpy())
+                row["t3a"] = t3a.rhs
+                if beta > 0:
+                    row["t3b"] = bounds.t3b_anchor_bound(problem, stacked, W.numpy()).rhs
+        out[str(layer)] = row
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a stream
+
+
+def _finite(x):
+    """JSON-safe float (NaN/inf -> None)."""
+    return None if x is None or not math.isfinite(x) else round(float(x), 6)
+
+
+def _clean(summary: dict) -> dict:
+    return {k: (_finite(v) if isinstance(v, float) else v) for k, v in summary.items()}
+
+
+def base_report(model, tokenizer, facts: Sequence[Fact], cfg: ProtocolConfig, glue: dict[str, list]) -> dict:
+    """Scores of the unedited model: all cases, fluency, GLUE predictions (for before/after)."""
+    tic = time.perf_counter()
+    rows = case_scores(cfg.dataset, model, tokenizer, facts, batch_size=cfg.score_batch_size)
+    out = {"all": _clean(metrics.summarize_cases(rows)),
+           "retention": _clean(metrics.summarize_cases(rows[: cfg.retention_size]))}
+    if cfg.wild:
+        out["all"]["wild"] = _finite(float(np.mean(metrics.generation_check(model, tokenizer, facts))))
+    out.update(_extras(model, tokenizer, facts, cfg, glue, None))
+    out["seconds"] = round(time.perf_counter() - tic, 2)
+    return out
+
+
+def _fluency_prompts(facts: Sequence[Fact], cfg: ProtocolConfig) -> list[str]:
+    return [f.generation_prompts[0] for f in facts[: cfg.fluency_cases] if f.generation_prompts]
+
+
+def _extras(model, tokenizer, facts, cfg: ProtocolConfig, glue: dict[str, list], base_glue: dict | None) -> dict:
+    """Fluency on the subset and GLUE accuracy (with agreement with the base predictions)."""
+    out: dict = {}
+    prompts = _fluency_prompts(facts, cfg)
+    if prompts:
+        out["fluency"] = _finite(metrics.fluency(model, tokenizer, prompts, max_new_tokens=cfg.fluency_tokens))
+        out["fluency_n"] = len(prompts)
+    if glue:
+        res = {}
+        for task, items in glue.items():
+            g = metrics.glue_accuracy(model, tokenizer, task, items)
+            res[task] = {"accuracy": _finite(g["accuracy"]), "n": g["n"], "predictions": g["predictions"]}
+            if base_glue and task in base_glue:
+                before = base_glue[task]["predictions"]
+                res[task]["agreement"] = _finite(float(np.mean([a == b for a, b in zip(before, g["predictions"])])))
+        res["mean"] = _finite(float(np.mean([res[t]["accuracy"] for t in glue])))
+        out["glue"] = res
+    return out
+
+
+def new_record() -> dict:
+    """An empty progress record of one method."""
+    return {"batches_done": 0, "edits_done": 0, "done": False, "seconds_edit": 0.0, "seconds_eval": 0.0,
+            "immediate": [], "checkpoints": [], "final": None}
+
+
+def run_method(runner: MethodRunner, model, tokenizer, facts: Sequence[Fact], cfg: ProtocolConfig,
+               record: dict, *, W0: dict[int, torch.Tensor], grams: dict[int, torch.Tensor] | None = None,
+               alpha: float = 0.0, beta: float = 1.0, glue: dict[str, list] | None = None,
+               base: dict | None = None, on_batch: Callable[[dict], None] | None = None,
+               progress: bool = True) -> dict:
+    """Write the stream ``facts`` with ``runner`` batch by batch, scoring as the protocol says.
+
+    Continues from ``record["batches_done"]`` (``runner`` must then hold the state after that
+    many batches) and updates ``record`` in place; ``on_batch(record)`` is called after every
+    batch and after the final scoring. Returns ``record``.
+    """
+    cfg.validate()
+    if len(facts) != cfg.n_edits:
+        raise HyperparameterError(f"got {len(facts)} facts for a stream of {cfg.n_edits} edits")
+    checkpoints = set(cfg.checkpoint_batches())
+    retention = list(facts[: cfg.retention_size])
+    start = record["batches_done"]
+    bar = tqdm(range(start, cfg.n_batches), desc=runner.name, unit="batch", initial=start,
+               total=cfg.n_batches, disable=not progress)
+    for b in bar:
+        batch = list(facts[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+        tic = time.perf_counter()
+        stages = runner.edit(batch) or {}
+        t_edit = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        rows = case_scores(cfg.dataset, model, tokenizer, batch, batch_size=cfg.score_batch_size)
+        entry = {"batch": b + 1, "edits": b * cfg.batch_size + len(batch), "seconds_edit": round(t_edit, 3),
+                 "seconds_update": round(float(stages.get("update", float("nan"))), 4),
+                 **_clean(metrics.summarize_cases(rows))}
+        if cfg.wild:
+            entry["wild"] = _finite(float(np.mean(metrics.generation_check(model, tokenizer, batch))))
+        if b + 1 in checkpoints:
+            ret = case_scores(cfg.dataset, model, tokenizer, retention, batch_size=cfg.score_batch_size)
+            point = {"batch": b + 1, "edits": entry["edits"], "retention": _clean(metrics.summarize_cases(ret))}
+            if cfg.wild:
+                point["retention"]["wild"] = _finite(float(np.mean(metrics.generation_check(model, tokenizer, retention))))
+            point["deviation"] = deviation_report(runner, W0, grams, alpha=alpha, beta=beta)
+            record["checkpoints"].append(point)
+        t_eval = time.perf_counter() - tic
+        entry["seconds_eval"] = round(t_eval, 3)
+        record["immediate"].append(entry)
+        record["batches_done"], record["edits_done"] = b + 1, entry["edits"]
+        record["seconds_edit"] = round(record["seconds_edit"] + t_edit, 3)
+        record["seconds_eval"] = round(record["seconds_eval"] + t_eval, 3)
+        bar.set_postfix(edit=f"{t_edit:.1f}s", es=entry.get("efficacy"))
+        if on_batch is not None:
+            on_batch(record)
+    bar.close()
+
+    if not record["done"]:
+        tic = time.perf_counter()
+        rows = case_scores(cfg.dataset, model, tokenizer, facts, batch_size=cfg.score_batch_size)
+        final = {"all": _clean(metrics.summarize_cases(rows)),
+                 "retention": _clean(metrics.summarize_cases(rows[: cfg.retention_size]))}
+        if cfg.wild:
+            final["all"]["wild"] = _finite(float(np.mean(metrics.generation_check(model, tokenizer, facts))))
+        final.update(_extras(model, tokenizer, facts, cfg, glue or {}, (base or {}).get("glue")))
+        final["seconds"] = round(time.perf_counter() - tic, 2)
+        record["final"], record["done"] = final, True
+        record["seconds_eval"] = round(record["seconds_eval"] + final["seconds"], 3)
+        if on_batch is not None:
+            on_batch(record)
+    return record
+
+
+def immediate_summary(record: dict) -> dict:
+    """Case-weighted mean of the per-batch immediate scores, and their harmonic ``score``."""
+    entries = record.get("immediate") or []
+    if not entries:
+        return {}
+    keys = [k for k in entries[0] if k not in ("batch", "edits", "seconds_edit", "seconds_update", "seconds_eval",
+                                                  "n", "score")]
+    out: dict = {"n": sum(e["n"] for e in entries)}
+    for k in keys:
+        pairs = [(e[k], e["n"]) for e in entries if e.get(k) is not None]
+        w = sum(n for _, n in pairs)
+        out[k] = _finite(sum(v * n for v, n in pairs) / w) if w else None
+    parts = [out.get(k) for k in ("efficacy", "generalization", "specificity")]
+    if all(p is not None for p in parts):
+        out["score"] = _finite(metrics.harmonic_mean(parts))
+    return out
+
+
+def restore_weights(model, spec, W0: dict[int, torch.Tensor]) -> None:
+    """Write the saved pre-edit weights back into the edited modules."""
+    for layer, W in W0.items():
+        write_weight(get_module(model, spec.edit_module_path.format(layer)), W)
+
+
+def snapshot_weights(model, spec, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Copies of the edited modules' weights ``(d_k, d_v)`` on CPU (module dtype)."""
+    return {l: read_weight(get_module(model, spec.edit_module_path.format(l))).cpu() for l in layers}

@@ -1,0 +1,764 @@
+"""The inequalities and exact identities of the RLSEdit analysis (theory T2-T5), as pure functions.
+
+Every inequality is returned as a :class:`Bound` holding its two sides, ``lhs <= rhs``, so that a
+test, a benchmark or an LLM-layer certificate can print both numbers next to each other and check
+``bound.holds(slack)``. Every exact identity is returned as an :class:`Identity` holding both
+sides (scalars or arrays).
+
+Conventions (row keys, as everywhere in :mod:`rlsedit_theory`):
+
+- ``W (d_k, d_v)``; an edit batch is ``K (u, d_k)``, ``V (u, d_v)`` and asks for ``K W ~ V``.
+- ``edits`` is a sequence of batches ``(K_i, V_i)``, ``i = 1..t``; the stacked data are
+  ``K (n_t, d_k)`` and ``V (n_t, d_v)``. The global bounds (T3, T5b-d) depend on the stream only
+  through the stacked data, so a single stacked batch ``[(K, V)]`` may be passed instead.
+- ``A = alpha I + beta K0^T K0`` is the preservation metric, ``W*_0 = A^{-1}(alpha W0 +
+  beta K0^T V0)`` the preservation state, ``||X||_M^2 = tr(X^T M X)``.
+- ``R0 = V - K W*_0 (n_t, d_v)`` is the initial edit demand and ``Delta = W_t - W*_0``.
+- ``G_t = A + sum_{i<=t} K_i^T K_i`` and ``C_t = G_t^{-1}`` (the recursion's state).
+
+Preconditions: the bounds are theorems about the *exact* minimiser ``W*_t`` of ``J_t`` (and the
+exact recursion state). The functions accept any ``W`` so that they can certify a computed
+solution: a violation beyond round-off means the weights are not the minimiser of the stated
+problem. All computations are float64; no explicit inverse is formed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import scipy.linalg
+
+from .errors import HyperparameterError, NotPositiveDefiniteError, ShapeError
+from .objective import closed_form, information_matrix, stack_edits
+from .problem import Problem, as_matrix, check_batch
+
+__all__ = [
+    "Bound",
+    "Identity",
+    "initial_demand",
+    # T2
+    "t2_residual_identity",
+    "t2_adherence_bound",
+    "t2_shrink_factor",
+    # T3
+    "t3_energy_identity",
+    "t3_metric_bound",
+    "t3a_deviation_bound",
+    "t3b_anchor_bound",
+    "t3c_w0_bound",
+    "t3c_anchor_misfit_bound",
+    "t3d_sqrt_t_bound",
+    "t3d_crude_bounds",
+    # T4
+    "t4_energy_identity",
+    "t4a_metric_bound",
+    "t4b_step_bound",
+    "t4c_crude_step_bound",
+    "information_floor_bound",
+    # T5
+    "t5a_interference_identity",
+    "t5a_interference_bounds",
+    "t5b_drift_bound",
+    "t5c_retention_bound",
+    "t5d_regret_bound",
+    # certificates
+    "deviation_certificate",
+    "step_certificate",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Result types
+
+
+class Bound(NamedTuple):
+    """The two sides of an inequality ``lhs <= rhs`` named ``name``."""
+
+    lhs: float
+    rhs: float
+    name: str
+
+    @property
+    def gap(self) -> float:
+        """``rhs - lhs`` (non-negative when the bound holds)."""
+        return self.rhs - self.lhs
+
+    @property
+    def ratio(self) -> float:
+        """``lhs / rhs`` in ``[0, 1]`` when the bound holds (``0`` when both sides are ``0``)."""
+        if self.rhs == 0:
+            return 0.0 if self.lhs == 0 else math.inf
+        return self.lhs / self.rhs
+
+    def holds(self, slack: float = 0.0, rtol: float = 0.0) -> bool:
+        """Whether ``lhs <= rhs + slack + rtol * |rhs|`` (``slack``, ``rtol`` absorb round-off)."""
+        return bool(self.lhs <= self.rhs + slack + rtol * abs(self.rhs))
+
+
+class Identity(NamedTuple):
+    """The two sides of an exact identity ``lhs == rhs`` (scalars or arrays of one shape)."""
+
+    lhs: np.ndarray | float
+    rhs: np.ndarray | float
+    name: str
+
+    @property
+    def error(self) -> float:
+        """``||lhs - rhs||_F``."""
+        return float(np.linalg.norm(np.asarray(self.lhs) - np.asarray(self.rhs)))
+
+    @property
+    def scale(self) -> float:
+        """``max(||lhs||_F, ||rhs||_F)``, the size the error is relative to."""
+        return float(max(np.linalg.norm(np.asarray(self.lhs)), np.linalg.norm(np.asarray(self.rhs))))
+
+    @property
+    def relative_error(self) -> float:
+        """``error / scale`` (``0`` when both sides vanish)."""
+        return 0.0 if self.scale == 0 else self.error / self.scale
+
+    def holds(self, rtol: float, atol: float = 0.0) -> bool:
+        """Whether ``error <= atol + rtol * scale``."""
+        return bool(self.error <= atol + rtol * self.scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers (validation and norms)
+
+
+def _check_problem(problem) -> Problem:
+    if not isinstance(problem, Problem):
+        raise TypeError(f"problem must be a rlsedit_theory.Problem; got {type(problem).__name__}")
+    return problem
+
+
+def _weights(problem: Problem, W, name: str) -> np.ndarray:
+    return as_matrix(W, name, shape=(problem.d_k, problem.d_v))
+
+
+def _fro(X) -> float:
+    return float(np.linalg.norm(X))
+
+
+def _spectral(X) -> float:
+    return float(np.linalg.norm(X, 2)) if np.size(X) else 0.0
+
+
+def _lambda_min(M: np.ndarray) -> float:
+    """Smallest eigenvalue of a symmetric matrix, clipped at 0 (it is PSD by construction)."""
+    return max(float(np.linalg.eigvalsh(M)[0]), 0.0)
+
+
+def _sqrt_ratio(numerator: float, denominator: float) -> float:
+    """``numerator / sqrt(denominator)`` with ``+inf`` for a vanishing denominator."""
+    return numerator / math.sqrt(denominator) if denominator > 0 else math.inf
+
+
+def _metric_sq(problem: Problem, X: np.ndarray) -> float:
+    """``||X||_A^2 = alpha ||X||_F^2 + beta ||K0 X||_F^2`` (d_k, d_v) -> float."""
+    return problem.alpha * _fro(X) ** 2 + problem.beta * _anchor_sq(problem, X)
+
+
+def _anchor_sq(problem: Problem, X: np.ndarray) -> float:
+    """``||K0 X||_F^2 = tr(X^T K0^T K0 X)``, computed from ``K0`` itself when it is explicit."""
+    if problem.K0 is not None:
+        return _fro(problem.K0 @ X) ** 2
+    return max(float(np.sum(X * (problem.gram0 @ X))), 0.0)
+
+
+def _anchor_misfit(problem: Problem, W: np.ndarray) -> float:
+    """``||K0 W - V0||_F`` (with a Gram-only anchor ``V0 = K0 W0``, so it is ``||K0(W - W0)||``)."""
+    if problem.K0 is not None:
+        return _fro(problem.K0 @ W - problem.V0)
+    return math.sqrt(_anchor_sq(problem, W - problem.W0))
+
+
+def _check_step(K, V, W_prev, W_new, C_prev):
+    """Validate one recursion step: ``W_prev, W_new (d_k, d_v)``, ``C_prev (d_k, d_k)``."""
+    W_prev = as_matrix(W_prev, "W_prev")
+    d_k, d_v = W_prev.shape
+    W_new = as_matrix(W_new, "W_new", shape=(d_k, d_v))
+    C_prev = as_matrix(C_prev, "C_prev", shape=(d_k, d_k))
+    K, V = check_batch(K, V, d_k, d_v)
+    return K, V, W_prev, W_new, (C_prev + C_prev.T) / 2
+
+
+def _gain_terms(K: np.ndarray, C_prev: np.ndarray):
+    """``F = C K^T (d_k, u)``, ``S = I + K F (u, u)`` and its Cholesky factor."""
+    F = C_prev @ K.T
+    S = np.eye(K.shape[0]) + K @ F
+    S = (S + S.T) / 2
+    try:
+        factor = scipy.linalg.cho_factor(S, lower=True)
+    except np.linalg.LinAlgError as exc:
+        raise NotPositiveDefiniteError("I + K C_prev K^T is not SPD: C_prev must be SPD") from exc
+    return F, S, factor
+
+
+def _prior_norm_sq(Delta: np.ndarray, C_prev: np.ndarray, G_prev) -> float:
+    """``||Delta||_{G_prev}^2`` with ``G_prev = C_prev^{-1}`` (a solve, or ``G_prev`` if given)."""
+    if G_prev is not None:
+        return max(float(np.sum(Delta * (G_prev @ Delta))), 0.0)
+    try:
+        factor = scipy.linalg.cho_factor(C_prev, lower=True)
+    except np.linalg.LinAlgError as exc:
+        raise NotPositiveDefiniteError("C_prev must be symmetric positive definite") from exc
+    return max(float(np.sum(Delta * scipy.linalg.cho_solve(factor, Delta))), 0.0)
+
+
+def _prior_lambda_min(C_prev: np.ndarray, G_prev) -> float:
+    """``lambda_min(G_prev) = 1 / lambda_max(C_prev)``."""
+    if G_prev is not None:
+        return _lambda_min(G_prev)
+    top = float(np.linalg.eigvalsh(C_prev)[-1])
+    if top <= 0:
+        raise NotPositiveDefiniteError("C_prev must be symmetric positive definite")
+    return 1.0 / top
+
+
+def _check_G_prev(G_prev, d_k: int):
+    if G_prev is None:
+        return None
+    G_prev = as_matrix(G_prev, "G_prev", shape=(d_k, d_k))
+    return (G_prev + G_prev.T) / 2
+
+
+def initial_demand(problem: Problem, edits: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Stacked keys and the initial edit demand ``R0 = V - K W*_0``.
+
+    Parameters
+    ----------
+    problem : Problem
+    edits : sequence of (K_i (u_i, d_k), V_i (u_i, d_v))
+
+    Returns
+    -------
+    K : ndarray (n_t, d_k)
+    R0 : ndarray (n_t, d_v)
+        The residuals the edits ask for at the preservation state.
+    """
+    problem = _check_problem(problem)
+    K, V = stack_edits(problem, edits)
+    return K, V - K @ problem.W_star0
+
+
+# ----------------------------------------------------------------------------------------------
+# T2: soft adherence (post-write residual of the current batch)
+
+
+def t2_residual_identity(K, V, W_prev, W_new, C_prev) -> Identity:
+    """T2 identity: ``V_t - K_t W_t = S_t^{-1} r_t``.
+
+    With ``r_t = V_t - K_t W_{t-1}`` and ``S_t = I + K_t C_{t-1} K_t^T``.
+
+    Parameters
+    ----------
+    K : (u, d_k), V : (u, d_v)
+        The batch of step ``t``.
+    W_prev, W_new : (d_k, d_v)
+        ``W*_{t-1}`` and ``W*_t``.
+    C_prev : (d_k, d_k) SPD
+        ``C_{t-1} = G_{t-1}^{-1}``.
+
+    Returns
+    -------
+    Identity with ``lhs = V - K W_new`` and ``rhs = S^{-1} r`` (both (u, d_v)).
+    """
+    K, V, W_prev, W_new, C_prev = _check_step(K, V, W_prev, W_new, C_prev)
+    r = V - K @ W_prev  # (u, d_v)
+    _, _, factor = _gain_terms(K, C_prev)
+    return Identity(V - K @ W_new, scipy.linalg.cho_solve(factor, r), "T2 V_t - K_t W_t = S_t^-1 r_t")
+
+
+def t2_shrink_factor(K, C_prev) -> float:
+    """T2 shrink factor ``1 / (1 + lambda_min(K C_prev K^T))`` in ``(0, 1]``.
+
+    The post-write residual of a batch is at most this fraction of its innovation. It tends to 0
+    in the hard-write limit (``C_prev`` large on the row space of ``K``) and to 1 when the
+    information has grown in those directions (plasticity decay, C4).
+
+    ``K (u, d_k)``, ``C_prev (d_k, d_k)`` SPD.
+    """
+    C_prev = as_matrix(C_prev, "C_prev")
+    d_k = C_prev.shape[0]
+    K = np.atleast_2d(np.asarray(K, dtype=np.float64)) if np.ndim(K) == 1 else K
+    K = as_matrix(K, "K", shape=(None, d_k))
+    if C_prev.shape != (d_k, d_k):
+        raise ShapeError(f"C_prev must be square; got shape {C_prev.shape}")
+    M = K @ ((C_prev + C_prev.T) / 2) @ K.T  # (u, u) PSD
+    return 1.0 / (1.0 + _lambda_min((M + M.T) / 2))
+
+
+def t2_adherence_bound(K, V, W_prev, W_new, C_prev) -> Bound:
+    """T2 inequality: ``||V_t - K_t W_t||_F <= ||r_t||_F / (1 + lambda_min(K_t C_{t-1} K_t^T))``.
+
+    The right-hand side is itself ``<= ||r_t||_F``; with ``u = 1`` the bound is an equality.
+    Arguments as in :func:`t2_residual_identity`.
+    """
+    K, V, W_prev, W_new, C_prev = _check_step(K, V, W_prev, W_new, C_prev)
+    r = V - K @ W_prev
+    return Bound(
+        _fro(V - K @ W_new),
+        _fro(r) * t2_shrink_factor(K, C_prev),
+        "T2 ||V_t - K_t W_t|| <= ||r_t|| / (1 + lambda_min(K_t C_{t-1} K_t^T))",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# T3: global deviation from the preservation state
+
+
+def t3_energy_identity(problem: Problem, edits: Sequence, W_t) -> Identity:
+    """T3 energy identity: ``||R0||^2 = ||K W_t - V||^2 + ||K Delta||^2 + 2 ||Delta||_A^2``.
+
+    Exact for the minimiser ``W_t = W*_t`` of ``J_t``; ``Delta = W_t - W*_0``.
+
+    Parameters
+    ----------
+    problem : Problem
+    edits : sequence of (K_i, V_i)
+    W_t : (d_k, d_v)
+
+    Returns
+    -------
+    Identity of two floats.
+    """
+    problem = _check_problem(problem)
+    W_t = _weights(problem, W_t, "W_t")
+    K, V = stack_edits(problem, edits)
+    Delta = W_t - problem.W_star0
+    R0 = V - K @ problem.W_star0
+    rhs = _fro(K @ W_t - V) ** 2 + _fro(K @ Delta) ** 2 + 2 * _metric_sq(problem, Delta)
+    return Identity(_fro(R0) ** 2, rhs, "T3 ||R0||^2 = ||K W_t - V||^2 + ||K Delta||^2 + 2||Delta||_A^2")
+
+
+def t3_metric_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
+    """T3 consequence: ``||Delta||_A^2 = alpha||Delta||^2 + beta||K0 Delta||^2 <= ||R0||^2 / 4``.
+
+    Attained when ``||K Delta||_F = ||R0||_F / 2`` (scalar example ``A = a``, ``K = k``,
+    ``k^2 = a``). Arguments as in :func:`t3_energy_identity`.
+    """
+    problem = _check_problem(problem)
+    W_t = _weights(problem, W_t, "W_t")
+    _, R0 = initial_demand(problem, edits)
+    return Bound(
+        _metric_sq(problem, W_t - problem.W_star0),
+        _fro(R0) ** 2 / 4,
+        "T3 ||W_t - W*_0||_A^2 <= ||R0||^2 / 4",
+    )
+
+
+def t3a_deviation_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
+    """T3(a): ``||W_t - W*_0||_F <= ||R0||_F / (2 sqrt(lambda_min(A)))``.
+
+    With ``V0 = K0 W0`` (always the case for a Gram-only anchor) ``W*_0 = W0``: this is the
+    deviation from the pre-trained weights. Since ``lambda_min(A) >= alpha`` it implies
+    ``||W_t - W*_0|| <= ||R0|| / (2 sqrt(alpha))``.
+    """
+    problem = _check_problem(problem)
+    W_t = _weights(problem, W_t, "W_t")
+    _, R0 = initial_demand(problem, edits)
+    return Bound(
+        _fro(W_t - problem.W_star0),
+        _sqrt_ratio(_fro(R0) / 2, _lambda_min(problem.metric)),
+        "T3a ||W_t - W*_0|| <= ||R0|| / (2 sqrt(lambda_min(A)))",
+    )
+
+
+def t3b_anchor_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
+    """T3(b): ``||K0 (W_t - W*_0)||_F <= ||R0||_F / (2 sqrt(beta))``.
+
+    With ``V0 = K0 W0`` this is the drift of the anchor outputs, ``||K0 W_t - V0||``. For a Gram
+    anchor ``K0^T K0 = N E[k k^T]`` it says ``E_k ||Delta^T k||^2 <= ||R0||^2 / (4 beta N)``.
+
+    Raises
+    ------
+    HyperparameterError
+        If ``beta == 0`` (the anchor is not penalised; there is no such bound).
+    """
+    problem = _check_problem(problem)
+    if problem.beta <= 0:
+        raise HyperparameterError("T3(b) needs beta > 0: the anchor term is not penalised")
+    W_t = _weights(problem, W_t, "W_t")
+    _, R0 = initial_demand(problem, edits)
+    return Bound(
+        math.sqrt(_anchor_sq(problem, W_t - problem.W_star0)),
+        _fro(R0) / (2 * math.sqrt(problem.beta)),
+        "T3b ||K0 (W_t - W*_0)|| <= ||R0|| / (2 sqrt(beta))",
+    )
+
+
+def t3c_w0_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
+    """T3(c), deviation from the pre-trained weights for a general ``V0``:
+
+    ``||W_t - W0||_F <= ||R0||_F / (2 sqrt(lambda_min(A))) + ||W*_0 - W0||_F``.
+
+    The second term vanishes when ``V0 = K0 W0``.
+    """
+    problem = _check_problem(problem)
+    W_t = _weights(problem, W_t, "W_t")
+    a = t3a_deviation_bound(problem, edits, W_t)
+    return Bound(
+        _fro(W_t - problem.W0),
+        a.rhs + _fro(problem.W_star0 - problem.W0),
+        "T3c ||W_t - W0|| <= ||R0|| / (2 sqrt(lambda_min(A))) + ||W*_0 - W0||",
+    )
+
+
+def t3c_anchor_misfit_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
+    """T3(c), misfit of the anchor mapping for a general ``V0``:
+
+    ``||K0 W_t - V0||_F <= ||R0||_F / (2 sqrt(beta)) + ||K0 W*_0 - V0||_F``.
+
+    Raises :class:`HyperparameterError` if ``beta == 0``.
+    """
+    problem = _check_problem(problem)
+    W_t = _weights(problem, W_t, "W_t")
+    b = t3b_anchor_bound(problem, edits, W_t)
+    return Bound(
+        _anchor_misfit(problem, W_t),
+        b.rhs + _anchor_misfit(problem, problem.W_star0),
+        "T3c ||K0 W_t - V0|| <= ||R0|| / (2 sqrt(beta)) + ||K0 W*_0 - V0||",
+    )
+
+
+def t3d_sqrt_t_bound(problem: Problem, edits: Sequence, W_t, rho: float | None = None) -> Bound:
+    """T3(d): ``||W_t - W*_0||_F <= rho sqrt(t) / (2 sqrt(lambda_min(A)))``.
+
+    Valid whenever ``||V_i - K_i W*_0||_F <= rho`` for every batch ``i <= t`` (then
+    ``||R0||^2 <= t rho^2``); ``t = len(edits)`` counts batches.
+
+    Parameters
+    ----------
+    rho : float, optional
+        A per-batch demand bound; defaults to the smallest valid one, ``max_i ||V_i - K_i W*_0||``.
+
+    Raises
+    ------
+    HyperparameterError
+        If ``rho`` is given and smaller than some batch's demand.
+    """
+    problem = _check_problem(problem)
+    W_t = _weights(problem, W_t, "W_t")
+    edits = [problem.check_batch(K, V) for K, V in edits]
+    demands = [_fro(V - K @ problem.W_star0) for K, V in edits]
+    largest = max(demands, default=0.0)
+    if rho is None:
+        rho = largest
+    elif not rho >= largest * (1 - 1e-12):
+        raise HyperparameterError(
+            f"rho={rho:g} is below the largest batch demand {largest:g}; pass rho=None"
+        )
+    return Bound(
+        _fro(W_t - problem.W_star0),
+        _sqrt_ratio(rho * math.sqrt(len(edits)) / 2, _lambda_min(problem.metric)),
+        "T3d ||W_t - W*_0|| <= rho sqrt(t) / (2 sqrt(lambda_min(A)))",
+    )
+
+
+def t3d_crude_bounds(problem: Problem, edits: Sequence, W_t) -> tuple[Bound, Bound]:
+    """The cruder closed-form versions of T3(d), kept to compare against the sharp T3(a):
+
+    ``||W_t - W*_0||_F <= ||G_t^{-1}||_2 ||K^T R0||_F``  (first Bound)
+    ``                <= sum_i ||K_i||_2 ||R0_i||_F / lambda_min(A)``  (second Bound; its lhs is
+    the first bound's rhs). With ``alpha = lambda^2`` the last form grows like ``t / lambda^2``.
+    """
+    problem = _check_problem(problem)
+    W_t = _weights(problem, W_t, "W_t")
+    edits = [problem.check_batch(K, V) for K, V in edits]
+    K, R0 = initial_demand(problem, edits)
+    G = information_matrix(problem, edits)
+    middle = _fro(K.T @ R0) / _lambda_min(G) if _lambda_min(G) > 0 else math.inf
+    lam_A = _lambda_min(problem.metric)
+    summed = sum(_spectral(Ki) * _fro(Vi - Ki @ problem.W_star0) for Ki, Vi in edits)
+    summed = summed / lam_A if lam_A > 0 else math.inf
+    return (
+        Bound(_fro(W_t - problem.W_star0), middle, "T3d' ||W_t - W*_0|| <= ||G_t^-1|| ||K^T R0||"),
+        Bound(middle, summed, "T3d' ||G_t^-1|| ||K^T R0|| <= sum_i ||K_i|| ||R0_i|| / lambda_min(A)"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# T4: the per-step change Delta_t = W_t - W_{t-1}
+
+
+def t4_energy_identity(K, V, W_prev, W_new, C_prev, *, G_prev=None) -> Identity:
+    """T4(a) identity: ``||r_t||^2 = ||V_t - K_t W_t||^2 + ||K_t Delta_t||^2 + 2 ||Delta_t||_{G_{t-1}}^2``.
+
+    T3 applied to the one-step problem whose prior metric is ``G_{t-1} = C_{t-1}^{-1}``.
+
+    Parameters
+    ----------
+    K : (u, d_k), V : (u, d_v)
+    W_prev, W_new : (d_k, d_v)
+        ``W*_{t-1}`` and ``W*_t``.
+    C_prev : (d_k, d_k) SPD
+        ``C_{t-1}``.
+    G_prev : (d_k, d_k), optional
+        ``G_{t-1}`` if tracked (avoids a solve with ``C_prev``).
+    """
+    K, V, W_prev, W_new, C_prev = _check_step(K, V, W_prev, W_new, C_prev)
+    G_prev = _check_G_prev(G_prev, C_prev.shape[0])
+    r = V - K @ W_prev
+    Delta = W_new - W_prev
+    rhs = _fro(V - K @ W_new) ** 2 + _fro(K @ Delta) ** 2 + 2 * _prior_norm_sq(Delta, C_prev, G_prev)
+    return Identity(_fro(r) ** 2, rhs, "T4a ||r_t||^2 = ||V_t - K_t W_t||^2 + ||K_t D_t||^2 + 2||D_t||_G^2")
+
+
+def t4a_metric_bound(K, V, W_prev, W_new, C_prev, *, G_prev=None) -> Bound:
+    """T4(a): ``||Delta_t||_{G_{t-1}} <= ||r_t||_F / 2``. Arguments as in :func:`t4_energy_identity`."""
+    K, V, W_prev, W_new, C_prev = _check_step(K, V, W_prev, W_new, C_prev)
+    G_prev = _check_G_prev(G_prev, C_prev.shape[0])
+    Delta = W_new - W_prev
+    return Bound(
+        math.sqrt(_prior_norm_sq(Delta, C_prev, G_prev)),
+        _fro(V - K @ W_prev) / 2,
+        "T4a ||W_t - W_{t-1}||_{G_{t-1}} <= ||r_t|| / 2",
+    )
+
+
+def t4b_step_bound(K, V, W_prev, W_new, C_prev, *, G_prev=None) -> Bound:
+    """T4(b): ``||Delta_t||_F <= ||r_t||_F / (2 sqrt(lambda_min(G_{t-1})))``.
+
+    ``lambda_min(G_{t-1}) = 1 / lambda_max(C_{t-1})``; see :func:`information_floor_bound` for
+    its growth. Arguments as in :func:`t4_energy_identity`.
+    """
+    K, V, W_prev, W_new, C_prev = _check_step(K, V, W_prev, W_new, C_prev)
+    G_prev = _check_G_prev(G_prev, C_prev.shape[0])
+    return Bound(
+        _fro(W_new - W_prev),
+        _sqrt_ratio(_fro(V - K @ W_prev) / 2, _prior_lambda_min(C_prev, G_prev)),
+        "T4b ||W_t - W_{t-1}|| <= ||r_t|| / (2 sqrt(lambda_min(G_{t-1})))",
+    )
+
+
+def t4c_crude_step_bound(K, V, W_prev, W_new, C_prev) -> Bound:
+    """T4(c): ``||Delta_t||_F <= ||C_{t-1} K_t^T||_2 ||r_t||_F`` (as ``||S_t^{-1}||_2 <= 1``)."""
+    K, V, W_prev, W_new, C_prev = _check_step(K, V, W_prev, W_new, C_prev)
+    return Bound(
+        _fro(W_new - W_prev),
+        _spectral(C_prev @ K.T) * _fro(V - K @ W_prev),
+        "T4c ||W_t - W_{t-1}|| <= ||C_{t-1} K_t^T|| ||r_t||",
+    )
+
+
+def information_floor_bound(problem: Problem, edits: Sequence) -> Bound:
+    """Weyl's floor on the information (T4b, C4):
+
+    ``lambda_min(A) + t lambda_min(S_hat_t) <= lambda_min(G_t)``, where
+    ``t S_hat_t = sum_{i<=t} K_i^T K_i``. An equality when ``A = alpha I`` (no anchor).
+    With ``edits`` the first ``t - 1`` batches this bounds the ``lambda_min(G_{t-1})`` of T4(b).
+    """
+    problem = _check_problem(problem)
+    K, _ = stack_edits(problem, edits)
+    X = K.T @ K  # (d_k, d_k)
+    return Bound(
+        _lambda_min(problem.metric) + _lambda_min(X),
+        _lambda_min(problem.metric + X),
+        "C4 lambda_min(A) + t lambda_min(S_hat_t) <= lambda_min(G_t)",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# T5: interference with and forgetting of earlier edits
+
+
+def t5a_interference_identity(K_j, K, V, W_prev, W_new, C_prev) -> Identity:
+    """T5(a) identity: ``K_j Delta_t = K_j C_{t-1} K_t^T S_t^{-1} r_t`` for an earlier batch ``j``.
+
+    Parameters
+    ----------
+    K_j : (u_j, d_k)
+        Keys of an earlier batch ``j < t``.
+    K, V, W_prev, W_new, C_prev
+        Step ``t`` as in :func:`t2_residual_identity`.
+
+    Returns
+    -------
+    Identity of two (u_j, d_v) arrays.
+    """
+    K, V, W_prev, W_new, C_prev = _check_step(K, V, W_prev, W_new, C_prev)
+    K_j = as_matrix(np.atleast_2d(K_j), "K_j", shape=(None, K.shape[1]))
+    F, _, factor = _gain_terms(K, C_prev)
+    r = V - K @ W_prev
+    return Identity(
+        K_j @ (W_new - W_prev),
+        (K_j @ F) @ scipy.linalg.cho_solve(factor, r),
+        "T5a K_j D_t = K_j C_{t-1} K_t^T S_t^-1 r_t",
+    )
+
+
+def t5a_interference_bounds(K_j, K, V, W_prev, W_new, C_prev) -> tuple[Bound, Bound, Bound]:
+    """T5(a): the one-step interference ``||K_j Delta_t||_F`` of step ``t`` on earlier batch ``j``.
+
+    Returns three Bounds:
+
+    1. ``||K_j Delta_t|| <= ||K_j C_{t-1} K_t^T||_2 ||r_t||`` (as stated in the spec);
+    2. ``||K_j Delta_t|| <= ||K_j C_t K_t^T||_2 ||r_t||`` (sharper: ``C_t K_t^T =
+       C_{t-1} K_t^T S_t^{-1}`` and ``||S_t^{-1}|| <= 1``);
+    3. ``||K_j C_t K_t^T||_2 <= 1``, by Cauchy-Schwarz with ``||K_j C_t K_j^T||_2 < 1`` and
+       ``||K_t C_t K_t^T||_2 < 1``. **Precondition:** batch ``j`` is part of the data of
+       ``C_{t-1}`` (``j < t``). So the interference is always below ``||r_t||``.
+
+    Note: ``||K_j C_{t-1} K_t^T||_2`` itself can exceed 1 (a large new key ``K_t``), so the
+    "always below ``||r_t||``" reading needs the sharper form 2.
+    """
+    K, V, W_prev, W_new, C_prev = _check_step(K, V, W_prev, W_new, C_prev)
+    K_j = as_matrix(np.atleast_2d(K_j), "K_j", shape=(None, K.shape[1]))
+    F, _, factor = _gain_terms(K, C_prev)  # F = C_{t-1} K^T (d_k, u)
+    gain = scipy.linalg.cho_solve(factor, F.T).T  # C_t K^T = F S^{-1} (d_k, u)
+    lhs = _fro(K_j @ (W_new - W_prev))
+    r_norm = _fro(V - K @ W_prev)
+    coupling = _spectral(K_j @ gain)
+    return (
+        Bound(lhs, _spectral(K_j @ F) * r_norm, "T5a ||K_j D_t|| <= ||K_j C_{t-1} K_t^T|| ||r_t||"),
+        Bound(lhs, coupling * r_norm, "T5a ||K_j D_t|| <= ||K_j C_t K_t^T|| ||r_t||"),
+        Bound(coupling, 1.0, "T5a ||K_j C_t K_t^T|| <= 1 (j < t)"),
+    )
+
+
+def t5b_drift_bound(problem: Problem, edits: Sequence, j: int, W_t, *, W_j=None, C_j=None) -> Bound:
+    """T5(b): cumulative drift of an early edit ``j`` between steps ``j`` and ``t = len(edits)``:
+
+    ``||K_j (W_t - W*_j)||_F <= (1/2) ||K_j C_j K_j^T||_2^{1/2} ||R^(j)||_F``,
+
+    where ``R^(j)`` stacks ``V_s - K_s W*_j`` for ``j < s <= t``, and ``||K_j C_j K_j^T||_2 < 1``.
+
+    Parameters
+    ----------
+    problem : Problem
+    edits : sequence of t batches (K_i, V_i)
+    j : int
+        1-based index of the early batch, ``1 <= j <= t``.
+    W_t : (d_k, d_v)
+        ``W*_t``.
+    W_j : (d_k, d_v), optional
+        ``W*_j``; computed by the closed form if omitted.
+    C_j : (d_k, d_k), optional
+        ``C_j = G_j^{-1}``; if omitted ``G_j`` is built and factorised instead.
+
+    Raises
+    ------
+    HyperparameterError
+        If ``j`` is not in ``1..t``.
+    """
+    problem = _check_problem(problem)
+    edits = [problem.check_batch(K, V) for K, V in edits]
+    t = len(edits)
+    if not (isinstance(j, (int, np.integer)) and 1 <= j <= t):
+        raise HyperparameterError(f"j must be an integer in 1..{t} (1-based batch index); got {j!r}")
+    W_t = _weights(problem, W_t, "W_t")
+    W_j = closed_form(problem, edits[:j]) if W_j is None else _weights(problem, W_j, "W_j")
+    K_j = edits[j - 1][0]  # (u_j, d_k)
+    if C_j is None:  # K_j C_j K_j^T = K_j G_j^{-1} K_j^T by a Cholesky solve with G_j
+        try:
+            factor = scipy.linalg.cho_factor(information_matrix(problem, edits[:j]), lower=True)
+        except np.linalg.LinAlgError as exc:
+            raise NotPositiveDefiniteError("G_j is not positive definite") from exc
+        M = K_j @ scipy.linalg.cho_solve(factor, K_j.T)  # (u_j, u_j)
+        sensitivity = _spectral((M + M.T) / 2)
+    else:
+        C_j = as_matrix(C_j, "C_j", shape=(problem.d_k, problem.d_k))
+        sensitivity = _spectral(K_j @ ((C_j + C_j.T) / 2) @ K_j.T)
+    later = edits[j:]
+    demand = math.sqrt(sum(_fro(Vs - Ks @ W_j) ** 2 for Ks, Vs in later))
+    return Bound(
+        _fro(K_j @ (W_t - W_j)),
+        0.5 * math.sqrt(sensitivity) * demand,
+        "T5b ||K_j (W_t - W*_j)|| <= ||K_j C_j K_j^T||^(1/2) ||R^(j)|| / 2",
+    )
+
+
+def _fit_and_metric(problem: Problem, K: np.ndarray, V: np.ndarray, W: np.ndarray) -> float:
+    """``||K W - V||_F^2 + ||W - W*_0||_A^2`` = ``J_t(W) - c_0``."""
+    return _fro(K @ W - V) ** 2 + _metric_sq(problem, W - problem.W_star0)
+
+
+def t5c_retention_bound(problem: Problem, edits: Sequence, W_t, W_dagger, *, batch: int = 1) -> Bound:
+    """T5(c): retention of a batch, uniform in ``t``.
+
+    ``||K_b W_t - V_b||_F <= ( ||W_dagger - W*_0||_A^2 + sum_i ||K_i W_dagger - V_i||_F^2 )^{1/2}``.
+
+    When ``W_dagger`` realises every edit (``K_i W_dagger = V_i``) the second term vanishes and
+    the budget ``||W_dagger - W*_0||_A`` does not depend on ``t``: the earliest edits cannot be
+    forgotten beyond it. For any other ``W_dagger`` the inequality still holds (it follows from
+    the regret form T5(d)), so no realisability check is needed.
+
+    Parameters
+    ----------
+    batch : int
+        1-based index of the batch whose residual is bounded (default the earliest).
+    """
+    problem = _check_problem(problem)
+    edits = [problem.check_batch(K, V) for K, V in edits]
+    if not (isinstance(batch, (int, np.integer)) and 1 <= batch <= len(edits)):
+        raise HyperparameterError(f"batch must be an integer in 1..{len(edits)}; got {batch!r}")
+    W_t = _weights(problem, W_t, "W_t")
+    W_dagger = _weights(problem, W_dagger, "W_dagger")
+    K, V = stack_edits(problem, edits)
+    K_b, V_b = edits[batch - 1]
+    return Bound(
+        _fro(K_b @ W_t - V_b),
+        math.sqrt(_fit_and_metric(problem, K, V, W_dagger)),
+        "T5c ||K_b W_t - V_b|| <= ||W_dag - W*_0||_A (W_dag realisable)",
+    )
+
+
+def t5d_regret_bound(problem: Problem, edits: Sequence, W_t, W) -> Bound:
+    """T5(d), regret form: for every ``W``,
+
+    ``sum_i ||K_i W_t - V_i||^2 + ||W_t - W*_0||_A^2 <= sum_i ||K_i W - V_i||^2 + ||W - W*_0||_A^2``.
+
+    Equivalent to ``J_t(W*_t) <= J_t(W)`` (both sides differ from ``J_t`` by the same constant
+    ``c_0``; this form avoids cancelling it). Use it with another editor's output ``W``.
+    """
+    problem = _check_problem(problem)
+    W_t = _weights(problem, W_t, "W_t")
+    W = _weights(problem, W, "W")
+    K, V = stack_edits(problem, edits)
+    return Bound(
+        _fit_and_metric(problem, K, V, W_t),
+        _fit_and_metric(problem, K, V, W),
+        "T5d J_t(W*_t) - c0 <= J_t(W) - c0",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Certificates: the bounds an edited layer reports next to its measured deviations
+
+
+def deviation_certificate(problem: Problem, edits: Sequence, W_t) -> dict[str, Bound]:
+    """The global deviation bounds of T3 for weights ``W_t`` after the edits ``edits``.
+
+    Keys: ``"metric"`` (T3), ``"from_preservation_state"`` (T3a), ``"from_W0"`` (T3c) and, when
+    ``beta > 0``, ``"anchor_drift"`` (T3b) and ``"anchor_misfit"`` (T3c). Each value is a
+    :class:`Bound` whose ``lhs`` is the measured quantity and ``rhs`` the guarantee.
+    """
+    problem = _check_problem(problem)
+    edits = [problem.check_batch(K, V) for K, V in edits]
+    W_t = _weights(problem, W_t, "W_t")
+    out = {
+        "metric": t3_metric_bound(problem, edits, W_t),
+        "from_preservation_state": t3a_deviation_bound(problem, edits, W_t),
+        "from_W0": t3c_w0_bound(problem, edits, W_t),
+    }
+    if problem.beta > 0:
+        out["anchor_drift"] = t3b_anchor_bound(problem, edits, W_t)
+        out["anchor_misfit"] = t3c_anchor_misfit_bound(problem, edits, W_t)
+    return out
+
+
+def step_certificate(K, V, W_prev, W_new, C_prev, *, G_prev=None) -> dict[str, Bound]:
+    """The per-step bounds of T2 and T4 for one recursion step.
+
+    Keys: ``"adherence"`` (T2), ``"step_metric"`` (T4a), ``"step"`` (T4b), ``"step_crude"``
+    (T4c). Arguments as in :func:`t4_energy_identity`.
+    """
+    return {
+        "adherence": t2_adherence_bound(K, V, W_prev, W_new, C_prev),
+        "step_metric": t4a_metric_bound(K, V, W_prev, W_new, C_prev, G_prev=G_prev),
+        "step": t4b_step_bound(K, V, W_prev, W_new, C_prev, G_prev=G_prev),
+        "step_crude": t4c_crude_step_bound(K, V, W_prev, W_new, C_prev),
+    }

@@ -1,0 +1,467 @@
+"""Evaluation metrics, the sequential protocol, fine-tuning baseline and the benchmark harness."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from rlsedit_llm import EditConfig, Editor, Fact
+from rlsedit_llm.errors import FactError, HyperparameterError
+from rlsedit_llm.evaluation import bench, metrics, protocol
+from rlsedit_llm.evaluation.finetune import FineTuneEditor, target_nll
+from rlsedit_llm.models import get_module, read_weight
+from rlsedit_llm.scoring import score_targets
+from rlsedit_llm.values import ValueConfig
+
+FACTS = [
+    Fact("{} is located in the city of", "The Eiffel Tower", "Rome", target_true="Paris", case_id=0,
+         paraphrases=("The Eiffel Tower stands in", "Where is the Eiffel Tower? In"),
+         neighbourhood=("The Louvre is located in the city of", "Big Ben is located in the city of"),
+         generation_prompts=("The Eiffel Tower is",)),
+    Fact("The mother tongue of {} is", "Danielle Darrieux", "English", target_true="French", case_id=1,
+         paraphrases=("Danielle Darrieux speaks",),
+         neighbourhood=("The mother tongue of Jean Gabin is",)),
+    Fact("{} is headquartered in the country of", "Toyota", "Germany", target_true="Japan", case_id=2,
+         paraphrases=("Toyota has its head office in",),
+         neighbourhood=("Honda is headquartered in the country of", "Nissan is based in")),
+    Fact("{} is the capital of", "Berlin", "Spain", target_true="Germany", case_id=3,
+         paraphrases=("Berlin is a capital city in",), neighbourhood=("Madrid is the capital of",)),
+    Fact("{} was founded in", "Apple", "Japan", target_true="California", case_id=4,
+         paraphrases=("Apple started in",), neighbourhood=("Microsoft was founded in",)),
+    Fact("The president of {} is", "the club", "a doctor", target_true="a writer", case_id=5,
+         paraphrases=("Who leads the club? It is",), neighbourhood=("The president of the company is",)),
+]
+
+
+@pytest.fixture
+def llama(tiny):
+    return tiny("llama")
+
+
+FAST_VALUE = ValueConfig(lr=0.5, steps=6)
+
+
+def _fast_config(tmp_path, **kw):
+    """Small statistics and few value steps, so a tiny-model edit takes well under a second."""
+    base = dict(stats_tokens=3000, stats_max_length=128, cache_dir=str(tmp_path / "stats"), n_templates=2,
+                template_length=4, value=FAST_VALUE, replace=False)
+    base.update(kw)
+    return EditConfig(**base)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_ngram_entropy_known_value():
+    # words a b a b a b: bigrams ab x3, ba x2; trigrams aba x2, bab x2.
+    h2 = -(0.6 * math.log2(0.6) + 0.4 * math.log2(0.4))
+    h3 = 1.0
+    assert metrics.ngram_entropy("a b a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * h3) / 2, abs=1e-12)
+    # Repetitive text scores below varied text; punctuation counts as a word.
+    varied = "The cat sat on the mat while a dog ran past the old red barn at noon."
+    assert metrics.ngram_entropy("the the the the the the the") < metrics.ngram_entropy(varied)
+    assert metrics.ngram_entropy("") == 0.0
+    with pytest.raises(HyperparameterError):
+        metrics.ngram_entropy("a b", ns=(2,), weights=(1.0, 2.0))
+
+
+def test_harmonic_mean_and_summary():
+    assert metrics.harmonic_mean([1.0, 0.5]) == pytest.approx(2 / 3)
+    assert metrics.harmonic_mean([1.0, 0.0, 1.0]) == 0.0
+    rows = [{"case_id": 0, "efficacy": 1.0, "generalization": 0.5, "specificity": float("nan")},
+            {"case_id": 1, "efficacy": 0.0, "generalization": 1.0, "specificity": 0.5}]
+    s = metrics.summarize_cases(rows)
+    assert s["n"] == 2 and s["efficacy"] == 0.5 and s["generalization"] == 0.75
+    assert s["specificity"] == 0.5  # the NaN (no neighbourhood prompts) is skipped
+    assert s["score"] == pytest.approx(metrics.harmonic_mean([0.5, 0.75, 0.5]))
+
+
+def test_protocol_config_checkpoints_and_validation():
+    cfg = protocol.ProtocolConfig(n_edits=100, batch_size=10, checkpoints=5)
+    assert cfg.n_batches == 10 and cfg.retention_batches == 1 and cfg.retention_size == 10
+    assert cfg.checkpoint_batches() == [1, 2, 4, 6, 8, 10]
+    cfg = protocol.ProtocolConfig(n_edits=1000, batch_size=10, checkpoints=4)
+    assert cfg.retention_size == 100 and cfg.checkpoint_batches() == [10, 25, 50, 75, 100]
+    odd = protocol.ProtocolConfig(n_edits=25, batch_size=10, checkpoints=2, retention_fraction=0.1)
+    assert odd.n_batches == 3 and odd.retention_size == 10 and odd.checkpoint_batches()[-1] == 3
+    for bad in (dict(n_edits=0), dict(batch_size=0), dict(retention_fraction=0.0), dict(dataset="mquake"),
+                dict(glue_items=-1)):
+        with pytest.raises(HyperparameterError):
+            protocol.ProtocolConfig(**bad).validate()
+
+
+def test_parse_methods():
+    assert bench.parse_methods("rlsedit, memit_seq") == ["rlsedit", "memit_seq"]
+    assert bench.parse_methods("all") == list(protocol.ALL_METHODS)
+    for bad in ("rlsedit,rome", "", "ft,ft"):
+        with pytest.raises(HyperparameterError):
+            bench.parse_methods(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shipped data
+
+
+def test_load_stream_counterfact_and_zsre():
+    cf = protocol.load_stream("counterfact", 12)
+    raw = json.loads((protocol.data_dir() / "counterfact.json").read_text())
+    assert [f.case_id for f in cf] == [r["case_id"] for r in raw[:12]]
+    assert cf[0].target_true and len(cf[0].paraphrases) == 2 and len(cf[0].neighbourhood) == 10
+    assert cf[0].generation_prompts
+    zs = protocol.load_stream("zsre", 5)
+    zraw = json.loads((protocol.data_dir() / "zsre_eval.json").read_text())
+    assert [f.case_id for f in zs] == list(range(5))
+    assert zs[0].target == zraw[0]["alt"] and zs[0].neighbourhood_target == zraw[0]["loc_ans"]
+    assert zs[0].text() == zraw[0]["src"]
+    with pytest.raises(HyperparameterError):
+        protocol.load_stream("zsre", len(zraw) + 1)
+    with pytest.raises(HyperparameterError):
+        protocol.load_stream("mquake", 3)
+
+
+def test_shipped_glue_subsets():
+    for task, words in metrics.GLUE_TASKS.items():
+        items = protocol.load_glue(task, 200)
+        assert len(items) == 200 and {int(it["label"]) for it in items} <= set(range(len(words)))
+        assert metrics.glue_prompt(task, items[0]).endswith("Answer:")
+    with pytest.raises(HyperparameterError):
+        protocol.load_glue("mnli", 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics on a tiny model: bookkeeping against direct scoring
+
+
+def test_counterfact_case_scores_match_direct_scoring(llama):
+    model, tok = llama
+    rows = metrics.counterfact_case_scores(model, tok, FACTS[:3], batch_size=4)
+    for f, row in zip(FACTS[:3], rows):
+        def nlls(prompts, target):
+            return [s.mean_nll for s in score_targets(model, tok, list(prompts), [target] * len(prompts))]
+
+        new_rw, true_rw = nlls([f.text()], f.target)[0], nlls([f.text()], f.target_true)[0]
+        assert row["efficacy"] == float(new_rw < true_rw)
+        assert row["efficacy_magnitude"] == pytest.approx(math.exp(-new_rw) - math.exp(-true_rw), abs=1e-6)
+        pn, pt = nlls(f.paraphrases, f.target), nlls(f.paraphrases, f.target_true)
+        assert row["generalization"] == pytest.approx(sum(a < b for a, b in zip(pn, pt)) / len(pn))
+        nn, nt = nlls(f.neighbourhood, f.target), nlls(f.neighbourhood, f.target_true)
+        assert row["specificity"] == pytest.approx(sum(b < a for a, b in zip(nn, nt)) / len(nn))
+        assert row["specificity_magnitude"] == pytest.approx(
+            sum(math.exp(-b) - math.exp(-a) for a, b in zip(nn, nt)) / len(nn), abs=1e-6)
+        acc = score_targets(model, tok, [f.text()], [f.target])[0].all_correct
+        assert row["efficacy_acc"] == float(acc)
+    with pytest.raises(HyperparameterError):
+        metrics.counterfact_case_scores(model, tok, [dataclasses.replace(FACTS[0], target_true=None)])
+
+
+def test_zsre_case_scores_use_token_accuracy_and_question_mark(llama):
+    model, tok = llama
+    f = Fact("What is the capital of {}", "France", "Rome", case_id=7, paraphrases=("Which city is the capital of France",),
+             neighbourhood=("nq question: who wrote the book",), neighbourhood_target="a writer")
+    (row,) = metrics.zsre_case_scores(model, tok, [f])
+    assert row["efficacy"] == pytest.approx(score_targets(model, tok, [f.text()], ["Rome"])[0].accuracy)
+    loc = score_targets(model, tok, ["nq question: who wrote the book?"], ["a writer"])[0].accuracy
+    assert row["specificity"] == pytest.approx(loc)
+    assert metrics.zsre_locality_prompt("q?") == "q?"
+    with pytest.raises(HyperparameterError):
+        metrics.zsre_case_scores(model, tok, [dataclasses.replace(f, neighbourhood_target=None)])
+
+
+def test_greedy_generate_batched_equals_one_by_one(llama):
+    model, tok = llama
+    prompts = ["The Eiffel Tower is located in", "Toyota", "The mother tongue of Danielle Darrieux is French and"]
+    batched = metrics.greedy_generate(model, tok, prompts, 6, batch_size=3, stop_at_eos=False)
+    single = [metrics.greedy_generate(model, tok, [p], 6, batch_size=1, stop_at_eos=False)[0] for p in prompts]
+    assert batched == single and all(len(g) == 6 for g in batched)
+    with pytest.raises(HyperparameterError):
+        metrics.greedy_generate(model, tok, prompts, 0)
+
+
+def test_generation_check_detects_the_greedy_continuation(llama):
+    model, tok = llama
+    f = FACTS[0]
+    cont = tok.decode(metrics.greedy_generate(model, tok, [f.text()], 2, stop_at_eos=False)[0]).strip()
+    hit = dataclasses.replace(f, target=cont)
+    miss = dataclasses.replace(f, target=cont + "zzq")
+    assert metrics.generation_check(model, tok, [hit, miss]) == [1.0, 0.0]
+
+
+def test_glue_fast_path_equals_full_scoring(llama):
+    model, tok = llama
+    for task in ("sst2", "rte"):
+        items = protocol.load_glue(task, 6)
+        fast = metrics.glue_predictions(model, tok, task, items)
+        words = metrics.GLUE_TASKS[task]
+        prompts = [metrics.glue_prompt(task, it) for it in items]
+        slow = []
+        for p in prompts:
+            lps = [s.logprob for s in score_targets(model, tok, [p] * len(words), list(words))]
+            slow.append(max(range(len(words)), key=lps.__getitem__))
+        assert fast == slow
+        res = metrics.glue_accuracy(model, tok, task, items)
+        assert res["accuracy"] == pytest.approx(sum(p == it["label"] for p, it in zip(fast, items)) / 6)
+
+
+def test_fluency_is_entropy_of_prompt_plus_generation(llama):
+    model, tok = llama
+    prompts = ["The Eiffel Tower is", "Toyota makes"]
+    gens = metrics.greedy_generate(model, tok, prompts, 12)
+    expected = sum(metrics.ngram_entropy(p + tok.decode(g)) for p, g in zip(prompts, gens)) / 2
+    assert metrics.fluency(model, tok, prompts, max_new_tokens=12) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning baseline
+
+
+def test_finetune_lowers_target_nll_and_touches_only_its_layers(llama):
+    model, tok = llama
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ft = FineTuneEditor(model, tok, lr=1e-2, steps=8)
+    batch = FACTS[:3]
+    res = ft.edit(batch)
+    assert res["loss_after"] < res["loss_before"]
+    edited = {ft.spec_.edit_module_path.format(l) + ".weight" for l in ft.layers_}
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == (n in edited), n
+        assert p.grad is None
+    # The differentiable loss agrees with the teacher-forced scorer.
+    direct = [s.mean_nll for s in score_targets(model, tok, [f.text() for f in batch], [f.target for f in batch])]
+    with torch.no_grad():
+        assert float(target_nll(model, tok, [f.text() for f in batch], [f.target for f in batch])) == \
+            pytest.approx(sum(direct) / 3, rel=1e-5)
+
+
+def test_finetune_rejects_bad_facts_untouched_and_round_trips(llama, tmp_path):
+    model, tok = llama
+    ft = FineTuneEditor(model, tok, lr=1e-2, steps=2)
+    snap = {l: W.clone() for l, W in ft.weights().items()}
+    with pytest.raises(FactError):
+        ft.edit([{"prompt": "no slot here", "subject": "x", "target": "y"}])
+    assert all(torch.equal(ft.weights()[l], snap[l]) for l in snap)
+    with pytest.raises(HyperparameterError):
+        FineTuneEditor(model, tok, lr=-1.0)
+    ft.edit(FACTS[:2])
+    ft.save(tmp_path / "ft")
+    edited = ft.weights()
+    for l, W in snap.items():  # back to the base weights, then load the saved stream
+        from rlsedit_llm.models import write_weight
+
+        write_weight(ft._module(l), W)
+    loaded = FineTuneEditor.load(model, tok, tmp_path / "ft")
+    assert loaded.n_batches_ == 1 and loaded.n_edits_ == 2
+    assert all(torch.equal(loaded.weights()[l], edited[l]) for l in edited)
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods through the Editor: MEMIT-seq = RLSEdit(alpha = 0), and the theory's bounds
+
+
+def test_memit_seq_equals_rlsedit_alpha0_on_the_llm_layer(tiny, tmp_path):
+    states = {}
+    for method in ("rlsedit", "memit_seq"):
+        model, tok = tiny("llama")  # the same seed: the same base model
+        editor = Editor(model, tok, _fast_config(tmp_path, method=method, alpha=0.0))
+        for b in range(3):
+            editor.edit(FACTS[2 * b: 2 * b + 2])
+        states[method] = {l: s.W_.clone() for l, s in editor.solvers_.items()}
+    for l, W in states["rlsedit"].items():
+        W0 = read_weight(get_module(model, editor.spec_.edit_module_path.format(l))).double()
+        moved = torch.linalg.norm(W - W0)
+        assert moved > 0
+        rel = torch.linalg.norm(W - states["memit_seq"][l]) / torch.linalg.norm(W)
+        assert rel < 1e-6, (l, float(rel))
+
+
+def test_memit_per_batch_differs_from_cumulative(tiny, tmp_path):
+    finals = {}
+    for method in ("memit", "memit_seq"):
+        model, tok = tiny("llama")
+        editor = Editor(model, tok, _fast_config(tmp_path, method=method))
+        for b in range(3):
+            editor.edit(FACTS[2 * b: 2 * b + 2])
+        finals[method] = editor.solvers_[editor.layers_[0]].W_.clone()
+    assert not torch.allclose(finals["memit"], finals["memit_seq"], rtol=1e-4, atol=1e-8)
+
+
+def test_deviation_report_respects_t3_bounds(tiny, tmp_path):
+    model, tok = tiny("llama")
+    cfg = _fast_config(tmp_path, alpha=0.5)
+    runner = protocol.make_runner("rlsedit", model, tok, edit_config=cfg)
+    W0 = {l: read_weight(get_module(model, runner.editor.spec_.edit_module_path.format(l))).cpu()
+          for l in runner.layers}
+    for b in range(3):
+        runner.edit(FACTS[2 * b: 2 * b + 2])
+    from rlsedit_llm.stats import second_moments
+
+    moments = second_moments(model, tok, runner.editor.spec_, list(runner.layers), n_tokens=cfg.stats_tokens,
+                             max_length=cfg.stats_max_length, cache_dir=cfg.cache_dir)
+    grams = {l: cfg.mom2_weight * m.double() for l, m in moments.items()}
+    rep = protocol.deviation_report(runner, W0, grams, alpha=cfg.alpha, beta=cfg.beta)
+    assert set(rep) == {str(l) for l in runner.layers}
+    for row in rep.values():
+        assert 0 < row["fro"] <= row["t3a"] * (1 + 1e-6)
+        assert 0 < row["anchor"] <= row["t3b"] * (1 + 1e-6)
+    # No bound is claimed for a method that does not minimise the cumulative objective.
+    memit = protocol.make_runner("memit", *tiny("llama"), edit_config=cfg)
+    memit.edit(FACTS[:2])
+    row = next(iter(protocol.deviation_report(memit, W0, grams, alpha=cfg.alpha, beta=cfg.beta).values()))
+    assert "t3a" not in row and "t3b" not in row and row["fro"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The protocol and the benchmark harness (tiny model, end to end)
+
+
+def _tiny_stream(n):
+    return [dataclasses.replace(FACTS[i % len(FACTS)], case_id=i,
+                                subject=FACTS[i % len(FACTS)].subject + (" II" * (i // len(FACTS))))
+            for i in range(n)]
+
+
+def test_run_method_records_immediate_retention_and_final(tiny, tmp_path):
+    model, tok = tiny("llama")
+    facts = _tiny_stream(6)
+    cfg = protocol.ProtocolConfig(n_edits=6, batch_size=2, checkpoints=2, fluency_cases=2, fluency_tokens=8,
+                                  glue_items=4, retention_fraction=0.3)
+    runner = protocol.make_runner("rlsedit", model, tok, edit_config=_fast_config(tmp_path))
+    W0 = protocol.snapshot_weights(model, runner.editor.spec_, runner.layers)
+    glue = {t: protocol.load_glue(t, 4) for t in ("sst2", "cola")}
+    base = protocol.base_report(model, tok, facts, cfg, glue)
+    calls = []
+    rec = protocol.run_method(runner, model, tok, facts, cfg, protocol.new_record(), W0=W0, glue=glue, base=base,
+                              on_batch=lambda r: calls.append(r["batches_done"]), progress=False)
+    assert calls == [1, 2, 3, 3]  # after each batch, then after the final scoring
+    assert rec["done"] and rec["edits_done"] == 6 and [e["edits"] for e in rec["immediate"]] == [2, 4, 6]
+    assert [p["batch"] for p in rec["checkpoints"]] == cfg.checkpoint_batches() == [1, 2, 3]
+    assert rec["checkpoints"][0]["retention"]["n"] == cfg.retention_size == 2
+    assert rec["final"]["all"]["n"] == 6 and 0 <= rec["final"]["all"]["score"] <= 1
+    assert set(rec["final"]["glue"]) == {"sst2", "cola", "mean"}
+    assert 0 <= rec["final"]["glue"]["sst2"]["agreement"] <= 1
+    assert rec["final"]["fluency_n"] == 2
+    imm = protocol.immediate_summary(rec)
+    assert imm["n"] == 6
+    assert imm["efficacy"] == pytest.approx(sum(e["efficacy"] * e["n"] for e in rec["immediate"]) / 6, abs=1e-5)
+    # Editing raised the efficacy of the stream's facts over the unedited model.
+    assert rec["final"]["all"]["efficacy_magnitude"] > base["all"]["efficacy_magnitude"]
+    with pytest.raises(HyperparameterError):
+        protocol.run_method(runner, model, tok, facts[:4], cfg, protocol.new_record(), W0=W0, progress=False)
+
+
+def _bench_args(out, **kw):
+    a = dict(dataset="counterfact", model="tiny", edits=6, batch=2, methods="rlsedit,ft", out=str(out),
+             stats_tokens=3000, checkpoints=2, glue=0, fluency_cases=2, fluency_tokens=6, quiet=True,
+             cache_dir=str(out.parent / "stats"), ft_steps=2, ft_lr=1e-3)
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+@pytest.fixture
+def tiny_bench(tiny, monkeypatch):
+    """Run the benchmark on a tiny model and a stream of the hand-made facts."""
+    model, tok = tiny("llama")
+    monkeypatch.setattr(bench, "load_model", lambda name: (model, tok))
+    monkeypatch.setattr(bench, "load_stream", lambda dataset, n, tok=None: _tiny_stream(n))
+    real = protocol.make_runner
+
+    def fast_runner(name, model, tokenizer, *, edit_config=None, **kw):
+        cfg = dataclasses.replace(edit_config, n_templates=2, template_length=4, value=FAST_VALUE)
+        return real(name, model, tokenizer, edit_config=cfg, **kw)
+
+    monkeypatch.setattr(bench, "make_runner", fast_runner)
+    return model, tok
+
+
+def test_bench_writes_outputs_and_resumes_after_interruption(tiny_bench, tmp_path, monkeypatch):
+    model, _ = tiny_bench
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref_out = tmp_path / "ref" / "out"
+    ref_out.parent.mkdir()
+    assert bench.run_bench(_bench_args(ref_out)) == 0
+    ref = bench.read_results(ref_out)
+    for name in ("results.json", "summary.csv", "curves.csv", "deviation.csv", "results.md", "scores.png",
+                 "retention.png", "deviation.png"):
+        assert (ref_out / name).stat().st_size > 0, name
+    assert ref["methods"]["rlsedit"]["done"] and ref["methods"]["ft"]["done"]
+    assert not (ref_out / "state").exists() or not any((ref_out / "state").iterdir())
+    md = (ref_out / "results.md").read_text()
+    assert "| rlsedit | 6 |" in md and "| ft | 6 |" in md and "| unedited | 0 |" in md
+    # The model is left as it was (every method starts from, and ends on, the base weights).
+    assert all(torch.equal(p, base_weights[n]) for n, p in model.named_parameters())
+
+    # Interrupt the second batch of rlsedit, then rerun the same command.
+    out = tmp_path / "run" / "out"
+    out.parent.mkdir()
+    calls = {"n": 0}
+    real_edit = protocol.MethodRunner.edit
+
+    def flaky(self, facts):
+        calls["n"] += 1
+        if self.name == "rlsedit" and calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_edit(self, facts)
+
+    monkeypatch.setattr(protocol.MethodRunner, "edit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(_bench_args(out))
+    partial = bench.read_results(out)
+    assert partial["methods"]["rlsedit"]["batches_done"] == 1 and not partial["methods"]["rlsedit"]["done"]
+    assert (out / "state" / "rlsedit").exists()
+    monkeypatch.setattr(protocol.MethodRunner, "edit", real_edit)
+    for n, p in model.named_parameters():  # a fresh process would start from the base model
+        with torch.no_grad():
+            p.copy_(base_weights[n])
+    assert bench.run_bench(_bench_args(out)) == 0
+    done = bench.read_results(out)
+    assert len(done["sessions"]) == 2
+    for method in ("rlsedit", "ft"):
+        got, want = done["methods"][method], ref["methods"][method]
+        assert [e["edits"] for e in got["immediate"]] == [2, 4, 6]
+        for g, w in zip(got["immediate"], want["immediate"]):
+            for k in ("efficacy", "generalization", "specificity", "efficacy_magnitude"):
+                assert g[k] == pytest.approx(w[k], abs=1e-4), (method, k)
+        for k in ("efficacy", "specificity", "score"):
+            assert got["final"]["all"][k] == pytest.approx(want["final"]["all"][k], abs=1e-4)
+
+    # Other settings in the same folder are refused; --report-only rebuilds from the JSON.
+    with pytest.raises(HyperparameterError):
+        bench.run_bench(_bench_args(out, edits=4))
+    (out / "results.md").unlink()
+    assert bench.run_bench(_bench_args(out, report_only=True)) == 0
+    assert (out / "results.md").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Real model (CI): a short stream, two methods
+
+
+@pytest.mark.slow
+def test_bench_smollm2_short_stream(smollm2, tmp_path, monkeypatch):
+    model, tok = smollm2
+    monkeypatch.setattr(bench, "load_model", lambda name: (model, tok))
+    out = tmp_path / "bench"
+    args = argparse.Namespace(dataset="counterfact", model="smollm2", edits=20, batch=10, methods="rlsedit,memit_seq",
+                              out=str(out), stats_tokens=6000, checkpoints=2, glue=20, fluency_cases=4,
+                              fluency_tokens=20, quiet=True, cache_dir=str(tmp_path / "stats"))
+    assert bench.run_bench(args) == 0
+    res = bench.read_results(out)
+    base = res["base"]["all"]
+    for method in ("rlsedit", "memit_seq"):
+        final = res["methods"][method]["final"]["all"]
+        assert res["methods"][method]["done"] and final["n"] == 20
+        assert final["efficacy"] >= 0.8 > base["efficacy"]
+        assert final["specificity"] >= 0.5
+    # MEMIT-seq and RLSEdit(alpha = 0) are the same update: the same weight deviations.
+    for p_r, p_m in zip(res["methods"]["rlsedit"]["checkpoints"], res["methods"]["memit_seq"]["checkpoints"]):
+        for layer, d in p_r["deviation"].items():
+            assert d["fro"] == pytest.approx(p_m["deviation"][layer]["fro"], rel=1e-4)
+            assert d["fro"] <= d["t3a"] and d["anchor"] <= d["t3b"] * (1 + 1e-6)
+    for name in ("summary.csv", "results.md", "scores.png", "retention.png", "deviation.png"):
+        assert (out / name).exists()

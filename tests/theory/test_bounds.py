@@ -1,0 +1,372 @@
+"""The inequalities of theory T2-T5 on random instances, and cases where they are attained.
+
+Every test here checks an inequality (``pytest -k bounds`` selects this whole module). Exact
+identities that the bounds rest on are checked alongside, to a relative tolerance
+``1e-9 * cond``, where ``cond`` is an upper bound on the condition number of every ``G_t``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import given
+
+from rlsedit_theory import (
+    HardWrite,
+    NullSpaceProjection,
+    PerBatchReset,
+    Problem,
+    RecursiveLS,
+    closed_form,
+    information_matrix,
+    objective,
+)
+from rlsedit_theory import bounds as B
+
+from .conftest import (
+    THEORY_SETTINGS,
+    bound_slack,
+    problems_and_streams,
+    realisable_problems_and_streams,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def condition_bound(problem: Problem, edits) -> float:
+    """``lambda_max(G_T) / lambda_min(A)``: at least ``cond(G_t)`` for every ``t <= T``."""
+    G = information_matrix(problem, edits)
+    return float(np.linalg.eigvalsh(G)[-1] / np.linalg.eigvalsh(problem.metric)[0])
+
+
+def identity_rtol(problem: Problem, edits) -> float:
+    return 1e-9 * max(condition_bound(problem, edits), 1.0)
+
+
+def demand_sq(problem: Problem, edits) -> float:
+    _, R0 = B.initial_demand(problem, edits)
+    return float(np.sum(R0**2))
+
+
+def steps(problem: Problem, edits):
+    """Run the recursion; yield ``(t, K, V, W_prev, W_new, C_prev, G_prev)`` for every step."""
+    rls = RecursiveLS(problem)
+    for t, (K, V) in enumerate(edits, start=1):
+        W_prev, C_prev, G_prev = rls.W_.copy(), rls.C_.copy(), rls.G_.copy()
+        rls.update(K, V)
+        yield t, K, V, W_prev, rls.W_.copy(), C_prev, G_prev
+
+
+def checkpoints(T: int) -> set[int]:
+    """A few steps to run the O(t) global checks at: the first three, three spread out, the last."""
+    return {1, 2, 3, T // 3, (2 * T) // 3, T} & set(range(1, T + 1))
+
+
+def assert_holds(bound: B.Bound, slack: float):
+    """``lhs <= rhs`` up to the absolute slack and a relative ``1e-9`` (equality cases)."""
+    assert bound.holds(slack, rtol=1e-9), (
+        f"{bound.name}: lhs={bound.lhs:.6g} > rhs={bound.rhs:.6g} (+{slack:.2g})"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# T2
+
+
+@THEORY_SETTINGS
+@given(problems_and_streams())
+def test_t2_adherence_bounds(instance):
+    problem, edits = instance
+    rtol = identity_rtol(problem, edits)
+    base = demand_sq(problem, edits)
+    for _, K, V, W_prev, W_new, C_prev, _ in steps(problem, edits):
+        r_norm = np.linalg.norm(V - K @ W_prev)
+        identity = B.t2_residual_identity(K, V, W_prev, W_new, C_prev)
+        assert identity.holds(rtol, atol=1e-12 * r_norm), identity.relative_error
+
+        slack = bound_slack(base + r_norm**2)
+        bound = B.t2_adherence_bound(K, V, W_prev, W_new, C_prev)
+        assert_holds(bound, slack)
+        # Second link of the chain: the shrink factor is in (0, 1], so rhs <= ||r_t||.
+        factor = B.t2_shrink_factor(K, C_prev)
+        assert 0 < factor <= 1
+        assert bound.rhs <= r_norm * (1 + 1e-12)
+        if K.shape[0] == 1:  # u = 1: S_t is a scalar and the bound is attained
+            assert math.isclose(bound.lhs, bound.rhs, rel_tol=rtol, abs_tol=slack)
+
+
+# ----------------------------------------------------------------------------------------------
+# T3
+
+
+def _t3_checks(problem, edits, W_t, rtol, slack):
+    identity = B.t3_energy_identity(problem, edits, W_t)
+    assert identity.holds(rtol, atol=slack), identity.relative_error
+    checks = [
+        B.t3_metric_bound(problem, edits, W_t),
+        B.t3a_deviation_bound(problem, edits, W_t),
+        B.t3c_w0_bound(problem, edits, W_t),
+        B.t3d_sqrt_t_bound(problem, edits, W_t),
+        *B.t3d_crude_bounds(problem, edits, W_t),
+    ]
+    if problem.alpha > 0:  # the alpha form of (a): lambda_min(A) >= alpha
+        _, R0 = B.initial_demand(problem, edits)
+        dev = np.linalg.norm(W_t - problem.W_star0)
+        assert dev <= np.linalg.norm(R0) / (2 * math.sqrt(problem.alpha)) + slack
+    if problem.beta > 0:
+        checks += [B.t3b_anchor_bound(problem, edits, W_t), B.t3c_anchor_misfit_bound(problem, edits, W_t)]
+    for bound in checks:
+        assert_holds(bound, slack)
+    certificate = B.deviation_certificate(problem, edits, W_t)
+    assert all(b.holds(slack, rtol=1e-9) for b in certificate.values())
+    assert ("anchor_drift" in certificate) == (problem.beta > 0)
+
+
+@THEORY_SETTINGS
+@given(problems_and_streams())
+def test_t3_energy_identity_and_deviation_bounds(instance):
+    problem, edits = instance
+    rtol = identity_rtol(problem, edits)
+    rls = RecursiveLS(problem)
+    for t, (K, V) in enumerate(edits, start=1):
+        rls.update(K, V)
+        if t not in checkpoints(len(edits)):
+            continue
+        prefix = edits[:t]
+        slack = bound_slack(demand_sq(problem, prefix))
+        for W_t in (closed_form(problem, prefix), rls.W_):
+            _t3_checks(problem, prefix, W_t, rtol, slack)
+    # T3(d): the per-batch demand rho gives ||R0||^2 <= t rho^2; a larger rho is also valid.
+    W_T = closed_form(problem, edits)
+    tight = B.t3d_sqrt_t_bound(problem, edits, W_T)
+    loose = B.t3d_sqrt_t_bound(problem, edits, W_T, rho=2 * max(
+        np.linalg.norm(V - K @ problem.W_star0) for K, V in edits))
+    assert loose.rhs >= tight.rhs and loose.holds()
+    assert B.t3a_deviation_bound(problem, edits, W_T).rhs <= tight.rhs * (1 + 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# T4
+
+
+@THEORY_SETTINGS
+@given(problems_and_streams())
+def test_t4_step_bounds(instance):
+    problem, edits = instance
+    rtol = identity_rtol(problem, edits)
+    base = demand_sq(problem, edits)
+    for t, K, V, W_prev, W_new, C_prev, G_prev in steps(problem, edits):
+        r_norm = np.linalg.norm(V - K @ W_prev)
+        slack = bound_slack(base + r_norm**2)
+        for G in (None, G_prev):  # through a solve with C_{t-1}, or with the tracked G_{t-1}
+            identity = B.t4_energy_identity(K, V, W_prev, W_new, C_prev, G_prev=G)
+            assert identity.holds(rtol, atol=slack), identity.relative_error
+            assert_holds(B.t4a_metric_bound(K, V, W_prev, W_new, C_prev, G_prev=G), slack)
+            assert_holds(B.t4b_step_bound(K, V, W_prev, W_new, C_prev, G_prev=G), slack)
+        assert_holds(B.t4c_crude_step_bound(K, V, W_prev, W_new, C_prev), slack)
+        certificate = B.step_certificate(K, V, W_prev, W_new, C_prev, G_prev=G_prev)
+        assert all(b.holds(slack, rtol=1e-9) for b in certificate.values())
+        # lambda_min(G_{t-1}) >= lambda_min(A) + lambda_min(sum_{i<t} K_i^T K_i) (Weyl).
+        # Eigenvalues carry absolute errors ~ eps ||G||: the slack scales with ||G_{t-1}||.
+        floor = B.information_floor_bound(problem, edits[: t - 1])
+        assert_holds(floor, 1e-11 * np.linalg.norm(G_prev, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# T5
+
+
+@THEORY_SETTINGS
+@given(problems_and_streams(min_T=2))
+def test_t5_interference_bounds(instance):
+    problem, edits = instance
+    rtol = identity_rtol(problem, edits)
+    base = demand_sq(problem, edits)
+    rng = np.random.default_rng(len(edits))
+    for t, K, V, W_prev, W_new, C_prev, _ in steps(problem, edits):
+        r_norm = np.linalg.norm(V - K @ W_prev)
+        slack = bound_slack(base + r_norm**2)
+        # (a) interference of step t on up to three earlier batches j < t.
+        earlier = rng.choice(np.arange(1, t), size=min(3, t - 1), replace=False) if t > 1 else []
+        for j in earlier:
+            K_j = edits[j - 1][0]
+            identity = B.t5a_interference_identity(K_j, K, V, W_prev, W_new, C_prev)
+            assert identity.holds(rtol, atol=slack), identity.relative_error
+            spec, sharp, coupling = B.t5a_interference_bounds(K_j, K, V, W_prev, W_new, C_prev)
+            assert_holds(spec, slack)
+            assert_holds(sharp, slack)
+            assert_holds(coupling, 1e-9)
+            assert sharp.rhs <= spec.rhs * (1 + 1e-9) + slack  # ||S_t^{-1}|| <= 1
+            assert sharp.lhs <= r_norm + slack  # interference is always below ||r_t||
+    # (b) cumulative drift of early batches, from the recursion's saved states and from scratch.
+    T = len(edits)
+    rls = RecursiveLS(problem)
+    saved = {}
+    for t, (K, V) in enumerate(edits, start=1):
+        rls.update(K, V)
+        saved[t] = (rls.W_.copy(), rls.C_.copy())
+    W_T = saved[T][0]
+    for j in sorted({1, max(1, T // 2), T}):
+        slack = bound_slack(base)
+        W_j, C_j = saved[j]
+        given_state = B.t5b_drift_bound(problem, edits, j, W_T, W_j=W_j, C_j=C_j)
+        scratch = B.t5b_drift_bound(problem, edits, j, W_T)
+        assert_holds(given_state, slack)
+        assert_holds(scratch, slack)
+        assert math.isclose(given_state.rhs, scratch.rhs, rel_tol=rtol, abs_tol=slack)
+        if j == T:  # no later batches: no drift at all
+            assert scratch.rhs == 0.0 and scratch.lhs <= slack
+
+
+@THEORY_SETTINGS
+@given(realisable_problems_and_streams(), problems_and_streams(max_T=30))
+def test_t5_retention_and_regret_bounds(realisable, general):
+    # (c) realisable edits: the residual of every batch, in particular the earliest, stays within
+    # the budget ||W_true - W*_0||_A for every t.
+    problem, edits, W_true = realisable
+    budget = math.sqrt(B._metric_sq(problem, W_true - problem.W_star0))
+    rls = RecursiveLS(problem)
+    for t, (K, V) in enumerate(edits, start=1):
+        rls.update(K, V)
+        if t not in checkpoints(len(edits)):
+            continue
+        prefix = edits[:t]
+        slack = bound_slack(demand_sq(problem, prefix))
+        first = B.t5c_retention_bound(problem, prefix, rls.W_, W_true)
+        assert_holds(first, slack)
+        assert math.isclose(first.rhs, budget, rel_tol=1e-6, abs_tol=1e-6 * (budget + 1))
+        last = B.t5c_retention_bound(problem, prefix, rls.W_, W_true, batch=t)
+        assert_holds(last, slack)
+        # The full form of (c): all residuals plus the deviation fit in the same budget.
+        full = B.t5d_regret_bound(problem, prefix, rls.W_, W_true)
+        assert_holds(full, slack)
+
+    # (d) regret: RLSEdit beats every reference editor (and perturbations of itself) on J_t.
+    problem, edits = general
+    rls = RecursiveLS(problem)
+    editors = {
+        "hard write": HardWrite(problem),
+        "per-batch reset": PerBatchReset(problem),
+        "null-space projection": NullSpaceProjection(problem),
+    }
+    rng = np.random.default_rng(len(edits))
+    for t, (K, V) in enumerate(edits, start=1):
+        rls.update(K, V)
+        for editor in editors.values():
+            editor.update(K, V)
+        if t not in checkpoints(len(edits)):
+            continue
+        prefix = edits[:t]
+        slack = bound_slack(demand_sq(problem, prefix))
+        J_rls = objective(problem, prefix, rls.W_)
+        for name, editor in editors.items():
+            assert_holds(B.t5d_regret_bound(problem, prefix, rls.W_, editor.W_), slack)
+            J_alt = objective(problem, prefix, editor.W_)
+            assert J_rls <= J_alt + slack + 1e-9 * abs(J_alt), name
+        E = rng.standard_normal(rls.W_.shape) * (np.linalg.norm(rls.W_) + 1) * 1e-3
+        assert_holds(B.t5d_regret_bound(problem, prefix, rls.W_, rls.W_ + E), slack)
+
+
+def test_late_edit_overlapping_early_key_is_forgotten_by_reset_not_by_rls_bounds():
+    """A later key overlaps batch 1's key: a per-batch-reset (MEMIT-like) editor and a hard-write
+    editor overwrite batch 1's output; RLSEdit keeps it within the T5(c) budget."""
+    rng = np.random.default_rng(0)
+    d_k, d_v, T = 8, 2, 10
+    W0 = rng.standard_normal((d_k, d_v))
+    problem = Problem(W0, 1e-2, 0.0)
+    W_true = W0 + rng.standard_normal((d_k, d_v))  # realises every edit below
+    k1 = rng.standard_normal((1, d_k))
+    edits = [(k1, k1 @ W_true)]
+    for _ in range(T):
+        k = k1 + 0.5 * rng.standard_normal((1, d_k))  # overlaps the early key
+        edits.append((k, k @ W_true))
+
+    def batch1_residuals(editor):
+        return [np.linalg.norm(k1 @ editor.update(K, V) - edits[0][1]) for K, V in edits]
+
+    rls = batch1_residuals(RecursiveLS(problem))
+    reset = batch1_residuals(PerBatchReset(problem))
+    hard = batch1_residuals(HardWrite(problem))
+    # All three write batch 1 (nearly) exactly at t = 1 ...
+    assert max(rls[0], reset[0], hard[0]) < 0.01
+    # ... later edits make the reset and hard-write editors forget it; RLSEdit does not.
+    assert max(reset[1:]) > 0.5 and max(hard[1:]) > 0.5
+    assert max(rls) < max(reset[1:]) / 10
+    budget = math.sqrt(B._metric_sq(problem, W_true - problem.W_star0))
+    assert max(rls) <= budget
+    W_T = closed_form(problem, edits)
+    assert B.t5c_retention_bound(problem, edits, W_T, W_true).holds(1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tightness: cases where the bounds are attained
+
+
+def test_bounds_tightness():
+    # T3, scalar: A = a, K = k with k^2 = a gives ||K Delta|| = ||R0|| / 2 and equality.
+    a, k, w0, v = 4.0, 2.0, 0.3, 1.7
+    problem = Problem(np.array([[w0]]), a, 0.0)
+    edits = [(np.array([[k]]), np.array([[v]]))]
+    W_t = closed_form(problem, edits)
+    for bound in (B.t3_metric_bound(problem, edits, W_t), B.t3a_deviation_bound(problem, edits, W_t)):
+        assert math.isclose(bound.lhs, bound.rhs, rel_tol=1e-12), bound
+    # ... and a scalar k^2 != a is strictly inside.
+    loose = [(np.array([[3 * k]]), np.array([[v]]))]
+    assert B.t3_metric_bound(problem, loose, closed_form(problem, loose)).ratio < 0.9
+
+    # T3, matrix: A = a I and K = sqrt(a) U with U orthogonal (so K^T K = a I) attain the bound
+    # for any demand; T3(a) too. The same instance attains the C4 floor (A = alpha I).
+    rng = np.random.default_rng(1)
+    d_k, d_v = 5, 3
+    U = np.linalg.qr(rng.standard_normal((d_k, d_k)))[0]
+    problem = Problem(rng.standard_normal((d_k, d_v)), a, 0.0)
+    edits = [(math.sqrt(a) * U[:2], rng.standard_normal((2, d_v))),
+             (math.sqrt(a) * U[2:], rng.standard_normal((3, d_v)))]
+    W_t = closed_form(problem, edits)
+    for bound in (B.t3_metric_bound(problem, edits, W_t), B.t3a_deviation_bound(problem, edits, W_t),
+                  B.information_floor_bound(problem, edits)):
+        assert math.isclose(bound.lhs, bound.rhs, rel_tol=1e-10), bound
+
+    # T3(b): alpha = 0, K0 = k0 (d_k = 1), k^2 = beta k0^2.
+    beta, k0 = 2.0, 1.5
+    problem = Problem(np.array([[w0]]), 0.0, beta, K0=np.array([[k0]]))
+    kk = math.sqrt(beta) * k0
+    edits = [(np.array([[kk]]), np.array([[v]]))]
+    bound = B.t3b_anchor_bound(problem, edits, closed_form(problem, edits))
+    assert math.isclose(bound.lhs, bound.rhs, rel_tol=1e-12), bound
+
+    # T2 with u = 1: S_t is the scalar 1 + k C k^T; the bound is an equality on any stream.
+    problem = Problem(rng.standard_normal((d_k, d_v)), 0.5, 0.0)
+    rls = RecursiveLS(problem)
+    for _ in range(5):
+        K, V = rng.standard_normal((1, d_k)), rng.standard_normal((1, d_v))
+        W_prev, C_prev = rls.W_.copy(), rls.C_.copy()
+        rls.update(K, V)
+        bound = B.t2_adherence_bound(K, V, W_prev, rls.W_, C_prev)
+        assert math.isclose(bound.lhs, bound.rhs, rel_tol=1e-10), bound
+
+    # T4(a), (b), d_k = 1: K_t^2 = G_{t-1} makes the one-step problem the scalar T3 case.
+    problem = Problem(np.array([[w0]]), 1.0, 0.0)
+    rls = RecursiveLS(problem)
+    rls.update(np.array([[math.sqrt(3.0)]]), np.array([[0.4]]))  # G_1 = 1 + 3 = 4
+    W_prev, C_prev = rls.W_.copy(), rls.C_.copy()
+    K, V = np.array([[2.0]]), np.array([[-1.3]])  # K^2 = 4 = G_1
+    rls.update(K, V)
+    for bound in (B.t4a_metric_bound(K, V, W_prev, rls.W_, C_prev),
+                  B.t4b_step_bound(K, V, W_prev, rls.W_, C_prev)):
+        assert math.isclose(bound.lhs, bound.rhs, rel_tol=1e-12), bound
+
+    # T5(d): the regret is zero at W = W*_t; T5(c) with a single realisable batch written at the
+    # scalar tight point: ||k W_t - v|| = ||W_dag - W*_0||_A / 2 ... strictly inside the budget.
+    problem = Problem(np.array([[w0]]), a, 0.0)
+    edits = [(np.array([[k]]), np.array([[v]]))]
+    W_t = closed_form(problem, edits)
+    regret = B.t5d_regret_bound(problem, edits, W_t, W_t)
+    assert regret.lhs == regret.rhs
+    W_dag = np.array([[v / k]])
+    retention = B.t5c_retention_bound(problem, edits, W_t, W_dag)
+    # Here ||k W_t - v|| = |R0| / 2 and ||W_dag - w0||_A = sqrt(a) |R0| / k = |R0|.
+    assert math.isclose(retention.ratio, 0.5, rel_tol=1e-12)
