@@ -12,19 +12,24 @@ Measures, for the Woodbury recursion of ``rlsedit_theory.recursive``:
    one read and one write). For large ``u`` the flop count ``4 d_k^2 u`` (``F`` and the rank-``u``
    update) at the measured ``dgemm`` rate is the binding floor; the table shows both.
 
-Besides the library function it times candidate implementations of the same step (see
-``CANDIDATES``), so that a proposed optimisation comes with before/after figures:
+Besides the library function it times other implementations of the same step (see
+``CANDIDATES``), so that optimisations come with before/after figures:
 
-- ``gemm``: ``C_new = copy(C)``, then ``C_new -= G G^T`` in place by BLAS ``dgemm`` with
-  ``G = F R^{-T}`` (``S = R R^T``). No ``d_k^2`` temporaries, no transposed reads. ``C_new`` is
-  exactly symmetric for ``u = 1``; for ``u > 1`` the BLAS may round ``(i, j)`` and ``(j, i)``
-  differently (1 ulp).
-- ``syrk``: ``C_new = C - G @ G.T``: NumPy forms ``G G^T`` by ``dsyrk`` and mirrors it, so
-  ``C_new`` is exactly symmetric whenever ``C`` is; one ``d_k^2`` temporary.
-- ``inplace``: the ``gemm`` variant without the copy (what a stateful estimator that owns ``C``
-  could do); this one reaches the floor as defined above.
+- ``naive``: the first version of ``woodbury_update`` (``C - L F^T`` with ``L = F S^{-1}``, then
+  ``(C + C^T) / 2``). The symmetrisation reads ``C^T`` with a stride of ``8 d_k`` bytes and the
+  products allocate ``d_k^2`` temporaries: about ten passes over ``C``, several of them
+  cache-hostile.
+- ``library``: ``rlsedit_theory.woodbury_update`` as it is now: a copy of ``C``, then
+  ``C -= G G^T`` in place by one BLAS ``dgemm`` (``G = F R^{-T}``, ``S = R R^T``), plus a
+  cache-blocked copy of the upper triangle onto the lower one when ``u > 1``. Five passes for
+  ``u = 1``.
+- ``syrk``: ``C - G @ G.T``: NumPy forms ``G G^T`` by ``dsyrk`` and mirrors it itself (exactly
+  symmetric, one ``d_k^2`` temporary).
+- ``inplace``: the library step without the copy, as a stateful estimator that owns ``C`` could
+  run it: three passes, i.e. the floor as defined above.
 
-Run ``python benchmarks/update_cost.py`` (about 10 minutes) or ``--quick`` (about a minute).
+Run ``python benchmarks/update_cost.py`` (about 5 minutes on 2 cores) or ``--quick`` (seconds);
+``--long`` adds the ``d_k = 4096`` history up to ``t = 10^4``.
 Environment variables that change BLAS behaviour (``OPENBLAS_NUM_THREADS``,
 ``OPENBLAS_CORETYPE``) are reported, not changed; compare runs with them set and unset from the
 shell.
@@ -43,7 +48,7 @@ from typing import Callable
 import numpy as np
 import scipy
 import scipy.linalg
-from scipy.linalg import blas, lapack
+from scipy.linalg import blas
 
 try:  # optional: only used to report the BLAS in use
     import threadpoolctl
@@ -60,27 +65,19 @@ from rlsedit_theory import Problem, RecursiveLS, woodbury_update
 def _factor(C: np.ndarray, K: np.ndarray):
     F = C @ K.T  # (d_k, u): one read of C
     S = np.eye(K.shape[0]) + K @ F  # (u, u)
-    R, info = lapack.dpotrf((S + S.T) / 2, lower=1, clean=1)  # S = R R^T
-    if info != 0:
-        raise np.linalg.LinAlgError("I + K C K^T is not SPD")
-    G = scipy.linalg.solve_triangular(R, F.T, lower=True, check_finite=False).T  # F R^{-T}
-    L = scipy.linalg.solve_triangular(R, G.T, lower=True, trans="T", check_finite=False).T  # F S^-1
-    return G, L
+    R = scipy.linalg.cholesky((S + S.T) / 2, lower=True)  # S = R R^T
+    L = scipy.linalg.cho_solve((R, True), F.T).T  # F S^{-1}
+    return L @ R, L  # G = F R^{-T} (G G^T = F S^{-1} F^T), gain
 
 
-def _gemm_minus_GGt(C_out: np.ndarray, G: np.ndarray) -> None:
-    """``C_out -= G G^T`` in place (``C_out`` C-contiguous and symmetric: its transpose is the
-    Fortran-ordered array BLAS updates)."""
-    res = blas.dgemm(-1.0, G, G, beta=1.0, c=C_out.T, trans_b=True, overwrite_c=True)
-    if not np.shares_memory(res, C_out):  # not updated in place (unexpected layout)
-        C_out[...] = res.T
-
-
-def update_gemm(C, W, K, V):
-    r = V - K @ W  # (u, d_v)
-    G, L = _factor(C, K)
-    C_new = C.copy()
-    _gemm_minus_GGt(C_new, G)
+def update_naive(C, W, K, V):
+    """The first version of the step, kept here as the "before" figure."""
+    r = V - K @ W
+    F = C @ K.T
+    S = np.eye(K.shape[0]) + K @ F
+    L = scipy.linalg.cho_solve(scipy.linalg.cho_factor((S + S.T) / 2, lower=True), F.T).T
+    C_new = C - L @ F.T
+    C_new = (C_new + C_new.T) / 2
     return C_new, W + L @ r
 
 
@@ -93,7 +90,8 @@ def update_syrk(C, W, K, V):
 def update_inplace(C, W, K, V):
     r = V - K @ W
     G, L = _factor(C, K)
-    _gemm_minus_GGt(C, G)
+    res = blas.dgemm(-1.0, G, G, beta=1.0, c=C.T, trans_b=True, overwrite_c=True)
+    assert np.shares_memory(res, C)
     W += L @ r
     return C, W
 
@@ -104,8 +102,8 @@ def update_library(C, W, K, V):
 
 
 CANDIDATES: dict[str, Callable] = {
+    "naive": update_naive,
     "library": update_library,
-    "gemm": update_gemm,
     "syrk": update_syrk,
     "inplace": update_inplace,
 }
@@ -251,11 +249,15 @@ def describe_environment() -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and short histories")
+    parser.add_argument("--long", action="store_true",
+                        help="also run d_k=4096 to t=10000 (about 10-15 more minutes)")
+    parser.add_argument("--history-only", action="store_true", help="skip the d_k x u table")
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (best is kept)")
-    parser.add_argument("--variants", default="library,gemm,syrk,inplace",
+    parser.add_argument("--variants", default="naive,library,syrk,inplace",
                         help="comma-separated subset of: " + ",".join(CANDIDATES))
-    parser.add_argument("--history-variants", default="library,gemm",
-                        help="variants whose time is measured against t")
+    parser.add_argument("--history-variants", default="library",
+                        help="variants whose time is measured against t (naive is slow: ~20 ms "
+                        "per step at d_k=1024, so it is run only up to d_k=256 unless listed here)")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     for v in variants + args.history_variants.split(","):
@@ -271,8 +273,10 @@ def main(argv=None) -> int:
     else:
         repeats = args.repeats or 7
         sizes, us = [256, 512, 1024, 2048, 4096], [1, 10, 100]
-        hist = {256: [1, 10, 100, 1000, 10000], 1024: [1, 10, 100, 1000, 10000], 4096: [1, 10, 100]}
+        hist = {256: [1, 10, 100, 1000, 10000], 1024: [1, 10, 100, 1000, 10000], 4096: [1, 10, 100, 1000]}
         bw_bytes = 256 << 20
+        if args.long:
+            hist[4096].append(10000)
 
     print("# RLSEdit update cost")
     for line in describe_environment():
@@ -287,7 +291,10 @@ def main(argv=None) -> int:
     print("\n## Update time (ms) against history length t (u = 1, d_v = %d)" % d_v)
     flat_checks = []
     for d_k, ts in hist.items():
-        for variant in args.history_variants.split(","):
+        names = args.history_variants.split(",")
+        if d_k <= 256 and "naive" not in names:
+            names.append("naive")
+        for variant in names:
             started = time.perf_counter()
             res = time_vs_history(d_k, d_v, ts, repeats, variant)
             row = "  ".join(f"t={t}: {fmt_ms(s).strip()}" for t, s in res.items())
@@ -302,7 +309,7 @@ def main(argv=None) -> int:
     header += f" {'closed':>9} {'mem floor':>9} {'floor':>9} " + " ".join(f"{v + '/fl':>10}" for v in variants)
     print(header)
     floor_checks = []
-    for d_k in sizes:
+    for d_k in [] if args.history_only else sizes:
         for u in us:
             res, agree = time_vs_size(d_k, d_v, u, variants, repeats)
             mem_floor = 3 * 8 * d_k**2 / bw

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--restart", action="store_true", help="discard earlier results in OUT and start over")
     bench.add_argument("--report-only", action="store_true", help="rebuild tables and plots from OUT/results.json")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.add_argument("--interleave", action="store_true",
+                       help="run the methods round robin, one batch each (all methods keep the same "
+                            "number of edits if the run is stopped); needs memory for every method's state")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -150,6 +150,16 @@ class EditRecord:
     created: float = field(default_factory=time.time)
 
 
+def _max_positions(model) -> int:
+    """The longest sequence the model accepts (learned position tables cap it)."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30
+
+
 def _fact_slot(fact: Fact) -> tuple[str, str]:
     """What makes two facts "the same question": subject and relation (or prompt template)."""
     return (fact.subject, fact.relation_id or fact.prompt)
@@ -205,7 +215,8 @@ class Editor:
         cfg = self.config
         moments = second_moments(
             self.model, self.tokenizer, self.spec_, list(self.layers_), corpus=cfg.corpus,
-            n_tokens=cfg.stats_tokens, max_length=cfg.stats_max_length, cache_dir=cfg.cache_dir,
+            n_tokens=cfg.stats_tokens, cache_dir=cfg.cache_dir,
+            max_length=min(cfg.stats_max_length, _max_positions(self.model)),
         )
         dtype = getattr(torch, cfg.state_dtype)
         solvers = {}
@@ -266,7 +277,9 @@ class Editor:
         model, tok, spec, layers = self.model, self.tokenizer, self.spec_, self.layers_
         z_layer = layers[-1]
 
-        replaced = self._retract_replaced(facts) if self.config.replace else {}
+        # Only the exact recursion can retract; baselines keep earlier facts (documented).
+        can_retract = self.config.replace and self.config.method == "rlsedit"
+        replaced = self._retract_replaced(facts) if can_retract else {}
 
         tic = time.perf_counter()
         before = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
@@ -344,7 +357,7 @@ class Editor:
             K, V = record.keys[layer][rows], record.values[layer][rows]
             self.solvers_[layer].downdate(K, V)
             write_weight(self._module(layer), self.solvers_[layer].W_)
-        index = self.journal_.index(record)
+        index = next(i for i, r in enumerate(self.journal_) if r is record)
         if keep:
             self.journal_[index] = dataclasses.replace(
                 record,
@@ -358,6 +371,8 @@ class Editor:
     def undo(self, edit_id: int) -> None:
         """Retract a past edit exactly: the state equals a stream in which it was never made
         (other edits' stored keys and values unchanged)."""
+        if self.config.method != "rlsedit":
+            raise HyperparameterError(f"undo needs method='rlsedit'; this editor runs {self.config.method!r}")
         record = next((r for r in self.journal_ if r.edit_id == edit_id), None)
         if record is None:
             known = [r.edit_id for r in self.journal_]
@@ -404,14 +419,21 @@ def edit(model, facts, *, tokenizer=None, config: EditConfig | None = None) -> E
         if tokenizer is None:
             raise HyperparameterError("the first rlsedit_llm.edit call on a model needs tokenizer=")
         editor = Editor(model, tokenizer, config)
-        object.__setattr__(model, _ATTR, editor)
+        report = editor.edit(facts)
+        object.__setattr__(model, _ATTR, editor)  # only once the first edit succeeded
+        return report
     elif config is not None and config != editor.config:
         raise HyperparameterError(
             "this model already has a lifelong editor with a different config; "
             "use rlsedit_llm.Editor for a separate stream"
         )
-    elif tokenizer is not None and tokenizer is not editor.tokenizer:
-        editor.tokenizer = tokenizer
+    if tokenizer is not None and tokenizer is not editor.tokenizer:
+        previous, editor.tokenizer = editor.tokenizer, tokenizer
+        try:
+            return editor.edit(facts)
+        except BaseException:
+            editor.tokenizer = previous
+            raise
     return editor.edit(facts)
 
 

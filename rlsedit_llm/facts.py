@@ -204,10 +204,11 @@ def as_facts(objs: Iterable) -> list[Fact]:
 
 def encode_target(tokenizer, target: str) -> list[int]:
     """Token ids of the target as it follows a prompt: with a leading space, no special tokens,
-    a leading BOS/UNK dropped (the MEMIT-lineage convention)."""
+    a leading BOS dropped (the MEMIT-lineage convention; an unknown-token id is kept, so that
+    :func:`validate_facts` reports the target as unrepresentable instead of silently shortening it)."""
     text = target if target.startswith(" ") else " " + target
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if ids and ids[0] in {tokenizer.bos_token_id, tokenizer.unk_token_id} - {None}:
+    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
         ids = ids[1:]
     return ids
 

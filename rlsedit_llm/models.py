@@ -378,8 +378,15 @@ def load_model(name: str = "smollm2", *, dtype: torch.dtype = torch.float32, dev
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        try:  # local folder or local hub cache first: no network round trips
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            local = True
+        except Exception:
+            if Path(name).exists():
+                raise
+            tok = AutoTokenizer.from_pretrained(name)  # fails fast-ish (hub retries) when offline
+            local = False
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
     except Exception as exc:
         raise ModelLoadError(
             f"could not load model {str(name)!r}: {type(exc).__name__}: {exc}. Without network access "
@@ -459,11 +466,14 @@ def _tiny_config(family: str, *, vocab: int, eos: int, n_layers: int, d_model: i
 
 def tiny_model(family: str, *, seed: int = 0, n_layers: int = 4, d_model: int = 32, n_heads: int = 4,
                d_ff: int | None = None, max_positions: int = 256, dtype: torch.dtype = torch.float32,
-               attn_implementation: str | None = None, **config_overrides):
+               attn_implementation: str | None = None, init_std: float | None = None, **config_overrides):
     """A tiny randomly initialised causal LM of ``family`` and a matching tokenizer, built offline.
 
     ``d_ff`` is the MLP inner width (the key dimension ``d_k``; default ``2 * d_model``; pass
-    ``d_ff=d_model`` for a square edited matrix). Extra keyword arguments are set on the config.
+    ``d_ff=d_model`` for a square edited matrix). ``init_std`` overrides the weight initialisation
+    scale (``initializer_range``, default 0.02): with a larger scale (e.g. 0.3) the output
+    distribution is far from uniform and a hidden-state change can move it, as in a trained
+    model. Extra keyword arguments are set on the config.
     Deterministic for a ``seed``. Returns ``(model, tokenizer)`` with the model in eval mode.
     """
     from transformers import AutoModelForCausalLM
@@ -476,6 +486,8 @@ def tiny_model(family: str, *, seed: int = 0, n_layers: int = 4, d_model: int = 
     eos = tok.convert_tokens_to_ids(_TINY_EOS)
     cfg = _tiny_config(family, vocab=len(tok), eos=eos, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
                        d_ff=d_ff or 2 * d_model, max_positions=max_positions, **config_overrides)
+    if init_std is not None:
+        cfg.initializer_range = float(init_std)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

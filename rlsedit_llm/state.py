@@ -50,6 +50,7 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,6 +74,7 @@ __all__ = [
     "save_edit_pack",
     "apply_edit_pack",
     "read_edit_pack_metadata",
+    "read_manifest",
 ]
 
 log = logging.getLogger(__name__)
@@ -154,7 +156,9 @@ def _swap_in(tmp: Path, target: Path) -> None:
 def _siblings(target: Path, kind: str) -> list[Path]:
     """``<target>.<kind>-XXXX`` folders next to ``target``, newest first."""
     prefix = f"{target.name}.{kind}-"
-    found = [p for p in target.parent.glob(prefix + "*") if p.is_dir()] if target.parent.is_dir() else []
+    if not target.parent.is_dir():
+        return []
+    found = [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
@@ -274,10 +278,13 @@ def save_editor(editor: Editor, directory) -> Path:
     complete and on disk. Returns the folder.
 
     Raises :class:`StateMismatchError` if the model's edited layers no longer hold the editor's
-    weights (changed outside the editor), and OSError for file-system failures (the previous
-    save stays in place).
+    weights (changed outside the editor), FileExistsError if ``directory`` holds something other
+    than a save (it is never replaced), and OSError for file-system failures (the previous save
+    stays in place).
     """
     target = Path(directory)
+    if target.exists() and not (target / MANIFEST).is_file() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} exists and is not a saved editor state; refusing to replace it")
     _check_model_matches_state(editor)
 
     layers_meta, solver_tensors = {}, {}
@@ -312,7 +319,7 @@ def save_editor(editor: Editor, directory) -> Path:
     }
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(_mkdtemp(target))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
     try:
         files = {}
         for name, tensors in ((SOLVERS, solver_tensors), (JOURNAL, journal_tensors)):
@@ -334,12 +341,6 @@ def save_editor(editor: Editor, directory) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     log.info("saved editor state (%d edits, layers %s) to %s", len(editor.journal_), list(editor.layers_), target)
     return target
-
-
-def _mkdtemp(target: Path) -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent)
 
 
 def read_manifest(directory) -> dict:
@@ -400,7 +401,11 @@ def load_editor(model, tokenizer, directory) -> Editor:
             f"same pre-trained model (same weights and dtype) before loading the state"
         )
 
-    config = EditConfig.from_dict(manifest["config"])
+    try:
+        config = EditConfig.from_dict(manifest["config"])
+        value_config = ValueConfig(**manifest["value_config"])
+    except TypeError as exc:  # fields this version does not know
+        raise StateMismatchError(f"the saved hyperparameters do not fit this rlsedit version ({exc})") from None
     editor = Editor(model, tokenizer, config)
     editor.base_fingerprint_ = base
     if list(editor.layers_) != manifest["layers"]:
@@ -422,7 +427,7 @@ def load_editor(model, tokenizer, directory) -> Editor:
         journal.append(EditRecord(eid, [_fact_from_dict(f) for f in entry["facts"]], keys, values,
                                   created=entry["created"]))
 
-    editor.value_config_ = ValueConfig(**manifest["value_config"])
+    editor.value_config_ = value_config
     editor.templates_ = manifest["templates"]
     editor.solvers_ = solvers
     editor.journal_ = journal

@@ -55,7 +55,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -337,7 +337,8 @@ def _plan_sequences(
     if checkpoint_every:
         if not 0 < checkpoint_every < 1:
             raise HyperparameterError(f"checkpoint_every must be in (0, 1), got {checkpoint_every!r}")
-        thresholds = sorted({math.ceil(k * checkpoint_every * max_tokens) for k in range(1, int(1 / checkpoint_every) + 1)})
+        n_marks = int(1 / checkpoint_every) + 1
+        thresholds = sorted({math.ceil(k * checkpoint_every * max_tokens) for k in range(1, n_marks)})
         thresholds = [t for t in thresholds if 0 < t < max_tokens]
     seqs: list[torch.Tensor] = []
     checkpoints: list[int] = []
@@ -819,10 +820,10 @@ def second_moments(
         "overflow": overflow,
         "dtype": _STORED_DTYPES[dtype],
     }
-    keys = {
-        layer: hashlib.sha256(json.dumps(dict(common, layer=layer, module=paths[layer]), sort_keys=True).encode()).hexdigest()
-        for layer in layers
-    }
+    keys = {}
+    for layer in layers:
+        fields = json.dumps(dict(common, layer=layer, module=paths[layer]), sort_keys=True)
+        keys[layer] = hashlib.sha256(fields.encode()).hexdigest()
     folder = root / model_fp.split(":")[1][:16]
     logger.debug("stats keys computed in %.2f s", time.perf_counter() - t0)
 
@@ -904,7 +905,9 @@ def _compute_missing(
                     if s.total.dtype != torch.float64 or s.d_k != _input_width(modules[l], l):
                         raise ValueError(f"layer {l}: wrong dtype or width")
                 start, position = loaded, pos
-                logger.info("resuming key statistics from checkpoint %s at sequence %d/%d", ckpt_stem, pos, len(plan.seqs))
+                logger.info(
+                    "resuming key statistics from checkpoint %s at sequence %d/%d", ckpt_stem, pos, len(plan.seqs)
+                )
             except (KeyError, ValueError, ShapeError, HyperparameterError) as exc:
                 logger.warning("ignoring checkpoint %s: %s", ckpt_stem, exc)
     if world > 1:

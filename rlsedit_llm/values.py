@@ -309,9 +309,11 @@ class _FastForward:
         finally:
             for h in handles:
                 h.remove()
-        for _, cache_name, _ in self.calls:
+        for _, cache_name, flat in self.calls:
             if cache_name is None:
                 raise _FastPathUnavailable("a decoder layer takes no KV-cache argument")
+            if "attention_mask" not in flat:
+                raise _FastPathUnavailable("a decoder layer takes no attention_mask argument")
         if self.upper and len(recorder.store) != len(self.upper):
             raise _FastPathUnavailable("not every upper layer reported its keys/values")
         self.store = recorder.store
@@ -364,10 +366,12 @@ class _FastForward:
         key = (name, id(value))
         if key in memo:
             return memo[key][1]
-        if value is None or isinstance(value, (bool, int, float, str)):
-            out = value
-        elif name == "attention_mask" and isinstance(value, torch.Tensor):
+        if name == "attention_mask":
+            if not isinstance(value, torch.Tensor):  # e.g. None: the layer would assume a plain causal mask
+                raise _FastPathUnavailable(f"attention mask passed as {type(value).__name__}")
             out = self._slice_mask(value)
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            out = value
         elif name in _POSITION_ARG_NAMES and isinstance(value, torch.Tensor):
             out = self._slice_positions(value)
         elif name in _POSITION_ARG_NAMES and isinstance(value, tuple) and all(isinstance(t, torch.Tensor) for t in value):

@@ -178,8 +178,9 @@ def stationary_moments(W_true, key_cov, noise: float, u: int) -> Moments:
     )
 
 
-def make_stationary_stream(rng: np.random.Generator, d_k: int, d_v: int, T: int, u: int,
-                           W_true, key_cov, noise: float) -> list[tuple[np.ndarray, np.ndarray]]:
+def make_stationary_stream(
+    rng: np.random.Generator, d_k: int, d_v: int, T: int, u: int, W_true, key_cov, noise: float
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """``T`` i.i.d. batches: keys ``K (u, d_k)`` with rows ``~ N(0, key_cov)`` and values
     ``V = K W_true + noise * N(0, I) (u, d_v)``.
 
@@ -192,7 +193,9 @@ def make_stationary_stream(rng: np.random.Generator, d_k: int, d_v: int, T: int,
     """
     W_true = as_matrix(W_true, "W_true", shape=(d_k, d_v))
     cov = as_matrix(key_cov, "key_cov", shape=(d_k, d_k))
-    if not (isinstance(T, (int, np.integer)) and T >= 0 and isinstance(u, (int, np.integer)) and u >= 1):
+    if not (
+        isinstance(T, (int, np.integer)) and T >= 0 and isinstance(u, (int, np.integer)) and u >= 1
+    ):
         raise ShapeError(f"T must be an integer >= 0 and u >= 1; got T={T!r}, u={u!r}")
     noise = _check_ratio(noise, "noise")
     try:
@@ -208,8 +211,9 @@ def make_stationary_stream(rng: np.random.Generator, d_k: int, d_v: int, T: int,
 # T7: the limit minimiser and the trade-off path (C2, C3)
 
 
-def limit_weights(Sigma_KK, Sigma_KV, problem_or_W0, a: float, b: float, *,
-                  gram0=None, K0=None, V0=None) -> np.ndarray:
+def limit_weights(
+    Sigma_KK, Sigma_KV, problem_or_W0, a: float, b: float, *, gram0=None, K0=None, V0=None
+) -> np.ndarray:
     """The limit minimiser ``W_inf = H^{-1}(Sigma_KV + a W0 + b K0^T V0)`` (T7 ii).
 
     ``H = Sigma_KK + a I + b K0^T K0``. With empirical moments and ``(a, b) =
@@ -267,8 +271,19 @@ class TradeoffPath(NamedTuple):
     W: np.ndarray  # (m, d_k, d_v)
 
 
-def tradeoff_path(Sigma_KK, Sigma_KV, s_VV: float, problem_or_W0, a1: float, b1: float,
-                  rhos, *, gram0=None, K0=None, V0=None) -> TradeoffPath:
+def tradeoff_path(
+    Sigma_KK,
+    Sigma_KV,
+    s_VV: float,
+    problem_or_W0,
+    a1: float,
+    b1: float,
+    rhos,
+    *,
+    gram0=None,
+    K0=None,
+    V0=None,
+) -> TradeoffPath:
     """C3: the limit minimiser along the ray ``(a, b) = rho (a1, b1)`` and its two costs.
 
     ``f(rho) = misfit(W_inf(rho))`` is non-decreasing and ``g(rho) = preservation(W_inf(rho))``
@@ -304,8 +319,11 @@ def _preservation_from_anchor(W, anchor: _Anchor, a1: float, b1: float) -> float
     D = W - anchor.W0  # (d_k, d_v)
     # ||K0 W - V0||^2 = ||K0 D||^2 + 2 <K0 D, K0 W0 - V0> + ||K0 W0 - V0||^2
     off = anchor.gram0 @ anchor.W0 - anchor.cross0  # K0^T (K0 W0 - V0)
-    base = float(np.sum(anchor.W0 * (anchor.gram0 @ anchor.W0)) - 2 * np.sum(anchor.W0 * anchor.cross0)
-                 + anchor.v0_sq)
+    base = float(
+        np.sum(anchor.W0 * (anchor.gram0 @ anchor.W0))
+        - 2 * np.sum(anchor.W0 * anchor.cross0)
+        + anchor.v0_sq
+    )
     anchor_sq = float(np.sum(D * (anchor.gram0 @ D)) + 2 * np.sum(D * off)) + max(base, 0.0)
     return a1 * float(np.sum(D**2)) + b1 * max(anchor_sq, 0.0)
 
@@ -314,8 +332,22 @@ def _preservation_from_anchor(W, anchor: _Anchor, a1: float, b1: float) -> float
 # T7: quantitative statements
 
 
-def t7_rate_bound(S_hat, B_hat, a_t: float, b_t: float, Sigma_KK, Sigma_KV, problem_or_W0,
-                  a: float, b: float, *, W_t=None, gram0=None, K0=None, V0=None) -> Bound:
+def t7_rate_bound(
+    S_hat,
+    B_hat,
+    a_t: float,
+    b_t: float,
+    Sigma_KK,
+    Sigma_KV,
+    problem_or_W0,
+    a: float,
+    b: float,
+    *,
+    W_t=None,
+    gram0=None,
+    K0=None,
+    V0=None,
+) -> Bound:
     """T7(iii) perturbation bound:
 
     ``||W*_t - W_inf||_F <= ||H_t^{-1}||_2 ( ||b~_t - b~||_F + ||H_t - H||_2 ||W_inf||_F )``.
@@ -348,8 +380,10 @@ def t7_rate_bound(S_hat, B_hat, a_t: float, b_t: float, Sigma_KK, Sigma_KV, prob
         W_t = as_matrix(W_t, "W_t", shape=(d_k, d_v))
     lam = float(np.linalg.eigvalsh(H_t)[0])
     inv_norm = 1.0 / lam if lam > 0 else math.inf
-    rhs_bound = inv_norm * (float(np.linalg.norm(rhs_t - rhs))
-                            + float(np.linalg.norm(H_t - H, 2)) * float(np.linalg.norm(W_inf)))
+    rhs_bound = inv_norm * (
+        float(np.linalg.norm(rhs_t - rhs))
+        + float(np.linalg.norm(H_t - H, 2)) * float(np.linalg.norm(W_inf))
+    )
     return Bound(
         float(np.linalg.norm(W_t - W_inf)),
         rhs_bound,
@@ -357,9 +391,24 @@ def t7_rate_bound(S_hat, B_hat, a_t: float, b_t: float, Sigma_KK, Sigma_KV, prob
     )
 
 
-def t7_pointwise_bound(W, S_hat, B_hat, s_hat: float, a_t: float, b_t: float, Sigma_KK, Sigma_KV,
-                       s_VV: float, problem_or_W0, a: float, b: float, *,
-                       gram0=None, K0=None, V0=None) -> Bound:
+def t7_pointwise_bound(
+    W,
+    S_hat,
+    B_hat,
+    s_hat: float,
+    a_t: float,
+    b_t: float,
+    Sigma_KK,
+    Sigma_KV,
+    s_VV: float,
+    problem_or_W0,
+    a: float,
+    b: float,
+    *,
+    gram0=None,
+    K0=None,
+    V0=None,
+) -> Bound:
     """T7(i) quantitative pointwise convergence at a fixed ``W (d_k, d_v)``:
 
     ``|Jbar_t(W) - Jbar_inf(W)| <= ||S_hat_t - Sigma_KK||_2 ||W||^2 + 2 ||B_hat_t - Sigma_KV|| ||W||
@@ -378,8 +427,13 @@ def t7_pointwise_bound(W, S_hat, B_hat, s_hat: float, a_t: float, b_t: float, Si
     J_t = misfit(W, S_t, B_t, s_hat) + a_t * prox + b_t * anch
     J_inf = misfit(W, S, B, s_VV) + a * prox + b * anch
     w2 = float(np.sum(W**2))
-    rhs = (float(np.linalg.norm(S_t - S, 2)) * w2 + 2 * float(np.linalg.norm(B_t - B)) * math.sqrt(w2)
-           + abs(s_hat - s_VV) + abs(a_t - a) * prox + abs(b_t - b) * anch)
+    rhs = (
+        float(np.linalg.norm(S_t - S, 2)) * w2
+        + 2 * float(np.linalg.norm(B_t - B)) * math.sqrt(w2)
+        + abs(s_hat - s_VV)
+        + abs(a_t - a) * prox
+        + abs(b_t - b) * anch
+    )
     return Bound(abs(J_t - J_inf), rhs, "T7i |Jbar_t(W) - Jbar_inf(W)| <= ...")
 
 
@@ -387,7 +441,9 @@ def t7_pointwise_bound(W, S_hat, B_hat, s_hat: float, a_t: float, b_t: float, Si
 # T6: limits in the regularisation weights at fixed t
 
 
-def hard_write_limit(problem: Problem, edits: Sequence, *, rcond: float | None = None) -> np.ndarray:
+def hard_write_limit(
+    problem: Problem, edits: Sequence, *, rcond: float | None = None
+) -> np.ndarray:
     """T6(b): the hard-write limit ``W^HW`` of ``W*_t`` as ``(alpha, beta) = s (a, b)``, ``s -> 0``.
 
     ``W^HW = argmin { ||W - W*_0||_{A_1} : W in argmin_W sum_i ||K_i W - V_i||^2 }`` with
@@ -446,8 +502,8 @@ def null_space_limit(problem: Problem, edits: Sequence, *, rtol: float = 1e-10) 
     Raises
     ------
     NotPositiveDefiniteError
-        If ``Q^T K^T K Q + alpha I`` is singular (``alpha = 0`` and the edits do not determine
-        the null-space block).
+        If ``Q^T K^T K Q + alpha I`` is numerically singular. (For a valid :class:`Problem` this
+        needs ``alpha = 0``, which requires a full-column-rank anchor, so ``m = 0``: defensive.)
     """
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be a Problem; got {type(problem).__name__}")

@@ -112,7 +112,9 @@ class Identity(NamedTuple):
     @property
     def scale(self) -> float:
         """``max(||lhs||_F, ||rhs||_F)``, the size the error is relative to."""
-        return float(max(np.linalg.norm(np.asarray(self.lhs)), np.linalg.norm(np.asarray(self.rhs))))
+        return float(
+            max(np.linalg.norm(np.asarray(self.lhs)), np.linalg.norm(np.asarray(self.rhs)))
+        )
 
     @property
     def relative_error(self) -> float:
@@ -269,7 +271,9 @@ def t2_residual_identity(K, V, W_prev, W_new, C_prev) -> Identity:
     K, V, W_prev, W_new, C_prev = _check_step(K, V, W_prev, W_new, C_prev)
     r = V - K @ W_prev  # (u, d_v)
     _, _, factor = _gain_terms(K, C_prev)
-    return Identity(V - K @ W_new, scipy.linalg.cho_solve(factor, r), "T2 V_t - K_t W_t = S_t^-1 r_t")
+    return Identity(
+        V - K @ W_new, scipy.linalg.cho_solve(factor, r), "T2 V_t - K_t W_t = S_t^-1 r_t"
+    )
 
 
 def t2_shrink_factor(K, C_prev) -> float:
@@ -331,7 +335,9 @@ def t3_energy_identity(problem: Problem, edits: Sequence, W_t) -> Identity:
     Delta = W_t - problem.W_star0
     R0 = V - K @ problem.W_star0
     rhs = _fro(K @ W_t - V) ** 2 + _fro(K @ Delta) ** 2 + 2 * _metric_sq(problem, Delta)
-    return Identity(_fro(R0) ** 2, rhs, "T3 ||R0||^2 = ||K W_t - V||^2 + ||K Delta||^2 + 2||Delta||_A^2")
+    return Identity(
+        _fro(R0) ** 2, rhs, "T3 ||R0||^2 = ||K W_t - V||^2 + ||K Delta||^2 + 2||Delta||_A^2"
+    )
 
 
 def t3_metric_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
@@ -476,7 +482,9 @@ def t3d_crude_bounds(problem: Problem, edits: Sequence, W_t) -> tuple[Bound, Bou
     summed = summed / lam_A if lam_A > 0 else math.inf
     return (
         Bound(_fro(W_t - problem.W_star0), middle, "T3d' ||W_t - W*_0|| <= ||G_t^-1|| ||K^T R0||"),
-        Bound(middle, summed, "T3d' ||G_t^-1|| ||K^T R0|| <= sum_i ||K_i|| ||R0_i|| / lambda_min(A)"),
+        Bound(
+            middle, summed, "T3d' ||G_t^-1|| ||K^T R0|| <= sum_i ||K_i|| ||R0_i|| / lambda_min(A)"
+        ),
     )
 
 
@@ -485,7 +493,9 @@ def t3d_crude_bounds(problem: Problem, edits: Sequence, W_t) -> tuple[Bound, Bou
 
 
 def t4_energy_identity(K, V, W_prev, W_new, C_prev, *, G_prev=None) -> Identity:
-    """T4(a) identity: ``||r_t||^2 = ||V_t - K_t W_t||^2 + ||K_t Delta_t||^2 + 2 ||Delta_t||_{G_{t-1}}^2``.
+    """T4(a) identity, with ``Delta_t = W_t - W_{t-1}``:
+
+    ``||r_t||^2 = ||V_t - K_t W_t||^2 + ||K_t Delta_t||^2 + 2 ||Delta_t||_{G_{t-1}}^2``.
 
     T3 applied to the one-step problem whose prior metric is ``G_{t-1} = C_{t-1}^{-1}``.
 
@@ -503,12 +513,19 @@ def t4_energy_identity(K, V, W_prev, W_new, C_prev, *, G_prev=None) -> Identity:
     G_prev = _check_G_prev(G_prev, C_prev.shape[0])
     r = V - K @ W_prev
     Delta = W_new - W_prev
-    rhs = _fro(V - K @ W_new) ** 2 + _fro(K @ Delta) ** 2 + 2 * _prior_norm_sq(Delta, C_prev, G_prev)
-    return Identity(_fro(r) ** 2, rhs, "T4a ||r_t||^2 = ||V_t - K_t W_t||^2 + ||K_t D_t||^2 + 2||D_t||_G^2")
+    rhs = (
+        _fro(V - K @ W_new) ** 2 + _fro(K @ Delta) ** 2 + 2 * _prior_norm_sq(Delta, C_prev, G_prev)
+    )
+    return Identity(
+        _fro(r) ** 2, rhs, "T4a ||r_t||^2 = ||V_t - K_t W_t||^2 + ||K_t D_t||^2 + 2||D_t||_G^2"
+    )
 
 
 def t4a_metric_bound(K, V, W_prev, W_new, C_prev, *, G_prev=None) -> Bound:
-    """T4(a): ``||Delta_t||_{G_{t-1}} <= ||r_t||_F / 2``. Arguments as in :func:`t4_energy_identity`."""
+    """T4(a): ``||Delta_t||_{G_{t-1}} <= ||r_t||_F / 2``.
+
+    Arguments as in :func:`t4_energy_identity`.
+    """
     K, V, W_prev, W_new, C_prev = _check_step(K, V, W_prev, W_new, C_prev)
     G_prev = _check_G_prev(G_prev, C_prev.shape[0])
     Delta = W_new - W_prev
@@ -648,7 +665,9 @@ def t5b_drift_bound(problem: Problem, edits: Sequence, j: int, W_t, *, W_j=None,
     edits = [problem.check_batch(K, V) for K, V in edits]
     t = len(edits)
     if not (isinstance(j, (int, np.integer)) and 1 <= j <= t):
-        raise HyperparameterError(f"j must be an integer in 1..{t} (1-based batch index); got {j!r}")
+        raise HyperparameterError(
+            f"j must be an integer in 1..{t} (1-based batch index); got {j!r}"
+        )
     W_t = _weights(problem, W_t, "W_t")
     W_j = closed_form(problem, edits[:j]) if W_j is None else _weights(problem, W_j, "W_j")
     K_j = edits[j - 1][0]  # (u_j, d_k)
@@ -676,7 +695,9 @@ def _fit_and_metric(problem: Problem, K: np.ndarray, V: np.ndarray, W: np.ndarra
     return _fro(K @ W - V) ** 2 + _metric_sq(problem, W - problem.W_star0)
 
 
-def t5c_retention_bound(problem: Problem, edits: Sequence, W_t, W_dagger, *, batch: int = 1) -> Bound:
+def t5c_retention_bound(
+    problem: Problem, edits: Sequence, W_t, W_dagger, *, batch: int = 1
+) -> Bound:
     """T5(c): retention of a batch, uniform in ``t``.
 
     ``||K_b W_t - V_b||_F <= ( ||W_dagger - W*_0||_A^2 + sum_i ||K_i W_dagger - V_i||_F^2 )^{1/2}``.
@@ -709,7 +730,8 @@ def t5c_retention_bound(problem: Problem, edits: Sequence, W_t, W_dagger, *, bat
 def t5d_regret_bound(problem: Problem, edits: Sequence, W_t, W) -> Bound:
     """T5(d), regret form: for every ``W``,
 
-    ``sum_i ||K_i W_t - V_i||^2 + ||W_t - W*_0||_A^2 <= sum_i ||K_i W - V_i||^2 + ||W - W*_0||_A^2``.
+    ``sum_i ||K_i W_t - V_i||^2 + ||W_t - W*_0||_A^2``
+    ``    <= sum_i ||K_i W - V_i||^2 + ||W - W*_0||_A^2``.
 
     Equivalent to ``J_t(W*_t) <= J_t(W)`` (both sides differ from ``J_t`` by the same constant
     ``c_0``; this form avoids cancelling it). Use it with another editor's output ``W``.

@@ -85,9 +85,9 @@ def _step(C: np.ndarray, W: np.ndarray, K: np.ndarray, V: np.ndarray, sign: floa
     r = V - K @ W  # (u, d_v)
     F = C @ K.T  # (d_k, u)       the one read of C besides the update
     S = np.eye(K.shape[0]) - sign * (K @ F)  # (u, u)   I + K F  or  I - K F
-    R = _cholesky(S, what)  # S = R R^T
-    G = scipy.linalg.solve_triangular(R, F.T, lower=True, check_finite=False).T  # F R^{-T}
-    L = scipy.linalg.solve_triangular(R, G.T, lower=True, trans="T", check_finite=False).T  # F S^{-1}
+    R = _cholesky(S, what)  # S = R R^T, R lower
+    L = scipy.linalg.cho_solve((R, True), F.T).T  # F S^{-1}  (d_k, u): the gain
+    G = L @ R  # F R^{-T}, so G G^T = F S^{-1} F^T  (d_k, u)
     C_new = _symmetric_rank_update(C, G, sign)  # C -/+ F S^{-1} F^T
     return C_new, W - sign * (L @ r), StepInfo(r, L, S)
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..editor import EditConfig
 from ..errors import HyperparameterError, StateMismatchError
@@ -192,11 +193,9 @@ def run_bench(args) -> int:
         results["base"] = base_report(model, tok, facts, cfg, glue)
         _write_results(out, results)
 
-    for name in methods:
+    def start_method(name):
+        """The runner of ``name`` on the base weights, resumed from its saved state if usable."""
         record = results["methods"].get(name)
-        if record is not None and record.get("done"):
-            log.info("%s: already complete", name)
-            continue
         restore_weights(model, spec, W0)
         if model_fingerprint(model) != base_fp:
             raise StateMismatchError("the model differs from the base model after restoring the edited "
@@ -221,7 +220,7 @@ def run_bench(args) -> int:
         results["methods"][name] = record
         last = [time.perf_counter()]
 
-        def on_batch(rec, runner=runner, state=state, last=last):
+        def on_batch(rec):
             now = time.perf_counter()
             rec["seconds_wall"] = round(rec.get("seconds_wall", 0.0) + now - last[0], 2)
             if not rec["done"] and (rec["batches_done"] % save_every == 0 or rec["batches_done"] == cfg.n_batches):
@@ -230,11 +229,43 @@ def run_bench(args) -> int:
             last[0] = time.perf_counter()
             _write_results(out, results)
 
-        run_method(runner, model, tok, facts, cfg, record, W0=W0, grams=grams, alpha=edit_config.alpha,
-                   beta=edit_config.beta, glue=glue, base=results["base"], on_batch=on_batch,
-                   progress=not _arg(args, "quiet", False))
-        if not _arg(args, "keep_state", False):
-            shutil.rmtree(state, ignore_errors=True)
+        def advance(until=None, progress=not _arg(args, "quiet", False)):
+            last[0] = time.perf_counter()
+            run_method(runner, model, tok, facts, cfg, record, W0=W0, grams=grams, alpha=edit_config.alpha,
+                       beta=edit_config.beta, glue=glue, base=results["base"], on_batch=on_batch,
+                       progress=progress, until=until)
+            if record["done"] and not _arg(args, "keep_state", False):
+                shutil.rmtree(state, ignore_errors=True)
+
+        return runner, record, advance
+
+    todo = [m for m in methods if not (results["methods"].get(m) or {}).get("done")]
+    for name in methods:
+        if name not in todo:
+            log.info("%s: already complete", name)
+    if not _arg(args, "interleave", False):
+        for name in todo:  # one method after the other
+            _, _, advance = start_method(name)
+            advance()
+            write_report(results, out)
+    else:  # round robin: every method one batch at a time, so all stay at the same number of edits
+        active = {}
+        for name in todo:
+            runner, record, advance = start_method(name)
+            active[name] = (runner, record, advance, snapshot_weights(model, spec, layers))
+        rounds = tqdm(range(1, cfg.n_batches + 1), desc="+".join(active), unit="round",
+                      disable=_arg(args, "quiet", False))
+        for b in rounds:
+            for name, (runner, record, advance, _) in active.items():
+                if record["batches_done"] >= b:
+                    continue
+                restore_weights(model, spec, active[name][3])  # this method's current weights
+                advance(until=b, progress=False)
+                active[name] = (runner, record, advance, snapshot_weights(model, spec, layers))
+            write_report(results, out)
+        for name, (runner, record, advance, weights) in active.items():
+            restore_weights(model, spec, weights)
+            advance()  # the final scoring
         write_report(results, out)
     restore_weights(model, spec, W0)
     write_report(results, out)

@@ -308,7 +308,7 @@ def deviation_report(runner: MethodRunner, W0: dict[int, torch.Tensor], grams: d
 
 def _finite(x):
     """JSON-safe float (NaN/inf -> None)."""
-    return None if x is None or not math.isfinite(x) else round(float(x), 6)
+    return None if x is None or not math.isfinite(x) else float(f"{float(x):.6g}")
 
 
 def _clean(summary: dict) -> dict:
@@ -362,12 +362,13 @@ def run_method(runner: MethodRunner, model, tokenizer, facts: Sequence[Fact], cf
                record: dict, *, W0: dict[int, torch.Tensor], grams: dict[int, torch.Tensor] | None = None,
                alpha: float = 0.0, beta: float = 1.0, glue: dict[str, list] | None = None,
                base: dict | None = None, on_batch: Callable[[dict], None] | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, until: int | None = None) -> dict:
     """Write the stream ``facts`` with ``runner`` batch by batch, scoring as the protocol says.
 
     Continues from ``record["batches_done"]`` (``runner`` must then hold the state after that
     many batches) and updates ``record`` in place; ``on_batch(record)`` is called after every
-    batch and after the final scoring. Returns ``record``.
+    batch and after the final scoring. With ``until``, stops after that many batches (the final
+    scoring runs only once the whole stream is written). Returns ``record``.
     """
     cfg.validate()
     if len(facts) != cfg.n_edits:
@@ -375,7 +376,8 @@ def run_method(runner: MethodRunner, model, tokenizer, facts: Sequence[Fact], cf
     checkpoints = set(cfg.checkpoint_batches())
     retention = list(facts[: cfg.retention_size])
     start = record["batches_done"]
-    bar = tqdm(range(start, cfg.n_batches), desc=runner.name, unit="batch", initial=start,
+    stop = cfg.n_batches if until is None else min(until, cfg.n_batches)
+    bar = tqdm(range(start, stop), desc=runner.name, unit="batch", initial=start,
                total=cfg.n_batches, disable=not progress)
     for b in bar:
         batch = list(facts[b * cfg.batch_size:(b + 1) * cfg.batch_size])
@@ -408,7 +410,7 @@ def run_method(runner: MethodRunner, model, tokenizer, facts: Sequence[Fact], cf
             on_batch(record)
     bar.close()
 
-    if not record["done"]:
+    if not record["done"] and record["batches_done"] == cfg.n_batches:
         tic = time.perf_counter()
         rows = case_scores(cfg.dataset, model, tokenizer, facts, batch_size=cfg.score_batch_size)
         final = {"all": _clean(metrics.summarize_cases(rows)),

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import rlsedit_llm
 from rlsedit_llm import state as state_mod
-from rlsedit_llm.editor import EditConfig, Editor, editor_of
+from rlsedit_llm.editor import EditConfig, Editor, edit, editor_of
 from rlsedit_llm.errors import RLSEditError, StateMismatchError
 from rlsedit_llm.facts import Fact
 from rlsedit_llm.models import tiny_model
+from rlsedit_llm.stats import model_fingerprint
 from rlsedit_llm.state import (
     apply_edit_pack,
     load_editor,
@@ -95,7 +95,7 @@ def test_save_load_restores_weights_and_continues_the_same_recursion(stats_dir, 
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["editor.json", "journal.safetensors",
                                                                       "solvers.safetensors"]
     fresh, tok = tiny_model("llama")
-    assert manifest["base_fingerprint"] == rlsedit_llm.stats.model_fingerprint(fresh)
+    assert manifest["base_fingerprint"] == model_fingerprint(fresh)
 
     loaded = Editor.load(fresh, tok, tmp_path / "state")
     _assert_same_params(fresh, _params(editor.model))  # every parameter, bitwise
@@ -198,14 +198,14 @@ def test_model_state_of_rlsedit_edit(stats_dir, tmp_path):
     with pytest.raises(RLSEditError, match="no edit state"):
         save_model_state(model, tmp_path / "s")
     config = _config(stats_dir)
-    rlsedit_llm.edit(model, FACTS[0], tokenizer=tok, config=config)
+    edit(model, FACTS[0], tokenizer=tok, config=config)
     save_model_state(model, tmp_path / "s")
 
     fresh, _ = tiny_model("llama")
     editor = load_model_state(fresh, tok, tmp_path / "s")
     assert editor_of(fresh) is editor and editor.model is fresh
-    rlsedit_llm.edit(model, FACTS[1])  # both continue the same stream
-    rlsedit_llm.edit(fresh, FACTS[1])
+    edit(model, FACTS[1])  # both continue the same stream
+    edit(fresh, FACTS[1])
     _assert_same_params(fresh, _params(model))
     _assert_same_state(editor_of(model), editor_of(fresh), exact=True, same_created=False)
 
@@ -272,6 +272,7 @@ def test_edit_pack_application_is_all_or_nothing(stats_dir, tmp_path, monkeypatc
 # ---------------------------------------------------------------------------------------------
 def _save_loop(editors, directory, conn, use_exchange, slow, seed):
     """Child process: save the editors in turn, forever, with slowed-down writes."""
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
     rng = random.Random(seed)
     real_save_file = state_mod.save_file
 
@@ -292,6 +293,7 @@ def _save_loop(editors, directory, conn, use_exchange, slow, seed):
 
 def _stop_in_the_rename_window(editor, directory, conn):
     """Child process: save by two renames and stop right after the first (old save moved away)."""
+    torch.set_num_threads(1)
     real_rename = os.rename
 
     def rename(a, b):
@@ -461,3 +463,15 @@ def test_certificate_needs_rlsedit(stats_dir):
     editor = _edited(stats_dir, n_edits=1, method="memit_seq")
     with pytest.raises(HyperparameterError, match="rlsedit"):
         editor.certificate()
+
+
+def test_save_never_replaces_a_folder_that_is_not_a_save(stats_dir, tmp_path):
+    editor = _edited(stats_dir, n_edits=1)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a saved editor state"):
+        editor.save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    editor.save(tmp_path / "empty")  # an empty folder is fine
+    assert (tmp_path / "empty" / "editor.json").is_file()

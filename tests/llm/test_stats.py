@@ -348,7 +348,9 @@ def test_corpus_source_by_path(llama, tok, texts, tmp_path):
     path.write_text("\n\n".join(texts))
     by_path = _sm(llama, tok, str(path), tmp_path / "c1")
     by_list = _sm(llama, tok, texts, tmp_path / "c2")
+    by_dataset = _sm(llama, tok, load_corpus(path), tmp_path / "c3")
     assert all(torch.equal(by_path[l], by_list[l]) for l in (1, 3))
+    assert all(torch.equal(by_dataset[l], by_list[l]) for l in (1, 3))
 
 
 class _Interrupt(Exception):

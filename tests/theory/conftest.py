@@ -16,6 +16,7 @@ Import from test modules in this package with ``from .conftest import ...``.
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,8 @@ __all__ = [
     "random_problem",
     "random_stream",
     "bound_slack",
+    "condition_bound",
+    "exact_steps",
 ]
 
 ANCHORS = ("none", "gram", "explicit", "explicit_v0")
@@ -51,6 +54,34 @@ def bound_slack(R0_norm_sq: float) -> float:
     return 1e-9 * (R0_norm_sq + 1.0)
 
 
+def condition_bound(problem: Problem, edits) -> float:
+    """``lambda_max(G_T) / lambda_min(A)``: an upper bound on ``cond(G_t)`` for every ``t <= T``
+    (the generators below cap it at :data:`COND_CAP`)."""
+    K = np.vstack([K for K, _ in edits]) if edits else np.zeros((0, problem.d_k))
+    G = problem.metric + K.T @ K
+    return float(np.linalg.eigvalsh(G)[-1] / np.linalg.eigvalsh(problem.metric)[0])
+
+
+def exact_steps(problem: Problem, edits):
+    """The exact minimisers and states step by step, independently of the recursion.
+
+    Yields ``(t, K_t, V_t, W_prev, W_new, C_prev, G_prev)`` with ``W = G^{-1} B`` and
+    ``C = G^{-1}`` by Cholesky solves of the cumulative normal equations (``O(d_k^3)`` a step).
+    """
+    G = problem.metric.copy()
+    Bm = problem.rhs0.copy()
+    W, C = problem.W_star0, problem.solve_metric(np.eye(problem.d_k))
+    for t, (K, V) in enumerate(edits, start=1):
+        G_prev, C_prev, W_prev = G, C, W
+        G = G + K.T @ K
+        Bm = Bm + K.T @ V
+        factor = scipy.linalg.cho_factor(G, lower=True)
+        W = scipy.linalg.cho_solve(factor, Bm)
+        C = scipy.linalg.cho_solve(factor, np.eye(problem.d_k))
+        C = (C + C.T) / 2
+        yield t, K, V, W_prev, W, C_prev, G_prev
+
+
 # ----------------------------------------------------------------------------------------------
 # Seeded generators
 
@@ -59,9 +90,17 @@ def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
     return float(10 ** rng.uniform(np.log10(low), np.log10(high)))
 
 
-def random_problem(rng: np.random.Generator, d_k: int, d_v: int, *, alpha: float, beta: float,
-                   anchor: str = "none", full_rank_anchor: bool = False,
-                   anchor_scale: float = 1.0) -> Problem:
+def random_problem(
+    rng: np.random.Generator,
+    d_k: int,
+    d_v: int,
+    *,
+    alpha: float,
+    beta: float,
+    anchor: str = "none",
+    full_rank_anchor: bool = False,
+    anchor_scale: float = 1.0,
+) -> Problem:
     """A :class:`Problem` with ``W0 ~ N(0, 1)`` and the requested anchor kind.
 
     ``anchor`` is one of :data:`ANCHORS`. A full-rank anchor has ``n0 >= d_k + 2`` Gaussian rows
@@ -82,10 +121,19 @@ def random_problem(rng: np.random.Generator, d_k: int, d_v: int, *, alpha: float
     raise ValueError(f"unknown anchor kind {anchor!r}")
 
 
-def random_stream(rng: np.random.Generator, d_k: int, d_v: int, T: int, *, u_max: int = 5,
-                  key_scale: float = 1.0, value_scale: float = 1.0, rank_deficient: float = 0.25,
-                  subspace_dim: int | None = None,
-                  W_true: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def random_stream(
+    rng: np.random.Generator,
+    d_k: int,
+    d_v: int,
+    T: int,
+    *,
+    u_max: int = 5,
+    key_scale: float = 1.0,
+    value_scale: float = 1.0,
+    rank_deficient: float = 0.25,
+    subspace_dim: int | None = None,
+    W_true: np.ndarray | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """``T`` batches with ``u_t`` uniform in ``[1, u_max]`` and Gaussian keys of size ``key_scale``
     (each batch jittered by a factor in ``[0.5, 2]``). With probability ``rank_deficient`` a batch
     with ``min(u_t, d_k) >= 2`` has rank ``< min(u_t, d_k)``. Values are ``value_scale * N(0, 1)``,
@@ -95,7 +143,9 @@ def random_stream(rng: np.random.Generator, d_k: int, d_v: int, T: int, *, u_max
     """
     basis = None
     if subspace_dim is not None:
-        basis = np.linalg.qr(rng.standard_normal((d_k, subspace_dim)))[0].T  # (r, d_k) orthonormal rows
+        basis = np.linalg.qr(rng.standard_normal((d_k, subspace_dim)))[
+            0
+        ].T  # (r, d_k) orthonormal rows
     edits = []
     for _ in range(T):
         u = int(rng.integers(1, u_max + 1))
@@ -136,8 +186,8 @@ def _cap_condition(problem: Problem, edits, cap: float = COND_CAP) -> Problem:
 @st.composite
 def _instance(draw, *, min_T: int, max_T: int, d_k_range, d_v_range, max_u: int, realisable: bool):
     # Structure is drawn by Hypothesis (so failures shrink to small sizes and simple anchors);
-    # continuous scales come from a seeded Generator, log-uniform over their whole ranges (Hypothesis
-    # floats would pile up on the interval ends).
+    # continuous scales come from a seeded Generator, log-uniform over their whole ranges
+    # (Hypothesis floats would pile up on the interval ends).
     low, high = d_k_range
     small = (low, min(high, max(low, max_u - 1)))  # sizes where u_t > d_k is possible
     d_k = draw(st.one_of(st.integers(*small), st.integers(low, high)), label="d_k")
@@ -145,7 +195,9 @@ def _instance(draw, *, min_T: int, max_T: int, d_k_range, d_v_range, max_u: int,
     T = draw(st.integers(min_T, max_T), label="T")
     anchor = draw(st.sampled_from(ANCHORS), label="anchor")
     full_rank = anchor != "none" and draw(st.booleans(), label="full_rank_anchor")
-    beta_zero = anchor != "none" and draw(st.booleans().map(lambda b: b and not full_rank), label="beta_zero")
+    beta_zero = anchor != "none" and draw(
+        st.booleans().map(lambda b: b and not full_rank), label="beta_zero"
+    )
     alpha_zero = full_rank and draw(st.booleans(), label="alpha_zero")
     stress = draw(st.booleans(), label="extreme_scales")
     subspace = draw(st.booleans(), label="keys_in_subspace")
@@ -157,24 +209,46 @@ def _instance(draw, *, min_T: int, max_T: int, d_k_range, d_v_range, max_u: int,
     key_scale = (10.0 ** rng.choice([-2, 2])) if stress else _log_uniform(rng, 1e-2, 1e2)
     value_scale = _log_uniform(rng, 1e-2, 1e2)
     anchor_scale = _log_uniform(rng, 1e-1, 1e1)
-    problem = random_problem(rng, d_k, d_v, alpha=alpha, beta=beta, anchor=anchor,
-                             full_rank_anchor=full_rank, anchor_scale=anchor_scale)
+    problem = random_problem(
+        rng,
+        d_k,
+        d_v,
+        alpha=alpha,
+        beta=beta,
+        anchor=anchor,
+        full_rank_anchor=full_rank,
+        anchor_scale=anchor_scale,
+    )
     W_true = value_scale * rng.standard_normal((d_k, d_v)) if realisable else None
     r = int(rng.integers(1, d_k)) if subspace else None
-    edits = random_stream(rng, d_k, d_v, T, u_max=max_u, key_scale=key_scale,
-                          value_scale=value_scale * key_scale, subspace_dim=r, W_true=W_true)
+    edits = random_stream(
+        rng,
+        d_k,
+        d_v,
+        T,
+        u_max=max_u,
+        key_scale=key_scale,
+        value_scale=value_scale * key_scale,
+        subspace_dim=r,
+        W_true=W_true,
+    )
     problem = _cap_condition(problem, edits)
     return (problem, edits, W_true) if realisable else (problem, edits)
 
 
-def problems_and_streams(*, min_T: int = 1, max_T: int = 60, d_k=(2, 16), d_v=(1, 6), max_u: int = 5):
+def problems_and_streams(
+    *, min_T: int = 1, max_T: int = 60, d_k=(2, 16), d_v=(1, 6), max_u: int = 5
+):
     """Strategy of ``(problem, edits)``; see the module docstring for the ranges."""
-    return _instance(min_T=min_T, max_T=max_T, d_k_range=d_k, d_v_range=d_v, max_u=max_u,
-                     realisable=False)
+    return _instance(
+        min_T=min_T, max_T=max_T, d_k_range=d_k, d_v_range=d_v, max_u=max_u, realisable=False
+    )
 
 
-def realisable_problems_and_streams(*, min_T: int = 1, max_T: int = 60, d_k=(2, 16), d_v=(1, 6),
-                                    max_u: int = 5):
+def realisable_problems_and_streams(
+    *, min_T: int = 1, max_T: int = 60, d_k=(2, 16), d_v=(1, 6), max_u: int = 5
+):
     """Strategy of ``(problem, edits, W_true)`` with ``V_i = K_i W_true`` for every batch."""
-    return _instance(min_T=min_T, max_T=max_T, d_k_range=d_k, d_v_range=d_v, max_u=max_u,
-                     realisable=True)
+    return _instance(
+        min_T=min_T, max_T=max_T, d_k_range=d_k, d_v_range=d_v, max_u=max_u, realisable=True
+    )

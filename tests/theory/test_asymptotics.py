@@ -2,7 +2,8 @@
 
 Asymptotic statements are checked the way theory.md recommends: i.i.d. Gaussian keys with a fixed
 covariance, ``V = K W_true + noise``, and an error that decreases over a decade of ``t`` (not an
-exact rate). Tests of inequalities have "bounds" in their names.
+exact rate). Tests of inequalities have "bounds" in their names. States are the exact minimisers
+(closed form or :func:`conftest.exact_steps`), so these tests do not depend on the recursion.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rlsedit_theory import Problem, RecursiveLS, closed_form, objective_terms
+from rlsedit_theory import Problem, closed_form, objective_terms
 from rlsedit_theory import bounds as B
 from rlsedit_theory.asymptotics import (
     empirical_moments,
@@ -24,6 +25,8 @@ from rlsedit_theory.asymptotics import (
     t7_rate_bound,
     tradeoff_path,
 )
+
+from .conftest import exact_steps
 
 D_K, D_V, U, NOISE = 6, 3, 2, 0.5
 
@@ -83,32 +86,36 @@ def test_t7_closed_form_consistency():
         W_lim = limit_weights(mom_t.S_KK, mom_t.S_KV, W0, alpha_t / t, beta_t / t, K0=K0)
         np.testing.assert_allclose(W_lim, W_t, rtol=1e-10, atol=1e-12)
         # ... also with the anchor passed as a Problem (whose own alpha, beta are ignored).
-        W_lim2 = limit_weights(mom_t.S_KK, mom_t.S_KV, Problem(W0, 1.0, 1.0, K0=K0),
-                               alpha_t / t, beta_t / t)
+        W_lim2 = limit_weights(
+            mom_t.S_KK, mom_t.S_KV, Problem(W0, 1.0, 1.0, K0=K0), alpha_t / t, beta_t / t
+        )
         np.testing.assert_allclose(W_lim2, W_t, rtol=1e-10, atol=1e-12)
 
 
 def test_t7_perturbation_bounds():
     """||W*_t - W_inf|| <= ||H_t^{-1}|| (||b~_t - b~|| + ||H_t - H|| ||W_inf||) at every t,
-    with the recursion's own W_t at checkpoints."""
+    also with a W_t passed in (the closed form of J_t) at checkpoints."""
     edits, mom, _, W0, K0 = _setup(2, 400)
     S, Bv = _running_moments(edits)
     for t in range(1, len(edits) + 1):
-        bound = t7_rate_bound(S[t - 1], Bv[t - 1], 0.8, 0.2, mom.S_KK, mom.S_KV, W0, 0.8, 0.2, K0=K0)
+        bound = t7_rate_bound(
+            S[t - 1], Bv[t - 1], 0.8, 0.2, mom.S_KK, mom.S_KV, W0, 0.8, 0.2, K0=K0
+        )
         assert bound.holds(1e-12, rtol=1e-9), (t, bound)
     # The rhs itself shrinks over a decade (consistency, O_p(t^{-1/2})).
-    rhs = [t7_rate_bound(S[t - 1], Bv[t - 1], 0.8, 0.2, mom.S_KK, mom.S_KV, W0, 0.8, 0.2,
-                         K0=K0).rhs for t in (40, 400)]
+    rhs = [
+        t7_rate_bound(S[t - 1], Bv[t - 1], 0.8, 0.2, mom.S_KK, mom.S_KV, W0, 0.8, 0.2, K0=K0).rhs
+        for t in (40, 400)
+    ]
     assert rhs[1] < 0.6 * rhs[0], rhs
     # Constant ratios: a = b = 0 in the limit while alpha_t / t = 1/t at finite t.
     problem = Problem(W0, 1.0, 0.5, K0=K0)
-    rls = RecursiveLS(problem)
-    for t, (K, V) in enumerate(edits, start=1):
-        rls.update(K, V)
-        if t in (1, 10, 100, 400):
-            bound = t7_rate_bound(S[t - 1], Bv[t - 1], 1.0 / t, 0.5 / t, mom.S_KK, mom.S_KV, problem,
-                                  0.0, 0.0, W_t=rls.W_)
-            assert bound.holds(1e-12, rtol=1e-9), (t, bound)
+    for t in (1, 10, 100, 400):
+        W_t = closed_form(problem, edits[:t])
+        bound = t7_rate_bound(
+            S[t - 1], Bv[t - 1], 1.0 / t, 0.5 / t, mom.S_KK, mom.S_KV, problem, 0.0, 0.0, W_t=W_t
+        )
+        assert bound.holds(1e-12, rtol=1e-9), (t, bound)
 
 
 def test_t7_pointwise_convergence_bounds():
@@ -122,15 +129,30 @@ def test_t7_pointwise_convergence_bounds():
         mom_t = empirical_moments(edits[:t])
         problem = Problem(W0, 0.8 * t + 1.0, 0.2 * t, K0=K0)  # alpha_t / t = 0.8 + 1/t -> 0.8
         for i, W in enumerate(Ws):
-            bound = t7_pointwise_bound(W, mom_t.S_KK, mom_t.S_KV, mom_t.s_VV, problem.alpha / t,
-                                       problem.beta / t, mom.S_KK, mom.S_KV, mom.s_VV, W0, 0.8, 0.2,
-                                       K0=K0)
+            bound = t7_pointwise_bound(
+                W,
+                mom_t.S_KK,
+                mom_t.S_KV,
+                mom_t.s_VV,
+                problem.alpha / t,
+                problem.beta / t,
+                mom.S_KK,
+                mom.S_KV,
+                mom.s_VV,
+                W0,
+                0.8,
+                0.2,
+                K0=K0,
+            )
             assert bound.holds(1e-10, rtol=1e-9), (t, bound)
             # The normalised objective of the package equals the expansion of Step 1.
             J_t = objective_terms(problem, edits[:t], W).total / t
             np.testing.assert_allclose(
-                J_t, misfit(W, mom_t.S_KK, mom_t.S_KV, mom_t.s_VV)
-                + preservation(W, W0, problem.alpha / t, problem.beta / t, K0=K0), rtol=1e-9)
+                J_t,
+                misfit(W, mom_t.S_KK, mom_t.S_KV, mom_t.s_VV)
+                + preservation(W, W0, problem.alpha / t, problem.beta / t, K0=K0),
+                rtol=1e-9,
+            )
             gaps.setdefault(i, []).append(bound.rhs)
     for rhs in gaps.values():
         assert rhs[2] < 0.5 * rhs[0], rhs
@@ -146,21 +168,20 @@ def test_c1_constant_regularisers_reach_least_squares_limit():
     W_ls = np.linalg.solve(mom.S_KK, mom.S_KV)
     np.testing.assert_allclose(W_ls, W_true, atol=1e-10)  # noise is independent of the keys
     errors, shifts = [], []
-    rls = RecursiveLS(problem)
-    for t, (K, V) in enumerate(edits, start=1):
-        rls.update(K, V)
-        if t in DECADE:
-            errors.append(np.linalg.norm(rls.W_ - W_ls))
-            # The preservation terms move W*_t off the sample least squares by exactly
-            # -H_t^{-1} [(alpha/t)(W_ls_t - W0) + (beta/t) K0^T (K0 W_ls_t - V0)].
-            mom_t = empirical_moments(edits[:t])
-            W_ls_t = np.linalg.solve(mom_t.S_KK, mom_t.S_KV)
-            a_t, b_t = problem.alpha / t, problem.beta / t
-            H_t = mom_t.S_KK + a_t * np.eye(D_K) + b_t * problem.gram0
-            shift = -np.linalg.solve(
-                H_t, a_t * (W_ls_t - W0) + b_t * problem.K0.T @ (problem.K0 @ W_ls_t - problem.V0))
-            np.testing.assert_allclose(rls.W_ - W_ls_t, shift, rtol=1e-7, atol=1e-10)
-            shifts.append(t * np.linalg.norm(shift))
+    for t in DECADE:
+        W_t = closed_form(problem, edits[:t])
+        errors.append(np.linalg.norm(W_t - W_ls))
+        # The preservation terms move W*_t off the sample least squares by exactly
+        # -H_t^{-1} [(alpha/t)(W_ls_t - W0) + (beta/t) K0^T (K0 W_ls_t - V0)].
+        mom_t = empirical_moments(edits[:t])
+        W_ls_t = np.linalg.solve(mom_t.S_KK, mom_t.S_KV)
+        a_t, b_t = problem.alpha / t, problem.beta / t
+        H_t = mom_t.S_KK + a_t * np.eye(D_K) + b_t * problem.gram0
+        shift = -np.linalg.solve(
+            H_t, a_t * (W_ls_t - W0) + b_t * problem.K0.T @ (problem.K0 @ W_ls_t - problem.V0)
+        )
+        np.testing.assert_allclose(W_t - W_ls_t, shift, rtol=1e-7, atol=1e-10)
+        shifts.append(t * np.linalg.norm(shift))
     assert max(shifts) < 3 * min(shifts), shifts  # the shift is O(1/t)
     assert errors[1] < errors[0] and errors[2] < errors[1], errors
     assert errors[2] < 0.2 * errors[0], errors
@@ -175,12 +196,7 @@ def test_c1_singular_key_covariance_keeps_preservation_off_the_edit_subspace():
     evals[evals < 1e-10 * evals[-1]] = 0.0  # exact zeros off the subspace (rank 3)
     root = evecs @ np.diag(np.sqrt(evals)) @ evecs.T  # Sigma^{1/2}, (d_k, d_k) PSD
     W_lim = hard_write_limit(problem, [(root, root @ W_true)])
-    errors = []
-    rls = RecursiveLS(problem)
-    for t, (K, V) in enumerate(edits, start=1):
-        rls.update(K, V)
-        if t in DECADE:
-            errors.append(np.linalg.norm(rls.W_ - W_lim))
+    errors = [np.linalg.norm(closed_form(problem, edits[:t]) - W_lim) for t in DECADE]
     assert errors[2] < 0.2 * errors[0], errors
     # Off the subspace nothing is learned: the limit differs from W_true there.
     assert np.linalg.norm(W_lim - W_true) > 0.1
@@ -191,10 +207,14 @@ def test_c2_scaled_regularisers_interpolate_between_least_squares_and_preservati
     a1, b1 = 0.8, 0.2
     W_ls = np.linalg.solve(mom.S_KK, mom.S_KV)
     W_star0 = Problem(W0, a1, b1, K0=K0).W_star0
-    to_ls = [np.linalg.norm(limit_weights(mom.S_KK, mom.S_KV, W0, r * a1, r * b1, K0=K0) - W_ls)
-             for r in 10.0 ** np.arange(-1, -5, -1)]
-    to_w0 = [np.linalg.norm(limit_weights(mom.S_KK, mom.S_KV, W0, r * a1, r * b1, K0=K0) - W_star0)
-             for r in 10.0 ** np.arange(2, 6)]
+    to_ls = [
+        np.linalg.norm(limit_weights(mom.S_KK, mom.S_KV, W0, r * a1, r * b1, K0=K0) - W_ls)
+        for r in 10.0 ** np.arange(-1, -5, -1)
+    ]
+    to_w0 = [
+        np.linalg.norm(limit_weights(mom.S_KK, mom.S_KV, W0, r * a1, r * b1, K0=K0) - W_star0)
+        for r in 10.0 ** np.arange(2, 6)
+    ]
     for distances in (to_ls, to_w0):  # O(rho) and O(1/rho)
         ratios = np.array(distances[:-1]) / np.array(distances[1:])
         assert np.all((ratios > 7) & (ratios < 13)), ratios
@@ -239,8 +259,17 @@ def test_c3_finite_t_monotone_bounds():
     # ... and the finite-t path equals the limit path with the empirical moments.
     mom_t = empirical_moments(edits)
     t = len(edits)
-    path = tradeoff_path(mom_t.S_KK, mom_t.S_KV, mom_t.s_VV, W0, a1, b1,
-                         10.0 ** np.linspace(-3, 4, 22) / t, K0=K0, V0=V0)
+    path = tradeoff_path(
+        mom_t.S_KK,
+        mom_t.S_KV,
+        mom_t.s_VV,
+        W0,
+        a1,
+        b1,
+        10.0 ** np.linspace(-3, 4, 22) / t,
+        K0=K0,
+        V0=V0,
+    )
     np.testing.assert_allclose(path.f * t, fits, rtol=1e-8)
     np.testing.assert_allclose(path.g, costs, rtol=1e-8)  # g is not normalised by t
 
@@ -254,14 +283,12 @@ def test_c4_information_growth_bounds():
     linearly: ~ t lambda_min(Sigma_KK)."""
     edits, mom, _, W0, K0 = _setup(9, 300)
     problem = Problem(W0, 1.0, 0.5, gram0=K0.T @ K0)
-    rls = RecursiveLS(problem)
-    for t, (K, V) in enumerate(edits, start=1):
-        rls.update(K, V)
-        if t % 10 == 0 or t < 10:
-            bound = B.information_floor_bound(problem, edits[:t])
-            assert bound.holds(1e-11 * np.linalg.norm(rls.G_, 2)), (t, bound)
-            # The floor is the recursion's information: 1 / ||C_t|| = lambda_min(G_t).
-            np.testing.assert_allclose(1 / np.linalg.norm(rls.C_, 2), bound.rhs, rtol=1e-8)
+    for t, _, _, _, _, C_prev, G_prev in exact_steps(problem, edits):
+        if (t - 1) % 10 == 0 or t < 10:
+            bound = B.information_floor_bound(problem, edits[: t - 1])
+            assert bound.holds(1e-11 * np.linalg.norm(G_prev, 2)), (t - 1, bound)
+            # The floor is a floor on the state's information: 1 / ||C_t|| = lambda_min(G_t).
+            np.testing.assert_allclose(1 / np.linalg.norm(C_prev, 2), bound.rhs, rtol=1e-8)
     lam = np.linalg.eigvalsh(mom.S_KK)[0]
     assert bound.lhs > 0.5 * len(edits) * lam
 
@@ -271,14 +298,11 @@ def test_c4_plasticity_decay():
     change ||W_t - W_{t-1}|| falls (T4's reading)."""
     edits, _, _, W0, K0 = _setup(10, 1500)
     problem = Problem(W0, 1.0, 0.5, K0=K0)
-    rls = RecursiveLS(problem)
     c_norm, shortfall, step = {}, {}, {}
-    for t, (K, V) in enumerate(edits, start=1):
-        shortfall[t] = 1 - B.t2_shrink_factor(K, rls.C_)  # 1 - absorption factor
-        W_prev = rls.W_.copy()
-        rls.update(K, V)
-        step[t] = np.linalg.norm(rls.W_ - W_prev)
-        c_norm[t] = np.linalg.norm(rls.C_, 2)
+    for t, K, _, W_prev, W_new, C_prev, _ in exact_steps(problem, edits):
+        shortfall[t] = 1 - B.t2_shrink_factor(K, C_prev)  # 1 - absorption factor
+        step[t] = np.linalg.norm(W_new - W_prev)
+        c_norm[t - 1] = np.linalg.norm(C_prev, 2)
     scaled = np.array([t * c_norm[t] for t in DECADE])
     assert scaled.max() / scaled.min() < 2.0, scaled  # t ||C_t|| roughly constant
     assert c_norm[1000] < 0.2 * c_norm[100] < 0.04 * c_norm[10]
@@ -289,3 +313,21 @@ def test_c4_plasticity_decay():
     assert window(shortfall, 1000) < 0.2 * window(shortfall, 100) < 0.04 * window(shortfall, 10)
     assert window(shortfall, 1000) < 1e-2  # absorption factor -> 1
     assert window(step, 1000) < 0.3 * window(step, 100) < 0.09 * window(step, 10)
+
+
+def test_asymptotics_reject_bad_input_with_typed_errors():
+    from rlsedit_theory import HyperparameterError, NotPositiveDefiniteError, ShapeError
+
+    _, mom, _, W0, K0 = _setup(11, 1)
+    with pytest.raises(NotPositiveDefiniteError):  # A3 fails: H = 0 + 0 + 0
+        limit_weights(np.zeros((D_K, D_K)), mom.S_KV, W0, 0.0, 0.0)
+    with pytest.raises(HyperparameterError):
+        limit_weights(mom.S_KK, mom.S_KV, W0, -1.0, 0.0)
+    with pytest.raises(ShapeError):
+        limit_weights(mom.S_KK[:3], mom.S_KV, W0, 1.0, 0.0)
+    with pytest.raises(ShapeError):
+        limit_weights(mom.S_KK, mom.S_KV, W0, 1.0, 1.0, gram0=K0.T @ K0, K0=K0)
+    with pytest.raises(HyperparameterError):
+        tradeoff_path(mom.S_KK, mom.S_KV, mom.s_VV, W0, 1.0, 0.0, [-1.0])
+    with pytest.raises(ShapeError):
+        empirical_moments([])

@@ -3,6 +3,10 @@
 Every test here checks an inequality (``pytest -k bounds`` selects this whole module). Exact
 identities that the bounds rest on are checked alongside, to a relative tolerance
 ``1e-9 * cond``, where ``cond`` is an upper bound on the condition number of every ``G_t``.
+
+The states are the exact minimisers (:func:`conftest.exact_steps`, Cholesky solves of the normal
+equations); the T2 test also runs the bounds on the recursion's own states, as the LLM layer's
+certificates do.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given
 
 from rlsedit_theory import (
@@ -19,7 +24,6 @@ from rlsedit_theory import (
     Problem,
     RecursiveLS,
     closed_form,
-    information_matrix,
     objective,
 )
 from rlsedit_theory import bounds as B
@@ -27,19 +31,14 @@ from rlsedit_theory import bounds as B
 from .conftest import (
     THEORY_SETTINGS,
     bound_slack,
+    condition_bound,
+    exact_steps,
     problems_and_streams,
     realisable_problems_and_streams,
 )
 
-
 # ----------------------------------------------------------------------------------------------
 # Helpers
-
-
-def condition_bound(problem: Problem, edits) -> float:
-    """``lambda_max(G_T) / lambda_min(A)``: at least ``cond(G_t)`` for every ``t <= T``."""
-    G = information_matrix(problem, edits)
-    return float(np.linalg.eigvalsh(G)[-1] / np.linalg.eigvalsh(problem.metric)[0])
 
 
 def identity_rtol(problem: Problem, edits) -> float:
@@ -51,7 +50,7 @@ def demand_sq(problem: Problem, edits) -> float:
     return float(np.sum(R0**2))
 
 
-def steps(problem: Problem, edits):
+def recursion_steps(problem: Problem, edits):
     """Run the recursion; yield ``(t, K, V, W_prev, W_new, C_prev, G_prev)`` for every step."""
     rls = RecursiveLS(problem)
     for t, (K, V) in enumerate(edits, start=1):
@@ -82,7 +81,7 @@ def test_t2_adherence_bounds(instance):
     problem, edits = instance
     rtol = identity_rtol(problem, edits)
     base = demand_sq(problem, edits)
-    for _, K, V, W_prev, W_new, C_prev, _ in steps(problem, edits):
+    for _, K, V, W_prev, W_new, C_prev, _ in exact_steps(problem, edits):
         r_norm = np.linalg.norm(V - K @ W_prev)
         identity = B.t2_residual_identity(K, V, W_prev, W_new, C_prev)
         assert identity.holds(rtol, atol=1e-12 * r_norm), identity.relative_error
@@ -96,6 +95,37 @@ def test_t2_adherence_bounds(instance):
         assert bound.rhs <= r_norm * (1 + 1e-12)
         if K.shape[0] == 1:  # u = 1: S_t is a scalar and the bound is attained
             assert math.isclose(bound.lhs, bound.rhs, rel_tol=rtol, abs_tol=slack)
+
+
+def test_step_certificates_on_recursion_states_bounds():
+    """The per-step bounds on the recursion's own states (C_{t-1}, W_{t-1} from RecursiveLS), as
+    the LLM layer's certificates use them; mixed batch sizes, a Gram anchor, u > d_k."""
+    rng = np.random.default_rng(3)
+    d_k, d_v = 4, 3
+    K0 = rng.standard_normal((2, d_k))
+    problem = Problem(rng.standard_normal((d_k, d_v)), 0.05, 2.0, gram0=K0.T @ K0)
+    edits = [
+        (rng.standard_normal((u, d_k)) * 10.0 ** rng.uniform(-1, 1), rng.standard_normal((u, d_v)))
+        for u in (1, 2, 5, 1, 3, 6, 2, 1, 4, 2)
+    ]
+    rtol = identity_rtol(problem, edits)
+    base = demand_sq(problem, edits)
+    for t, K, V, W_prev, W_new, C_prev, G_prev in recursion_steps(problem, edits):
+        slack = bound_slack(base + np.sum((V - K @ W_prev) ** 2))
+        assert B.t2_residual_identity(K, V, W_prev, W_new, C_prev).holds(rtol, atol=slack)
+        assert B.t4_energy_identity(K, V, W_prev, W_new, C_prev).holds(rtol, atol=slack)
+        for bound in B.step_certificate(K, V, W_prev, W_new, C_prev, G_prev=G_prev).values():
+            assert_holds(bound, slack)
+        certificate = B.deviation_certificate(problem, edits[:t], W_new)
+        assert set(certificate) == {
+            "metric",
+            "from_preservation_state",
+            "from_W0",
+            "anchor_drift",
+            "anchor_misfit",
+        }
+        for bound in certificate.values():
+            assert_holds(bound, bound_slack(demand_sq(problem, edits[:t])))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +147,10 @@ def _t3_checks(problem, edits, W_t, rtol, slack):
         dev = np.linalg.norm(W_t - problem.W_star0)
         assert dev <= np.linalg.norm(R0) / (2 * math.sqrt(problem.alpha)) + slack
     if problem.beta > 0:
-        checks += [B.t3b_anchor_bound(problem, edits, W_t), B.t3c_anchor_misfit_bound(problem, edits, W_t)]
+        checks += [
+            B.t3b_anchor_bound(problem, edits, W_t),
+            B.t3c_anchor_misfit_bound(problem, edits, W_t),
+        ]
     for bound in checks:
         assert_holds(bound, slack)
     certificate = B.deviation_certificate(problem, edits, W_t)
@@ -130,20 +163,19 @@ def _t3_checks(problem, edits, W_t, rtol, slack):
 def test_t3_energy_identity_and_deviation_bounds(instance):
     problem, edits = instance
     rtol = identity_rtol(problem, edits)
-    rls = RecursiveLS(problem)
-    for t, (K, V) in enumerate(edits, start=1):
-        rls.update(K, V)
+    for t, _, _, _, W_t, _, _ in exact_steps(problem, edits):
         if t not in checkpoints(len(edits)):
             continue
         prefix = edits[:t]
         slack = bound_slack(demand_sq(problem, prefix))
-        for W_t in (closed_form(problem, prefix), rls.W_):
-            _t3_checks(problem, prefix, W_t, rtol, slack)
+        for W in (W_t, closed_form(problem, prefix)):
+            _t3_checks(problem, prefix, W, rtol, slack)
     # T3(d): the per-batch demand rho gives ||R0||^2 <= t rho^2; a larger rho is also valid.
     W_T = closed_form(problem, edits)
     tight = B.t3d_sqrt_t_bound(problem, edits, W_T)
-    loose = B.t3d_sqrt_t_bound(problem, edits, W_T, rho=2 * max(
-        np.linalg.norm(V - K @ problem.W_star0) for K, V in edits))
+    loose = B.t3d_sqrt_t_bound(
+        problem, edits, W_T, rho=2 * max(np.linalg.norm(V - K @ problem.W_star0) for K, V in edits)
+    )
     assert loose.rhs >= tight.rhs and loose.holds()
     assert B.t3a_deviation_bound(problem, edits, W_T).rhs <= tight.rhs * (1 + 1e-12)
 
@@ -158,7 +190,7 @@ def test_t4_step_bounds(instance):
     problem, edits = instance
     rtol = identity_rtol(problem, edits)
     base = demand_sq(problem, edits)
-    for t, K, V, W_prev, W_new, C_prev, G_prev in steps(problem, edits):
+    for t, K, V, W_prev, W_new, C_prev, G_prev in exact_steps(problem, edits):
         r_norm = np.linalg.norm(V - K @ W_prev)
         slack = bound_slack(base + r_norm**2)
         for G in (None, G_prev):  # through a solve with C_{t-1}, or with the tracked G_{t-1}
@@ -171,8 +203,16 @@ def test_t4_step_bounds(instance):
         assert all(b.holds(slack, rtol=1e-9) for b in certificate.values())
         # lambda_min(G_{t-1}) >= lambda_min(A) + lambda_min(sum_{i<t} K_i^T K_i) (Weyl).
         # Eigenvalues carry absolute errors ~ eps ||G||: the slack scales with ||G_{t-1}||.
-        floor = B.information_floor_bound(problem, edits[: t - 1])
-        assert_holds(floor, 1e-11 * np.linalg.norm(G_prev, 2))
+        if t in checkpoints(len(edits)):
+            eig_slack = 1e-11 * np.linalg.norm(G_prev, 2)
+            floor = B.information_floor_bound(problem, edits[: t - 1])
+            assert_holds(floor, eig_slack)
+            # ... so T4(b) also holds with the floor in place of lambda_min(G_{t-1}).
+            step = B.t4b_step_bound(K, V, W_prev, W_new, C_prev)
+            weaker = np.linalg.norm(V - K @ W_prev) / (
+                2 * np.sqrt(max(floor.lhs - eig_slack, 1e-300))
+            )
+            assert step.rhs <= weaker * (1 + 1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +226,9 @@ def test_t5_interference_bounds(instance):
     rtol = identity_rtol(problem, edits)
     base = demand_sq(problem, edits)
     rng = np.random.default_rng(len(edits))
-    for t, K, V, W_prev, W_new, C_prev, _ in steps(problem, edits):
+    Ws, Cs = {}, {}
+    for t, K, V, W_prev, W_new, C_prev, _ in exact_steps(problem, edits):
+        Ws[t], Cs[t - 1] = W_new, C_prev  # C_{t-1} = G_{t-1}^{-1} is the state after batch t-1
         r_norm = np.linalg.norm(V - K @ W_prev)
         slack = bound_slack(base + r_norm**2)
         # (a) interference of step t on up to three earlier batches j < t.
@@ -201,18 +243,12 @@ def test_t5_interference_bounds(instance):
             assert_holds(coupling, 1e-9)
             assert sharp.rhs <= spec.rhs * (1 + 1e-9) + slack  # ||S_t^{-1}|| <= 1
             assert sharp.lhs <= r_norm + slack  # interference is always below ||r_t||
-    # (b) cumulative drift of early batches, from the recursion's saved states and from scratch.
+    # (b) cumulative drift of early batches, from the saved states and from scratch.
     T = len(edits)
-    rls = RecursiveLS(problem)
-    saved = {}
-    for t, (K, V) in enumerate(edits, start=1):
-        rls.update(K, V)
-        saved[t] = (rls.W_.copy(), rls.C_.copy())
-    W_T = saved[T][0]
+    W_T = Ws[T]
     for j in sorted({1, max(1, T // 2), T}):
         slack = bound_slack(base)
-        W_j, C_j = saved[j]
-        given_state = B.t5b_drift_bound(problem, edits, j, W_T, W_j=W_j, C_j=C_j)
+        given_state = B.t5b_drift_bound(problem, edits, j, W_T, W_j=Ws[j], C_j=Cs.get(j))
         scratch = B.t5b_drift_bound(problem, edits, j, W_T)
         assert_holds(given_state, slack)
         assert_holds(scratch, slack)
@@ -222,52 +258,48 @@ def test_t5_interference_bounds(instance):
 
 
 @THEORY_SETTINGS
-@given(realisable_problems_and_streams(), problems_and_streams(max_T=30))
+@given(realisable_problems_and_streams(), problems_and_streams(max_T=8))
 def test_t5_retention_and_regret_bounds(realisable, general):
     # (c) realisable edits: the residual of every batch, in particular the earliest, stays within
     # the budget ||W_true - W*_0||_A for every t.
     problem, edits, W_true = realisable
     budget = math.sqrt(B._metric_sq(problem, W_true - problem.W_star0))
-    rls = RecursiveLS(problem)
-    for t, (K, V) in enumerate(edits, start=1):
-        rls.update(K, V)
+    for t, _, _, _, W_t, _, _ in exact_steps(problem, edits):
         if t not in checkpoints(len(edits)):
             continue
         prefix = edits[:t]
         slack = bound_slack(demand_sq(problem, prefix))
-        first = B.t5c_retention_bound(problem, prefix, rls.W_, W_true)
+        first = B.t5c_retention_bound(problem, prefix, W_t, W_true)
         assert_holds(first, slack)
         assert math.isclose(first.rhs, budget, rel_tol=1e-6, abs_tol=1e-6 * (budget + 1))
-        last = B.t5c_retention_bound(problem, prefix, rls.W_, W_true, batch=t)
+        last = B.t5c_retention_bound(problem, prefix, W_t, W_true, batch=t)
         assert_holds(last, slack)
         # The full form of (c): all residuals plus the deviation fit in the same budget.
-        full = B.t5d_regret_bound(problem, prefix, rls.W_, W_true)
+        full = B.t5d_regret_bound(problem, prefix, W_t, W_true)
         assert_holds(full, slack)
 
     # (d) regret: RLSEdit beats every reference editor (and perturbations of itself) on J_t.
     problem, edits = general
-    rls = RecursiveLS(problem)
     editors = {
         "hard write": HardWrite(problem),
         "per-batch reset": PerBatchReset(problem),
         "null-space projection": NullSpaceProjection(problem),
     }
     rng = np.random.default_rng(len(edits))
-    for t, (K, V) in enumerate(edits, start=1):
-        rls.update(K, V)
+    for t, K, V, _, W_t, _, _ in exact_steps(problem, edits):
         for editor in editors.values():
             editor.update(K, V)
         if t not in checkpoints(len(edits)):
             continue
         prefix = edits[:t]
         slack = bound_slack(demand_sq(problem, prefix))
-        J_rls = objective(problem, prefix, rls.W_)
+        J_rls = objective(problem, prefix, W_t)
         for name, editor in editors.items():
-            assert_holds(B.t5d_regret_bound(problem, prefix, rls.W_, editor.W_), slack)
+            assert_holds(B.t5d_regret_bound(problem, prefix, W_t, editor.W_), slack)
             J_alt = objective(problem, prefix, editor.W_)
             assert J_rls <= J_alt + slack + 1e-9 * abs(J_alt), name
-        E = rng.standard_normal(rls.W_.shape) * (np.linalg.norm(rls.W_) + 1) * 1e-3
-        assert_holds(B.t5d_regret_bound(problem, prefix, rls.W_, rls.W_ + E), slack)
+        E = rng.standard_normal(W_t.shape) * (np.linalg.norm(W_t) + 1) * 1e-3
+        assert_holds(B.t5d_regret_bound(problem, prefix, W_t, W_t + E), slack)
 
 
 def test_late_edit_overlapping_early_key_is_forgotten_by_reset_not_by_rls_bounds():
@@ -311,7 +343,10 @@ def test_bounds_tightness():
     problem = Problem(np.array([[w0]]), a, 0.0)
     edits = [(np.array([[k]]), np.array([[v]]))]
     W_t = closed_form(problem, edits)
-    for bound in (B.t3_metric_bound(problem, edits, W_t), B.t3a_deviation_bound(problem, edits, W_t)):
+    for bound in (
+        B.t3_metric_bound(problem, edits, W_t),
+        B.t3a_deviation_bound(problem, edits, W_t),
+    ):
         assert math.isclose(bound.lhs, bound.rhs, rel_tol=1e-12), bound
     # ... and a scalar k^2 != a is strictly inside.
     loose = [(np.array([[3 * k]]), np.array([[v]]))]
@@ -323,11 +358,16 @@ def test_bounds_tightness():
     d_k, d_v = 5, 3
     U = np.linalg.qr(rng.standard_normal((d_k, d_k)))[0]
     problem = Problem(rng.standard_normal((d_k, d_v)), a, 0.0)
-    edits = [(math.sqrt(a) * U[:2], rng.standard_normal((2, d_v))),
-             (math.sqrt(a) * U[2:], rng.standard_normal((3, d_v)))]
+    edits = [
+        (math.sqrt(a) * U[:2], rng.standard_normal((2, d_v))),
+        (math.sqrt(a) * U[2:], rng.standard_normal((3, d_v))),
+    ]
     W_t = closed_form(problem, edits)
-    for bound in (B.t3_metric_bound(problem, edits, W_t), B.t3a_deviation_bound(problem, edits, W_t),
-                  B.information_floor_bound(problem, edits)):
+    for bound in (
+        B.t3_metric_bound(problem, edits, W_t),
+        B.t3a_deviation_bound(problem, edits, W_t),
+        B.information_floor_bound(problem, edits),
+    ):
         assert math.isclose(bound.lhs, bound.rhs, rel_tol=1e-10), bound
 
     # T3(b): alpha = 0, K0 = k0 (d_k = 1), k^2 = beta k0^2.
@@ -355,8 +395,10 @@ def test_bounds_tightness():
     W_prev, C_prev = rls.W_.copy(), rls.C_.copy()
     K, V = np.array([[2.0]]), np.array([[-1.3]])  # K^2 = 4 = G_1
     rls.update(K, V)
-    for bound in (B.t4a_metric_bound(K, V, W_prev, rls.W_, C_prev),
-                  B.t4b_step_bound(K, V, W_prev, rls.W_, C_prev)):
+    for bound in (
+        B.t4a_metric_bound(K, V, W_prev, rls.W_, C_prev),
+        B.t4b_step_bound(K, V, W_prev, rls.W_, C_prev),
+    ):
         assert math.isclose(bound.lhs, bound.rhs, rel_tol=1e-12), bound
 
     # T5(d): the regret is zero at W = W*_t; T5(c) with a single realisable batch written at the
@@ -370,3 +412,32 @@ def test_bounds_tightness():
     retention = B.t5c_retention_bound(problem, edits, W_t, W_dag)
     # Here ||k W_t - v|| = |R0| / 2 and ||W_dag - w0||_A = sqrt(a) |R0| / k = |R0|.
     assert math.isclose(retention.ratio, 0.5, rel_tol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input validation
+
+
+def test_bound_functions_reject_bad_input_with_typed_errors():
+    from rlsedit_theory import HyperparameterError, NonFiniteError, ShapeError
+
+    rng = np.random.default_rng(4)
+    problem = Problem(rng.standard_normal((4, 2)), 1.0, 0.0)
+    K, V = rng.standard_normal((2, 4)), rng.standard_normal((2, 2))
+    W, C = problem.W0, np.eye(4)
+    with pytest.raises(ShapeError):
+        B.t2_adherence_bound(K, V[:, :1], W, W, C)  # V has the wrong width
+    with pytest.raises(ShapeError):
+        B.t4b_step_bound(K, V, W, W, np.eye(3))  # C_prev is not d_k x d_k
+    with pytest.raises(ShapeError):
+        B.t3a_deviation_bound(problem, [(K, V)], W[:3])  # W_t is not (d_k, d_v)
+    with pytest.raises(NonFiniteError):
+        B.t3_metric_bound(problem, [(K, V)], np.full((4, 2), np.nan))
+    with pytest.raises(HyperparameterError):
+        B.t3b_anchor_bound(problem, [(K, V)], W)  # beta = 0: no anchor bound
+    with pytest.raises(HyperparameterError):
+        B.t5b_drift_bound(problem, [(K, V)], 2, W)  # j out of range
+    with pytest.raises(HyperparameterError):
+        B.t3d_sqrt_t_bound(problem, [(K, V)], W, rho=1e-9)  # rho below the demand
+    with pytest.raises(TypeError):
+        B.t3_metric_bound("not a problem", [(K, V)], W)

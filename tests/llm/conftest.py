@@ -1,0 +1,75 @@
+"""Shared fixtures of the LLM-layer tests.
+
+- ``smollm2``: the real offline SmolLM2-135M-Instruct ``(model, tokenizer)``, loaded once per
+  session (fp32, eval mode; uses the on-disk dequantised cache after the first load). Only for
+  tests marked ``@pytest.mark.slow``. Tests must leave its weights unchanged.
+- ``tiny``: factory ``tiny(family, **kwargs) -> (model, tokenizer)`` building a fresh tiny random
+  model offline (see :func:`rlsedit_llm.models.tiny_model`); cheap (tens of milliseconds).
+- ``one_thread_unless_slow``: torch on one thread for the test, unless it is marked ``slow``
+  (tiny matrices gain nothing from threads, and on shared CI cores OpenMP threads oversubscribe).
+- ``counterfact`` / ``counterfact_simple`` / ``zsre``: the raw records of the data sets (the copies
+  shipped in ``rlsedit_llm/data`` first, else ``/work/shared/data``; skipped when neither exists).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlsedit_llm.models import tiny_model
+
+DATA = Path("/work/shared/data")
+_PACKAGED = Path(__file__).resolve().parents[2] / "rlsedit_llm" / "data"
+
+
+def _load_json(*candidates: Path):
+    for path in candidates:
+        if path.is_file():
+            return json.loads(path.read_text())
+    pytest.skip(f"data file not found: {candidates[0]}")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from rlsedit_llm.models import load_model
+
+    return load_model("smollm2")
+
+
+@pytest.fixture
+def tiny():
+    def make(family: str = "llama", **kwargs):
+        return tiny_model(family, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def one_thread_unless_slow(request):
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def counterfact():
+    return _load_json(_PACKAGED / "counterfact.json", DATA / "counterfact" / "counterfact.json")
+
+
+@pytest.fixture(scope="session")
+def counterfact_simple():
+    return _load_json(DATA / "counterfact" / "counterfact_simple.json")
+
+
+@pytest.fixture(scope="session")
+def zsre():
+    return _load_json(_PACKAGED / "zsre_eval.json", DATA / "zsre" / "zsre_eval.json")

@@ -1,0 +1,300 @@
+"""Every edit is a transaction: bad input or a failure anywhere leaves every model weight bit-identical
+and the editor's state unchanged, with a typed error that says what to fix."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlsedit_llm import editor as editor_mod
+from rlsedit_llm.editor import EditConfig, Editor
+from rlsedit_llm.errors import (
+    FactError,
+    HyperparameterError,
+    NonFiniteError,
+    NotPositiveDefiniteError,
+    StateMismatchError,
+    UnsupportedArchitectureError,
+)
+from rlsedit_llm.facts import Fact
+from rlsedit_llm.models import read_weight, tiny_model
+from rlsedit_llm.state import load_editor
+from rlsedit_llm.values import ValueConfig
+
+FIRST = [Fact("{} is located in", "Toyota", "Germany", relation_id="P17"),
+         Fact("The capital of {} is", "Italy", "Madrid", relation_id="P36")]
+NEXT = [Fact("The mother tongue of {} is", "Danielle Darrieux", "English", relation_id="P103"),
+        Fact("{} plays the", "Alice", "piano", relation_id="P1303")]
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("stats"))
+
+
+def _config(stats_dir, **kw):
+    kw.setdefault("value", ValueConfig(steps=3))
+    return EditConfig(cache_dir=stats_dir, stats_tokens=1000, stats_max_length=128, n_templates=1, **kw)
+
+
+@pytest.fixture
+def editor(stats_dir):
+    """An editor with one edit already in its stream."""
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, _config(stats_dir))
+    ed.edit(FIRST)
+    return ed
+
+
+def _snapshot(ed: Editor) -> dict:
+    def copy(value):
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
+    return {
+        "params": {k: v.detach().clone() for k, v in ed.model.state_dict().items()},
+        "solvers": {l: {k: copy(v) for k, v in vars(s).items()} for l, s in ed.solvers_.items()},
+        "journal": [(r.edit_id, list(r.facts), {l: k.clone() for l, k in r.keys.items()},
+                     {l: v.clone() for l, v in r.values.items()}, r.created) for r in ed.journal_],
+        "next_id": ed.next_id_,
+        "templates": list(ed.templates_) if ed.templates_ is not None else None,
+    }
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _assert_unchanged(ed: Editor, snap: dict):
+    now = _snapshot(ed)
+    for name in ("params", "solvers", "journal", "next_id", "templates"):  # bit-identical
+        assert _same(now[name], snap[name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a typed error naming what to fix, nothing touched
+# ---------------------------------------------------------------------------------------------
+BAD_FACTS = {
+    "subject not in the prompt": ([{"prompt": "The capital city is", "subject": "Paris", "target": "Rome"}],
+                                  "does not occur in prompt"),
+    "no subject slot": ([Fact("The capital city is", "Paris", "Rome")], "exactly one '{}'"),
+    "empty subject": ([Fact("The capital of {} is", " ", "Rome")], "subject is empty"),
+    "empty target": ([Fact("The capital of {} is", "France", "   ")], "target is empty"),
+    "duplicate facts": ([Fact("The capital of {} is", "France", "Rome"),
+                         Fact("The capital of {} is", "France", "Oslo")], "same prompt and subject"),
+    "no facts": ([], "no facts"),
+    "not a fact": (["The capital of France is Rome"], "Fact objects or dict records|cannot read a fact"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FACTS))
+def test_bad_facts_raise_fact_error_and_change_nothing(editor, case):
+    facts, message = BAD_FACTS[case]
+    snap = _snapshot(editor)
+    with pytest.raises(FactError, match=message):
+        editor.edit(facts)
+    _assert_unchanged(editor, snap)
+
+
+def test_a_target_the_tokenizer_cannot_encode(stats_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<eos>", "The", "capital", "of", "is", "France", "Rome", "Paris"]
+    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    wl.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="[UNK]", eos_token="<eos>", pad_token="<eos>")
+    model, _ = tiny_model("llama")
+    ed = Editor(model, tok, _config(stats_dir))
+    snap = _snapshot(ed)
+    for target in ("Rome Zanzibar", "Zanzibar"):  # "Zanzibar" is not in the vocabulary
+        with pytest.raises(FactError, match="cannot represent the target|encodes the target to no tokens"):
+            ed.edit([Fact("The capital of {} is", "France", target)])
+    _assert_unchanged(ed, snap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures in the middle of an edit, after some layers were already written
+# ---------------------------------------------------------------------------------------------
+def _fail_on_call(monkeypatch, name: str, n: int, action, ed: Editor, witness: list):
+    """Patch ``editor_mod.<name>`` so that its ``n``-th call runs ``action(result)`` instead of
+    returning; ``witness`` records whether the first edited layer had already been rewritten."""
+    real = getattr(editor_mod, name)
+    calls = {"n": 0}
+    first = ed._module(ed.layers_[0])
+    base = read_weight(first)
+
+    def patched(*args, **kwargs):
+        calls["n"] += 1
+        result = real(*args, **kwargs)
+        if calls["n"] == n:
+            witness.append(not torch.equal(read_weight(first), base))
+            return action(result)
+        return result
+
+    monkeypatch.setattr(editor_mod, name, patched)
+
+
+def _raise(exc):
+    def action(_result):
+        raise exc
+    return action
+
+
+def _nan_hidden(h):
+    return torch.full_like(h, math.nan)
+
+
+def _nan_values(result):
+    result.target[0, 0] = math.nan
+    return result
+
+
+MID_EDIT = {
+    # (patched function, failing call, action, expected exception, layers written before?)
+    "MemoryError in the keys of the 2nd layer": ("compute_keys", 2, _raise(MemoryError()), MemoryError, True),
+    "Ctrl-C in the keys of the 3rd layer": ("compute_keys", 3, _raise(KeyboardInterrupt()), KeyboardInterrupt, True),
+    "CUDA-style out of memory in the 2nd layer": ("compute_keys", 2, _raise(torch.OutOfMemoryError("simulated")),
+                                                  torch.OutOfMemoryError, True),
+    "NaN hidden state at the 2nd layer": ("subject_hidden_states", 2, _nan_hidden, NonFiniteError, True),
+    "NaN in the optimised values": ("compute_values", 1, _nan_values, NonFiniteError, False),
+    "Ctrl-C while scoring after every layer was written": ("score_targets", 2, _raise(KeyboardInterrupt()),
+                                                           KeyboardInterrupt, True),
+}
+
+
+@pytest.mark.parametrize("case", list(MID_EDIT))
+def test_failures_mid_edit_roll_back_everything(editor, monkeypatch, case):
+    name, n, action, exc, written = MID_EDIT[case]
+    snap = _snapshot(editor)
+    witness = []
+    _fail_on_call(monkeypatch, name, n, action, editor, witness)
+    with pytest.raises(exc):
+        editor.edit(NEXT)
+    assert witness == [written]  # the failure happened where intended (after writes, if any)
+    _assert_unchanged(editor, snap)
+
+
+def test_a_failed_edit_leaves_no_trace_in_the_stream(stats_dir, monkeypatch):
+    model_a, tok = tiny_model("llama")
+    a = Editor(model_a, tok, _config(stats_dir))
+    a.edit(FIRST)
+    with monkeypatch.context() as m:
+        _fail_on_call(m, "compute_keys", 2, _raise(MemoryError()), a, [])
+        with pytest.raises(MemoryError):
+            a.edit(NEXT)
+    a.edit(NEXT)
+    model_b, _ = tiny_model("llama")
+    b = Editor(model_b, tok, _config(stats_dir))
+    b.edit(FIRST)
+    b.edit(NEXT)
+    snap_b = _snapshot(b)
+    snap_b["journal"] = [j[:4] + (a.journal_[i].created,) for i, j in enumerate(snap_b["journal"])]
+    _assert_unchanged(a, snap_b)  # bitwise the stream in which the failure never happened
+
+
+def test_failure_after_a_replacement_restores_the_replaced_fact(editor, monkeypatch):
+    snap = _snapshot(editor)
+    _fail_on_call(monkeypatch, "compute_values", 1, _raise(RuntimeError("simulated")), editor, witness := [])
+    with pytest.raises(RuntimeError, match="simulated"):
+        editor.edit([Fact("{} is located in", "Toyota", "Japan", relation_id="P17")])  # replaces a fact
+    assert witness == [True]  # the earlier fact had been retracted (weights rewritten) before the failure
+    _assert_unchanged(editor, snap)
+
+
+def test_failure_during_undo_restores_everything(editor, monkeypatch):
+    editor.edit(NEXT)
+    snap = _snapshot(editor)
+    real = editor_mod.write_weight
+    calls = {"n": 0}
+
+    def failing(module, W):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        real(module, W)
+
+    with monkeypatch.context() as m:
+        m.setattr(editor_mod, "write_weight", failing)
+        with pytest.raises(KeyboardInterrupt):
+            editor.undo(0)
+    _assert_unchanged(editor, snap)
+    editor.undo(0)  # and it still works afterwards
+    assert [r.edit_id for r in editor.journal_] == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrong model, wrong state, wrong hyperparameters
+# ---------------------------------------------------------------------------------------------
+def test_unsupported_architecture(stats_dir):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                                     num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, tok = tiny_model("llama")
+    with pytest.raises(UnsupportedArchitectureError, match="supported families"):
+        Editor(model, tok, _config(stats_dir))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_state_saved_for_another_model(editor, tmp_path):
+    editor.save(tmp_path / "s")
+    other, tok = tiny_model("llama", seed=7)
+    other_editor = Editor(other, tok, editor.config)
+    other_editor.edit(NEXT)
+    snap = _snapshot(other_editor)
+    with pytest.raises(StateMismatchError, match="match neither"):
+        load_editor(other, tok, tmp_path / "s")
+    _assert_unchanged(other_editor, snap)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(alpha=-1.0), "alpha must be a finite number >= 0"),
+    (dict(beta=-0.5), "beta must be a finite number >= 0"),
+    (dict(alpha=float("nan")), "alpha must be a finite number >= 0"),
+    (dict(alpha=0.0, beta=0.0), "singular"),
+    (dict(alpha=0.0, mom2_weight=0.0), "singular"),
+    (dict(state_dtype="float16"), "state_dtype"),
+    (dict(layers=(2, 1)), "ascending"),
+    (dict(layers=(0, 9)), "ascending"),
+])
+def test_wrong_hyperparameters(stats_dir, kwargs, message):
+    model, tok = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(HyperparameterError, match=message):
+        Editor(model, tok, _config(stats_dir, **kwargs))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_singular_preservation_metric_from_too_few_statistics(tmp_path):
+    # alpha = 0 and 8 tokens of statistics for d_k = 64 keys: E[k k^T] has rank <= 8.
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, EditConfig(cache_dir=str(tmp_path), stats_tokens=8, stats_max_length=8,
+                                       n_templates=0, value=ValueConfig(steps=2)))
+    snap = _snapshot(ed)
+    with pytest.raises(NotPositiveDefiniteError, match="alpha > 0 or more statistics tokens"):
+        ed.edit(NEXT)
+    _assert_unchanged(ed, snap)
+    assert ed.solvers_ == {} and ed.journal_ == []
+
+
+def test_a_failed_first_rlsedit_edit_attaches_no_editor(stats_dir):
+    from rlsedit_llm.editor import edit, editor_of
+
+    model, tok = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FactError):
+        edit(model, [Fact("The capital of {} is", "France", " ")], tokenizer=tok, config=_config(stats_dir))
+    assert editor_of(model) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    edit(model, NEXT, tokenizer=tok, config=_config(stats_dir, alpha=0.1))  # a fresh start, another config
+    assert editor_of(model).config.alpha == 0.1
