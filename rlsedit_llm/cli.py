@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--layers", help="comma-separated layer indices (default: family default)")
     ed.add_argument("--alpha", type=float, default=0.0)
     ed.add_argument("--beta", type=float, default=1.0)
-    ed.add_argument("--mom2-weight", type=float, default=15000.0)
+    ed.add_argument("--mom2-weight", type=float, default=None,
+                    help="N of the anchor N*E[kk^T] (default: 15000 * d_k / 14336)")
     ed.add_argument("--stats-tokens", type=int, default=100_000)
     ed.set_defaults(func=_edit)
 

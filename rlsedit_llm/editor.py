@@ -37,7 +37,9 @@ __all__ = ["EditConfig", "Editor", "EditReport", "FactReport", "EditRecord", "ed
 
 log = logging.getLogger(__name__)
 
-_ATTR = "_rlsedit_editor"  # where rlsedit_llm.edit keeps the lifelong editor on the model
+_ATTR = "_rlsedit_editor"
+PUBLISHED_MOM2_WEIGHT = 15000.0  # N of the published RLSEdit/AlphaEdit configs
+PUBLISHED_D_K = 14336  # d_k of Llama-3-8B, the reference model of those configs  # where rlsedit_llm.edit keeps the lifelong editor on the model
 
 
 @dataclass(frozen=True)
@@ -45,15 +47,21 @@ class EditConfig:
     """Hyperparameters of an :class:`Editor` (all have published or sensible defaults).
 
     ``alpha`` weighs ``||W - W0||^2``; ``beta`` weighs the anchor ``||K0 (W - W0)||^2`` whose Gram
-    is ``mom2_weight * E[k k^T]`` (published RLSEdit: ``alpha = 0`` (lambda = 0), ``beta = 1``
-    (mu = 1), ``mom2_weight = 15000``).
+    is ``N * E[k k^T]`` (published RLSEdit: ``alpha = 0`` (lambda = 0), ``beta = 1`` (mu = 1),
+    ``N = 15000`` for 7-8B models).
+
+    ``mom2_weight`` is ``N``. ``None`` (the default) scales the published value to the edited
+    layer's width, ``N = 15000 * d_k / 14336``: an in-distribution key's absorption
+    ``k^T (N E[kk^T])^{-1} k ~ d_k / N`` then matches Llama-3-8B's (``d_k = 14336``) on any model.
+    For SmolLM2 (``d_k = 1536``) that is ``N ~ 1607``; the unscaled 15000 there absorbs only
+    about a tenth of each edit. Pass ``mom2_weight=15000`` for the published setting verbatim.
     """
 
     layers: tuple[int, ...] | None = None  # None: the family's default block
     method: str = "rlsedit"  # or a baseline solver: memit, memit_seq, alphaedit
     alpha: float = 0.0
     beta: float = 1.0
-    mom2_weight: float = 15000.0
+    mom2_weight: float | None = None  # N; None: 15000 * d_k / 14336 (see above)
     corpus: str = "enwiki_sample"
     stats_tokens: int = 100_000
     stats_max_length: int = 512
@@ -69,6 +77,8 @@ class EditConfig:
     def validate(self) -> None:
         for name in ("alpha", "beta", "mom2_weight"):
             value = getattr(self, name)
+            if name == "mom2_weight" and value is None:
+                continue
             if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
                 raise HyperparameterError(f"{name} must be a finite number >= 0; got {value!r}")
         if self.alpha == 0 and (self.beta == 0 or self.mom2_weight == 0):
@@ -84,6 +94,12 @@ class EditConfig:
             raise HyperparameterError("stats_tokens and template_length must be >= 1, n_templates >= 0")
         if self.layers is not None and len(self.layers) == 0:
             raise HyperparameterError("layers must name at least one layer (or be None)")
+
+    def resolved_mom2_weight(self, d_k: int) -> float:
+        """``N`` for an edited layer of input width ``d_k``."""
+        if self.mom2_weight is not None:
+            return float(self.mom2_weight)
+        return PUBLISHED_MOM2_WEIGHT * d_k / PUBLISHED_D_K
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -199,6 +215,7 @@ class Editor:
             )
         self.layers_ = layers
         self.value_config_ = config.value or default_value_config(self.spec_)
+        self.mom2_weight_ = config.resolved_mom2_weight(self.spec_.d_k)  # N
         self.templates_: list[str] | None = None
         self.solvers_: dict[int, LayerRLS] = {}
         self.journal_: list[EditRecord] = []
@@ -222,7 +239,7 @@ class Editor:
         solvers = {}
         for layer in self.layers_:
             W0 = read_weight(self._module(layer))  # (d_k, d_v)
-            gram0 = cfg.mom2_weight * moments[layer].to(device=W0.device, dtype=dtype)
+            gram0 = self.mom2_weight_ * moments[layer].to(device=W0.device, dtype=dtype)
             solvers[layer] = make_layer_solver(cfg.method, W0, cfg.alpha, cfg.beta, gram0,
                                                dtype=dtype, track_information=cfg.track_information)
         templates = generate_templates(self.model, self.tokenizer, seed=cfg.template_seed,

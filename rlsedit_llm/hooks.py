@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["capture_inputs", "capture_outputs", "first_tensor"]
+__all__ = ["capture_inputs", "capture_outputs", "first_tensor", "set_requires_grad", "restore_requires_grad"]
 
 
 def first_tensor(value) -> torch.Tensor:

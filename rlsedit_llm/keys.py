@@ -78,37 +78,49 @@ def template_parts(template: str) -> tuple[str, str]:
     return "".join(before), "".join(after)
 
 
-def _sample_texts(model, tokenizer, start: str, count: int, length: int, gen: torch.Generator) -> list[str]:
+def _sample_texts(model, tokenizer, starts: list[str], length: int, gen: torch.Generator) -> list[str]:
+    """Continue every start text by ``length`` tokens of top-5 sampling, all rows in one batch.
+
+    Rows are right-padded; each step reads the logits at every row's own last token. Sampling
+    happens on the CPU with ``gen``, so it is reproducible for a seed.
+    """
     device = model_device(model)
-    ids = tokenizer(start, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise HyperparameterError(f"the tokenizer encodes the template start {start!r} to no tokens")
-    seq = torch.tensor([ids] * count, device=device)  # (count, len)
+    seqs = []
+    for start in starts:
+        ids = list(tokenizer(start, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise HyperparameterError(f"the tokenizer encodes the template start {start!r} to no tokens")
+        seqs.append(ids)
     eos = tokenizer.eos_token_id
-    done = torch.zeros(count, dtype=torch.bool)
-    out_len = torch.full((count,), length, dtype=torch.long)
-    for step in range(length):
-        logits = model(input_ids=seq, use_cache=False).logits[:, -1].float().cpu()  # (count, vocab)
+    stopped = [False] * len(seqs)
+    pad = _pad_id(tokenizer)
+    for _ in range(length):
+        input_ids, attn = right_pad(seqs, pad, device)  # (n, max_len)
+        logits = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits  # (n, max_len, vocab)
+        last = torch.tensor([len(s) - 1 for s in seqs], device=logits.device)
+        logits = logits[torch.arange(len(seqs), device=logits.device), last].float().cpu()  # (n, vocab)
         top, idx = logits.topk(min(_TOP_K, logits.shape[-1]), dim=-1)
-        choice = torch.multinomial(torch.softmax(top, dim=-1), 1, generator=gen)  # (count, 1)
-        nxt = idx.gather(1, choice)  # (count, 1)
-        if eos is not None:
-            hit = (nxt[:, 0] == eos) & ~done
-            out_len[hit] = step
-            done |= hit
-        seq = torch.cat([seq, nxt.to(device)], dim=1)
-    texts = []
-    for row, n in zip(seq.tolist(), out_len.tolist()):
-        texts.append(tokenizer.decode(row[: len(ids) + n], skip_special_tokens=True))
-    return texts
+        choice = torch.multinomial(torch.softmax(top, dim=-1), 1, generator=gen)  # (n, 1)
+        nxt = idx.gather(1, choice)[:, 0].tolist()
+        for row, token in enumerate(nxt):
+            if stopped[row]:
+                continue
+            if eos is not None and token == eos:
+                stopped[row] = True
+                continue
+            seqs[row].append(token)
+        if all(stopped):
+            break
+    return [tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
 
 
 def generate_templates(model, tokenizer, *, seed: int, n: int = 5, length: int = 10) -> list[str]:
     """Context templates: ``["{}"]`` plus ``n`` model-sampled prefixes, each ending in ``". {}"``.
 
-    Prefix ``j`` starts with ``TEMPLATE_STARTS[j % 5]`` and continues with ``length`` tokens drawn
-    by top-5 sampling from a CPU ``torch.Generator`` seeded with ``seed`` (deterministic for a
-    seed, model and device). Braces in generated text are escaped, so every template contains
+    Prefix ``j`` starts with ``TEMPLATE_STARTS[j % 5]`` and continues with up to ``length`` tokens
+    (fewer if the model emits its end-of-text token) drawn by top-5 sampling from a CPU
+    ``torch.Generator`` seeded with ``seed`` (deterministic for a seed, model and device; the
+    global RNG is not touched). Braces in generated text are escaped, so every template contains
     exactly one ``"{}"`` slot.
     """
     if not isinstance(n, int) or n < 0:
@@ -117,25 +129,18 @@ def generate_templates(model, tokenizer, *, seed: int, n: int = 5, length: int =
         raise HyperparameterError(f"length (tokens per template) must be an int >= 1; got {length!r}")
     if not isinstance(seed, int):
         raise HyperparameterError(f"seed must be an int; got {seed!r}")
+    if n == 0:
+        return ["{}"]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    counts: dict[str, int] = {}
-    for j in range(n):
-        counts[TEMPLATE_STARTS[j % len(TEMPLATE_STARTS)]] = counts.get(TEMPLATE_STARTS[j % len(TEMPLATE_STARTS)], 0) + 1
+    starts = [TEMPLATE_STARTS[j % len(TEMPLATE_STARTS)] for j in range(n)]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            sampled = {start: _sample_texts(model, tokenizer, start, c, length, gen) for start, c in counts.items()}
+            texts = _sample_texts(model, tokenizer, starts, length, gen)
     finally:
         model.train(was_training)
-    templates = ["{}"]
-    taken = {start: 0 for start in counts}
-    for j in range(n):
-        start = TEMPLATE_STARTS[j % len(TEMPLATE_STARTS)]
-        text = sampled[start][taken[start]]
-        taken[start] += 1
-        templates.append(text.replace("{", "{{").replace("}", "}}") + ". {}")
-    return templates
+    return ["{}"] + [text.replace("{", "{{").replace("}", "}}") + ". {}" for text in texts]
 
 
 # --------------------------------------------------------------------------------------------

@@ -317,10 +317,9 @@ class _FastForward:
         if self.upper and len(recorder.store) != len(self.upper):
             raise _FastPathUnavailable("not every upper layer reported its keys/values")
         self.store = recorder.store
-        rr = torch.arange(R, device=device)[:, None]
         self.h_z = captured["h_z"]  # (R, S, d)
-        self.h_suffix = self.h_z[rr, self.q_src]  # (R, S_suf, d) input to layer+1 from the subject on
-        self.h_last_suffix = captured["h_last"][rr, self.q_src]  # (R, S_suf, d) for the self-check
+        self.h_suffix = self._gather(self.h_z)  # (R, S_suf, d) input to layer+1 from the subject on
+        self.h_last_suffix = self._gather(captured["h_last"])  # (R, S_suf, d) for the self-check
         # Arguments of each upper layer, sliced to the suffix queries (shared objects sliced once).
         memo: dict = {}
         self.kwargs = [
@@ -332,6 +331,11 @@ class _FastForward:
         self.checked = not self.upper
 
     # -- argument slicing -----------------------------------------------------------------------
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, S, ...) -> (R, S_suf, ...) at the suffix positions of every row."""
+        rows = torch.arange(self.R, device=x.device)[:, None]
+        return x[rows, self.q_src.to(x.device)]
+
     def _rows_of(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == self.R:
             return torch.arange(self.R, device=x.device)

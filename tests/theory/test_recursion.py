@@ -397,3 +397,23 @@ def test_sherman_morrison_scalar_example():
     rls.update(np.array([[k]]), np.array([[v]]))
     assert rls.W_[0, 0] == pytest.approx((a * w0 + k * v) / (a + k**2), rel=1e-15)
     assert rls.C_[0, 0] == pytest.approx(1 / (a + k**2), rel=1e-15)
+
+
+@pytest.mark.parametrize("d_k", [64, 255, 300])
+@pytest.mark.parametrize("u", [1, 3, 17])
+def test_update_and_downdate_keep_C_exactly_symmetric_at_larger_sizes(d_k, u):
+    """The rank-u update goes through BLAS, which may round (i, j) and (j, i) differently for
+    u > 1 at these sizes; the implementation must still return an exactly symmetric C."""
+    rng = np.random.default_rng(d_k * 100 + u)
+    X = rng.standard_normal((d_k, d_k))
+    C = np.linalg.inv(X @ X.T / d_k + np.eye(d_k))
+    C = (C + C.T) / 2
+    W = rng.standard_normal((d_k, 3))
+    K, V = rng.standard_normal((u, d_k)), rng.standard_normal((u, 3))
+    C_new, W_new, info = woodbury_update(C, W, K, V)
+    assert np.array_equal(C_new, C_new.T)
+    G_new = np.linalg.inv(C) + K.T @ K
+    assert np.linalg.norm(C_new @ G_new - np.eye(d_k)) < 1e-10
+    C_back, W_back, _ = woodbury_downdate(C_new, W_new, K, V)
+    assert np.array_equal(C_back, C_back.T)
+    assert rel_err(C_back, C) < 1e-10 and rel_err(W_back, W) < 1e-10
