@@ -119,6 +119,11 @@ class Problem:
             if not np.allclose(g, g.T, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(g).max())):
                 raise NotPositiveDefiniteError("gram0 must be symmetric (it is K0^T K0)")
             self.gram0 = (g + g.T) / 2
+            scale = max(1.0, float(np.abs(self.gram0).max()))
+            if np.linalg.eigvalsh(self.gram0)[0] < -1e-10 * scale:
+                raise NotPositiveDefiniteError(
+                    "gram0 must be positive semidefinite (it is K0^T K0); it has a negative eigenvalue"
+                )
             self.cross0 = self.gram0 @ self.W0  # K0^T K0 W0
             self.v0_sq = float(np.sum(self.W0 * self.cross0))  # ||K0 W0||^2
         else:

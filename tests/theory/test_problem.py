@@ -262,3 +262,13 @@ def test_anchor_term_at_w0_is_zero_for_consistent_anchor():
         assert terms.proximity == 0.0
         assert terms.anchor == pytest.approx(0.0, abs=1e-10)
         assert terms.total == terms.fit + terms.proximity + terms.anchor
+
+
+def test_indefinite_gram0_is_rejected_even_when_A_is_positive_definite():
+    import numpy as np
+    import pytest
+
+    from rlsedit_theory import NotPositiveDefiniteError, Problem
+
+    with pytest.raises(NotPositiveDefiniteError, match="semidefinite"):
+        Problem(np.ones((3, 2)), 1.0, 1.0, gram0=-0.5 * np.eye(3))
