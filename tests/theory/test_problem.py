@@ -61,7 +61,7 @@ def test_bad_weights_raise_hyperparameter_error(kwargs, match):
     ],
 )
 def test_singular_metric_raises_not_positive_definite(kwargs):
-    with pytest.raises(NotPositiveDefiniteError, match="alpha > 0"):
+    with pytest.raises(NotPositiveDefiniteError, match="alpha > 0|semidefinite"):
         Problem(W0, **kwargs)
 
 
