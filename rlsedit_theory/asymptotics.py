@@ -29,7 +29,7 @@ import scipy.linalg
 from .bounds import Bound
 from .errors import HyperparameterError, NotPositiveDefiniteError, ShapeError
 from .objective import stack_edits
-from .problem import Problem, as_matrix, check_batch
+from .problem import Problem, as_matrix, check_batch, check_weight
 
 __all__ = [
     "Moments",
@@ -99,16 +99,6 @@ def _anchor(problem_or_W0, gram0=None, K0=None, V0=None) -> _Anchor:
     return _Anchor(W0, np.zeros((d_k, d_k)), np.zeros((d_k, d_v)), 0.0)
 
 
-def _check_ratio(x, name: str) -> float:
-    try:
-        value = float(x)
-    except (TypeError, ValueError) as exc:
-        raise HyperparameterError(f"{name} must be a real number; got {x!r}") from exc
-    if not math.isfinite(value) or value < 0:
-        raise HyperparameterError(f"{name} must be finite and >= 0; got {value}")
-    return value
-
-
 def _check_moments(Sigma_KK, Sigma_KV, d_k: int, d_v: int):
     S = as_matrix(Sigma_KK, "Sigma_KK", shape=(d_k, d_k))
     B = as_matrix(Sigma_KV, "Sigma_KV", shape=(d_k, d_v))
@@ -170,7 +160,7 @@ def stationary_moments(W_true, key_cov, noise: float, u: int) -> Moments:
     cov = as_matrix(key_cov, "key_cov", shape=(d_k, d_k))
     if not (isinstance(u, (int, np.integer)) and u >= 1):
         raise ShapeError(f"u must be a positive integer; got {u!r}")
-    noise = _check_ratio(noise, "noise")
+    noise = check_weight(noise, "noise")
     return Moments(
         u * cov,
         u * cov @ W_true,
@@ -197,7 +187,7 @@ def make_stationary_stream(
         isinstance(T, (int, np.integer)) and T >= 0 and isinstance(u, (int, np.integer)) and u >= 1
     ):
         raise ShapeError(f"T must be an integer >= 0 and u >= 1; got T={T!r}, u={u!r}")
-    noise = _check_ratio(noise, "noise")
+    noise = check_weight(noise, "noise")
     try:
         root = scipy.linalg.cholesky((cov + cov.T) / 2, lower=True)  # cov = root root^T
     except np.linalg.LinAlgError as exc:
@@ -241,7 +231,7 @@ def limit_weights(
     anchor = _anchor(problem_or_W0, gram0, K0, V0)
     d_k, d_v = anchor.W0.shape
     S, B = _check_moments(Sigma_KK, Sigma_KV, d_k, d_v)
-    H, rhs = _limit_system(S, B, anchor, _check_ratio(a, "a"), _check_ratio(b, "b"))
+    H, rhs = _limit_system(S, B, anchor, check_weight(a, "a"), check_weight(b, "b"))
     return _spd_solve(H, rhs, "H = Sigma_KK + a I + b K0^T K0 is not positive definite (A3 fails)")
 
 
@@ -259,7 +249,7 @@ def preservation(W, problem_or_W0, a1: float, b1: float, *, gram0=None, K0=None,
     """Preservation cost ``g(W) = a1 ||W - W0||^2 + b1 ||K0 W - V0||^2`` (C3)."""
     anchor = _anchor(problem_or_W0, gram0, K0, V0)
     W = as_matrix(W, "W", shape=anchor.W0.shape)
-    return _preservation_from_anchor(W, anchor, _check_ratio(a1, "a1"), _check_ratio(b1, "b1"))
+    return _preservation_from_anchor(W, anchor, check_weight(a1, "a1"), check_weight(b1, "b1"))
 
 
 class TradeoffPath(NamedTuple):
@@ -300,8 +290,8 @@ def tradeoff_path(
     rhos = np.asarray(rhos, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(rhos)) or np.any(rhos < 0):
         raise HyperparameterError("rhos must be finite and >= 0")
-    a1 = _check_ratio(a1, "a1")
-    b1 = _check_ratio(b1, "b1")
+    a1 = check_weight(a1, "a1")
+    b1 = check_weight(b1, "b1")
     d_k, d_v = anchor.W0.shape
     S, B = _check_moments(Sigma_KK, Sigma_KV, d_k, d_v)
     Ws, fs, gs = [], [], []
@@ -371,8 +361,8 @@ def t7_rate_bound(
     d_k, d_v = anchor.W0.shape
     S_t, B_t = _check_moments(S_hat, B_hat, d_k, d_v)
     S, B = _check_moments(Sigma_KK, Sigma_KV, d_k, d_v)
-    H_t, rhs_t = _limit_system(S_t, B_t, anchor, _check_ratio(a_t, "a_t"), _check_ratio(b_t, "b_t"))
-    H, rhs = _limit_system(S, B, anchor, _check_ratio(a, "a"), _check_ratio(b, "b"))
+    H_t, rhs_t = _limit_system(S_t, B_t, anchor, check_weight(a_t, "a_t"), check_weight(b_t, "b_t"))
+    H, rhs = _limit_system(S, B, anchor, check_weight(a, "a"), check_weight(b, "b"))
     W_inf = _spd_solve(H, rhs, "H is not positive definite (A3 fails)")
     if W_t is None:
         W_t = _spd_solve(H_t, rhs_t, "H_t is not positive definite")

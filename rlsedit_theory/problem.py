@@ -18,7 +18,7 @@ import scipy.linalg
 
 from .errors import HyperparameterError, NonFiniteError, NotPositiveDefiniteError, ShapeError
 
-__all__ = ["Problem", "as_matrix", "check_batch"]
+__all__ = ["Problem", "as_matrix", "check_batch", "check_weight"]
 
 
 def as_matrix(x, name: str, *, shape: tuple | None = None) -> np.ndarray:
@@ -59,7 +59,8 @@ def check_batch(K, V, d_k: int, d_v: int) -> tuple[np.ndarray, np.ndarray]:
     return K, V
 
 
-def _check_weight(x, name: str) -> float:
+def check_weight(x, name: str) -> float:
+    """``x`` as a finite float >= 0, or :class:`HyperparameterError` naming ``name``."""
     try:
         value = float(x)
     except (TypeError, ValueError) as exc:
@@ -99,8 +100,8 @@ class Problem:
     def __init__(self, W0, alpha: float, beta: float, gram0=None, K0=None, V0=None):
         self.W0 = as_matrix(W0, "W0")
         d_k, d_v = self.W0.shape
-        self.alpha = _check_weight(alpha, "alpha")
-        self.beta = _check_weight(beta, "beta")
+        self.alpha = check_weight(alpha, "alpha")
+        self.beta = check_weight(beta, "beta")
         if gram0 is not None and K0 is not None:
             raise ShapeError("give the anchor as gram0 or as K0 (with optional V0), not both")
         if V0 is not None and K0 is None:
@@ -150,8 +151,8 @@ class Problem:
         ``beta = mu**2``. ``convention="v1"`` (paper v1 as rendered): ``alpha = lam/2``,
         ``beta = mu/2``.
         """
-        lam = _check_weight(lam, "lambda")
-        mu = _check_weight(mu, "mu")
+        lam = check_weight(lam, "lambda")
+        mu = check_weight(mu, "mu")
         if convention == "code":
             return cls(W0, lam**2, mu**2, **anchor)
         if convention == "v1":

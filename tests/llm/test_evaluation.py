@@ -18,6 +18,8 @@ from rlsedit_llm.models import get_module, read_weight
 from rlsedit_llm.scoring import score_targets
 from rlsedit_llm.values import ValueConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
+
 FACTS = [
     Fact("{} is located in the city of", "The Eiffel Tower", "Rome", target_true="Paris", case_id=0,
          paraphrases=("The Eiffel Tower stands in", "Where is the Eiffel Tower? In"),
@@ -169,6 +171,8 @@ def test_zsre_case_scores_use_token_accuracy_and_question_mark(llama):
     loc = score_targets(model, tok, ["nq question: who wrote the book?"], ["a writer"])[0].accuracy
     assert row["specificity"] == pytest.approx(loc)
     assert metrics.zsre_locality_prompt("q?") == "q?"
+    (via_protocol,) = protocol.case_scores("zsre", model, tok, [f])
+    assert via_protocol == row and set(row) == {"case_id", *metrics.ZSRE_METRICS}
     with pytest.raises(HyperparameterError):
         metrics.zsre_case_scores(model, tok, [dataclasses.replace(f, neighbourhood_target=None)])
 
@@ -265,30 +269,21 @@ def test_finetune_rejects_bad_facts_untouched_and_round_trips(llama, tmp_path):
 
 
 def test_memit_seq_equals_rlsedit_alpha0_on_the_llm_layer(tiny, tmp_path):
+    """Same facts, same base model, a 3-batch stream: MEMIT-seq's dense re-solve and RLSEdit's
+    recursion (alpha = 0) give the same float64 weights; per-batch MEMIT does not."""
     states = {}
-    for method in ("rlsedit", "memit_seq"):
+    for method in ("rlsedit", "memit_seq", "memit"):
         model, tok = tiny("llama")  # the same seed: the same base model
         editor = Editor(model, tok, _fast_config(tmp_path, method=method, alpha=0.0))
         for b in range(3):
             editor.edit(FACTS[2 * b: 2 * b + 2])
         states[method] = {l: s.W_.clone() for l, s in editor.solvers_.items()}
     for l, W in states["rlsedit"].items():
-        W0 = read_weight(get_module(model, editor.spec_.edit_module_path.format(l))).double()
-        moved = torch.linalg.norm(W - W0)
-        assert moved > 0
+        W0 = editor.solvers_[l].W0_
+        assert torch.linalg.norm(W - W0) > 0
         rel = torch.linalg.norm(W - states["memit_seq"][l]) / torch.linalg.norm(W)
         assert rel < 1e-6, (l, float(rel))
-
-
-def test_memit_per_batch_differs_from_cumulative(tiny, tmp_path):
-    finals = {}
-    for method in ("memit", "memit_seq"):
-        model, tok = tiny("llama")
-        editor = Editor(model, tok, _fast_config(tmp_path, method=method))
-        for b in range(3):
-            editor.edit(FACTS[2 * b: 2 * b + 2])
-        finals[method] = editor.solvers_[editor.layers_[0]].W_.clone()
-    assert not torch.allclose(finals["memit"], finals["memit_seq"], rtol=1e-4, atol=1e-8)
+        assert torch.linalg.norm(W - states["memit"][l]) / torch.linalg.norm(W - W0) > 1e-3
 
 
 def test_deviation_report_respects_t3_bounds(tiny, tmp_path):
@@ -460,8 +455,8 @@ def test_bench_smollm2_short_stream(smollm2, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "load_model", lambda name: (model, tok))
     out = tmp_path / "bench"
     args = argparse.Namespace(dataset="counterfact", model="smollm2", edits=20, batch=10, methods="rlsedit,memit_seq",
-                              out=str(out), stats_tokens=6000, checkpoints=2, glue=20, fluency_cases=4,
-                              fluency_tokens=20, quiet=True, cache_dir=str(tmp_path / "stats"))
+                              out=str(out), stats_tokens=6000, checkpoints=1, glue=8, fluency_cases=2,
+                              fluency_tokens=10, quiet=True, cache_dir=str(tmp_path / "stats"))
     assert bench.run_bench(args) == 0
     res = bench.read_results(out)
     base = res["base"]["all"]
