@@ -134,7 +134,7 @@ def test_smollm2_counterfact_stream(smollm2, counterfact, tmp_path):
         final, first = efficacy(facts), efficacy(facts[:5])
         print(f"SmolLM2 CounterFact: efficacy {final:.2f} over 20, first call retained {first:.2f}")
         assert final >= 0.9
-        assert first >= 0.8
+        assert first == 1.0
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():
