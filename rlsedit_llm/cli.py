@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--interleave", action="store_true",
                        help="run the methods round robin, one batch each (all methods keep the same "
                             "number of edits if the run is stopped); needs memory for every method's state")
+    bench.add_argument("--time-budget", type=float,
+                       help="with --interleave: after this many seconds finish the current round, score the "
+                            "edits written so far and stop (rerun without it to continue the stream)")
     bench.set_defaults(func=_bench)
     return parser
 

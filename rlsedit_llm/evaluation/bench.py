@@ -133,13 +133,17 @@ def run_bench(args) -> int:
     layers = tuple(int(x) for x in args.layers.split(",")) if _arg(args, "layers", None) else None
     edit_config = EditConfig(
         layers=layers, alpha=float(_arg(args, "alpha", 0.0)), beta=float(_arg(args, "beta", 1.0)),
-        mom2_weight=float(_arg(args, "mom2_weight", 15000.0)), stats_tokens=int(_arg(args, "stats_tokens", 100_000)),
+        mom2_weight=_arg(args, "mom2_weight", None), stats_tokens=int(_arg(args, "stats_tokens", 100_000)),
         cache_dir=_arg(args, "cache_dir", None), replace=False,
     )
     edit_config.validate()
     ft = {"ft_lr": float(_arg(args, "ft_lr", 5e-4)), "ft_steps": int(_arg(args, "ft_steps", 10))}
     state_root = Path(_arg(args, "state_dir", None) or out / "state")
     save_every = int(_arg(args, "save_every", 1))
+    budget = _arg(args, "time_budget", None)
+    budget = None if budget is None else float(budget)
+    if budget is not None and not _arg(args, "interleave", False):
+        raise HyperparameterError("--time-budget needs --interleave (so that every method stops at the same edit)")
     if save_every < 1:
         raise HyperparameterError(f"--save-every must be >= 1; got {save_every}")
     out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +156,7 @@ def run_bench(args) -> int:
     facts = load_stream(cfg.dataset, cfg.n_edits, tok)
     settings = {
         "format": FORMAT, "model": args.model, **cfg.to_dict(), "layers": list(layers),
-        "alpha": edit_config.alpha, "beta": edit_config.beta, "mom2_weight": edit_config.mom2_weight,
+        "alpha": edit_config.alpha, "beta": edit_config.beta, "mom2_weight": edit_config.resolved_mom2_weight(spec.d_k),
         "stats_tokens": edit_config.stats_tokens, "corpus": edit_config.corpus,
         "case_ids": [f.case_id for f in facts], **ft,
     }
@@ -185,7 +189,8 @@ def run_bench(args) -> int:
     moments = second_moments(model, tok, spec, list(layers), corpus=edit_config.corpus,
                              n_tokens=edit_config.stats_tokens, max_length=edit_config.stats_max_length,
                              cache_dir=edit_config.cache_dir)
-    grams = {l: edit_config.mom2_weight * m.to("cpu", torch.float64) for l, m in moments.items()}
+    N = edit_config.resolved_mom2_weight(spec.d_k)
+    grams = {l: N * m.to("cpu", torch.float64) for l, m in moments.items()}
     log.info("statistics ready in %.1f s", time.perf_counter() - tic)
 
     if results["base"] is None:
@@ -229,11 +234,11 @@ def run_bench(args) -> int:
             last[0] = time.perf_counter()
             _write_results(out, results)
 
-        def advance(until=None, progress=not _arg(args, "quiet", False)):
+        def advance(until=None, progress=not _arg(args, "quiet", False), finish=False):
             last[0] = time.perf_counter()
             run_method(runner, model, tok, facts, cfg, record, W0=W0, grams=grams, alpha=edit_config.alpha,
                        beta=edit_config.beta, glue=glue, base=results["base"], on_batch=on_batch,
-                       progress=progress, until=until)
+                       progress=progress, until=until, finish=finish)
             if record["done"] and not _arg(args, "keep_state", False):
                 shutil.rmtree(state, ignore_errors=True)
 
@@ -255,7 +260,14 @@ def run_bench(args) -> int:
             active[name] = (runner, record, advance, snapshot_weights(model, spec, layers))
         rounds = tqdm(range(1, cfg.n_batches + 1), desc="+".join(active), unit="round",
                       disable=_arg(args, "quiet", False))
+        stop = None
         for b in rounds:
+            if budget is not None and time.perf_counter() - t0 > budget:
+                stop = b - 1
+                log.warning("time budget of %.0f s spent: stopping after %d of %d batches; scoring the "
+                            "edits written so far (rerun the command without --time-budget to continue)",
+                            budget, stop, cfg.n_batches)
+                break
             for name, (runner, record, advance, _) in active.items():
                 if record["batches_done"] >= b:
                     continue
@@ -265,7 +277,7 @@ def run_bench(args) -> int:
             write_report(results, out)
         for name, (runner, record, advance, weights) in active.items():
             restore_weights(model, spec, weights)
-            advance()  # the final scoring
+            advance(until=stop, finish=stop is not None)  # the final scoring
         write_report(results, out)
     restore_weights(model, spec, W0)
     write_report(results, out)
@@ -315,6 +327,8 @@ def _method_row(name: str, rec: dict) -> dict:
     for k in ("efficacy", "generalization", "specificity", "score", "wild"):
         row[f"immediate_{k}"] = imm.get(k)
         row[f"retention_{k}"] = (fr or last_ret).get(k)
+    ratios = [e["residual_ratio"] for e in rec.get("immediate", []) if e.get("residual_ratio") is not None]
+    row["residual_ratio"] = round(sum(ratios) / len(ratios), 4) if ratios else None
     row["fluency"] = final.get("fluency")
     row["glue_mean"] = (final.get("glue") or {}).get("mean")
     return row
@@ -397,11 +411,12 @@ def _markdown(results: dict, rows: list[dict], base: dict) -> str:
                          f"{_pct(r['final_specificity_acc'])} |")
         lines.append("")
     lines += ["Wall time per method (seconds): editing (values, keys and the solver update), of which "
-              "the solver update per batch, evaluation, total (including checkpoint saves).", "",
-              "| method | edit | update / batch | eval | total |", "|---|---|---|---|---|"]
+              "the solver update per batch, evaluation, total (including checkpoint saves); and the mean "
+              "share of the value residual ||z* - h|| left after each write (Editor methods).", "",
+              "| method | edit | update / batch | eval | total | residual left |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {_num(r['seconds_edit'], 0)} | {_num(r['sec_per_batch_update'], 3)} | "
-                     f"{_num(r['seconds_eval'], 0)} | {_num(r['seconds_wall'], 0)} |")
+                     f"{_num(r['seconds_eval'], 0)} | {_num(r['seconds_wall'], 0)} | {_num(r['residual_ratio'], 3)} |")
     sessions = results.get("sessions") or []
     if sessions:
         m = sessions[-1]["machine"]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -34,7 +33,7 @@ import torch
 from ..errors import HyperparameterError
 from ..facts import Fact
 from ..models import model_device
-from ..scoring import encode_target, score_targets
+from ..scoring import TargetScore, encode_target, score_targets
 
 __all__ = [
     "harmonic_mean",
@@ -96,17 +95,59 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
 
 
 def score_pairs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32):
-    """:func:`~rlsedit_llm.scoring.score_targets` over pairs sorted by length (less padding),
-    returned in the input order."""
+    """:func:`~rlsedit_llm.scoring.score_targets` of every ``(prompts[i], targets[i])``, in input order.
+
+    Same result, less work: a single-token target only needs the next-token distribution after
+    its prompt, so every distinct prompt with single-token targets is run once (without any
+    target appended) and all its single-token targets are read from that one distribution;
+    multi-token targets go through :func:`~rlsedit_llm.scoring.score_targets`, sorted by length
+    to reduce padding.
+    """
     if len(prompts) != len(targets):
         raise HyperparameterError(f"{len(prompts)} prompts but {len(targets)} targets")
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
-    scored = score_targets(model, tokenizer, [prompts[i] for i in order], [targets[i] for i in order],
-                           batch_size=batch_size)
-    out = [None] * len(prompts)
-    for i, s in zip(order, scored):
-        out[i] = s
+    out: list[TargetScore | None] = [None] * len(prompts)
+    ids = [encode_target(tokenizer, t) for t in targets]
+    single = [i for i in range(len(prompts)) if len(ids[i]) == 1]
+    multi = [i for i in range(len(prompts)) if len(ids[i]) != 1]
+    if single:
+        distinct = sorted({prompts[i] for i in single})
+        logp = dict(zip(distinct, _next_token_logprobs(model, tokenizer, distinct, batch_size=batch_size)))
+        for i in single:
+            lp = logp[prompts[i]]  # (vocab,)
+            t = ids[i][0]
+            out[i] = TargetScore(lp[t].reshape(1).clone(), (lp.argmax() == t).reshape(1))
+    if multi:
+        order = sorted(multi, key=lambda i: len(prompts[i]) + len(targets[i]))
+        scored = score_targets(model, tokenizer, [prompts[i] for i in order], [targets[i] for i in order],
+                               batch_size=batch_size)
+        for i, sc in zip(order, scored):
+            out[i] = sc
     return out
+
+
+@torch.no_grad()
+def _next_token_logprobs(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32) -> list[torch.Tensor]:
+    """log p(next token | prompt) over the vocabulary, float32 on CPU, one tensor per prompt
+    (no special tokens, right padding: the same positions :func:`score_targets` reads)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = model_device(model)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[r, : len(encoded[i])] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (b, w, vocab)
+        last = torch.tensor([len(encoded[i]) - 1 for i in rows], device=logits.device)
+        picked = torch.log_softmax(logits[torch.arange(len(rows), device=logits.device), last].float(), dim=-1)
+        for r, i in enumerate(rows):
+            out[i] = picked[r].cpu()
+    return out  # type: ignore[return-value]
 
 
 def _mean(xs) -> float:

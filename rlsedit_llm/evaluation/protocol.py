@@ -224,7 +224,11 @@ class MethodRunner:
         report = self.editor.edit(list(facts))
         if isinstance(report, dict):  # fine-tuning
             return {"update": report["seconds"]}
-        return dict(report.seconds)
+        out = dict(report.seconds)
+        # What the write left of the value residual ||z* - h|| at the last edited layer (T2's shrink).
+        ratios = [f.residual_after / f.residual_before for f in report.facts if f.residual_before > 0]
+        out["residual_ratio"] = sum(ratios) / len(ratios) if ratios else float("nan")
+        return out
 
     def weights(self) -> dict[int, torch.Tensor]:
         """Current weights of the edited modules, ``(d_k, d_v)`` float64 on CPU (the solver's
@@ -362,19 +366,31 @@ def run_method(runner: MethodRunner, model, tokenizer, facts: Sequence[Fact], cf
                record: dict, *, W0: dict[int, torch.Tensor], grams: dict[int, torch.Tensor] | None = None,
                alpha: float = 0.0, beta: float = 1.0, glue: dict[str, list] | None = None,
                base: dict | None = None, on_batch: Callable[[dict], None] | None = None,
-               progress: bool = True, until: int | None = None) -> dict:
+               progress: bool = True, until: int | None = None, finish: bool = False) -> dict:
     """Write the stream ``facts`` with ``runner`` batch by batch, scoring as the protocol says.
 
     Continues from ``record["batches_done"]`` (``runner`` must then hold the state after that
     many batches) and updates ``record`` in place; ``on_batch(record)`` is called after every
-    batch and after the final scoring. With ``until``, stops after that many batches (the final
-    scoring runs only once the whole stream is written). Returns ``record``.
+    batch and after the final scoring. With ``until``, stops after that many batches; the final
+    scoring runs once the whole stream is written, or, with ``finish``, on the edits written so
+    far (a stream stopped early: ``record["final"]["partial"]`` is true, ``record["done"]`` stays
+    false and a later call continues the stream). Returns ``record``.
     """
     cfg.validate()
     if len(facts) != cfg.n_edits:
         raise HyperparameterError(f"got {len(facts)} facts for a stream of {cfg.n_edits} edits")
     checkpoints = set(cfg.checkpoint_batches())
     retention = list(facts[: cfg.retention_size])
+
+    def checkpoint(batch: int, edits: int) -> dict:
+        ret = case_scores(cfg.dataset, model, tokenizer, retention[:edits], batch_size=cfg.score_batch_size)
+        point = {"batch": batch, "edits": edits, "retention": _clean(metrics.summarize_cases(ret))}
+        if cfg.wild:
+            point["retention"]["wild"] = _finite(float(np.mean(
+                metrics.generation_check(model, tokenizer, retention[:edits]))))
+        point["deviation"] = deviation_report(runner, W0, grams, alpha=alpha, beta=beta)
+        return point
+
     start = record["batches_done"]
     stop = cfg.n_batches if until is None else min(until, cfg.n_batches)
     bar = tqdm(range(start, stop), desc=runner.name, unit="batch", initial=start,
@@ -389,16 +405,12 @@ def run_method(runner: MethodRunner, model, tokenizer, facts: Sequence[Fact], cf
         rows = case_scores(cfg.dataset, model, tokenizer, batch, batch_size=cfg.score_batch_size)
         entry = {"batch": b + 1, "edits": b * cfg.batch_size + len(batch), "seconds_edit": round(t_edit, 3),
                  "seconds_update": round(float(stages.get("update", float("nan"))), 4),
+                 "residual_ratio": _finite(stages.get("residual_ratio")),
                  **_clean(metrics.summarize_cases(rows))}
         if cfg.wild:
             entry["wild"] = _finite(float(np.mean(metrics.generation_check(model, tokenizer, batch))))
         if b + 1 in checkpoints:
-            ret = case_scores(cfg.dataset, model, tokenizer, retention, batch_size=cfg.score_batch_size)
-            point = {"batch": b + 1, "edits": entry["edits"], "retention": _clean(metrics.summarize_cases(ret))}
-            if cfg.wild:
-                point["retention"]["wild"] = _finite(float(np.mean(metrics.generation_check(model, tokenizer, retention))))
-            point["deviation"] = deviation_report(runner, W0, grams, alpha=alpha, beta=beta)
-            record["checkpoints"].append(point)
+            record["checkpoints"].append(checkpoint(b + 1, entry["edits"]))
         t_eval = time.perf_counter() - tic
         entry["seconds_eval"] = round(t_eval, 3)
         record["immediate"].append(entry)
@@ -410,16 +422,25 @@ def run_method(runner: MethodRunner, model, tokenizer, facts: Sequence[Fact], cf
             on_batch(record)
     bar.close()
 
-    if not record["done"] and record["batches_done"] == cfg.n_batches:
+    complete = record["batches_done"] == cfg.n_batches
+    stopped = finish and not complete and record["batches_done"] > 0
+    if stopped and (not record["checkpoints"] or record["checkpoints"][-1]["batch"] != record["batches_done"]):
         tic = time.perf_counter()
-        rows = case_scores(cfg.dataset, model, tokenizer, facts, batch_size=cfg.score_batch_size)
-        final = {"all": _clean(metrics.summarize_cases(rows)),
+        record["checkpoints"].append(checkpoint(record["batches_done"], record["edits_done"]))
+        record["seconds_eval"] = round(record["seconds_eval"] + time.perf_counter() - tic, 3)
+    have = record.get("final") or {}
+    if (complete and not record["done"]) or (stopped and have.get("edits") != record["edits_done"]):
+        tic = time.perf_counter()
+        written = list(facts[: record["edits_done"]])
+        rows = case_scores(cfg.dataset, model, tokenizer, written, batch_size=cfg.score_batch_size)
+        final = {"edits": record["edits_done"], "partial": not complete,
+                 "all": _clean(metrics.summarize_cases(rows)),
                  "retention": _clean(metrics.summarize_cases(rows[: cfg.retention_size]))}
         if cfg.wild:
-            final["all"]["wild"] = _finite(float(np.mean(metrics.generation_check(model, tokenizer, facts))))
-        final.update(_extras(model, tokenizer, facts, cfg, glue or {}, (base or {}).get("glue")))
+            final["all"]["wild"] = _finite(float(np.mean(metrics.generation_check(model, tokenizer, written))))
+        final.update(_extras(model, tokenizer, written, cfg, glue or {}, (base or {}).get("glue")))
         final["seconds"] = round(time.perf_counter() - tic, 2)
-        record["final"], record["done"] = final, True
+        record["final"], record["done"] = final, complete
         record["seconds_eval"] = round(record["seconds_eval"] + final["seconds"], 3)
         if on_batch is not None:
             on_batch(record)
@@ -432,7 +453,7 @@ def immediate_summary(record: dict) -> dict:
     if not entries:
         return {}
     keys = [k for k in entries[0] if k not in ("batch", "edits", "seconds_edit", "seconds_update", "seconds_eval",
-                                                  "n", "score")]
+                                                  "n", "score", "residual_ratio")]
     out: dict = {"n": sum(e["n"] for e in entries)}
     for k in keys:
         pairs = [(e[k], e["n"]) for e in entries if e.get(k) is not None]

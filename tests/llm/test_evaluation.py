@@ -140,6 +140,22 @@ def test_shipped_glue_subsets():
 # Metrics on a tiny model: bookkeeping against direct scoring
 
 
+def test_score_pairs_equals_score_targets(llama):
+    model, tok = llama
+    prompts = ["The Eiffel Tower is located in the city of", "Toyota is based in", "The Eiffel Tower is located in the city of",
+               "Big Ben is in"] * 2
+    targets = ["Paris", "Japan", "Rome", "London", "a", "the", "x", "Paris and Rome"]
+    got = metrics.score_pairs(model, tok, prompts, targets, batch_size=3)
+    want = score_targets(model, tok, prompts, targets)
+    lengths = {len(s.token_logprobs) for s in want}
+    assert 1 in lengths and max(lengths) > 1  # both paths are exercised
+    for g, w in zip(got, want):
+        assert torch.allclose(g.token_logprobs, w.token_logprobs, atol=1e-5)
+        assert torch.equal(g.token_correct, w.token_correct)
+    with pytest.raises(HyperparameterError):
+        metrics.score_pairs(model, tok, prompts, targets[:-1])
+
+
 def test_counterfact_case_scores_match_direct_scoring(llama):
     model, tok = llama
     rows = metrics.counterfact_case_scores(model, tok, FACTS[:3], batch_size=4)
@@ -298,7 +314,8 @@ def test_deviation_report_respects_t3_bounds(tiny, tmp_path):
 
     moments = second_moments(model, tok, runner.editor.spec_, list(runner.layers), n_tokens=cfg.stats_tokens,
                              max_length=cfg.stats_max_length, cache_dir=cfg.cache_dir)
-    grams = {l: cfg.mom2_weight * m.double() for l, m in moments.items()}
+    N = runner.editor.mom2_weight_
+    grams = {l: N * m.double() for l, m in moments.items()}
     rep = protocol.deviation_report(runner, W0, grams, alpha=cfg.alpha, beta=cfg.beta)
     assert set(rep) == {str(l) for l in runner.layers}
     for row in rep.values():
@@ -331,9 +348,17 @@ def test_run_method_records_immediate_retention_and_final(tiny, tmp_path):
     glue = {t: protocol.load_glue(t, 4) for t in ("sst2", "cola")}
     base = protocol.base_report(model, tok, facts, cfg, glue)
     calls = []
+    # Stop after one batch and score what was written (a stream cut short by a time budget) ...
     rec = protocol.run_method(runner, model, tok, facts, cfg, protocol.new_record(), W0=W0, glue=glue, base=base,
+                              on_batch=lambda r: calls.append(r["batches_done"]), progress=False, until=1,
+                              finish=True)
+    assert not rec["done"] and rec["final"]["partial"] and rec["final"]["edits"] == 2
+    assert rec["final"]["all"]["n"] == 2 and rec["checkpoints"][-1]["batch"] == 1
+    # ... then continue the same stream to its end.
+    rec = protocol.run_method(runner, model, tok, facts, cfg, rec, W0=W0, glue=glue, base=base,
                               on_batch=lambda r: calls.append(r["batches_done"]), progress=False)
-    assert calls == [1, 2, 3, 3]  # after each batch, then after the final scoring
+    assert calls == [1, 1, 2, 3, 3]  # after each batch, and after each final scoring
+    assert not rec["final"]["partial"]
     assert rec["done"] and rec["edits_done"] == 6 and [e["edits"] for e in rec["immediate"]] == [2, 4, 6]
     assert [p["batch"] for p in rec["checkpoints"]] == cfg.checkpoint_batches() == [1, 2, 3]
     assert rec["checkpoints"][0]["retention"]["n"] == cfg.retention_size == 2
