@@ -1,0 +1,45 @@
+"""The command line: `rlsedit edit` continues one stream across invocations through --state."""
+
+import json
+
+import pytest
+
+import rlsedit_llm
+from rlsedit_llm import cli
+from rlsedit_llm.models import tiny_model
+
+
+@pytest.mark.usefixtures("one_thread_unless_slow")
+def test_edit_command_saves_and_continues_the_stream(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    models = []
+
+    def fake_load(name, **kwargs):  # a fresh copy of the same base model on every invocation
+        models.append(tiny_model("llama", init_std=0.3))
+        return models[-1]
+
+    monkeypatch.setattr(rlsedit_llm, "load_model", fake_load)
+    state = tmp_path / "state"
+    args = ["edit", "--model", "tiny", "--state", str(state), "--alpha", "0.001",
+            "--mom2-weight", "1", "--stats-tokens", "2000", "--batch", "1"]
+    first = tmp_path / "a.jsonl"
+    first.write_text(json.dumps({"prompt": "we saw {}", "subject": "the old cat", "target": "paris"}))
+    assert cli.main(args + ["--facts", str(first)]) == 0
+    assert (state / "editor.json").exists()
+
+    second = tmp_path / "b.json"
+    second.write_text(json.dumps([{"prompt": "they sold {}", "subject": "the long table", "target": "wood"}]))
+    assert cli.main(args + ["--facts", str(second)]) == 0
+    out = capsys.readouterr().out
+    assert "edit 0" in out and "edit 1" in out  # the second invocation continued the numbering
+    editor = rlsedit_llm.Editor.load(*fake_load("tiny"), state)
+    assert [r.edit_id for r in editor.journal_] == [0, 1]
+    assert all(s.n_updates_ == 2 for s in editor.solvers_.values())
+
+
+def test_edit_command_rejects_a_bad_fact_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(rlsedit_llm, "load_model", lambda name, **kw: tiny_model("llama"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "no slot here", "subject": "x", "target": "y"}))
+    with pytest.raises(rlsedit_llm.FactError):
+        cli.main(["edit", "--model", "tiny", "--facts", str(bad), "--stats-tokens", "2000"])
