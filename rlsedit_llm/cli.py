@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", help="comma-separated edited layers (default: family default)")
     bench.add_argument("--alpha", type=float, default=0.0, help="weight of ||W - W0||^2 (all Editor methods)")
     bench.add_argument("--beta", type=float, default=1.0, help="weight of the anchor term")
-    bench.add_argument("--mom2-weight", type=float, default=15000.0, help="N in the anchor Gram N E[kk^T]")
+    bench.add_argument("--mom2-weight", type=float, default=None,
+                       help="N in the anchor Gram N E[kk^T] (default: the Editor's, 15000 scaled by d_k/14336)")
     bench.add_argument("--cache-dir", help="key-statistics cache folder (default: the user cache)")
     bench.add_argument("--retention-fraction", type=float, default=0.1,
                        help="share of the stream tracked by the retention curve (default 0.1)")
