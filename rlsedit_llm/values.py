@@ -29,7 +29,9 @@ Two interchangeable forward paths produce the log-probabilities the loss needs:
   subject. Because attention is causal, positions before the subject cannot see ``delta``, so each
   optimisation step re-runs only the layers above ``layer`` on the positions from the subject
   onwards (attending to the recorded keys/values), then the final norm and LM head at the few
-  positions the loss reads. The decoder layers are the model's own modules called with the
+  positions the loss reads. Only the rows of facts still optimising are run, in groups of
+  similar suffix length (:func:`_length_groups`), so padding and finished facts cost nothing.
+  The decoder layers are the model's own modules called with the
   arguments the model itself passed them (mask and rotary tables sliced to those positions), so no
   architecture is re-implemented. A self-check at step 0 (outputs equal to the full pass) guards
   this; on mismatch, or for attention implementations other than ``sdpa``/``eager``, the naive
@@ -389,26 +391,89 @@ class _FastForward:
 
     # -- one evaluation --------------------------------------------------------------------------
     def __call__(self, delta_rows: torch.Tensor, sel_row: torch.Tensor, sel_pos: torch.Tensor) -> torch.Tensor:
-        """delta_rows (R, d) float32 -> float32 log-probs (N, vocab) at (sel_row, sel_pos)."""
-        h = self.h_suffix
-        h = torch.cat([h[:, :1] + delta_rows[:, None].to(h.dtype), h[:, 1:]], dim=1)  # (R, S_suf, d)
-        for module, (first, cache_name, kwargs) in zip(self.upper, self.kwargs):
-            h = first_tensor(module(h, **{cache_name: _PrefixCache(self.store)}, **kwargs))
-        if not self.checked:
-            self._self_check(h)
-        idx = sel_pos.to(h.device) - self.s.to(h.device)[sel_row.to(h.device)]
-        x = h[sel_row.to(h.device), idx]  # (N, d)
+        """delta_rows (R, d) float32 -> float32 log-probs (N, vocab) at (sel_row, sel_pos).
+
+        Only the rows named in ``sel_row`` are run, in groups of similar suffix length (a group
+        is trimmed to its longest row), so padding and finished facts cost nothing."""
+        dev = self.h_suffix.device
+        sel_row, sel_pos = sel_row.to(dev), sel_pos.to(dev)
+        n_need = self.valid.to(dev).sum(dim=1)  # (R,)
+        order, xs = [], []
+        for group in _length_groups(torch.unique(sel_row), n_need):
+            n = int(n_need[group].max())
+            h = self._run(group, n, delta_rows[group.to(delta_rows.device)])  # (g, n, d)
+            local = torch.full((self.R,), -1, dtype=torch.long, device=dev)
+            local[group] = torch.arange(len(group), device=dev)
+            pick = (local[sel_row] >= 0).nonzero()[:, 0]  # selections in this group
+            order.append(pick)
+            xs.append(h[local[sel_row[pick]], sel_pos[pick] - self.s.to(dev)[sel_row[pick]]])
+        self.checked = True
+        x = torch.empty((len(sel_row), xs[0].shape[-1]), dtype=xs[0].dtype, device=dev)
+        x = x.index_put((torch.cat(order),), torch.cat(xs))  # (N, d) back in selection order
         logits = self.head(self.norm(x)).float()  # (N, vocab)
         return torch.log_softmax(logits, dim=-1)
 
-    def _self_check(self, h: torch.Tensor) -> None:
-        ref = self.h_last_suffix
-        v = self.valid.to(h.device)
+    def _run(self, group: torch.Tensor, n: int, delta: torch.Tensor) -> torch.Tensor:
+        """The upper layers on rows ``group`` (g,) and their first ``n`` suffix positions."""
+        h = self.h_suffix[group, :n]  # (g, n, d)
+        h = torch.cat([h[:, :1] + delta[:, None].to(h.dtype), h[:, 1:]], dim=1)
+        cols = torch.cat([torch.arange(self.P), self.P + torch.arange(n)])
+        memo: dict = {}
+
+        def sub(name, value):
+            if id(value) in memo:
+                return memo[id(value)]
+            if name == "attention_mask":  # (R, H, S_suf, P + S_suf)
+                out = value[group.to(value.device)][:, :, :n][..., cols.to(value.device)]
+            elif name == "cache_position":
+                out = value[:n]
+            elif isinstance(value, torch.Tensor):  # position tensors (R, S_suf, ...)
+                out = value[group.to(value.device), :n]
+            elif isinstance(value, tuple):
+                out = tuple(t[group.to(t.device), :n] for t in value)
+            else:
+                out = value
+            memo[id(value)] = out
+            return out
+
+        store = {l: (k[group.to(k.device)], v[group.to(v.device)]) for l, (k, v) in self.store.items()}
+        for module, (first, cache_name, kwargs) in zip(self.upper, self.kwargs):
+            kw = {k: sub(k, v) for k, v in kwargs.items()}
+            h = first_tensor(module(h, **{cache_name: _PrefixCache(store)}, **kw))
+        if not self.checked:
+            self._self_check(h, group, n)
+        return h
+
+    def _self_check(self, h: torch.Tensor, group: torch.Tensor, n: int) -> None:
+        ref = self.h_last_suffix[group, :n]
+        v = self.valid.to(h.device)[group, :n]
         err = (h.detach()[v].float() - ref[v].float()).norm() / ref[v].float().norm().clamp_min(1e-30)
         tol = 1e-4 if h.dtype in (torch.float32, torch.float64) else 3e-2
         if not bool(err <= tol):
             raise _FastPathUnavailable(f"self-check failed: relative error {float(err):.2e} > {tol:.0e}")
-        self.checked = True
+
+
+def _length_groups(rows: torch.Tensor, length: torch.Tensor, overhead: int = 32) -> list[torch.Tensor]:
+    """Split ``rows`` into groups of similar ``length[row]`` minimising the padded work
+    ``sum over groups of size * max length`` plus ``overhead`` positions per extra group
+    (one dynamic-programming pass over the distinct lengths, shortest first)."""
+    lens = length[rows]
+    values, counts = torch.unique(lens, return_counts=True)  # ascending
+    values, counts = values.tolist(), counts.tolist()
+    m = len(values)
+    best = [0.0] + [float("inf")] * m  # best[j]: cost of the first j distinct lengths
+    cut = [0] * (m + 1)
+    for j in range(1, m + 1):
+        for i in range(j):  # the last group holds lengths i..j-1
+            cost = best[i] + sum(counts[i:j]) * values[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], m
+    while j > 0:
+        i = cut[j]
+        groups.append(rows[(lens >= values[i]) & (lens <= values[j - 1])])
+        j = i
+    return groups[::-1]
 
 
 class _NaiveForward:
@@ -516,40 +581,49 @@ def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str) -
     h0_norm = h0.norm(dim=1)  # (u,)
     max_norm = config.clamp_norm_factor * h0_norm  # (u,)
 
-    n_tok = len(rows.tok_row)
-    sel_row = torch.cat([rows.tok_row, rows.kl_row])  # (N,) with N = n_tok + u
-    sel_pos = torch.cat([rows.tok_pos, rows.kl_pos])
     labels = rows.tok_label.to(device)
-    tok_row = rows.tok_row.to(device)
+    tok_row, tok_pos = rows.tok_row.to(device), rows.tok_pos.to(device)
+    kl_row, kl_pos = rows.kl_row.to(device), rows.kl_pos.to(device)
     row_fact = rows.fact.to(device)
+    tok_fact = row_fact[tok_row]  # (n_tok,)
     n_template_rows = u * rows.n_templates
     tokens_per_row = torch.bincount(tok_row, minlength=n_template_rows).clamp_min(1).float()  # (u*T,)
 
     delta = torch.zeros_like(h0, requires_grad=True)  # (u, d) float32
     opt = torch.optim.Adam([delta], lr=config.lr)
     active = torch.ones(u, dtype=torch.bool, device=device)
+    last_loss = torch.zeros(u, device=device)
+    last_nll = torch.zeros(u, device=device)
     kl_init = None
     result = ValueResult(target=h0, initial=h0, path=path)
     with torch.enable_grad():
         for it in range(config.steps):
             opt.zero_grad(set_to_none=True)
+            # Only active facts are evaluated: a finished fact's loss no longer changes.
+            keep = active[tok_fact]  # (n_tok,)
+            facts_on = active.nonzero()[:, 0]  # (a,)
+            n_tok = int(keep.sum())
+            sel_row = torch.cat([tok_row[keep], kl_row[facts_on]])  # (N,)
+            sel_pos = torch.cat([tok_pos[keep], kl_pos[facts_on]])
             logp = forward(delta[row_fact], sel_row, sel_pos)  # (N, vocab) float32
-            tok_logp = logp[:n_tok].gather(1, labels[:, None])[:, 0]  # (n_tok,)
-            row_nll = torch.zeros(n_template_rows, device=device).index_add(0, tok_row, -tok_logp) / tokens_per_row
-            nll = row_nll.view(u, rows.n_templates).mean(dim=1)  # (u,)
-            kl_logp = logp[n_tok:]  # (u, vocab)
-            if kl_init is None:
+            tok_logp = logp[:n_tok].gather(1, labels[keep][:, None])[:, 0]  # (n_tok,)
+            row_nll = torch.zeros(n_template_rows, device=device).index_add(0, tok_row[keep], -tok_logp)
+            nll = (row_nll / tokens_per_row).view(u, rows.n_templates).mean(dim=1)[facts_on]  # (a,)
+            kl_logp = logp[n_tok:]  # (a, vocab)
+            if kl_init is None:  # the first evaluation has delta = 0 and every fact active
                 kl_init = kl_logp.detach()
-            kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(dim=1)  # (u,) KL(edited || unedited)
-            decay = config.weight_decay * delta.norm(dim=1) / h0_norm.pow(2)
-            loss = nll + config.kl_factor * kl + decay  # (u,)
-            result.loss_history.append(float(loss.detach().mean()))
-            result.nll_history.append(float(nll.detach().mean()))
-            result.final_loss, result.final_nll = loss.detach().clone(), nll.detach().clone()
-            active &= ~(loss.detach() < config.early_stop_loss)
+            kl = (kl_logp.exp() * (kl_logp - kl_init[facts_on])).sum(dim=1)  # (a,) KL(edited || unedited)
+            decay = config.weight_decay * delta[facts_on].norm(dim=1) / h0_norm[facts_on].pow(2)
+            loss = nll + config.kl_factor * kl + decay  # (a,)
+            last_loss[facts_on], last_nll[facts_on] = loss.detach(), nll.detach()
+            result.loss_history.append(float(last_loss.mean()))
+            result.nll_history.append(float(last_nll.mean()))
+            result.final_loss, result.final_nll = last_loss.clone(), last_nll.clone()
+            still = ~(loss.detach() < config.early_stop_loss)  # (a,)
+            active[facts_on] = still
             if not bool(active.any()) or it == config.steps - 1:
                 break
-            loss[active].sum().backward()
+            loss[still].sum().backward()
             before = delta.detach().clone()
             opt.step()
             with torch.no_grad():

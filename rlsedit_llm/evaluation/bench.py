@@ -38,6 +38,8 @@ from .protocol import (
     ALL_METHODS,
     ProtocolConfig,
     base_report,
+    base_summary,
+    extend_base,
     immediate_summary,
     load_glue,
     load_runner,
@@ -194,9 +196,20 @@ def run_bench(args) -> int:
     log.info("statistics ready in %.1f s", time.perf_counter() - tic)
 
     if results["base"] is None:
-        log.info("scoring the unedited model on %d cases", cfg.n_edits)
+        log.info("scoring the unedited model")
         results["base"] = base_report(model, tok, facts, cfg, glue)
         _write_results(out, results)
+
+    def unedited_scores(n_cases):
+        """Extend the unedited model's per-case scores to the first ``n_cases`` cases."""
+        if len(results["base"]["cases"]) < n_cases:
+            current = snapshot_weights(model, spec, layers)
+            restore_weights(model, spec, W0)
+            tic = time.perf_counter()
+            extend_base(results["base"], model, tok, facts, cfg, n_cases)
+            results["base"]["seconds"] = round(results["base"]["seconds"] + time.perf_counter() - tic, 2)
+            restore_weights(model, spec, current)
+            _write_results(out, results)
 
     def start_method(name):
         """The runner of ``name`` on the base weights, resumed from its saved state if usable."""
@@ -250,6 +263,7 @@ def run_bench(args) -> int:
             log.info("%s: already complete", name)
     if not _arg(args, "interleave", False):
         for name in todo:  # one method after the other
+            unedited_scores(cfg.n_edits)
             _, _, advance = start_method(name)
             advance()
             write_report(results, out)
@@ -275,6 +289,7 @@ def run_bench(args) -> int:
                 advance(until=b, progress=False)
                 active[name] = (runner, record, advance, snapshot_weights(model, spec, layers))
             write_report(results, out)
+        unedited_scores(cfg.n_edits if stop is None else stop * cfg.batch_size)
         for name, (runner, record, advance, weights) in active.items():
             restore_weights(model, spec, weights)
             advance(until=stop, finish=stop is not None)  # the final scoring
@@ -381,10 +396,12 @@ def _markdown(results: dict, rows: list[dict], base: dict) -> str:
     head = ("| method | edits | final ES | final PS | final NS | final score | wild | fluency | GLUE | "
             "imm. ES | imm. PS | imm. NS | imm. score | ret. ES | ret. PS | ret. NS | ret. score | s/batch |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    ba, bfl = base.get("all") or {}, base.get("fluency")
-    br = base.get("retention") or {}
+    n_final = max([(r.get("final") or {}).get("edits") or r.get("edits_done", 0)
+                   for r in results.get("methods", {}).values() if r.get("final")] or [0])
+    ba = base_summary(base, n_final) if base.get("cases") and n_final else (base.get("all") or {})
+    bfl, br = base.get("fluency"), base.get("retention") or {}
     if ba:
-        lines.append(f"| unedited | 0 | {_pct(ba.get('efficacy'))} | {_pct(ba.get('generalization'))} | "
+        lines.append(f"| unedited ({ba.get('n')} cases) | 0 | {_pct(ba.get('efficacy'))} | {_pct(ba.get('generalization'))} | "
                      f"{_pct(ba.get('specificity'))} | {_pct(ba.get('score'))} | {_pct(ba.get('wild'))} | "
                      f"{_num(None if bfl is None else 100 * bfl)} | {_pct((base.get('glue') or {}).get('mean'))} | "
                      f"— | — | — | — | {_pct(br.get('efficacy'))} | {_pct(br.get('generalization'))} | "

@@ -319,16 +319,43 @@ def _clean(summary: dict) -> dict:
     return {k: (_finite(v) if isinstance(v, float) else v) for k, v in summary.items()}
 
 
-def base_report(model, tokenizer, facts: Sequence[Fact], cfg: ProtocolConfig, glue: dict[str, list]) -> dict:
-    """Scores of the unedited model: all cases, fluency, GLUE predictions (for before/after)."""
+def _compact(row: dict) -> dict:
+    return {k: (_finite(v) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def base_report(model, tokenizer, facts: Sequence[Fact], cfg: ProtocolConfig, glue: dict[str, list], *,
+                n_cases: int | None = None) -> dict:
+    """Scores of the unedited model: the first ``n_cases`` cases (default: the retention set;
+    extend later with :func:`extend_base`), fluency, GLUE predictions (for before/after)."""
     tic = time.perf_counter()
-    rows = case_scores(cfg.dataset, model, tokenizer, facts, batch_size=cfg.score_batch_size)
-    out = {"all": _clean(metrics.summarize_cases(rows)),
-           "retention": _clean(metrics.summarize_cases(rows[: cfg.retention_size]))}
-    if cfg.wild:
-        out["all"]["wild"] = _finite(float(np.mean(metrics.generation_check(model, tokenizer, facts))))
+    out = {"cases": [], "wild_cases": []}
+    extend_base(out, model, tokenizer, facts, cfg, n_cases or cfg.retention_size)
     out.update(_extras(model, tokenizer, facts, cfg, glue, None))
     out["seconds"] = round(time.perf_counter() - tic, 2)
+    return out
+
+
+def extend_base(base: dict, model, tokenizer, facts: Sequence[Fact], cfg: ProtocolConfig, n_cases: int) -> None:
+    """Score the unedited ``model`` on ``facts[:n_cases]`` not scored yet (in place), and update
+    ``base["all"]`` (all scored cases) and ``base["retention"]``. The model must be unedited."""
+    done = len(base["cases"])
+    if n_cases > done:
+        new = list(facts[done:n_cases])
+        base["cases"] += [_compact(r) for r in case_scores(cfg.dataset, model, tokenizer, new,
+                                                           batch_size=cfg.score_batch_size)]
+        if cfg.wild:
+            base["wild_cases"] += metrics.generation_check(model, tokenizer, new)
+    base["all"] = base_summary(base, len(base["cases"]))
+    base["retention"] = base_summary(base, cfg.retention_size)
+
+
+def base_summary(base: dict, n_cases: int) -> dict:
+    """Summary of the unedited model over its first ``n_cases`` scored cases."""
+    rows = base["cases"][:n_cases]
+    out = _clean(metrics.summarize_cases(rows))
+    wild = base.get("wild_cases")[:n_cases] if base.get("wild_cases") else []
+    if wild:
+        out["wild"] = _finite(float(np.mean(wild)))
     return out
 
 

@@ -346,7 +346,8 @@ def test_run_method_records_immediate_retention_and_final(tiny, tmp_path):
     runner = protocol.make_runner("rlsedit", model, tok, edit_config=_fast_config(tmp_path))
     W0 = protocol.snapshot_weights(model, runner.editor.spec_, runner.layers)
     glue = {t: protocol.load_glue(t, 4) for t in ("sst2", "cola")}
-    base = protocol.base_report(model, tok, facts, cfg, glue)
+    base = protocol.base_report(model, tok, facts, cfg, glue, n_cases=6)
+    assert len(base["cases"]) == 6 and base["retention"]["n"] == cfg.retention_size
     calls = []
     # Stop after one batch and score what was written (a stream cut short by a time budget) ...
     rec = protocol.run_method(runner, model, tok, facts, cfg, protocol.new_record(), W0=W0, glue=glue, base=base,
@@ -412,7 +413,8 @@ def test_bench_writes_outputs_and_resumes_after_interruption(tiny_bench, tmp_pat
     assert ref["methods"]["rlsedit"]["done"] and ref["methods"]["ft"]["done"]
     assert not (ref_out / "state").exists() or not any((ref_out / "state").iterdir())
     md = (ref_out / "results.md").read_text()
-    assert "| rlsedit | 6 |" in md and "| ft | 6 |" in md and "| unedited | 0 |" in md
+    assert "| rlsedit | 6 |" in md and "| ft | 6 |" in md and "| unedited (6 cases) | 0 |" in md
+    assert len(ref["base"]["cases"]) == 6  # extended from the retention set to the whole stream
     # The model is left as it was (every method starts from, and ends on, the base weights).
     assert all(torch.equal(p, base_weights[n]) for n, p in model.named_parameters())
 

@@ -361,6 +361,56 @@ def test_batched_facts_are_optimised_independently(tiny):
         torch.testing.assert_close(both.target[i:i + 1], alone.target, rtol=1e-4, atol=1e-4 * float(alone.initial.norm()))
 
 
+def test_finished_facts_are_not_run_and_do_not_change_the_others(tiny, monkeypatch):
+    model, tok = tiny("llama", init_std=0.3)
+    spec = detect_spec(model)
+    free = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, _cfg(steps=3))
+    low = free.final_loss.sort().values
+    cut = float(low[:2].mean())  # between two facts' losses: some stop early, some never
+    runs = []
+    real_run = values_mod._FastForward._run
+    monkeypatch.setattr(values_mod._FastForward, "_run",
+                        lambda self, group, n, delta: runs.append(len(group)) or real_run(self, group, n, delta))
+    cfg = _cfg(steps=8, early_stop_loss=cut)
+    both = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, cfg)
+    assert both.path == "fast"
+    rows_per_call = len(TEMPLATES) + 1
+    # every evaluation runs only the rows of facts still active: fewer rows once one has stopped
+    assert runs[0] == len(FACTS) * rows_per_call or sum(runs[:3]) >= len(FACTS) * rows_per_call
+    assert min(runs) < len(FACTS) * rows_per_call
+    for i, f in enumerate(FACTS):
+        alone = compute_values(model, tok, spec, 1, [f], TEMPLATES, cfg)
+        torch.testing.assert_close(both.target[i:i + 1], alone.target, rtol=1e-4, atol=1e-4 * float(alone.initial.norm()))
+        assert float(both.final_loss[i]) == pytest.approx(float(alone.final_loss[0]), rel=1e-4, abs=1e-5)
+    naive = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, cfg, naive=True)
+    torch.testing.assert_close(both.target, naive.target, rtol=1e-4, atol=1e-4 * float(naive.initial.norm()))
+
+
+def test_length_groups_partition_rows_at_least_cost():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n = int(torch.randint(1, 30, (1,), generator=gen))
+        length = torch.randint(1, 9, (40,), generator=gen)
+        rows = torch.randperm(40, generator=gen)[:n]
+        groups = values_mod._length_groups(rows, length, overhead=5)
+        assert sorted(torch.cat(groups).tolist()) == sorted(rows.tolist())  # each row exactly once
+        spans = [(int(length[g].min()), int(length[g].max())) for g in groups]
+        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # disjoint length ranges, ascending
+        cost = sum(len(g) * int(length[g].max()) + 5 for g in groups)
+        assert cost <= len(rows) * int(length[rows].max()) + 5  # never worse than one padded batch
+        # against every split of the sorted distinct lengths (brute force)
+        vals = sorted(set(length[rows].tolist()))
+        best = float("inf")
+        for mask in range(1 << (len(vals) - 1)):
+            bounds = [0] + [i + 1 for i in range(len(vals) - 1) if mask >> i & 1] + [len(vals)]
+            c = 0
+            for a, b in zip(bounds, bounds[1:]):
+                members = [r for r in rows.tolist() if vals[a] <= int(length[r]) <= vals[b - 1]]
+                c += len(members) * vals[b - 1] + 5
+            best = min(best, c)
+        assert cost == best
+
+
 def test_kl_position_option(tiny):
     model, tok = tiny("llama", init_std=0.3)
     spec = detect_spec(model)
