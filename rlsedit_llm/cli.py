@@ -21,13 +21,13 @@ DEMO_CALLS = [
     ],
     [
         {"prompt": "{} is located in the city of", "subject": "The Colosseum", "target": "Berlin"},
-        {"prompt": "{} is headquartered in the country of", "subject": "Toyota", "target": "Germany"},
+        {"prompt": "{} is a car company from", "subject": "Toyota", "target": "Germany"},
     ],
 ]
 DEMO_NEIGHBOURS = [
-    "Big Ben is located in the city of",
+    "The Statue of Liberty is located in the city of",
     "The Brandenburg Gate is located in the city of",
-    "Honda is headquartered in the country of",
+    "Mount Fuji is located in the country of",
     "The capital of Italy is the city of",
 ]
 
@@ -176,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--interleave", action="store_true",
                        help="run the methods round robin, one batch each (all methods keep the same "
                             "number of edits if the run is stopped); needs memory for every method's state")
+    bench.add_argument("--shadow", default="",
+                       help="comma-separated Editor methods that write rlsedit's keys and values instead of "
+                            "computing their own (solver-only comparison; exact for memit_seq, the same "
+                            "estimator); needs --interleave")
+    bench.add_argument("--score-all-at", default="",
+                       help="comma-separated edit counts at which every edit so far is re-scored "
+                            "(to compare a long stream with shorter ones at equal length)")
     bench.add_argument("--time-budget", type=float,
                        help="with --interleave: after this many seconds finish the current round, score the "
                             "edits written so far and stop (rerun without it to continue the stream)")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import FactError, HyperparameterError, NonFiniteError, UnknownEditError
+from .errors import FactError, HyperparameterError, NonFiniteError, ShapeError, UnknownEditError
 from .facts import Fact, as_facts, validate_facts
 from .keys import compute_keys, generate_templates, subject_hidden_states
 from .models import detect_spec, get_module, read_weight, write_weight
@@ -264,6 +264,54 @@ class Editor:
         seconds["prepare"] = time.perf_counter() - tic
         with self._transaction():
             return self._edit(facts, seconds)
+
+    def absorb(self, facts, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor]) -> EditReport:
+        """Write a batch whose keys and absolute values were computed elsewhere.
+
+        The same step as :meth:`edit` without the value optimisation and key computation: for
+        every edited layer the solver absorbs ``keys[layer]`` (u, d_k) with absolute targets
+        ``values[layer]`` (u, d_v), i.e. the innovation ``V - K W_`` at this editor's current
+        weights. Typical input is another editor's journal entry (``EditRecord.keys/values``):
+        two solvers fed one stream of keys and values differ only in the solver, and a journal
+        can be replayed onto a fresh editor. No earlier fact is retracted (``replace`` is not
+        applied). Transactional like :meth:`edit`; shapes and finiteness are checked first.
+        """
+        facts = as_facts(facts)
+        if not facts:
+            raise FactError("no facts given: pass at least one fact to absorb")
+        self.prepare()
+        missing = [l for l in self.layers_ if l not in keys or l not in values]
+        if missing:
+            raise HyperparameterError(f"keys and values must be given for every edited layer; missing {missing}")
+        u = len(facts)
+        for layer in self.layers_:
+            K, V = keys[layer], values[layer]
+            d_k, d_v = self.solvers_[layer].W_.shape
+            if tuple(K.shape) != (u, d_k) or tuple(V.shape) != (u, d_v):
+                raise ShapeError(f"layer {layer}: keys must be ({u}, {d_k}) and values ({u}, {d_v}); "
+                                 f"got {tuple(K.shape)} and {tuple(V.shape)}")
+            if not (torch.isfinite(K).all() and torch.isfinite(V).all()):
+                raise NonFiniteError(f"layer {layer}: keys or values contain NaN or infinity")
+        with self._transaction():
+            tic = time.perf_counter()
+            record = EditRecord(self.next_id_, list(facts), {}, {})
+            pending = {}
+            for layer in self.layers_:
+                solver = self.solvers_[layer]
+                K = keys[layer].to(device=solver.C_.device, dtype=solver.dtype)
+                V = values[layer].to(device=solver.C_.device, dtype=solver.dtype)
+                step = solver.step(K, V - K @ solver.W_)
+                if not (torch.isfinite(step.W).all() and torch.isfinite(step.C).all()):
+                    raise NonFiniteError(f"layer {layer}: the update produced NaN/inf")
+                write_weight(self._module(layer), step.W)
+                pending[layer] = step
+                record.keys[layer], record.values[layer] = K.cpu(), V.cpu()
+            for layer, step in pending.items():
+                self.solvers_[layer].commit(step)
+            self.journal_.append(record)
+            self.next_id_ += 1
+            seconds = {"update": time.perf_counter() - tic}
+        return EditReport(record.edit_id, self.layers_, [], seconds)
 
     def _transaction(self):
         editor = self

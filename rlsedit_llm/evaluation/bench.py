@@ -59,6 +59,26 @@ RESULTS = "results.json"
 FORMAT = "rlsedit-bench-v1"
 
 
+LEADER = "rlsedit"  # the method whose keys and values shadows write
+
+
+def parse_shadows(text: str, methods: list[str], *, interleave: bool) -> list[str]:
+    """``--shadow memit_seq``: the listed Editor methods write the keys and values of
+    :data:`LEADER` (:class:`.protocol.ShadowRunner`) instead of computing their own."""
+    shadows = [m.strip() for m in (text or "").split(",") if m.strip()]
+    if not shadows:
+        return []
+    bad = [m for m in shadows if m not in methods or m in (LEADER, "ft")]
+    if bad:
+        raise HyperparameterError(f"--shadow names methods that must also be in --methods and be Editor methods "
+                                  f"other than {LEADER!r} (not 'ft'); got {bad}")
+    if LEADER not in methods:
+        raise HyperparameterError(f"--shadow needs {LEADER!r} in --methods: shadows write its keys and values")
+    if not interleave:
+        raise HyperparameterError("--shadow needs --interleave (a shadow writes each batch right after its leader)")
+    return shadows
+
+
 def parse_methods(text: str) -> list[str]:
     """``"rlsedit,memit_seq"`` -> ``["rlsedit", "memit_seq"]``; ``"all"`` -> every method."""
     if text.strip() == "all":
@@ -130,8 +150,11 @@ def run_bench(args) -> int:
         retention_fraction=float(_arg(args, "retention_fraction", 0.1)),
         fluency_cases=int(_arg(args, "fluency_cases", 50)), fluency_tokens=int(_arg(args, "fluency_tokens", 100)),
         glue_items=int(_arg(args, "glue", 0)), wild=not _arg(args, "no_wild", False),
+        full_checkpoints=tuple(int(x) for x in str(_arg(args, "score_all_at", "")).split(",") if x.strip()),
     )
     cfg.validate()
+    shadows = parse_shadows(_arg(args, "shadow", ""), methods, interleave=_arg(args, "interleave", False))
+    methods = [m for m in methods if m not in shadows] + shadows  # a leader writes each batch first
     layers = tuple(int(x) for x in args.layers.split(",")) if _arg(args, "layers", None) else None
     edit_config = EditConfig(
         layers=layers, alpha=float(_arg(args, "alpha", 0.0)), beta=float(_arg(args, "beta", 1.0)),
@@ -160,14 +183,16 @@ def run_bench(args) -> int:
         "format": FORMAT, "model": args.model, **cfg.to_dict(), "layers": list(layers),
         "alpha": edit_config.alpha, "beta": edit_config.beta, "mom2_weight": edit_config.resolved_mom2_weight(spec.d_k),
         "stats_tokens": edit_config.stats_tokens, "corpus": edit_config.corpus,
-        "case_ids": [f.case_id for f in facts], **ft,
+        "case_ids": [f.case_id for f in facts], **ft, "shadow": shadows,
     }
     results = read_results(out)
     if results is not None and _arg(args, "restart", False):
         results = None
         shutil.rmtree(state_root, ignore_errors=True)
     if results is not None:
-        old = {k: v for k, v in results["settings"].items()}
+        # Settings added after a run started take their default values there.
+        old = {**{k: v for k, v in cfg.__class__().to_dict().items() if k not in ("n_edits", "dataset")},
+               "shadow": [], **results["settings"]}
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise HyperparameterError(
@@ -211,8 +236,9 @@ def run_bench(args) -> int:
             restore_weights(model, spec, current)
             _write_results(out, results)
 
-    def start_method(name):
-        """The runner of ``name`` on the base weights, resumed from its saved state if usable."""
+    def start_method(name, leader=None):
+        """The runner of ``name`` on the base weights, resumed from its saved state if usable
+        (a shadow of ``leader`` if given)."""
         record = results["methods"].get(name)
         restore_weights(model, spec, W0)
         if model_fingerprint(model) != base_fp:
@@ -222,7 +248,7 @@ def run_bench(args) -> int:
         runner = None
         if record is not None and record["batches_done"] > 0 and state.exists():
             try:
-                runner = load_runner(name, model, tok, state)
+                runner = load_runner(name, model, tok, state, leader=leader)
                 n_saved = (runner.editor.n_batches_ if name == "ft" else len(runner.editor.journal_))
                 if n_saved > record["batches_done"]:
                     raise StateMismatchError(f"state holds {n_saved} batches, results {record['batches_done']}")
@@ -234,7 +260,7 @@ def run_bench(args) -> int:
                 restore_weights(model, spec, W0)
         if runner is None:
             record = new_record()
-            runner = make_runner(name, model, tok, edit_config=edit_config, **ft)
+            runner = make_runner(name, model, tok, edit_config=edit_config, leader=leader, **ft)
         results["methods"][name] = record
         last = [time.perf_counter()]
 
@@ -270,7 +296,13 @@ def run_bench(args) -> int:
     else:  # round robin: every method one batch at a time, so all stay at the same number of edits
         active = {}
         for name in todo:
-            runner, record, advance = start_method(name)
+            leader = None
+            if name in shadows:
+                if LEADER not in active:
+                    raise HyperparameterError(f"{name} shadows {LEADER}, which is already complete here; "
+                                              "rerun with --restart")
+                leader = active[LEADER][0]
+            runner, record, advance = start_method(name, leader)
             active[name] = (runner, record, advance, snapshot_weights(model, spec, layers))
         rounds = tqdm(range(1, cfg.n_batches + 1), desc="+".join(active), unit="round",
                       disable=_arg(args, "quiet", False))
@@ -349,6 +381,38 @@ def _method_row(name: str, rec: dict) -> dict:
     return row
 
 
+def _full_checkpoint_tables(results: dict) -> list[str]:
+    """Markdown: every edit so far re-scored at the full checkpoints (``--score-all-at``)."""
+    points = [(name, p) for name, rec in results.get("methods", {}).items()
+              for p in rec.get("checkpoints", []) if p.get("all")]
+    if not points:
+        return []
+    lines = ["", "Every edit so far, re-scored mid-stream (x100):", "",
+             "| method | after edits | ES | PS | NS | score | wild |", "|---|---|---|---|---|---|---|"]
+    for name, p in sorted(points, key=lambda x: (x[1]["edits"], x[0])):
+        a = p["all"]
+        lines.append(f"| {name} | {p['edits']} | {_pct(a.get('efficacy'))} | {_pct(a.get('generalization'))} | "
+                     f"{_pct(a.get('specificity'))} | {_pct(a.get('score'))} | {_pct(a.get('wild'))} |")
+    return lines
+
+
+def _shadow_gap_table(results: dict) -> list[str]:
+    """Markdown: how far each shadow's weights are from its leader's, at every checkpoint."""
+    lines = []
+    for name, rec in results.get("methods", {}).items():
+        pts = [p for p in rec.get("checkpoints", []) if p.get("leader_gap")]
+        if not pts:
+            continue
+        lines += ["", f"Weight gap of {name} to {LEADER} on the same keys and values, "
+                      "max over layers of ||W - W_leader||_F / ||W_leader - W0||_F and of the largest entry gap:", "",
+                  "| after edits | relative gap | max entry gap |", "|---|---|---|"]
+        for p in pts:
+            rel = [g["rel"] for g in p["leader_gap"].values() if g.get("rel") is not None]
+            mx = [g["max_abs"] for g in p["leader_gap"].values() if g.get("max_abs") is not None]
+            lines.append(f"| {p['edits']} | {max(rel):.2e} | {max(mx):.2e} |" if rel and mx else f"| {p['edits']} | — | — |")
+    return lines
+
+
 def write_report(results: dict, out) -> None:
     """Write ``summary.csv``, ``curves.csv``, ``deviation.csv``, ``results.md`` and the PNG
     figures of ``results`` into ``out`` (partial results are reported as such)."""
@@ -406,8 +470,11 @@ def _markdown(results: dict, rows: list[dict], base: dict) -> str:
                      f"{_num(None if bfl is None else 100 * bfl)} | {_pct((base.get('glue') or {}).get('mean'))} | "
                      f"— | — | — | — | {_pct(br.get('efficacy'))} | {_pct(br.get('generalization'))} | "
                      f"{_pct(br.get('specificity'))} | {_pct(br.get('score'))} | — |")
+    shadows = (results.get("settings") or {}).get("shadow") or []
     for r in rows:
         edits = f"{r['edits']}" + ("" if r["done"] else f" of {c.get('n_edits')} (running/stopped)")
+        if r["method"] in shadows:
+            edits += f" (shadow of {LEADER}: its keys and values)"
         fl = r["fluency"]
         lines.append(
             f"| {r['method']} | {edits} | {_pct(r['final_efficacy'])} | {_pct(r['final_generalization'])} | "
@@ -434,6 +501,8 @@ def _markdown(results: dict, rows: list[dict], base: dict) -> str:
     for r in rows:
         lines.append(f"| {r['method']} | {_num(r['seconds_edit'], 0)} | {_num(r['sec_per_batch_update'], 3)} | "
                      f"{_num(r['seconds_eval'], 0)} | {_num(r['seconds_wall'], 0)} | {_num(r['residual_ratio'], 3)} |")
+    lines += _full_checkpoint_tables(results)
+    lines += _shadow_gap_table(results)
     sessions = results.get("sessions") or []
     if sessions:
         m = sessions[-1]["machine"]

@@ -19,6 +19,18 @@ METRIC_LABELS = {
     "wild": "generation check (no teacher forcing)",
 }
 _PANELS = ("efficacy", "generalization", "specificity", "score")
+# RLSEdit and MEMIT-seq are the same estimator, so their curves coincide: MEMIT-seq is drawn
+# dashed on top of a wide RLSEdit line (and with other markers) so that both stay visible.
+_LINE_STYLES = {"rlsedit": {"lw": 3.0, "alpha": 0.55}, "memit_seq": {"ls": (0, (3, 2)), "lw": 1.4}}
+_MARKERS = {"rlsedit": "o", "memit_seq": "x", "memit": "s", "alphaedit": "^", "ft": "v"}
+
+
+def _style(name: str, *, line: bool = True) -> dict:
+    """Matplotlib keyword arguments that tell method ``name`` apart from the others."""
+    out = {"marker": _MARKERS.get(name, "o"), "ms": 4}
+    if line:
+        out.update(_LINE_STYLES.get(name, {"lw": 1.4}))
+    return out
 
 
 def _pyplot():
@@ -55,7 +67,7 @@ def plot_scores(results: dict, path, *, window: int = 5) -> Path:
         xs = [e["edits"] for e in rec["immediate"]]
         for ax, key in zip(axes, _PANELS):
             ys = _rolling([e.get(key) for e in rec["immediate"]], window)
-            ax.plot(xs, [100 * y for y in ys], label=name)
+            ax.plot(xs, [100 * y for y in ys], label=name, **{**_style(name), "marker": None})
     for ax, key in zip(axes, _PANELS):
         ax.set_title(METRIC_LABELS[key], fontsize=10)
         ax.set_xlabel("edits written")
@@ -80,7 +92,7 @@ def plot_retention(results: dict, path) -> Path:
         xs = [p["edits"] for p in pts]
         for ax, key in zip(axes, _PANELS):
             ys = [p["retention"].get(key) for p in pts]
-            ax.plot(xs, [100 * y if y is not None else math.nan for y in ys], marker="o", ms=3, label=name)
+            ax.plot(xs, [100 * y if y is not None else math.nan for y in ys], label=name, **_style(name))
     for ax, key in zip(axes, _PANELS):
         if base.get(key) is not None:
             ax.axhline(100 * base[key], color="grey", ls=":", lw=1, label="before editing")
@@ -120,8 +132,8 @@ def plot_deviation(results: dict, path) -> Path:
                 ys = [r.get(lhs) for r in rows]
                 if not any(y is not None for y in ys):
                     continue
-                (line,) = ax.plot(xs, [y if y is not None else math.nan for y in ys], marker="o", ms=3,
-                                  label=name, color=colours.get(name))
+                (line,) = ax.plot(xs, [y if y is not None else math.nan for y in ys], label=name,
+                                  color=colours.get(name), **_style(name, line=False))
                 colours[name] = line.get_color()
                 bs = [r.get(rhs) for r in rows]
                 if any(b is not None and math.isfinite(b) for b in bs):

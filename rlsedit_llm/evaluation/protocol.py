@@ -50,6 +50,7 @@ __all__ = [
     "load_glue",
     "ProtocolConfig",
     "MethodRunner",
+    "ShadowRunner",
     "make_runner",
     "load_runner",
     "case_scores",
@@ -151,6 +152,8 @@ class ProtocolConfig:
     glue_items : items per GLUE task for the zero-shot accuracy (0 = off)
     wild : also run the generation check (greedy decoding, no teacher forcing)
     score_batch_size : sequences per scoring forward pass
+    full_checkpoints : edit counts after which (rounded up to whole batches) *every* edit so far
+        is re-scored, so that a long stream can be compared with shorter ones at equal length
     """
 
     dataset: str = "counterfact"
@@ -163,6 +166,7 @@ class ProtocolConfig:
     glue_items: int = 0
     wild: bool = True
     score_batch_size: int = 32
+    full_checkpoints: tuple[int, ...] = ()
 
     def validate(self) -> None:
         if self.dataset not in DATASETS:
@@ -174,6 +178,9 @@ class ProtocolConfig:
             raise HyperparameterError(f"retention_fraction must lie in (0, 1]; got {self.retention_fraction}")
         if self.fluency_cases < 0 or self.glue_items < 0:
             raise HyperparameterError("fluency_cases and glue_items must be >= 0")
+        bad = [e for e in self.full_checkpoints if not (isinstance(e, int) and 1 <= e <= self.n_edits)]
+        if bad:
+            raise HyperparameterError(f"full_checkpoints must be edit counts in [1, {self.n_edits}]; got {bad}")
 
     @property
     def n_batches(self) -> int:
@@ -190,14 +197,21 @@ class ProtocolConfig:
 
     def checkpoint_batches(self) -> list[int]:
         """Batch counts after which the retention set is re-scored (1-based, ascending): the end
-        of the retention set, ``checkpoints`` evenly spaced points, and the last batch."""
+        of the retention set, ``checkpoints`` evenly spaced points, the full checkpoints and the
+        last batch."""
         n = self.n_batches
-        points = {self.retention_batches, n}
+        points = {self.retention_batches, n} | set(self.full_checkpoint_batches())
         points |= {max(1, round(n * (j + 1) / self.checkpoints)) for j in range(self.checkpoints)}
         return sorted(points)
 
+    def full_checkpoint_batches(self) -> list[int]:
+        """Batch counts after which every edit so far is re-scored (before the last batch)."""
+        return sorted({math.ceil(e / self.batch_size) for e in self.full_checkpoints} - {self.n_batches})
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["full_checkpoints"] = list(self.full_checkpoints)
+        return d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,27 +261,82 @@ class MethodRunner:
         self.editor.save(directory)
 
 
+class ShadowRunner(MethodRunner):
+    """An Editor method that writes its *leader's* keys and values instead of computing its own.
+
+    Batch ``j`` of the shadow absorbs the leader's journal entry ``j``
+    (:meth:`~rlsedit_llm.Editor.absorb`): both solvers see one stream of keys and absolute values,
+    so any difference between their weights is the solvers' alone, and the value optimisation
+    (the expensive part) runs once for both. For ``memit_seq`` shadowing ``rlsedit`` with the same
+    ``alpha, beta`` this is also the stream the shadow would compute itself, since the two are the
+    same estimator (their weights agree; :meth:`leader_gap` measures by how much). For other
+    solvers it is a solver-only comparison, not their own sequential run.
+    """
+
+    def __init__(self, name: str, editor: Editor, leader: MethodRunner):
+        if not isinstance(editor, Editor) or not isinstance(leader.editor, Editor):
+            raise HyperparameterError("a shadow and its leader must both be Editor methods (not 'ft')")
+        if leader.editor.config.replace and leader.editor.config.method == "rlsedit":
+            raise HyperparameterError("the leader must not retract facts (EditConfig.replace=False)")
+        super().__init__(name, editor)
+        self.leader = leader
+
+    def edit(self, facts: Sequence[Fact]) -> dict[str, float]:
+        j = len(self.editor.journal_)
+        journal = self.leader.editor.journal_
+        if j >= len(journal):
+            raise HyperparameterError(f"{self.name} shadows {self.leader.name}, which has written {len(journal)} "
+                                      f"batch(es); write batch {j + 1} with the leader first")
+        record = journal[j]
+        if list(record.facts) != list(facts):
+            raise HyperparameterError(f"batch {j + 1} of {self.name} differs from its leader's batch {j + 1}")
+        report = self.editor.absorb(record.facts, record.keys, record.values)
+        return {"update": report.seconds["update"], "residual_ratio": float("nan")}
+
+    def leader_gap(self) -> dict[str, dict] | None:
+        """Per layer ``rel = ||W - W_leader||_F / ||W_leader - W0||_F`` and the largest entry-wise
+        gap ``max_abs`` (float64 master copies), or None if the two are at different batches."""
+        if len(self.leader.editor.journal_) != len(self.editor.journal_):
+            return None
+        mine, theirs = self.weights(), self.leader.weights()
+        out = {}
+        for layer, W in mine.items():
+            W0 = self.editor.solvers_[layer].W0_.to("cpu", torch.float64)
+            edit = torch.linalg.norm(theirs[layer] - W0)
+            gap = W - theirs[layer]
+            out[str(layer)] = {"rel": _finite(float(torch.linalg.norm(gap) / edit)) if edit > 0 else None,
+                               "max_abs": _finite(float(gap.abs().max()))}
+        return out
+
+
 def make_runner(name: str, model, tokenizer, *, edit_config: EditConfig | None = None,
-                ft_lr: float = 5e-4, ft_steps: int = 10) -> MethodRunner:
+                ft_lr: float = 5e-4, ft_steps: int = 10, leader: MethodRunner | None = None) -> MethodRunner:
     """A fresh runner of method ``name`` (:data:`ALL_METHODS`) on ``model`` (which must hold
     the pristine base weights). ``edit_config`` (its ``method`` is overridden) sets the layers,
-    statistics and hyperparameters shared by the Editor's methods; fine-tuning uses its layers."""
+    statistics and hyperparameters shared by the Editor's methods; fine-tuning uses its layers.
+    With ``leader``, a :class:`ShadowRunner` that writes the leader's keys and values."""
     if name not in ALL_METHODS:
         raise HyperparameterError(f"unknown method {name!r}; choose from {list(ALL_METHODS)}")
     config = edit_config or EditConfig()
     if name == "ft":
+        if leader is not None:
+            raise HyperparameterError("fine-tuning computes no keys or values, so it cannot shadow a method")
         return MethodRunner(name, FineTuneEditor(model, tokenizer, layers=config.layers, lr=ft_lr, steps=ft_steps))
-    return MethodRunner(name, Editor(model, tokenizer, replace(config, method=name)))
+    editor = Editor(model, tokenizer, replace(config, method=name))
+    return MethodRunner(name, editor) if leader is None else ShadowRunner(name, editor, leader)
 
 
-def load_runner(name: str, model, tokenizer, directory) -> MethodRunner:
-    """Restore a runner saved by :meth:`MethodRunner.save` onto the pristine ``model``."""
+def load_runner(name: str, model, tokenizer, directory, *, leader: MethodRunner | None = None) -> MethodRunner:
+    """Restore a runner saved by :meth:`MethodRunner.save` onto the pristine ``model``
+    (a :class:`ShadowRunner` of ``leader`` if given)."""
     if name == "ft":
+        if leader is not None:
+            raise HyperparameterError("fine-tuning cannot shadow a method")
         return MethodRunner(name, FineTuneEditor.load(model, tokenizer, directory))
     editor = Editor.load(model, tokenizer, directory)
     if editor.config.method != name:
         raise HyperparameterError(f"the state in {directory} is of method {editor.config.method!r}, not {name!r}")
-    return MethodRunner(name, editor)
+    return MethodRunner(name, editor) if leader is None else ShadowRunner(name, editor, leader)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,15 +476,24 @@ def run_method(runner: MethodRunner, model, tokenizer, facts: Sequence[Fact], cf
     if len(facts) != cfg.n_edits:
         raise HyperparameterError(f"got {len(facts)} facts for a stream of {cfg.n_edits} edits")
     checkpoints = set(cfg.checkpoint_batches())
+    full = set(cfg.full_checkpoint_batches())
     retention = list(facts[: cfg.retention_size])
 
-    def checkpoint(batch: int, edits: int) -> dict:
-        ret = case_scores(cfg.dataset, model, tokenizer, retention[:edits], batch_size=cfg.score_batch_size)
-        point = {"batch": batch, "edits": edits, "retention": _clean(metrics.summarize_cases(ret))}
+    def scored(written: Sequence[Fact]) -> tuple[list[dict], dict]:
+        """Per-case rows and their summary (with the generation check) of ``written``."""
+        rows = case_scores(cfg.dataset, model, tokenizer, written, batch_size=cfg.score_batch_size)
+        summary = _clean(metrics.summarize_cases(rows))
         if cfg.wild:
-            point["retention"]["wild"] = _finite(float(np.mean(
-                metrics.generation_check(model, tokenizer, retention[:edits]))))
+            summary["wild"] = _finite(float(np.mean(metrics.generation_check(model, tokenizer, written))))
+        return rows, summary
+
+    def checkpoint(batch: int, edits: int) -> dict:
+        point = {"batch": batch, "edits": edits, "retention": scored(retention[:edits])[1]}
+        if batch in full:  # every edit so far, for comparisons with shorter streams
+            point["all"] = scored(list(facts[:edits]))[1]
         point["deviation"] = deviation_report(runner, W0, grams, alpha=alpha, beta=beta)
+        if isinstance(runner, ShadowRunner):
+            point["leader_gap"] = runner.leader_gap()
         return point
 
     start = record["batches_done"]

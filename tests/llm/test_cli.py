@@ -1,6 +1,7 @@
 """The command line: `rlsedit edit` continues one stream across invocations through --state."""
 
 import json
+import re
 
 import pytest
 
@@ -43,3 +44,23 @@ def test_edit_command_rejects_a_bad_fact_file(tmp_path, monkeypatch):
     bad.write_text(json.dumps({"prompt": "no slot here", "subject": "x", "target": "y"}))
     with pytest.raises(rlsedit_llm.FactError):
         cli.main(["edit", "--model", "tiny", "--facts", str(bad), "--stats-tokens", "2000"])
+
+
+@pytest.mark.slow
+def test_demo_rewrites_known_facts_and_keeps_the_first_call(capsys):
+    """`rlsedit demo` on the real SmolLM2: every edited prompt answers its new target after both
+    calls, the first call survives the second, and at most one neighbouring answer moves."""
+    assert cli.main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "before editing" in out and "after call 2" in out
+    last = out.split("after call 2", 1)[1].split("\n\n", 1)[0]
+    answers = dict(re.findall(r"^\s+'(.*?)'\s+-> '(.*?)'", last, flags=re.M))
+    facts = [rlsedit_llm.as_fact(f) for call in cli.DEMO_CALLS for f in call]
+    for f in facts:
+        assert cli._answer(answers[f.text()]) == f.target.lower(), (f.text(), answers[f.text()])
+    before = out.split("before editing", 1)[1].split("\n\n", 1)[0]
+    known = dict(re.findall(r"^\s+'(.*?)'\s+-> '(.*?)'", before, flags=re.M))
+    assert all(cli._answer(known[f.text()]) != f.target.lower() for f in facts)  # they were real rewrites
+    assert re.search(r"first call's edits still hold after the second: 2/2", out)
+    moved = int(re.search(r"neighbouring prompts whose answer \(first word\) changed: (\d+)/", out).group(1))
+    assert moved <= 1

@@ -499,3 +499,132 @@ def test_bench_smollm2_short_stream(smollm2, tmp_path, monkeypatch):
             assert d["fro"] <= d["t3a"] and d["anchor"] <= d["t3b"] * (1 + 1e-6)
     for name in ("summary.csv", "results.md", "scores.png", "retention.png", "deviation.png"):
         assert (out / name).exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Shadows: one stream of keys and values, two solvers
+
+
+def test_absorb_replays_a_journal_into_another_solver(tiny, tmp_path):
+    """A MEMIT-seq editor fed RLSEdit's journal entries ends on RLSEdit's weights; bad input is
+    refused with a typed error and leaves the model and the state untouched."""
+    from rlsedit_llm.errors import NonFiniteError, ShapeError
+
+    model, tok = tiny("llama")
+    leader = Editor(model, tok, _fast_config(tmp_path, method="rlsedit"))
+    for b in range(3):
+        leader.edit(FACTS[2 * b: 2 * b + 2])
+    model2, tok2 = tiny("llama")  # the same base model
+    follower = Editor(model2, tok2, _fast_config(tmp_path, method="memit_seq"))
+    for rec in leader.journal_:
+        report = follower.absorb(rec.facts, rec.keys, rec.values)
+        assert report.seconds["update"] >= 0 and report.edit_id == rec.edit_id
+    for l, s in leader.solvers_.items():
+        W, Wf = s.W_, follower.solvers_[l].W_
+        assert torch.linalg.norm(W - s.W0_) > 0
+        assert torch.linalg.norm(W - Wf) / torch.linalg.norm(W - s.W0_) < 1e-6
+        module = get_module(model2, follower.spec_.edit_module_path.format(l))
+        assert torch.allclose(read_weight(module).double(), Wf, atol=1e-6)  # written into the model
+    assert all(torch.equal(a.values[l], b.values[l]) for a, b in zip(leader.journal_, follower.journal_)
+               for l in leader.layers_)
+
+    rec = leader.journal_[0]
+    before = {l: s.W_.clone() for l, s in follower.solvers_.items()}
+    params = {n: p.detach().clone() for n, p in model2.named_parameters()}
+    n_journal = len(follower.journal_)
+    layer = leader.layers_[0]
+    bad_inputs = [
+        (HyperparameterError, {l: K for l, K in rec.keys.items() if l != layer}, rec.values),
+        (ShapeError, {**rec.keys, layer: rec.keys[layer][:, :-1]}, rec.values),
+        (NonFiniteError, rec.keys, {**rec.values, layer: rec.values[layer] * float("nan")}),
+    ]
+    for error, keys, values in bad_inputs:
+        with pytest.raises(error):
+            follower.absorb(rec.facts, keys, values)
+        assert len(follower.journal_) == n_journal
+        assert all(torch.equal(follower.solvers_[l].W_, W) for l, W in before.items())
+        assert all(torch.equal(p, params[n]) for n, p in model2.named_parameters())
+    with pytest.raises(FactError):
+        follower.absorb([], rec.keys, rec.values)
+
+
+def test_shadow_runner_refuses_a_batch_its_leader_has_not_written(tiny, tmp_path):
+    model, tok = tiny("llama")
+    cfg = _fast_config(tmp_path)
+    leader = protocol.make_runner("rlsedit", model, tok, edit_config=cfg)
+    shadow = protocol.make_runner("memit_seq", model, tok, edit_config=cfg, leader=leader)
+    assert isinstance(shadow, protocol.ShadowRunner)
+    shadow.editor.prepare()  # reads W0 now, while the shared model still holds the base weights
+    with pytest.raises(HyperparameterError, match="leader first"):
+        shadow.edit(FACTS[:2])
+    leader.edit(FACTS[:2])
+    with pytest.raises(HyperparameterError, match="differs"):
+        shadow.edit(FACTS[2:4])
+    assert shadow.leader_gap() is None  # at different batches
+    shadow.edit(FACTS[:2])
+    gap = shadow.leader_gap()
+    assert set(gap) == {str(l) for l in leader.layers} and all(g["rel"] < 1e-6 for g in gap.values())
+    with pytest.raises(HyperparameterError):
+        protocol.make_runner("ft", model, tok, edit_config=cfg, leader=leader)
+    with pytest.raises(HyperparameterError):  # a retracting leader's journal is not one stream
+        protocol.make_runner("memit_seq", model, tok, leader=protocol.make_runner(
+            "rlsedit", model, tok, edit_config=dataclasses.replace(cfg, replace=True)))
+
+
+def test_parse_shadows():
+    assert bench.parse_shadows("", ["rlsedit"], interleave=False) == []
+    assert bench.parse_shadows("memit_seq", ["rlsedit", "memit_seq"], interleave=True) == ["memit_seq"]
+    for text, methods, inter in [("memit_seq", ["rlsedit", "memit_seq"], False), ("memit_seq", ["memit_seq"], True),
+                                 ("memit", ["rlsedit", "memit_seq"], True), ("ft", ["rlsedit", "ft"], True),
+                                 ("rlsedit", ["rlsedit"], True)]:
+        with pytest.raises(HyperparameterError):
+            bench.parse_shadows(text, methods, interleave=inter)
+
+
+def test_bench_shadow_and_full_checkpoints_resume(tiny_bench, tmp_path, monkeypatch):
+    """--shadow memit_seq: MEMIT-seq writes RLSEdit's keys and values, stays on its weights, and
+    resumes after an interruption; --score-all-at re-scores every edit so far mid-stream."""
+    kw = dict(methods="memit_seq,rlsedit", shadow="memit_seq", interleave=True, score_all_at="4")
+    ref_out = tmp_path / "ref" / "out"
+    ref_out.parent.mkdir()
+    assert bench.run_bench(_bench_args(ref_out, **kw)) == 0
+    ref = bench.read_results(ref_out)
+    assert ref["settings"]["shadow"] == ["memit_seq"] and ref["settings"]["full_checkpoints"] == [4]
+    shadow, leader = ref["methods"]["memit_seq"], ref["methods"]["rlsedit"]
+    assert shadow["done"] and leader["done"]
+    full = [p for p in leader["checkpoints"] if p.get("all")]
+    assert [p["edits"] for p in full] == [4] and full[0]["all"]["n"] == 4
+    gaps = [g["rel"] for p in shadow["checkpoints"] for g in p["leader_gap"].values()]
+    assert gaps and max(gaps) < 1e-6
+    for s, l in zip(shadow["immediate"], leader["immediate"]):
+        assert s["efficacy_magnitude"] == pytest.approx(l["efficacy_magnitude"], abs=1e-5)
+        assert s["residual_ratio"] is None  # the shadow computes no values of its own
+    md = (ref_out / "results.md").read_text()
+    assert "shadow of rlsedit" in md and "Every edit so far" in md and "Weight gap of memit_seq" in md
+
+    # Interrupt the shadow's second batch; the rerun resumes both and ends where the reference did.
+    out = tmp_path / "run" / "out"
+    out.parent.mkdir()
+    real_edit = protocol.ShadowRunner.edit
+    calls = {"n": 0}
+
+    def flaky(self, facts):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_edit(self, facts)
+
+    monkeypatch.setattr(protocol.ShadowRunner, "edit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(_bench_args(out, **kw))
+    monkeypatch.setattr(protocol.ShadowRunner, "edit", real_edit)
+    model, _ = tiny_bench
+    assert bench.run_bench(_bench_args(out, **kw)) == 0
+    got = bench.read_results(out)
+    for method in ("rlsedit", "memit_seq"):
+        assert got["methods"][method]["done"]
+        assert got["methods"][method]["final"]["all"]["score"] == pytest.approx(
+            ref["methods"][method]["final"]["all"]["score"], abs=1e-4)
+    # A run started without the new settings resumes with them at their defaults.
+    with pytest.raises(HyperparameterError):
+        bench.run_bench(_bench_args(out, **{**kw, "score_all_at": "2"}))
