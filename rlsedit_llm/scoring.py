@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TargetScore", "encode_target", "score_targets"]
+__all__ = ["TargetScore", "encode_target", "score_targets", "logits_at"]
 
 
 def encode_target(tokenizer, target: str) -> list[int]:
@@ -59,6 +59,24 @@ def _input_device(model) -> torch.device:
 
 
 @torch.no_grad()
+def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+              positions: torch.Tensor) -> torch.Tensor:
+    """``model(input_ids, attention_mask).logits[rows, positions]`` as float32 (N, vocab), with the
+    LM head applied only at those N places: the base model's last hidden state there goes
+    through the output embedding (the vocabulary projection is most of a small model's forward
+    cost when every position is projected). Falls back to the full logits for a model without a
+    separate base model and output embedding."""
+    head = model.get_output_embeddings()
+    base = getattr(model, "base_model", model)
+    if head is None or base is model:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[rows.to(logits.device), positions.to(logits.device)].float()
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]  # (b, w, d)
+    picked = hidden[rows.to(hidden.device), positions.to(hidden.device)]  # (N, d)
+    return head(picked.to(head.weight.device)).float()
+
+
+@torch.no_grad()
 def score_targets(model, tokenizer, prompts, targets, *, batch_size: int = 16) -> list[TargetScore]:
     """Score ``targets[i]`` after ``prompts[i]`` (both lists of str, same length)."""
     if len(prompts) != len(targets):
@@ -78,12 +96,14 @@ def score_targets(model, tokenizer, prompts, targets, *, batch_size: int = 16) -
         for i, (p, t) in enumerate(rows):  # right padding
             ids[i, : len(p) + len(t)] = torch.tensor(p + t)
             mask[i, : len(p) + len(t)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # (b, width, vocab)
-        for i, (p, t) in enumerate(rows):
-            pos = torch.arange(len(p) - 1, len(p) + len(t) - 1)  # positions predicting t
-            tgt = torch.tensor(t)
-            token_logprobs = logp[i, pos, tgt]
-            correct = logp[i, pos].argmax(-1) == tgt
-            scores.append(TargetScore(token_logprobs, correct))
+        # Only the positions predicting target tokens are projected onto the vocabulary.
+        row_of = torch.cat([torch.full((len(t),), i) for i, (p, t) in enumerate(rows)])
+        pos = torch.cat([torch.arange(len(p) - 1, len(p) + len(t) - 1) for p, t in rows])
+        logp = torch.log_softmax(logits_at(model, ids.to(device), mask.to(device), row_of, pos), dim=-1).cpu()
+        start_tok = 0
+        for p, t in rows:
+            lp, tgt = logp[start_tok:start_tok + len(t)], torch.tensor(t)  # (len(t), vocab)
+            token_logprobs = lp[torch.arange(len(t)), tgt]
+            scores.append(TargetScore(token_logprobs, lp.argmax(-1) == tgt))
+            start_tok += len(t)
     return scores

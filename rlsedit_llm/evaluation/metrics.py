@@ -33,7 +33,7 @@ import torch
 from ..errors import HyperparameterError
 from ..facts import Fact
 from ..models import model_device
-from ..scoring import TargetScore, encode_target, score_targets
+from ..scoring import TargetScore, encode_target, logits_at, score_targets
 
 __all__ = [
     "harmonic_mean",
@@ -142,9 +142,9 @@ def _next_token_logprobs(model, tokenizer, prompts: Sequence[str], *, batch_size
         for r, i in enumerate(rows):
             ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
             mask[r, : len(encoded[i])] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (b, w, vocab)
-        last = torch.tensor([len(encoded[i]) - 1 for i in rows], device=logits.device)
-        picked = torch.log_softmax(logits[torch.arange(len(rows), device=logits.device), last].float(), dim=-1)
+        last = torch.tensor([len(encoded[i]) - 1 for i in rows])
+        picked = torch.log_softmax(logits_at(model, ids.to(device), mask.to(device), torch.arange(len(rows)), last),
+                                   dim=-1)  # (b, vocab)
         for r, i in enumerate(rows):
             out[i] = picked[r].cpu()
     return out  # type: ignore[return-value]
@@ -355,9 +355,8 @@ def glue_predictions(model, tokenizer, task: str, items: Sequence[dict], *, batc
         for r, i in enumerate(rows):  # right padding
             ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
             mask[r, : len(encoded[i])] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (b, w, vocab)
         last = torch.tensor([len(encoded[i]) - 1 for i in rows])
-        picked = logits[torch.arange(len(rows)), last.to(logits.device)].float().cpu()[:, label_ids]  # (b, k)
+        picked = logits_at(model, ids.to(device), mask.to(device), torch.arange(len(rows)), last).cpu()[:, label_ids]
         for r, i in enumerate(rows):
             preds[i] = int(picked[r].argmax())
     return preds

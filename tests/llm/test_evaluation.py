@@ -628,3 +628,20 @@ def test_bench_shadow_and_full_checkpoints_resume(tiny_bench, tmp_path, monkeypa
     # A run started without the new settings resumes with them at their defaults.
     with pytest.raises(HyperparameterError):
         bench.run_bench(_bench_args(out, **{**kw, "score_all_at": "2"}))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox", "qwen2"])
+def test_logits_at_equals_the_full_logits(tiny, family):
+    """The LM head applied at chosen positions only gives the model's own logits there."""
+    from rlsedit_llm.scoring import logits_at
+
+    model, tok = tiny(family)
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # right padding in one row
+    rows, pos = torch.tensor([0, 1, 1, 2]), torch.tensor([6, 0, 4, 3])
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits.float()
+    got = logits_at(model, ids, mask, rows, pos)
+    assert got.shape == (4, model.config.vocab_size)
+    assert torch.allclose(got, full[rows, pos], atol=1e-5, rtol=1e-5)
