@@ -79,6 +79,14 @@ def parse_shadows(text: str, methods: list[str], *, interleave: bool) -> list[st
     return shadows
 
 
+def _edit_counts(text) -> tuple[int, ...]:
+    """``"300,600"`` -> ``(300, 600)`` (``--score-all-at``)."""
+    try:
+        return tuple(int(x) for x in str(text or "").split(",") if x.strip())
+    except ValueError:
+        raise HyperparameterError(f"--score-all-at takes comma-separated edit counts, e.g. 300,600; got {text!r}") from None
+
+
 def parse_methods(text: str) -> list[str]:
     """``"rlsedit,memit_seq"`` -> ``["rlsedit", "memit_seq"]``; ``"all"`` -> every method."""
     if text.strip() == "all":
@@ -150,7 +158,7 @@ def run_bench(args) -> int:
         retention_fraction=float(_arg(args, "retention_fraction", 0.1)),
         fluency_cases=int(_arg(args, "fluency_cases", 50)), fluency_tokens=int(_arg(args, "fluency_tokens", 100)),
         glue_items=int(_arg(args, "glue", 0)), wild=not _arg(args, "no_wild", False),
-        full_checkpoints=tuple(int(x) for x in str(_arg(args, "score_all_at", "")).split(",") if x.strip()),
+        full_checkpoints=_edit_counts(_arg(args, "score_all_at", "")),
     )
     cfg.validate()
     shadows = parse_shadows(_arg(args, "shadow", ""), methods, interleave=_arg(args, "interleave", False))

@@ -507,13 +507,9 @@ def run_method(runner: MethodRunner, model, tokenizer, facts: Sequence[Fact], cf
         t_edit = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        rows = case_scores(cfg.dataset, model, tokenizer, batch, batch_size=cfg.score_batch_size)
         entry = {"batch": b + 1, "edits": b * cfg.batch_size + len(batch), "seconds_edit": round(t_edit, 3),
                  "seconds_update": round(float(stages.get("update", float("nan"))), 4),
-                 "residual_ratio": _finite(stages.get("residual_ratio")),
-                 **_clean(metrics.summarize_cases(rows))}
-        if cfg.wild:
-            entry["wild"] = _finite(float(np.mean(metrics.generation_check(model, tokenizer, batch))))
+                 "residual_ratio": _finite(stages.get("residual_ratio")), **scored(batch)[1]}
         if b + 1 in checkpoints:
             record["checkpoints"].append(checkpoint(b + 1, entry["edits"]))
         t_eval = time.perf_counter() - tic
@@ -537,12 +533,9 @@ def run_method(runner: MethodRunner, model, tokenizer, facts: Sequence[Fact], cf
     if (complete and not record["done"]) or (stopped and have.get("edits") != record["edits_done"]):
         tic = time.perf_counter()
         written = list(facts[: record["edits_done"]])
-        rows = case_scores(cfg.dataset, model, tokenizer, written, batch_size=cfg.score_batch_size)
-        final = {"edits": record["edits_done"], "partial": not complete,
-                 "all": _clean(metrics.summarize_cases(rows)),
+        rows, summary = scored(written)
+        final = {"edits": record["edits_done"], "partial": not complete, "all": summary,
                  "retention": _clean(metrics.summarize_cases(rows[: cfg.retention_size]))}
-        if cfg.wild:
-            final["all"]["wild"] = _finite(float(np.mean(metrics.generation_check(model, tokenizer, written))))
         final.update(_extras(model, tokenizer, written, cfg, glue or {}, (base or {}).get("glue")))
         final["seconds"] = round(time.perf_counter() - tic, 2)
         record["final"], record["done"] = final, complete

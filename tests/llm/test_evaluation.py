@@ -625,9 +625,11 @@ def test_bench_shadow_and_full_checkpoints_resume(tiny_bench, tmp_path, monkeypa
         assert got["methods"][method]["done"]
         assert got["methods"][method]["final"]["all"]["score"] == pytest.approx(
             ref["methods"][method]["final"]["all"]["score"], abs=1e-4)
-    # A run started without the new settings resumes with them at their defaults.
+    # Other full checkpoints are other settings: refused; a malformed list is a typed error.
     with pytest.raises(HyperparameterError):
         bench.run_bench(_bench_args(out, **{**kw, "score_all_at": "2"}))
+    with pytest.raises(HyperparameterError, match="edit counts"):
+        bench.run_bench(_bench_args(out, **{**kw, "score_all_at": "three hundred"}))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox", "qwen2"])
