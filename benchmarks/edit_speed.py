@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import rlsedit_llm
-from rlsedit_llm.values import compute_values
+from rlsedit_llm.pipeline.values import compute_values
 
 DATA = Path(rlsedit_llm.__file__).parent / "data" / "counterfact.json"
 

@@ -4,8 +4,8 @@
     report = rlsedit_llm.edit(model, facts, tokenizer=tok)   # later calls continue the stream
 """
 
-from .editor import EditConfig, Editor, EditRecord, EditReport, FactReport, edit, editor_of
-from .errors import (
+from rlsedit_llm.editing.editor import EditConfig, Editor, EditRecord, EditReport, FactReport, edit, editor_of
+from rlsedit_llm.errors import (
     CorpusError,
     FactError,
     HyperparameterError,
@@ -18,10 +18,10 @@ from .errors import (
     UnknownEditError,
     UnsupportedArchitectureError,
 )
-from .facts import Fact, as_fact, as_facts
-from .models import ModelSpec, detect_spec, load_model
-from .solver import LayerRLS
-from .values import ValueConfig
+from rlsedit_llm.pipeline.facts import Fact, as_fact, as_facts
+from rlsedit_llm.adapters.architectures import ModelSpec, detect_spec, load_model
+from rlsedit_llm.kernel.rls import LayerRLS
+from rlsedit_llm.pipeline.values import ValueConfig
 
 __all__ = [
     "edit",

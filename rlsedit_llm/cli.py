@@ -113,7 +113,7 @@ def _edit(args) -> int:
 
 
 def _bench(args) -> int:
-    from .evaluation.bench import run_bench
+    from rlsedit_llm.evaluation.bench import run_bench
 
     return run_bench(args)
 

@@ -10,8 +10,8 @@
 - :mod:`.plots`: the figures.
 """
 
-from .finetune import FineTuneEditor, target_nll
-from .metrics import (
+from rlsedit_llm.editing.finetune import FineTuneEditor, target_nll
+from rlsedit_llm.evaluation.metrics import (
     CF_METRICS,
     GLUE_TASKS,
     ZSRE_METRICS,
@@ -25,7 +25,7 @@ from .metrics import (
     summarize_cases,
     zsre_case_scores,
 )
-from .protocol import (
+from rlsedit_llm.evaluation.protocol import (
     ALL_METHODS,
     DATASETS,
     MethodRunner,

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..editor import EditConfig
-from ..errors import HyperparameterError, StateMismatchError
-from ..models import detect_spec, load_model
-from ..stats import model_fingerprint, second_moments
-from . import plots
-from .protocol import (
+from rlsedit_llm.editing.editor import EditConfig
+from rlsedit_llm.errors import HyperparameterError, StateMismatchError
+from rlsedit_llm.adapters.architectures import detect_spec, load_model
+from rlsedit_llm.pipeline.stats import model_fingerprint, second_moments
+from rlsedit_llm.evaluation import plots
+from rlsedit_llm.evaluation.protocol import (
     ALL_METHODS,
     ProtocolConfig,
     base_report,

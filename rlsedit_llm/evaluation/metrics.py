@@ -30,10 +30,10 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..errors import HyperparameterError
-from ..facts import Fact
-from ..models import model_device
-from ..scoring import TargetScore, encode_target, logits_at, score_targets
+from rlsedit_llm.errors import HyperparameterError
+from rlsedit_llm.pipeline.facts import Fact
+from rlsedit_llm.adapters.architectures import model_device
+from rlsedit_llm.pipeline.scoring import TargetScore, encode_target, logits_at, score_targets
 
 __all__ = [
     "harmonic_mean",

@@ -33,13 +33,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..baselines import METHODS
-from ..editor import EditConfig, Editor
-from ..errors import FactError, HyperparameterError
-from ..facts import Fact, as_fact, validate_facts
-from ..models import get_module, read_weight, write_weight
-from . import metrics
-from .finetune import FineTuneEditor
+from rlsedit_llm.kernel.baselines import METHODS
+from rlsedit_llm.editing.editor import EditConfig, Editor
+from rlsedit_llm.errors import FactError, HyperparameterError
+from rlsedit_llm.files import DATA_DIR
+from rlsedit_llm.pipeline.facts import Fact, as_fact, validate_facts
+from rlsedit_llm.adapters.architectures import get_module, read_weight, write_weight
+from rlsedit_llm.evaluation import metrics
+from rlsedit_llm.editing.finetune import FineTuneEditor
 
 __all__ = [
     "DATASETS",
@@ -72,7 +73,7 @@ _FILES = {"counterfact": "counterfact.json", "zsre": "zsre_eval.json"}
 
 def data_dir() -> Path:
     """``rlsedit_llm/data`` (the shipped evaluation files; licences in its README.md)."""
-    return Path(__file__).resolve().parent.parent / "data"
+    return DATA_DIR
 
 
 # ----------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def main(corpus: str, cache_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from rlsedit_llm.stats import second_moments
+    from rlsedit_llm.pipeline.stats import second_moments
 
     torch.set_num_threads(1)
     model, tok = tiny_model("llama"), tiny_tokenizer()

@@ -7,7 +7,7 @@ import pytest
 
 import rlsedit_llm
 from rlsedit_llm import cli
-from rlsedit_llm.models import tiny_model
+from rlsedit_llm.adapters.architectures import tiny_model
 
 
 @pytest.mark.usefixtures("one_thread_unless_slow")

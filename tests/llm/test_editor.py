@@ -8,8 +8,8 @@ import torch
 
 import rlsedit_llm
 from rlsedit_llm import EditConfig, Editor, ValueConfig
-from rlsedit_llm.models import SUPPORTED_FAMILIES, get_module, read_weight
-from rlsedit_llm.scoring import encode_target, score_targets
+from rlsedit_llm.adapters.architectures import SUPPORTED_FAMILIES, get_module, read_weight
+from rlsedit_llm.pipeline.scoring import encode_target, score_targets
 from rlsedit_theory import Problem, closed_form
 
 # Random tiny models carry little through attention, so the subject ends the prompt here.

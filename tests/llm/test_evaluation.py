@@ -13,10 +13,10 @@ import torch
 from rlsedit_llm import EditConfig, Editor, Fact
 from rlsedit_llm.errors import FactError, HyperparameterError
 from rlsedit_llm.evaluation import bench, metrics, protocol
-from rlsedit_llm.evaluation.finetune import FineTuneEditor, target_nll
-from rlsedit_llm.models import get_module, read_weight
-from rlsedit_llm.scoring import score_targets
-from rlsedit_llm.values import ValueConfig
+from rlsedit_llm.editing.finetune import FineTuneEditor, target_nll
+from rlsedit_llm.adapters.architectures import get_module, read_weight
+from rlsedit_llm.pipeline.scoring import score_targets
+from rlsedit_llm.pipeline.values import ValueConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
@@ -272,7 +272,7 @@ def test_finetune_rejects_bad_facts_untouched_and_round_trips(llama, tmp_path):
     ft.save(tmp_path / "ft")
     edited = ft.weights()
     for l, W in snap.items():  # back to the base weights, then load the saved stream
-        from rlsedit_llm.models import write_weight
+        from rlsedit_llm.adapters.architectures import write_weight
 
         write_weight(ft._module(l), W)
     loaded = FineTuneEditor.load(model, tok, tmp_path / "ft")
@@ -310,7 +310,7 @@ def test_deviation_report_respects_t3_bounds(tiny, tmp_path):
           for l in runner.layers}
     for b in range(3):
         runner.edit(FACTS[2 * b: 2 * b + 2])
-    from rlsedit_llm.stats import second_moments
+    from rlsedit_llm.pipeline.stats import second_moments
 
     moments = second_moments(model, tok, runner.editor.spec_, list(runner.layers), n_tokens=cfg.stats_tokens,
                              max_length=cfg.stats_max_length, cache_dir=cfg.cache_dir)
@@ -635,7 +635,7 @@ def test_bench_shadow_and_full_checkpoints_resume(tiny_bench, tmp_path, monkeypa
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox", "qwen2"])
 def test_logits_at_equals_the_full_logits(tiny, family):
     """The LM head applied at chosen positions only gives the model's own logits there."""
-    from rlsedit_llm.scoring import logits_at
+    from rlsedit_llm.pipeline.scoring import logits_at
 
     model, tok = tiny(family)
     ids = torch.randint(0, model.config.vocab_size, (3, 7))

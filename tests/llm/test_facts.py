@@ -1,4 +1,4 @@
-"""Fact records, the data set parsers and validation (rlsedit_llm.facts)."""
+"""Fact records, the data set parsers and validation (rlsedit_llm.pipeline.facts)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from rlsedit_llm.errors import FactError
-from rlsedit_llm.facts import Fact, as_fact, as_facts, encode_target, validate_facts
-from rlsedit_llm.models import tiny_model
+from rlsedit_llm.pipeline.facts import Fact, as_fact, as_facts, encode_target, validate_facts
+from rlsedit_llm.adapters.architectures import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 

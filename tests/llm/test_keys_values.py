@@ -1,4 +1,4 @@
-"""Context templates, keys (rlsedit_llm.keys) and values z* (rlsedit_llm.values)."""
+"""Context templates, keys (rlsedit_llm.pipeline.keys) and values z* (rlsedit_llm.pipeline.values)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import logging
 import pytest
 import torch
 
-from rlsedit_llm import values as values_mod
+from rlsedit_llm.pipeline import values as values_mod
 from rlsedit_llm.errors import FactError, HyperparameterError
-from rlsedit_llm.facts import Fact, as_facts, encode_target
-from rlsedit_llm.keys import (
+from rlsedit_llm.pipeline.facts import Fact, as_facts, encode_target
+from rlsedit_llm.pipeline.keys import (
     TEMPLATE_STARTS,
     compute_keys,
     compute_keys_multi,
@@ -20,8 +20,8 @@ from rlsedit_llm.keys import (
     subject_hidden_states,
     template_parts,
 )
-from rlsedit_llm.models import SUPPORTED_FAMILIES, detect_spec, get_module
-from rlsedit_llm.values import ValueConfig, compute_values, default_value_config
+from rlsedit_llm.adapters.architectures import SUPPORTED_FAMILIES, detect_spec, get_module
+from rlsedit_llm.pipeline.values import ValueConfig, compute_values, default_value_config
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
@@ -456,7 +456,7 @@ def test_fallback_to_naive_path_is_logged(tiny, monkeypatch, caplog):
     spec = detect_spec(model)
     ref = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, _cfg())
     monkeypatch.setattr(values_mod, "_SUPPORTED_ATTENTION", ())
-    with caplog.at_level(logging.WARNING, logger="rlsedit_llm.values"):
+    with caplog.at_level(logging.WARNING, logger="rlsedit_llm.pipeline.values"):
         res = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, _cfg())
     assert res.path == "naive" and "fast value path unavailable" in caplog.text
     torch.testing.assert_close(res.target, ref.target, rtol=1e-4, atol=1e-4 * float(ref.initial.norm()))
@@ -475,7 +475,7 @@ def test_self_check_catches_a_wrong_fast_path(tiny, monkeypatch, caplog):
         return torch.ones_like(out) if out.dtype == torch.bool else torch.zeros_like(out)
 
     monkeypatch.setattr(values_mod._FastForward, "_slice_mask", all_visible)
-    with caplog.at_level(logging.WARNING, logger="rlsedit_llm.values"):
+    with caplog.at_level(logging.WARNING, logger="rlsedit_llm.pipeline.values"):
         res = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, _cfg())
     assert res.path == "naive" and "self-check failed" in caplog.text
     torch.testing.assert_close(res.target, ref.target, rtol=1e-5, atol=1e-5)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from rlsedit_llm.editor import EditConfig, Editor
-from rlsedit_llm.facts import Fact
-from rlsedit_llm.models import read_weight, tiny_model
-from rlsedit_llm.values import ValueConfig
+from rlsedit_llm.editing.editor import EditConfig, Editor
+from rlsedit_llm.pipeline.facts import Fact
+from rlsedit_llm.adapters.architectures import read_weight, tiny_model
+from rlsedit_llm.pipeline.values import ValueConfig
 from rlsedit_theory import Problem, closed_form
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Architecture detection, weight orientation, tiny models and model loading (rlsedit_llm.models)."""
+"""Architecture detection, weight orientation, tiny models and model loading (rlsedit_llm.adapters.architectures)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from rlsedit_llm.errors import ModelLoadError, NonFiniteError, ShapeError, UnsupportedArchitectureError
-from rlsedit_llm.models import (
+from rlsedit_llm.adapters.architectures import (
     SUPPORTED_FAMILIES,
     ModelSpec,
     _write_cache,

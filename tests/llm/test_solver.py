@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rlsedit_llm.errors import HyperparameterError, NotPositiveDefiniteError, ShapeError
-from rlsedit_llm.solver import LayerRLS
+from rlsedit_llm.kernel.rls import LayerRLS
 from rlsedit_theory import Problem, RecursiveLS, closed_form
 
 

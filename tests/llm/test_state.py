@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsedit_llm import state as state_mod
-from rlsedit_llm.editor import EditConfig, Editor, edit, editor_of
+from rlsedit_llm.editing import state as state_mod
+from rlsedit_llm.editing.editor import EditConfig, Editor, edit, editor_of
 from rlsedit_llm.errors import RLSEditError, StateMismatchError
-from rlsedit_llm.facts import Fact
-from rlsedit_llm.models import tiny_model
-from rlsedit_llm.stats import model_fingerprint
-from rlsedit_llm.state import (
+from rlsedit_llm.pipeline.facts import Fact
+from rlsedit_llm.adapters.architectures import tiny_model
+from rlsedit_llm.pipeline.stats import model_fingerprint
+from rlsedit_llm.editing.state import (
     apply_edit_pack,
     load_editor,
     load_model_state,
@@ -27,7 +27,7 @@ from rlsedit_llm.state import (
     save_edit_pack,
     save_model_state,
 )
-from rlsedit_llm.values import ValueConfig
+from rlsedit_llm.pipeline.values import ValueConfig
 
 FACTS = [
     [Fact("The mother tongue of {} is", "Danielle Darrieux", "English", relation_id="P103")],
@@ -405,7 +405,7 @@ def _problem_and_edits(editor, layer):
 
 
 def test_certificate_agrees_with_the_theory_module(stats_dir):
-    from rlsedit_llm.solver import LayerRLS
+    from rlsedit_llm.kernel.rls import LayerRLS
     from rlsedit_theory.bounds import deviation_certificate, step_certificate
 
     editor = _edited(stats_dir, n_edits=3, alpha=0.5)

@@ -1,4 +1,4 @@
-"""Key statistics E[k kᵀ] (rlsedit_llm.stats) and text corpora (rlsedit_llm.corpus)."""
+"""Key statistics E[k kᵀ] (rlsedit_llm.pipeline.stats) and text corpora (rlsedit_llm.pipeline.corpus)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlsedit_llm import corpus as corpus_mod
-from rlsedit_llm import stats
-from rlsedit_llm.corpus import SHIPPED_CORPORA, corpus_fingerprint, load_corpus, split_txt_documents
+from rlsedit_llm.pipeline import corpus as corpus_mod
+from rlsedit_llm.pipeline import stats
+from rlsedit_llm.pipeline.corpus import SHIPPED_CORPORA, corpus_fingerprint, load_corpus, split_txt_documents
 from rlsedit_llm.errors import CorpusError, HyperparameterError, UnsupportedArchitectureError
-from rlsedit_llm.stats import MomentSum, accumulate_second_moments, model_fingerprint, second_moments
+from rlsedit_llm.pipeline.stats import MomentSum, accumulate_second_moments, model_fingerprint, second_moments
 
 _WORKER_PATH = Path(__file__).with_name("_stats_worker.py")
 _spec = importlib.util.spec_from_file_location("_stats_worker", _WORKER_PATH)
@@ -529,7 +529,7 @@ def test_shipped_enwiki_sample():
     assert ds[0]["text"].startswith("Anarchism is a political philosophy")
     assert not any(t.startswith("= ") for t in ds["text"])
     assert sum(len(t.split()) for t in ds["text"]) > 300_000
-    path = Path(corpus_mod.__file__).parent / "data" / SHIPPED_CORPORA["enwiki_sample"]
+    path = corpus_mod._DATA_DIR / SHIPPED_CORPORA["enwiki_sample"]
     assert hashlib.sha256(path.read_bytes()).hexdigest() == (
         "9d653b38115754cbd391658612d1556ba490f813335f28388d349a482af305c6"
     )
@@ -599,7 +599,7 @@ def test_hub_corpus_offline_raises_corpus_error(monkeypatch):
 # ============================================================================================
 @pytest.mark.slow
 def test_smollm2_second_moments(tmp_path):
-    models = pytest.importorskip("rlsedit_llm.models", reason="rlsedit_llm.models has not landed yet")
+    from rlsedit_llm.adapters import architectures as models
     loaded = models.load_model("smollm2")
     model, tokenizer = loaded[0], loaded[1]
     spec = models.detect_spec(model)

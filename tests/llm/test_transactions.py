@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from rlsedit_llm import editor as editor_mod
-from rlsedit_llm.editor import EditConfig, Editor
+from rlsedit_llm.editing import editor as editor_mod
+from rlsedit_llm.editing.editor import EditConfig, Editor
 from rlsedit_llm.errors import (
     FactError,
     HyperparameterError,
@@ -18,10 +18,10 @@ from rlsedit_llm.errors import (
     StateMismatchError,
     UnsupportedArchitectureError,
 )
-from rlsedit_llm.facts import Fact
-from rlsedit_llm.models import read_weight, tiny_model
-from rlsedit_llm.state import load_editor
-from rlsedit_llm.values import ValueConfig
+from rlsedit_llm.pipeline.facts import Fact
+from rlsedit_llm.adapters.architectures import read_weight, tiny_model
+from rlsedit_llm.editing.state import load_editor
+from rlsedit_llm.pipeline.values import ValueConfig
 
 FIRST = [Fact("{} is located in", "Toyota", "Germany", relation_id="P17"),
          Fact("The capital of {} is", "Italy", "Madrid", relation_id="P36")]
@@ -288,7 +288,7 @@ def test_singular_preservation_metric_from_too_few_statistics(tmp_path):
 
 
 def test_a_failed_first_rlsedit_edit_attaches_no_editor(stats_dir):
-    from rlsedit_llm.editor import edit, editor_of
+    from rlsedit_llm.editing.editor import edit, editor_of
 
     model, tok = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -64,8 +64,8 @@ from safetensors.torch import save as _st_save
 from torch import nn
 from tqdm.auto import tqdm
 
-from .corpus import corpus_fingerprint, load_corpus
-from .errors import CorpusError, HyperparameterError, ShapeError, UnsupportedArchitectureError
+from rlsedit_llm.pipeline.corpus import corpus_fingerprint, load_corpus
+from rlsedit_llm.errors import CorpusError, HyperparameterError, ShapeError, UnsupportedArchitectureError
 
 __all__ = [
     "MomentSum",

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import HyperparameterError, NotPositiveDefiniteError
-from .solver import LayerRLS, Pending
+from rlsedit_llm.errors import HyperparameterError, NotPositiveDefiniteError
+from rlsedit_llm.kernel.rls import LayerRLS, Pending
 
 __all__ = ["PerBatchLayer", "DenseCumulativeLayer", "NullSpaceLayer", "make_layer_solver", "METHODS"]
 

@@ -25,10 +25,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import FactError, HyperparameterError
-from .facts import Fact, as_facts, validate_facts
-from .hooks import capture_inputs, capture_outputs
-from .models import ModelSpec, get_module, model_device
+from rlsedit_llm.errors import FactError, HyperparameterError
+from rlsedit_llm.pipeline.facts import Fact, as_facts, validate_facts
+from rlsedit_llm.adapters.hooks import capture_inputs, capture_outputs
+from rlsedit_llm.adapters.architectures import ModelSpec, get_module, model_device
 
 log = logging.getLogger(__name__)
 

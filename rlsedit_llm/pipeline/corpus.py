@@ -35,13 +35,13 @@ from pathlib import Path
 
 import datasets
 
-from .errors import CorpusError
+from rlsedit_llm.errors import CorpusError
 
 __all__ = ["SHIPPED_CORPORA", "load_corpus", "corpus_fingerprint", "split_txt_documents"]
 
 logger = logging.getLogger(__name__)
 
-_DATA_DIR = Path(__file__).resolve().parent / "data"
+from rlsedit_llm.files import DATA_DIR as _DATA_DIR
 
 #: Names of the corpora shipped with the package -> file under ``rlsedit_llm/data/``.
 SHIPPED_CORPORA = {"enwiki_sample": "enwiki_sample.txt"}

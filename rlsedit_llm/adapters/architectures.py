@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, NonFiniteError, ShapeError, UnsupportedArchitectureError
+from rlsedit_llm.errors import ModelLoadError, NonFiniteError, ShapeError, UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
 

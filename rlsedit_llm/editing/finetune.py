@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FactError, HyperparameterError, NonFiniteError, StateMismatchError
-from ..facts import as_facts, validate_facts
-from ..models import detect_spec, get_module, model_device, read_weight, write_weight
-from ..scoring import encode_target
+from rlsedit_llm.errors import FactError, HyperparameterError, NonFiniteError, StateMismatchError
+from rlsedit_llm.pipeline.facts import as_facts, validate_facts
+from rlsedit_llm.adapters.architectures import detect_spec, get_module, model_device, read_weight, write_weight
+from rlsedit_llm.pipeline.scoring import encode_target
 
 __all__ = ["FineTuneEditor", "target_nll"]
 

@@ -58,13 +58,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .baselines import METHODS
-from .editor import _ATTR, EditConfig, Editor, EditRecord, editor_of
-from .errors import HyperparameterError, RLSEditError, StateMismatchError
-from .facts import Fact
-from .models import detect_spec, get_module, read_weight, write_weight
-from .stats import model_fingerprint
-from .values import ValueConfig
+from rlsedit_llm.kernel.baselines import METHODS
+from rlsedit_llm.editing.editor import _ATTR, EditConfig, Editor, EditRecord, editor_of
+from rlsedit_llm.errors import HyperparameterError, RLSEditError, StateMismatchError
+from rlsedit_llm.pipeline.facts import Fact
+from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, write_weight
+from rlsedit_llm.pipeline.stats import model_fingerprint
+from rlsedit_llm.pipeline.values import ValueConfig
 
 __all__ = [
     "save_editor",

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import HyperparameterError, NonFiniteError, NotPositiveDefiniteError, ShapeError
+from rlsedit_llm.errors import HyperparameterError, NonFiniteError, NotPositiveDefiniteError, ShapeError
 
 __all__ = ["LayerRLS", "Pending"]
 

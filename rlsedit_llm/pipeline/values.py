@@ -49,11 +49,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import FactError, HyperparameterError
-from .facts import as_facts, encode_target, validate_facts
-from .hooks import first_tensor, restore_requires_grad, set_requires_grad
-from .keys import _pad_id, encode_with_subject, fact_rows, right_pad, template_parts
-from .models import ModelSpec, get_module, model_device
+from rlsedit_llm.errors import FactError, HyperparameterError
+from rlsedit_llm.pipeline.facts import as_facts, encode_target, validate_facts
+from rlsedit_llm.adapters.hooks import first_tensor, restore_requires_grad, set_requires_grad
+from rlsedit_llm.pipeline.keys import _pad_id, encode_with_subject, fact_rows, right_pad, template_parts
+from rlsedit_llm.adapters.architectures import ModelSpec, get_module, model_device
 
 log = logging.getLogger(__name__)
 

@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import FactError, HyperparameterError, NonFiniteError, ShapeError, UnknownEditError
-from .facts import Fact, as_facts, validate_facts
-from .keys import compute_keys, generate_templates, subject_hidden_states
-from .models import detect_spec, get_module, read_weight, write_weight
-from .scoring import score_targets
-from .baselines import METHODS, make_layer_solver
-from .solver import LayerRLS
-from .stats import model_fingerprint, second_moments
-from .values import ValueConfig, compute_values, default_value_config
+from rlsedit_llm.errors import FactError, HyperparameterError, NonFiniteError, ShapeError, UnknownEditError
+from rlsedit_llm.pipeline.facts import Fact, as_facts, validate_facts
+from rlsedit_llm.pipeline.keys import compute_keys, generate_templates, subject_hidden_states
+from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, write_weight
+from rlsedit_llm.pipeline.scoring import score_targets
+from rlsedit_llm.kernel.baselines import METHODS, make_layer_solver
+from rlsedit_llm.kernel.rls import LayerRLS
+from rlsedit_llm.pipeline.stats import model_fingerprint, second_moments
+from rlsedit_llm.pipeline.values import ValueConfig, compute_values, default_value_config
 
 __all__ = ["EditConfig", "Editor", "EditReport", "FactReport", "EditRecord", "edit"]
 
@@ -449,26 +449,26 @@ class Editor:
     # -- persistence and certificates (implemented in state.py / certificates.py) -------------
     def save(self, directory) -> None:
         """Write the whole lifelong state to ``directory`` atomically (see :mod:`.state`)."""
-        from .state import save_editor
+        from rlsedit_llm.editing.state import save_editor
 
         save_editor(self, directory)
 
     @classmethod
     def load(cls, model, tokenizer, directory) -> "Editor":
         """Restore an editor saved by :meth:`save` onto ``model`` (refused for another model)."""
-        from .state import load_editor
+        from rlsedit_llm.editing.state import load_editor
 
         return load_editor(model, tokenizer, directory)
 
     def save_edit_pack(self, path) -> None:
         """Write only the edited weights' deltas, to apply to a fresh copy of the base model."""
-        from .state import save_edit_pack
+        from rlsedit_llm.editing.state import save_edit_pack
 
         save_edit_pack(self, path)
 
     def certificate(self):
         """Per-layer optimality and drift certificate with the theorems' bounds."""
-        from .certificates import certificate
+        from rlsedit_llm.kernel.certificates import certificate
 
         return certificate(self)
 

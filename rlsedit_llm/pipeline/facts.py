@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .errors import FactError
+from rlsedit_llm.errors import FactError
 
 __all__ = ["Fact", "as_fact", "as_facts", "validate_facts", "encode_target"]
 

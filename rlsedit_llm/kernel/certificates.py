@@ -37,8 +37,8 @@ import torch
 
 from rlsedit_theory.bounds import Bound, Identity
 
-from .errors import HyperparameterError
-from .models import read_weight
+from rlsedit_llm.errors import HyperparameterError
+from rlsedit_llm.adapters.architectures import read_weight
 
 __all__ = ["Certificate", "LayerCertificate", "certificate"]
 
