@@ -31,9 +31,9 @@ from typing import Iterable, Sequence
 import torch
 
 from rlsedit_llm.errors import HyperparameterError
-from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.adapters.architectures import model_device
-from rlsedit_llm.pipeline.scoring import TargetScore, encode_target, logits_at, score_targets
+from rlsedit_llm.pipeline.facts import Fact, encode_target
+from rlsedit_llm.pipeline.scoring import TargetScore, logits_at, score_targets
 
 __all__ = [
     "harmonic_mean",

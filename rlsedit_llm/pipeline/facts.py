@@ -203,11 +203,16 @@ def as_facts(objs: Iterable) -> list[Fact]:
 
 
 def encode_target(tokenizer, target: str) -> list[int]:
-    """Token ids of the target as it follows a prompt: with a leading space, no special tokens,
-    a leading BOS dropped (the MEMIT-lineage convention; an unknown-token id is kept, so that
-    :func:`validate_facts` reports the target as unrepresentable instead of silently shortening it)."""
-    text = target if target.startswith(" ") else " " + target
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of a target as it follows a prompt: the one encoding every path shares.
+
+    The rule: ``" " + target.strip()`` (edge whitespace of the record is not part of the answer;
+    exactly one separating space is), encoded with ``add_special_tokens=False``, a leading BOS
+    dropped. The value optimisation trains on these tokens and the scorer, the metrics and the
+    fine-tuning baseline read these same tokens, so ``"Paris"``, ``" Paris"`` and ``"Paris\\n"``
+    are one target. An unknown-token id is kept, so that :func:`validate_facts` reports the
+    target as unrepresentable instead of silently shortening it.
+    """
+    ids = list(tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"])
     if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
         ids = ids[1:]
     return ids

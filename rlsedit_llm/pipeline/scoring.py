@@ -2,8 +2,9 @@
 
 One function serves the edit report (probability of the target before and after an edit) and the
 evaluation metrics (length-normalised NLL comparisons, token accuracy). Prompts and targets are
-tokenised separately and concatenated (``add_special_tokens=False``; the target gets a leading
-space), so the scored tokens are exactly the tokens the value optimisation trains on.
+tokenised separately and concatenated (``add_special_tokens=False``; the target through
+:func:`~rlsedit_llm.pipeline.facts.encode_target`), so the scored tokens are exactly the tokens
+the value optimisation trains on.
 """
 
 from __future__ import annotations
@@ -12,15 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from rlsedit_llm.pipeline.facts import encode_target  # re-exported: editing/finetune.py imports it here
+
 __all__ = ["TargetScore", "encode_target", "score_targets", "logits_at"]
-
-
-def encode_target(tokenizer, target: str) -> list[int]:
-    """Token ids of ``" " + target`` without special tokens (a leading BOS is dropped)."""
-    ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
-    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
-        ids = ids[1:]
-    return list(ids)
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,24 @@ def test_encode_target_adds_a_leading_space(tok):
     assert encode_target(tok, " Paris") == encode_target(tok, "Paris")
 
 
+# Targets with edge whitespace, as hand-written data and EasyEdit-style records carry them.
+EDGE_WHITESPACE_TARGETS = ["Paris", " Paris", "Paris ", "  Paris", "Paris\n", " New York "]
+
+
+@pytest.mark.parametrize("target", EDGE_WHITESPACE_TARGETS)
+def test_value_path_and_scorer_tokenise_a_target_identically(tok, target):
+    """The value optimisation trains on the tokens the scorer (edit report, metrics, fine-tuning)
+    reads: one rule for a target's edge whitespace, whichever module the caller imports it from."""
+    from rlsedit_llm.pipeline import scoring, values
+
+    fact = Fact("{} is in", "The Louvre", target)
+    rows = values._build_rows(tok, [fact], ["{}"], values.ValueConfig())
+    trained = rows.tok_label.tolist()  # the target tokens the value loss scores
+    assert trained == scoring.encode_target(tok, target)
+    assert trained == encode_target(tok, target)
+    assert trained == encode_target(tok, target.strip())  # edge whitespace never changes the tokens
+
+
 def test_valid_facts_pass(tok):
     validate_facts([Fact("The mother tongue of {} is", "Danielle Darrieux", "English"),
                     Fact("{} is in", "The Louvre", "Rome")], tok)
