@@ -27,8 +27,9 @@ import torch
 
 from rlsedit_llm.errors import FactError, HyperparameterError
 from rlsedit_llm.pipeline.facts import Fact, as_facts, validate_facts
-from rlsedit_llm.adapters.hooks import capture_inputs, capture_outputs
-from rlsedit_llm.adapters.architectures import ModelSpec, get_module, model_device
+from rlsedit_llm.adapters.architectures import ModelSpec, get_module
+from rlsedit_llm.adapters.hooks import capture_inputs, capture_outputs, run_until_stopped
+from rlsedit_llm.pipeline.tokens import input_device, pad_id, right_pad
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ __all__ = [
     "template_parts",
     "encode_with_subject",
     "fact_rows",
-    "right_pad",
     "compute_keys",
     "compute_keys_multi",
     "subject_hidden_states",
@@ -46,10 +46,6 @@ __all__ = [
 
 TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
 _TOP_K = 5
-
-
-class _StopForward(Exception):
-    """Raised from a hook once everything needed has been captured (skips the upper layers)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +80,7 @@ def _sample_texts(model, tokenizer, starts: list[str], length: int, gen: torch.G
     Rows are right-padded; each step reads the logits at every row's own last token. Sampling
     happens on the CPU with ``gen``, so it is reproducible for a seed.
     """
-    device = model_device(model)
+    device = input_device(model)
     seqs = []
     for start in starts:
         ids = list(tokenizer(start, add_special_tokens=False)["input_ids"])
@@ -93,7 +89,7 @@ def _sample_texts(model, tokenizer, starts: list[str], length: int, gen: torch.G
         seqs.append(ids)
     eos = tokenizer.eos_token_id
     stopped = [False] * len(seqs)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     for _ in range(length):
         input_ids, attn = right_pad(seqs, pad, device)  # (n, max_len)
         logits = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits  # (n, max_len, vocab)
@@ -186,22 +182,6 @@ def fact_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str]) -> tup
     return rows, positions
 
 
-def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device, extra: int = 0):
-    """Right-pad token rows into ``(input_ids, attention_mask)`` of shape (n, max_len + extra)."""
-    width = max(len(r) for r in rows) + extra
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return 0 if pad is None else int(pad)
-
-
 def _type_weights(templates: Sequence[str]) -> torch.Tensor:
     """Averaging weights over templates: 1/2 for the plain ones, 1/2 for the prefixed ones."""
     plain = torch.tensor([template_parts(t) == ("", "") for t in templates])
@@ -226,32 +206,20 @@ def _run_capture(model, tokenizer, rows, positions, modules: dict, *, outputs: b
     Captures module inputs (``outputs=False``) or outputs; stops the forward pass once the last
     module has been seen, so layers above it are never run.
     """
-    device = model_device(model)
-    pad = _pad_id(tokenizer)
+    device = input_device(model)
+    pad = pad_id(tokenizer)
     order = list(modules)
     found: dict = {key: [] for key in order}
     was_training = model.training
     model.eval()
     base = getattr(model, "base_model", model)
+    capture = capture_outputs if outputs else capture_inputs
     try:
         for lo in range(0, len(rows), batch_size):
             chunk, pos = rows[lo: lo + batch_size], positions[lo: lo + batch_size]
             input_ids, attn = right_pad(chunk, pad, device)
-            capture = capture_outputs if outputs else capture_inputs
-            with capture(modules) as seen, torch.no_grad():
-                last = modules[order[-1]]
-
-                def stop(*_args, **_kwargs):
-                    if len(seen) == len(order):
-                        raise _StopForward
-
-                handle = last.register_forward_hook(stop) if outputs else last.register_forward_pre_hook(stop)
-                try:
-                    base(input_ids=input_ids, attention_mask=attn, use_cache=False)
-                except _StopForward:
-                    pass
-                finally:
-                    handle.remove()
+            with capture(modules, stop=True) as seen, torch.no_grad():
+                run_until_stopped(base, input_ids=input_ids, attention_mask=attn, use_cache=False)
             rows_idx = torch.arange(len(chunk))
             pos_t = torch.tensor(pos)
             for key in order:

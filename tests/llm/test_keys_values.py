@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from rlsedit_llm.pipeline import values as values_mod
+from rlsedit_llm.pipeline import fast_forward
 from rlsedit_llm.errors import FactError, HyperparameterError
 from rlsedit_llm.pipeline.facts import Fact, as_facts, encode_target
 from rlsedit_llm.pipeline.keys import (
@@ -368,8 +368,8 @@ def test_finished_facts_are_not_run_and_do_not_change_the_others(tiny, monkeypat
     low = free.final_loss.sort().values
     cut = float(low[:2].mean())  # between two facts' losses: some stop early, some never
     runs = []
-    real_run = values_mod._FastForward._run
-    monkeypatch.setattr(values_mod._FastForward, "_run",
+    real_run = fast_forward.FastForward._run
+    monkeypatch.setattr(fast_forward.FastForward, "_run",
                         lambda self, group, n, delta: runs.append(len(group)) or real_run(self, group, n, delta))
     cfg = _cfg(steps=8, early_stop_loss=cut)
     both = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, cfg)
@@ -392,7 +392,7 @@ def test_length_groups_partition_rows_at_least_cost():
         n = int(torch.randint(1, 30, (1,), generator=gen))
         length = torch.randint(1, 9, (40,), generator=gen)
         rows = torch.randperm(40, generator=gen)[:n]
-        groups = values_mod._length_groups(rows, length, overhead=5)
+        groups = fast_forward.length_groups(rows, length, overhead=5)
         assert sorted(torch.cat(groups).tolist()) == sorted(rows.tolist())  # each row exactly once
         spans = [(int(length[g].min()), int(length[g].max())) for g in groups]
         assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # disjoint length ranges, ascending
@@ -455,7 +455,7 @@ def test_fallback_to_naive_path_is_logged(tiny, monkeypatch, caplog):
     model, tok = tiny("llama", init_std=0.3)
     spec = detect_spec(model)
     ref = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, _cfg())
-    monkeypatch.setattr(values_mod, "_SUPPORTED_ATTENTION", ())
+    monkeypatch.setattr(fast_forward, "SUPPORTED_ATTENTION", ())
     with caplog.at_level(logging.WARNING, logger="rlsedit_llm.pipeline.values"):
         res = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, _cfg())
     assert res.path == "naive" and "fast value path unavailable" in caplog.text
@@ -468,13 +468,13 @@ def test_self_check_catches_a_wrong_fast_path(tiny, monkeypatch, caplog):
     model, tok = tiny("llama", init_std=0.3)
     spec = detect_spec(model)
     ref = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, _cfg(), naive=True)
-    original = values_mod._FastForward._slice_mask
+    original = fast_forward.FastForward._slice_mask
 
     def all_visible(self, m):
         out = original(self, m)
         return torch.ones_like(out) if out.dtype == torch.bool else torch.zeros_like(out)
 
-    monkeypatch.setattr(values_mod._FastForward, "_slice_mask", all_visible)
+    monkeypatch.setattr(fast_forward.FastForward, "_slice_mask", all_visible)
     with caplog.at_level(logging.WARNING, logger="rlsedit_llm.pipeline.values"):
         res = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, _cfg())
     assert res.path == "naive" and "self-check failed" in caplog.text
