@@ -79,12 +79,11 @@ def test_default_layers_follow_published_placements():
 
 
 def test_detect_spec_rejects_unsupported_architectures():
-    from transformers import AutoModelForCausalLM, OPTConfig
+    from transformers import AutoModelForCausalLM, BloomConfig
 
-    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                                     ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))
+    bloom = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=50, hidden_size=16, n_layer=2, n_head=2))
     with pytest.raises(UnsupportedArchitectureError, match="supported families: gpt2, gptj, gpt_neox, llama"):
-        detect_spec(opt)
+        detect_spec(bloom)
     with pytest.raises(UnsupportedArchitectureError, match="not supported"):
         detect_spec(nn.Linear(3, 3))
 
@@ -209,6 +208,7 @@ def test_tiny_tokenizer_encodes_any_text_and_round_trips():
 def test_tiny_model_rejects_unknown_family():
     with pytest.raises(UnsupportedArchitectureError, match="supported families"):
         tiny_model("bert")
+    assert tiny_model("gemma3")[0].config.model_type == "gemma3_text"  # alias
 
 
 # --------------------------------------------------------------------------------------------

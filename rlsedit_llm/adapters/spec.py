@@ -1,0 +1,509 @@
+"""Where the editable parts of a causal LM live (:class:`ModelSpec`), and the few per-family facts
+an editor needs beyond that: weight orientation, what the residual stream receives from the edited
+module, and how final hidden states become logits.
+
+    spec = detect_spec(model)
+    module = get_module(model, spec.edit_module_path.format(layer))
+    W = read_weight(module)          # (d_k, d_v): row-key convention, v = W^T k
+    write_weight(module, W_new)      # back in the module's own orientation, dtype and device
+    V = module_target(model, spec, layer, K @ W, R)   # down-proj outputs whose residual effect is + R
+
+Orientation is decided by module type, never by comparing shapes (square matrices make shape
+comparison ambiguous): ``nn.Linear`` stores ``[out, in]`` and computes ``x @ weight.T``;
+transformers' ``Conv1D`` (GPT-2) stores ``[in, out]`` and computes ``x @ weight``.
+
+A family is one row of :data:`_FAMILIES` plus, where its architecture genuinely needs it, a flag on
+the spec: a norm after the MLP (Gemma 2/3, OLMo 2: ``post_mlp_norm_path``), a scale on the MLP's
+residual branch (Granite: ``residual_multiplier``), a transform of the logits (Gemma 2 soft-capping,
+Granite ``logits_scaling``: :func:`final_logits`). Mixture-of-experts models are refused: they
+have no single MLP down-projection. Unknown architectures can be described by the user
+(:meth:`ModelSpec.custom` or ``detect_spec(model, override=...)``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rlsedit_llm.errors import NonFiniteError, ShapeError, UnsupportedArchitectureError
+
+__all__ = [
+    "ModelSpec",
+    "SUPPORTED_FAMILIES",
+    "KNOWN_FAMILIES",
+    "POST_NORM_FAMILIES",
+    "MOE_FAMILIES",
+    "detect_spec",
+    "get_module",
+    "read_weight",
+    "write_weight",
+    "model_device",
+    "default_layers",
+    "module_target",
+    "residual_contribution",
+    "final_logits",
+    "needs_bos",
+]
+
+# --------------------------------------------------------------------------------------------
+# Architecture table, keyed by ``config.model_type``. Paths are relative to the *ForCausalLM model.
+# `edit` is the MLP output projection (the module MEMIT-family editors rewrite), relative to one
+# decoder layer. `start` is where the published settings place the first edited layer, as a
+# fraction of depth: GPT2-XL 13/48, GPT-J 3/28, Llama-2/3 4/32, Qwen2.5-7B 7/28; families without
+# published settings use Llama's 4/32. `post_mlp_norm`: a norm between the MLP and the residual add.
+# --------------------------------------------------------------------------------------------
+_LLAMA_LIKE = dict(layers="model.layers", edit="mlp.down_proj", norm="model.norm", start=4 / 32)
+_FAMILIES: dict[str, dict] = {
+    "gpt2": dict(layers="transformer.h", edit="mlp.c_proj", norm="transformer.ln_f", start=13 / 48),
+    "gptj": dict(layers="transformer.h", edit="mlp.fc_out", norm="transformer.ln_f", start=3 / 28),
+    "gpt_neox": dict(layers="gpt_neox.layers", edit="mlp.dense_4h_to_h", norm="gpt_neox.final_layer_norm",
+                     start=3 / 28),
+    "llama": dict(_LLAMA_LIKE),
+    "mistral": dict(_LLAMA_LIKE),
+    "qwen2": dict(_LLAMA_LIKE, start=7 / 28),
+    "qwen3": dict(_LLAMA_LIKE, start=7 / 28),
+    "phi3": dict(_LLAMA_LIKE),
+    # -- added with issue #13 ------------------------------------------------------------------
+    "gemma2": dict(_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm", bos=True),
+    "gemma3_text": dict(_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm", bos=True),
+    "olmo2": dict(_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm"),
+    "opt": dict(layers="model.decoder.layers", edit="fc2", norm="model.decoder.final_layer_norm", start=4 / 32),
+    "falcon": dict(layers="transformer.h", edit="mlp.dense_4h_to_h", norm="transformer.ln_f", start=4 / 32),
+    "granite": dict(_LLAMA_LIKE),
+    "stablelm": dict(_LLAMA_LIKE),
+}
+#: Every ``config.model_type`` :func:`detect_spec` recognises.
+KNOWN_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
+#: Families whose whole pipeline (keys, fast values, update, save/load) is verified end to end by
+#: the parametrised tests of the editor. The others are detected and have tiny models and their
+#: own tests (tests/llm/test_families.py); the post-norm ones need the editor to write
+#: :func:`module_target` (see docs/llm/pipeline.md).
+SUPPORTED_FAMILIES: tuple[str, ...] = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi3")
+#: Families with a norm after the MLP: what the down-projection writes is not what the residual receives.
+POST_NORM_FAMILIES: tuple[str, ...] = tuple(f for f, row in _FAMILIES.items() if row.get("post_mlp_norm"))
+
+#: Mixture-of-experts model types, refused by :func:`detect_spec` (besides a structural check).
+MOE_FAMILIES: tuple[str, ...] = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe", "granitemoeshared", "dbrx",
+    "deepseek_v2", "deepseek_v3", "jamba", "gpt_oss", "llama4", "llama4_text", "minimax", "qwen3_next",
+    "switch_transformers", "nllb_moe", "jetmoe", "ernie4_5_moe", "glm4_moe", "dots1", "hunyuan_v1_moe",
+)
+_MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+#: Number of consecutive layers edited by default (the published MEMIT/AlphaEdit/RLSEdit block).
+_N_EDIT_LAYERS = 5
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the editable parts of a causal LM live.
+
+    Attributes
+    ----------
+    family : ``config.model_type`` (one of :data:`KNOWN_FAMILIES`), or ``"custom"``
+    n_layers : number of decoder layers
+    layer_path : template of one decoder layer, e.g. ``"model.layers.{}"``
+    edit_module_path : template of the edited MLP output projection, e.g. ``"model.layers.{}.mlp.down_proj"``
+    final_norm_path : the norm applied after the last layer, e.g. ``"model.norm"``
+    lm_head_path : the output embedding, e.g. ``"lm_head"``
+    default_layers : the edited block, 5 consecutive layers placed like the published settings
+    d_k : input width of the edited module (the key dimension, MLP inner width)
+    d_model : hidden width (the value dimension)
+    post_mlp_norm_path : template of a norm between the MLP and the residual add
+        (``"model.layers.{}.post_feedforward_layernorm"`` for Gemma 2/3 and OLMo 2), else ``None``
+    residual_multiplier : the residual receives ``residual_multiplier * mlp_output`` (Granite), else 1
+    """
+
+    family: str
+    n_layers: int
+    layer_path: str
+    edit_module_path: str
+    final_norm_path: str
+    lm_head_path: str
+    default_layers: tuple[int, ...]
+    d_k: int
+    d_model: int
+    post_mlp_norm_path: str | None = None
+    residual_multiplier: float = 1.0
+
+    @classmethod
+    def custom(cls, model: nn.Module, *, layers: str, edit: str, final_norm: str, lm_head: str | None = None,
+               post_mlp_norm: str | None = None, residual_multiplier: float = 1.0,
+               default_layers: tuple[int, ...] | None = None) -> "ModelSpec":
+        """A spec for an architecture :func:`detect_spec` does not know, validated against ``model``.
+
+        Paths are like PEFT's ``target_modules`` but explicit:
+
+        layers : the decoder layers' ``nn.ModuleList``, e.g. ``"backbone.blocks"``
+        edit : the MLP output projection *relative to one layer*, e.g. ``"ffn.out"``
+            (``nn.Linear`` or transformers' ``Conv1D``; same shape in every layer)
+        final_norm : the norm applied after the last layer, e.g. ``"backbone.norm_f"``
+        lm_head : the output embedding (default: ``model.get_output_embeddings()``)
+        post_mlp_norm : a norm between the MLP and the residual add, relative to one layer
+            (RMSNorm-type; see :func:`module_target`), or ``None``
+        residual_multiplier : scale of the MLP branch in the residual add
+        default_layers : the edited block (default: 5 layers from 1/8 of the depth)
+
+        Raises :class:`UnsupportedArchitectureError` naming the path that is missing or of the
+        wrong type, or :class:`ShapeError` for inconsistent widths.
+        """
+        return _build_spec(model, "custom", dict(layers=layers, edit=edit, norm=final_norm, head=lm_head,
+                                                 post_mlp_norm=post_mlp_norm, start=4 / 32),
+                           residual_multiplier=residual_multiplier, layers_override=default_layers)
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - very old/new transformers
+        return None
+    return Conv1D
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    cls = _conv1d_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule of ``model`` at dotted ``path`` (``"model.layers.3.mlp.down_proj"``).
+
+    Raises :class:`UnsupportedArchitectureError` naming the missing path.
+    """
+    try:
+        module = model.get_submodule(path)
+    except AttributeError as exc:
+        raise UnsupportedArchitectureError(
+            f"model {type(model).__name__} has no submodule {path!r} ({exc}); is this a supported "
+            f"causal LM ({', '.join(KNOWN_FAMILIES)}), or describe it with ModelSpec.custom(...)?"
+        ) from None
+    if module is None:  # e.g. OPT's final_layer_norm when the model is post-LN
+        raise UnsupportedArchitectureError(f"model {type(model).__name__} has {path!r} set to None")
+    return module
+
+
+def default_layers(family: str, n_layers: int, start: float | None = None) -> tuple[int, ...]:
+    """Five consecutive layers starting at the family's published fraction of depth.
+
+    Scaled to the model's depth with ``floor``: Llama 32 layers -> 4..8, GPT2-XL 48 -> 13..17,
+    Qwen2.5-7B 28 -> 7..11, SmolLM2 (Llama family, 30 layers) -> 3..7, Gemma-3-270M 18 -> 2..6.
+    Tiny models get ``min(5, n_layers - 1)`` layers, always leaving at least one layer above the block.
+    """
+    if n_layers < 1:
+        raise UnsupportedArchitectureError(f"model has {n_layers} layers; need at least 1")
+    if n_layers == 1:
+        return (0,)
+    if start is None:
+        start = _FAMILIES[family]["start"] if family in _FAMILIES else 4 / 32
+    n = min(_N_EDIT_LAYERS, n_layers - 1)
+    first = min(math.floor(start * n_layers), n_layers - 1 - n)
+    return tuple(range(first, first + n))
+
+
+def _moe_reason(model: nn.Module, family) -> str | None:
+    config = getattr(model, "config", None)
+    if family in MOE_FAMILIES:
+        return f"model type {family!r} is a mixture of experts"
+    for key in _MOE_CONFIG_KEYS:
+        n = getattr(config, key, None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+            return f"its config has {key}={n}"
+    for name, module in model.named_modules():
+        if name.endswith(".experts") or name.endswith(".block_sparse_moe") or name.endswith(".router"):
+            return f"it has a mixture-of-experts module {name!r}"
+    return None
+
+
+def _refuse_moe(model: nn.Module, family) -> None:
+    reason = _moe_reason(model, family)
+    if reason is not None:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} is not editable: {reason}. A mixture-of-experts layer routes each "
+            f"token to a few of many expert MLPs, so there is no single MLP down-projection whose "
+            f"input is the key and whose output writes the value; the MEMIT-family update (one "
+            f"matrix per layer) does not apply."
+        )
+
+
+def _edit_shape(module: nn.Module, path: str) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if _is_conv1d(module):
+        return tuple(module.weight.shape)  # Conv1D stores [in, out]
+    raise UnsupportedArchitectureError(f"{path!r} is a {type(module).__name__}; expected nn.Linear or Conv1D")
+
+
+def _head_path(model: nn.Module) -> str:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    path = next((name for name, m in model.named_modules() if m is head and name), None) if head is not None else None
+    if path is None:
+        raise UnsupportedArchitectureError(f"{type(model).__name__} has no LM head; load the model with AutoModelForCausalLM")
+    return path
+
+
+def _family_checks(model: nn.Module, family: str) -> float:
+    """What a family's architecture genuinely needs checked; returns the residual multiplier."""
+    config = model.config
+    if family == "opt":
+        if not getattr(config, "do_layer_norm_before", True):
+            raise UnsupportedArchitectureError(
+                "this OPT model is post-LN (do_layer_norm_before=False, e.g. opt-350m): the residual "
+                "stream is re-normalised after every layer, so a residual target cannot be written by "
+                "the MLP output projection alone")
+        if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
+            raise UnsupportedArchitectureError(
+                "this OPT model projects the final hidden state (project_out) before the LM head; not supported")
+    if family == "falcon" and getattr(config, "alibi", False):
+        raise UnsupportedArchitectureError("Falcon with ALiBi attention is not supported (no rotary positions)")
+    if family == "granite":
+        return float(getattr(config, "residual_multiplier", 1.0))
+    return 1.0
+
+
+def _build_spec(model: nn.Module, family: str, table: Mapping, *, residual_multiplier: float = 1.0,
+                layers_override=None) -> ModelSpec:
+    layers_path = table["layers"]
+    layers = get_module(model, layers_path)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise UnsupportedArchitectureError(f"{layers_path!r} is not a non-empty ModuleList in this {family} model")
+    n_layers = len(layers)
+    layer_path = layers_path + ".{}"
+    edit_path = layer_path + "." + table["edit"]
+    d_k = d_model = None
+    for i in range(n_layers):
+        shape = _edit_shape(get_module(model, edit_path.format(i)), edit_path.format(i))
+        if d_k is None:
+            d_k, d_model = shape
+        elif (d_k, d_model) != shape:
+            raise UnsupportedArchitectureError(f"edited modules differ in shape across layers in this {family} model")
+    norm = get_module(model, table["norm"])
+    if isinstance(norm, (nn.ModuleList, nn.ModuleDict, nn.Linear, nn.Embedding)):
+        raise UnsupportedArchitectureError(f"final norm {table['norm']!r} is a {type(norm).__name__}, not a norm")
+    if table.get("head"):
+        head = get_module(model, table["head"])
+        if not isinstance(head, nn.Linear):
+            raise UnsupportedArchitectureError(f"LM head {table['head']!r} is a {type(head).__name__}; expected nn.Linear")
+        head_path = table["head"]
+    else:
+        head_path = _head_path(model)
+    head = get_module(model, head_path)
+    if isinstance(head, nn.Linear) and head.in_features != d_model:
+        raise ShapeError(f"LM head {head_path!r} takes {head.in_features} features but the edited module "
+                         f"outputs {d_model}")
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if hidden is not None and hidden != d_model:
+        raise UnsupportedArchitectureError(f"edited module outputs {d_model} features but the hidden size is {hidden}")
+    post = None
+    if table.get("post_mlp_norm"):
+        post = layer_path + "." + table["post_mlp_norm"]
+        for i in range(n_layers):
+            _rms_norm_parts(get_module(model, post.format(i)), post.format(i), d_model)
+    if not (isinstance(residual_multiplier, (int, float)) and math.isfinite(residual_multiplier)
+            and residual_multiplier != 0):
+        raise UnsupportedArchitectureError(f"residual_multiplier must be a finite non-zero number; got {residual_multiplier!r}")
+    if layers_override is not None:
+        chosen = tuple(int(l) for l in layers_override)
+        if not chosen or any(not 0 <= l < n_layers for l in chosen):
+            raise UnsupportedArchitectureError(f"default_layers {layers_override!r} outside [0, {n_layers})")
+    else:
+        chosen = default_layers(family, n_layers, table.get("start"))
+    return ModelSpec(
+        family=family, n_layers=n_layers, layer_path=layer_path, edit_module_path=edit_path,
+        final_norm_path=table["norm"], lm_head_path=head_path, default_layers=chosen, d_k=int(d_k),
+        d_model=int(d_model), post_mlp_norm_path=post, residual_multiplier=float(residual_multiplier),
+    )
+
+
+def detect_spec(model: nn.Module, override: Mapping | ModelSpec | None = None) -> ModelSpec:
+    """Detect the :class:`ModelSpec` of a Hugging Face causal LM from the model object.
+
+    Uses ``model.config.model_type`` to pick the layout, then checks that the decoder layers,
+    the edited modules (``nn.Linear`` or ``Conv1D``), the final norm and the LM head are where
+    the layout says. Mixture-of-experts models are refused. Raises
+    :class:`UnsupportedArchitectureError` otherwise.
+
+    override : for unknown or custom architectures, either a :class:`ModelSpec` (returned as is)
+        or a mapping of :meth:`ModelSpec.custom`'s keyword arguments (``layers``, ``edit``,
+        ``final_norm``, optional ``lm_head``, ``post_mlp_norm``, ``residual_multiplier``,
+        ``default_layers``), validated against the model.
+    """
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None)
+    if override is not None:
+        if isinstance(override, ModelSpec):
+            return override
+        if not isinstance(override, Mapping):
+            raise UnsupportedArchitectureError(f"override must be a mapping or a ModelSpec; got {type(override).__name__}")
+        allowed = {"layers", "edit", "final_norm", "lm_head", "post_mlp_norm", "residual_multiplier", "default_layers"}
+        unknown = set(override) - allowed
+        missing = {"layers", "edit", "final_norm"} - set(override)
+        if unknown or missing:
+            raise UnsupportedArchitectureError(
+                f"override: unknown keys {sorted(unknown)} / missing keys {sorted(missing)}; expected "
+                f"layers, edit, final_norm (required), lm_head, post_mlp_norm, residual_multiplier, default_layers")
+        _refuse_moe(model, family)
+        return ModelSpec.custom(model, **override)
+    _refuse_moe(model, family)
+    if family not in _FAMILIES:
+        extra = (" (the multimodal Gemma 3: load its text model with Gemma3ForCausalLM)" if family == "gemma3" else "")
+        raise UnsupportedArchitectureError(
+            f"model type {family!r} ({type(model).__name__}) is not supported{extra}; supported families: "
+            f"{', '.join(KNOWN_FAMILIES)}; describe another architecture with detect_spec(model, override=...)"
+        )
+    residual_multiplier = _family_checks(model, family)
+    return _build_spec(model, family, _FAMILIES[family], residual_multiplier=residual_multiplier)
+
+
+def needs_bos(spec: ModelSpec) -> bool:
+    """Whether prompts must start with the tokenizer's BOS token (Gemma: without it the model is
+    badly off-distribution; every other family is run without special tokens)."""
+    return bool(_FAMILIES.get(spec.family, {}).get("bos", False))
+
+
+# --------------------------------------------------------------------------------------------
+# What the residual stream receives from the edited module
+# --------------------------------------------------------------------------------------------
+def _rms_norm_parts(norm: nn.Module, path: str, d_model: int) -> tuple[torch.Tensor, float]:
+    """(effective gain g (d_model,), eps) of an RMSNorm ``x -> g * x / sqrt(mean(x^2) + eps)``.
+
+    The gain is measured, not assumed (Gemma stores ``1 + weight``, OLMo 2 ``weight``), and the
+    module is checked to be an RMSNorm on a random input; anything else (LayerNorm subtracts the
+    mean, which no down-projection target can undo) raises :class:`UnsupportedArchitectureError`.
+    """
+    eps = next((getattr(norm, a) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(norm, a)), None)
+    if not isinstance(eps, (int, float)):
+        raise UnsupportedArchitectureError(f"post-MLP norm {path!r} ({type(norm).__name__}) has no eps; expected an RMSNorm")
+    p = next(norm.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    with torch.no_grad():
+        one = torch.ones(1, d_model, dtype=torch.float32, device=device)
+        g = norm(one).double()[0] * math.sqrt(1.0 + eps)  # N(1) = g / sqrt(1 + eps)
+        x = torch.randn(2, d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float32).to(device)
+        expected = g * x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + eps)
+        ok = torch.allclose(norm(x).double(), expected, rtol=1e-4, atol=1e-5)
+    if not ok:
+        raise UnsupportedArchitectureError(
+            f"post-MLP norm {path!r} ({type(norm).__name__}) is not an RMSNorm x -> g * x / rms(x); "
+            f"its output cannot be inverted by a down-projection target")
+    if bool((g.abs() < 1e-12).any()):
+        raise UnsupportedArchitectureError(f"post-MLP norm {path!r} has a zero gain: the residual cannot reach that coordinate")
+    return g, float(eps)
+
+
+def residual_contribution(model: nn.Module, spec: ModelSpec, layer: int, module_output: torch.Tensor) -> torch.Tensor:
+    """What the residual stream receives when the edited module of ``layer`` outputs ``module_output``.
+
+    ``residual_multiplier * postnorm(module_output)`` (the norm only where the family has one).
+    """
+    out = module_output
+    if spec.post_mlp_norm_path is not None:
+        norm = get_module(model, spec.post_mlp_norm_path.format(layer))
+        out = norm(out)
+    return out * spec.residual_multiplier if spec.residual_multiplier != 1.0 else out
+
+
+def module_target(model: nn.Module, spec: ModelSpec, layer: int, current_output: torch.Tensor,
+                  residual_delta: torch.Tensor) -> torch.Tensor:
+    """The edited module's output ``m'`` that changes the residual stream by ``residual_delta``.
+
+    current_output : ``m`` (u, d_model), the module's output at the edited positions (``K W``)
+    residual_delta : ``r`` (u, d_model), the wanted change of the residual stream
+
+    * no post-MLP norm: ``m + r / residual_multiplier`` (exact; ``m + r`` for all but Granite).
+    * RMSNorm after the MLP (Gemma 2/3, OLMo 2), ``N(x) = g x / rho(x)``, ``rho(x) = sqrt(mean(x^2) + eps)``:
+      ``m' = rho(m) * y / g`` with ``y = N(m) + r / residual_multiplier``. ``N`` is scale-invariant and
+      fixes the g-weighted RMS of its output, so the residual receives ``y / sigma`` with
+      ``sigma = sqrt(mean((y/g)^2) + eps / rho(m)^2)``: the direction of ``y`` exactly, and ``y``
+      itself exactly iff ``sigma = 1`` (always for ``r = 0``, where ``m' = m``; for a general ``r``
+      the component of ``r`` that would change that weighted RMS is unreachable by any ``m'``). See
+      docs/llm/pipeline.md, "Families with a norm after the MLP".
+
+    Computed in float64, returned in ``current_output``'s dtype. Raises :class:`ShapeError` or
+    :class:`NonFiniteError` for bad input.
+    """
+    if not (isinstance(current_output, torch.Tensor) and isinstance(residual_delta, torch.Tensor)):
+        raise ShapeError("current_output and residual_delta must be tensors")
+    if current_output.shape != residual_delta.shape or current_output.shape[-1] != spec.d_model:
+        raise ShapeError(f"current_output and residual_delta must both be (u, {spec.d_model}); got "
+                         f"{tuple(current_output.shape)} and {tuple(residual_delta.shape)}")
+    if not (torch.isfinite(current_output).all() and torch.isfinite(residual_delta).all()):
+        raise NonFiniteError("module_target: NaN/inf in current_output or residual_delta")
+    m = current_output.double()
+    r = residual_delta.to(device=m.device, dtype=torch.float64) / spec.residual_multiplier
+    if spec.post_mlp_norm_path is None:
+        return (m + r).to(current_output.dtype)
+    norm = get_module(model, spec.post_mlp_norm_path.format(layer))
+    g, eps = _rms_norm_parts(norm, spec.post_mlp_norm_path.format(layer), spec.d_model)
+    g = g.to(m.device)
+    rho = torch.sqrt(m.pow(2).mean(-1, keepdim=True) + eps)
+    y = g * m / rho + r  # N(m) in float64, plus r
+    return (rho * y / g).to(current_output.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# From the last hidden state to logits
+# --------------------------------------------------------------------------------------------
+def final_logits(model: nn.Module, spec: ModelSpec, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits the model computes from the last decoder layer's output ``hidden`` (..., d_model):
+    final norm, LM head, then the family's logit transform (Granite divides by
+    ``config.logits_scaling``; Gemma 2 soft-caps with ``config.final_logit_softcapping``)."""
+    logits = get_module(model, spec.lm_head_path)(get_module(model, spec.final_norm_path)(hidden))
+    config = getattr(model, "config", None)
+    scale = getattr(config, "logits_scaling", None) if spec.family == "granite" else None
+    if scale is not None and scale != 1:
+        logits = logits / scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+# --------------------------------------------------------------------------------------------
+# Weights in row-key convention: v = W^T k, W of shape (d_k, d_v).
+# --------------------------------------------------------------------------------------------
+def read_weight(module: nn.Module) -> torch.Tensor:
+    """Weight of ``module`` as a detached copy ``W`` of shape ``(d_k, d_v)`` (row-key convention).
+
+    ``nn.Linear`` (weight ``[out, in]``) gives ``weight.T``; ``Conv1D`` (weight ``[in, out]``)
+    gives ``weight``. Dtype and device are the module's.
+    """
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().T.clone(memory_format=torch.contiguous_format)
+    if _is_conv1d(module):
+        return module.weight.detach().clone(memory_format=torch.contiguous_format)
+    raise UnsupportedArchitectureError(f"cannot read a weight from a {type(module).__name__}; expected nn.Linear or Conv1D")
+
+
+def write_weight(module: nn.Module, W: torch.Tensor) -> None:
+    """Write ``W`` of shape ``(d_k, d_v)`` into ``module`` in its own orientation, dtype and device.
+
+    Raises :class:`ShapeError` or :class:`NonFiniteError` (module untouched) for bad input.
+    """
+    if isinstance(module, nn.Linear):
+        expected = (module.in_features, module.out_features)
+        transpose = True
+    elif _is_conv1d(module):
+        expected = tuple(module.weight.shape)
+        transpose = False
+    else:
+        raise UnsupportedArchitectureError(f"cannot write a weight into a {type(module).__name__}; expected nn.Linear or Conv1D")
+    if not isinstance(W, torch.Tensor) or tuple(W.shape) != expected:
+        got = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ShapeError(f"weight must have shape (d_k, d_v) = {expected}; got {got}")
+    if not torch.isfinite(W).all():
+        raise NonFiniteError("refusing to write a weight containing NaN/inf")
+    with torch.no_grad():
+        module.weight.copy_(W.T if transpose else W)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the input embedding (where input ids must go)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
