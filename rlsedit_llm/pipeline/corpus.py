@@ -31,17 +31,19 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import datasets
 
 from rlsedit_llm.errors import CorpusError
+from rlsedit_llm.files import DATA_DIR as _DATA_DIR
 
-__all__ = ["SHIPPED_CORPORA", "load_corpus", "corpus_fingerprint", "split_txt_documents"]
+__all__ = [
+    "SHIPPED_CORPORA", "load_corpus", "corpus_fingerprint", "split_txt_documents", "iter_texts", "texts_fingerprint",
+]
 
 logger = logging.getLogger(__name__)
-
-from rlsedit_llm.files import DATA_DIR as _DATA_DIR
 
 #: Names of the corpora shipped with the package -> file under ``rlsedit_llm/data/``.
 SHIPPED_CORPORA = {"enwiki_sample": "enwiki_sample.txt"}
@@ -272,4 +274,29 @@ def corpus_fingerprint(
                     h.update(chunk)
         except OSError as exc:
             raise CorpusError(f"cannot read corpus file {path}: {exc}") from exc
+    return "sha256:" + h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# In-memory corpora: documents passed directly instead of a source
+# --------------------------------------------------------------------------------------------
+def iter_texts(texts) -> Iterable[str]:
+    """Yield the documents of a Dataset (its "text" column, read in chunks) or of an iterable."""
+    if isinstance(texts, str):
+        raise CorpusError("texts must be a collection of documents, not a single string")
+    if isinstance(texts, datasets.Dataset):
+        if "text" not in texts.column_names:
+            raise CorpusError(f"the corpus Dataset has no 'text' column (columns: {texts.column_names})")
+        for start in range(0, len(texts), 256):
+            yield from texts[start : start + 256]["text"]
+        return
+    yield from texts
+
+
+def texts_fingerprint(texts) -> str:
+    """SHA-256 over every document of an in-memory corpus (length-prefixed, in order)."""
+    h = hashlib.sha256(b"rlsedit-texts-v1")
+    for text in iter_texts(texts):
+        b = text.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little") + b)
     return "sha256:" + h.hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -17,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from rlsedit_llm.pipeline import corpus as corpus_mod
-from rlsedit_llm.pipeline import stats
+from rlsedit_llm.adapters import fingerprint
+from rlsedit_llm.pipeline import moment_pass, stats, token_stream
 from rlsedit_llm.pipeline.corpus import SHIPPED_CORPORA, corpus_fingerprint, load_corpus, split_txt_documents
 from rlsedit_llm.errors import CorpusError, HyperparameterError, UnsupportedArchitectureError
 from rlsedit_llm.pipeline.stats import MomentSum, accumulate_second_moments, model_fingerprint, second_moments
@@ -212,9 +214,10 @@ def test_truncate_mode_keeps_only_first_window(llama, tok, texts):
 def test_start_and_skip_continue_a_run(llama, tok, texts):
     mods = _modules(llama, W.LLAMA_TEMPLATE, [2])
     full = accumulate_second_moments(llama, tok, mods, texts, max_tokens=500, max_length=32, progress=False)
-    plan = stats._plan_sequences(tok, texts, max_tokens=500, max_length=32, overflow="split", checkpoint_every=None)
-    first = stats._accumulate(
-        llama, mods, stats._Plan(plan.seqs[:6], [], plan.tokens_before(6)), batch_size=8,
+    plan = token_stream.plan_sequences(tok, texts, max_tokens=500, max_length=32, overflow="split", checkpoint_every=None)
+    head = dataclasses.replace(plan, seqs=plan.seqs[:6], checkpoints=[], n_tokens=plan.tokens_before(6))
+    first = moment_pass.accumulate(
+        llama, mods, head, batch_size=8,
         dtype=torch.float64, progress=False, start=None, skip_sequences=0,
     )
     rest = accumulate_second_moments(
@@ -365,7 +368,7 @@ def test_resume_after_interruption(llama, tok, texts, tmp_path):
 
     # Crash in the middle of the second segment: the first checkpoint (20 %) is on disk.
     calls["n"] = 0
-    plan = stats._plan_sequences(tok, texts, max_tokens=2000, max_length=32, overflow="split", checkpoint_every=0.2)
+    plan = token_stream.plan_sequences(tok, texts, max_tokens=2000, max_length=32, overflow="split", checkpoint_every=0.2)
     first_ckpt = plan.checkpoints[0]
     crash_at = -(-first_ckpt // 4) + 2  # forward passes of segment 1, then two more
 
@@ -476,7 +479,7 @@ def test_model_fingerprint():
 def test_fingerprint_word_checksum_is_exact():
     x = torch.randn(1000, dtype=torch.float32)
     words = x.view(torch.int32).to(torch.int64)
-    assert stats._word_checksum(stats._tensor_bytes(x)) == int(words.sum())
+    assert fingerprint._word_checksum(fingerprint._tensor_bytes(x)) == int(words.sum())
 
 
 # ============================================================================================

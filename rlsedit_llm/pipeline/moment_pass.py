@@ -1,0 +1,146 @@
+"""The hooked forward pass that sums the keys ``k kᵀ`` of every edited module over a token stream.
+
+Sequences of a :class:`~rlsedit_llm.pipeline.token_stream.Plan` are batched with right padding
+and an attention mask; a forward pre-hook on each edited module takes its input
+``x (B, T, d_k)``, keeps the rows of real tokens ``a (n, d_k)`` and adds ``aᵀa`` to a float64 sum
+on the module's device. Once every edited module has seen the batch, the forward pass is stopped:
+layers above the last edited one and the LM head are never run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rlsedit_llm.adapters.hooks import on_inputs, run_until_stopped
+from rlsedit_llm.errors import HyperparameterError, ShapeError, UnsupportedArchitectureError
+from rlsedit_llm.pipeline.moments import MomentSum
+from rlsedit_llm.pipeline.token_stream import Plan
+from rlsedit_llm.pipeline.tokens import input_device, right_pad
+
+__all__ = ["check_modules", "input_width", "module_device", "accumulate"]
+
+
+def input_width(module: nn.Module, layer) -> int:
+    """``d_k``: the input width of an edited module, decided by module type (never by shape)."""
+    if isinstance(module, nn.Linear):
+        return int(module.in_features)
+    from transformers.pytorch_utils import Conv1D  # GPT-2 family: weight stored (in, out)
+
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[0])
+    raise UnsupportedArchitectureError(
+        f"edited module of layer {layer} is a {type(module).__name__}; key statistics support "
+        "torch.nn.Linear and transformers Conv1D modules"
+    )
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's sums live: its parameters' device (the CPU for meta or mps weights)."""
+    for p in module.parameters():
+        return torch.device("cpu") if p.device.type in ("meta", "mps") else p.device
+    return torch.device("cpu")
+
+
+def check_modules(modules: Mapping[int, nn.Module]) -> dict[int, nn.Module]:
+    """The edited modules sorted by layer; :class:`HyperparameterError` for none, a repeated
+    module or something that is not an ``nn.Module``."""
+    if not isinstance(modules, Mapping) or len(modules) == 0:
+        raise HyperparameterError("no layers given: pass at least one edited layer")
+    if len({id(m) for m in modules.values()}) != len(modules):
+        raise HyperparameterError("two layers name the same module object")
+    for layer, module in modules.items():
+        if not isinstance(module, nn.Module):
+            raise HyperparameterError(f"layer {layer}: expected a torch.nn.Module, got {type(module).__name__}")
+    return dict(sorted(modules.items()))
+
+
+def accumulate(
+    model: nn.Module,
+    modules: dict[int, nn.Module],
+    plan: Plan,
+    *,
+    batch_size: int,
+    dtype: torch.dtype,
+    progress: bool,
+    start: Mapping[int, MomentSum] | None,
+    skip_sequences: int,
+    shard: tuple[int, int] = (0, 1),
+    on_checkpoint=None,
+) -> dict[int, MomentSum]:
+    """Run this shard's sequences of ``plan[skip_sequences:]`` and return the running sums.
+
+    ``on_checkpoint(position, sums)`` is called (on every rank, in the same order) each time the
+    global stream reaches a checkpoint: ``position`` sequences are then covered by the sums of
+    all ranks together.
+    """
+    rank, world = shard
+    sums: dict[int, MomentSum] = {}
+    for layer, module in modules.items():
+        d_k, device = input_width(module, layer), module_device(module)
+        if start is not None and layer in start:
+            s = start[layer]
+            if s.d_k != d_k:
+                raise ShapeError(f"start sum of layer {layer} has width {s.d_k}, the module takes {d_k}")
+            sums[layer] = MomentSum(s.total.to(device=device, dtype=dtype).clone(), s.count)
+        else:
+            sums[layer] = MomentSum.zeros(d_k, device=device, dtype=dtype)
+
+    masks: dict[torch.device, torch.Tensor] = {}  # device -> (B, T) bool of the current batch
+    seen: set[int] = set()  # layers summed in the current forward pass
+
+    def add_keys(layer: int, x: torch.Tensor) -> None:  # x (B, T, d_k)
+        if layer in seen:
+            raise UnsupportedArchitectureError(
+                f"the edited module of layer {layer} is called more than once per forward pass"
+            )
+        acc = sums[layer]
+        if x.device not in masks:
+            masks[x.device] = masks[torch.device("cpu")].to(x.device)
+        a = x[masks[x.device]].to(device=acc.total.device, dtype=dtype)  # (n, d_k), real tokens only
+        acc.total.addmm_(a.mT, a)  # += aᵀa
+        acc.count += a.shape[0]
+        seen.add(layer)
+
+    # Segments of the global stream end at checkpoints; batches never straddle one, so a resumed
+    # run adds exactly the same batches in the same order as an uninterrupted one.
+    bounds = [skip_sequences] + [c for c in plan.checkpoints if c > skip_sequences] + [len(plan.seqs)]
+    todo = [i for i in range(skip_sequences, len(plan.seqs)) if i % world == rank]
+    bar = tqdm(
+        total=sum(int(plan.seqs[i].numel()) for i in todo),
+        unit="tok",
+        desc="key second moments",
+        disable=not progress or rank != 0,
+    )
+    device = input_device(model)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with on_inputs(modules, add_keys, stop=True), torch.no_grad():
+            for seg_start, seg_stop in zip(bounds[:-1], bounds[1:]):
+                mine = [i for i in range(seg_start, seg_stop) if i % world == rank]
+                for b in range(0, len(mine), batch_size):
+                    ids, mask = right_pad([plan.seqs[i] for i in mine[b : b + batch_size]], plan.pad)  # (B, T)
+                    masks.clear()
+                    masks[torch.device("cpu")] = mask.bool()
+                    seen.clear()
+                    run_until_stopped(
+                        model, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+                    )
+                    if len(seen) != len(modules):
+                        missing = sorted(set(modules) - seen)
+                        raise UnsupportedArchitectureError(
+                            f"the edited modules of layers {missing} were not called in the forward pass"
+                        )
+                    bar.update(int(mask.sum()))
+                if on_checkpoint is not None and seg_stop < len(plan.seqs):
+                    on_checkpoint(seg_stop, sums)
+    finally:
+        for m, training in modes:
+            m.training = training
+        masks.clear()
+        bar.close()
+    return sums
