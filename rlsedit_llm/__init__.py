@@ -4,7 +4,19 @@
     report = rlsedit_llm.edit(model, facts, tokenizer=tok)   # later calls continue the stream
 """
 
-from rlsedit_llm.editing.editor import EditConfig, Editor, EditRecord, EditReport, FactReport, edit, editor_of
+from rlsedit_llm.editing.editor import (
+    EditConfig,
+    Editor,
+    EditRecord,
+    EditReport,
+    FactReport,
+    edit,
+    editor_of,
+    load_model_state,
+    save_model_state,
+)
+from rlsedit_llm.editing.methods import load_editor, make_editor
+from rlsedit_llm.editing.state import apply_edit_pack
 from rlsedit_llm.errors import (
     CorpusError,
     FactError,
@@ -20,12 +32,22 @@ from rlsedit_llm.errors import (
 )
 from rlsedit_llm.pipeline.facts import Fact, as_fact, as_facts
 from rlsedit_llm.adapters.architectures import ModelSpec, detect_spec, load_model
+from rlsedit_llm.kernel import Capabilities, LayerSolver, capabilities, method_names
 from rlsedit_llm.kernel.rls import LayerRLS
 from rlsedit_llm.pipeline.values import ValueConfig
 
 __all__ = [
     "edit",
     "editor_of",
+    "make_editor",
+    "load_editor",
+    "save_model_state",
+    "load_model_state",
+    "apply_edit_pack",
+    "method_names",
+    "capabilities",
+    "Capabilities",
+    "LayerSolver",
     "Editor",
     "EditConfig",
     "EditReport",

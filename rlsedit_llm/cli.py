@@ -113,9 +113,17 @@ def _edit(args) -> int:
 
 
 def _bench(args) -> int:
-    from rlsedit_llm.evaluation.bench import run_bench
+    from rlsedit_llm.evaluation.bench import BenchConfig, run_bench
 
-    return run_bench(args)
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "verbose")}
+    return run_bench(BenchConfig(**given))
+
+
+def _default(field: str) -> str:
+    """``"default: X"`` for a flag, from :class:`BenchConfig` (the one home of the defaults)."""
+    from rlsedit_llm.evaluation.bench import BenchConfig
+
+    return f"default: {BenchConfig.__dataclass_fields__[field].default}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,46 +149,47 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--stats-tokens", type=int, default=100_000)
     ed.set_defaults(func=_edit)
 
-    bench = sub.add_parser("bench", help="sequential editing benchmark (CounterFact / zsRE)")
-    bench.add_argument("--dataset", choices=["counterfact", "zsre"], default="counterfact")
-    bench.add_argument("--model", default="smollm2")
-    bench.add_argument("--edits", type=int, default=100)
-    bench.add_argument("--batch", type=int, default=10)
-    bench.add_argument("--methods", default="rlsedit,memit_seq",
-                       help="comma-separated: rlsedit, memit, memit_seq, alphaedit, ft (or 'all')")
+    bench = sub.add_parser("bench", help="sequential editing benchmark (CounterFact / zsRE)",
+                           argument_default=argparse.SUPPRESS)  # defaults: BenchConfig's only
+    bench.add_argument("--dataset", choices=["counterfact", "zsre"], help=_default("dataset"))
+    bench.add_argument("--model", help=_default("model"))
+    bench.add_argument("--edits", type=int, help=_default("edits"))
+    bench.add_argument("--batch", type=int, help=_default("batch"))
+    bench.add_argument("--methods",
+                       help="comma-separated registered methods, or 'all' (" + _default("methods") + ")")
     bench.add_argument("--out", required=True)
-    bench.add_argument("--stats-tokens", type=int, default=100_000)
-    bench.add_argument("--checkpoints", type=int, default=5, help="retention re-scoring points")
-    bench.add_argument("--glue", type=int, default=0, help="GLUE items per task (0: skip)")
+    bench.add_argument("--stats-tokens", type=int, help="Wikipedia tokens for the key statistics (default: EditConfig's)")
+    bench.add_argument("--checkpoints", type=int, help="retention re-scoring points")
+    bench.add_argument("--glue", type=int, help="GLUE items per task (0: skip)")
     bench.add_argument("--layers", help="comma-separated edited layers (default: family default)")
-    bench.add_argument("--alpha", type=float, default=0.0, help="weight of ||W - W0||^2 (all Editor methods)")
-    bench.add_argument("--beta", type=float, default=1.0, help="weight of the anchor term")
-    bench.add_argument("--mom2-weight", type=float, default=None,
+    bench.add_argument("--alpha", type=float, help="weight of ||W - W0||^2 (all Editor methods)")
+    bench.add_argument("--beta", type=float, help="weight of the anchor term")
+    bench.add_argument("--mom2-weight", type=float,
                        help="N in the anchor Gram N E[kk^T] (default: the Editor's, 15000 scaled by d_k/14336)")
     bench.add_argument("--cache-dir", help="key-statistics cache folder (default: the user cache)")
-    bench.add_argument("--retention-fraction", type=float, default=0.1,
-                       help="share of the stream tracked by the retention curve (default 0.1)")
-    bench.add_argument("--fluency-cases", type=int, default=50,
+    bench.add_argument("--retention-fraction", type=float,
+                       help="share of the stream tracked by the retention curve (" + _default("retention_fraction") + ")")
+    bench.add_argument("--fluency-cases", type=int,
                        help="cases whose first generation prompt is scored for fluency (0: skip)")
-    bench.add_argument("--fluency-tokens", type=int, default=100, help="greedy tokens per fluency prompt")
+    bench.add_argument("--fluency-tokens", type=int, help="greedy tokens per fluency prompt")
     bench.add_argument("--no-wild", action="store_true", help="skip the generation check (no teacher forcing)")
-    bench.add_argument("--ft-lr", type=float, default=5e-4, help="Adam learning rate of the FT baseline")
-    bench.add_argument("--ft-steps", type=int, default=10, help="Adam steps per batch of the FT baseline")
+    bench.add_argument("--ft-lr", type=float, help="Adam learning rate of the FT baseline")
+    bench.add_argument("--ft-steps", type=int, help="Adam steps per batch of the FT baseline")
     bench.add_argument("--state-dir", help="where per-method resume states live (default OUT/state)")
     bench.add_argument("--keep-state", action="store_true", help="keep finished methods' editor states")
-    bench.add_argument("--save-every", type=int, default=1,
-                       help="save the resume state every this many batches (default 1)")
+    bench.add_argument("--save-every", type=int,
+                       help="save the resume state every this many batches (" + _default("save_every") + ")")
     bench.add_argument("--restart", action="store_true", help="discard earlier results in OUT and start over")
     bench.add_argument("--report-only", action="store_true", help="rebuild tables and plots from OUT/results.json")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.add_argument("--interleave", action="store_true",
                        help="run the methods round robin, one batch each (all methods keep the same "
                             "number of edits if the run is stopped); needs memory for every method's state")
-    bench.add_argument("--shadow", default="",
+    bench.add_argument("--shadow",
                        help="comma-separated Editor methods that write rlsedit's keys and values instead of "
                             "computing their own (solver-only comparison; exact for memit_seq, the same "
                             "estimator); needs --interleave")
-    bench.add_argument("--score-all-at", default="",
+    bench.add_argument("--score-all-at",
                        help="comma-separated edit counts at which every edit so far is re-scored "
                             "(to compare a long stream with shorter ones at equal length)")
     bench.add_argument("--time-budget", type=float,

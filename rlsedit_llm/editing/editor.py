@@ -7,8 +7,9 @@ One :class:`Editor` per model. Each call to :meth:`Editor.edit` takes a batch of
    the current hidden state ``h`` at the last edited layer, and the innovation
    ``R = (z* - h) / (L - i)`` (the layer's share of the residual: the residual is never used as an
    absolute value);
-3. applies the verified recursion (:class:`~rlsedit_llm.solver.LayerRLS`), whose state persists
-   across calls, and writes the new weights into the model.
+3. gives the layer's keys and absolute targets ``V = K W + R`` to the method's layer solver
+   (:class:`~rlsedit_llm.kernel.rls.LayerRLS`, the verified recursion, by default), whose state
+   persists across calls, and writes the new weights into the model.
 
 Every call is a transaction: if anything fails (bad fact, NaN, out of memory, Ctrl-C) the model's
 weights and the editor's state are exactly as before the call.
@@ -23,23 +24,32 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlsedit_llm.errors import FactError, HyperparameterError, NonFiniteError, ShapeError, UnknownEditError
+from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, write_weight
+from rlsedit_llm.editing import state as state_io
+from rlsedit_llm.errors import (FactError, HyperparameterError, NonFiniteError, RLSEditError, ShapeError,
+                                StateMismatchError, UnknownEditError)
+from rlsedit_llm.kernel.certificates import certificate
+from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver
+from rlsedit_llm.kernel.registry import get_method, is_layer_method
 from rlsedit_llm.pipeline.facts import Fact, as_facts, validate_facts
 from rlsedit_llm.pipeline.keys import compute_keys, generate_templates, subject_hidden_states
-from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, write_weight
 from rlsedit_llm.pipeline.scoring import score_targets
-from rlsedit_llm.kernel.baselines import METHODS, make_layer_solver
-from rlsedit_llm.kernel.rls import LayerRLS
 from rlsedit_llm.pipeline.stats import model_fingerprint, second_moments
 from rlsedit_llm.pipeline.values import ValueConfig, compute_values, default_value_config
 
-__all__ = ["EditConfig", "Editor", "EditReport", "FactReport", "EditRecord", "edit"]
+__all__ = ["EditConfig", "Editor", "EditReport", "FactReport", "EditRecord", "edit", "editor_of", "anchor_gram",
+           "save_model_state", "load_model_state"]
 
 log = logging.getLogger(__name__)
 
-_ATTR = "_rlsedit_editor"
+_ATTR = "_rlsedit_editor"  # where rlsedit_llm.edit keeps the lifelong editor on the model
 PUBLISHED_MOM2_WEIGHT = 15000.0  # N of the published RLSEdit/AlphaEdit configs
-PUBLISHED_D_K = 14336  # d_k of Llama-3-8B, the reference model of those configs  # where rlsedit_llm.edit keeps the lifelong editor on the model
+PUBLISHED_D_K = 14336  # d_k of Llama-3-8B, the reference model of those configs
+
+
+def anchor_gram(moment: torch.Tensor, mom2_weight: float, *, dtype=torch.float64, device=None) -> torch.Tensor:
+    """The anchor Gram ``K0^T K0 = N E[k k^T]`` (d_k, d_k) of one layer from its second moment."""
+    return mom2_weight * moment.to(device=device, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,7 @@ class EditConfig:
     """
 
     layers: tuple[int, ...] | None = None  # None: the family's default block
-    method: str = "rlsedit"  # or a baseline solver: memit, memit_seq, alphaedit
+    method: str = "rlsedit"  # a registered layer-solver method: memit, memit_seq, alphaedit, ...
     alpha: float = 0.0
     beta: float = 1.0
     mom2_weight: float | None = None  # N; None: 15000 * d_k / 14336 (see above)
@@ -86,8 +96,7 @@ class EditConfig:
                 "alpha = 0 and a zero anchor weight leave the preservation metric singular; "
                 "set alpha > 0 or beta > 0 and mom2_weight > 0"
             )
-        if self.method not in METHODS:
-            raise HyperparameterError(f"method must be one of {sorted(METHODS)}; got {self.method!r}")
+        get_method(self.method)  # a typed error naming the choices for an unknown method
         if self.state_dtype not in ("float32", "float64"):
             raise HyperparameterError(f"state_dtype must be 'float32' or 'float64'; got {self.state_dtype!r}")
         if self.stats_tokens < 1 or self.n_templates < 0 or self.template_length < 1:
@@ -136,6 +145,7 @@ class EditReport:
     layers: tuple[int, ...]
     facts: list[FactReport]
     seconds: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, float] = field(default_factory=dict)  # method-specific figures (e.g. FT losses)
 
     @property
     def efficacy(self) -> float:
@@ -182,7 +192,7 @@ def _fact_slot(fact: Fact) -> tuple[str, str]:
 
 
 class Editor:
-    """Lifelong RLSEdit editor of one model.
+    """Lifelong editor of one model with a layer-solver method (RLSEdit by default).
 
     Parameters
     ----------
@@ -195,18 +205,32 @@ class Editor:
     spec_ : ModelSpec — the detected architecture
     layers_ : tuple of edited layer indices
     templates_ : list[str] — context templates (generated once, seeded, saved with the state)
-    solvers_ : dict layer -> LayerRLS — the recursion state per layer, on that layer's device
+    solvers_ : dict layer -> LayerSolver — the method's state per layer, on that layer's device
     journal_ : list[EditRecord] — every applied edit, in order
+    base_fingerprint_ : str — fingerprint of the model's weights before the first edit
     """
 
     def __init__(self, model, tokenizer, config: EditConfig | None = None):
+        self._bind(model, tokenizer, config)
+        self.base_fingerprint_ = model_fingerprint(model)  # of the weights before any edit
+        self.templates_: list[str] | None = None
+        self.solvers_: dict[int, LayerSolver] = {}
+        self.journal_: list[EditRecord] = []
+        self.next_id_ = 0
+
+    def _bind(self, model, tokenizer, config: EditConfig | None) -> None:
+        """Model, tokenizer, validated config and everything derived from them."""
         config = config or EditConfig()
         if not isinstance(config, EditConfig):
             raise HyperparameterError(f"config must be an EditConfig; got {type(config).__name__}")
         config.validate()
+        if not is_layer_method(config.method):
+            raise HyperparameterError(
+                f"method {config.method!r} is not a layer-solver method and runs its own editor; "
+                "build it with rlsedit_llm.editing.methods.make_editor"
+            )
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.spec_ = detect_spec(model)
-        self.base_fingerprint_ = model_fingerprint(model)  # of the weights before any edit
         layers = tuple(config.layers) if config.layers is not None else tuple(self.spec_.default_layers)
         bad = [l for l in layers if not (isinstance(l, int) and 0 <= l < self.spec_.n_layers)]
         if bad or sorted(set(layers)) != list(layers):
@@ -216,10 +240,20 @@ class Editor:
         self.layers_ = layers
         self.value_config_ = config.value or default_value_config(self.spec_)
         self.mom2_weight_ = config.resolved_mom2_weight(self.spec_.d_k)  # N
-        self.templates_: list[str] | None = None
-        self.solvers_: dict[int, LayerRLS] = {}
-        self.journal_: list[EditRecord] = []
-        self.next_id_ = 0
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this editor's method can do (declared by its layer solver)."""
+        return get_method(self.config.method).capabilities
+
+    @property
+    def n_batches_(self) -> int:
+        """Batches written so far (edit and absorb calls; retractions do not count)."""
+        return self.next_id_
+
+    def weights(self) -> dict[int, torch.Tensor]:
+        """The master copies of the edited layers' weights, ``(d_k, d_v)`` in the state dtype."""
+        return {layer: solver.W_ for layer, solver in self.solvers_.items()}
 
     # -- set-up ----------------------------------------------------------------------------
     def _module(self, layer: int):
@@ -236,12 +270,13 @@ class Editor:
             max_length=min(cfg.stats_max_length, _max_positions(self.model)),
         )
         dtype = getattr(torch, cfg.state_dtype)
+        solver_cls = get_method(cfg.method)
         solvers = {}
         for layer in self.layers_:
             W0 = read_weight(self._module(layer))  # (d_k, d_v)
-            gram0 = self.mom2_weight_ * moments[layer].to(device=W0.device, dtype=dtype)
-            solvers[layer] = make_layer_solver(cfg.method, W0, cfg.alpha, cfg.beta, gram0,
-                                               dtype=dtype, track_information=cfg.track_information)
+            gram0 = anchor_gram(moments[layer], self.mom2_weight_, dtype=dtype, device=W0.device)
+            solvers[layer] = solver_cls(W0, cfg.alpha, cfg.beta, gram0, dtype=dtype,
+                                        track_information=cfg.track_information)
         templates = generate_templates(self.model, self.tokenizer, seed=cfg.template_seed,
                                        n=cfg.n_templates, length=cfg.template_length)
         self.solvers_, self.templates_ = solvers, templates
@@ -270,11 +305,11 @@ class Editor:
 
         The same step as :meth:`edit` without the value optimisation and key computation: for
         every edited layer the solver absorbs ``keys[layer]`` (u, d_k) with absolute targets
-        ``values[layer]`` (u, d_v), i.e. the innovation ``V - K W_`` at this editor's current
-        weights. Typical input is another editor's journal entry (``EditRecord.keys/values``):
-        two solvers fed one stream of keys and values differ only in the solver, and a journal
-        can be replayed onto a fresh editor. No earlier fact is retracted (``replace`` is not
-        applied). Transactional like :meth:`edit`; shapes and finiteness are checked first.
+        ``values[layer]`` (u, d_v). Typical input is another editor's journal entry
+        (``EditRecord.keys/values``): two solvers fed one stream of keys and values differ only in
+        the solver, and a journal can be replayed onto a fresh editor. No earlier fact is
+        retracted (``replace`` is not applied). Transactional like :meth:`edit`; shapes and
+        finiteness are checked first.
         """
         facts = as_facts(facts)
         if not facts:
@@ -286,7 +321,7 @@ class Editor:
         u = len(facts)
         for layer in self.layers_:
             K, V = keys[layer], values[layer]
-            d_k, d_v = self.solvers_[layer].W_.shape
+            d_k, d_v = self.solvers_[layer].shape
             if tuple(K.shape) != (u, d_k) or tuple(V.shape) != (u, d_v):
                 raise ShapeError(f"layer {layer}: keys must be ({u}, {d_k}) and values ({u}, {d_v}); "
                                  f"got {tuple(K.shape)} and {tuple(V.shape)}")
@@ -297,30 +332,41 @@ class Editor:
             record = EditRecord(self.next_id_, list(facts), {}, {})
             pending = {}
             for layer in self.layers_:
-                solver = self.solvers_[layer]
-                K = keys[layer].to(device=solver.C_.device, dtype=solver.dtype)
-                V = values[layer].to(device=solver.C_.device, dtype=solver.dtype)
-                step = solver.step(K, V - K @ solver.W_)
-                if not (torch.isfinite(step.W).all() and torch.isfinite(step.C).all()):
-                    raise NonFiniteError(f"layer {layer}: the update produced NaN/inf")
-                write_weight(self._module(layer), step.W)
-                pending[layer] = step
-                record.keys[layer], record.values[layer] = K.cpu(), V.cpu()
-            for layer, step in pending.items():
-                self.solvers_[layer].commit(step)
-            self.journal_.append(record)
-            self.next_id_ += 1
+                pending[layer] = self._write(layer, keys[layer], values[layer], record)
+            self._commit(pending, record)
             seconds = {"update": time.perf_counter() - tic}
         return EditReport(record.edit_id, self.layers_, [], seconds)
 
+    def _write(self, layer: int, K: torch.Tensor, V: torch.Tensor, record: EditRecord):
+        """Propose the write of ``(K, V)`` at ``layer``, put its weights into the model and the
+        record; return the step (committed by :meth:`_commit` once every layer succeeded)."""
+        solver = self.solvers_[layer]
+        step = solver.propose(K, V)
+        if not (torch.isfinite(step.W).all() and all(torch.isfinite(t).all() for t in step.state.values())):
+            raise NonFiniteError(f"layer {layer}: the update produced NaN/inf")
+        write_weight(self._module(layer), step.W)
+        record.keys[layer] = K.detach().to("cpu", solver.dtype)
+        record.values[layer] = V.detach().to("cpu", solver.dtype)
+        return step
+
+    def _commit(self, pending: dict, record: EditRecord) -> None:
+        """Adopt the layers' steps and journal the record (plain assignments: cannot fail half-way)."""
+        for layer, step in pending.items():
+            self.solvers_[layer].commit(step)
+        self.journal_.append(record)
+        self.next_id_ += 1
+
     def _transaction(self):
+        """Roll the model's edited layers and the whole editor state back if the block fails.
+
+        The snapshot holds references, not copies: solvers never modify a state tensor in place
+        (see :mod:`rlsedit_llm.kernel.protocol`)."""
         editor = self
 
         class _Txn:
             def __enter__(self):
-                # Weights of the edited modules, and the (immutable-tensor) state references.
                 self.weights = {l: read_weight(editor._module(l)) for l in editor.layers_}
-                self.states = {l: dict(s.__dict__) for l, s in editor.solvers_.items()}
+                self.states = {l: s.state_dict() for l, s in editor.solvers_.items()}
                 self.journal = list(editor.journal_)
                 self.next_id = editor.next_id_
 
@@ -330,8 +376,7 @@ class Editor:
                 for l, W in self.weights.items():
                     write_weight(editor._module(l), W)
                 for l, state in self.states.items():
-                    editor.solvers_[l].__dict__.clear()
-                    editor.solvers_[l].__dict__.update(state)
+                    editor.solvers_[l].load_state_dict(state)
                 editor.journal_, editor.next_id_ = self.journal, self.next_id
                 log.warning("edit rolled back after %s: model and state restored", exc_type.__name__)
                 return False
@@ -342,9 +387,7 @@ class Editor:
         model, tok, spec, layers = self.model, self.tokenizer, self.spec_, self.layers_
         z_layer = layers[-1]
 
-        # Only the exact recursion can retract; baselines keep earlier facts (documented).
-        can_retract = self.config.replace and self.config.method == "rlsedit"
-        replaced = self._retract_replaced(facts) if can_retract else {}
+        replaced = self._retract_replaced(facts) if self.config.replace and self.capabilities.retracts else {}
 
         tic = time.perf_counter()
         before = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
@@ -372,27 +415,16 @@ class Editor:
             if residual_before is None:
                 residual_before = delta.norm(dim=1)
             solver = self.solvers_[layer]
-            R = delta / (len(layers) - i)  # this layer's share of the residual (u, d_v)
-            K = K.to(device=solver.C_.device, dtype=solver.dtype)
-            R = R.to(device=solver.C_.device, dtype=solver.dtype)
-            step = solver.step(K, R)
-            if not (torch.isfinite(step.W).all() and torch.isfinite(step.C).all()):
-                raise NonFiniteError(f"layer {layer}: the update produced NaN/inf")
-            write_weight(self._module(layer), step.W)
-            pending[layer] = step
-            record.keys[layer] = K.cpu()
-            record.values[layer] = (K @ solver.W_ + R).cpu()  # absolute targets, for undo
+            K = K.to(device=solver.device, dtype=solver.dtype)
+            R = (delta / (len(layers) - i)).to(device=solver.device, dtype=solver.dtype)  # this layer's share
+            pending[layer] = self._write(layer, K, K @ solver.W_ + R, record)  # absolute targets V
             seconds["update"] += time.perf_counter() - tic
 
         h_after = subject_hidden_states(model, tok, spec, z_layer, facts)
         residual_after = (z_star.to(h_after.device) - h_after).norm(dim=1)
         after = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
 
-        # Commit: plain assignments only, nothing below can fail half-way.
-        for layer, step in pending.items():
-            self.solvers_[layer].commit(step)
-        self.journal_.append(record)
-        self.next_id_ += 1
+        self._commit(pending, record)
         reports = [
             FactReport(f, b.prob, a.prob, float(rb), float(ra), replaced.get(j, ()))
             for j, (f, b, a, rb, ra) in enumerate(zip(facts, before, after, residual_before, residual_after))
@@ -434,10 +466,11 @@ class Editor:
             del self.journal_[index]
 
     def undo(self, edit_id: int) -> None:
-        """Retract a past edit exactly: the state equals a stream in which it was never made
-        (other edits' stored keys and values unchanged)."""
-        if self.config.method != "rlsedit":
-            raise HyperparameterError(f"undo needs method='rlsedit'; this editor runs {self.config.method!r}")
+        """Retract a past edit exactly: the solvers' state equals that of the same stream of
+        stored keys and values without this edit (see docs/llm/state.md for what that means)."""
+        if not self.capabilities.retracts:
+            raise HyperparameterError(f"undo needs a method that retracts (e.g. 'rlsedit'); "
+                                      f"{self.config.method!r} keeps no exact memory of past edits")
         record = next((r for r in self.journal_ if r.edit_id == edit_id), None)
         if record is None:
             known = [r.edit_id for r in self.journal_]
@@ -445,31 +478,118 @@ class Editor:
         with self._transaction():
             self._retract_rows(record, list(range(len(record.facts))))
 
+    # -- state (the PyTorch/PEFT convention) -----------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything that defines this editor besides the model and tokenizer.
 
-    # -- persistence and certificates (implemented in state.py / certificates.py) -------------
+        Tensors are the editor's own (not copies). :meth:`from_state_dict` rebuilds the editor;
+        :mod:`rlsedit_llm.editing.state` writes and reads it as files.
+        """
+        return {
+            "config": self.config.to_dict(),
+            "value_config": dataclasses.asdict(self.value_config_),
+            "spec": state_io.spec_summary(self.spec_),
+            "model_class": type(self.model).__name__,
+            "layers": list(self.layers_),
+            "templates": self.templates_,
+            "next_id": self.next_id_,
+            "base_fingerprint": self.base_fingerprint_,
+            "solvers": {layer: solver.state_dict() for layer, solver in self.solvers_.items()},
+            "journal": [{"edit_id": r.edit_id, "created": r.created,
+                         "facts": [dataclasses.asdict(f) for f in r.facts],
+                         "keys": dict(r.keys), "values": dict(r.values)} for r in self.journal_],
+        }
+
+    @classmethod
+    def from_state_dict(cls, model, tokenizer, state: dict) -> "Editor":
+        """Rebuild an editor from :meth:`state_dict` and write its weights into ``model``'s edited
+        layers (all or nothing). ``model`` must be the base model or already the edited one; the
+        caller checks which (:func:`rlsedit_llm.editing.state.read_state` does it by fingerprint).
+        """
+        try:
+            config = EditConfig.from_dict(state["config"])
+            value_config = ValueConfig(**state["value_config"])
+        except (TypeError, KeyError) as exc:  # fields this version does not know
+            raise StateMismatchError(f"the saved hyperparameters do not fit this rlsedit version ({exc})") from None
+        editor = cls.__new__(cls)
+        editor._bind(model, tokenizer, config)
+        if list(editor.layers_) != list(state["layers"]):
+            raise StateMismatchError(f"saved layers {state['layers']} differ from {list(editor.layers_)}")
+        solver_cls = get_method(config.method)
+        solvers = {}
+        for layer, solver_state in state["solvers"].items():
+            layer = int(layer)
+            device = editor._module(layer).weight.device
+            solvers[layer] = solver_cls.from_state_dict(solver_state, device=device)
+        editor.value_config_ = value_config
+        editor.templates_ = state["templates"]
+        editor.base_fingerprint_ = state["base_fingerprint"]
+        editor.next_id_ = int(state["next_id"])
+        editor.solvers_ = solvers
+        editor.journal_ = [
+            EditRecord(int(e["edit_id"]), [Fact(**f) for f in e["facts"]],
+                       {int(l): K for l, K in e["keys"].items()}, {int(l): V for l, V in e["values"].items()},
+                       created=e["created"])
+            for e in state["journal"]
+        ]
+        before = {l: read_weight(editor._module(l)) for l in solvers}
+        try:
+            for layer, solver in solvers.items():
+                write_weight(editor._module(layer), solver.W_)
+        except BaseException:
+            for layer, W in before.items():
+                write_weight(editor._module(layer), W)
+            raise
+        return editor
+
+    def check_model(self) -> None:
+        """Raise :class:`StateMismatchError` unless every edited layer of the model holds exactly
+        this editor's weights (rounded to the model's dtype)."""
+        for layer, solver in self.solvers_.items():
+            actual = read_weight(self._module(layer))
+            if not torch.equal(actual, solver.W_.to(device=actual.device, dtype=actual.dtype)):
+                raise StateMismatchError(
+                    f"layer {layer}: the model's weights differ from the editor's state (they were changed "
+                    f"outside the editor); the state would not reproduce this model"
+                )
+
+    # -- persistence and certificates -----------------------------------------------------------
     def save(self, directory) -> None:
         """Write the whole lifelong state to ``directory`` atomically (see :mod:`.state`)."""
-        from rlsedit_llm.editing.state import save_editor
-
-        save_editor(self, directory)
+        self.check_model()
+        state_io.write_state(directory, self.state_dict(), edited_fingerprint=model_fingerprint(self.model))
+        log.info("saved editor state (%d edits, layers %s) to %s", len(self.journal_), list(self.layers_), directory)
 
     @classmethod
     def load(cls, model, tokenizer, directory) -> "Editor":
-        """Restore an editor saved by :meth:`save` onto ``model`` (refused for another model)."""
-        from rlsedit_llm.editing.state import load_editor
+        """Restore an editor saved by :meth:`save` onto ``model``: the base model the edits were
+        made on (the saved weights are written into it) or the saved edited model itself.
+        Refused with :class:`StateMismatchError` for any other model, which is left untouched."""
+        state, mode = state_io.read_state(directory, model)
+        editor = cls.from_state_dict(model, tokenizer, state)
+        if mode == "base" and model_fingerprint(model) != state["edited_fingerprint"]:
+            for layer, solver in editor.solvers_.items():  # put the base weights back
+                write_weight(editor._module(layer), solver.W0_)
+            raise StateMismatchError("after writing the saved weights the model does not match the saved "
+                                     "edited model; the base model or the save is inconsistent")
+        editor.check_model()
+        log.info("loaded editor state (%d edits, layers %s) from %s onto the %s model",
+                 len(editor.journal_), list(editor.layers_), directory, mode)
+        return editor
 
-        return load_editor(model, tokenizer, directory)
-
-    def save_edit_pack(self, path) -> None:
+    def save_edit_pack(self, path, *, dtype: torch.dtype | None = None) -> None:
         """Write only the edited weights' deltas, to apply to a fresh copy of the base model."""
-        from rlsedit_llm.editing.state import save_edit_pack
-
-        save_edit_pack(self, path)
+        self.check_model()
+        state_io.write_edit_pack(
+            path, {l: s.W_ - s.W0_ for l, s in self.solvers_.items()}, dtype=dtype,
+            spec=self.spec_, base_fingerprint=self.base_fingerprint_,
+            edited_fingerprint=model_fingerprint(self.model),
+            edit_ids=[r.edit_id for r in self.journal_],
+            facts=[dataclasses.asdict(f) for r in self.journal_ for f in r.facts],
+        )
 
     def certificate(self):
         """Per-layer optimality and drift certificate with the theorems' bounds."""
-        from rlsedit_llm.kernel.certificates import certificate
-
         return certificate(self)
 
 
@@ -505,3 +625,19 @@ def edit(model, facts, *, tokenizer=None, config: EditConfig | None = None) -> E
 def editor_of(model) -> Editor | None:
     """The lifelong editor :func:`edit` keeps with ``model`` (None before the first call)."""
     return getattr(model, _ATTR, None)
+
+
+def save_model_state(model, directory) -> None:
+    """Save the lifelong editor that :func:`edit` keeps with ``model``."""
+    editor = editor_of(model)
+    if editor is None:
+        raise RLSEditError("this model carries no edit state: call rlsedit_llm.edit(model, facts, tokenizer=...) first")
+    editor.save(directory)
+
+
+def load_model_state(model, tokenizer, directory) -> Editor:
+    """Restore a state saved by :func:`save_model_state` and attach it to ``model``, so that
+    :func:`edit` continues the saved stream. Returns the editor."""
+    editor = Editor.load(model, tokenizer, directory)
+    object.__setattr__(model, _ATTR, editor)
+    return editor

@@ -1,10 +1,14 @@
-"""Plain fine-tuning baseline (FT): Adam on the edited layers' MLP output weights.
+"""Plain fine-tuning baseline (method ``"ft"``): Adam on the edited layers' MLP output weights.
 
 Each batch of facts takes ``steps`` Adam steps (a fresh optimiser per batch) on the weights of the
 same modules the locate-then-edit methods rewrite (the MLP down-projections of the edited layers),
 minimising the target NLL on the rewrite prompt: per fact the mean over the target's tokens,
 then the mean over facts. No constraint keeps the weights near the original ones: this is the
 "unconstrained FT" of the editing literature and the baseline that forgets.
+
+An editor-level method: it computes no keys or values, so it runs its own loop, but it speaks the
+editor protocol (``edit(facts) -> EditReport``, ``weights()``, ``save``/``load``, ``layers_``,
+``n_batches_``) and is found through the method registry like the layer solvers.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from pathlib import Path
 
 import torch
 
-from rlsedit_llm.errors import FactError, HyperparameterError, NonFiniteError, StateMismatchError
-from rlsedit_llm.pipeline.facts import as_facts, validate_facts
 from rlsedit_llm.adapters.architectures import detect_spec, get_module, model_device, read_weight, write_weight
-from rlsedit_llm.pipeline.scoring import encode_target
+from rlsedit_llm.editing.editor import EditConfig, EditReport, FactReport
+from rlsedit_llm.errors import FactError, HyperparameterError, NonFiniteError, StateMismatchError
+from rlsedit_llm.kernel.protocol import Capabilities
+from rlsedit_llm.kernel.registry import register
+from rlsedit_llm.pipeline.facts import as_facts, validate_facts
+from rlsedit_llm.pipeline.scoring import encode_target, score_targets
 
 __all__ = ["FineTuneEditor", "target_nll"]
 
@@ -49,6 +56,7 @@ def target_nll(model, tokenizer, prompts, targets) -> torch.Tensor:
     return (nll * weight.to(device)).sum() / len(rows)
 
 
+@register
 class FineTuneEditor:
     """Sequential fine-tuning of the edited layers' MLP output weights.
 
@@ -69,6 +77,9 @@ class FineTuneEditor:
     losses_ (per batch: loss before and after its steps).
     """
 
+    name = "ft"
+    capabilities = Capabilities()
+
     def __init__(self, model, tokenizer, *, layers=None, lr: float = 5e-4, steps: int = 10):
         if not (isinstance(lr, (int, float)) and lr > 0 and lr == lr and lr != float("inf")):
             raise HyperparameterError(f"lr must be a finite number > 0; got {lr!r}")
@@ -85,11 +96,17 @@ class FineTuneEditor:
         self.n_batches_ = 0
         self.losses_: list[tuple[float, float]] = []
 
+    @classmethod
+    def from_config(cls, model, tokenizer, config: EditConfig, *, lr: float = 5e-4, steps: int = 10):
+        """The fine-tuning editor on ``config.layers`` (its other fields do not apply)."""
+        return cls(model, tokenizer, layers=config.layers, lr=lr, steps=steps)
+
     def _module(self, layer: int):
         return get_module(self.model, self.spec_.edit_module_path.format(layer))
 
-    def edit(self, facts) -> dict:
-        """Fine-tune on one batch; return ``{"loss_before", "loss_after", "seconds"}``.
+    def edit(self, facts) -> EditReport:
+        """Fine-tune on one batch; return an :class:`~rlsedit_llm.EditReport` (its ``extras``
+        hold ``loss_before`` and ``loss_after``; there are no value residuals).
 
         Bad facts raise :class:`FactError` and a failure half-way restores the weights.
         """
@@ -97,12 +114,15 @@ class FineTuneEditor:
         if not facts:
             raise FactError("no facts given: pass at least one fact to edit")
         validate_facts(facts, self.tokenizer)
+        prompts, targets = [f.text() for f in facts], [f.target for f in facts]
+        tic = time.perf_counter()
+        scores_before = score_targets(self.model, self.tokenizer, prompts, targets)
+        seconds = {"score": time.perf_counter() - tic}
         tic = time.perf_counter()
         modules = [self._module(l) for l in self.layers_]
         params = [m.weight for m in modules]
         saved = [p.detach().clone() for p in params]
         flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
-        prompts, targets = [f.text() for f in facts], [f.target for f in facts]
         try:
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -131,11 +151,17 @@ class FineTuneEditor:
             for n, p in self.model.named_parameters():
                 p.requires_grad_(flags[n])
                 p.grad = None
+        seconds["update"] = time.perf_counter() - tic
+        scores_after = score_targets(self.model, self.tokenizer, prompts, targets)
+        edit_id = self.n_batches_
         self.n_edits_ += len(facts)
         self.n_batches_ += 1
         self.losses_.append((before, after))
         log.info("FT batch %d: loss %.3f -> %.3f", self.n_batches_, before, after)
-        return {"loss_before": before, "loss_after": after, "seconds": time.perf_counter() - tic}
+        nan = float("nan")  # fine-tuning has no value residual
+        reports = [FactReport(f, b.prob, a.prob, nan, nan) for f, b, a in zip(facts, scores_before, scores_after)]
+        return EditReport(edit_id, self.layers_, reports, seconds,
+                          extras={"loss_before": before, "loss_after": after})
 
     def weights(self) -> dict[int, torch.Tensor]:
         """Current weights of the trained modules, ``(d_k, d_v)`` per layer."""

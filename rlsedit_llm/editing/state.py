@@ -1,13 +1,20 @@
 """Saving and loading the lifelong edit state, and edit packs.
 
+File I/O only: this module writes and reads the dict of :meth:`rlsedit_llm.Editor.state_dict`
+and checks that a save belongs to a model; it knows nothing of the editor itself.
+
 A saved editor is a folder::
 
-    editor.json           manifest: format, hyperparameters, templates, next id, fingerprints,
-                          the journal's facts, per-layer solver scalars, SHA-256 of the files
-    solvers.safetensors   per edited layer: W0, W (the master copy), C = G_t^{-1}, the anchor
-                          Gram, ... (``layer{l}.{attribute}``), in the state dtype
+    editor.json           manifest: format, version, hyperparameters, templates, next id,
+                          fingerprints, the journal's facts, per-layer solver method, dtype and
+                          scalars, SHA-256 of the files
+    solvers.safetensors   per edited layer the solver's tensors: W0, W (the master copy),
+                          C = G_t^{-1}, the anchor Gram, ... (``layer{l}.{name}``), state dtype
     journal.safetensors   per journal entry and layer: the keys K and absolute values V that were
                           added (``edit{id}.layer{l}.K`` / ``.V``); what undo needs
+
+Version 1 (rlsedit 0.1.0, solvers saved attribute by attribute) is read through
+:func:`migrate_v1`.
 
 Writes are atomic. Everything is written into a temporary sibling ``<dir>.tmp-XXXX``, every file
 and the folder are fsynced, and the new folder is then swapped in:
@@ -16,11 +23,11 @@ and the folder are fsynced, and the new folder is then swapped in:
   at every instant ``<dir>`` is either the old complete save or the new complete save;
 - elsewhere (or on file systems without the exchange), by two renames: ``<dir>`` to
   ``<dir>.old-XXXX``, then the new folder to ``<dir>``. A crash between the two leaves no
-  ``<dir>`` but a complete ``<dir>.old-XXXX``, which :func:`load_editor` renames back.
+  ``<dir>`` but a complete ``<dir>.old-XXXX``, which :func:`read_state` renames back.
 
 Loading checks the model. The saved state records the fingerprint of the **pre-edit** weights
 (taken when the editor was created, before any edit) and of the edited model at save time. The
-model passed to :func:`load_editor` must be either
+model passed to :func:`read_state` must be either
 
 - the base model (its fingerprint equals the pre-edit one): the saved edited weights are written
   into the edited layers, and the result is checked against the saved edited fingerprint; or
@@ -58,30 +65,28 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from rlsedit_llm.kernel.baselines import METHODS
-from rlsedit_llm.editing.editor import _ATTR, EditConfig, Editor, EditRecord, editor_of
-from rlsedit_llm.errors import HyperparameterError, RLSEditError, StateMismatchError
-from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, write_weight
+from rlsedit_llm.errors import HyperparameterError, StateMismatchError
 from rlsedit_llm.pipeline.stats import model_fingerprint
-from rlsedit_llm.pipeline.values import ValueConfig
 
 __all__ = [
-    "save_editor",
-    "load_editor",
-    "save_model_state",
-    "load_model_state",
-    "save_edit_pack",
+    "write_state",
+    "read_state",
+    "read_manifest",
+    "migrate_v1",
+    "spec_summary",
+    "write_edit_pack",
     "apply_edit_pack",
     "read_edit_pack_metadata",
-    "read_manifest",
 ]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "rlsedit-editor-state"
 PACK_FORMAT = "rlsedit-edit-pack"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+PACK_VERSION = 1
 MANIFEST = "editor.json"
 SOLVERS = "solvers.safetensors"
 JOURNAL = "journal.safetensors"
@@ -199,49 +204,8 @@ def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _solver_payload(layer: int, solver) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Every attribute of a layer solver: tensors to safetensors, scalars to JSON.
-
-    Generic over :mod:`.baselines` (their extra attributes are kept too)."""
-    scalars, tensors = {}, {}
-    for name, value in vars(solver).items():
-        if isinstance(value, torch.Tensor):
-            tensors[f"layer{layer}.{name}"] = value
-        elif isinstance(value, torch.dtype):
-            scalars[name] = {"torch_dtype": _dtype_name(value)}
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            scalars[name] = value
-        else:  # pragma: no cover - a new solver attribute type must be taught here
-            raise TypeError(f"cannot save solver attribute {name!r} of type {type(value).__name__}")
-    return {"class": type(solver).__name__, "scalars": scalars}, tensors
-
-
-def _solver_from_payload(meta: dict, tensors: dict[str, torch.Tensor], layer: int, cls, device):
-    if meta["class"] != cls.__name__:
-        raise StateMismatchError(
-            f"layer {layer}: the saved solver is a {meta['class']} but the config's method needs {cls.__name__}"
-        )
-    solver = object.__new__(cls)
-    for name, value in meta["scalars"].items():
-        if isinstance(value, dict) and "torch_dtype" in value:
-            value = getattr(torch, value["torch_dtype"])
-        setattr(solver, name, value)
-    prefix = f"layer{layer}."
-    for key, t in tensors.items():
-        if key.startswith(prefix):
-            setattr(solver, key[len(prefix):], t.to(device))
-    return solver
-
-
-def _fact_to_dict(fact: Fact) -> dict:
-    return dataclasses.asdict(fact)
-
-
-def _fact_from_dict(d: dict) -> Fact:
-    return Fact(**d)
-
-
-def _spec_summary(spec) -> dict:
+def spec_summary(spec) -> dict:
+    """What a save records of the architecture (compared on load)."""
     return {"family": spec.family, "n_layers": spec.n_layers, "edit_module_path": spec.edit_module_path,
             "d_k": spec.d_k, "d_model": spec.d_model}
 
@@ -255,68 +219,103 @@ def _package_version() -> str:
         return "unknown"
 
 
-def _check_model_matches_state(editor: Editor) -> None:
-    """The edited layers of the model must hold exactly the editor's master weights."""
-    for layer, solver in editor.solvers_.items():
-        actual = read_weight(editor._module(layer))
-        if not torch.equal(actual, solver.W_.to(device=actual.device, dtype=actual.dtype)):
-            raise StateMismatchError(
-                f"layer {layer}: the model's weights differ from the editor's state (they were changed "
-                f"outside the editor); the state would not reproduce this model"
-            )
+def _split(state: dict) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An editor state dict -> (JSON manifest part, solver tensors, journal tensors)."""
+    manifest = {k: v for k, v in state.items() if k not in ("solvers", "journal")}
+    solvers_meta, solver_tensors = {}, {}
+    for layer, solver in state["solvers"].items():
+        solvers_meta[str(layer)] = {k: v for k, v in solver.items() if k != "tensors"}
+        for name, t in solver["tensors"].items():
+            solver_tensors[f"layer{layer}.{name}"] = t
+    journal_meta, journal_tensors = [], {}
+    for entry in state["journal"]:
+        eid = entry["edit_id"]
+        journal_meta.append({"edit_id": eid, "created": entry["created"], "facts": entry["facts"],
+                             "layers": sorted(entry["keys"])})
+        for layer in entry["keys"]:
+            journal_tensors[f"edit{eid}.layer{layer}.K"] = entry["keys"][layer]
+            journal_tensors[f"edit{eid}.layer{layer}.V"] = entry["values"][layer]
+    manifest["solvers"], manifest["journal"] = solvers_meta, journal_meta
+    return manifest, solver_tensors, journal_tensors
+
+
+def _join(manifest: dict, solver_tensors: dict[str, torch.Tensor], journal_tensors: dict[str, torch.Tensor]) -> dict:
+    """Inverse of :func:`_split` (for a version-2 manifest)."""
+    state = {k: v for k, v in manifest.items() if k not in ("solvers", "journal", "files")}
+    state["solvers"] = {}
+    for key, meta in manifest["solvers"].items():
+        prefix = f"layer{key}."
+        tensors = {name[len(prefix):]: t for name, t in solver_tensors.items() if name.startswith(prefix)}
+        state["solvers"][int(key)] = {**meta, "tensors": tensors}
+    state["journal"] = []
+    for entry in manifest["journal"]:
+        eid = entry["edit_id"]
+        try:
+            keys = {l: journal_tensors[f"edit{eid}.layer{l}.K"] for l in entry["layers"]}
+            values = {l: journal_tensors[f"edit{eid}.layer{l}.V"] for l in entry["layers"]}
+        except KeyError as exc:
+            raise StateMismatchError(f"the journal file lacks {exc} for edit {eid}; the save is damaged") from None
+        state["journal"].append({"edit_id": eid, "created": entry["created"], "facts": entry["facts"],
+                                 "keys": keys, "values": values})
+    return state
+
+
+#: Version-1 solver class names and the methods that replaced them.
+_V1_CLASSES = {"LayerRLS": "rlsedit", "PerBatchLayer": "memit", "DenseCumulativeLayer": "memit_seq",
+               "NullSpaceLayer": "alphaedit"}
+#: Scalars version 1 did not save, at the values version 1 always used.
+_V1_DEFAULTS = {"alphaedit": {"threshold": 1e-2}}
+
+
+def migrate_v1(manifest: dict, solver_tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A version-1 manifest and solver tensors in the version-2 layout.
+
+    Version 1 saved every solver attribute by name (``layer{l}.C_``, scalars with a trailing
+    ``_``, the dtype as ``{"torch_dtype": ...}``) under the solver's class name.
+    """
+    manifest = dict(manifest)
+    solvers, tensors = {}, {}
+    for key, meta in manifest["solvers"].items():
+        method = _V1_CLASSES.get(meta.get("class"))
+        if method is None:
+            raise StateMismatchError(f"layer {key}: unknown version-1 solver class {meta.get('class')!r}")
+        scalars = {}
+        dtype = None
+        for name, value in meta["scalars"].items():
+            if isinstance(value, dict) and "torch_dtype" in value:
+                dtype = value["torch_dtype"]
+            elif value is not None:
+                scalars[name.rstrip("_")] = value
+        scalars = {**_V1_DEFAULTS.get(method, {}), **scalars}
+        if method == "alphaedit":  # version 1 stored a placeholder alpha; the config holds the real one
+            scalars["alpha"], scalars["beta"] = manifest["config"]["alpha"], manifest["config"]["beta"]
+        solvers[key] = {"method": method, "dtype": dtype, "scalars": scalars}
+        prefix = f"layer{key}."
+        for name, t in solver_tensors.items():
+            if name.startswith(prefix):
+                tensors[prefix + name[len(prefix):].rstrip("_")] = t
+    manifest["solvers"], manifest["version"] = solvers, VERSION
+    return manifest, tensors
 
 
 # ---------------------------------------------------------------------------------------------
 # Editor state
 # ---------------------------------------------------------------------------------------------
-def save_editor(editor: Editor, directory) -> Path:
-    """Write the whole lifelong state of ``editor`` to the folder ``directory``, atomically.
+def write_state(directory, state: dict, *, edited_fingerprint: str) -> Path:
+    """Write an editor state dict (:meth:`rlsedit_llm.Editor.state_dict`) to the folder
+    ``directory``, atomically; return the folder.
 
-    Saved: hyperparameters, edited layers, templates, the value configuration, ``next_id_``, the
-    pre-edit and current model fingerprints, every layer's recursion state and the journal
-    (facts, keys, values). An existing save at ``directory`` is replaced only once the new one is
-    complete and on disk. Returns the folder.
-
-    Raises :class:`StateMismatchError` if the model's edited layers no longer hold the editor's
-    weights (changed outside the editor), FileExistsError if ``directory`` holds something other
-    than a save (it is never replaced), and OSError for file-system failures (the previous save
-    stays in place).
+    An existing save at ``directory`` is replaced only once the new one is complete and on disk.
+    Raises FileExistsError if ``directory`` holds something other than a save (it is never
+    replaced), and OSError for file-system failures (the previous save stays in place).
     """
     target = Path(directory)
     if target.exists() and not (target / MANIFEST).is_file() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"{target} exists and is not a saved editor state; refusing to replace it")
-    _check_model_matches_state(editor)
-
-    layers_meta, solver_tensors = {}, {}
-    for layer, solver in editor.solvers_.items():
-        meta, tensors = _solver_payload(layer, solver)
-        layers_meta[str(layer)] = meta
-        solver_tensors.update(tensors)
-    journal_meta, journal_tensors = [], {}
-    for record in editor.journal_:
-        journal_meta.append({"edit_id": record.edit_id, "created": record.created,
-                             "facts": [_fact_to_dict(f) for f in record.facts],
-                             "layers": sorted(record.keys)})
-        for layer in record.keys:
-            journal_tensors[f"edit{record.edit_id}.layer{layer}.K"] = record.keys[layer]
-            journal_tensors[f"edit{record.edit_id}.layer{layer}.V"] = record.values[layer]
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "rlsedit_version": _package_version(),
-        "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model_class": type(editor.model).__name__,
-        "spec": _spec_summary(editor.spec_),
-        "base_fingerprint": editor.base_fingerprint_,
-        "edited_fingerprint": model_fingerprint(editor.model),
-        "config": editor.config.to_dict(),
-        "value_config": dataclasses.asdict(editor.value_config_),
-        "layers": list(editor.layers_),
-        "templates": editor.templates_,
-        "next_id": editor.next_id_,
-        "solvers": layers_meta,
-        "journal": journal_meta,
-    }
+    manifest, solver_tensors, journal_tensors = _split(state)
+    manifest = {"format": FORMAT, "version": VERSION, "rlsedit_version": _package_version(),
+                "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest,
+                "edited_fingerprint": edited_fingerprint}
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
@@ -339,7 +338,6 @@ def save_editor(editor: Editor, directory) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     for stale in _siblings(target, "tmp") + _siblings(target, "old"):  # left by crashed saves
         shutil.rmtree(stale, ignore_errors=True)
-    log.info("saved editor state (%d edits, layers %s) to %s", len(editor.journal_), list(editor.layers_), target)
     return target
 
 
@@ -350,27 +348,28 @@ def read_manifest(directory) -> dict:
         manifest = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise StateMismatchError(f"{target / MANIFEST} is unreadable ({exc}); the save is damaged") from None
-    if manifest.get("format") != FORMAT:
-        raise StateMismatchError(f"{target} is not a saved rlsedit editor state (format {manifest.get('format')!r})")
-    if manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StateMismatchError(f"{target} is not a saved rlsedit editor state")
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise StateMismatchError(
-            f"{target} was saved in state format version {manifest.get('version')}; this rlsedit reads version {VERSION}"
+            f"{target} was saved in state format version {manifest.get('version')}; this rlsedit reads "
+            f"versions {list(READABLE_VERSIONS)}"
         )
     return manifest
 
 
-def load_editor(model, tokenizer, directory) -> Editor:
-    """Restore an editor saved by :func:`save_editor` onto ``model``.
+def read_state(directory, model) -> tuple[dict, str]:
+    """Read a save and check it belongs to ``model``; return ``(state, mode)``.
 
-    ``model`` must be the base model the edits were made on (then the saved edited weights are
-    written into it) or already the saved edited model (then nothing is written). Further edits
-    continue the same recursion as if the editor had never been saved.
+    ``state`` is the editor state dict (plus ``edited_fingerprint``), ``mode`` is ``"base"``
+    when ``model`` holds the pre-edit weights (the caller writes the saved ones) or ``"edited"``
+    when it already is the saved edited model.
 
     Raises
     ------
     StateMismatchError
         No (complete) save at ``directory``, a damaged save, another architecture, or weights
-        that are neither the saved base nor the saved edited model. The model is then untouched.
+        that are neither the saved base nor the saved edited model. Nothing is changed.
     UnsupportedArchitectureError
         ``model`` is not a supported causal LM.
     """
@@ -382,7 +381,7 @@ def load_editor(model, tokenizer, directory) -> Editor:
 
     spec = detect_spec(model)
     saved_spec = manifest["spec"]
-    if _spec_summary(spec) != saved_spec:
+    if spec_summary(spec) != saved_spec:
         raise StateMismatchError(
             f"the saved state is for a {saved_spec['family']} model with {saved_spec['n_layers']} layers and "
             f"edited matrices of shape ({saved_spec['d_k']}, {saved_spec['d_model']}); this model is a "
@@ -400,89 +399,28 @@ def load_editor(model, tokenizer, directory) -> Editor:
             f"edits were made on ({base[:23]}...) nor the saved edited model ({edited[:23]}...); load the "
             f"same pre-trained model (same weights and dtype) before loading the state"
         )
-
-    try:
-        config = EditConfig.from_dict(manifest["config"])
-        value_config = ValueConfig(**manifest["value_config"])
-    except TypeError as exc:  # fields this version does not know
-        raise StateMismatchError(f"the saved hyperparameters do not fit this rlsedit version ({exc})") from None
-    editor = Editor(model, tokenizer, config)
-    editor.base_fingerprint_ = base
-    if list(editor.layers_) != manifest["layers"]:
-        raise StateMismatchError(f"saved layers {manifest['layers']} differ from {list(editor.layers_)}")
-    cls = METHODS[config.method]
-
-    solver_tensors = load_file(target / SOLVERS)
+    # Fresh copies: a loaded buffer can sit at another alignment than a computed one, and BLAS
+    # kernels round differently then; the loaded editor must continue bitwise the same.
+    solver_tensors = {k: t.clone() for k, t in load_file(target / SOLVERS).items()}
     journal_tensors = load_file(target / JOURNAL)
-    solvers = {}
-    for key, meta in manifest["solvers"].items():
-        layer = int(key)
-        device = get_module(model, spec.edit_module_path.format(layer)).weight.device
-        solvers[layer] = _solver_from_payload(meta, solver_tensors, layer, cls, device)
-    journal = []
-    for entry in manifest["journal"]:
-        eid = entry["edit_id"]
-        keys = {l: journal_tensors[f"edit{eid}.layer{l}.K"] for l in entry["layers"]}
-        values = {l: journal_tensors[f"edit{eid}.layer{l}.V"] for l in entry["layers"]}
-        journal.append(EditRecord(eid, [_fact_from_dict(f) for f in entry["facts"]], keys, values,
-                                  created=entry["created"]))
-
-    editor.value_config_ = value_config
-    editor.templates_ = manifest["templates"]
-    editor.solvers_ = solvers
-    editor.journal_ = journal
-    editor.next_id_ = int(manifest["next_id"])
-
-    if mode == "base" and solvers:
-        before = {l: read_weight(editor._module(l)) for l in solvers}
-        try:
-            for layer, solver in solvers.items():
-                write_weight(editor._module(layer), solver.W_)
-            if model_fingerprint(model) != edited:
-                raise StateMismatchError(
-                    "after writing the saved weights the model does not match the saved edited model; "
-                    "the base model or the save is inconsistent"
-                )
-        except BaseException:
-            for layer, W in before.items():
-                write_weight(editor._module(layer), W)
-            raise
-    else:
-        _check_model_matches_state(editor)
-    log.info("loaded editor state (%d edits, layers %s) from %s onto the %s model",
-             len(journal), list(editor.layers_), target, mode)
-    return editor
-
-
-# ---------------------------------------------------------------------------------------------
-# The editor rlsedit_llm.edit keeps with a model
-# ---------------------------------------------------------------------------------------------
-def save_model_state(model, directory) -> Path:
-    """Save the lifelong editor that :func:`rlsedit_llm.edit` keeps with ``model``."""
-    editor = editor_of(model)
-    if editor is None:
-        raise RLSEditError("this model carries no edit state: call rlsedit_llm.edit(model, facts, tokenizer=...) first")
-    return save_editor(editor, directory)
-
-
-def load_model_state(model, tokenizer, directory) -> Editor:
-    """Restore a state saved by :func:`save_model_state` and attach it to ``model``, so that
-    :func:`rlsedit_llm.edit` continues the saved stream. Returns the editor."""
-    editor = load_editor(model, tokenizer, directory)
-    object.__setattr__(model, _ATTR, editor)
-    return editor
+    if manifest["version"] == 1:
+        manifest, solver_tensors = migrate_v1(manifest, solver_tensors)
+        log.info("read a version-1 save from %s; the next save writes version %d", target, VERSION)
+    return _join(manifest, solver_tensors, journal_tensors), mode
 
 
 # ---------------------------------------------------------------------------------------------
 # Edit packs
 # ---------------------------------------------------------------------------------------------
-def save_edit_pack(editor: Editor, path, *, dtype: torch.dtype | None = None) -> Path:
+def write_edit_pack(path, deltas: dict[int, torch.Tensor], *, spec, base_fingerprint: str,
+                    edited_fingerprint: str, edit_ids: list[int], facts: list[dict],
+                    dtype: torch.dtype | None = None) -> Path:
     """Write the edited layers' weight deltas ``W_t - W0`` to one safetensors file, atomically.
 
     Parameters
     ----------
-    editor : Editor
     path : file to write (conventionally ``*.safetensors``)
+    deltas : layer -> (d_k, d_v) delta in row-key orientation
     dtype : dtype of the stored deltas; default the state dtype (float64), which reproduces the
         edited model exactly; float32/bfloat16 give a smaller, approximate pack.
 
@@ -492,21 +430,16 @@ def save_edit_pack(editor: Editor, path, *, dtype: torch.dtype | None = None) ->
     path = Path(path)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise HyperparameterError(f"dtype must be a torch floating dtype or None; got {dtype!r}")
-    _check_model_matches_state(editor)
-    tensors = {}
-    for layer, solver in editor.solvers_.items():
-        delta = solver.W_ - solver.W0_  # (d_k, d_v)
-        tensors[f"layer{layer}"] = delta if dtype is None else delta.to(dtype)
-    facts = [_fact_to_dict(f) for r in editor.journal_ for f in r.facts]
+    tensors = {f"layer{layer}": d if dtype is None else d.to(dtype) for layer, d in deltas.items()}
     metadata = {
         "format": PACK_FORMAT,
-        "version": str(VERSION),
+        "version": str(PACK_VERSION),
         "rlsedit_version": _package_version(),
-        "base_fingerprint": editor.base_fingerprint_,
-        "edited_fingerprint": model_fingerprint(editor.model),
-        "spec": json.dumps(_spec_summary(editor.spec_)),
-        "layers": json.dumps(sorted(editor.solvers_)),
-        "edit_ids": json.dumps([r.edit_id for r in editor.journal_]),
+        "base_fingerprint": base_fingerprint,
+        "edited_fingerprint": edited_fingerprint,
+        "spec": json.dumps(spec_summary(spec)),
+        "layers": json.dumps(sorted(deltas)),
+        "edit_ids": json.dumps(edit_ids),
         "facts": json.dumps(facts, ensure_ascii=False),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -519,7 +452,7 @@ def save_edit_pack(editor: Editor, path, *, dtype: torch.dtype | None = None) ->
     finally:
         if tmp.exists():
             tmp.unlink()
-    log.info("wrote edit pack of %d edits (layers %s) to %s", len(editor.journal_), sorted(editor.solvers_), path)
+    log.info("wrote edit pack of %d edits (layers %s) to %s", len(edit_ids), sorted(deltas), path)
     return path
 
 
@@ -532,8 +465,8 @@ def read_edit_pack_metadata(path) -> dict:
         raise StateMismatchError(f"{path} is not a readable edit pack ({exc})") from None
     if raw.get("format") != PACK_FORMAT:
         raise StateMismatchError(f"{path} is not an rlsedit edit pack (format {raw.get('format')!r})")
-    if raw.get("version") != str(VERSION):
-        raise StateMismatchError(f"{path} is edit pack version {raw.get('version')}; this rlsedit reads {VERSION}")
+    if raw.get("version") != str(PACK_VERSION):
+        raise StateMismatchError(f"{path} is edit pack version {raw.get('version')}; this rlsedit reads {PACK_VERSION}")
     meta = dict(raw)
     for key in ("spec", "layers", "edit_ids", "facts"):
         meta[key] = json.loads(raw[key])
@@ -553,8 +486,8 @@ def apply_edit_pack(model, path) -> dict:
     """
     meta = read_edit_pack_metadata(path)
     spec = detect_spec(model)
-    if _spec_summary(spec) != meta["spec"]:
-        raise StateMismatchError(f"the edit pack is for a model with {meta['spec']}; this model has {_spec_summary(spec)}")
+    if spec_summary(spec) != meta["spec"]:
+        raise StateMismatchError(f"the edit pack is for a model with {meta['spec']}; this model has {spec_summary(spec)}")
     current = model_fingerprint(model)
     if current != meta["base_fingerprint"]:
         hint = ("the pack is already applied to this model" if current == meta["edited_fingerprint"] else

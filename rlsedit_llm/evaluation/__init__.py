@@ -26,7 +26,6 @@ from rlsedit_llm.evaluation.metrics import (
     zsre_case_scores,
 )
 from rlsedit_llm.evaluation.protocol import (
-    ALL_METHODS,
     DATASETS,
     MethodRunner,
     ProtocolConfig,
@@ -53,7 +52,6 @@ __all__ = [
     "FineTuneEditor",
     "target_nll",
     "DATASETS",
-    "ALL_METHODS",
     "ProtocolConfig",
     "MethodRunner",
     "make_runner",

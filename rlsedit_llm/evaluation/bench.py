@@ -24,18 +24,19 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from rlsedit_llm.editing.editor import EditConfig
+from rlsedit_llm.editing.editor import EditConfig, anchor_gram
 from rlsedit_llm.errors import HyperparameterError, StateMismatchError
 from rlsedit_llm.adapters.architectures import detect_spec, load_model
 from rlsedit_llm.pipeline.stats import model_fingerprint, second_moments
 from rlsedit_llm.evaluation import plots
+from rlsedit_llm.kernel.registry import is_layer_method, method_names
 from rlsedit_llm.evaluation.protocol import (
-    ALL_METHODS,
     ProtocolConfig,
     base_report,
     base_summary,
@@ -51,7 +52,7 @@ from rlsedit_llm.evaluation.protocol import (
     snapshot_weights,
 )
 
-__all__ = ["run_bench", "write_report", "read_results", "parse_methods"]
+__all__ = ["BenchConfig", "run_bench", "write_report", "read_results", "parse_methods"]
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +63,69 @@ FORMAT = "rlsedit-bench-v1"
 LEADER = "rlsedit"  # the method whose keys and values shadows write
 
 
+@dataclass(frozen=True)
+class BenchConfig:
+    """Settings of one benchmark run; one field per ``rlsedit bench`` flag (the CLI builds it,
+    and these are the only defaults). ``stats_tokens=None`` takes :class:`EditConfig`'s."""
+
+    out: str
+    dataset: str = "counterfact"
+    model: str = "smollm2"
+    edits: int = 100
+    batch: int = 10
+    methods: str = "rlsedit,memit_seq"
+    stats_tokens: int | None = None
+    checkpoints: int = 5
+    glue: int = 0
+    layers: str | None = None
+    alpha: float = 0.0
+    beta: float = 1.0
+    mom2_weight: float | None = None
+    cache_dir: str | None = None
+    retention_fraction: float = 0.1
+    fluency_cases: int = 50
+    fluency_tokens: int = 100
+    no_wild: bool = False
+    ft_lr: float = 5e-4
+    ft_steps: int = 10
+    state_dir: str | None = None
+    keep_state: bool = False
+    save_every: int = 1
+    restart: bool = False
+    report_only: bool = False
+    quiet: bool = False
+    interleave: bool = False
+    shadow: str = ""
+    score_all_at: str = ""
+    time_budget: float | None = None
+
+    def edit_config(self) -> EditConfig:
+        """The hyperparameters shared by the layer-solver methods (validated)."""
+        try:
+            layers = tuple(int(x) for x in self.layers.split(",")) if self.layers else None
+        except ValueError:
+            raise HyperparameterError(f"--layers takes comma-separated layer indices, e.g. 3,4,5; got {self.layers!r}") from None
+        config = EditConfig(layers=layers, alpha=float(self.alpha), beta=float(self.beta),
+                            mom2_weight=self.mom2_weight, cache_dir=self.cache_dir, replace=False,
+                            **({} if self.stats_tokens is None else {"stats_tokens": int(self.stats_tokens)}))
+        config.validate()
+        return config
+
+    def method_options(self) -> dict:
+        """Options of the editor-level methods, by method name."""
+        return {"ft": {"lr": float(self.ft_lr), "steps": int(self.ft_steps)}}
+
+
 def parse_shadows(text: str, methods: list[str], *, interleave: bool) -> list[str]:
-    """``--shadow memit_seq``: the listed Editor methods write the keys and values of
+    """``--shadow memit_seq``: the listed layer-solver methods write the keys and values of
     :data:`LEADER` (:class:`.protocol.ShadowRunner`) instead of computing their own."""
     shadows = [m.strip() for m in (text or "").split(",") if m.strip()]
     if not shadows:
         return []
-    bad = [m for m in shadows if m not in methods or m in (LEADER, "ft")]
+    bad = [m for m in shadows if m not in methods or m == LEADER or not is_layer_method(m)]
     if bad:
-        raise HyperparameterError(f"--shadow names methods that must also be in --methods and be Editor methods "
-                                  f"other than {LEADER!r} (not 'ft'); got {bad}")
+        raise HyperparameterError(f"--shadow names methods that must also be in --methods and be layer-solver "
+                                  f"methods other than {LEADER!r}; got {bad}")
     if LEADER not in methods:
         raise HyperparameterError(f"--shadow needs {LEADER!r} in --methods: shadows write its keys and values")
     if not interleave:
@@ -90,11 +144,11 @@ def _edit_counts(text) -> tuple[int, ...]:
 def parse_methods(text: str) -> list[str]:
     """``"rlsedit,memit_seq"`` -> ``["rlsedit", "memit_seq"]``; ``"all"`` -> every method."""
     if text.strip() == "all":
-        return list(ALL_METHODS)
+        return list(method_names())
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ALL_METHODS]
+    bad = [m for m in methods if m not in method_names()]
     if bad or not methods:
-        raise HyperparameterError(f"unknown method(s) {bad}; choose from {list(ALL_METHODS)} (comma-separated) or 'all'")
+        raise HyperparameterError(f"unknown method(s) {bad}; choose from {list(method_names())} (comma-separated) or 'all'")
     if len(set(methods)) != len(methods):
         raise HyperparameterError(f"a method is listed twice in {text!r}")
     return methods
@@ -131,19 +185,17 @@ def _machine() -> dict:
             "transformers": transformers.__version__}
 
 
-def _arg(args, name, default):
-    value = getattr(args, name, None)
-    return default if value is None else value
-
-
 # ----------------------------------------------------------------------------------------------
 # The run
 
 
-def run_bench(args) -> int:
-    """Entry point of ``rlsedit bench`` (``args``: the parsed command line, see :mod:`..cli`)."""
+def run_bench(config: BenchConfig) -> int:
+    """Run (or resume) the benchmark ``config`` describes; the entry point of ``rlsedit bench``."""
+    if not isinstance(config, BenchConfig):
+        raise HyperparameterError(f"run_bench takes a BenchConfig; got {type(config).__name__}")
+    args = config  # short name: the body reads it like the command line
     out = Path(args.out)
-    if _arg(args, "report_only", False):
+    if args.report_only:
         results = read_results(out)
         if results is None:
             raise HyperparameterError(f"no {RESULTS} in {out}; run the benchmark first")
@@ -151,31 +203,25 @@ def run_bench(args) -> int:
         print(f"report rebuilt in {out}")
         return 0
 
-    methods = parse_methods(_arg(args, "methods", "rlsedit,memit_seq"))
+    methods = parse_methods(args.methods)
     cfg = ProtocolConfig(
         dataset=args.dataset, n_edits=int(args.edits), batch_size=int(args.batch),
-        checkpoints=int(_arg(args, "checkpoints", 5)),
-        retention_fraction=float(_arg(args, "retention_fraction", 0.1)),
-        fluency_cases=int(_arg(args, "fluency_cases", 50)), fluency_tokens=int(_arg(args, "fluency_tokens", 100)),
-        glue_items=int(_arg(args, "glue", 0)), wild=not _arg(args, "no_wild", False),
-        full_checkpoints=_edit_counts(_arg(args, "score_all_at", "")),
+        checkpoints=int(args.checkpoints),
+        retention_fraction=float(args.retention_fraction),
+        fluency_cases=int(args.fluency_cases), fluency_tokens=int(args.fluency_tokens),
+        glue_items=int(args.glue), wild=not args.no_wild,
+        full_checkpoints=_edit_counts(args.score_all_at),
     )
     cfg.validate()
-    shadows = parse_shadows(_arg(args, "shadow", ""), methods, interleave=_arg(args, "interleave", False))
+    shadows = parse_shadows(args.shadow, methods, interleave=args.interleave)
     methods = [m for m in methods if m not in shadows] + shadows  # a leader writes each batch first
-    layers = tuple(int(x) for x in args.layers.split(",")) if _arg(args, "layers", None) else None
-    edit_config = EditConfig(
-        layers=layers, alpha=float(_arg(args, "alpha", 0.0)), beta=float(_arg(args, "beta", 1.0)),
-        mom2_weight=_arg(args, "mom2_weight", None), stats_tokens=int(_arg(args, "stats_tokens", 100_000)),
-        cache_dir=_arg(args, "cache_dir", None), replace=False,
-    )
-    edit_config.validate()
-    ft = {"ft_lr": float(_arg(args, "ft_lr", 5e-4)), "ft_steps": int(_arg(args, "ft_steps", 10))}
-    state_root = Path(_arg(args, "state_dir", None) or out / "state")
-    save_every = int(_arg(args, "save_every", 1))
-    budget = _arg(args, "time_budget", None)
+    edit_config = args.edit_config()
+    ft = {"ft_lr": float(args.ft_lr), "ft_steps": int(args.ft_steps)}  # recorded in the settings
+    state_root = Path(args.state_dir or out / "state")
+    save_every = int(args.save_every)
+    budget = args.time_budget
     budget = None if budget is None else float(budget)
-    if budget is not None and not _arg(args, "interleave", False):
+    if budget is not None and not args.interleave:
         raise HyperparameterError("--time-budget needs --interleave (so that every method stops at the same edit)")
     if save_every < 1:
         raise HyperparameterError(f"--save-every must be >= 1; got {save_every}")
@@ -194,7 +240,7 @@ def run_bench(args) -> int:
         "case_ids": [f.case_id for f in facts], **ft, "shadow": shadows,
     }
     results = read_results(out)
-    if results is not None and _arg(args, "restart", False):
+    if results is not None and args.restart:
         results = None
         shutil.rmtree(state_root, ignore_errors=True)
     if results is not None:
@@ -225,7 +271,7 @@ def run_bench(args) -> int:
                              n_tokens=edit_config.stats_tokens, max_length=edit_config.stats_max_length,
                              cache_dir=edit_config.cache_dir)
     N = edit_config.resolved_mom2_weight(spec.d_k)
-    grams = {l: N * m.to("cpu", torch.float64) for l, m in moments.items()}
+    grams = {l: anchor_gram(m, N, device="cpu") for l, m in moments.items()}
     log.info("statistics ready in %.1f s", time.perf_counter() - tic)
 
     if results["base"] is None:
@@ -257,7 +303,7 @@ def run_bench(args) -> int:
         if record is not None and record["batches_done"] > 0 and state.exists():
             try:
                 runner = load_runner(name, model, tok, state, leader=leader)
-                n_saved = (runner.editor.n_batches_ if name == "ft" else len(runner.editor.journal_))
+                n_saved = runner.n_batches
                 if n_saved > record["batches_done"]:
                     raise StateMismatchError(f"state holds {n_saved} batches, results {record['batches_done']}")
                 truncate_record(record, n_saved)  # batches after the last saved state are redone
@@ -268,7 +314,8 @@ def run_bench(args) -> int:
                 restore_weights(model, spec, W0)
         if runner is None:
             record = new_record()
-            runner = make_runner(name, model, tok, edit_config=edit_config, leader=leader, **ft)
+            runner = make_runner(name, model, tok, edit_config=edit_config, leader=leader,
+                                 method_options=args.method_options())
         results["methods"][name] = record
         last = [time.perf_counter()]
 
@@ -281,12 +328,12 @@ def run_bench(args) -> int:
             last[0] = time.perf_counter()
             _write_results(out, results)
 
-        def advance(until=None, progress=not _arg(args, "quiet", False), finish=False):
+        def advance(until=None, progress=not args.quiet, finish=False):
             last[0] = time.perf_counter()
             run_method(runner, model, tok, facts, cfg, record, W0=W0, grams=grams, alpha=edit_config.alpha,
                        beta=edit_config.beta, glue=glue, base=results["base"], on_batch=on_batch,
                        progress=progress, until=until, finish=finish)
-            if record["done"] and not _arg(args, "keep_state", False):
+            if record["done"] and not args.keep_state:
                 shutil.rmtree(state, ignore_errors=True)
 
         return runner, record, advance
@@ -295,7 +342,7 @@ def run_bench(args) -> int:
     for name in methods:
         if name not in todo:
             log.info("%s: already complete", name)
-    if not _arg(args, "interleave", False):
+    if not args.interleave:
         for name in todo:  # one method after the other
             unedited_scores(cfg.n_edits)
             _, _, advance = start_method(name)
@@ -313,7 +360,7 @@ def run_bench(args) -> int:
             runner, record, advance = start_method(name, leader)
             active[name] = (runner, record, advance, snapshot_weights(model, spec, layers))
         rounds = tqdm(range(1, cfg.n_batches + 1), desc="+".join(active), unit="round",
-                      disable=_arg(args, "quiet", False))
+                      disable=args.quiet)
         stop = None
         for b in rounds:
             if budget is not None and time.perf_counter() - t0 > budget:

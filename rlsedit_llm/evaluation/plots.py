@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from rlsedit_llm.kernel.registry import method_names
+
 __all__ = ["plot_scores", "plot_retention", "plot_deviation", "METRIC_LABELS"]
 
 METRIC_LABELS = {
@@ -19,17 +21,20 @@ METRIC_LABELS = {
     "wild": "generation check (no teacher forcing)",
 }
 _PANELS = ("efficacy", "generalization", "specificity", "score")
-# RLSEdit and MEMIT-seq are the same estimator, so their curves coincide: MEMIT-seq is drawn
-# dashed on top of a wide RLSEdit line (and with other markers) so that both stay visible.
-_LINE_STYLES = {"rlsedit": {"lw": 3.0, "alpha": 0.55}, "memit_seq": {"ls": (0, (3, 2)), "lw": 1.4}}
-_MARKERS = {"rlsedit": "o", "memit_seq": "x", "memit": "s", "alphaedit": "^", "ft": "v"}
+# Methods can coincide (RLSEdit and MEMIT-seq are the same estimator), so the first registered
+# method is drawn as a wide translucent line and the others thin, every other one dashed, each
+# with its own marker: curves on top of each other all stay visible.
+_MARKERS = ("o", "x", "s", "^", "v", "D", "P", "*", "<", ">")
 
 
 def _style(name: str, *, line: bool = True) -> dict:
     """Matplotlib keyword arguments that tell method ``name`` apart from the others."""
-    out = {"marker": _MARKERS.get(name, "o"), "ms": 4}
+    names = method_names()
+    rank = names.index(name) if name in names else len(names)
+    out = {"marker": _MARKERS[rank % len(_MARKERS)], "ms": 4}
     if line:
-        out.update(_LINE_STYLES.get(name, {"lw": 1.4}))
+        out.update({"lw": 3.0, "alpha": 0.55} if rank == 0 else
+                   {"lw": 1.4, **({"ls": (0, (3, 2))} if rank % 2 else {})})
     return out
 
 

@@ -33,19 +33,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlsedit_llm.kernel.baselines import METHODS
-from rlsedit_llm.editing.editor import EditConfig, Editor
+from rlsedit_llm.editing.editor import EditConfig
+from rlsedit_llm.editing.methods import load_editor, make_editor
+from rlsedit_llm.kernel.registry import capabilities, is_layer_method, method_names
 from rlsedit_llm.errors import FactError, HyperparameterError
 from rlsedit_llm.files import DATA_DIR
 from rlsedit_llm.pipeline.facts import Fact, as_fact, validate_facts
 from rlsedit_llm.adapters.architectures import get_module, read_weight, write_weight
 from rlsedit_llm.evaluation import metrics
-from rlsedit_llm.editing.finetune import FineTuneEditor
 
 __all__ = [
     "DATASETS",
     "ALL_METHODS",
-    "BOUND_METHODS",
     "data_dir",
     "load_stream",
     "load_glue",
@@ -63,10 +62,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DATASETS = ("counterfact", "zsre")
-#: Every method the benchmark runs: the Editor's solvers plus plain fine-tuning.
-ALL_METHODS = tuple(METHODS) + ("ft",)
-#: Methods whose weights minimise the cumulative objective J_t, so that T3 applies.
-BOUND_METHODS = ("rlsedit", "memit_seq")
 
 _FILES = {"counterfact": "counterfact.json", "zsre": "zsre_eval.json"}
 
@@ -222,9 +217,9 @@ class ProtocolConfig:
 class MethodRunner:
     """One method's editor on a model: ``edit(facts)``, ``weights()``, ``save(dir)``.
 
-    Wraps :class:`~rlsedit_llm.Editor` (``rlsedit``, ``memit``, ``memit_seq``, ``alphaedit``: same
-    keys, values, statistics and templates; only the solver differs) or
-    :class:`~.finetune.FineTuneEditor` (``ft``).
+    Wraps the editor of any registered method (:func:`rlsedit_llm.editing.methods.make_editor`):
+    an :class:`~rlsedit_llm.Editor` for layer-solver methods (same keys, values, statistics and
+    templates; only the solver differs) or an editor-level method such as fine-tuning.
     """
 
     def __init__(self, name: str, editor):
@@ -237,8 +232,6 @@ class MethodRunner:
     def edit(self, facts: Sequence[Fact]) -> dict[str, float]:
         """Write one batch; return the seconds spent per stage (values, keys, update, ...)."""
         report = self.editor.edit(list(facts))
-        if isinstance(report, dict):  # fine-tuning
-            return {"update": report["seconds"]}
         out = dict(report.seconds)
         # What the write left of the value residual ||z* - h|| at the last edited layer (T2's shrink).
         ratios = [f.residual_after / f.residual_before for f in report.facts if f.residual_before > 0]
@@ -247,14 +240,18 @@ class MethodRunner:
 
     def weights(self) -> dict[int, torch.Tensor]:
         """Current weights of the edited modules, ``(d_k, d_v)`` float64 on CPU (the solver's
-        master copy for the Editor's methods, the module's weight for fine-tuning)."""
-        if isinstance(self.editor, Editor):
-            return {l: s.W_.detach().to("cpu", torch.float64) for l, s in self.editor.solvers_.items()}
+        master copy for layer-solver methods, the module's weight for editor-level ones)."""
         return {l: W.detach().to("cpu", torch.float64) for l, W in self.editor.weights().items()}
 
+    @property
+    def n_batches(self) -> int:
+        """Batches the editor has written."""
+        return self.editor.n_batches_
+
     def edits(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The (keys, absolute values) batches the solver of ``layer`` has absorbed (Editor only)."""
-        if not isinstance(self.editor, Editor):
+        """The (keys, absolute values) batches the solver of ``layer`` has absorbed (layer-solver
+        methods; empty for editor-level ones, which keep no journal)."""
+        if not is_layer_method(self.name):
             return []
         return [(r.keys[layer], r.values[layer]) for r in self.editor.journal_]
 
@@ -274,10 +271,11 @@ class ShadowRunner(MethodRunner):
     solvers it is a solver-only comparison, not their own sequential run.
     """
 
-    def __init__(self, name: str, editor: Editor, leader: MethodRunner):
-        if not isinstance(editor, Editor) or not isinstance(leader.editor, Editor):
-            raise HyperparameterError("a shadow and its leader must both be Editor methods (not 'ft')")
-        if leader.editor.config.replace and leader.editor.config.method == "rlsedit":
+    def __init__(self, name: str, editor, leader: MethodRunner):
+        if not (is_layer_method(name) and is_layer_method(leader.name)):
+            raise HyperparameterError("a shadow and its leader must both be layer-solver methods: an "
+                                      "editor-level method (e.g. 'ft') computes no keys or values")
+        if leader.editor.config.replace and leader.editor.capabilities.retracts:
             raise HyperparameterError("the leader must not retract facts (EditConfig.replace=False)")
         super().__init__(name, editor)
         self.leader = leader
@@ -311,32 +309,25 @@ class ShadowRunner(MethodRunner):
 
 
 def make_runner(name: str, model, tokenizer, *, edit_config: EditConfig | None = None,
-                ft_lr: float = 5e-4, ft_steps: int = 10, leader: MethodRunner | None = None) -> MethodRunner:
-    """A fresh runner of method ``name`` (:data:`ALL_METHODS`) on ``model`` (which must hold
-    the pristine base weights). ``edit_config`` (its ``method`` is overridden) sets the layers,
-    statistics and hyperparameters shared by the Editor's methods; fine-tuning uses its layers.
-    With ``leader``, a :class:`ShadowRunner` that writes the leader's keys and values."""
-    if name not in ALL_METHODS:
-        raise HyperparameterError(f"unknown method {name!r}; choose from {list(ALL_METHODS)}")
-    config = edit_config or EditConfig()
-    if name == "ft":
-        if leader is not None:
-            raise HyperparameterError("fine-tuning computes no keys or values, so it cannot shadow a method")
-        return MethodRunner(name, FineTuneEditor(model, tokenizer, layers=config.layers, lr=ft_lr, steps=ft_steps))
-    editor = Editor(model, tokenizer, replace(config, method=name))
+                method_options: dict | None = None, leader: MethodRunner | None = None) -> MethodRunner:
+    """A fresh runner of the registered method ``name`` on ``model`` (which must hold the
+    pristine base weights). ``edit_config`` (its ``method`` is overridden) sets the layers,
+    statistics and hyperparameters shared by the layer-solver methods; ``method_options[name]``
+    go to an editor-level method (e.g. ``{"ft": {"lr": 5e-4, "steps": 10}}``). With ``leader``, a
+    :class:`ShadowRunner` that writes the leader's keys and values."""
+    options = (method_options or {}).get(name, {}) if not is_layer_method(name) else {}
+    if leader is not None and not is_layer_method(name):
+        raise HyperparameterError(f"{name!r} computes no keys or values, so it cannot shadow a method")
+    editor = make_editor(name, model, tokenizer, edit_config, **options)
     return MethodRunner(name, editor) if leader is None else ShadowRunner(name, editor, leader)
 
 
 def load_runner(name: str, model, tokenizer, directory, *, leader: MethodRunner | None = None) -> MethodRunner:
     """Restore a runner saved by :meth:`MethodRunner.save` onto the pristine ``model``
     (a :class:`ShadowRunner` of ``leader`` if given)."""
-    if name == "ft":
-        if leader is not None:
-            raise HyperparameterError("fine-tuning cannot shadow a method")
-        return MethodRunner(name, FineTuneEditor.load(model, tokenizer, directory))
-    editor = Editor.load(model, tokenizer, directory)
-    if editor.config.method != name:
-        raise HyperparameterError(f"the state in {directory} is of method {editor.config.method!r}, not {name!r}")
+    if leader is not None and not is_layer_method(name):
+        raise HyperparameterError(f"{name!r} computes no keys or values, so it cannot shadow a method")
+    editor = load_editor(name, model, tokenizer, directory)
     return MethodRunner(name, editor) if leader is None else ShadowRunner(name, editor, leader)
 
 
@@ -347,7 +338,8 @@ def load_runner(name: str, model, tokenizer, directory, *, leader: MethodRunner 
 def deviation_report(runner: MethodRunner, W0: dict[int, torch.Tensor], grams: dict[int, torch.Tensor] | None,
                      *, alpha: float, beta: float) -> dict[str, dict]:
     """Per edited layer: ``fro = ||W_t - W0||_F`` and ``anchor = ||K0 (W_t - W0)||_F`` with
-    ``K0^T K0 = grams[layer]`` (``N E[k k^T]``); for :data:`BOUND_METHODS` also the bounds
+    ``K0^T K0 = grams[layer]`` (``N E[k k^T]``); for methods that minimise ``J_t``
+    (``capabilities.cumulative_objective``) also the bounds
     ``t3a = ||R0|| / (2 sqrt(lambda_min(A)))`` and ``t3b = ||R0|| / (2 sqrt(beta))`` of
     :mod:`rlsedit_theory.bounds` for the stream absorbed so far (``inf`` when undefined).
     """
@@ -364,7 +356,7 @@ def deviation_report(runner: MethodRunner, W0: dict[int, torch.Tensor], grams: d
             G = gram.to("cpu", torch.float64).numpy()
             row["anchor"] = math.sqrt(max(float(np.sum(D * (G @ D))), 0.0))
             edits = runner.edits(layer)
-            if runner.name in BOUND_METHODS and edits:
+            if capabilities(runner.name).cumulative_objective and edits:
                 problem = Problem(W0[layer].to(torch.float64).numpy(), alpha, beta, gram0=G)
                 stacked = [(torch.cat([K for K, _ in edits]).double().numpy(),
                             torch.cat([V for _, V in edits]).double().numpy())]

@@ -197,8 +197,8 @@ def _layer_certificate(editor, layer: int, n_probes: int, seed: int) -> LayerCer
     if last is not None:
         Kt = last.keys[layer].to(device=device, dtype=dtype)  # (u, d_k)
         Vt = last.values[layer].to(device=device, dtype=dtype)  # (u, d_v)
-        prev = solver.step(Kt, Vt - Kt @ W, sign=-1)  # the state without the last entry, not committed
-        W_prev, C_prev = prev.W, prev.C
+        prev = solver.propose_removal(Kt, Vt)  # the state without the last entry, not committed
+        W_prev, C_prev = prev.W, prev.state["C_"]
         r = Vt - Kt @ W_prev  # innovation of the last step (u, d_v)
         D = W - W_prev
         # ||D||_{G_{t-1}}^2 = tr(D^T G_t D) - ||K_t D||^2, with G_t D = A D + K^T K D.
@@ -219,12 +219,14 @@ def certificate(editor, *, n_probes: int = 8, seed: int = 0) -> Certificate:
     """Compute the :class:`Certificate` of ``editor``'s current state (changes nothing).
 
     Cost per layer: ``O(d_k^2 (d_v + n_probes) + n d_k d_v)`` for ``n`` journal rows, plus one
-    uncommitted downdate ``O(d_k^2 u)`` for the last entry. Needs ``method="rlsedit"`` (the
-    baselines do not minimise ``J_t`` or keep ``C_t``).
+    uncommitted downdate ``O(d_k^2 u)`` for the last entry. Needs a method that minimises
+    ``J_t``, keeps ``C_t`` and retracts (``rlsedit``); its capabilities say so.
     """
-    if editor.config.method != "rlsedit":
+    caps = editor.capabilities
+    if not (caps.cumulative_objective and caps.keeps_inverse and caps.retracts):
         raise HyperparameterError(
-            f"certificates are defined for method='rlsedit'; this editor uses {editor.config.method!r}"
+            f"certificates need a method that minimises J_t, keeps C_t = G_t^(-1) and retracts (e.g. 'rlsedit'); "
+            f"this editor uses {editor.config.method!r}"
         )
     if not (isinstance(n_probes, int) and n_probes >= 1):
         raise HyperparameterError(f"n_probes must be an int >= 1; got {n_probes!r}")

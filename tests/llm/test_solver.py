@@ -32,13 +32,12 @@ def test_layer_rls_equals_numpy_recursion(alpha, beta, seed):
     assert torch.equal(twin.C_, twin.C_.mT)
 
 
-def test_innovation_form_and_downdate_match_closed_form():
+def test_update_and_downdate_match_closed_form():
     W0, gram, edits = _instance(3)
     problem = Problem(W0, 0.5, 3.0, gram0=gram)
     twin = LayerRLS(torch.from_numpy(W0), 0.5, 3.0, torch.from_numpy(gram))
-    for K, V in edits:  # the LLM layer passes innovations R = V - K W
-        Kt = torch.from_numpy(K)
-        twin.update_innovation(Kt, torch.from_numpy(V) - Kt @ twin.W_)
+    for K, V in edits:
+        twin.update(torch.from_numpy(K), torch.from_numpy(V))
     np.testing.assert_allclose(twin.W_.numpy(), closed_form(problem, edits), rtol=1e-10)
     twin.downdate(*(torch.from_numpy(x) for x in edits[2]))
     rest = edits[:2] + edits[3:]

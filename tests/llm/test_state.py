@@ -14,19 +14,12 @@ import pytest
 import torch
 
 from rlsedit_llm.editing import state as state_mod
-from rlsedit_llm.editing.editor import EditConfig, Editor, edit, editor_of
+from rlsedit_llm.editing.editor import EditConfig, Editor, edit, editor_of, load_model_state, save_model_state
 from rlsedit_llm.errors import RLSEditError, StateMismatchError
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.adapters.architectures import tiny_model
 from rlsedit_llm.pipeline.stats import model_fingerprint
-from rlsedit_llm.editing.state import (
-    apply_edit_pack,
-    load_editor,
-    load_model_state,
-    save_editor,
-    save_edit_pack,
-    save_model_state,
-)
+from rlsedit_llm.editing.state import apply_edit_pack
 from rlsedit_llm.pipeline.values import ValueConfig
 
 FACTS = [
@@ -89,7 +82,7 @@ def _edited(stats_dir, n_edits=2, family="llama", **kw):
 
 def test_save_load_restores_weights_and_continues_the_same_recursion(stats_dir, tmp_path):
     editor = _edited(stats_dir)
-    save_editor(editor, tmp_path / "state")
+    editor.save(tmp_path / "state")
     manifest = json.loads((tmp_path / "state" / "editor.json").read_text())
     assert manifest["next_id"] == 2 and [e["edit_id"] for e in manifest["journal"]] == [0, 1]
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["editor.json", "journal.safetensors",
@@ -112,7 +105,7 @@ def test_load_onto_the_already_edited_model_writes_nothing(stats_dir, tmp_path):
     editor = _edited(stats_dir)
     editor.save(tmp_path / "s")
     before = _params(editor.model)
-    again = load_editor(editor.model, editor.tokenizer, tmp_path / "s")
+    again = Editor.load(editor.model, editor.tokenizer, tmp_path / "s")
     _assert_same_params(editor.model, before)
     _assert_same_state(editor, again)
 
@@ -123,21 +116,21 @@ def test_load_refuses_a_model_the_state_was_not_saved_for(stats_dir, tmp_path):
     other, tok = tiny_model("llama", seed=1)  # same architecture, other weights
     before = _params(other)
     with pytest.raises(StateMismatchError, match="match neither the base model"):
-        load_editor(other, tok, tmp_path / "s")
+        Editor.load(other, tok, tmp_path / "s")
     _assert_same_params(other, before)
 
     gpt2, gtok = tiny_model("gpt2")  # another architecture
     with pytest.raises(StateMismatchError, match="llama"):
-        load_editor(gpt2, gtok, tmp_path / "s")
+        Editor.load(gpt2, gtok, tmp_path / "s")
 
     base, tok = tiny_model("llama")  # the base model with one weight nudged
     with torch.no_grad():
         base.model.embed_tokens.weight[3, 3] += 1e-3
     with pytest.raises(StateMismatchError):
-        load_editor(base, tok, tmp_path / "s")
+        Editor.load(base, tok, tmp_path / "s")
 
     with pytest.raises(StateMismatchError, match="does not exist"):
-        load_editor(other, tok, tmp_path / "nothing-here")
+        Editor.load(other, tok, tmp_path / "nothing-here")
 
 
 def test_save_refuses_weights_changed_outside_the_editor(stats_dir, tmp_path):
@@ -162,7 +155,7 @@ def test_damaged_save_is_refused(stats_dir, tmp_path):
     fresh, tok = tiny_model("llama")
     before = _params(fresh)
     with pytest.raises(StateMismatchError, match="solvers.safetensors is missing or damaged"):
-        load_editor(fresh, tok, tmp_path / "s")
+        Editor.load(fresh, tok, tmp_path / "s")
     _assert_same_params(fresh, before)
 
 
@@ -171,7 +164,7 @@ def test_unprepared_editor_round_trip(stats_dir, tmp_path):
     editor = Editor(model, tok, _config(stats_dir))
     editor.save(tmp_path / "s")
     fresh, _ = tiny_model("llama")
-    loaded = load_editor(fresh, tok, tmp_path / "s")
+    loaded = Editor.load(fresh, tok, tmp_path / "s")
     assert loaded.solvers_ == {} and loaded.journal_ == [] and loaded.templates_ is None
     editor.edit(FACTS[0])
     loaded.edit(FACTS[0])
@@ -185,7 +178,7 @@ def test_retractions_survive_save_and_load(stats_dir, tmp_path):
     assert [len(r.facts) for r in editor.journal_] == [1, 1, 1]
     editor.save(tmp_path / "s")
     fresh, tok = tiny_model("llama")
-    loaded = load_editor(fresh, tok, tmp_path / "s")
+    loaded = Editor.load(fresh, tok, tmp_path / "s")
     _assert_same_state(editor, loaded)
     editor.undo(1)
     loaded.undo(1)
@@ -238,7 +231,7 @@ def test_edit_pack_turns_a_fresh_base_model_into_the_edited_one(stats_dir, tmp_p
 
 def test_reduced_precision_edit_pack(stats_dir, tmp_path):
     editor = _edited(stats_dir)
-    save_edit_pack(editor, tmp_path / "p32.safetensors", dtype=torch.float32)
+    editor.save_edit_pack(tmp_path / "p32.safetensors", dtype=torch.float32)
     fresh, _ = tiny_model("llama")
     apply_edit_pack(fresh, tmp_path / "p32.safetensors")
     for layer in editor.layers_:
@@ -287,7 +280,7 @@ def _save_loop(editors, directory, conn, use_exchange, slow, seed):
     conn.send("started")
     i = 0
     while True:
-        save_editor(editors[i % len(editors)], directory)
+        editors[i % len(editors)].save(directory)
         i += 1
 
 
@@ -304,7 +297,7 @@ def _stop_in_the_rename_window(editor, directory, conn):
 
     state_mod._exchange = lambda a, b: False
     os.rename = rename
-    save_editor(editor, directory)
+    editor.save(directory)
 
 
 def _fork_context():
@@ -316,7 +309,7 @@ def _fork_context():
 def _check_complete_save(directory, candidates: dict[tuple, Editor]):
     """The save at ``directory`` loads onto a fresh base model and is exactly one of ``candidates``."""
     fresh, tok = tiny_model("llama")
-    loaded = load_editor(fresh, tok, directory)
+    loaded = Editor.load(fresh, tok, directory)
     ids = tuple(r.edit_id for r in loaded.journal_)
     assert ids in candidates, ids
     _assert_same_params(fresh, _params(candidates[ids].model))
@@ -329,7 +322,7 @@ def test_killing_a_saving_process_leaves_the_previous_or_the_new_save(stats_dir,
     a = _edited(stats_dir, n_edits=2)
     directory = tmp_path / "state"
     a.save(directory)
-    b = load_editor(tiny_model("llama")[0], a.tokenizer, directory)
+    b = Editor.load(tiny_model("llama")[0], a.tokenizer, directory)
     b.undo(0)
     candidates = {(0, 1): a, (1,): b}
 
@@ -359,7 +352,7 @@ def test_kill_between_the_two_renames_recovers_the_previous_save(stats_dir, tmp_
     a = _edited(stats_dir, n_edits=2)
     directory = tmp_path / "state"
     a.save(directory)
-    b = load_editor(tiny_model("llama")[0], a.tokenizer, directory)
+    b = Editor.load(tiny_model("llama")[0], a.tokenizer, directory)
     b.undo(0)
 
     parent, child = ctx.Pipe()
@@ -387,7 +380,7 @@ def test_interrupted_first_save_leaves_nothing_loadable(stats_dir, tmp_path, mon
         editor.save(tmp_path / "s")
     assert list(tmp_path.iterdir()) == []  # the temporary folder was removed
     with pytest.raises(StateMismatchError):
-        load_editor(*tiny_model("llama"), tmp_path / "s")
+        Editor.load(*tiny_model("llama"), tmp_path / "s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,3 +468,38 @@ def test_save_never_replaces_a_folder_that_is_not_a_save(stats_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     editor.save(tmp_path / "empty")  # an empty folder is fine
     assert (tmp_path / "empty" / "editor.json").is_file()
+
+
+# ============================================================================================
+# A state saved by rlsedit 0.1.0 (format version 1) still loads
+# ============================================================================================
+_V1 = Path(__file__).with_name("data")
+
+
+@pytest.mark.parametrize("method", ["rlsedit", "alphaedit"])
+def test_version_1_state_loads_and_continues(method, tmp_path):
+    """tests/llm/data/state_v1_<method> was written by the release before the method protocol
+    (tiny llama, seed 0, two edits of 2 and 1 facts)."""
+    from safetensors.torch import load_file
+
+    saved = _V1 / f"state_v1_{method}"
+    assert json.loads((saved / "editor.json").read_text())["version"] == 1
+    old_tensors = load_file(saved / "solvers.safetensors")
+    model, tok = tiny_model("llama", seed=0)
+    editor = Editor.load(model, tok, saved)
+    assert editor.config.method == method and [r.edit_id for r in editor.journal_] == [0, 1]
+    assert [f.subject for r in editor.journal_ for f in r.facts] == ["Alice", "Bob", "Carol"]
+    for layer, solver in editor.solvers_.items():
+        assert torch.equal(solver.W_, old_tensors[f"layer{layer}.W_"])
+        assert solver.n_rows_ == 3 and solver.n_updates_ == 2
+    editor.check_model()
+    if method == "rlsedit":
+        assert editor.certificate().holds()
+        editor.undo(0)
+        assert [r.edit_id for r in editor.journal_] == [1]
+    editor.save(tmp_path / "v2")
+    assert json.loads((tmp_path / "v2" / "editor.json").read_text())["version"] == state_mod.VERSION
+    again = Editor.load(tiny_model("llama", seed=0)[0], tok, tmp_path / "v2")
+    for layer, solver in again.solvers_.items():
+        assert torch.equal(solver.W_, editor.solvers_[layer].W_)
+        assert again.solvers_[layer].state_dict()["scalars"] == solver.state_dict()["scalars"] or method == "alphaedit"

@@ -20,7 +20,6 @@ from rlsedit_llm.errors import (
 )
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.adapters.architectures import read_weight, tiny_model
-from rlsedit_llm.editing.state import load_editor
 from rlsedit_llm.pipeline.values import ValueConfig
 
 FIRST = [Fact("{} is located in", "Toyota", "Germany", relation_id="P17"),
@@ -234,14 +233,15 @@ def test_failure_during_undo_restores_everything(editor, monkeypatch):
 # Wrong model, wrong state, wrong hyperparameters
 # ---------------------------------------------------------------------------------------------
 def test_unsupported_architecture(stats_dir):
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
-                                     num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16))
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                             intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
+                                             num_local_experts=2, max_position_embeddings=32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _, tok = tiny_model("llama")
-    with pytest.raises(UnsupportedArchitectureError, match="supported families"):
+    with pytest.raises(UnsupportedArchitectureError, match="(?i)expert"):
         Editor(model, tok, _config(stats_dir))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -253,7 +253,7 @@ def test_a_state_saved_for_another_model(editor, tmp_path):
     other_editor.edit(NEXT)
     snap = _snapshot(other_editor)
     with pytest.raises(StateMismatchError, match="match neither"):
-        load_editor(other, tok, tmp_path / "s")
+        Editor.load(other, tok, tmp_path / "s")
     _assert_unchanged(other_editor, snap)
 
 
