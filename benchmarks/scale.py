@@ -1,0 +1,508 @@
+"""RLSEdit at Llama-3-8B widths: the whole editing path, the update against its roofline floor,
+and the drift of a float32 state over a long stream.
+
+    .venv/bin/python benchmarks/scale.py                  # 2 decoder layers, CPU (~8 GB RSS at most)
+    .venv/bin/python benchmarks/scale.py --quick          # tiny widths, seconds
+    .venv/bin/python benchmarks/scale.py --layers 32 --dtype bfloat16 --device cuda   # full 8B shape
+    .venv/bin/python benchmarks/scale.py --drift          # float32 vs float64 over 10,000 updates
+    .venv/bin/python benchmarks/scale.py --kernel-only    # only the update against the floor
+    .venv/bin/python benchmarks/scale.py --stream --device cuda   # SmolLM2, 1,000 CounterFact edits
+
+Parts (each printed as a table):
+
+1. **pipeline** — a random model with Llama-3-8B's widths (hidden 4096, MLP 14336, 32 query /
+   8 key-value heads of 128) but ``--layers`` decoder layers and the tiny test tokenizer's
+   vocabulary, built offline from a ``LlamaConfig``. An :class:`~rlsedit_llm.Editor` runs
+   statistics, templates, keys, values, one update of ``--batch`` CounterFact facts per edited
+   layer, the certificate, save, load and undo; per stage: seconds and peak memory (RSS of the
+   process, and on CUDA the allocator's peak).
+2. **kernel** — the update at ``d_k = 14336`` (``--kernel-dk``), ``u = --batch``: LayerRLS.step
+   (the library) and the in-place :func:`~rlsedit_llm.kernel.inplace.woodbury_update_`, against
+   a dense re-solve (Cholesky of ``G`` and the solve for ``W``) and against the roofline floor:
+   ``max(3 s d_k^2 / bandwidth, 4 d_k^2 u / GEMM rate)`` with the copy bandwidth measured on a
+   large tensor (2 bytes moved per byte copied) and the GEMM rate measured on a large matmul.
+3. **drift** (``--drift``) — a float64 and a float32 state fed the same stream of
+   ``--drift-updates`` batches of ``--drift-u`` keys at ``d_k = --drift-dk``, with the exact
+   ``G_t`` kept in float64: ``||C_t G_t - I||_F`` for both, at checkpoints.
+
+4. **stream** (``--stream``) — ``--edits`` CounterFact facts in batches of ``--batch`` on
+   SmolLM2 (``--stream-model tiny``: a tiny random model, for dry runs) on ``--device``, with
+   the editor's per-stage seconds and the final efficacy over every edit. (``rlsedit bench``
+   loads its model on the CPU, so on a GPU machine this is the stream to time.)
+
+The output names the machine, torch's thread count and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rlsedit_llm.kernel.inplace import woodbury_update_  # noqa: E402
+from rlsedit_llm.kernel.memory import format_bytes, plan  # noqa: E402
+from rlsedit_llm.kernel.rls import LayerRLS  # noqa: E402
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 head_dim=128)
+QUICK = dict(hidden_size=64, intermediate_size=224, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+# -- measurement helpers ----------------------------------------------------------------------------
+def rss_peak() -> int:
+    """Peak resident set size of this process so far (bytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_now() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:  # pragma: no cover
+        return rss_peak()
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Stages:
+    """Per-stage seconds and memory."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.rows: list[dict] = []
+
+    def run(self, name, fn, *args, **kwargs):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        tic = time.perf_counter()
+        result = fn(*args, **kwargs)
+        sync(self.device)
+        row = {"stage": name, "seconds": time.perf_counter() - tic, "rss_peak": rss_peak(), "rss_now": rss_now()}
+        if cuda:
+            row["cuda_peak"] = torch.cuda.max_memory_allocated()
+        self.rows.append(row)
+        print(f"  {name:<28}{row['seconds']:>9.2f} s   RSS peak {format_bytes(row['rss_peak']):>9}"
+              + (f"   CUDA peak {format_bytes(row['cuda_peak']):>9}" if cuda else ""), flush=True)
+        return result
+
+    def table(self) -> str:
+        cuda = self.device.type == "cuda"
+        lines = ["| stage | seconds | RSS peak (process) | RSS now |" + (" CUDA peak |" if cuda else ""),
+                 "|---|---|---|---|" + ("---|" if cuda else "")]
+        for r in self.rows:
+            lines.append(f"| {r['stage']} | {r['seconds']:.2f} | {format_bytes(r['rss_peak'])} | "
+                         f"{format_bytes(r['rss_now'])} |" + (f" {format_bytes(r['cuda_peak'])} |" if cuda else ""))
+        return "\n".join(lines)
+
+
+def best_of(fn, trials: int, device) -> float:
+    best = math.inf
+    for _ in range(trials):
+        sync(device)
+        tic = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - tic)
+    return best
+
+
+def machine(device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    text = (f"machine: {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+            f"torch threads {torch.get_num_threads()}, load average {load[0]:.2f}")
+    if torch.device(device).type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name()}"
+    return text
+
+
+def bandwidth(device, dtype=torch.float64, nbytes=512 * 2**20) -> float:
+    """Copy bandwidth (bytes moved per second; a copy moves 2 bytes per byte copied)."""
+    n = nbytes // torch.tensor([], dtype=dtype).element_size()
+    x = torch.ones(n, dtype=dtype, device=device)
+    y = torch.empty_like(x)
+    t = best_of(lambda: y.copy_(x), 5, device)
+    del x, y
+    return 2 * nbytes / t
+
+
+def gemm_rate(device, dtype, n=4096) -> float:
+    """Flop/s of an n x n x n matmul."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    c = torch.empty_like(a)
+    t = best_of(lambda: torch.mm(a, b, out=c), 3, device)
+    return 2 * n**3 / t
+
+
+# -- part 1: the pipeline ------------------------------------------------------------------------------
+def build_model(n_layers: int, dtype, device, quick: bool):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from rlsedit_llm.adapters.architectures import _tiny_tokenizer
+
+    tok = _tiny_tokenizer()
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    widths = QUICK if quick else LLAMA3_8B
+    cfg = LlamaConfig(vocab_size=len(tok), num_hidden_layers=n_layers, max_position_embeddings=512,
+                      tie_word_embeddings=False, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, **widths)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build in the target dtype: no fp32 copy of a 32-layer model
+        try:
+            model = AutoModelForCausalLM.from_config(cfg)
+        finally:
+            torch.set_default_dtype(previous)
+    return model.to(dtype=dtype).eval(), tok
+
+
+def run_pipeline(args, device, model_dtype, state_dtype) -> dict:
+    import rlsedit_llm
+    from rlsedit_llm import EditConfig, Editor, ValueConfig
+
+    stages = Stages(device)
+    print(f"\n== pipeline: Llama-3-8B widths, {args.layers} decoder layer(s), model {model_dtype}, "
+          f"state {state_dtype}, {args.edit_layers} edited layer(s), batch {args.batch}, {device} ==")
+    model, tok = stages.run("build model", build_model, args.layers, model_dtype, device, args.quick)
+    n_params = sum(p.numel() for p in model.parameters())
+    spec_dk = model.config.intermediate_size
+    print(f"  model: {n_params / 1e6:.0f} M parameters ({format_bytes(n_params * model_dtype.itemsize)}), d_k {spec_dk}")
+    facts = json.loads((ROOT / "rlsedit_llm" / "data" / "counterfact.json").read_text())[: args.batch]
+    facts = rlsedit_llm.as_facts(facts)
+    from rlsedit_llm.adapters.architectures import default_layers
+
+    layers = default_layers("llama", args.layers)[: args.edit_layers]  # 32 layers: 4..8 as published
+    cache = tempfile.mkdtemp(prefix="rlsedit-scale-")
+    try:
+        cfg = EditConfig(layers=layers, alpha=args.alpha, stats_tokens=args.stats_tokens, stats_max_length=256,
+                         state_dtype=str(state_dtype).removeprefix("torch."), cache_dir=cache, n_templates=1,
+                         template_length=4, value=ValueConfig(steps=args.value_steps))
+        editor = Editor(model, tok, cfg)
+        p = plan(editor.spec_.d_model, editor.spec_.d_k, len(layers), state_dtype, batch=args.batch,
+                 model_bytes=n_params * model_dtype.itemsize)
+        print(f"  planner: state {format_bytes(p.state)}, peak (editor) {format_bytes(p.peak)}, "
+              f"with the model {format_bytes(p.total_peak)}")
+        stages.run("statistics + state build", editor.prepare)
+        report = stages.run(f"edit (batch {len(facts)})", editor.edit, facts)
+        for stage, sec in report.seconds.items():
+            print(f"      edit.{stage:<20}{sec:>9.2f} s")
+        cert = stages.run("certificate", editor.certificate)
+        state_dir = Path(cache) / "state"
+        stages.run("save", editor.save, state_dir)
+        size = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file())
+        del editor
+        gc.collect()
+        editor = stages.run("load", Editor.load, model, tok, state_dir)
+        stages.run("undo", editor.undo, editor.journal_[-1].edit_id)
+        efficacy = report.efficacy
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    print(f"  saved state on disk: {format_bytes(size)}; efficacy of the edit {efficacy:.2f}; "
+          f"certificate gradient {max(l.gradient for l in cert.layers) if hasattr(cert, 'layers') else cert}")
+    print("\n" + stages.table())
+    return {"stages": stages.rows, "edit_seconds": report.seconds, "efficacy": efficacy, "saved_bytes": size,
+            "params": n_params}
+
+
+# -- part 2: the update kernel against the floor --------------------------------------------------
+def _spd_state(d_k: int, d_v: int, dtype, device, seed=0):
+    """A well-conditioned SPD C (d_k, d_k) without a d_k^3 factorisation: C = I/a + small low rank."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    C = torch.eye(d_k, dtype=dtype, device=device)
+    B = (torch.randn(d_k, 8, generator=g, dtype=dtype) / math.sqrt(d_k)).to(device)
+    C.addmm_(B, B.mT)
+    W = (torch.randn(d_k, d_v, generator=g, dtype=dtype) * 0.02).to(device)
+    return C, W
+
+
+def run_kernel(args, device, dtypes) -> list[dict]:
+    d_k, d_v, u = args.kernel_dk, args.kernel_dv, args.batch
+    print(f"\n== kernel: one update at d_k={d_k}, d_v={d_v}, u={u}, {device} ==")
+    rows = []
+    for dtype in dtypes:
+        s = dtype.itemsize
+        bw = bandwidth(device, dtype)
+        rate = gemm_rate(device, dtype, n=min(4096, d_k))
+        mem_floor = 3 * s * d_k * d_k / bw
+        flop_floor = 4 * d_k * d_k * u / rate
+        floor = max(mem_floor, flop_floor)
+        print(f"  {str(dtype):<14} copy bandwidth {bw / 1e9:.1f} GB/s, GEMM {rate / 1e9:.1f} GFLOP/s; "
+              f"floor: memory {mem_floor * 1e3:.4g} ms, flops {flop_floor * 1e3:.4g} ms")
+        print(f"  {'':<14} state per layer: C {format_bytes(s * d_k * d_k)}; planner (C+gram0+W+W0) "
+              f"{format_bytes(plan(d_v, d_k, 1, dtype).state)}")
+        g = torch.Generator(device="cpu").manual_seed(1)
+        K = (torch.randn(u, d_k, generator=g, dtype=dtype)).to(device)
+        R = (torch.randn(u, d_v, generator=g, dtype=dtype) * 0.1).to(device)
+        C, W = _spd_state(d_k, d_v, dtype, device)
+        row = {"dtype": str(dtype), "d_k": d_k, "u": u, "bandwidth": bw, "gemm": rate, "mem_floor": mem_floor,
+               "flop_floor": flop_floor, "floor": floor}
+
+        def inplace():
+            woodbury_update_(C, W, K, R)
+
+        def inplace_down():
+            woodbury_update_(C, W, K, R, sign=-1)
+
+        # alternate add and remove so C stays the same state (each timed separately)
+        times = []
+        for _ in range(args.trials):
+            times.append(best_of(inplace, 1, device))
+            best_of(inplace_down, 1, device)
+        row["inplace"] = min(times)
+        plan_step = plan(d_v, d_k, 1, dtype).edit_temporaries + plan(d_v, d_k, 1, dtype).state
+        if args.skip_library or (device.type == "cpu" and plan_step > args.max_bytes):
+            row["library"] = None
+            print(f"  {'':<14} LayerRLS.step skipped (its temporaries, about {format_bytes(plan_step)}, "
+                  f"exceed --max-bytes {format_bytes(args.max_bytes)})")
+        else:
+            solver = object.__new__(LayerRLS)
+            solver.alpha, solver.beta, solver.dtype = 1.0, 0.0, dtype
+            solver.C_, solver.W_, solver.W0_, solver.G_, solver.gram0_ = C, W, W, None, None
+            solver.n_updates_ = solver.n_rows_ = 0
+            row["library"] = best_of(lambda: solver.step(K, R), args.trials, device)
+            del solver
+            gc.collect()
+        if args.skip_resolve:
+            row["resolve"] = None
+        else:
+            # the dense re-solve: Cholesky of G (here C itself stands in: same size, SPD) and W = G^{-1} B
+            B = W.clone()
+
+            def resolve():
+                L, _ = torch.linalg.cholesky_ex(C)
+                torch.cholesky_solve(B, L)
+
+            row["resolve"] = best_of(resolve, 1, device)
+            del B
+        del C, W
+        gc.collect()
+        for name in ("library", "inplace", "resolve"):
+            t = row[name]
+            if t is not None:
+                print(f"  {'':<14} {name:<10}{t * 1e3:>10.4g} ms   {t / floor:>6.2f} x floor")
+        rows.append(row)
+    print("\n| state | d_k | u | bandwidth GB/s | GEMM GFLOP/s | floor ms | LayerRLS.step ms (x floor) "
+          "| in place ms (x floor) | re-solve ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lib = f"{r['library'] * 1e3:.4g} ({r['library'] / r['floor']:.2f})" if r["library"] else "skipped"
+        res = f"{r['resolve'] * 1e3:.4g}" if r["resolve"] else "skipped"
+        print(f"| {r['dtype'].removeprefix('torch.')} | {r['d_k']} | {r['u']} | {r['bandwidth'] / 1e9:.1f} | "
+              f"{r['gemm'] / 1e9:.1f} | {r['floor'] * 1e3:.4g} | {lib} | {r['inplace'] * 1e3:.4g} "
+              f"({r['inplace'] / r['floor']:.2f}) | {res} |")
+    for r in rows:
+        ratio = r["inplace"] / r["floor"]
+        print(f"target (in place within 1.5x of the floor, {r['dtype']}): {ratio:.2f}x "
+              f"{'PASS' if ratio <= 1.5 else 'FAIL'}")
+    return rows
+
+
+# -- part 3: float32 drift over a long stream ------------------------------------------------------
+def run_drift(args, device) -> list[dict]:
+    d_k, n, u, cond = args.drift_dk, args.drift_updates, args.drift_u, args.drift_cond
+    print(f"\n== drift: float32 vs float64 state, d_k={d_k}, {n} updates of u={u}, "
+          f"anchor condition number {cond:g}, {device} ==")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(d_k, d_k, generator=g, dtype=torch.float64))
+    Q = Q.to(device)
+    spec = torch.logspace(0, -math.log10(cond), d_k, dtype=torch.float64, device=device)  # E[kk^T] eigenvalues
+    N = 15000.0 * d_k / 14336  # the editor's default anchor weight
+    G = (Q * (N * spec)) @ Q.mT  # G_0 = N E[kk^T] (alpha = 0, the published setting)
+    G = (G + G.mT) / 2
+    C64 = (Q * (1.0 / (N * spec))) @ Q.mT
+    C64 = ((C64 + C64.mT) / 2).contiguous()
+    C32 = C64.to(torch.float32)
+    d_v = 8
+    W64 = torch.zeros(d_k, d_v, dtype=torch.float64, device=device)
+    W32 = W64.to(torch.float32)
+    eye = torch.eye(d_k, dtype=torch.float64, device=device)
+    scale = Q * spec.sqrt()  # keys k = Q diag(sqrt(spec)) z
+
+    def measure(t):
+        d64 = float(torch.linalg.norm(C64 @ G - eye))
+        d32 = float(torch.linalg.norm(C32.double() @ G - eye))
+        gap = float(torch.linalg.norm(C32.double() - C64) / torch.linalg.norm(C64))
+        pd = int(torch.linalg.cholesky_ex(C32)[1]) == 0
+        sym = bool(torch.equal(C32, C32.mT))
+        row = {"t": t, "drift64": d64, "drift32": d32, "rel_gap": gap, "float32_pd": pd, "float32_symmetric": sym,
+               "seconds": time.perf_counter() - start}
+        print(f"  t={t:>6}  ||CG-I||_F float64 {d64:.3e}  float32 {d32:.3e}  "
+              f"||C32-C64||/||C64|| {gap:.2e}  float32 PD {pd}  symmetric {sym}  ({row['seconds']:.0f} s)",
+              flush=True)
+        return row
+
+    checkpoints = sorted({c for c in (0, 1, 10, 100, 1000, 3000, 10000, n) if c <= n})
+    start = time.perf_counter()
+    rows = [measure(0)]
+    new_keys = []  # G_t is brought up to date at the checkpoints only (one GEMM instead of n rank-u updates)
+    for t in range(1, n + 1):
+        if t == 2:
+            tic = time.perf_counter()
+        z = torch.randn(u, d_k, generator=g, dtype=torch.float64).to(device)
+        K = z @ scale.mT  # (u, d_k)
+        R = torch.randn(u, d_v, generator=g, dtype=torch.float64).to(device)
+        woodbury_update_(C64, W64, K, R)
+        woodbury_update_(C32, W32, K, R)
+        new_keys.append(K)
+        if t == 10:
+            per = (time.perf_counter() - tic) / 9
+            print(f"  one update of both states: {per * 1e3:.0f} ms; estimate for {n}: {per * n / 60:.1f} min "
+                  f"(+ {len(checkpoints)} checkpoints)", flush=True)
+        if t in checkpoints:
+            Kt = torch.cat(new_keys)
+            G.addmm_(Kt.mT, Kt)
+            new_keys.clear()
+            rows.append(measure(t))
+    print("\n| t | drift float64 | drift float32 | rel. gap C32 vs C64 | float32 PD | seconds |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['t']} | {r['drift64']:.2e} | {r['drift32']:.2e} | {r['rel_gap']:.2e} | "
+              f"{'yes' if r['float32_pd'] else 'NO'} | {r['seconds']:.0f} |")
+    return rows
+
+
+# -- part 4: a CounterFact stream (SmolLM2, or a tiny model for a dry run) ---------------------------
+def run_stream(args, device, model_dtype, state_dtype) -> dict:
+    import rlsedit_llm
+    from rlsedit_llm import EditConfig, Editor
+    from rlsedit_llm.pipeline.scoring import score_targets
+
+    name = args.stream_model
+    if name == "tiny":
+        from rlsedit_llm.adapters.architectures import tiny_model
+
+        model, tok = tiny_model("llama", init_std=0.3, dtype=model_dtype)
+        model = model.to(device)
+    else:
+        model, tok = rlsedit_llm.load_model(name, dtype=model_dtype, device=device)
+    records = json.loads((ROOT / "rlsedit_llm" / "data" / "counterfact.json").read_text())[: args.edits]
+    facts = rlsedit_llm.as_facts(records)
+    print(f"\n== counterfact stream: {name}, {len(facts)} edits in batches of {args.batch}, model {model_dtype}, "
+          f"state {state_dtype}, {device} ==")
+    cache = tempfile.mkdtemp(prefix="rlsedit-stream-")
+    totals: dict[str, float] = {}
+    try:
+        cfg = EditConfig(stats_tokens=args.stats_tokens, cache_dir=cache,
+                         state_dtype=str(state_dtype).removeprefix("torch."),
+                         **({"alpha": 1e-3, "mom2_weight": 1.0, "n_templates": 2, "template_length": 4,
+                             "stats_max_length": 64} if name == "tiny" else {}))
+        editor = Editor(model, tok, cfg)
+        tic = time.perf_counter()
+        for start in range(0, len(facts), args.batch):
+            report = editor.edit(facts[start:start + args.batch])
+            for stage, sec in report.seconds.items():
+                totals[stage] = totals.get(stage, 0.0) + sec
+            print(f"  batch {start // args.batch + 1}: {sum(report.seconds.values()):.1f} s, "
+                  f"efficacy {report.efficacy:.2f}", flush=True)
+        wall = time.perf_counter() - tic
+        new = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
+        true = score_targets(model, tok, [f.text() for f in facts], [f.target_true or f.target for f in facts])
+        efficacy = sum(a.mean_nll < b.mean_nll for a, b in zip(new, true)) / len(facts)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    print("\n| stage | total s | s / edit |\n|---|---|---|")
+    for stage, sec in totals.items():
+        print(f"| {stage} | {sec:.2f} | {sec / len(facts):.4f} |")
+    print(f"| wall (edits) | {wall:.2f} | {wall / len(facts):.4f} |")
+    print(f"final efficacy over all {len(facts)} edits (new target more likely than the true one): {efficacy:.3f}")
+    return {"stages": totals, "wall": wall, "efficacy": efficacy, "edits": len(facts)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the model's dtype")
+    parser.add_argument("--state-dtype", default=None, choices=["float32", "float64"],
+                        help="the editor's state (default: float64 on CUDA, float32 on CPU to stay under 8 GB)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (32: the full 8B shape)")
+    parser.add_argument("--edit-layers", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=100, help="facts per edit, and u of the kernel timing")
+    parser.add_argument("--stats-tokens", type=int, default=4000)
+    parser.add_argument("--value-steps", type=int, default=3)
+    parser.add_argument("--alpha", type=float, default=0.1,
+                        help="weight of ||W - W0||^2 (> 0: a few thousand statistics tokens leave E[kk^T] singular)")
+    parser.add_argument("--kernel-dk", type=int, default=14336)
+    parser.add_argument("--kernel-dv", type=int, default=4096)
+    parser.add_argument("--kernel-dtypes", default="float64,float32")
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--max-bytes", type=float, default=7e9,
+                        help="skip LayerRLS.step on CPU when its planned peak exceeds this")
+    parser.add_argument("--skip-library", action="store_true")
+    parser.add_argument("--skip-resolve", action="store_true")
+    parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--kernel-only", action="store_true")
+    parser.add_argument("--drift", action="store_true", help="run only the float32 drift stream")
+    parser.add_argument("--drift-dk", type=int, default=4096)
+    parser.add_argument("--drift-updates", type=int, default=10_000)
+    parser.add_argument("--drift-u", type=int, default=1)
+    parser.add_argument("--drift-cond", type=float, default=1e6,
+                        help="condition number of the anchor E[kk^T] (eigenvalues log-spaced)")
+    parser.add_argument("--stream", action="store_true", help="run only a CounterFact editing stream")
+    parser.add_argument("--stream-model", default="smollm2", help="smollm2, or tiny (a dry run)")
+    parser.add_argument("--edits", type=int, default=1000, help="edits of the --stream")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--quick", action="store_true", help="tiny widths everywhere (seconds)")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA requested but not available", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.kernel_dk, args.kernel_dv = min(args.kernel_dk, 512), min(args.kernel_dv, 64)
+        args.drift_dk, args.drift_updates = min(args.drift_dk, 128), min(args.drift_updates, 100)
+        args.batch, args.stats_tokens, args.value_steps = min(args.batch, 8), min(args.stats_tokens, 500), 2
+        args.layers = min(args.layers, 4)
+    model_dtype = getattr(torch, args.dtype)
+    state_dtype = getattr(torch, args.state_dtype or ("float64" if device.type == "cuda" else "float32"))
+    print(machine(device))
+    print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    results: dict = {"machine": machine(device), "args": vars(args)}
+    tic = time.perf_counter()
+    if args.drift:
+        results["drift"] = run_drift(args, device)
+    elif args.stream:
+        results["stream"] = run_stream(args, device, model_dtype, state_dtype)
+    else:
+        if not (args.skip_pipeline or args.kernel_only):
+            results["pipeline"] = run_pipeline(args, device, model_dtype, state_dtype)
+            gc.collect()
+        dtypes = [getattr(torch, d) for d in args.kernel_dtypes.split(",") if d]
+        results["kernel"] = run_kernel(args, device, dtypes)
+    print(f"\ntotal {time.perf_counter() - tic:.1f} s; process RSS peak {format_bytes(rss_peak())}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Scale: the memory planner against real tensors, the in-place Woodbury step, half-precision
+models (the written weight is the float64 master rounded), and the GPU check's dry run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlsedit_llm import EditConfig, Editor, ValueConfig
+from rlsedit_llm.adapters.architectures import get_module, read_weight
+from rlsedit_llm.errors import NotPositiveDefiniteError, RLSEditError
+from rlsedit_llm.kernel.inplace import mirror_upper_, woodbury_update_
+from rlsedit_llm.kernel.memory import (InsufficientMemoryError, MODEL_SHAPES, check_fits, memory_table, plan,
+                                       plan_for_editor)
+from rlsedit_llm.kernel.rls import LayerRLS
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_FACTS = [
+    {"prompt": "we saw {}", "subject": "the old cat", "target": "paris"},
+    {"prompt": "they sold {}", "subject": "the long table", "target": "wood"},
+]
+pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
+
+
+def _layer(d_k, d_v, dtype, track=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(3 * d_k, d_k, generator=g, dtype=torch.float64)
+    W0 = torch.randn(d_k, d_v, generator=g, dtype=torch.float64)
+    return LayerRLS(W0, 0.1, 1.0, X.mT @ X / (3 * d_k), dtype=dtype, track_information=track)
+
+
+# -- planner -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("track", [False, True])
+def test_plan_state_bytes_equal_the_tensors_nbytes(dtype, track):
+    d_k, d_v = 96, 40
+    solver = _layer(d_k, d_v, dtype, track)
+    t = solver.state_dict()["tensors"]
+    p = plan(d_v, d_k, 1, dtype, track_information=track)
+    assert p.state_per_layer == sum(t[k].nbytes for k in ("C", "gram0", "G") if k in t)
+    assert p.master_per_layer == t["W"].nbytes + t["W0"].nbytes
+    assert p.state == sum(x.nbytes for x in t.values())
+    # the pending step of LayerRLS holds one more C and W: part of the planned temporaries
+    pending = solver.step(torch.randn(5, d_k, dtype=dtype), torch.randn(5, d_v, dtype=dtype))
+    assert pending.C.nbytes + pending.W.nbytes <= p.edit_temporaries
+    assert p.statistics_per_layer == torch.zeros(d_k, d_k, dtype=torch.float64).nbytes
+
+
+def test_plan_for_editor_matches_the_prepared_editor(tiny, tmp_path):
+    model, tok = tiny("llama", init_std=0.3)
+    cfg = EditConfig(alpha=1e-3, mom2_weight=1.0, stats_tokens=500, stats_max_length=32, cache_dir=str(tmp_path),
+                     n_templates=1, template_length=3)
+    editor = Editor(model, tok, cfg).prepare()
+    p = plan_for_editor(editor)
+    kept = sum(x.nbytes for s in editor.solvers_.values() for x in s.state_dict()["tensors"].values())
+    assert p.state == kept
+    assert p.model_bytes == sum(x.nbytes for x in model.parameters())
+
+
+def test_plan_figures_for_llama3_8b():
+    p64 = plan(4096, 14336, 5, "float64")
+    p32 = plan(4096, 14336, 5, "float32")
+    assert p64.state_per_layer == 2 * 8 * 14336**2  # C and gram0: 3.29 GB
+    assert p64.master_per_layer == 2 * 8 * 14336 * 4096
+    assert p32.state * 2 == p64.state
+    assert plan(4096, 14336, 5, "float32", inplace=True).peak_edit < p32.peak_edit
+    assert p64.peak == max(p64.peak_edit, p64.peak_prepare) >= p64.statistics
+    table = memory_table()
+    assert table.count("\n") == 1 + 2 * len(MODEL_SHAPES)
+    assert "Llama-3-70B" in table and "| no |" in table and "| yes |" in table
+
+
+def test_plan_rejects_bad_input():
+    with pytest.raises(RLSEditError):
+        plan(0, 10, 1)
+    with pytest.raises(RLSEditError):
+        plan(10, 10, 1, "bfloat16")
+
+
+def test_check_fits_raises_a_typed_error_naming_the_sizes():
+    p = plan(4096, 14336, 5, "float64")
+    with pytest.raises(InsufficientMemoryError) as info:
+        check_fits(p, "cpu", free_bytes=24 * 10**9)
+    assert isinstance(info.value, MemoryError) and isinstance(info.value, RLSEditError)
+    message = str(info.value)
+    assert "14336" in message and "24.00 GB" in message and "float32" in message
+    headroom = check_fits(plan(576, 1536, 5, "float64"), "cpu", free_bytes=10**10)
+    assert headroom > 0
+
+
+def test_check_fits_reads_the_free_memory_of_the_device(monkeypatch):
+    import rlsedit_llm.kernel.memory as memory
+
+    monkeypatch.setattr(memory, "free_memory", lambda device: 10**8)
+    with pytest.raises(InsufficientMemoryError):
+        check_fits(plan(576, 1536, 5, "float64"), "cpu")
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 10**9, 8 * 10**9))
+    assert memory.free_memory("cuda:0") == 2 * 10**9
+    assert memory.free_memory("cpu") > 0
+
+
+# -- in-place Woodbury step ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("u", [1, 7])
+def test_inplace_update_equals_layer_rls(dtype, tol, u):
+    d_k, d_v = 64, 9
+    ref = _layer(d_k, d_v, dtype)
+    C, W = ref.C_.clone(), ref.W_.clone()
+    g = torch.Generator().manual_seed(1)
+    for sign in (1, 1, -1):
+        K = torch.randn(u, d_k, generator=g, dtype=torch.float64)
+        R = torch.randn(u, d_v, generator=g, dtype=torch.float64)
+        if sign < 0:  # remove the batch added last
+            K, V = last
+            R = V - K.to(dtype) @ ref.W_
+        else:
+            last = (K, K.to(dtype) @ ref.W_ + R.to(dtype))
+        ref.commit(ref.step(K, R.to(dtype), sign=sign))
+        data_ptr = C.data_ptr()
+        woodbury_update_(C, W, K, R, sign=sign)
+        assert C.data_ptr() == data_ptr
+        assert torch.equal(C, C.mT)  # exactly symmetric
+        scale = float(ref.C_.abs().max())
+        assert float((C - ref.C_).abs().max()) <= tol * scale
+        assert float((W - ref.W_).abs().max()) <= tol * float(ref.W_.abs().max())
+
+
+def test_inplace_update_refuses_a_removal_that_was_never_added():
+    solver = _layer(16, 3, torch.float64)
+    C, W = solver.C_.clone(), solver.W_.clone()
+    K = 100 * torch.randn(1, 16, dtype=torch.float64)
+    with pytest.raises(NotPositiveDefiniteError):
+        woodbury_update_(C, W, K, torch.zeros(1, 3, dtype=torch.float64), sign=-1)
+    assert torch.equal(C, solver.C_) and torch.equal(W, solver.W_)
+
+
+def test_mirror_upper_copies_the_upper_triangle():
+    A = torch.randn(37, 37, dtype=torch.float64)
+    expected = torch.triu(A) + torch.triu(A, 1).mT
+    assert torch.equal(mirror_upper_(A, block=8), expected)
+
+
+# -- half precision: the master copy -------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_edit_holds_and_writes_the_rounded_master(dtype, tiny, tmp_path):
+    model, tok = tiny("llama", init_std=0.3, dtype=dtype)
+    cfg = EditConfig(alpha=1e-3, mom2_weight=1.0, stats_tokens=2000, stats_max_length=64, cache_dir=str(tmp_path),
+                     n_templates=2, template_length=4, value=ValueConfig(lr=0.5, steps=40, clamp_norm_factor=4.0))
+    editor = Editor(model, tok, cfg)
+    for batch in (TINY_FACTS[:1], TINY_FACTS[1:]):  # two edits: the second starts from the master
+        report = editor.edit(batch)
+        assert all(r.prob_after > r.prob_before for r in report.facts), str(report)
+        for layer, solver in editor.solvers_.items():
+            assert solver.W_.dtype == torch.float64
+            written = read_weight(get_module(model, editor.spec_.edit_module_path.format(layer)))
+            assert written.dtype == dtype
+            assert torch.equal(written, solver.W_.to(dtype))  # exactly the master, rounded
+
+
+# -- the GPU check's CPU dry run -----------------------------------------------------------------
+@pytest.mark.slow  # about 90 s on 2 shared cores
+def test_gpu_check_dry_run_prints_the_summary(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", GPU_CHECK_OUT=str(tmp_path))
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "GPU CHECK SUMMARY" in out
+    for step in ("pytest -m gpu", "counterfact stream", "scale.py"):
+        assert step in out
+    table = [line for line in out.split("GPU CHECK SUMMARY", 1)[1].splitlines() if line.startswith("| ")]
+    rows = {cells[0]: cells[1] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[1:])}
+    assert set(rows) == {"pytest -m gpu", "counterfact stream", "scale.py (quick)"}, table
+    assert all(status == "PASS" for status in rows.values()), table
