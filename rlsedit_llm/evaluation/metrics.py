@@ -31,9 +31,9 @@ from typing import Iterable, Sequence
 import torch
 
 from rlsedit_llm.errors import HyperparameterError
-from rlsedit_llm.adapters.architectures import model_device
 from rlsedit_llm.pipeline.facts import Fact, encode_target
 from rlsedit_llm.pipeline.scoring import TargetScore, logits_at, score_targets
+from rlsedit_llm.pipeline.tokens import input_device, pad_id, right_pad
 
 __all__ = [
     "harmonic_mean",
@@ -126,27 +126,27 @@ def score_pairs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str]
 
 
 @torch.no_grad()
-def _next_token_logprobs(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32) -> list[torch.Tensor]:
-    """log p(next token | prompt) over the vocabulary, float32 on CPU, one tensor per prompt
-    (no special tokens, right padding: the same positions :func:`score_targets` reads)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = model_device(model)
+def _last_token_logits(model, tokenizer, prompts: Sequence[str], *, batch_size: int):
+    """Yield ``(indices, logits)``: the next-token logits (b, vocab) float32 after
+    ``prompts[i]`` for each ``i`` of ``indices``, in batches of similar length (no special
+    tokens, right padding: the positions :func:`score_targets` reads)."""
+    pad, device = pad_id(tokenizer), input_device(model)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    out: list[torch.Tensor | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
-            mask[r, : len(encoded[i])] = 1
+        ids, mask = right_pad([encoded[i] for i in rows], pad, device)  # (b, w)
         last = torch.tensor([len(encoded[i]) - 1 for i in rows])
-        picked = torch.log_softmax(logits_at(model, ids.to(device), mask.to(device), torch.arange(len(rows)), last),
-                                   dim=-1)  # (b, vocab)
+        yield rows, logits_at(model, ids, mask, torch.arange(len(rows)), last)
+
+
+def _next_token_logprobs(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32) -> list[torch.Tensor]:
+    """log p(next token | prompt) over the vocabulary, float32 on CPU, one tensor per prompt."""
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    for rows, logits in _last_token_logits(model, tokenizer, prompts, batch_size=batch_size):
+        picked = torch.log_softmax(logits, dim=-1).cpu()  # (b, vocab)
         for r, i in enumerate(rows):
-            out[i] = picked[r].cpu()
+            out[i] = picked[r]
     return out  # type: ignore[return-value]
 
 
@@ -253,9 +253,9 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     """
     if max_new_tokens < 1:
         raise HyperparameterError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     eos = tokenizer.eos_token_id
-    device = model_device(model)
+    device = input_device(model)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[list[int] | None] = [None] * len(prompts)
@@ -342,21 +342,9 @@ def glue_predictions(model, tokenizer, task: str, items: Sequence[dict], *, batc
         return [max(range(k), key=lambda j: scores[i * k + j].logprob) for i in range(len(prompts))]
     # Single-token label words: one forward per prompt, read the next-token logits.
     label_ids = torch.tensor([ids[0] for ids in word_ids])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = model_device(model)
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     preds = [0] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):  # right padding
-            ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
-            mask[r, : len(encoded[i])] = 1
-        last = torch.tensor([len(encoded[i]) - 1 for i in rows])
-        picked = logits_at(model, ids.to(device), mask.to(device), torch.arange(len(rows)), last).cpu()[:, label_ids]
+    for rows, logits in _last_token_logits(model, tokenizer, prompts, batch_size=batch_size):
+        picked = logits.cpu()[:, label_ids]  # (b, k)
         for r, i in enumerate(rows):
             preds[i] = int(picked[r].argmax())
     return preds

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from rlsedit_llm.errors import FactError
 
-__all__ = ["Fact", "as_fact", "as_facts", "validate_facts", "encode_target"]
+__all__ = ["Fact", "as_fact", "as_facts", "validate_facts", "checked_facts", "encode_target"]
 
 
 @dataclass(frozen=True)
@@ -270,3 +270,13 @@ def validate_facts(facts, tokenizer) -> None:
                 f"prompt and subject per batch"
             )
         seen[key] = i
+
+
+def checked_facts(facts, tokenizer, *, purpose: str = "edit") -> list[Fact]:
+    """:func:`as_facts`, at least one fact, :func:`validate_facts`: the entry check of every stage
+    that takes facts. Raises :class:`FactError` (``purpose`` names the stage in the message)."""
+    facts = as_facts(facts)
+    if not facts:
+        raise FactError(f"no facts given: pass at least one fact to {purpose}")
+    validate_facts(facts, tokenizer)
+    return facts

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from rlsedit_llm.errors import FactError, HyperparameterError
-from rlsedit_llm.pipeline.facts import Fact, as_facts, validate_facts
+from rlsedit_llm.pipeline.facts import Fact, checked_facts
 from rlsedit_llm.adapters.architectures import ModelSpec, get_module
 from rlsedit_llm.adapters.hooks import capture_inputs, capture_outputs, run_until_stopped
 from rlsedit_llm.pipeline.tokens import input_device, pad_id, right_pad
@@ -37,6 +37,7 @@ __all__ = [
     "TEMPLATE_STARTS",
     "generate_templates",
     "template_parts",
+    "check_templates",
     "encode_with_subject",
     "fact_rows",
     "compute_keys",
@@ -72,6 +73,14 @@ def template_parts(template: str) -> tuple[str, str]:
         if name is not None:
             seen = True
     return "".join(before), "".join(after)
+
+
+def check_templates(templates: Sequence[str]) -> list[str]:
+    """The templates as a list; :class:`HyperparameterError` when there is none."""
+    templates = list(templates)
+    if not templates:
+        raise HyperparameterError("templates must not be empty; use ['{}'] for the bare prompt")
+    return templates
 
 
 def _sample_texts(model, tokenizer, starts: list[str], length: int, gen: torch.Generator) -> list[str]:
@@ -248,13 +257,8 @@ def compute_keys_multi(model, tokenizer, spec: ModelSpec, layers, facts, templat
     dict layer -> tensor (u, d_k) float32 on that edited module's device: the type-weighted
     average over templates of the module input at the subject's last token.
     """
-    facts = as_facts(facts)
-    if not facts:
-        raise FactError("no facts given")
-    validate_facts(facts, tokenizer)
-    templates = list(templates)
-    if not templates:
-        raise HyperparameterError("templates must not be empty; use ['{}'] for the bare prompt")
+    facts = checked_facts(facts, tokenizer, purpose="compute keys for")
+    templates = check_templates(templates)
     layers = _check_layers(spec, layers)
     weights = _type_weights(templates)  # (T,)
     rows, positions = fact_rows(tokenizer, facts, templates)
@@ -278,10 +282,7 @@ def compute_keys(model, tokenizer, spec: ModelSpec, layer: int, facts, templates
 def subject_hidden_states(model, tokenizer, spec: ModelSpec, layer: int, facts, *, batch_size: int = 64) -> torch.Tensor:
     """Output of decoder layer ``layer`` (the residual stream after it) at the subject's last
     token of each fact's bare prompt: (u, d_model) float32 on that layer's device."""
-    facts = as_facts(facts)
-    if not facts:
-        raise FactError("no facts given")
-    validate_facts(facts, tokenizer)
+    facts = checked_facts(facts, tokenizer, purpose="read hidden states of")
     (layer,) = _check_layers(spec, [layer])
     rows, positions = fact_rows(tokenizer, facts, ["{}"])
     module = get_module(model, spec.layer_path.format(layer))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from rlsedit_llm.pipeline.facts import encode_target  # re-exported: editing/finetune.py imports it here
+from rlsedit_llm.pipeline.tokens import input_device, pad_id, right_pad
 
 __all__ = ["TargetScore", "encode_target", "score_targets", "logits_at"]
 
@@ -49,10 +50,6 @@ class TargetScore:
         return bool(self.token_correct.all())
 
 
-def _input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 @torch.no_grad()
 def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
               positions: torch.Tensor) -> torch.Tensor:
@@ -76,8 +73,8 @@ def score_targets(model, tokenizer, prompts, targets, *, batch_size: int = 16) -
     """Score ``targets[i]`` after ``prompts[i]`` (both lists of str, same length)."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = _input_device(model)
+    pad = pad_id(tokenizer)
+    device = input_device(model)
     scores: list[TargetScore] = []
     for start in range(0, len(prompts), batch_size):
         rows = []
@@ -85,16 +82,11 @@ def score_targets(model, tokenizer, prompts, targets, *, batch_size: int = 16) -
             p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             t = encode_target(tokenizer, target)
             rows.append((p, t))
-        width = max(len(p) + len(t) for p, t in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (p, t) in enumerate(rows):  # right padding
-            ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-            mask[i, : len(p) + len(t)] = 1
+        ids, mask = right_pad([p + t for p, t in rows], pad, device)  # (b, w)
         # Only the positions predicting target tokens are projected onto the vocabulary.
         row_of = torch.cat([torch.full((len(t),), i) for i, (p, t) in enumerate(rows)])
         pos = torch.cat([torch.arange(len(p) - 1, len(p) + len(t) - 1) for p, t in rows])
-        logp = torch.log_softmax(logits_at(model, ids.to(device), mask.to(device), row_of, pos), dim=-1).cpu()
+        logp = torch.log_softmax(logits_at(model, ids, mask, row_of, pos), dim=-1).cpu()
         start_tok = 0
         for p, t in rows:
             lp, tgt = logp[start_tok:start_tok + len(t)], torch.tensor(t)  # (len(t), vocab)

@@ -39,10 +39,10 @@ import torch
 
 from rlsedit_llm.adapters.architectures import ModelSpec, get_module
 from rlsedit_llm.adapters.hooks import restore_requires_grad, set_requires_grad
-from rlsedit_llm.errors import FactError, HyperparameterError
-from rlsedit_llm.pipeline.facts import as_facts, encode_target, validate_facts
+from rlsedit_llm.errors import HyperparameterError
+from rlsedit_llm.pipeline.facts import checked_facts, encode_target
 from rlsedit_llm.pipeline.fast_forward import FastForward, FastPathUnavailable, NaiveForward
-from rlsedit_llm.pipeline.keys import encode_with_subject, fact_rows, template_parts
+from rlsedit_llm.pipeline.keys import check_templates, encode_with_subject, fact_rows, template_parts
 from rlsedit_llm.pipeline.tokens import pad_id
 
 log = logging.getLogger(__name__)
@@ -210,13 +210,8 @@ def compute_values(model, tokenizer, spec: ModelSpec, layer: int, facts, templat
     device of decoder layer ``layer``. The model's weights are never modified and receive no
     gradients; ``requires_grad`` flags and train/eval mode are restored.
     """
-    facts = as_facts(facts)
-    if not facts:
-        raise FactError("no facts given")
-    validate_facts(facts, tokenizer)
-    templates = list(templates)
-    if not templates:
-        raise HyperparameterError("templates must not be empty; use ['{}'] for the bare prompt")
+    facts = checked_facts(facts, tokenizer, purpose="compute values for")
+    templates = check_templates(templates)
     config = config if config is not None else default_value_config(spec)
     if not isinstance(config, ValueConfig):
         raise HyperparameterError(f"config must be a ValueConfig; got {type(config).__name__}")
