@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, write_weight
 from rlsedit_llm.editing import state as state_io
+from rlsedit_llm.editing.config import EditConfig, anchor_gram
+from rlsedit_llm.editing.reports import EditRecord, EditReport, FactReport
 from rlsedit_llm.errors import (FactError, HyperparameterError, NonFiniteError, RLSEditError, ShapeError,
                                 StateMismatchError, UnknownEditError)
 from rlsedit_llm.kernel.certificates import certificate
@@ -43,137 +44,6 @@ __all__ = ["EditConfig", "Editor", "EditReport", "FactReport", "EditRecord", "ed
 log = logging.getLogger(__name__)
 
 _ATTR = "_rlsedit_editor"  # where rlsedit_llm.edit keeps the lifelong editor on the model
-PUBLISHED_MOM2_WEIGHT = 15000.0  # N of the published RLSEdit/AlphaEdit configs
-PUBLISHED_D_K = 14336  # d_k of Llama-3-8B, the reference model of those configs
-
-
-def anchor_gram(moment: torch.Tensor, mom2_weight: float, *, dtype=torch.float64, device=None) -> torch.Tensor:
-    """The anchor Gram ``K0^T K0 = N E[k k^T]`` (d_k, d_k) of one layer from its second moment."""
-    return mom2_weight * moment.to(device=device, dtype=dtype)
-
-
-@dataclass(frozen=True)
-class EditConfig:
-    """Hyperparameters of an :class:`Editor` (all have published or sensible defaults).
-
-    ``alpha`` weighs ``||W - W0||^2``; ``beta`` weighs the anchor ``||K0 (W - W0)||^2`` whose Gram
-    is ``N * E[k k^T]`` (published RLSEdit: ``alpha = 0`` (lambda = 0), ``beta = 1`` (mu = 1),
-    ``N = 15000`` for 7-8B models).
-
-    ``mom2_weight`` is ``N``. ``None`` (the default) scales the published value to the edited
-    layer's width, ``N = 15000 * d_k / 14336``: an in-distribution key's absorption
-    ``k^T (N E[kk^T])^{-1} k ~ d_k / N`` then matches Llama-3-8B's (``d_k = 14336``) on any model.
-    For SmolLM2 (``d_k = 1536``) that is ``N ~ 1607``; the unscaled 15000 there absorbs only
-    about a tenth of each edit. Pass ``mom2_weight=15000`` for the published setting verbatim.
-    """
-
-    layers: tuple[int, ...] | None = None  # None: the family's default block
-    method: str = "rlsedit"  # a registered layer-solver method: memit, memit_seq, alphaedit, ...
-    alpha: float = 0.0
-    beta: float = 1.0
-    mom2_weight: float | None = None  # N; None: 15000 * d_k / 14336 (see above)
-    corpus: str = "enwiki_sample"
-    stats_tokens: int = 100_000
-    stats_max_length: int = 512
-    state_dtype: str = "float64"  # the recursion's state: float64 or float32
-    template_seed: int = 0
-    n_templates: int = 5
-    template_length: int = 10
-    value: ValueConfig | None = None  # None: the family's default
-    replace: bool = True  # a new fact for an (subject, relation) retracts the earlier one
-    track_information: bool = False  # carry G_t too (for drift certificates)
-    cache_dir: str | None = None  # statistics cache; None: the user cache directory
-
-    def validate(self) -> None:
-        for name in ("alpha", "beta", "mom2_weight"):
-            value = getattr(self, name)
-            if name == "mom2_weight" and value is None:
-                continue
-            if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-                raise HyperparameterError(f"{name} must be a finite number >= 0; got {value!r}")
-        if self.alpha == 0 and (self.beta == 0 or self.mom2_weight == 0):
-            raise HyperparameterError(
-                "alpha = 0 and a zero anchor weight leave the preservation metric singular; "
-                "set alpha > 0 or beta > 0 and mom2_weight > 0"
-            )
-        get_method(self.method)  # a typed error naming the choices for an unknown method
-        if self.state_dtype not in ("float32", "float64"):
-            raise HyperparameterError(f"state_dtype must be 'float32' or 'float64'; got {self.state_dtype!r}")
-        if self.stats_tokens < 1 or self.n_templates < 0 or self.template_length < 1:
-            raise HyperparameterError("stats_tokens and template_length must be >= 1, n_templates >= 0")
-        if self.layers is not None and len(self.layers) == 0:
-            raise HyperparameterError("layers must name at least one layer (or be None)")
-
-    def resolved_mom2_weight(self, d_k: int) -> float:
-        """``N`` for an edited layer of input width ``d_k``."""
-        if self.mom2_weight is not None:
-            return float(self.mom2_weight)
-        return PUBLISHED_MOM2_WEIGHT * d_k / PUBLISHED_D_K
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["layers"] = list(self.layers) if self.layers is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EditConfig":
-        d = dict(d)
-        if d.get("layers") is not None:
-            d["layers"] = tuple(d["layers"])
-        if d.get("value") is not None:
-            d["value"] = ValueConfig(**d["value"])
-        return cls(**d)
-
-
-@dataclass
-class FactReport:
-    """What one edit did to one fact."""
-
-    fact: Fact
-    prob_before: float  # P(target | prompt) before the call
-    prob_after: float
-    residual_before: float  # ||z* - h|| at the last edited layer before the write
-    residual_after: float  # what is left unfitted after the write
-    replaced: tuple[int, ...] = ()  # ids of earlier edits this fact retracted
-
-
-@dataclass
-class EditReport:
-    """Result of one :meth:`Editor.edit` call."""
-
-    edit_id: int
-    layers: tuple[int, ...]
-    facts: list[FactReport]
-    seconds: dict[str, float] = field(default_factory=dict)
-    extras: dict[str, float] = field(default_factory=dict)  # method-specific figures (e.g. FT losses)
-
-    @property
-    def efficacy(self) -> float:
-        """Share of facts whose target became more probable than before."""
-        return sum(f.prob_after > f.prob_before for f in self.facts) / max(len(self.facts), 1)
-
-    def __str__(self) -> str:
-        lines = [f"edit {self.edit_id} on layers {list(self.layers)}: {len(self.facts)} fact(s)"]
-        for r in self.facts:
-            lines.append(
-                f"  {r.fact.text()!r} -> {r.fact.target!r}: P {r.prob_before:.4f} -> {r.prob_after:.4f}, "
-                f"residual {r.residual_before:.3g} -> {r.residual_after:.3g}"
-                + (f" (replaced edit {', '.join(map(str, r.replaced))})" if r.replaced else "")
-            )
-        if self.seconds:
-            lines.append("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
-        return "\n".join(lines)
-
-
-@dataclass
-class EditRecord:
-    """Journal entry of one applied edit: enough to retract it exactly (downdate)."""
-
-    edit_id: int
-    facts: list[Fact]
-    keys: dict[int, torch.Tensor]  # layer -> K (u, d_k), in the state dtype, on CPU
-    values: dict[int, torch.Tensor]  # layer -> V = K W_prev + R (u, d_v), absolute values
-    created: float = field(default_factory=time.time)
 
 
 def _max_positions(model) -> int:

@@ -48,7 +48,6 @@ One writer at a time: two processes saving to the same folder at once is not sup
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import hashlib
 import json

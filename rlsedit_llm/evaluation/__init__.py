@@ -1,12 +1,12 @@
-"""Evaluation of sequential (lifelong) editing: metrics, the stream protocol, baselines, the benchmark.
+"""Evaluation of sequential (lifelong) editing: metrics, data, the stream protocol, the benchmark.
 
 - :mod:`.metrics`: CounterFact efficacy / generalization / specificity (and magnitudes), zsRE
   token accuracy, the generation check without teacher forcing, fluency (n-gram entropy) and
   zero-shot GLUE accuracy;
+- :mod:`.data`: the edit streams (CounterFact, zsRE), GLUE subsets and per-case scores;
 - :mod:`.protocol`: a stream of N edits in batches of b on one model, per method, with
   immediate, retention and final scores and the weight deviation against the theory's bounds;
-- :mod:`.finetune`: the plain fine-tuning baseline;
-- :mod:`.bench`: ``rlsedit bench`` (resumable, JSON/CSV/PNG/Markdown output);
+- :mod:`.bench`: ``rlsedit bench`` (resumable; :mod:`.report` writes its JSON/CSV/PNG/Markdown);
 - :mod:`.plots`: the figures.
 """
 
@@ -25,13 +25,11 @@ from rlsedit_llm.evaluation.metrics import (
     summarize_cases,
     zsre_case_scores,
 )
+from rlsedit_llm.evaluation.data import DATASETS, case_scores, load_glue, load_stream
 from rlsedit_llm.evaluation.protocol import (
-    DATASETS,
     MethodRunner,
     ProtocolConfig,
     deviation_report,
-    load_glue,
-    load_stream,
     make_runner,
     run_method,
 )
@@ -57,6 +55,7 @@ __all__ = [
     "make_runner",
     "load_stream",
     "load_glue",
+    "case_scores",
     "deviation_report",
     "run_method",
 ]

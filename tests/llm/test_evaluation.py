@@ -11,7 +11,7 @@ import torch
 
 from rlsedit_llm import EditConfig, Editor, EditReport, Fact
 from rlsedit_llm.errors import FactError, HyperparameterError
-from rlsedit_llm.evaluation import bench, metrics, protocol
+from rlsedit_llm.evaluation import bench, data, metrics, protocol
 from rlsedit_llm.editing.finetune import FineTuneEditor, target_nll
 from rlsedit_llm.kernel.registry import method_names
 from rlsedit_llm.adapters.architectures import get_module, read_weight
@@ -111,29 +111,29 @@ def test_parse_methods():
 
 
 def test_load_stream_counterfact_and_zsre():
-    cf = protocol.load_stream("counterfact", 12)
-    raw = json.loads((protocol.data_dir() / "counterfact.json").read_text())
+    cf = data.load_stream("counterfact", 12)
+    raw = json.loads((data.data_dir() / "counterfact.json").read_text())
     assert [f.case_id for f in cf] == [r["case_id"] for r in raw[:12]]
     assert cf[0].target_true and len(cf[0].paraphrases) == 2 and len(cf[0].neighbourhood) == 10
     assert cf[0].generation_prompts
-    zs = protocol.load_stream("zsre", 5)
-    zraw = json.loads((protocol.data_dir() / "zsre_eval.json").read_text())
+    zs = data.load_stream("zsre", 5)
+    zraw = json.loads((data.data_dir() / "zsre_eval.json").read_text())
     assert [f.case_id for f in zs] == list(range(5))
     assert zs[0].target == zraw[0]["alt"] and zs[0].neighbourhood_target == zraw[0]["loc_ans"]
     assert zs[0].text() == zraw[0]["src"]
     with pytest.raises(HyperparameterError):
-        protocol.load_stream("zsre", len(zraw) + 1)
+        data.load_stream("zsre", len(zraw) + 1)
     with pytest.raises(HyperparameterError):
-        protocol.load_stream("mquake", 3)
+        data.load_stream("mquake", 3)
 
 
 def test_shipped_glue_subsets():
     for task, words in metrics.GLUE_TASKS.items():
-        items = protocol.load_glue(task, 200)
+        items = data.load_glue(task, 200)
         assert len(items) == 200 and {int(it["label"]) for it in items} <= set(range(len(words)))
         assert metrics.glue_prompt(task, items[0]).endswith("Answer:")
     with pytest.raises(HyperparameterError):
-        protocol.load_glue("mnli", 10)
+        data.load_glue("mnli", 10)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_zsre_case_scores_use_token_accuracy_and_question_mark(llama):
     loc = score_targets(model, tok, ["nq question: who wrote the book?"], ["a writer"])[0].accuracy
     assert row["specificity"] == pytest.approx(loc)
     assert metrics.zsre_locality_prompt("q?") == "q?"
-    (via_protocol,) = protocol.case_scores("zsre", model, tok, [f])
+    (via_protocol,) = data.case_scores("zsre", model, tok, [f])
     assert via_protocol == row and set(row) == {"case_id", *metrics.ZSRE_METRICS}
     with pytest.raises(HyperparameterError):
         metrics.zsre_case_scores(model, tok, [dataclasses.replace(f, neighbourhood_target=None)])
@@ -215,7 +215,7 @@ def test_generation_check_detects_the_greedy_continuation(llama):
 def test_glue_fast_path_equals_full_scoring(llama):
     model, tok = llama
     for task in ("sst2", "rte"):
-        items = protocol.load_glue(task, 6)
+        items = data.load_glue(task, 6)
         fast = metrics.glue_predictions(model, tok, task, items)
         words = metrics.GLUE_TASKS[task]
         prompts = [metrics.glue_prompt(task, it) for it in items]
@@ -347,7 +347,7 @@ def test_run_method_records_immediate_retention_and_final(tiny, tmp_path):
                                   glue_items=4, retention_fraction=0.3)
     runner = protocol.make_runner("rlsedit", model, tok, edit_config=_fast_config(tmp_path))
     W0 = protocol.snapshot_weights(model, runner.editor.spec_, runner.layers)
-    glue = {t: protocol.load_glue(t, 4) for t in ("sst2", "cola")}
+    glue = {t: data.load_glue(t, 4) for t in ("sst2", "cola")}
     base = protocol.base_report(model, tok, facts, cfg, glue, n_cases=6)
     assert len(base["cases"]) == 6 and base["retention"]["n"] == cfg.retention_size
     calls = []

@@ -1,0 +1,79 @@
+"""The evaluation data: edit streams (CounterFact, zsRE), GLUE subsets, and per-case scores."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from rlsedit_llm.errors import FactError, HyperparameterError
+from rlsedit_llm.evaluation import metrics
+from rlsedit_llm.files import DATA_DIR
+from rlsedit_llm.pipeline.facts import Fact, as_fact, validate_facts
+
+__all__ = ["DATASETS", "data_dir", "load_stream", "load_glue", "case_scores"]
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("counterfact", "zsre")
+
+_FILES = {"counterfact": "counterfact.json", "zsre": "zsre_eval.json"}
+
+
+def data_dir() -> Path:
+    """``rlsedit_llm/data`` (the shipped evaluation files; licences in its README.md)."""
+    return DATA_DIR
+
+
+def load_stream(dataset: str, n_edits: int, tokenizer=None, *, path=None) -> list[Fact]:
+    """The first ``n_edits`` usable records of a data set, as facts in file order.
+
+    ``dataset`` is ``"counterfact"`` or ``"zsre"`` (the shipped files, or ``path``). zsRE records
+    get ``case_id`` = their index in the file. With a ``tokenizer``, records whose fact the
+    tokenizer cannot represent (:func:`~rlsedit_llm.facts.validate_facts`) are skipped and
+    logged. Raises :class:`HyperparameterError` if fewer than ``n_edits`` records are usable.
+    """
+    if dataset not in DATASETS:
+        raise HyperparameterError(f"dataset must be one of {DATASETS}; got {dataset!r}")
+    if not isinstance(n_edits, int) or n_edits < 1:
+        raise HyperparameterError(f"n_edits must be an int >= 1; got {n_edits!r}")
+    records = json.loads(Path(path or data_dir() / _FILES[dataset]).read_text(encoding="utf-8"))
+    facts, skipped = [], 0
+    for i, rec in enumerate(records):
+        if dataset == "zsre":
+            rec = {**rec, "case_id": i}
+        fact = as_fact(rec)
+        if tokenizer is not None:
+            try:
+                validate_facts([fact], tokenizer)
+            except FactError as exc:
+                skipped += 1
+                log.info("skipping record %s: %s", fact.case_id, exc)
+                continue
+        facts.append(fact)
+        if len(facts) == n_edits:
+            break
+    if skipped:
+        log.warning("%s: skipped %d record(s) the tokenizer cannot represent", dataset, skipped)
+    if len(facts) < n_edits:
+        raise HyperparameterError(
+            f"{dataset} has only {len(facts)} usable records; ask for at most that many edits")
+    return facts
+
+
+def load_glue(task: str, n_items: int) -> list[dict]:
+    """The first ``n_items`` items of a shipped GLUE subset (sst2, mrpc, cola, rte; 200 each)."""
+    if task not in metrics.GLUE_TASKS:
+        raise HyperparameterError(f"unknown GLUE task {task!r}; choose from {sorted(metrics.GLUE_TASKS)}")
+    items = json.loads((data_dir() / "glue" / f"{task}.json").read_text(encoding="utf-8"))
+    return items[:n_items]
+
+
+def case_scores(dataset: str, model, tokenizer, facts: Sequence[Fact], *, batch_size: int = 32) -> list[dict]:
+    """Per-case metrics of ``facts`` on the model as it is now (CounterFact or zsRE)."""
+    if not facts:
+        return []
+    if dataset == "counterfact":
+        return metrics.counterfact_case_scores(model, tokenizer, facts, batch_size=batch_size)
+    return metrics.zsre_case_scores(model, tokenizer, facts, batch_size=batch_size)
