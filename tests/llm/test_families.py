@@ -439,8 +439,14 @@ def test_edit_makes_target_top1_and_survives_save_load(family, tmp_path):
 # --------------------------------------------------------------------------------------------
 #: Facts Gemma-3-270M (base, Q4_K_M dequantised) gets right before editing: top-1 first word,
 #: prompt preceded by BOS (Gemma needs it; see needs_bos).
+#: Without BOS it gets none of these (measured: 0/20 candidate facts without, 10/20 with).
 GEMMA3_KNOWN_FACTS = [
     ("The Eiffel Tower is located in the city of", "Paris"),
+    ("The Colosseum is located in the city of", "Rome"),
+    ("The mother tongue of Danielle Darrieux is", "French"),
+    ("Toyota is a car company from", "Japan"),
+    ("The official language of Brazil is", "Portuguese"),
+    ("The capital of Japan is", "Tokyo"),
 ]
 
 
