@@ -7,7 +7,8 @@ One :class:`Editor` per model. Each call to :meth:`Editor.edit` takes a batch of
    the current hidden state ``h`` at the last edited layer, and the innovation
    ``R = (z* - h) / (L - i)`` (the layer's share of the residual: the residual is never used as an
    absolute value);
-3. gives the layer's keys and absolute targets ``V = K W + R`` to the method's layer solver
+3. gives the layer's keys and absolute targets ``V = K W + R`` (through the post-MLP norm where
+   the family has one: :func:`~rlsedit_llm.adapters.spec.module_target`) to the method's layer solver
    (:class:`~rlsedit_llm.kernel.rls.LayerRLS`, the verified recursion, by default), whose state
    persists across calls, and writes the new weights into the model.
 
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, write_weight
+from rlsedit_llm.adapters.architectures import detect_spec, get_module, module_target, read_weight, write_weight
 from rlsedit_llm.editing import state as state_io
 from rlsedit_llm.editing.config import EditConfig, anchor_gram
 from rlsedit_llm.editing.reports import EditRecord, EditReport, FactReport
@@ -287,7 +288,10 @@ class Editor:
             solver = self.solvers_[layer]
             K = K.to(device=solver.device, dtype=solver.dtype)
             R = (delta / (len(layers) - i)).to(device=solver.device, dtype=solver.dtype)  # this layer's share
-            pending[layer] = self._write(layer, K, K @ solver.W_ + R, record)  # absolute targets V
+            # Absolute targets: the module outputs whose effect on the residual is + R (just K W + R
+            # unless the family puts a norm after the MLP or scales its branch).
+            V = module_target(model, spec, layer, K @ solver.W_, R)  # (u, d_v)
+            pending[layer] = self._write(layer, K, V, record)
             seconds["update"] += time.perf_counter() - tic
 
         h_after = subject_hidden_states(model, tok, spec, z_layer, facts)
