@@ -42,7 +42,8 @@ EDIT_MODULES = {
     "stablelm": "model.layers.{}.mlp.down_proj",
 }
 EDITOR_NOT_WIRED = pytest.mark.xfail(
-    reason="editor not yet wired: it writes V = K W + R, not module_target(model, spec, layer, K W, R)",
+    reason="editor not yet wired (module_target is wired since 2b320ff, but on tiny Gemma/OLMo 2 the "
+           "edit still leaves P(target) ~ 0: residual only halves; to be investigated in values/editor)",
     strict=False)
 
 
