@@ -7,6 +7,7 @@ and the drift of a float32 state over a long stream.
     .venv/bin/python benchmarks/scale.py --drift          # float32 vs float64 over 10,000 updates
     .venv/bin/python benchmarks/scale.py --kernel-only    # only the update against the floor
     .venv/bin/python benchmarks/scale.py --stream --device cuda   # SmolLM2, 1,000 CounterFact edits
+    .venv/bin/python benchmarks/scale.py --half --dtype bfloat16 --edits 20 --batch 5   # SmolLM2 in bf16
 
 Parts (each printed as a table):
 
@@ -29,6 +30,9 @@ Parts (each printed as a table):
    SmolLM2 (``--stream-model tiny``: a tiny random model, for dry runs) on ``--device``, with
    the editor's per-stage seconds and the final efficacy over every edit. (``rlsedit bench``
    loads its model on the CPU, so on a GPU machine this is the stream to time.)
+5. **half** (``--half --dtype bfloat16``) — the same stream on a model loaded in half precision
+   with a float64 state: per batch, whether the edits hold and how far the written (rounded)
+   weights are from the float64 master.
 
 The output names the machine, torch's thread count and the load average.
 """
@@ -200,8 +204,9 @@ def run_pipeline(args, device, model_dtype, state_dtype) -> dict:
     layers = default_layers("llama", args.layers)[: args.edit_layers]  # 32 layers: 4..8 as published
     cache = tempfile.mkdtemp(prefix="rlsedit-scale-")
     try:
-        cfg = EditConfig(layers=layers, alpha=args.alpha, stats_tokens=args.stats_tokens, stats_max_length=256,
-                         state_dtype=str(state_dtype).removeprefix("torch."), cache_dir=cache, n_templates=1,
+        cfg = EditConfig(layers=layers, alpha=args.alpha, mom2_weight=args.mom2_weight,
+                         stats_tokens=args.stats_tokens, stats_max_length=256,
+                         state_dtype=str(state_dtype).removeprefix("torch."), cache_dir=args.cache_dir or cache, n_templates=1,
                          template_length=4, value=ValueConfig(steps=args.value_steps))
         editor = Editor(model, tok, cfg)
         p = plan(editor.spec_.d_model, editor.spec_.d_k, len(layers), state_dtype, batch=args.batch,
@@ -213,7 +218,7 @@ def run_pipeline(args, device, model_dtype, state_dtype) -> dict:
         for stage, sec in report.seconds.items():
             print(f"      edit.{stage:<20}{sec:>9.2f} s")
         cert = stages.run("certificate", editor.certificate)
-        state_dir = Path(cache) / "state"
+        state_dir = Path(cache) / "state"  # always the temporary folder
         stages.run("save", editor.save, state_dir)
         size = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file())
         del editor
@@ -348,12 +353,13 @@ def run_drift(args, device) -> list[dict]:
         d64 = float(torch.linalg.norm(C64 @ G - eye))
         d32 = float(torch.linalg.norm(C32.double() @ G - eye))
         gap = float(torch.linalg.norm(C32.double() - C64) / torch.linalg.norm(C64))
+        w_gap = float(torch.linalg.norm(W32.double() - W64) / torch.linalg.norm(W64).clamp_min(1e-300))
         pd = int(torch.linalg.cholesky_ex(C32)[1]) == 0
         sym = bool(torch.equal(C32, C32.mT))
-        row = {"t": t, "drift64": d64, "drift32": d32, "rel_gap": gap, "float32_pd": pd, "float32_symmetric": sym,
+        row = {"t": t, "drift64": d64, "drift32": d32, "rel_gap": gap, "w_gap": w_gap, "float32_pd": pd, "float32_symmetric": sym,
                "seconds": time.perf_counter() - start}
         print(f"  t={t:>6}  ||CG-I||_F float64 {d64:.3e}  float32 {d32:.3e}  "
-              f"||C32-C64||/||C64|| {gap:.2e}  float32 PD {pd}  symmetric {sym}  ({row['seconds']:.0f} s)",
+              f"||C32-C64||/||C64|| {gap:.2e}  ||W32-W64||/||W64|| {w_gap:.2e}  float32 PD {pd}  symmetric {sym}  ({row['seconds']:.0f} s)",
               flush=True)
         return row
 
@@ -379,12 +385,29 @@ def run_drift(args, device) -> list[dict]:
             G.addmm_(Kt.mT, Kt)
             new_keys.clear()
             rows.append(measure(t))
-    print("\n| t | drift float64 | drift float32 | rel. gap C32 vs C64 | float32 PD | seconds |")
-    print("|---|---|---|---|---|---|")
+    print("\n| t | drift float64 | drift float32 | rel. gap C32 vs C64 | rel. gap W32 vs W64 | float32 PD | seconds |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['t']} | {r['drift64']:.2e} | {r['drift32']:.2e} | {r['rel_gap']:.2e} | "
+        print(f"| {r['t']} | {r['drift64']:.2e} | {r['drift32']:.2e} | {r['rel_gap']:.2e} | {r['w_gap']:.2e} | "
               f"{'yes' if r['float32_pd'] else 'NO'} | {r['seconds']:.0f} |")
     return rows
+
+
+def _load(name, dtype, device):
+    import rlsedit_llm
+
+    if name == "tiny":
+        from rlsedit_llm.adapters.architectures import tiny_model
+
+        model, tok = tiny_model("llama", init_std=0.3, dtype=dtype)
+        return model.to(device), tok
+    return rlsedit_llm.load_model(name, dtype=dtype, device=device)
+
+
+def _tiny_cfg(name) -> dict:
+    """A light anchor and short templates for the tiny random model (as in the tests)."""
+    return ({"alpha": 1e-3, "mom2_weight": 1.0, "n_templates": 2, "template_length": 4, "stats_max_length": 64}
+            if name == "tiny" else {})
 
 
 # -- part 4: a CounterFact stream (SmolLM2, or a tiny model for a dry run) ---------------------------
@@ -394,13 +417,7 @@ def run_stream(args, device, model_dtype, state_dtype) -> dict:
     from rlsedit_llm.pipeline.scoring import score_targets
 
     name = args.stream_model
-    if name == "tiny":
-        from rlsedit_llm.adapters.architectures import tiny_model
-
-        model, tok = tiny_model("llama", init_std=0.3, dtype=model_dtype)
-        model = model.to(device)
-    else:
-        model, tok = rlsedit_llm.load_model(name, dtype=model_dtype, device=device)
+    model, tok = _load(name, model_dtype, device)
     records = json.loads((ROOT / "rlsedit_llm" / "data" / "counterfact.json").read_text())[: args.edits]
     facts = rlsedit_llm.as_facts(records)
     print(f"\n== counterfact stream: {name}, {len(facts)} edits in batches of {args.batch}, model {model_dtype}, "
@@ -410,8 +427,7 @@ def run_stream(args, device, model_dtype, state_dtype) -> dict:
     try:
         cfg = EditConfig(stats_tokens=args.stats_tokens, cache_dir=cache,
                          state_dtype=str(state_dtype).removeprefix("torch."),
-                         **({"alpha": 1e-3, "mom2_weight": 1.0, "n_templates": 2, "template_length": 4,
-                             "stats_max_length": 64} if name == "tiny" else {}))
+                         **_tiny_cfg(name))
         editor = Editor(model, tok, cfg)
         tic = time.perf_counter()
         for start in range(0, len(facts), args.batch):
@@ -434,6 +450,48 @@ def run_stream(args, device, model_dtype, state_dtype) -> dict:
     return {"stages": totals, "wall": wall, "efficacy": efficacy, "edits": len(facts)}
 
 
+# -- part 5: half-precision model, float64 master --------------------------------------------------
+def run_half(args, device, model_dtype) -> dict:
+    import rlsedit_llm
+    from rlsedit_llm import EditConfig, Editor
+    from rlsedit_llm.adapters.architectures import get_module, read_weight
+    from rlsedit_llm.pipeline.scoring import score_targets
+
+    model, tok = _load(args.stream_model, model_dtype, device)
+    records = json.loads((ROOT / "rlsedit_llm" / "data" / "counterfact.json").read_text())[: args.edits]
+    facts = rlsedit_llm.as_facts(records)
+    print(f"\n== half precision: {args.stream_model} in {model_dtype}, float64 state, {len(facts)} edits "
+          f"in batches of {args.batch}, {device} ==")
+    print("| edits | efficacy of the batch | max rel. rounding (written vs master, per entry) "
+          "| ||round(W) - W||_F / ||W - W0||_F | written == master.to(dtype) |")
+    print("|---|---|---|---|---|")
+    cache = tempfile.mkdtemp(prefix="rlsedit-half-")
+    rows = []
+    try:
+        editor = Editor(model, tok, EditConfig(stats_tokens=args.stats_tokens, cache_dir=cache, **_tiny_cfg(args.stream_model)))
+        for start in range(0, len(facts), args.batch):
+            report = editor.edit(facts[start:start + args.batch])
+            gaps, rels, exact = [], [], True
+            for layer, solver in editor.solvers_.items():
+                written = read_weight(get_module(model, editor.spec_.edit_module_path.format(layer)))
+                exact &= bool(torch.equal(written, solver.W_.to(model_dtype)))
+                diff = written.double() - solver.W_
+                gaps.append(float(torch.linalg.norm(diff) / torch.linalg.norm(solver.W_ - solver.W0_)))
+                rels.append(float((diff.abs() / solver.W_.abs().clamp_min(1e-30)).max()))
+            row = {"edits": start + len(report.facts), "efficacy": report.efficacy,
+                   "max_entry_rel": max(rels), "gap_vs_edit": max(gaps), "exact_master": exact}
+            rows.append(row)
+            print(f"| {row['edits']} | {row['efficacy']:.2f} | {row['max_entry_rel']:.2e} | "
+                  f"{row['gap_vs_edit']:.2e} | {exact} |", flush=True)
+        new = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
+        true = score_targets(model, tok, [f.text() for f in facts], [f.target_true or f.target for f in facts])
+        efficacy = sum(a.mean_nll < b.mean_nll for a, b in zip(new, true)) / len(facts)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    print(f"final efficacy over all {len(facts)} edits (new target more likely than the true one): {efficacy:.3f}")
+    return {"rows": rows, "efficacy": efficacy}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -446,8 +504,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=100, help="facts per edit, and u of the kernel timing")
     parser.add_argument("--stats-tokens", type=int, default=4000)
     parser.add_argument("--value-steps", type=int, default=3)
-    parser.add_argument("--alpha", type=float, default=0.1,
+    parser.add_argument("--alpha", type=float, default=1.0,
                         help="weight of ||W - W0||^2 (> 0: a few thousand statistics tokens leave E[kk^T] singular)")
+    parser.add_argument("--mom2-weight", type=float, default=1.0,
+                        help="N of the anchor (1: keeps A well conditioned enough for a float32 state on a "
+                             "random model; the published N is meaningless there)")
+    parser.add_argument("--cache-dir", default=None, help="statistics cache (default: a temporary folder)")
     parser.add_argument("--kernel-dk", type=int, default=14336)
     parser.add_argument("--kernel-dv", type=int, default=4096)
     parser.add_argument("--kernel-dtypes", default="float64,float32")
@@ -464,6 +526,8 @@ def main(argv=None) -> int:
     parser.add_argument("--drift-u", type=int, default=1)
     parser.add_argument("--drift-cond", type=float, default=1e6,
                         help="condition number of the anchor E[kk^T] (eigenvalues log-spaced)")
+    parser.add_argument("--half", action="store_true",
+                        help="edit --stream-model loaded in --dtype (e.g. bfloat16): edits hold? written vs master")
     parser.add_argument("--stream", action="store_true", help="run only a CounterFact editing stream")
     parser.add_argument("--stream-model", default="smollm2", help="smollm2, or tiny (a dry run)")
     parser.add_argument("--edits", type=int, default=1000, help="edits of the --stream")
@@ -490,6 +554,8 @@ def main(argv=None) -> int:
     tic = time.perf_counter()
     if args.drift:
         results["drift"] = run_drift(args, device)
+    elif args.half:
+        results["half"] = run_half(args, device, model_dtype)
     elif args.stream:
         results["stream"] = run_stream(args, device, model_dtype, state_dtype)
     else:
