@@ -18,7 +18,9 @@ Per fact the loss is (all terms as in MEMIT/AlphaEdit's ``compute_z``)
 with ``h0_i`` the unedited output of layer ``layer`` at the subject's last token of the bare
 prompt (the unsquared numerator is deliberate: it is the published loss). Adam with ``lr``; at
 most ``steps`` loss evaluations and ``steps - 1`` updates; a fact stops (its ``delta`` frozen)
-once ``loss_i < early_stop_loss``; after every update ``||delta_i|| <= clamp_norm_factor * ||h0_i||``.
+once ``loss_i < early_stop_loss`` (with ``stop_when_top1`` also once every target token is the
+argmax in every template row: ENCORE's MPES); after every update
+``||delta_i|| <= clamp_norm_factor * ||h0_i||``.
 All facts are optimised in one batch; since every ``delta_i`` only enters its own rows and Adam is
 element-wise, this equals optimising each fact alone.
 
@@ -63,6 +65,9 @@ class ValueConfig:
     kl_prompt : the KL row's prompt, ``"{}"`` marking the subject
     kl_position : ``"subject_last"`` (MEMIT: the distribution right after the subject) or
         ``"prompt_last"`` (after the whole KL prompt)
+    stop_when_top1 : also stop a fact at the first evaluation at which every target token is the
+        (teacher-forced) most probable token in every one of its template rows: ENCORE's
+        most-probable early stopping (MPES). Off by default (the published AlphaEdit/RLSEdit loss)
     """
 
     lr: float = 0.5
@@ -73,6 +78,7 @@ class ValueConfig:
     early_stop_loss: float = 0.05
     kl_prompt: str = "{} is a"
     kl_position: str = "subject_last"
+    stop_when_top1: bool = False
 
     def validate(self) -> None:
         """Raise :class:`HyperparameterError` naming the first bad setting."""
@@ -92,6 +98,8 @@ class ValueConfig:
             raise HyperparameterError(
                 f"ValueConfig.kl_position must be 'subject_last' or 'prompt_last'; got {self.kl_position!r}"
             )
+        if not isinstance(self.stop_when_top1, bool):
+            raise HyperparameterError(f"ValueConfig.stop_when_top1 must be a bool; got {self.stop_when_top1!r}")
 
 
 def default_value_config(spec: ModelSpec) -> ValueConfig:
@@ -116,6 +124,8 @@ class ValueResult:
     steps_run : Adam updates taken
     final_loss, final_nll : (u,) float32 per-fact values at the last evaluation
     path : ``"fast"`` or ``"naive"`` (the forward path actually used)
+    top1 : (u,) bool, whether each fact's target was top-1 in all its template rows at its last
+        evaluation (only with ``ValueConfig.stop_when_top1``; None otherwise)
     """
 
     target: torch.Tensor
@@ -126,6 +136,7 @@ class ValueResult:
     final_loss: torch.Tensor | None = None
     final_nll: torch.Tensor | None = None
     path: str = "fast"
+    top1: torch.Tensor | None = None
 
     @property
     def delta(self) -> torch.Tensor:
@@ -264,6 +275,7 @@ def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str) -
     active = torch.ones(u, dtype=torch.bool, device=device)
     last_loss = torch.zeros(u, device=device)
     last_nll = torch.zeros(u, device=device)
+    last_top1 = torch.zeros(u, dtype=torch.bool, device=device) if config.stop_when_top1 else None
     kl_init = None
     result = ValueResult(target=h0, initial=h0, path=path)
     with torch.enable_grad():
@@ -290,6 +302,12 @@ def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str) -
             result.nll_history.append(float(last_nll.mean()))
             result.final_loss, result.final_nll = last_loss.clone(), last_nll.clone()
             still = ~(loss.detach() < config.early_stop_loss)  # (a,)
+            if last_top1 is not None:  # MPES: every target token is the argmax in every template row
+                wrong = (logp[:n_tok].detach().argmax(dim=1) != labels[keep]).float()  # (n_tok,)
+                top1 = torch.zeros(u, device=device).index_add(0, tok_fact[keep], wrong)[facts_on] == 0  # (a,)
+                last_top1[facts_on] = top1
+                result.top1 = last_top1.clone()
+                still = still & ~top1
             active[facts_on] = still
             if not bool(active.any()) or it == config.steps - 1:
                 break
