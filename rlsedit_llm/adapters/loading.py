@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from rlsedit_llm.files import cache_root
 from rlsedit_llm.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,7 @@ OFFLINE_MODELS = {
 
 
 def _user_cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "rlsedit" / "models"
+    return cache_root() / "models"
 
 
 def _package_folder(module: str, install: str) -> Path:

@@ -506,8 +506,10 @@ def write_weight(module: nn.Module, W: torch.Tensor) -> None:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Device of the input embedding (where input ids must go)."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    return next(model.parameters()).device
+    """Where input ids must go: the device of the input embedding (the first parameter's for a
+    model without one; the CPU for weights offloaded to the meta device)."""
+    try:
+        device = model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device

@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from rlsedit_llm.adapters.architectures import detect_spec, get_module, model_device, read_weight, write_weight
+from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, write_weight
 from rlsedit_llm.editing.editor import EditConfig, EditReport, FactReport
-from rlsedit_llm.errors import FactError, HyperparameterError, NonFiniteError, StateMismatchError
+from rlsedit_llm.errors import HyperparameterError, NonFiniteError, StateMismatchError
 from rlsedit_llm.kernel.protocol import Capabilities
 from rlsedit_llm.kernel.registry import register
-from rlsedit_llm.pipeline.facts import as_facts, validate_facts
-from rlsedit_llm.pipeline.scoring import encode_target, score_targets
+from rlsedit_llm.files import atomic_path, atomic_write_text
+from rlsedit_llm.pipeline.facts import checked_facts, encode_target
+from rlsedit_llm.pipeline.scoring import score_targets
+from rlsedit_llm.pipeline.tokens import input_device, pad_id, right_pad
 
 __all__ = ["FineTuneEditor", "target_nll"]
 
@@ -37,22 +38,16 @@ log = logging.getLogger(__name__)
 def target_nll(model, tokenizer, prompts, targets) -> torch.Tensor:
     """Differentiable mean target NLL: per pair the mean over ``" " + target`` tokens after the
     prompt (teacher forced, right padding, no special tokens), then the mean over pairs."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = []
-    for p, t in zip(prompts, targets):
-        rows.append((tokenizer(p, add_special_tokens=False)["input_ids"], encode_target(tokenizer, t)))
-    width = max(len(p) + len(t) for p, t in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    weight = torch.zeros((len(rows), width - 1))  # weight of the prediction at position j -> j+1
+    rows = [(tokenizer(p, add_special_tokens=False)["input_ids"], encode_target(tokenizer, t))
+            for p, t in zip(prompts, targets)]
+    device = input_device(model)
+    ids, mask = right_pad([p + t for p, t in rows], pad_id(tokenizer), device)  # (b, w)
+    weight = torch.zeros((len(rows), ids.shape[1] - 1))  # weight of the prediction at position j -> j+1
     for i, (p, t) in enumerate(rows):
-        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-        mask[i, : len(p) + len(t)] = 1
         weight[i, len(p) - 1: len(p) + len(t) - 1] = 1.0 / len(t)
-    device = model_device(model)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]  # (b, w-1, V)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (b, w-1, V)
     logp = torch.log_softmax(logits.float(), dim=-1)
-    nll = -logp.gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)  # (b, w-1)
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (b, w-1)
     return (nll * weight.to(device)).sum() / len(rows)
 
 
@@ -110,10 +105,7 @@ class FineTuneEditor:
 
         Bad facts raise :class:`FactError` and a failure half-way restores the weights.
         """
-        facts = as_facts(facts)
-        if not facts:
-            raise FactError("no facts given: pass at least one fact to edit")
-        validate_facts(facts, self.tokenizer)
+        facts = checked_facts(facts, self.tokenizer)
         prompts, targets = [f.text() for f in facts], [f.target for f in facts]
         tic = time.perf_counter()
         scores_before = score_targets(self.model, self.tokenizer, prompts, targets)
@@ -169,17 +161,13 @@ class FineTuneEditor:
 
     # -- persistence: the trained weights and counters (the optimiser restarts every batch) --
     def save(self, directory) -> None:
-        """Write the trained weights and counters to ``directory`` (temporary files + rename)."""
+        """Write the trained weights, then the counters, to ``directory`` (each file atomically)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".weights.pt.tmp-{os.getpid()}"
-        torch.save({l: W.cpu() for l, W in self.weights().items()}, tmp)
-        os.replace(tmp, directory / "weights.pt")
+        with atomic_path(directory / "weights.pt") as tmp:
+            torch.save({l: W.cpu() for l, W in self.weights().items()}, tmp)
         meta = {"layers": list(self.layers_), "lr": self.lr, "steps": self.steps,
                 "n_edits": self.n_edits_, "n_batches": self.n_batches_, "losses": self.losses_}
-        tmp = directory / f".finetune.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, directory / "finetune.json")
+        atomic_write_text(directory / "finetune.json", json.dumps(meta))
 
     @classmethod
     def load(cls, model, tokenizer, directory) -> "FineTuneEditor":

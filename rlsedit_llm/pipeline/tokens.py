@@ -1,4 +1,5 @@
-"""Model inputs from token rows: the pad id, right padding, and the device input ids go to.
+"""Model inputs from token rows: the pad id, right padding, and the device input ids go to
+(:func:`input_device`, defined with the model adapters as ``model_device``).
 
 Every pipeline stage batches rows of token ids the same way: right padding with an attention
 mask, so a row's real tokens keep positions ``0 .. len - 1`` and, the model being causal, the
@@ -10,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+
+from rlsedit_llm.adapters.spec import model_device
 
 __all__ = ["pad_id", "right_pad", "input_device"]
 
@@ -35,11 +37,4 @@ def right_pad(rows: Sequence[Sequence[int]], pad: int, device=None, extra: int =
     return ids, mask
 
 
-def input_device(model: nn.Module) -> torch.device:
-    """Where input ids must go: the device of the input embedding (the first parameter's for a
-    model without one; the CPU for weights offloaded to the meta device)."""
-    try:
-        device = model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        device = next(model.parameters()).device
-    return torch.device("cpu") if device.type == "meta" else device
+input_device = model_device  # one home: rlsedit_llm.adapters.spec.model_device
