@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from rlsedit_llm.adapters.architectures import detect_spec
 from rlsedit_llm.editing.editor import EditConfig, Editor
 from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.kernel.registry import get_method, is_layer_method
+from rlsedit_llm.pipeline.values import default_value_config
 
 __all__ = ["make_editor", "load_editor"]
 
@@ -19,12 +21,20 @@ __all__ = ["make_editor", "load_editor"]
 def make_editor(method: str, model, tokenizer, config: EditConfig | None = None, **options):
     """A fresh editor of ``method`` on ``model``; ``config`` (its ``method`` is overridden) sets the
     layers, statistics and hyperparameters; ``options`` go to editor-level methods (e.g. FT's
-    ``lr``, ``steps``)."""
+    ``lr``, ``steps``).
+
+    A layer-solver class may declare ``value_defaults`` (ValueConfig fields its method is defined
+    with, e.g. ENCORE's ``{"stop_when_top1": True}``): when ``config.value`` is None they are
+    applied over the family's default value settings. An explicit ``config.value`` is used as is."""
     cls = get_method(method)
     config = replace(config or EditConfig(), method=method)
     if is_layer_method(method):
         if options:
             raise HyperparameterError(f"{method!r} takes its settings from EditConfig; unexpected {sorted(options)}")
+        value_defaults = getattr(cls, "value_defaults", None)
+        if value_defaults and config.value is None:
+            value = replace(default_value_config(detect_spec(model)), **value_defaults)
+            config = replace(config, value=value)
         return Editor(model, tokenizer, config)
     return cls.from_config(model, tokenizer, config, **options)
 

@@ -1,0 +1,365 @@
+"""UltraEdit (Gu et al., TMLR 2026): a closed-form write from hidden states and gradients, whitened
+by running ("lifelong") feature statistics. Method ``"ultraedit"``.
+
+No second-moment statistics and no per-fact value optimisation. Per batch ("turn") of facts, in
+one forward and backward pass of the unedited-so-far model:
+
+1. rows: each fact's rewrite prompt followed by its target minus the last token (the tokens of
+   :func:`~rlsedit_llm.pipeline.facts.encode_target`, as the scorer and the fine-tuning baseline
+   read them); one row per answer position, i.e. the positions whose next-token prediction is a
+   target token;
+2. per edited layer and answer position: the key ``k`` (input of the edited module, ``d_k``) and
+   ``g``, the gradient at the module's output (``d_v``) of the sum over answer positions of the
+   target token's negative log-probability;
+3. the layer's running statistics of ``z = [k, g]`` (float64 count, mean and sum of squared
+   deviations over every position of every turn so far, this turn included) are updated, and
+   ``z`` is whitened with them: ``z_hat = (z - mean) / (std + eps)`` (unbiased std, ``eps`` the
+   float32 machine epsilon), split into ``k_hat, g_hat``;
+4. pseudo-values ``v = -lr ||k_hat||^2 g_hat`` (the output change that a gradient step of size
+   ``lr`` on the whitened features would cause at that key) and the ridge solve on the raw keys
+
+       Delta = argmin ||K Delta - V||^2 + ridge ||Delta||^2 = (K^T K + ridge I)^{-1} K^T V,
+
+   computed as ``K^T (K K^T + ridge I)^{-1} V`` when there are fewer rows than ``d_k``; every
+   edited layer gets its own ``Delta`` from the same pass and they are added together.
+
+``lr = None`` scales the released ``1e-6`` (Llama-3-8B, ``d_k = 14336``) to the layer's width,
+``1e-6 * 14336 / d_k``, so that ``lr ||k_hat||^2 ~ lr d_k`` is the same on any model (as
+:class:`~rlsedit_llm.EditConfig` scales ``N``). See docs/theory/relation.md#ultraedit for the
+choices and how this differs from the authors' code.
+
+An editor-level method: it speaks the editor protocol (``edit(facts) -> EditReport``,
+``weights()``, ``save``/``load``, ``layers_``, ``n_batches_``) and is registered by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, write_weight
+from rlsedit_llm.adapters.hooks import restore_requires_grad, set_requires_grad
+from rlsedit_llm.editing.config import PUBLISHED_D_K, EditConfig
+from rlsedit_llm.editing.reports import EditReport, FactReport
+from rlsedit_llm.errors import HyperparameterError, NonFiniteError, StateMismatchError
+from rlsedit_llm.files import atomic_path, atomic_write_text
+from rlsedit_llm.kernel.protocol import Capabilities
+from rlsedit_llm.kernel.registry import register
+from rlsedit_llm.pipeline.facts import checked_facts, encode_target
+from rlsedit_llm.pipeline.scoring import score_targets
+from rlsedit_llm.pipeline.tokens import input_device, pad_id, right_pad
+
+__all__ = ["UltraEditor", "RunningMoments", "ultraedit_shift", "PUBLISHED_LR"]
+
+log = logging.getLogger(__name__)
+
+PUBLISHED_LR = 1e-6  # the released config's ``lr`` (Llama-3-8B, d_k = 14336)
+_EPS = torch.finfo(torch.float32).eps  # the normaliser's epsilon (float32 features, as released)
+_FORMAT = "rlsedit-ultraedit-v1"
+
+
+class RunningMoments:
+    """Running mean and variance of feature vectors, in float64, merged batch by batch (Chan et al.).
+
+    Attributes ``count_`` (rows seen), ``mean_`` (d,), ``m2_`` (d,) the sum of squared deviations
+    from the mean. :meth:`update` replaces the tensors (never writes into them), so a reference
+    snapshot (:meth:`state`) is a valid rollback point.
+    """
+
+    def __init__(self, dim: int, *, device=None):
+        self.count_ = 0
+        self.mean_ = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.m2_ = torch.zeros(dim, dtype=torch.float64, device=device)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x`` (n, d)."""
+        x = x.detach().to(device=self.mean_.device, dtype=torch.float64)
+        n = x.shape[0]
+        if n == 0:
+            return
+        total = self.count_ + n
+        mean_x = x.mean(dim=0)
+        m2_x = ((x - mean_x) ** 2).sum(dim=0)
+        delta = mean_x - self.mean_
+        self.mean_ = self.mean_ + delta * (n / total)
+        self.m2_ = self.m2_ + m2_x + delta.square() * (self.count_ * n / total)
+        self.count_ = total
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.mean_
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Unbiased variance (zeros before two rows have been seen)."""
+        if self.count_ < 2:
+            return torch.zeros_like(self.m2_)
+        return self.m2_ / (self.count_ - 1)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / (std + eps)`` in float64."""
+        x = x.to(device=self.mean_.device, dtype=torch.float64)
+        return (x - self.mean_) / (self.std + _EPS)
+
+    def state(self) -> dict:
+        return {"count": self.count_, "mean": self.mean_, "m2": self.m2_}
+
+    def load(self, state: dict) -> None:
+        self.count_ = int(state["count"])
+        self.mean_ = state["mean"].to(device=self.mean_.device, dtype=torch.float64)
+        self.m2_ = state["m2"].to(device=self.mean_.device, dtype=torch.float64)
+
+
+def ultraedit_shift(K: torch.Tensor, G: torch.Tensor, moments: RunningMoments, *, lr: float,
+                    ridge: float) -> torch.Tensor:
+    """UltraEdit's closed-form weight change ``Delta (d_k, d_v)`` for keys ``K (n, d_k)`` and output
+    gradients ``G (n, d_v)``, whitened with ``moments`` (already updated with this turn).
+
+    ``Delta = argmin ||K Delta - V||^2 + ridge ||Delta||^2`` with the pseudo-values
+    ``V = -lr ||k_hat||^2 g_hat`` of the whitened features; float64.
+    """
+    K = K.detach().to(device=moments.mean_.device, dtype=torch.float64)
+    z_hat = moments.normalise(torch.cat([K, G.detach().to(K)], dim=1))  # (n, d_k + d_v)
+    d_k = K.shape[1]
+    k_hat, g_hat = z_hat[:, :d_k], z_hat[:, d_k:]
+    V = -lr * k_hat.square().sum(dim=1, keepdim=True) * g_hat  # (n, d_v)
+    n = K.shape[0]
+    if n < d_k:  # the push-through identity: an (n, n) system instead of (d_k, d_k)
+        S = K @ K.mT + ridge * torch.eye(n, dtype=K.dtype, device=K.device)
+        return K.mT @ torch.linalg.solve(S, V)
+    S = K.mT @ K + ridge * torch.eye(d_k, dtype=K.dtype, device=K.device)
+    return torch.linalg.solve(S, K.mT @ V)
+
+
+def _check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise HyperparameterError(f"{name} must be a finite number > 0; got {value!r}")
+    return float(value)
+
+
+@register
+class UltraEditor:
+    """UltraEdit on the edited layers' MLP output projections (see the module docstring).
+
+    Parameters
+    ----------
+    model, tokenizer : the causal LM to edit in place, and its tokenizer
+    layers : tuple of int or None
+        Edited layers (None: the family's default block, the same layers as
+        :class:`~rlsedit_llm.Editor`).
+    lr : float > 0 or None
+        Scale of the pseudo-values; None: ``1e-6 * 14336 / d_k`` (the released value scaled to width).
+    ridge : float > 0
+        Weight of ``||Delta||^2`` in the closed form (released: 1).
+    batch_size : int >= 1
+        Facts per forward/backward pass (memory only: the result does not depend on it).
+
+    Attributes
+    ----------
+    spec_, layers_, lr_ (the resolved lr), W0_ (layer -> (d_k, d_v) pre-edit weights, CPU),
+    moments_ (layer -> :class:`RunningMoments` of ``[k, g]``), n_edits_, n_batches_, n_rows_.
+    """
+
+    name = "ultraedit"
+    capabilities = Capabilities()
+
+    def __init__(self, model, tokenizer, *, layers=None, lr: float | None = None, ridge: float = 1.0,
+                 batch_size: int = 16):
+        self.model, self.tokenizer = model, tokenizer
+        self.spec_ = detect_spec(model)
+        layers = tuple(layers) if layers is not None else tuple(self.spec_.default_layers)
+        if not layers or any(not (isinstance(l, int) and 0 <= l < self.spec_.n_layers) for l in layers) \
+                or sorted(set(layers)) != list(layers):
+            raise HyperparameterError(f"layers must be distinct ascending ints in [0, {self.spec_.n_layers}); "
+                                      f"got {layers}")
+        self.layers_ = layers
+        self.lr = None if lr is None else _check_positive("lr", lr)
+        self.lr_ = self.lr if self.lr is not None else PUBLISHED_LR * PUBLISHED_D_K / self.spec_.d_k
+        self.ridge = _check_positive("ridge", ridge)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise HyperparameterError(f"batch_size must be an int >= 1; got {batch_size!r}")
+        self.batch_size = batch_size
+        self.W0_ = {l: read_weight(self._module(l)).cpu() for l in layers}
+        self.moments_ = {}
+        for l in layers:
+            d_k, d_v = self.W0_[l].shape
+            self.moments_[l] = RunningMoments(d_k + d_v, device=self._module(l).weight.device)
+        self.n_edits_ = 0
+        self.n_batches_ = 0
+        self.n_rows_ = 0
+
+    @classmethod
+    def from_config(cls, model, tokenizer, config: EditConfig, *, lr: float | None = None, ridge: float = 1.0,
+                    batch_size: int = 16):
+        """UltraEdit on ``config.layers`` (its other fields do not apply: no statistics, no values)."""
+        return cls(model, tokenizer, layers=config.layers, lr=lr, ridge=ridge, batch_size=batch_size)
+
+    def _module(self, layer: int):
+        return get_module(self.model, self.spec_.edit_module_path.format(layer))
+
+    # -- features ----------------------------------------------------------------------------
+    def features(self, facts) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Keys ``K[l] (n, d_k)`` and output gradients ``G[l] (n, d_v)`` (float32) at every answer
+        position of ``facts`` (fact-major, positions in order), on the current model; changes nothing."""
+        facts = checked_facts(facts, self.tokenizer, purpose="edit")
+        rows = []
+        for f in facts:
+            p = list(self.tokenizer(f.text(), add_special_tokens=False)["input_ids"])
+            t = encode_target(self.tokenizer, f.target)
+            rows.append((p, t))
+        modules = {l: self._module(l) for l in self.layers_}
+        device, pad = input_device(self.model), pad_id(self.tokenizer)
+        keys = {l: [] for l in self.layers_}
+        grads = {l: [] for l in self.layers_}
+        was_training = self.model.training
+        flags = set_requires_grad(self.model, False)
+        for m in modules.values():  # so that the modules' outputs are part of the autograd graph
+            m.weight.requires_grad_(True)
+        self.model.eval()
+        try:
+            for lo in range(0, len(rows), self.batch_size):
+                chunk = rows[lo: lo + self.batch_size]
+                ids, mask = right_pad([p + t[:-1] for p, t in chunk], pad, device)
+                row_of = torch.cat([torch.full((len(t),), i) for i, (p, t) in enumerate(chunk)])
+                pos = torch.cat([torch.arange(len(p) - 1, len(p) + len(t) - 1) for p, t in chunk])
+                labels = torch.tensor([x for _, t in chunk for x in t])
+                seen_in, seen_out = {}, {}
+
+                def hook(layer):
+                    def fn(module, args, output):
+                        seen_in[layer], seen_out[layer] = args[0], output
+                    return fn
+
+                handles = [m.register_forward_hook(hook(l)) for l, m in modules.items()]
+                try:
+                    with torch.enable_grad():
+                        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                        picked = logits[row_of.to(logits.device), pos.to(logits.device)].float()  # (n, vocab)
+                        nll = -torch.log_softmax(picked, dim=-1).gather(1, labels[:, None].to(picked.device)).sum()
+                        outs = [seen_out[l] for l in self.layers_]
+                        g_all = torch.autograd.grad(nll, outs)
+                finally:
+                    for h in handles:
+                        h.remove()
+                for l, g in zip(self.layers_, g_all):
+                    x = seen_in[l]
+                    keys[l].append(x[row_of.to(x.device), pos.to(x.device)].detach().float())
+                    grads[l].append(g[row_of.to(g.device), pos.to(g.device)].detach().float())
+        finally:
+            restore_requires_grad(self.model, flags)
+            for m in modules.values():
+                m.weight.grad = None
+            self.model.train(was_training)
+        return ({l: torch.cat(v) for l, v in keys.items()}, {l: torch.cat(v) for l, v in grads.items()})
+
+    # -- editing -------------------------------------------------------------------------------
+    def edit(self, facts) -> EditReport:
+        """Write one turn of facts; return an :class:`~rlsedit_llm.EditReport` (its ``extras`` hold
+        ``rows``, the answer positions written, and ``delta_norm``, the mean ``||Delta||_F`` over
+        layers; there are no value residuals). Bad facts raise :class:`FactError`; a failure
+        half-way restores the weights and the statistics."""
+        facts = checked_facts(facts, self.tokenizer, purpose="edit")
+        prompts, targets = [f.text() for f in facts], [f.target for f in facts]
+        tic = time.perf_counter()
+        before = score_targets(self.model, self.tokenizer, prompts, targets)
+        seconds = {"score": time.perf_counter() - tic}
+        tic = time.perf_counter()
+        K, G = self.features(facts)
+        seconds["features"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        saved_weights = {l: read_weight(self._module(l)) for l in self.layers_}
+        saved_moments = {l: m.state() for l, m in self.moments_.items()}
+        norms = []
+        try:
+            new = {}
+            for l in self.layers_:
+                self.moments_[l].update(torch.cat([K[l], G[l]], dim=1))
+                delta = ultraedit_shift(K[l], G[l], self.moments_[l], lr=self.lr_, ridge=self.ridge)
+                if not torch.isfinite(delta).all():
+                    raise NonFiniteError(f"layer {l}: the UltraEdit update produced NaN/inf")
+                W = saved_weights[l]
+                new[l] = (W.to(torch.float64) + delta.to(W.device)).to(W.dtype)
+                norms.append(float(torch.linalg.norm(delta)))
+            for l, W in new.items():
+                write_weight(self._module(l), W)
+        except BaseException:
+            for l, W in saved_weights.items():
+                write_weight(self._module(l), W)
+            for l, state in saved_moments.items():
+                self.moments_[l].load(state)
+            raise
+        seconds["update"] = time.perf_counter() - tic
+        after = score_targets(self.model, self.tokenizer, prompts, targets)
+        n_rows = int(next(iter(K.values())).shape[0])
+        edit_id = self.n_batches_
+        self.n_edits_ += len(facts)
+        self.n_batches_ += 1
+        self.n_rows_ += n_rows
+        nan = float("nan")  # no value residual: UltraEdit optimises no target hidden state
+        reports = [FactReport(f, b.prob, a.prob, nan, nan) for f, b, a in zip(facts, before, after)]
+        log.info("UltraEdit turn %d: %d fact(s), %d rows", self.n_batches_, len(facts), n_rows)
+        return EditReport(edit_id, self.layers_, reports, seconds,
+                          extras={"rows": float(n_rows), "delta_norm": sum(norms) / len(norms)})
+
+    def weights(self) -> dict[int, torch.Tensor]:
+        """Current weights of the edited modules, ``(d_k, d_v)`` per layer."""
+        return {l: read_weight(self._module(l)) for l in self.layers_}
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, directory) -> None:
+        """Write the edited weights, the running statistics and the counters to ``directory``:
+        ``ultraedit.safetensors`` then ``ultraedit.json`` (which carries the tensors' SHA-256),
+        each atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        tensors = {}
+        for l in self.layers_:
+            tensors[f"weight.{l}"] = read_weight(self._module(l)).cpu().contiguous()
+            tensors[f"mean.{l}"] = self.moments_[l].mean_.cpu().contiguous()
+            tensors[f"m2.{l}"] = self.moments_[l].m2_.cpu().contiguous()
+        path = directory / "ultraedit.safetensors"
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        meta = {"format": _FORMAT, "layers": list(self.layers_), "lr": self.lr, "ridge": self.ridge,
+                "batch_size": self.batch_size, "n_edits": self.n_edits_, "n_batches": self.n_batches_,
+                "n_rows": self.n_rows_, "counts": {str(l): self.moments_[l].count_ for l in self.layers_},
+                "sha256": digest}
+        atomic_write_text(directory / "ultraedit.json", json.dumps(meta))
+
+    @classmethod
+    def load(cls, model, tokenizer, directory) -> "UltraEditor":
+        """Restore a saved UltraEdit stream onto a pristine copy of the model (all or nothing)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = json.loads((directory / "ultraedit.json").read_text())
+        if meta.get("format") != _FORMAT:
+            raise StateMismatchError(f"{directory} holds no UltraEdit state of format {_FORMAT!r}")
+        path = directory / "ultraedit.safetensors"
+        if hashlib.sha256(path.read_bytes()).hexdigest() != meta["sha256"]:
+            raise StateMismatchError(f"{path} does not match its ultraedit.json (an interrupted save?)")
+        tensors = load_file(str(path))
+        new = cls(model, tokenizer, layers=meta["layers"], lr=meta["lr"], ridge=meta["ridge"],
+                  batch_size=meta["batch_size"])
+        for l in new.layers_:
+            W = tensors.get(f"weight.{l}")
+            if W is None or W.shape != new.W0_[l].shape or tensors[f"mean.{l}"].shape != new.moments_[l].mean_.shape:
+                raise StateMismatchError(f"the saved UltraEdit state does not match layer {l} of this model")
+        for l in new.layers_:
+            write_weight(new._module(l), tensors[f"weight.{l}"].to(new.W0_[l].dtype))
+            new.moments_[l].load({"count": meta["counts"][str(l)], "mean": tensors[f"mean.{l}"],
+                                  "m2": tensors[f"m2.{l}"]})
+        new.n_edits_, new.n_batches_, new.n_rows_ = int(meta["n_edits"]), int(meta["n_batches"]), int(meta["n_rows"])
+        return new

@@ -1,0 +1,61 @@
+"""ENCORE's layer rule: MEMIT-seq with a norm constraint on the update (Gupta et al., 2025).
+
+ENCORE ("Early stopping and Norm-Constrained Robust knowledge Editing") changes two things of the
+MEMIT lineage: the value optimisation stops a fact as soon as its target is the most probable
+token in all its contexts (``ValueConfig(stop_when_top1=True)``, see
+:mod:`rlsedit_llm.pipeline.values`), and the write adds ``lambda ||Delta||^2`` to the per-batch
+objective, with the past edits' keys kept in the preservation term (the released configurations
+all accumulate them). Per batch
+
+    Delta_t = (lambda I + beta N E[kk^T] + sum_{p<t} K_p^T K_p + K_t^T K_t)^{-1} K_t^T (V_t - K_t W_{t-1}),
+
+solved densely like the authors' code. Because the metric carries every earlier batch, the
+per-batch penalty telescopes into ``lambda ||W - W0||^2`` in the cumulative objective: ENCORE's
+weights are the exact minimiser of ``J_t`` with ``alpha + lambda`` in place of ``alpha`` (the same
+estimator as ``memit_seq`` and ``rlsedit`` with that ``alpha``; docs/theory/relation.md#encore).
+NumPy reference: :class:`rlsedit_theory.reference.DenseCumulative` with ``alpha + lambda``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlsedit_llm.kernel.memit_seq import DenseCumulativeLayer
+from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, check_weights
+from rlsedit_llm.kernel.registry import register
+from rlsedit_llm.kernel.rls import anchor_metric
+
+__all__ = ["EncoreLayer", "ENCORE_NORM_WEIGHT"]
+
+#: The norm-constraint weight ``lambda`` of the released Llama-3-8B configuration (``update_norm_lambda``;
+#: 10 for GPT-2 XL and Llama-2-7B). In the units of the key Gram, like ``alpha``.
+ENCORE_NORM_WEIGHT = 20.0
+
+
+@register
+class EncoreLayer(DenseCumulativeLayer):
+    """ENCORE: the cumulative normal equations with the extra ridge ``norm_weight * I``.
+
+    ``alpha`` and ``beta`` come from the editor's config like every solver's; the metric is
+    ``A = (alpha + norm_weight) I + beta gram0``, so with the config's default ``alpha = 0`` the
+    ridge is ENCORE's own ``norm_weight``. The ``alpha`` attribute holds the total identity weight
+    ``alpha + norm_weight`` (what the objective ``J_t`` uses); ``norm_weight`` is kept separately.
+
+    The editor builds solvers from ``(W0, alpha, beta, gram0)`` only, so through an
+    :class:`~rlsedit_llm.Editor` the norm weight is :data:`ENCORE_NORM_WEIGHT` and a different total
+    ridge is set with ``EditConfig.alpha`` (added to it).
+    """
+
+    name = "encore"
+    capabilities = Capabilities(cumulative_objective=True)
+    state_scalars = LayerSolver.state_scalars + ("norm_weight",)
+    #: The value settings ENCORE is defined with (applied by ``make_editor`` when the config leaves
+    #: ``value`` unset): most-probable early stopping.
+    value_defaults = {"stop_when_top1": True}
+
+    def __init__(self, W0, alpha, beta, gram0=None, *, dtype=torch.float64, track_information=False,
+                 norm_weight: float = ENCORE_NORM_WEIGHT):
+        self.norm_weight = check_weights("norm_weight", norm_weight)
+        self._init_common(W0, check_weights("alpha", alpha) + self.norm_weight, beta, dtype)
+        self.G_, self.gram0_ = anchor_metric(self.W0_.shape[0], self.alpha, self.beta, gram0,
+                                             dtype=dtype, device=self.device)
