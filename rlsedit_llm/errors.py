@@ -32,3 +32,10 @@ class CorpusError(RLSEditError, ValueError):
 
 class UnknownEditError(RLSEditError, KeyError):
     """An edit id that is not (or no longer) in the editor's journal."""
+
+
+class OwnershipError(RLSEditError, RuntimeError):
+    """A second editor tried to change a model that another editor owns (its edits are in the
+    model), or a call on a model re-entered while another call on it was running in the same
+    thread. Continue with the owning editor, or hand the model over explicitly
+    (``owner.release()``, ``Editor(..., take_over=True)``, ``Editor.load(..., take_over=True)``)."""

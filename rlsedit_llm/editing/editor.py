@@ -14,13 +14,32 @@ One :class:`Editor` per model. Each call to :meth:`Editor.edit` takes a batch of
 
 Every call is a transaction: if anything fails (bad fact, NaN, out of memory, Ctrl-C) the model's
 weights and the editor's state are exactly as before the call.
+
+One owner per model. Every state-changing call (``edit``, ``absorb``, ``undo``, ``prepare``,
+``save``, ``load``) holds a lock shared by all editors of the model (an ``RLock`` kept on the
+model object), so calls on one model run one at a time, and first checks that the model still
+holds exactly this editor's state (:meth:`Editor.check_model`: the edited layers bit for bit
+against the master copies rounded to the model's dtype, every other parameter and persistent
+buffer by a per-tensor digest cached by storage pointer and version counter), refusing with
+:class:`StateMismatchError` otherwise (another editor's writes, or the user's, are never
+overwritten). The editor whose call last changed the model owns it. Creating or loading a second
+editor on a model whose owner's state the model still holds is refused with
+:class:`OwnershipError`, unless it takes over explicitly (``take_over=True``; the previous owner is
+then refused from its next call on, until its :meth:`Editor.take_over`), or the owner called
+:meth:`~Editor.release`. Editors that restore their own weights in turn (the benchmark's round
+robin) need nothing: each call checks that the model holds the caller's state.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
+import threading
 import time
+import weakref
+from contextlib import contextmanager
 
 import torch
 
@@ -28,23 +47,120 @@ from rlsedit_llm.adapters.architectures import detect_spec, get_module, module_t
 from rlsedit_llm.editing import state as state_io
 from rlsedit_llm.editing.config import EditConfig, anchor_gram
 from rlsedit_llm.editing.reports import EditRecord, EditReport, FactReport
-from rlsedit_llm.errors import (FactError, HyperparameterError, NonFiniteError, RLSEditError, ShapeError,
-                                StateMismatchError, UnknownEditError)
+from rlsedit_llm.errors import (FactError, HyperparameterError, NonFiniteError, OwnershipError, RLSEditError,
+                                ShapeError, StateMismatchError, UnknownEditError)
 from rlsedit_llm.kernel.certificates import certificate
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver
 from rlsedit_llm.kernel.registry import get_method, is_layer_method
-from rlsedit_llm.pipeline.facts import Fact, as_facts, validate_facts
+from rlsedit_llm.pipeline.facts import Fact, as_facts, encode_target, validate_facts
 from rlsedit_llm.pipeline.keys import compute_keys, generate_templates, subject_hidden_states
 from rlsedit_llm.pipeline.scoring import score_targets
 from rlsedit_llm.pipeline.stats import model_fingerprint, second_moments
 from rlsedit_llm.pipeline.values import ValueConfig, compute_values, default_value_config
 
 __all__ = ["EditConfig", "Editor", "EditReport", "FactReport", "EditRecord", "edit", "editor_of", "anchor_gram",
-           "save_model_state", "load_model_state"]
+           "save_model_state", "load_model_state", "tensor_digests"]
 
 log = logging.getLogger(__name__)
 
 _ATTR = "_rlsedit_editor"  # where rlsedit_llm.edit keeps the lifelong editor on the model
+_GUARD = "_rlsedit_guard"  # the per-model lock, owner and digest cache (see _ModelGuard)
+_GUARDS_LOCK = threading.Lock()
+
+#: An absorption below this (a typical key moves its output by less than this share of the
+#: demanded change) means the regulariser swamps every edit: refused at prepare.
+MIN_ABSORPTION = 1e-6
+
+
+class _ModelGuard:
+    """Kept on the model object: the lock every editor call on the model holds, the owning editor
+    (a weak reference) and the cache of per-tensor digests.
+
+    A copy of the model (``copy.deepcopy``, pickling) gets a fresh guard with no owner."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self._owner = None
+        self.busy: int | None = None  # thread inside a state-changing call
+        self.cache: dict[str, tuple[tuple, str]] = {}  # name -> (token, digest)
+
+    @property
+    def owner(self):
+        return self._owner() if self._owner is not None else None
+
+    @owner.setter
+    def owner(self, editor) -> None:
+        self._owner = weakref.ref(editor) if editor is not None else None
+
+    def __deepcopy__(self, memo):
+        return _ModelGuard()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+def _hand_over(guard: _ModelGuard, editor, displace: bool) -> None:
+    """Make ``editor`` the owner; with ``displace`` (an explicit take-over) a different previous
+    owner is refused from now on."""
+    previous = guard.owner
+    if displace and previous is not None and previous is not editor:
+        previous._displaced = True
+    editor._displaced = False
+    guard.owner = editor
+
+
+def _guard_of(model) -> _ModelGuard:
+    with _GUARDS_LOCK:
+        guard = model.__dict__.get(_GUARD)
+        if not isinstance(guard, _ModelGuard):
+            guard = _ModelGuard()
+            object.__setattr__(model, _GUARD, guard)
+        return guard
+
+
+class _OneTensor(torch.nn.Module):
+    """A module holding one tensor, so that :func:`model_fingerprint` digests a single tensor."""
+
+    def __init__(self, tensor: torch.Tensor):
+        super().__init__()
+        self.register_buffer("t", tensor.detach(), persistent=True)
+
+
+def _named_tensors(model):
+    """Parameters and persistent buffers by name (what :func:`model_fingerprint` covers)."""
+    persistent = set(model.state_dict(keep_vars=True))
+    yield from model.named_parameters()
+    for name, b in model.named_buffers():
+        if name in persistent:
+            yield name, b
+
+
+def _token(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's contents without reading them: storage, offset, version counter,
+    layout. In-place writes bump the version counter (writes through ``.data`` do not: the
+    uncached check of :meth:`Editor.save` catches those)."""
+    return (t.data_ptr(), t._version, t.dtype, tuple(t.shape), tuple(t.stride()), str(t.device))
+
+
+def tensor_digests(model, *, skip=frozenset(), fresh: bool = False) -> dict[str, str]:
+    """Per parameter and persistent buffer of ``model`` (except those whose ``id`` is in ``skip``)
+    its :func:`model_fingerprint` digest, recomputed only for tensors whose storage pointer,
+    version counter or layout changed since the last call (``fresh=True``: all of them)."""
+    cache = _guard_of(model).cache
+    out = {}
+    for name, t in _named_tensors(model):
+        if id(t) in skip:
+            continue
+        token = _token(t)
+        hit = cache.get(name)
+        if fresh or hit is None or hit[0] != token:
+            hit = (token, model_fingerprint(_OneTensor(t)))
+            cache[name] = hit
+        out[name] = hit[1]
+    return out
 
 
 def _max_positions(model) -> int:
@@ -81,13 +197,19 @@ class Editor:
     base_fingerprint_ : str — fingerprint of the model's weights before the first edit
     """
 
-    def __init__(self, model, tokenizer, config: EditConfig | None = None):
+    def __init__(self, model, tokenizer, config: EditConfig | None = None, *, take_over: bool = False):
         self._bind(model, tokenizer, config)
-        self.base_fingerprint_ = model_fingerprint(model)  # of the weights before any edit
-        self.templates_: list[str] | None = None
-        self.solvers_: dict[int, LayerSolver] = {}
-        self.journal_: list[EditRecord] = []
-        self.next_id_ = 0
+        guard = _guard_of(model)
+        with guard.lock:
+            self._refuse_if_owned(take_over, "create an editor")
+            self.base_fingerprint_ = model_fingerprint(model)  # of the weights before any edit
+            self.templates_: list[str] | None = None
+            self.solvers_: dict[int, LayerSolver] = {}
+            self.journal_: list[EditRecord] = []
+            self.next_id_ = 0
+            self._reference_ = tensor_digests(model)  # what check_model compares the model with
+            if take_over:
+                _hand_over(guard, self, True)
 
     def _bind(self, model, tokenizer, config: EditConfig | None) -> None:
         """Model, tokenizer, validated config and everything derived from them."""
@@ -100,6 +222,9 @@ class Editor:
                 f"method {config.method!r} is not a layer-solver method and runs its own editor; "
                 "build it with rlsedit_llm.editing.methods.make_editor"
             )
+        if not (callable(tokenizer) and hasattr(tokenizer, "decode")):
+            raise HyperparameterError(f"tokenizer must be the model's Hugging Face tokenizer; got "
+                                      f"{type(tokenizer).__name__} (load both with rlsedit_llm.load_model)")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.spec_ = detect_spec(model)
         layers = tuple(config.layers) if config.layers is not None else tuple(self.spec_.default_layers)
@@ -132,14 +257,42 @@ class Editor:
 
     def prepare(self) -> "Editor":
         """Statistics, per-layer states and templates (done lazily by the first edit)."""
+        with self._owning("prepare the editor"):
+            return self._prepare()
+
+    def _check_finite_model(self) -> None:
+        for name, t in _named_tensors(self.model):
+            if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+                raise NonFiniteError(f"the model's {name} holds NaN or infinity; load an intact model "
+                                     f"before editing (nothing was changed)")
+
+    def _check_absorption(self, moments) -> None:
+        """Refuse a regulariser that swamps every edit (e.g. alpha = 1e308): every write a no-op."""
+        cfg = self.config
+        for layer, m in moments.items():
+            m = m.double()
+            d_k = m.shape[0]
+            trace = float(torch.trace(m))  # E||k||^2
+            denom = cfg.alpha + cfg.beta * self.mom2_weight_ * trace / d_k
+            absorption = trace / denom if denom > 0 else math.inf
+            if not absorption >= MIN_ABSORPTION:
+                raise HyperparameterError(
+                    f"alpha={cfg.alpha:g}, beta={cfg.beta:g}, mom2_weight={self.mom2_weight_:g} swamp every edit at "
+                    f"layer {layer}: a typical key would move its output by {absorption:.1e} of the requested change "
+                    f"(every edit a no-op); lower alpha (e.g. alpha <= {trace / 1e-2:.3g}) or the anchor weight"
+                )
+
+    def _prepare(self) -> "Editor":
         if self.solvers_ and self.templates_ is not None:
             return self
+        self._check_finite_model()
         cfg = self.config
         moments = second_moments(
             self.model, self.tokenizer, self.spec_, list(self.layers_), corpus=cfg.corpus,
             n_tokens=cfg.stats_tokens, cache_dir=cfg.cache_dir,
             max_length=min(cfg.stats_max_length, _max_positions(self.model)),
         )
+        self._check_absorption(moments)
         dtype = getattr(torch, cfg.state_dtype)
         solver_cls = get_method(cfg.method)
         solvers = {}
@@ -164,12 +317,34 @@ class Editor:
         if not facts:
             raise FactError("no facts given: pass at least one fact to edit")
         validate_facts(facts, self.tokenizer)
+        self._check_batch(facts)
         seconds: dict[str, float] = {}
-        tic = time.perf_counter()
-        self.prepare()
-        seconds["prepare"] = time.perf_counter() - tic
-        with self._transaction():
-            return self._edit(facts, seconds)
+        with self._owning("edit"):
+            tic = time.perf_counter()
+            self._prepare()
+            seconds["prepare"] = time.perf_counter() - tic
+            with self._transaction():
+                return self._edit(facts, seconds)
+
+    def _check_batch(self, facts: list[Fact]) -> None:
+        """Lengths within the model's positions; with ``replace``, one fact per (subject, relation)."""
+        limit = _max_positions(self.model)
+        margin = self.config.template_length + 8 if self.config.n_templates else 2  # context prefix, BOS
+        for i, f in enumerate(facts):
+            n = len(self.tokenizer(f.text(), add_special_tokens=True)["input_ids"]) + len(encode_target(self.tokenizer, f.target))
+            if n + margin > limit:
+                raise FactError(f"fact #{i} ({f.describe()}): prompt and target take {n} tokens, plus up to {margin} "
+                                f"of context template; the model accepts {limit} positions. Shorten the prompt or target")
+        if self.config.replace and self.capabilities.retracts:
+            seen: dict[tuple[str, str], int] = {}
+            for i, f in enumerate(facts):
+                slot = _fact_slot(f)
+                if slot in seen:
+                    raise FactError(
+                        f"fact #{i} ({f.describe()}): same subject and relation as fact #{seen[slot]} in this batch. "
+                        f"With EditConfig(replace=True) a later fact for a (subject, relation) replaces the earlier "
+                        f"one, so a batch may hold only one; keep the one you want (or use replace=False)")
+                seen[slot] = i
 
     def absorb(self, facts, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor]) -> EditReport:
         """Write a batch whose keys and absolute values were computed elsewhere.
@@ -185,7 +360,14 @@ class Editor:
         facts = as_facts(facts)
         if not facts:
             raise FactError("no facts given: pass at least one fact to absorb")
-        self.prepare()
+        validate_facts(facts, self.tokenizer)
+        if not (isinstance(keys, dict) and isinstance(values, dict)):
+            raise ShapeError("keys and values must be dicts layer -> tensor (u, d_k) / (u, d_v)")
+        with self._owning("absorb"):
+            self._prepare()
+            return self._absorb(facts, keys, values)
+
+    def _absorb(self, facts, keys, values) -> EditReport:
         missing = [l for l in self.layers_ if l not in keys or l not in values]
         if missing:
             raise HyperparameterError(f"keys and values must be given for every edited layer; missing {missing}")
@@ -193,6 +375,9 @@ class Editor:
         for layer in self.layers_:
             K, V = keys[layer], values[layer]
             d_k, d_v = self.solvers_[layer].shape
+            if not (isinstance(K, torch.Tensor) and isinstance(V, torch.Tensor)
+                    and K.is_floating_point() and V.is_floating_point()):
+                raise ShapeError(f"layer {layer}: keys and values must be floating-point tensors")
             if tuple(K.shape) != (u, d_k) or tuple(V.shape) != (u, d_v):
                 raise ShapeError(f"layer {layer}: keys must be ({u}, {d_k}) and values ({u}, {d_v}); "
                                  f"got {tuple(K.shape)} and {tuple(V.shape)}")
@@ -342,6 +527,10 @@ class Editor:
     def undo(self, edit_id: int) -> None:
         """Retract a past edit exactly: the solvers' state equals that of the same stream of
         stored keys and values without this edit (see docs/llm/state.md for what that means)."""
+        if isinstance(edit_id, bool) or not isinstance(edit_id, numbers.Integral):
+            raise UnknownEditError(f"edit ids are ints (EditReport.edit_id); got {edit_id!r} "
+                                   f"({type(edit_id).__name__})")
+        edit_id = int(edit_id)
         if not self.capabilities.retracts:
             raise HyperparameterError(f"undo needs a method that retracts (e.g. 'rlsedit'); "
                                       f"{self.config.method!r} keeps no exact memory of past edits")
@@ -349,7 +538,10 @@ class Editor:
         if record is None:
             known = [r.edit_id for r in self.journal_]
             raise UnknownEditError(f"no edit with id {edit_id} in the journal (known ids: {known})")
-        with self._transaction():
+        with self._owning("undo"), self._transaction():
+            record = next((r for r in self.journal_ if r.edit_id == edit_id), None)
+            if record is None:  # retracted by a call that held the lock before this one
+                raise UnknownEditError(f"no edit with id {edit_id} in the journal any more")
             self._retract_rows(record, list(range(len(record.facts))))
 
     # -- state (the PyTorch/PEFT convention) -----------------------------------------------------
@@ -359,6 +551,10 @@ class Editor:
         Tensors are the editor's own (not copies). :meth:`from_state_dict` rebuilds the editor;
         :mod:`rlsedit_llm.editing.state` writes and reads it as files.
         """
+        with _guard_of(self.model).lock:  # never a half-written state of a concurrent call
+            return self._state_dict()
+
+    def _state_dict(self) -> dict:
         return {
             "config": self.config.to_dict(),
             "value_config": dataclasses.asdict(self.value_config_),
@@ -375,11 +571,21 @@ class Editor:
         }
 
     @classmethod
-    def from_state_dict(cls, model, tokenizer, state: dict) -> "Editor":
+    def from_state_dict(cls, model, tokenizer, state: dict, *, take_over: bool = False) -> "Editor":
         """Rebuild an editor from :meth:`state_dict` and write its weights into ``model``'s edited
         layers (all or nothing). ``model`` must be the base model or already the edited one; the
         caller checks which (:func:`rlsedit_llm.editing.state.read_state` does it by fingerprint).
+        Refused with :class:`OwnershipError` while another editor owns the model, unless
+        ``take_over``; the new editor owns the model.
         """
+        guard = _guard_of(model)
+        with guard.lock:
+            editor = cls._from_state_dict(model, tokenizer, state, take_over)
+            _hand_over(guard, editor, take_over)
+            return editor
+
+    @classmethod
+    def _from_state_dict(cls, model, tokenizer, state: dict, take_over: bool) -> "Editor":
         try:
             config = EditConfig.from_dict(state["config"])
             value_config = ValueConfig(**state["value_config"])
@@ -387,6 +593,8 @@ class Editor:
             raise StateMismatchError(f"the saved hyperparameters do not fit this rlsedit version ({exc})") from None
         editor = cls.__new__(cls)
         editor._bind(model, tokenizer, config)
+        editor.solvers_, editor.journal_ = {}, []
+        editor._refuse_if_owned(take_over, "load an editor state")
         if list(editor.layers_) != list(state["layers"]):
             raise StateMismatchError(f"saved layers {state['layers']} differ from {list(editor.layers_)}")
         solver_cls = get_method(config.method)
@@ -399,13 +607,17 @@ class Editor:
         editor.templates_ = state["templates"]
         editor.base_fingerprint_ = state["base_fingerprint"]
         editor.next_id_ = int(state["next_id"])
+        try:
+            journal = [
+                EditRecord(int(e["edit_id"]), [Fact(**f) for f in e["facts"]],
+                           {int(l): K for l, K in e["keys"].items()}, {int(l): V for l, V in e["values"].items()},
+                           created=e["created"])
+                for e in state["journal"]
+            ]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise StateMismatchError(f"the saved journal is malformed ({exc!r}); the save is damaged") from None
         editor.solvers_ = solvers
-        editor.journal_ = [
-            EditRecord(int(e["edit_id"]), [Fact(**f) for f in e["facts"]],
-                       {int(l): K for l, K in e["keys"].items()}, {int(l): V for l, V in e["values"].items()},
-                       created=e["created"])
-            for e in state["journal"]
-        ]
+        editor.journal_ = journal
         before = {l: read_weight(editor._module(l)) for l in solvers}
         try:
             for layer, solver in solvers.items():
@@ -414,46 +626,156 @@ class Editor:
             for layer, W in before.items():
                 write_weight(editor._module(layer), W)
             raise
+        editor._reference_ = tensor_digests(model)
         return editor
 
-    def check_model(self) -> None:
-        """Raise :class:`StateMismatchError` unless every edited layer of the model holds exactly
-        this editor's weights (rounded to the model's dtype)."""
+    # -- one owner per model, and the model-matches-state check ------------------------------------
+    def _edited_params(self) -> dict[int, torch.nn.Parameter]:
+        return {layer: self._module(layer).weight for layer in self.solvers_}
+
+    def _mismatch(self, *, fresh: bool = False) -> str | None:
+        """None when the model holds exactly this editor's state; otherwise what differs.
+
+        Edited layers (once prepared): bit for bit against the master copies rounded to the model's
+        dtype. Everything else: per-tensor digests against those taken when this editor was
+        created or loaded (cached by version counter; ``fresh`` recomputes them all)."""
         for layer, solver in self.solvers_.items():
             actual = read_weight(self._module(layer))
             if not torch.equal(actual, solver.W_.to(device=actual.device, dtype=actual.dtype)):
-                raise StateMismatchError(
-                    f"layer {layer}: the model's weights differ from the editor's state (they were changed "
-                    f"outside the editor); the state would not reproduce this model"
-                )
+                return (f"layer {layer}: the model's weights differ from the editor's state (they were changed "
+                        f"outside the editor, or by another editor)")
+        skip = {id(p) for p in self._edited_params().values()}
+        skipped = {name for name, t in _named_tensors(self.model) if id(t) in skip}
+        current = tensor_digests(self.model, skip=skip, fresh=fresh)
+        reference = {n: d for n, d in self._reference_.items() if n not in skipped}
+        if current.keys() != reference.keys():
+            return "the model's parameters are not those this editor was created on (names differ)"
+        changed = [n for n, d in reference.items() if current[n] != d]
+        if changed:
+            where = "an edited layer" if not self.solvers_ and any(
+                n == f"{self.spec_.edit_module_path.format(l)}.weight" for l in self.layers_ for n in changed) else \
+                "outside the edited layers"
+            return (f"{len(changed)} tensor(s) changed {where} since this editor was created or loaded "
+                    f"(first: {changed[0]}); its state would no longer reproduce this model")
+        return None
+
+    def check_model(self, *, fresh: bool = False) -> None:
+        """Raise :class:`StateMismatchError` unless the model holds exactly this editor's state:
+        every edited layer its master weights (rounded to the model's dtype), every other parameter
+        and persistent buffer the values it had when the editor was created or loaded.
+
+        Cheap: unchanged tensors are recognised by their version counter. ``fresh=True`` re-reads
+        every tensor (what :meth:`save` does; it also catches writes through ``.data``)."""
+        with _guard_of(self.model).lock:
+            problem = self._mismatch(fresh=fresh)
+        if problem is not None:
+            raise StateMismatchError(problem + ". Reload the editor onto the model (Editor.load), or put the "
+                                     "weights back, before editing, undoing or saving")
+
+    def _refuse_if_owned(self, take_over: bool, action: str) -> None:
+        """OwnershipError if another editor owns the model and its edits are still in it."""
+        owner = _guard_of(self.model).owner
+        if owner is None or owner is self or take_over or owner._mismatch() is not None:
+            return
+        raise OwnershipError(
+            f"cannot {action}: this model is owned by another editor ({owner.config.method}, {len(owner.journal_)} edit(s) in its "
+            f"journal; this one: {self.config.method}, {len(self.journal_)}) whose state the model holds; two editors on one model overwrite each other's writes. "
+            f"Continue with that editor (rlsedit_llm.editor_of(model) for the one rlsedit_llm.edit keeps), "
+            f"call its release(), or take the model over explicitly (take_over=True)"
+        )
+
+    @contextmanager
+    def _owning(self, action: str, *, claim: bool = True, fresh: bool = False):
+        """Hold the model's lock, refuse re-entry and foreign ownership, check the model against
+        the state, and (``claim``) make this editor the model's owner for the block."""
+        guard = _guard_of(self.model)
+        with guard.lock:
+            me = threading.get_ident()
+            if guard.busy == me:
+                raise OwnershipError(f"cannot {action}: another editor call on this model is running in this "
+                                     f"thread (a re-entrant call from a hook or callback); call it afterwards")
+            if getattr(self, "_displaced", False):
+                raise OwnershipError(f"cannot {action}: another editor took this model over (take_over=True); "
+                                     f"this editor may no longer change it. Call its take_over() to take the "
+                                     f"model back (checked against this editor's state)")
+            self.check_model(fresh=fresh)  # another editor's writes in the model: StateMismatchError
+            if claim:
+                guard.owner = self
+            guard.busy = me
+            try:
+                yield
+            finally:
+                guard.busy = None
+
+    def take_over(self) -> "Editor":
+        """Make this editor the model's owner. Refused with :class:`StateMismatchError` unless the
+        model holds exactly this editor's state; the previous owner can no longer change it."""
+        guard = _guard_of(self.model)
+        with guard.lock:
+            self.check_model()
+            _hand_over(guard, self, True)
+        return self
+
+    def release(self) -> None:
+        """Give up ownership of the model (another editor may then take it, if it matches)."""
+        guard = _guard_of(self.model)
+        with guard.lock:
+            if guard.owner is self:
+                guard.owner = None
+
+    @property
+    def owns_model(self) -> bool:
+        """Whether this editor currently owns its model."""
+        return _guard_of(self.model).owner is self
 
     # -- persistence and certificates -----------------------------------------------------------
     def save(self, directory) -> None:
-        """Write the whole lifelong state to ``directory`` atomically (see :mod:`.state`)."""
-        self.check_model()
-        state_io.write_state(directory, self.state_dict(), edited_fingerprint=model_fingerprint(self.model))
+        """Write the whole lifelong state to ``directory`` atomically (see :mod:`.state`).
+
+        Refused with :class:`StateMismatchError` when the model no longer holds this editor's
+        state (every tensor re-read: the save must load onto the base model)."""
+        with self._owning("save", claim=False, fresh=True):
+            state_io.write_state(directory, self._state_dict(), edited_fingerprint=model_fingerprint(self.model))
         log.info("saved editor state (%d edits, layers %s) to %s", len(self.journal_), list(self.layers_), directory)
 
     @classmethod
-    def load(cls, model, tokenizer, directory) -> "Editor":
+    def load(cls, model, tokenizer, directory, *, take_over: bool = False) -> "Editor":
         """Restore an editor saved by :meth:`save` onto ``model``: the base model the edits were
         made on (the saved weights are written into it) or the saved edited model itself.
-        Refused with :class:`StateMismatchError` for any other model, which is left untouched."""
-        state, mode = state_io.read_state(directory, model)
-        editor = cls.from_state_dict(model, tokenizer, state)
-        if mode == "base" and model_fingerprint(model) != state["edited_fingerprint"]:
-            for layer, solver in editor.solvers_.items():  # put the base weights back
-                write_weight(editor._module(layer), solver.W0_)
-            raise StateMismatchError("after writing the saved weights the model does not match the saved "
-                                     "edited model; the base model or the save is inconsistent")
-        editor.check_model()
+        Refused with :class:`StateMismatchError` for any other model, which is left untouched, and
+        with :class:`OwnershipError` while another editor owns the model (for example the same save
+        loaded a second time), unless ``take_over`` (the other editor can then no longer change it).
+        """
+        guard = _guard_of(model)
+        with guard.lock:
+            if guard.busy == threading.get_ident():
+                raise OwnershipError("cannot load an editor state: another editor call on this model is running "
+                                     "in this thread")
+            state, mode = state_io.read_state(directory, model)  # refuses a save of another model first
+            owner = guard.owner
+            if owner is not None and not take_over and owner._mismatch() is None:
+                raise OwnershipError(
+                    f"cannot load an editor state: this model is owned by another editor ({len(owner.journal_)} "
+                    f"edit(s) in its journal) whose state the model holds (a save loaded twice onto one model?). "
+                    f"Continue with that editor, call its release(), or pass take_over=True")
+            editor = cls._from_state_dict(model, tokenizer, state, True)
+            if mode == "base" and model_fingerprint(model) != state["edited_fingerprint"]:
+                for layer, solver in editor.solvers_.items():  # put the base weights back
+                    write_weight(editor._module(layer), solver.W0_)
+                raise StateMismatchError("after writing the saved weights the model does not match the saved "
+                                         "edited model; the base model or the save is inconsistent")
+            editor.check_model()
+            _hand_over(guard, editor, take_over)
         log.info("loaded editor state (%d edits, layers %s) from %s onto the %s model",
                  len(editor.journal_), list(editor.layers_), directory, mode)
         return editor
 
     def save_edit_pack(self, path, *, dtype: torch.dtype | None = None) -> None:
         """Write only the edited weights' deltas, to apply to a fresh copy of the base model."""
-        self.check_model()
+        with self._owning("save an edit pack", claim=False, fresh=True):
+            self._save_edit_pack(path, dtype)
+
+    def _save_edit_pack(self, path, dtype) -> None:
         state_io.write_edit_pack(
             path, {l: s.W_ - s.W0_ for l, s in self.solvers_.items()}, dtype=dtype,
             spec=self.spec_, base_fingerprint=self.base_fingerprint_,
@@ -473,6 +795,11 @@ def edit(model, facts, *, tokenizer=None, config: EditConfig | None = None) -> E
     The first call creates an :class:`Editor` (statistics, per-layer state) and keeps it with the
     model; later calls continue the same recursion. ``tokenizer`` is needed on the first call.
     """
+    with _guard_of(model).lock:  # one get-or-create at a time
+        return _edit(model, facts, tokenizer, config)
+
+
+def _edit(model, facts, tokenizer, config) -> EditReport:
     editor = getattr(model, _ATTR, None)
     if editor is None:
         if tokenizer is None:
@@ -509,9 +836,11 @@ def save_model_state(model, directory) -> None:
     editor.save(directory)
 
 
-def load_model_state(model, tokenizer, directory) -> Editor:
+def load_model_state(model, tokenizer, directory, *, take_over: bool = False) -> Editor:
     """Restore a state saved by :func:`save_model_state` and attach it to ``model``, so that
-    :func:`edit` continues the saved stream. Returns the editor."""
-    editor = Editor.load(model, tokenizer, directory)
-    object.__setattr__(model, _ATTR, editor)
-    return editor
+    :func:`edit` continues the saved stream. Returns the editor. ``take_over`` as in
+    :meth:`Editor.load`."""
+    with _guard_of(model).lock:
+        editor = Editor.load(model, tokenizer, directory, take_over=take_over)
+        object.__setattr__(model, _ATTR, editor)
+        return editor

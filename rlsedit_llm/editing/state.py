@@ -83,8 +83,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "rlsedit-editor-state"
 PACK_FORMAT = "rlsedit-edit-pack"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 PACK_VERSION = 1
 MANIFEST = "editor.json"
 SOLVERS = "solvers.safetensors"
@@ -140,21 +140,40 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
+def _intent_path(target: Path) -> Path:
+    """The marker a two-rename swap writes first: only then may a load recover ``<dir>.old-*``."""
+    return target.parent / f"{target.name}.swap-intent"
+
+
 def _swap_in(tmp: Path, target: Path) -> None:
-    """Make the complete folder ``tmp`` the folder ``target`` (see the module docstring)."""
+    """Make the complete folder ``tmp`` the folder ``target`` (see the module docstring).
+
+    Every step that must survive a power loss is followed by an fsync of the parent folder
+    before the next step can destroy anything (the previous save is removed only once the new
+    one is durably in place)."""
     parent = target.parent
     if not target.exists():
         os.rename(tmp, target)
+        _fsync_path(parent)
     elif _exchange(tmp, target):
+        _fsync_path(parent)  # the exchange is durable before the previous save is deleted
         shutil.rmtree(tmp)  # now the previous save
+        _fsync_path(parent)
     else:
         old = parent / f"{target.name}.old-{secrets.token_hex(4)}"
+        intent = _intent_path(target)
+        with open(intent, "w", encoding="utf-8") as f:  # recorded before anything moves
+            json.dump({"old": old.name, "new": tmp.name}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_path(parent)
         os.rename(target, old)  # from here until the next rename, only `old` is complete
         _fsync_path(parent)
         os.rename(tmp, target)
         _fsync_path(parent)
+        intent.unlink()
         shutil.rmtree(old)
-    _fsync_path(parent)
+        _fsync_path(parent)
 
 
 def _siblings(target: Path, kind: str) -> list[Path]:
@@ -172,14 +191,23 @@ def _resolve_save(directory) -> Path:
     if (target / MANIFEST).is_file():
         return target
     if not target.exists():
-        for old in _siblings(target, "old"):
-            if (old / MANIFEST).is_file():
-                os.rename(old, target)
-                _fsync_path(target.parent)
-                log.warning("recovered the previous complete save of %s from %s (a save was interrupted)",
-                            target, old.name)
-                return target
-        raise StateMismatchError(f"no saved editor state at {target}: the folder does not exist")
+        intent = _intent_path(target)
+        try:
+            old = target.parent / json.loads(intent.read_text(encoding="utf-8"))["old"]
+        except (OSError, ValueError, KeyError, TypeError):
+            old = None
+        if old is not None and old.parent == target.parent and (old / MANIFEST).is_file():
+            os.rename(old, target)
+            _fsync_path(target.parent)
+            intent.unlink()
+            _fsync_path(target.parent)
+            log.warning("recovered the previous complete save of %s from %s: a save was interrupted between its "
+                        "two renames (recorded in %s)", target, old.name, intent.name)
+            return target
+        leftovers = [p.name for p in _siblings(target, "old")]
+        hint = (f"; {', '.join(leftovers)} left by an earlier save is not restored automatically (no interrupted "
+                f"save was recorded): rename it to {target.name} yourself if you want it back") if leftovers else ""
+        raise StateMismatchError(f"no saved editor state at {target}: the folder does not exist{hint}")
     raise StateMismatchError(f"{target} is not a saved editor state: it has no {MANIFEST}")
 
 
@@ -316,7 +344,9 @@ def write_state(directory, state: dict, *, edited_fingerprint: str) -> Path:
                 "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest,
                 "edited_fingerprint": edited_fingerprint}
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.parent.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _fsync_path(target.parent.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
     try:
         files = {}
@@ -325,6 +355,7 @@ def write_state(directory, state: dict, *, edited_fingerprint: str) -> Path:
             _fsync_path(tmp / name)
             files[name] = _sha256(tmp / name)
         manifest["files"] = files
+        manifest["digest"] = manifest_digest(manifest)
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1, ensure_ascii=False)
             f.flush()
@@ -337,7 +368,20 @@ def write_state(directory, state: dict, *, edited_fingerprint: str) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     for stale in _siblings(target, "tmp") + _siblings(target, "old"):  # left by crashed saves
         shutil.rmtree(stale, ignore_errors=True)
+    if _intent_path(target).exists():  # a crash after the second rename left the marker
+        _intent_path(target).unlink()
+        _fsync_path(target.parent)
     return target
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the canonical JSON of a manifest without its ``digest`` field."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    try:
+        text = json.dumps(body, sort_keys=True, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise StateMismatchError(f"the manifest holds a value JSON cannot represent exactly ({exc})") from None
+    return "sha256:" + hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def read_manifest(directory) -> dict:
@@ -349,11 +393,18 @@ def read_manifest(directory) -> dict:
         raise StateMismatchError(f"{target / MANIFEST} is unreadable ({exc}); the save is damaged") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StateMismatchError(f"{target} is not a saved rlsedit editor state")
-    if manifest.get("version") not in READABLE_VERSIONS:
+    if type(manifest.get("version")) is not int or manifest["version"] not in READABLE_VERSIONS:
         raise StateMismatchError(
             f"{target} was saved in state format version {manifest.get('version')}; this rlsedit reads "
             f"versions {list(READABLE_VERSIONS)}"
         )
+    if manifest["version"] >= 3:
+        if manifest.get("digest") != manifest_digest(manifest):
+            raise StateMismatchError(f"{target / MANIFEST} does not match its checksum: it was changed or damaged "
+                                     f"after saving; the save is unusable (restore it from a copy)")
+    else:
+        log.warning("%s is a version-%d save without a manifest checksum; its manifest is cross-checked only",
+                    target, manifest["version"])
     return manifest
 
 
@@ -374,7 +425,14 @@ def read_state(directory, model) -> tuple[dict, str]:
     """
     target = _resolve_save(directory)
     manifest = read_manifest(target)
-    for name, digest in manifest["files"].items():
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise StateMismatchError(f"{target / MANIFEST} lacks {missing}; the save is damaged")
+    files = manifest["files"]
+    if not isinstance(files, dict) or set(files) != {SOLVERS, JOURNAL}:
+        raise StateMismatchError(f"{target / MANIFEST} must list the checksums of {SOLVERS} and {JOURNAL}; "
+                                 f"it lists {sorted(files) if isinstance(files, dict) else files!r}; the save is damaged")
+    for name, digest in files.items():
         if not (target / name).is_file() or _sha256(target / name) != digest:
             raise StateMismatchError(f"{target / name} is missing or damaged (checksum mismatch); the save is unusable")
 
@@ -402,10 +460,100 @@ def read_state(directory, model) -> tuple[dict, str]:
     # kernels round differently then; the loaded editor must continue bitwise the same.
     solver_tensors = {k: t.clone() for k, t in load_file(target / SOLVERS).items()}
     journal_tensors = load_file(target / JOURNAL)
-    if manifest["version"] == 1:
-        manifest, solver_tensors = migrate_v1(manifest, solver_tensors)
-        log.info("read a version-1 save from %s; the next save writes version %d", target, VERSION)
+    try:
+        if manifest["version"] == 1:
+            manifest, solver_tensors = migrate_v1(manifest, solver_tensors)
+            log.info("read a version-1 save from %s; the next save writes version %d", target, VERSION)
+        check_consistency(manifest, solver_tensors, journal_tensors)
+    except StateMismatchError as exc:
+        raise StateMismatchError(f"{target}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise StateMismatchError(f"{target}: the manifest is malformed ({exc!r}); the save is damaged") from None
     return _join(manifest, solver_tensors, journal_tensors), mode
+
+
+_REQUIRED = ("config", "value_config", "spec", "layers", "templates", "next_id", "base_fingerprint",
+             "edited_fingerprint", "solvers", "journal", "files")
+
+
+def check_consistency(manifest: dict, solver_tensors: dict[str, torch.Tensor],
+                      journal_tensors: dict[str, torch.Tensor]) -> None:
+    """Cross-check a (version-2 layout) manifest against itself and the tensors; raise
+    :class:`StateMismatchError` naming the first inconsistency.
+
+    The config against every solver's method and scalars (alpha, beta), the layers, edit ids
+    (ints, unique, increasing, below ``next_id``), every solver's row count against the journal's
+    rows, every journal entry's tensors (present, ``(rows, d_k)`` / ``(rows, d_v)``), every solver's
+    W0 and W ``(d_k, d_v)``."""
+    from rlsedit_llm.editing.config import EditConfig
+    from rlsedit_llm.errors import RLSEditError
+
+    def bad(msg):
+        raise StateMismatchError(msg + "; the save is damaged or was edited by hand")
+
+    try:
+        config = EditConfig.from_dict(manifest["config"])
+        config.validate()
+    except (RLSEditError, TypeError, KeyError, ValueError) as exc:
+        bad(f"the saved config is invalid ({exc})")
+    layers = manifest["layers"]
+    if not (isinstance(layers, list) and all(type(l) is int for l in layers)):
+        bad(f"layers must be a list of ints; got {layers!r}")
+    if config.layers is not None and list(config.layers) != layers:
+        bad(f"the config's layers {list(config.layers)} differ from the saved layers {layers}")
+    next_id = manifest["next_id"]
+    if type(next_id) is not int or next_id < 0:
+        bad(f"next_id must be an int >= 0; got {next_id!r}")
+    templates = manifest["templates"]
+    if templates is not None and not (isinstance(templates, list) and all(isinstance(t, str) for t in templates)):
+        bad("templates must be a list of strings")
+    spec = manifest["spec"]
+    d_k, d_v = spec["d_k"], spec["d_model"]
+    journal = manifest["journal"]
+    if not isinstance(journal, list):
+        bad("the journal must be a list")
+    ids = [e["edit_id"] for e in journal]
+    if not all(type(i) is int for i in ids):
+        bad(f"edit ids must be ints; got {ids}")
+    if ids != sorted(set(ids)):
+        bad(f"edit ids must be unique and increasing; got {ids}")
+    if ids and not (0 <= ids[0] and ids[-1] < next_id):
+        bad(f"edit ids {ids} must lie in [0, next_id = {next_id})")
+    solvers = manifest["solvers"]
+    if not isinstance(solvers, dict):
+        bad("solvers must be a mapping layer -> solver")
+    if solvers and sorted(int(k) for k in solvers) != layers:
+        bad(f"solvers saved for layers {sorted(int(k) for k in solvers)}, expected {layers}")
+    if not solvers and journal:
+        bad("the journal holds edits but no solver state was saved")
+    rows = 0
+    for entry in journal:
+        eid, facts = entry["edit_id"], entry["facts"]
+        if not (isinstance(facts, list) and facts and all(isinstance(f, dict) for f in facts)):
+            bad(f"edit {eid}: facts must be a non-empty list of records")
+        if sorted(entry["layers"]) != layers:
+            bad(f"edit {eid}: keys saved for layers {entry['layers']}, expected {layers}")
+        for l in entry["layers"]:
+            K, V = journal_tensors.get(f"edit{eid}.layer{l}.K"), journal_tensors.get(f"edit{eid}.layer{l}.V")
+            if K is None or V is None:
+                bad(f"the journal file lacks the keys or values of edit {eid} at layer {l}")
+            if tuple(K.shape) != (len(facts), d_k) or tuple(V.shape) != (len(facts), d_v):
+                bad(f"edit {eid}, layer {l}: keys {tuple(K.shape)} and values {tuple(V.shape)} do not fit "
+                    f"{len(facts)} fact(s) and ({d_k}, {d_v}) weights")
+        rows += len(facts)
+    for key, meta in solvers.items():
+        if meta.get("method") != config.method:
+            bad(f"layer {key}: solver of method {meta.get('method')!r}, config says {config.method!r}")
+        scalars = meta["scalars"]
+        for name in ("alpha", "beta"):
+            if scalars.get(name) != getattr(config, name):
+                bad(f"layer {key}: solver {name} = {scalars.get(name)!r}, config {name} = {getattr(config, name)!r}")
+        if scalars.get("n_rows") != rows:
+            bad(f"layer {key}: the solver holds {scalars.get('n_rows')!r} rows, the journal {rows}")
+        for name in ("W0", "W"):
+            t = solver_tensors.get(f"layer{key}.{name}")
+            if t is None or tuple(t.shape) != (d_k, d_v):
+                bad(f"layer {key}: {name} missing or not ({d_k}, {d_v})")
 
 
 # ---------------------------------------------------------------------------------------------

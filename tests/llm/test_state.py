@@ -15,7 +15,7 @@ import torch
 
 from rlsedit_llm.editing import state as state_mod
 from rlsedit_llm.editing.editor import EditConfig, Editor, edit, editor_of, load_model_state, save_model_state
-from rlsedit_llm.errors import RLSEditError, StateMismatchError
+from rlsedit_llm.errors import OwnershipError, RLSEditError, StateMismatchError
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.adapters.architectures import tiny_model
 from rlsedit_llm.pipeline.stats import model_fingerprint
@@ -105,9 +105,12 @@ def test_load_onto_the_already_edited_model_writes_nothing(stats_dir, tmp_path):
     editor = _edited(stats_dir)
     editor.save(tmp_path / "s")
     before = _params(editor.model)
-    again = Editor.load(editor.model, editor.tokenizer, tmp_path / "s")
+    with pytest.raises(OwnershipError, match="take_over=True"):  # the saving editor still owns the model
+        Editor.load(editor.model, editor.tokenizer, tmp_path / "s")
+    again = Editor.load(editor.model, editor.tokenizer, tmp_path / "s", take_over=True)
     _assert_same_params(editor.model, before)
     _assert_same_state(editor, again)
+    assert again.owns_model and not editor.owns_model
 
 
 def test_load_refuses_a_model_the_state_was_not_saved_for(stats_dir, tmp_path):
