@@ -82,28 +82,91 @@ def _demo(args) -> int:
     return 0
 
 
-def _read_facts(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+class CLIError(Exception):
+    """A problem with the command line's input, reported as one line."""
+
+
+def _read_facts(path: Path) -> list:
+    """The records of a JSON list/object file or a JSONL file, each checked to be a fact; errors
+    name ``file:line``."""
+    from rlsedit_llm.errors import FactError
+    from rlsedit_llm.pipeline.facts import as_fact
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    records = []  # (line, record)
     if path.suffix == ".json":
-        data = json.loads(text)
-        return data if isinstance(data, list) else [data]
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+        for i, rec in enumerate(data if isinstance(data, list) else [data]):
+            records.append((f"{path}: record {i + 1}", rec))
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise CLIError(f"{path}:{lineno}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+    for where, rec in records:
+        try:
+            as_fact(rec)
+        except FactError as exc:
+            raise FactError(f"{where}: {exc}") from None
+    if not records:
+        raise CLIError(f"{path}: no facts in the file")
+    return [rec for _, rec in records]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {value}")
+    return value
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 3,4,5; got {text!r}") from None
+    return layers
+
+
+#: `rlsedit edit` flags that set the config of a new stream (None: not given).
+_CONFIG_FLAGS = {"layers": "layers", "alpha": "alpha", "beta": "beta", "mom2_weight": "mom2_weight",
+                 "stats_tokens": "stats_tokens"}
 
 
 def _edit(args) -> int:
     import rlsedit_llm
 
-    model, tok = rlsedit_llm.load_model(args.model)
+    facts = _read_facts(Path(args.facts))  # before loading the model: a bad file fails fast
+    given = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None}
     state = Path(args.state) if args.state else None
+    model, tok = rlsedit_llm.load_model(args.model)
     if state is not None and (state / "editor.json").exists():
         editor = rlsedit_llm.Editor.load(model, tok, state)
+        saved = editor.config
+        differ = [f"--{k.replace('_', '-')} {v if k != 'layers' else ','.join(map(str, v))} (saved: "
+                  f"{getattr(saved, k) if k != 'layers' else ','.join(map(str, editor.layers_))})"
+                  for k, v in given.items()
+                  if (tuple(v) != tuple(editor.layers_) if k == "layers" else v != getattr(saved, k))]
+        if differ:
+            raise CLIError(f"{state} continues a saved stream whose settings cannot change: {'; '.join(differ)}. "
+                           f"Drop these flags, or use a new --state folder")
         log.info("continuing the stream saved in %s (%d edits)", state, len(editor.journal_))
     else:
-        layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
-        config = rlsedit_llm.EditConfig(layers=layers, alpha=args.alpha, beta=args.beta,
-                                        mom2_weight=args.mom2_weight, stats_tokens=args.stats_tokens)
+        defaults = {"alpha": 0.0, "beta": 1.0, "mom2_weight": None, "stats_tokens": 100_000, "layers": None}
+        config = rlsedit_llm.EditConfig(**{**defaults, **given})
         editor = rlsedit_llm.Editor(model, tok, config)
-    facts = _read_facts(Path(args.facts))
     for start in range(0, len(facts), args.batch):
         print(editor.edit(facts[start:start + args.batch]))
     if state is not None:
@@ -140,13 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--model", default="smollm2", help="'smollm2' or a HF model name/path")
     ed.add_argument("--facts", required=True, help="JSON list or JSONL of facts")
     ed.add_argument("--state", help="edit-state directory (loaded if present, saved after)")
-    ed.add_argument("--batch", type=int, default=10, help="facts per edit call")
-    ed.add_argument("--layers", help="comma-separated layer indices (default: family default)")
-    ed.add_argument("--alpha", type=float, default=0.0)
-    ed.add_argument("--beta", type=float, default=1.0)
-    ed.add_argument("--mom2-weight", type=float, default=None,
-                    help="N of the anchor N*E[kk^T] (default: 15000 * d_k / 14336)")
-    ed.add_argument("--stats-tokens", type=int, default=100_000)
+    ed.add_argument("--batch", type=_positive_int, default=10, help="facts per edit call (>= 1)")
+    ed.add_argument("--layers", type=_layer_list,
+                    help="comma-separated layer indices (default: family default; only for a new stream)")
+    ed.add_argument("--alpha", type=float, help="default 0 (only for a new stream)")
+    ed.add_argument("--beta", type=float, help="default 1 (only for a new stream)")
+    ed.add_argument("--mom2-weight", type=float,
+                    help="N of the anchor N*E[kk^T] (default: 15000 * d_k / 14336; only for a new stream)")
+    ed.add_argument("--stats-tokens", type=int, help="default 100000 (only for a new stream)")
     ed.set_defaults(func=_edit)
 
     bench = sub.add_parser("bench", help="sequential editing benchmark (CounterFact / zsRE)",
@@ -203,12 +267,22 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    from rlsedit_llm.errors import RLSEditError
+
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted; the model and edit state were left as before the current call",
               file=sys.stderr)
         return 130
+    except (CLIError, RLSEditError, OSError, ValueError) as exc:  # input, library and file errors
+        if args.verbose:
+            log.exception("failed")
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in message:
+            message = f"{exc.filename}: {message}"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +60,30 @@ class EditConfig:
             value = getattr(self, name)
             if name == "mom2_weight" and value is None:
                 continue
-            if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
                 raise HyperparameterError(f"{name} must be a finite number >= 0; got {value!r}")
+        for name in ("stats_tokens", "stats_max_length", "template_seed", "n_templates", "template_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise HyperparameterError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
+        for name in ("replace", "track_information"):
+            if not isinstance(getattr(self, name), bool):
+                raise HyperparameterError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        if not isinstance(self.method, str):
+            raise HyperparameterError(f"method must be a method name (str); got {self.method!r}")
+        if not isinstance(self.corpus, (str, os.PathLike)):
+            raise HyperparameterError(f"corpus must be a corpus name or path; got {self.corpus!r}")
+        if self.value is not None and not isinstance(self.value, ValueConfig):
+            raise HyperparameterError(f"value must be a ValueConfig or None; got {type(self.value).__name__}")
+        if self.layers is not None and (not isinstance(self.layers, (tuple, list)) or not all(
+                isinstance(l, int) and not isinstance(l, bool) for l in self.layers)):
+            raise HyperparameterError(f"layers must be a tuple of layer indices (ints) or None; got {self.layers!r}")
+        if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, (str, os.PathLike)):
+                raise HyperparameterError(f"cache_dir must be a folder path or None; got {self.cache_dir!r}")
+            if os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir):
+                raise HyperparameterError(f"cache_dir {os.fspath(self.cache_dir)!r} is a file, not a folder; "
+                                          f"point it at a folder (it is created if missing)")
         if self.alpha == 0 and (self.beta == 0 or self.mom2_weight == 0):
             raise HyperparameterError(
                 "alpha = 0 and a zero anchor weight leave the preservation metric singular; "

@@ -679,7 +679,7 @@ class Editor:
             return
         raise OwnershipError(
             f"cannot {action}: this model is owned by another editor ({owner.config.method}, {len(owner.journal_)} edit(s) in its "
-            f"journal; this one: {self.config.method}, {len(self.journal_)}) whose state the model holds; two editors on one model overwrite each other's writes. "
+            f"journal) whose state the model holds; two editors on one model overwrite each other's writes. "
             f"Continue with that editor (rlsedit_llm.editor_of(model) for the one rlsedit_llm.edit keeps), "
             f"call its release(), or take the model over explicitly (take_over=True)"
         )

@@ -197,8 +197,10 @@ def as_facts(objs: Iterable) -> list[Fact]:
     """:func:`as_fact` over an iterable (a single :class:`Fact` or dict is wrapped in a list)."""
     if isinstance(objs, (Fact, Mapping)):
         objs = [objs]
-    if isinstance(objs, str):
+    if isinstance(objs, (str, bytes)):
         raise FactError("facts must be Fact objects or dict records, not a string")
+    if not isinstance(objs, Iterable):
+        raise FactError(f"facts must be a Fact, a dict record or a list of them; got {type(objs).__name__}")
     return [as_fact(o) for o in objs]
 
 
@@ -222,6 +224,19 @@ def _squash(text: str) -> str:
     return " ".join(text.split())
 
 
+def _check_text(text, where: str, name: str) -> None:
+    """A string the tokenizer can take: valid Unicode (no lone surrogates), no NUL."""
+    if not isinstance(text, str):
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise FactError(f"{where}: {name} holds an invalid character at position {exc.start} ({text[exc.start]!r}, "
+                        f"a lone surrogate); pass valid Unicode text") from None
+    if "\0" in text:
+        raise FactError(f"{where}: {name} holds a NUL character; remove it")
+
+
 def validate_facts(facts, tokenizer) -> None:
     """Check a batch of facts before editing; raise :class:`FactError` naming the first bad fact.
 
@@ -235,6 +250,15 @@ def validate_facts(facts, tokenizer) -> None:
         for name in ("prompt", "subject", "target"):
             if not isinstance(getattr(f, name), str):
                 raise FactError(f"fact #{i}: {name} must be a string; got {type(getattr(f, name)).__name__}")
+        if f.relation_id is not None and not isinstance(f.relation_id, str):
+            raise FactError(f"fact #{i} ({f.describe()}): relation_id must be a string or None; got {f.relation_id!r}")
+        if f.case_id is not None and (isinstance(f.case_id, bool) or not isinstance(f.case_id, (str, int))):
+            raise FactError(f"fact #{i} ({f.describe()}): case_id must be a string, an int or None; got {f.case_id!r}")
+        for name in ("prompt", "subject", "target", "target_true", "neighbourhood_target"):
+            _check_text(getattr(f, name), f"fact #{i}", name)
+        for name in ("paraphrases", "neighbourhood", "attribute_prompts", "generation_prompts"):
+            for text in getattr(f, name):
+                _check_text(text, f"fact #{i}", name)
         if f.target_true is not None and not isinstance(f.target_true, str):
             raise FactError(f"fact #{i} ({f.describe()}): target_true must be a string or None")
         for name in ("paraphrases", "neighbourhood", "attribute_prompts", "generation_prompts"):

@@ -1,0 +1,86 @@
+"""Shared fixtures of the reliability suite: one tiny model and one editor edited once, reused by
+a module's tests (each test checks that what it throws leaves them bit-identical)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlsedit_llm.adapters.architectures import tiny_model
+from rlsedit_llm.editing.editor import EditConfig, Editor
+from rlsedit_llm.pipeline.facts import Fact
+from rlsedit_llm.pipeline.values import ValueConfig
+
+FIRST = [Fact("{} is located in", "Toyota", "Germany", relation_id="P17"),
+         Fact("The capital of {} is", "Italy", "Madrid", relation_id="P36")]
+NEXT = [Fact("The mother tongue of {} is", "Danielle Darrieux", "English", relation_id="P103")]
+OTHER = [Fact("{} plays the", "Alice", "piano", relation_id="P1303")]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("stats"))
+
+
+def config(stats_dir, **kw):
+    kw.setdefault("value", ValueConfig(steps=3))
+    return EditConfig(cache_dir=stats_dir, stats_tokens=1000, stats_max_length=128, n_templates=1, **kw)
+
+
+def fresh_editor(stats_dir, *, n_edits=1, family="llama", **kw) -> Editor:
+    model, tok = tiny_model(family)
+    editor = Editor(model, tok, config(stats_dir, **kw))
+    for facts in (FIRST, NEXT)[:n_edits]:
+        editor.edit(facts)
+    return editor
+
+
+@pytest.fixture(scope="module")
+def edited(stats_dir):
+    """A tiny llama model and its editor, edited once (shared by a module: tests must leave it as is)."""
+    return fresh_editor(stats_dir)
+
+
+def snapshot(editor: Editor) -> dict:
+    """Every model parameter and buffer, the editor's state_dict tensors and journal (copies)."""
+    def copy(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().clone()
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+
+    return {"params": {k: v.detach().clone() for k, v in editor.model.state_dict().items()},
+            "state": copy(editor.state_dict())}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["params"].keys() == b["params"].keys()
+    for name, value in a["params"].items():
+        assert torch.equal(value, b["params"][name]), name
+
+    def same(x, y, where="state"):
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), where
+        elif isinstance(x, dict):
+            assert x.keys() == y.keys(), where
+            for k in x:
+                same(x[k], y[k], f"{where}.{k}")
+        elif isinstance(x, (list, tuple)):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                same(u, v, f"{where}[{i}]")
+        else:
+            assert x == y, where
+
+    same(a["state"], b["state"])
