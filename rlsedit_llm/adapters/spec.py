@@ -46,6 +46,7 @@ __all__ = [
     "module_target",
     "residual_contribution",
     "final_logits",
+    "transform_logits",
     "needs_bos",
 ]
 
@@ -359,10 +360,21 @@ def detect_spec(model: nn.Module, override: Mapping | ModelSpec | None = None) -
     return _build_spec(model, family, _FAMILIES[family], residual_multiplier=residual_multiplier)
 
 
-def needs_bos(spec: ModelSpec) -> bool:
-    """Whether prompts must start with the tokenizer's BOS token (Gemma: without it the model is
-    badly off-distribution; every other family is run without special tokens)."""
-    return bool(_FAMILIES.get(spec.family, {}).get("bos", False))
+def needs_bos(spec_or_model) -> bool:
+    """Whether every prompt must start with the tokenizer's BOS token: the family table's one
+    rule (Gemma 2/3: without it the model is badly off-distribution; Gemma 3 270M gets 0 of 20
+    simple facts right without BOS, 10 with it). Every other family, and custom specs, run
+    without special tokens.
+
+    Takes a :class:`ModelSpec` or the model itself (read from ``model.config.model_type``), so
+    functions that see only ``(model, tokenizer)`` apply the same rule. Token rows are built by
+    :func:`rlsedit_llm.pipeline.tokens.encode_prompt`.
+    """
+    if isinstance(spec_or_model, ModelSpec):
+        family = spec_or_model.family
+    else:
+        family = getattr(getattr(spec_or_model, "config", None), "model_type", None)
+    return bool(_FAMILIES.get(family, {}).get("bos", False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,8 +469,15 @@ def final_logits(model: nn.Module, spec: ModelSpec, hidden: torch.Tensor) -> tor
     final norm, LM head, then the family's logit transform (Granite divides by
     ``config.logits_scaling``; Gemma 2 soft-caps with ``config.final_logit_softcapping``)."""
     logits = get_module(model, spec.lm_head_path)(get_module(model, spec.final_norm_path)(hidden))
+    return transform_logits(model, logits)
+
+
+def transform_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """The family's transform of the LM head's output, read from ``model.config``: Granite divides
+    by ``logits_scaling``, Gemma 2 soft-caps with ``final_logit_softcapping``; identity elsewhere.
+    For callers that apply the LM head themselves (``head(base_model(...)[0])``)."""
     config = getattr(model, "config", None)
-    scale = getattr(config, "logits_scaling", None) if spec.family == "granite" else None
+    scale = getattr(config, "logits_scaling", None) if getattr(config, "model_type", None) == "granite" else None
     if scale is not None and scale != 1:
         logits = logits / scale
     cap = getattr(config, "final_logit_softcapping", None)

@@ -11,8 +11,9 @@ rows (:class:`~rlsedit_llm.pipeline.values` builds them): ``ids`` (R token lists
   layers above ``layer``, their call arguments and the attention keys/values of every position
   *before* the subject. Because attention is causal, positions before the subject cannot see
   ``delta``, so each optimisation step re-runs only the layers above ``layer`` on the positions
-  from the subject onwards (attending to the recorded keys/values), then the final norm and LM
-  head at the few positions the loss reads. Only the rows of facts still optimising are run, in
+  from the subject onwards (attending to the recorded keys/values), then the final norm, LM
+  head and the family's logit transform (:func:`~rlsedit_llm.adapters.spec.final_logits`) at the
+  few positions the loss reads. Only the rows of facts still optimising are run, in
   groups of similar suffix length (:func:`length_groups`), so padding and finished facts cost
   nothing. The decoder layers are the model's own modules called with the arguments the model
   itself passed them (mask and rotary tables sliced to those positions), so no architecture is
@@ -29,7 +30,7 @@ import inspect
 
 import torch
 
-from rlsedit_llm.adapters.architectures import ModelSpec, get_module
+from rlsedit_llm.adapters.architectures import ModelSpec, final_logits, get_module
 from rlsedit_llm.adapters.hooks import capture_outputs, first_tensor, run_until_stopped
 from rlsedit_llm.pipeline.tokens import input_device, right_pad
 
@@ -163,8 +164,6 @@ class FastForward:
             (first, cache_name, {k: self._slice(k, v, memo) for k, v in flat.items() if k != cache_name})
             for first, cache_name, flat in self.calls
         ]
-        self.norm = get_module(model, spec.final_norm_path)
-        self.head = get_module(model, spec.lm_head_path)
         self.checked = not self.upper
 
     # -- argument slicing -----------------------------------------------------------------------
@@ -245,7 +244,7 @@ class FastForward:
         self.checked = True
         x = torch.empty((len(sel_row), xs[0].shape[-1]), dtype=xs[0].dtype, device=dev)
         x = x.index_put((torch.cat(order),), torch.cat(xs))  # (N, d) back in selection order
-        logits = self.head(self.norm(x)).float()  # (N, vocab)
+        logits = final_logits(self.model, self.spec, x).float()  # (N, vocab): norm, head, logit transform
         return torch.log_softmax(logits, dim=-1)
 
     def _run(self, group: torch.Tensor, n: int, delta: torch.Tensor) -> torch.Tensor:

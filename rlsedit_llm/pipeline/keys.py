@@ -14,7 +14,9 @@ Context templates are ``"{}"`` plus ``n`` short texts sampled from the model (``
 after the starts "The", "Therefore", "Because", "I", "You", top-5 sampling from a seeded
 ``torch.Generator``), each followed by ``". {}"``.
 
-Every tokenisation here uses ``add_special_tokens=False``; batches are right-padded.
+Every tokenisation here uses ``add_special_tokens=False``, with the tokenizer's BOS token in front
+of every row where the family needs it (:func:`~rlsedit_llm.pipeline.tokens.encode_prompt`,
+``needs_bos``: Gemma); batches are right-padded.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from rlsedit_llm.errors import FactError, HyperparameterError
 from rlsedit_llm.pipeline.facts import Fact, checked_facts
 from rlsedit_llm.adapters.architectures import ModelSpec, get_module
 from rlsedit_llm.adapters.hooks import capture_inputs, capture_outputs, run_until_stopped
-from rlsedit_llm.pipeline.tokens import input_device, pad_id, right_pad
+from rlsedit_llm.pipeline.tokens import bos_prefix, encode_prompt, input_device, needs_bos, pad_id, right_pad
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +88,16 @@ def check_templates(templates: Sequence[str]) -> list[str]:
 def _sample_texts(model, tokenizer, starts: list[str], length: int, gen: torch.Generator) -> list[str]:
     """Continue every start text by ``length`` tokens of top-5 sampling, all rows in one batch.
 
-    Rows are right-padded; each step reads the logits at every row's own last token. Sampling
-    happens on the CPU with ``gen``, so it is reproducible for a seed.
+    Rows are right-padded (and start with BOS where the family needs it); each step reads the
+    logits at every row's own last token. Sampling happens on the CPU with ``gen``, so it is
+    reproducible for a seed.
     """
     device = input_device(model)
+    bos = needs_bos(model)
     seqs = []
     for start in starts:
-        ids = list(tokenizer(start, add_special_tokens=False)["input_ids"])
-        if not ids:
+        ids = encode_prompt(tokenizer, start, bos=bos)
+        if len(ids) == len(bos_prefix(tokenizer, bos)):
             raise HyperparameterError(f"the tokenizer encodes the template start {start!r} to no tokens")
         seqs.append(ids)
     eos = tokenizer.eos_token_id
@@ -151,13 +155,21 @@ def generate_templates(model, tokenizer, *, seed: int, n: int = 5, length: int =
 # --------------------------------------------------------------------------------------------
 # Rows: (template, fact) -> token ids and subject-last position
 # --------------------------------------------------------------------------------------------
-def encode_with_subject(tokenizer, text: str, subj_start: int, subj_end: int) -> tuple[list[int], int]:
+def encode_with_subject(tokenizer, text: str, subj_start: int, subj_end: int, *,
+                        bos: bool = False) -> tuple[list[int], int]:
     """Token ids of ``text`` and the index of the token holding the subject's last character.
 
     The subject occupies ``text[subj_start:subj_end]``. Fast tokenizers: from the offset mapping
     (the last token starting before ``subj_end``). Otherwise: the length of the tokenisation of
     ``text[:subj_end]`` minus one (MEMIT's rule), checked to be a prefix of the full tokenisation.
+    With ``bos`` the row starts with the BOS token (:func:`encode_prompt`) and the index counts it.
     """
+    prefix = bos_prefix(tokenizer, bos)
+    ids, pos = _encode_with_subject(tokenizer, text, subj_start, subj_end)
+    return prefix + ids, pos + len(prefix)
+
+
+def _encode_with_subject(tokenizer, text: str, subj_start: int, subj_end: int) -> tuple[list[int], int]:
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
@@ -173,10 +185,12 @@ def encode_with_subject(tokenizer, text: str, subj_start: int, subj_end: int) ->
     return ids, min(len(head), len(ids)) - 1
 
 
-def fact_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+def fact_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], *,
+              bos: bool = False) -> tuple[list[list[int]], list[int]]:
     """Token ids and subject-last positions for every (fact, template) pair, fact-major.
 
-    Row ``i * len(templates) + j`` is fact ``i`` in template ``j``.
+    Row ``i * len(templates) + j`` is fact ``i`` in template ``j``; with ``bos`` every row starts
+    with the BOS token (pass ``needs_bos(spec)``).
     """
     parts = [template_parts(t) for t in templates]
     rows, positions = [], []
@@ -185,7 +199,7 @@ def fact_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str]) -> tup
         for before, after in parts:
             start = len(before) + len(p_before)
             text = before + p_before + f.subject + p_after + after
-            ids, pos = encode_with_subject(tokenizer, text, start, start + len(f.subject))
+            ids, pos = encode_with_subject(tokenizer, text, start, start + len(f.subject), bos=bos)
             rows.append(ids)
             positions.append(pos)
     return rows, positions
@@ -233,6 +247,8 @@ def _run_capture(model, tokenizer, rows, positions, modules: dict, *, outputs: b
             pos_t = torch.tensor(pos)
             for key in order:
                 x = seen[key]
+                if x.dim() == 2 and x.shape[0] == input_ids.shape[0] * input_ids.shape[1]:
+                    x = x.view(input_ids.shape[0], input_ids.shape[1], -1)  # OPT: MLP on (batch * seq, d)
                 found[key].append(x[rows_idx.to(x.device), pos_t.to(x.device)].float())
     finally:
         model.train(was_training)
@@ -261,7 +277,7 @@ def compute_keys_multi(model, tokenizer, spec: ModelSpec, layers, facts, templat
     templates = check_templates(templates)
     layers = _check_layers(spec, layers)
     weights = _type_weights(templates)  # (T,)
-    rows, positions = fact_rows(tokenizer, facts, templates)
+    rows, positions = fact_rows(tokenizer, facts, templates, bos=needs_bos(spec))
     modules = {l: get_module(model, spec.edit_module_path.format(l)) for l in sorted(set(layers))}
     per_row = _run_capture(model, tokenizer, rows, positions, modules, outputs=False, batch_size=batch_size)
     keys = {}
@@ -284,7 +300,7 @@ def subject_hidden_states(model, tokenizer, spec: ModelSpec, layer: int, facts, 
     token of each fact's bare prompt: (u, d_model) float32 on that layer's device."""
     facts = checked_facts(facts, tokenizer, purpose="read hidden states of")
     (layer,) = _check_layers(spec, [layer])
-    rows, positions = fact_rows(tokenizer, facts, ["{}"])
+    rows, positions = fact_rows(tokenizer, facts, ["{}"], bos=needs_bos(spec))
     module = get_module(model, spec.layer_path.format(layer))
     h = _run_capture(model, tokenizer, rows, positions, {layer: module}, outputs=True, batch_size=batch_size)[layer]
     dev = next(module.parameters()).device

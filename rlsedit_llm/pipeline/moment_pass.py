@@ -2,8 +2,10 @@
 
 Sequences of a :class:`~rlsedit_llm.pipeline.token_stream.Plan` are batched with right padding
 and an attention mask; a forward pre-hook on each edited module takes its input
-``x (B, T, d_k)``, keeps the rows of real tokens ``a (n, d_k)`` and adds ``aᵀa`` to a float64 sum
-on the module's device. Once every edited module has seen the batch, the forward pass is stopped:
+``x (B, T, d_k)`` (or ``(B·T, d_k)``: OPT runs its MLP on flattened tokens), keeps the rows of
+real tokens ``a (n, d_k)`` and adds ``aᵀa`` to a float64 sum on the module's device. For families
+whose prompts start with BOS (Gemma, :func:`~rlsedit_llm.adapters.spec.needs_bos`) every sequence
+is run with ``Plan.bos`` in front and that position is not summed. Once every edited module has seen the batch, the forward pass is stopped:
 layers above the last edited one and the LM head are never run.
 """
 
@@ -19,7 +21,7 @@ from rlsedit_llm.adapters.hooks import on_inputs, run_until_stopped
 from rlsedit_llm.errors import HyperparameterError, ShapeError, UnsupportedArchitectureError
 from rlsedit_llm.pipeline.moments import MomentSum
 from rlsedit_llm.pipeline.token_stream import Plan
-from rlsedit_llm.pipeline.tokens import input_device, right_pad
+from rlsedit_llm.pipeline.tokens import input_device, needs_bos, right_pad
 
 __all__ = ["check_modules", "input_width", "module_device", "accumulate"]
 
@@ -92,12 +94,19 @@ def accumulate(
     masks: dict[torch.device, torch.Tensor] = {}  # device -> (B, T) bool of the current batch
     seen: set[int] = set()  # layers summed in the current forward pass
 
-    def add_keys(layer: int, x: torch.Tensor) -> None:  # x (B, T, d_k)
+    def add_keys(layer: int, x: torch.Tensor) -> None:  # x (B, T, d_k), or (B * T, d_k) for OPT
         if layer in seen:
             raise UnsupportedArchitectureError(
                 f"the edited module of layer {layer} is called more than once per forward pass"
             )
         acc = sums[layer]
+        shape = masks[torch.device("cpu")].shape  # (B, T)
+        if x.dim() == 2 and x.shape[0] == shape[0] * shape[1]:
+            x = x.view(shape[0], shape[1], x.shape[-1])
+        if x.dim() != 3 or tuple(x.shape[:2]) != tuple(shape):
+            raise UnsupportedArchitectureError(
+                f"the edited module of layer {layer} received an input of shape {tuple(x.shape)}; expected "
+                f"(batch, seq, d_k) = ({shape[0]}, {shape[1]}, d_k) or flattened (batch * seq, d_k)")
         if x.device not in masks:
             masks[x.device] = masks[torch.device("cpu")].to(x.device)
         a = x[masks[x.device]].to(device=acc.total.device, dtype=dtype)  # (n, d_k), real tokens only
@@ -116,6 +125,10 @@ def accumulate(
         disable=not progress or rank != 0,
     )
     device = input_device(model)
+    bos = needs_bos(model)
+    if bos and plan.bos is None:
+        raise UnsupportedArchitectureError("this model family needs a BOS token in front of every sequence, "
+                                           "but the tokenizer has no bos_token_id")
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -124,8 +137,13 @@ def accumulate(
                 mine = [i for i in range(seg_start, seg_stop) if i % world == rank]
                 for b in range(0, len(mine), batch_size):
                     ids, mask = right_pad([plan.seqs[i] for i in mine[b : b + batch_size]], plan.pad)  # (B, T)
+                    summed = mask.bool()
+                    if bos:  # BOS in front; its position is attended to but not summed
+                        ids = torch.cat([torch.full_like(ids[:, :1], plan.bos), ids], dim=1)
+                        mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+                        summed = torch.cat([torch.zeros_like(summed[:, :1]), summed], dim=1)
                     masks.clear()
-                    masks[torch.device("cpu")] = mask.bool()
+                    masks[torch.device("cpu")] = summed
                     seen.clear()
                     run_until_stopped(
                         model, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
@@ -135,7 +153,7 @@ def accumulate(
                         raise UnsupportedArchitectureError(
                             f"the edited modules of layers {missing} were not called in the forward pass"
                         )
-                    bar.update(int(mask.sum()))
+                    bar.update(int(summed.sum()))
                 if on_checkpoint is not None and seg_stop < len(plan.seqs):
                     on_checkpoint(seg_stop, sums)
     finally:

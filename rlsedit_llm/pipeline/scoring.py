@@ -2,9 +2,10 @@
 
 One function serves the edit report (probability of the target before and after an edit) and the
 evaluation metrics (length-normalised NLL comparisons, token accuracy). Prompts and targets are
-tokenised separately and concatenated (``add_special_tokens=False``; the target through
-:func:`~rlsedit_llm.pipeline.facts.encode_target`), so the scored tokens are exactly the tokens
-the value optimisation trains on.
+tokenised separately and concatenated (the prompt through
+:func:`~rlsedit_llm.pipeline.tokens.encode_prompt`, with BOS in front where the family needs it;
+the target through :func:`~rlsedit_llm.pipeline.facts.encode_target`), so the scored tokens are
+exactly the tokens the value optimisation trains on.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from rlsedit_llm.pipeline.facts import encode_target  # re-exported: editing/finetune.py imports it here
-from rlsedit_llm.pipeline.tokens import input_device, pad_id, right_pad
+from rlsedit_llm.adapters.spec import transform_logits
+from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
 
 __all__ = ["TargetScore", "encode_target", "score_targets", "logits_at"]
 
@@ -55,8 +57,9 @@ def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows
               positions: torch.Tensor) -> torch.Tensor:
     """``model(input_ids, attention_mask).logits[rows, positions]`` as float32 (N, vocab), with the
     LM head applied only at those N places: the base model's last hidden state there goes
-    through the output embedding (the vocabulary projection is most of a small model's forward
-    cost when every position is projected). Falls back to the full logits for a model without a
+    through the output embedding and the family's logit transform (Gemma 2 soft-capping, Granite
+    ``logits_scaling``; the vocabulary projection is most of a small model's forward cost when
+    every position is projected). Falls back to the full logits for a model without a
     separate base model and output embedding."""
     head = model.get_output_embeddings()
     base = getattr(model, "base_model", model)
@@ -65,21 +68,23 @@ def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows
         return logits[rows.to(logits.device), positions.to(logits.device)].float()
     hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]  # (b, w, d)
     picked = hidden[rows.to(hidden.device), positions.to(hidden.device)]  # (N, d)
-    return head(picked.to(head.weight.device)).float()
+    return transform_logits(model, head(picked.to(head.weight.device))).float()
 
 
 @torch.no_grad()
 def score_targets(model, tokenizer, prompts, targets, *, batch_size: int = 16) -> list[TargetScore]:
-    """Score ``targets[i]`` after ``prompts[i]`` (both lists of str, same length)."""
+    """Score ``targets[i]`` after ``prompts[i]`` (both lists of str, same length); prompts start
+    with BOS where the model's family needs it (``needs_bos(model)``)."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     pad = pad_id(tokenizer)
     device = input_device(model)
+    bos = needs_bos(model)
     scores: list[TargetScore] = []
     for start in range(0, len(prompts), batch_size):
         rows = []
         for prompt, target in zip(prompts[start:start + batch_size], targets[start:start + batch_size]):
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            p = encode_prompt(tokenizer, prompt, bos=bos)
             t = encode_target(tokenizer, target)
             rows.append((p, t))
         ids, mask = right_pad([p + t for p, t in rows], pad, device)  # (b, w)

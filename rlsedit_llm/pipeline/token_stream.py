@@ -6,6 +6,12 @@ windows of ``max_length`` tokens, each a sequence of its own; with ``overflow="t
 its first window is kept. The stream stops after exactly ``max_tokens`` tokens (the last
 sequence is cut short). Checkpoint positions are fixed here too, so an interrupted and a resumed
 run cut the stream at the same sequences.
+
+The planned stream never holds special tokens. For families whose prompts start with BOS
+(Gemma: :func:`~rlsedit_llm.adapters.spec.needs_bos`) the hooked pass
+(:mod:`~rlsedit_llm.pipeline.moment_pass`) puts ``Plan.bos`` in front of every sequence and leaves
+that position out of the sums, so the model sees text as it does at edit time and the counted
+tokens are the same.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class Plan:
     checkpoints: list[int]  # sorted sequence indices after which partial sums are checkpointed
     n_tokens: int
     pad: int  # the tokenizer's pad id (:func:`~rlsedit_llm.pipeline.tokens.pad_id`)
+    bos: int | None = None  # the tokenizer's BOS id, put in front of every sequence where the family needs it
 
     def tokens_before(self, index: int) -> int:
         return sum(int(s.numel()) for s in self.seqs[:index])
@@ -93,4 +100,6 @@ def plan_sequences(
             f"(max_length={max_length}, overflow={overflow!r}), fewer than the {max_tokens} "
             "requested: lower the token count or use a larger corpus"
         )
-    return Plan(seqs=seqs, checkpoints=sorted(set(checkpoints)), n_tokens=total, pad=pad_id(tokenizer))
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return Plan(seqs=seqs, checkpoints=sorted(set(checkpoints)), n_tokens=total, pad=pad_id(tokenizer),
+                bos=None if bos is None else int(bos))

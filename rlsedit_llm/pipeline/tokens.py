@@ -4,6 +4,11 @@
 Every pipeline stage batches rows of token ids the same way: right padding with an attention
 mask, so a row's real tokens keep positions ``0 .. len - 1`` and, the model being causal, the
 padding after them changes nothing they compute (the pad id itself is therefore arbitrary).
+
+Prompts are encoded in one place, :func:`encode_prompt`: the text's tokens without special
+tokens, preceded by the tokenizer's BOS token where the family needs it (Gemma;
+:func:`~rlsedit_llm.adapters.spec.needs_bos`, decided from the spec or the model). Targets and
+other continuations are appended without special tokens.
 """
 
 from __future__ import annotations
@@ -12,15 +17,38 @@ from collections.abc import Sequence
 
 import torch
 
-from rlsedit_llm.adapters.spec import model_device
+from rlsedit_llm.adapters.spec import model_device, needs_bos
+from rlsedit_llm.errors import UnsupportedArchitectureError
 
-__all__ = ["pad_id", "right_pad", "input_device"]
+__all__ = ["pad_id", "right_pad", "input_device", "needs_bos", "bos_prefix", "encode_prompt"]
 
 
 def pad_id(tokenizer) -> int:
     """The tokenizer's pad token, else its EOS token, else 0."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return 0 if pad is None else int(pad)
+
+
+def bos_prefix(tokenizer, bos: bool) -> list[int]:
+    """``[tokenizer.bos_token_id]`` when ``bos``, else ``[]``.
+
+    Raises :class:`UnsupportedArchitectureError` when ``bos`` is asked for and the tokenizer has
+    no BOS token (the model would be run off-distribution)."""
+    if not bos:
+        return []
+    token = getattr(tokenizer, "bos_token_id", None)
+    if token is None:
+        raise UnsupportedArchitectureError(
+            "this model family needs a BOS token at the start of every prompt, but the tokenizer has "
+            "no bos_token_id; load the tokenizer that ships with the model")
+    return [int(token)]
+
+
+def encode_prompt(tokenizer, text: str, *, bos: bool) -> list[int]:
+    """Token ids of a prompt: ``text`` without special tokens, preceded by BOS when ``bos``
+    (pass ``needs_bos(spec)`` or ``needs_bos(model)``). Positions in the text's own tokenisation
+    shift by ``len(bos_prefix(tokenizer, bos))``."""
+    return bos_prefix(tokenizer, bos) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad: int, device=None, extra: int = 0):

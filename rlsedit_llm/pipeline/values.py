@@ -45,7 +45,7 @@ from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.pipeline.facts import checked_facts, encode_target
 from rlsedit_llm.pipeline.fast_forward import FastForward, FastPathUnavailable, NaiveForward
 from rlsedit_llm.pipeline.keys import check_templates, encode_with_subject, fact_rows, template_parts
-from rlsedit_llm.pipeline.tokens import pad_id
+from rlsedit_llm.pipeline.tokens import needs_bos, pad_id
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +161,12 @@ class _Rows:
     n_templates: int
 
 
-def _build_rows(tokenizer, facts, templates, config: ValueConfig) -> _Rows:
+def _build_rows(tokenizer, facts, templates, config: ValueConfig, *, bos: bool = False) -> _Rows:
     u, T = len(facts), len(templates)
     plain = [j for j, t in enumerate(templates) if template_parts(t) == ("", "")]
     if not plain:
         raise HyperparameterError("templates must include the bare '{}' template (h0 is read there)")
-    prompt_ids, subj = fact_rows(tokenizer, facts, templates)  # u*T rows
+    prompt_ids, subj = fact_rows(tokenizer, facts, templates, bos=bos)  # u*T rows
     ids, need = [], []
     tok_row, tok_pos, tok_label = [], [], []
     for r, (p, s) in enumerate(zip(prompt_ids, subj)):
@@ -181,7 +181,7 @@ def _build_rows(tokenizer, facts, templates, config: ValueConfig) -> _Rows:
     kl_row, kl_pos = [], []
     for i, f in enumerate(facts):
         text = kl_before + f.subject + kl_after
-        row, s = encode_with_subject(tokenizer, text, len(kl_before), len(kl_before) + len(f.subject))
+        row, s = encode_with_subject(tokenizer, text, len(kl_before), len(kl_before) + len(f.subject), bos=bos)
         pos = s if config.kl_position == "subject_last" else len(row) - 1
         kl_row.append(len(ids))
         kl_pos.append(pos)
@@ -229,7 +229,7 @@ def compute_values(model, tokenizer, spec: ModelSpec, layer: int, facts, templat
     config.validate()
     if not isinstance(layer, int) or not 0 <= layer < spec.n_layers:
         raise HyperparameterError(f"layer must be an int in [0, {spec.n_layers}); got {layer!r}")
-    rows = _build_rows(tokenizer, facts, templates, config)
+    rows = _build_rows(tokenizer, facts, templates, config, bos=needs_bos(spec))
     pad = pad_id(tokenizer)
 
     was_training = model.training

@@ -345,20 +345,13 @@ VALUE_FACTS = [
 VALUE_TEMPLATES = ["{}", "Because of the rain. {}", "I think {{so}}. {}"]
 
 
-FAST_PATH_LOGITS = pytest.mark.xfail(
-    reason="pipeline/values.py's fast path computes head(norm(x)) and misses the family's logit transform "
-           "(Granite logits_scaling, Gemma 2 soft-capping); it should call adapters.final_logits",
-    strict=False)
-
-
 def _fast_params():
     out = []
     for attn in ("sdpa", "eager"):
         for f in NEW_FAMILIES:
             if f == "gemma2" and attn == "sdpa":
                 continue  # transformers has no SDPA attention for Gemma 2 (soft-capped attention logits)
-            marks = [FAST_PATH_LOGITS] if f in ("gemma2", "granite") else []
-            out.append(pytest.param(f, attn, marks=marks, id=f"{attn}-{f}"))
+            out.append(pytest.param(f, attn, id=f"{attn}-{f}"))
     return out
 
 
@@ -405,14 +398,8 @@ def _top1(model, tok, fact) -> bool:
     return int(logits.argmax()) == encode_target(tok, fact.target)[0]
 
 
-OPT_FLAT_MLP = pytest.mark.xfail(
-    reason="OPT runs its MLP on (batch * seq, d): the key/statistics capture in pipeline/ (moment_pass.py) "
-           "expects (batch, seq, d_k) inputs of the edited module",
-    strict=False)
-
-
 def _e2e_params():
-    marks = {f: [EDITOR_NOT_WIRED] for f in POST_NORM_FAMILIES} | {"opt": [OPT_FLAT_MLP]}
+    marks = {f: [EDITOR_NOT_WIRED] for f in POST_NORM_FAMILIES}
     return [pytest.param(f, marks=marks.get(f, [])) for f in NEW_FAMILIES]
 
 
