@@ -38,12 +38,30 @@ def test_edit_command_saves_and_continues_the_stream(tmp_path, monkeypatch, caps
     assert all(s.n_updates_ == 2 for s in editor.solvers_.values())
 
 
-def test_edit_command_rejects_a_bad_fact_file(tmp_path, monkeypatch):
+def test_edit_command_rejects_a_bad_fact_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rlsedit_llm, "load_model", lambda name, **kw: tiny_model("llama"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "no slot here", "subject": "x", "target": "y"}))
-    with pytest.raises(rlsedit_llm.FactError):
-        cli.main(["edit", "--model", "tiny", "--facts", str(bad), "--stats-tokens", "2000"])
+    assert cli.main(["edit", "--model", "tiny", "--facts", str(bad), "--stats-tokens", "2000"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}:1: ")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_malformed_jsonl_line_is_reported_by_its_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rlsedit_llm, "load_model", lambda name, **kw: tiny_model("llama"))
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"prompt": "we saw {}", "subject": "the cat", "target": "paris"})
+    bad.write_text(good + "\n\n" + good[:-3] + "\n")
+    assert cli.main(["edit", "--model", "tiny", "--facts", str(bad)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {bad}:3: invalid JSON at column")
+
+
+@pytest.mark.parametrize("flags", [["--batch", "0"], ["--batch", "-1"], ["--layers", "a,b"]])
+def test_bad_flags_end_in_a_usage_error(tmp_path, flags, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["edit", "--facts", str(tmp_path / "f.jsonl"), *flags])
+    assert exc.value.code == 2 and "Traceback" not in capsys.readouterr().err
 
 
 @pytest.mark.slow
