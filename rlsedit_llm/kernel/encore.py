@@ -38,8 +38,9 @@ class EncoreLayer(DenseCumulativeLayer):
 
     ``alpha`` and ``beta`` come from the editor's config like every solver's; the metric is
     ``A = (alpha + norm_weight) I + beta gram0``, so with the config's default ``alpha = 0`` the
-    ridge is ENCORE's own ``norm_weight``. The ``alpha`` attribute holds the total identity weight
-    ``alpha + norm_weight`` (what the objective ``J_t`` uses); ``norm_weight`` is kept separately.
+    ridge is ENCORE's own ``norm_weight``. The ``alpha`` attribute is the config's (the saved state
+    is cross-checked against the config); the objective ``J_t`` it minimises has the identity weight
+    ``alpha + norm_weight``.
 
     The editor builds solvers from ``(W0, alpha, beta, gram0)`` only, so through an
     :class:`~rlsedit_llm.Editor` the norm weight is :data:`ENCORE_NORM_WEIGHT` and a different total
@@ -56,6 +57,6 @@ class EncoreLayer(DenseCumulativeLayer):
     def __init__(self, W0, alpha, beta, gram0=None, *, dtype=torch.float64, track_information=False,
                  norm_weight: float = ENCORE_NORM_WEIGHT):
         self.norm_weight = check_weights("norm_weight", norm_weight)
-        self._init_common(W0, check_weights("alpha", alpha) + self.norm_weight, beta, dtype)
-        self.G_, self.gram0_ = anchor_metric(self.W0_.shape[0], self.alpha, self.beta, gram0,
+        self._init_common(W0, alpha, beta, dtype)
+        self.G_, self.gram0_ = anchor_metric(self.W0_.shape[0], self.alpha + self.norm_weight, self.beta, gram0,
                                              dtype=dtype, device=self.device)

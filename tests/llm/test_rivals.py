@@ -182,7 +182,7 @@ def test_encore_equals_memit_seq_and_rlsedit_with_alpha_plus_lambda():
     alpha, beta = 0.3, 1.0
     lam = ENCORE_NORM_WEIGHT
     encore = get_method("encore")(torch.from_numpy(W0), alpha, beta, torch.from_numpy(gram))
-    assert isinstance(encore, EncoreLayer) and encore.alpha == alpha + lam and encore.norm_weight == lam
+    assert isinstance(encore, EncoreLayer) and encore.alpha == alpha and encore.norm_weight == lam
     seq = get_method("memit_seq")(torch.from_numpy(W0), alpha + lam, beta, torch.from_numpy(gram))
     rls = get_method("rlsedit")(torch.from_numpy(W0), alpha + lam, beta, torch.from_numpy(gram))
     ref = DenseCumulative(Problem(W0, alpha + lam, beta, gram0=gram))
