@@ -32,7 +32,7 @@ import torch
 
 from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.pipeline.facts import Fact, encode_target
-from rlsedit_llm.pipeline.scoring import TargetScore, logits_at, score_targets
+from rlsedit_llm.pipeline.scoring import TargetScore, logits_at
 from rlsedit_llm.pipeline.tokens import input_device, pad_id, right_pad
 
 __all__ = [
@@ -94,34 +94,58 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
     return sum(terms) / len(terms)
 
 
+@torch.no_grad()
 def score_pairs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32):
-    """:func:`~rlsedit_llm.scoring.score_targets` of every ``(prompts[i], targets[i])``, in input order.
+    """:func:`~rlsedit_llm.pipeline.scoring.score_targets` of every ``(prompts[i], targets[i])``, in
+    input order, with as few forward passes as the pairs allow.
 
-    Same result, less work: a single-token target only needs the next-token distribution after
-    its prompt, so every distinct prompt with single-token targets is run once (without any
-    target appended) and all its single-token targets are read from that one distribution;
-    multi-token targets go through :func:`~rlsedit_llm.scoring.score_targets`, sorted by length
-    to reduce padding.
+    Each distinct prompt is run once per distinct multi-token target (the prompt followed by the
+    target without its last token: causal attention makes the rest irrelevant), or once alone
+    when all its targets are single tokens; single-token targets (and the first token of any
+    target) are read from the distribution after the prompt's last token of whichever of the
+    prompt's sequences ran. CounterFact's two targets of one prompt therefore cost one forward
+    whenever at most one of them is multi-token. Sequences are batched in order of token length,
+    so a batch carries little padding. The result equals :func:`score_targets` up to float
+    round-off (tested); ``benchmarks/scoring_speed.py`` measures the speed-up.
     """
     if len(prompts) != len(targets):
         raise HyperparameterError(f"{len(prompts)} prompts but {len(targets)} targets")
+    ids = [tuple(encode_target(tokenizer, t)) for t in targets]
+    groups: dict[str, list[int]] = {}  # prompt -> indices of its pairs
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+
+    # The sequences to run: (prompt tokens, continuation tokens, pairs read from this sequence).
+    seqs: list[tuple[list[int], tuple[int, ...], list[int]]] = []
+    for prompt, pairs in groups.items():
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        by_target: dict[tuple[int, ...], list[int]] = {}
+        for i in pairs:
+            by_target.setdefault(ids[i] if len(ids[i]) > 1 else (), []).append(i)
+        single = by_target.pop((), [])
+        if not by_target:
+            seqs.append((p_ids, (), single))
+        for k, (target, readers) in enumerate(by_target.items()):
+            seqs.append((p_ids, target[:-1], readers + (single if k == 0 else [])))
+
     out: list[TargetScore | None] = [None] * len(prompts)
-    ids = [encode_target(tokenizer, t) for t in targets]
-    single = [i for i in range(len(prompts)) if len(ids[i]) == 1]
-    multi = [i for i in range(len(prompts)) if len(ids[i]) != 1]
-    if single:
-        distinct = sorted({prompts[i] for i in single})
-        logp = dict(zip(distinct, _next_token_logprobs(model, tokenizer, distinct, batch_size=batch_size)))
-        for i in single:
-            lp = logp[prompts[i]]  # (vocab,)
-            t = ids[i][0]
-            out[i] = TargetScore(lp[t].reshape(1).clone(), (lp.argmax() == t).reshape(1))
-    if multi:
-        order = sorted(multi, key=lambda i: len(prompts[i]) + len(targets[i]))
-        scored = score_targets(model, tokenizer, [prompts[i] for i in order], [targets[i] for i in order],
-                               batch_size=batch_size)
-        for i, sc in zip(order, scored):
-            out[i] = sc
+    pad, device = pad_id(tokenizer), input_device(model)
+    order = sorted(range(len(seqs)), key=lambda j: len(seqs[j][0]) + len(seqs[j][1]))
+    for start in range(0, len(order), batch_size):
+        batch = [seqs[j] for j in order[start:start + batch_size]]
+        ids_, mask = right_pad([p + list(c) for p, c, _ in batch], pad, device)  # (b, w)
+        # Only the positions that predict target tokens go through the LM head.
+        rows = torch.cat([torch.full((len(c) + 1,), r) for r, (_, c, _) in enumerate(batch)])
+        pos = torch.cat([torch.arange(len(p) - 1, len(p) + len(c)) for p, c, _ in batch])
+        logp = torch.log_softmax(logits_at(model, ids_, mask, rows, pos), dim=-1).cpu()  # (N, vocab)
+        first = 0
+        for p, c, readers in batch:
+            block = logp[first:first + len(c) + 1]  # (len(c) + 1, vocab): after the prompt, then after each token
+            for i in readers:
+                tgt = torch.tensor(ids[i])
+                lp = block[: len(tgt)]
+                out[i] = TargetScore(lp[torch.arange(len(tgt)), tgt].clone(), lp.argmax(-1) == tgt)
+            first += len(c) + 1
     return out
 
 
@@ -138,16 +162,6 @@ def _last_token_logits(model, tokenizer, prompts: Sequence[str], *, batch_size: 
         ids, mask = right_pad([encoded[i] for i in rows], pad, device)  # (b, w)
         last = torch.tensor([len(encoded[i]) - 1 for i in rows])
         yield rows, logits_at(model, ids, mask, torch.arange(len(rows)), last)
-
-
-def _next_token_logprobs(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32) -> list[torch.Tensor]:
-    """log p(next token | prompt) over the vocabulary, float32 on CPU, one tensor per prompt."""
-    out: list[torch.Tensor | None] = [None] * len(prompts)
-    for rows, logits in _last_token_logits(model, tokenizer, prompts, batch_size=batch_size):
-        picked = torch.log_softmax(logits, dim=-1).cpu()  # (b, vocab)
-        for r, i in enumerate(rows):
-            out[i] = picked[r]
-    return out  # type: ignore[return-value]
 
 
 def _mean(xs) -> float:

@@ -15,6 +15,7 @@ from rlsedit_llm.evaluation import bench, data, metrics, protocol
 from rlsedit_llm.editing.finetune import FineTuneEditor, target_nll
 from rlsedit_llm.kernel.registry import method_names
 from rlsedit_llm.adapters.architectures import get_module, read_weight
+from rlsedit_llm.pipeline.facts import encode_target
 from rlsedit_llm.pipeline.scoring import score_targets
 from rlsedit_llm.pipeline.values import ValueConfig
 
@@ -154,6 +155,27 @@ def test_score_pairs_equals_score_targets(llama):
         assert torch.equal(g.token_correct, w.token_correct)
     with pytest.raises(HyperparameterError):
         metrics.score_pairs(model, tok, prompts, targets[:-1])
+
+
+def test_score_pairs_runs_each_prompt_once_per_multi_token_target(llama):
+    """CounterFact's two targets of one prompt cost one sequence when at most one is multi-token;
+    two distinct multi-token targets of one prompt need two; duplicates are shared."""
+    model, tok = llama
+    single, multi_a, multi_b = "a", "Paris and Rome", "the city of London"
+    assert len(encode_target(tok, single)) == 1 and len(encode_target(tok, multi_a)) > 1
+    prompts = ["Toyota is based in"] * 4 + ["Big Ben is in"] * 2 + ["The Eiffel Tower is in"]
+    targets = [single, multi_a, multi_a, multi_b, single, "x", single]
+    rows = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    try:
+        got = metrics.score_pairs(model, tok, prompts, targets, batch_size=64)
+    finally:
+        handle.remove()
+    assert sum(rows) == 2 + 1 + 1  # Toyota: one per distinct multi-token target; the others once
+    want = score_targets(model, tok, prompts, targets)
+    for g, w in zip(got, want):
+        assert torch.allclose(g.token_logprobs, w.token_logprobs, atol=1e-5)
+        assert torch.equal(g.token_correct, w.token_correct)
 
 
 def test_counterfact_case_scores_match_direct_scoring(llama):
