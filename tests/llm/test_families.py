@@ -392,7 +392,9 @@ def _config(tmp_path, **kw):
 
 
 def _top1(model, tok, fact) -> bool:
-    ids = tok(fact.text(), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    from rlsedit_llm.pipeline.tokens import encode_prompt
+
+    ids = torch.tensor([encode_prompt(tok, fact.text(), bos=needs_bos(model))])  # BOS first for Gemma
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, -1]
     return int(logits.argmax()) == encode_target(tok, fact.target)[0]
@@ -463,3 +465,100 @@ def test_gemma3_270m_loads_offline_and_knows_facts(gemma3):
     assert tok.pad_token is not None and tok.bos_token_id is not None
     for prompt, answer in GEMMA3_KNOWN_FACTS:
         assert _gemma_top1(model, tok, prompt) == answer, prompt
+
+
+# --------------------------------------------------------------------------------------------
+# BOS (Gemma) in every stage, in one place; logit transforms when scoring; OPT's flat MLP input
+# --------------------------------------------------------------------------------------------
+def _down_proj_inputs(model, spec, layer, ids):
+    """The edited module's input (T, d_k) for one row of token ids."""
+    seen = {}
+    module = get_module(model, spec.edit_module_path.format(layer))
+    handle = module.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+    finally:
+        handle.remove()
+    x = seen["x"]
+    return x.reshape(len(ids), -1)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma2", "llama"])
+def test_prompt_rows_start_with_bos_exactly_where_the_family_needs_it(family):
+    from rlsedit_llm.pipeline.keys import fact_rows
+    from rlsedit_llm.pipeline.tokens import encode_prompt
+
+    model, tok = tiny_model(family)
+    spec = detect_spec(model)
+    bos = needs_bos(spec)
+    assert bos == needs_bos(model) == family.startswith("gemma")
+    plain = tok("we saw the old cat", add_special_tokens=False)["input_ids"]
+    assert encode_prompt(tok, "we saw the old cat", bos=bos) == ([tok.bos_token_id] if bos else []) + plain
+    facts = rlsedit_llm.as_facts(TINY_FACTS)
+    rows0, pos0 = fact_rows(tok, facts, ["{}", "Because. {}"], bos=False)
+    rows1, pos1 = fact_rows(tok, facts, ["{}", "Because. {}"], bos=True)
+    assert all(r1 == [tok.bos_token_id] + r0 for r0, r1 in zip(rows0, rows1))
+    assert [p + 1 for p in pos0] == pos1
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "opt"])
+def test_keys_read_the_edited_module_input_of_the_encoded_prompt(family):
+    """compute_keys at the subject's last token of BOS + prompt (Gemma) / of the flattened MLP input (OPT)."""
+    from rlsedit_llm.pipeline.keys import compute_keys, subject_hidden_states
+    from rlsedit_llm.pipeline.tokens import encode_prompt
+
+    model, tok = tiny_model(family, init_std=0.3, dtype=torch.float64)
+    spec = detect_spec(model)
+    facts = rlsedit_llm.as_facts(TINY_FACTS)
+    K = compute_keys(model, tok, spec, 1, facts, ["{}"])
+    h = subject_hidden_states(model, tok, spec, 1, facts)
+    for i, f in enumerate(facts):
+        ids = encode_prompt(tok, f.text(), bos=needs_bos(spec))  # the subject ends the prompt here
+        x = _down_proj_inputs(model, spec, 1, ids)
+        torch.testing.assert_close(K[i], x[-1].float(), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        torch.testing.assert_close(h[i], hs[2][0, -1].float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma2", "granite", "llama"])
+def test_score_targets_uses_bos_and_the_logit_transform(family):
+    """score_targets equals log_softmax of the model's own logits on [BOS] + prompt + target."""
+    from rlsedit_llm.pipeline.scoring import score_targets
+    from rlsedit_llm.pipeline.tokens import encode_prompt
+
+    extra = {"final_logit_softcapping": 3.0} if family == "gemma3_text" else {}
+    model, tok = tiny_model(family, init_std=0.3, **extra)
+    prompt, target = "we saw the old cat", "paris"
+    (score,) = score_targets(model, tok, [prompt], [target])
+    p = encode_prompt(tok, prompt, bos=needs_bos(model))
+    t = encode_target(tok, target)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([p + t])).logits[0].float(), dim=-1)
+    expected = logp[torch.arange(len(p) - 1, len(p) + len(t) - 1), torch.tensor(t)]
+    torch.testing.assert_close(score.token_logprobs, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "opt", "llama"])
+def test_key_statistics_see_bos_but_do_not_count_it(family):
+    """The statistics pass puts BOS in front of every sequence for Gemma and sums only the planned
+    tokens; OPT's flattened (batch * seq, d_k) inputs are summed like everyone else's."""
+    from rlsedit_llm.pipeline.stats import accumulate_second_moments
+    from rlsedit_llm.pipeline.tokens import encode_prompt
+
+    model, tok = tiny_model(family, init_std=0.3, dtype=torch.float64)
+    spec = detect_spec(model)
+    texts = ["The Eiffel Tower is in Paris.", "Berlin is the capital of Germany, and Madrid of Spain."]
+    module = get_module(model, spec.edit_module_path.format(1))
+    n = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    sums = accumulate_second_moments(model, tok, {1: module}, texts, max_tokens=n, max_length=64,
+                                     batch_size=2, progress=False)
+    total = torch.zeros(spec.d_k, spec.d_k, dtype=torch.float64)
+    for t in texts:
+        ids = encode_prompt(tok, t, bos=needs_bos(spec))
+        x = _down_proj_inputs(model, spec, 1, ids).double()
+        x = x[1:] if needs_bos(spec) else x
+        total += x.T @ x
+    assert sums[1].count == n
+    torch.testing.assert_close(sums[1].total, total, rtol=1e-6, atol=1e-8)
