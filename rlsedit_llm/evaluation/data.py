@@ -16,9 +16,15 @@ __all__ = ["DATASETS", "data_dir", "load_stream", "load_glue", "case_scores"]
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("counterfact", "zsre")
+#: ``counterfact``: the full schema (2,125 records: several paraphrase and neighbourhood prompts
+#: each); ``counterfact_simple``: the simplified schema (21,567 records, one rephrase and one
+#: locality prompt each, scored against the locality prompt's own ground truth) for long
+#: streams (a different prompt set: its numbers do not compare with ``counterfact``'s);
+#: ``zsre``: question answering (887 records).
+DATASETS = ("counterfact", "counterfact_simple", "zsre")
 
-_FILES = {"counterfact": "counterfact.json", "zsre": "zsre_eval.json"}
+_FILES = {"counterfact": "counterfact.json", "counterfact_simple": "counterfact_simple.json",
+          "zsre": "zsre_eval.json"}
 
 
 def data_dir() -> Path:
@@ -29,7 +35,7 @@ def data_dir() -> Path:
 def load_stream(dataset: str, n_edits: int, tokenizer=None, *, path=None) -> list[Fact]:
     """The first ``n_edits`` usable records of a data set, as facts in file order.
 
-    ``dataset`` is ``"counterfact"`` or ``"zsre"`` (the shipped files, or ``path``). zsRE records
+    ``dataset`` is one of :data:`DATASETS` (the shipped files, or ``path``). zsRE records
     get ``case_id`` = their index in the file. With a ``tokenizer``, records whose fact the
     tokenizer cannot represent (:func:`~rlsedit_llm.facts.validate_facts`) are skipped and
     logged. Raises :class:`HyperparameterError` if fewer than ``n_edits`` records are usable.
@@ -71,9 +77,9 @@ def load_glue(task: str, n_items: int) -> list[dict]:
 
 
 def case_scores(dataset: str, model, tokenizer, facts: Sequence[Fact], *, batch_size: int = 32) -> list[dict]:
-    """Per-case metrics of ``facts`` on the model as it is now (CounterFact or zsRE)."""
+    """Per-case metrics of ``facts`` on the model as it is now (CounterFact, either schema, or zsRE)."""
     if not facts:
         return []
-    if dataset == "counterfact":
+    if dataset in ("counterfact", "counterfact_simple"):
         return metrics.counterfact_case_scores(model, tokenizer, facts, batch_size=batch_size)
     return metrics.zsre_case_scores(model, tokenizer, facts, batch_size=batch_size)

@@ -177,7 +177,10 @@ def counterfact_case_scores(model, tokenizer, facts: Sequence[Fact], *, batch_si
     """Per-case CounterFact metrics (see the module docstring) of ``facts`` on ``model``.
 
     Each fact needs ``target_true``; paraphrase and neighbourhood prompts may be empty (the
-    corresponding metrics are then NaN). Returns one dict per fact with ``case_id`` and
+    corresponding metrics are then NaN). At the neighbourhood prompts the new target competes
+    with ``neighbourhood_target`` where the record gives one (simplified CounterFact's
+    ``locality_ground_truth``), else with ``target_true`` (full CounterFact: the neighbours share
+    the relation and the true object). Returns one dict per fact with ``case_id`` and
     :data:`CF_METRICS`.
     """
     prompts, targets, where = [], [], []  # where: (case, kind, which target)
@@ -185,8 +188,9 @@ def counterfact_case_scores(model, tokenizer, facts: Sequence[Fact], *, batch_si
         if f.target_true is None:
             raise HyperparameterError(f"CounterFact scoring needs target_true ({f.describe()})")
         for kind, ps in (("rw", (f.text(),)), ("pp", f.paraphrases), ("nb", f.neighbourhood)):
+            true = f.neighbourhood_target if kind == "nb" and f.neighbourhood_target is not None else f.target_true
             for p in ps:
-                for which, t in (("new", f.target), ("true", f.target_true)):
+                for which, t in (("new", f.target), ("true", true)):
                     prompts.append(p)
                     targets.append(t)
                     where.append((c, kind, which))

@@ -63,7 +63,7 @@ class ProtocolConfig:
 
     Attributes
     ----------
-    dataset : "counterfact" or "zsre"
+    dataset : one of :data:`rlsedit_llm.evaluation.data.DATASETS`
     n_edits, batch_size : the stream: the first ``n_edits`` records, ``batch_size`` per edit call
     checkpoints : number of evenly spaced re-scoring points (the last batch is always one)
     retention_fraction : share of the stream (rounded up to whole batches) tracked by the
@@ -347,7 +347,9 @@ def base_summary(base: dict, n_cases: int) -> dict:
 
 
 def _fluency_prompts(facts: Sequence[Fact], cfg: ProtocolConfig) -> list[str]:
-    return [f.generation_prompts[0] for f in facts[: cfg.fluency_cases] if f.generation_prompts]
+    """Each case's first generation prompt (full CounterFact), else its rewrite prompt (the
+    simplified schema and zsRE have no generation prompts)."""
+    return [f.generation_prompts[0] if f.generation_prompts else f.text() for f in facts[: cfg.fluency_cases]]
 
 
 def _extras(model, tokenizer, facts, cfg: ProtocolConfig, glue: dict[str, list], base_glue: dict | None) -> dict:

@@ -151,7 +151,7 @@ def _markdown(results: dict, rows: list[dict], base: dict) -> str:
             f"{_pct(r['retention_efficacy'])} | {_pct(r['retention_generalization'])} | "
             f"{_pct(r['retention_specificity'])} | {_pct(r['retention_score'])} | {_num(r['sec_per_batch_edit'])} |")
     lines.append("")
-    if ds == "counterfact" and rows:
+    if ds in ("counterfact", "counterfact_simple") and rows:
         lines += ["Magnitudes (mean probability differences, x100) and all-tokens-argmax accuracies, final:", "",
                   "| method | ES mag. | PS mag. | NS mag. | ES acc | PS acc | NS acc |", "|---|---|---|---|---|---|---|"]
         for r in rows:

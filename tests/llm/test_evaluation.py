@@ -128,6 +128,30 @@ def test_load_stream_counterfact_and_zsre():
         data.load_stream("mquake", 3)
 
 
+def test_load_stream_counterfact_simple_long_stream():
+    """The simplified CounterFact ships whole (21,567 records) for long streams; each record is a
+    fact with one rephrase and one locality prompt scored against its own ground truth."""
+    raw = json.loads((data.data_dir() / "counterfact_simple.json").read_text())
+    assert len(raw) == 21567
+    facts = data.load_stream("counterfact_simple", 3000)
+    assert len(facts) == 3000 and len({f.case_id for f in facts}) == 3000
+    f, r = facts[0], raw[0]
+    assert f.text() == r["prompt"] and f.target == r["target_new"] and f.target_true == r["ground_truth"]
+    assert f.paraphrases == (r["rephrase_prompt"],) and f.neighbourhood == (r["locality_prompt"],)
+    assert f.neighbourhood_target == r["locality_ground_truth"]
+
+
+def test_counterfact_simple_specificity_uses_the_locality_ground_truth(llama):
+    """Specificity compares the locality prompt's own ground truth with the new target."""
+    model, tok = llama
+    f = Fact("{} is located in", "Toyota", "Paris", target_true="Japan", neighbourhood=("Honda is located in",),
+             neighbourhood_target="London")
+    (row,) = metrics.counterfact_case_scores(model, tok, [f])
+    new, loc = score_targets(model, tok, ["Honda is located in"] * 2, ["Paris", "London"])
+    assert row["specificity"] == float(loc.mean_nll < new.mean_nll)
+    assert row["specificity_magnitude"] == pytest.approx(math.exp(-loc.mean_nll) - math.exp(-new.mean_nll), abs=1e-6)
+
+
 def test_shipped_glue_subsets():
     for task, words in metrics.GLUE_TASKS.items():
         items = data.load_glue(task, 200)
