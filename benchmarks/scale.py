@@ -94,19 +94,28 @@ class Stages:
         self.rows: list[dict] = []
 
     def run(self, name, fn, *args, **kwargs):
+        """Run one stage; a stage that raises an RLSEditError is recorded (``error``) and returns None."""
+        from rlsedit_llm.errors import RLSEditError
+
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         tic = time.perf_counter()
-        result = fn(*args, **kwargs)
+        error = None
+        try:
+            result = fn(*args, **kwargs)
+        except RLSEditError as exc:
+            result, error = None, f"{type(exc).__name__}: {exc}"
         sync(self.device)
-        row = {"stage": name, "seconds": time.perf_counter() - tic, "rss_peak": rss_peak(), "rss_now": rss_now()}
+        row = {"stage": name, "seconds": time.perf_counter() - tic, "rss_peak": rss_peak(), "rss_now": rss_now(),
+               "error": error}
         if cuda:
             row["cuda_peak"] = torch.cuda.max_memory_allocated()
         self.rows.append(row)
         print(f"  {name:<28}{row['seconds']:>9.2f} s   RSS peak {format_bytes(row['rss_peak']):>9}"
-              + (f"   CUDA peak {format_bytes(row['cuda_peak']):>9}" if cuda else ""), flush=True)
+              + (f"   CUDA peak {format_bytes(row['cuda_peak']):>9}" if cuda else "")
+              + (f"   FAILED ({error})" if error else ""), flush=True)
         return result
 
     def table(self) -> str:
@@ -114,7 +123,8 @@ class Stages:
         lines = ["| stage | seconds | RSS peak (process) | RSS now |" + (" CUDA peak |" if cuda else ""),
                  "|---|---|---|---|" + ("---|" if cuda else "")]
         for r in self.rows:
-            lines.append(f"| {r['stage']} | {r['seconds']:.2f} | {format_bytes(r['rss_peak'])} | "
+            lines.append(f"| {r['stage']}{' (failed: ' + r['error'].split(':')[0] + ')' if r['error'] else ''} "
+                         f"| {r['seconds']:.2f} | {format_bytes(r['rss_peak'])} | "
                          f"{format_bytes(r['rss_now'])} |" + (f" {format_bytes(r['cuda_peak'])} |" if cuda else ""))
         return "\n".join(lines)
 
@@ -215,7 +225,7 @@ def run_pipeline(args, device, model_dtype, state_dtype) -> dict:
               f"with the model {format_bytes(p.total_peak)}")
         stages.run("statistics + state build", editor.prepare)
         report = stages.run(f"edit (batch {len(facts)})", editor.edit, facts)
-        for stage, sec in report.seconds.items():
+        for stage, sec in (report.seconds.items() if report else ()):
             print(f"      edit.{stage:<20}{sec:>9.2f} s")
         cert = stages.run("certificate", editor.certificate)
         state_dir = Path(cache) / "state"  # always the temporary folder
@@ -224,14 +234,17 @@ def run_pipeline(args, device, model_dtype, state_dtype) -> dict:
         del editor
         gc.collect()
         editor = stages.run("load", Editor.load, model, tok, state_dir)
-        stages.run("undo", editor.undo, editor.journal_[-1].edit_id)
-        efficacy = report.efficacy
+        if editor is not None and editor.journal_:
+            stages.run("undo", editor.undo, editor.journal_[-1].edit_id)
+        efficacy = report.efficacy if report else float("nan")
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     print(f"  saved state on disk: {format_bytes(size)}; efficacy of the edit {efficacy:.2f}; "
           f"certificate gradient {max(l.gradient for l in cert.layers) if hasattr(cert, 'layers') else cert}")
+    if any(r["error"] for r in stages.rows):
+        print("  FAILED stages: " + "; ".join(f"{r['stage']}: {r['error']}" for r in stages.rows if r["error"]))
     print("\n" + stages.table())
-    return {"stages": stages.rows, "edit_seconds": report.seconds, "efficacy": efficacy, "saved_bytes": size,
+    return {"stages": stages.rows, "edit_seconds": report.seconds if report else None, "efficacy": efficacy, "saved_bytes": size,
             "params": n_params}
 
 
