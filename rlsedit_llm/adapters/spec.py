@@ -79,11 +79,15 @@ _FAMILIES: dict[str, dict] = {
 }
 #: Every ``config.model_type`` :func:`detect_spec` recognises.
 KNOWN_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
-#: Families whose whole pipeline (keys, fast values, update, save/load) is verified end to end by
-#: the parametrised tests of the editor. The others are detected and have tiny models and their
-#: own tests (tests/llm/test_families.py); the post-norm ones need the editor to write
-#: :func:`module_target` (see docs/llm/pipeline.md).
-SUPPORTED_FAMILIES: tuple[str, ...] = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi3")
+#: Families whose whole pipeline (keys, fast values, update, save/load) is verified end to end:
+#: the original eight by the parametrised editor tests, the others by tests/llm/test_families.py
+#: (an edit becomes top-1 on a tiny model and survives save/load; Gemma 3 also on the real 270M
+#: model). Gemma 2 needs ``attn_implementation="eager"`` (transformers has no SDPA kernel for its
+#: soft-capped attention).
+SUPPORTED_FAMILIES: tuple[str, ...] = (
+    "gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi3",
+    "gemma2", "gemma3_text", "olmo2", "opt", "falcon", "granite", "stablelm",
+)
 #: Families with a norm after the MLP: what the down-projection writes is not what the residual receives.
 POST_NORM_FAMILIES: tuple[str, ...] = tuple(f for f, row in _FAMILIES.items() if row.get("post_mlp_norm"))
 
@@ -420,20 +424,24 @@ def residual_contribution(model: nn.Module, spec: ModelSpec, layer: int, module_
 
 def module_target(model: nn.Module, spec: ModelSpec, layer: int, current_output: torch.Tensor,
                   residual_delta: torch.Tensor) -> torch.Tensor:
-    """The edited module's output ``m'`` that changes the residual stream by ``residual_delta``.
+    """The edited module's output ``m'`` that changes the residual stream by ``residual_delta``
+    (as nearly as any output can).
 
     current_output : ``m`` (u, d_model), the module's output at the edited positions (``K W``)
     residual_delta : ``r`` (u, d_model), the wanted change of the residual stream
 
     * no post-MLP norm: ``m + r / residual_multiplier`` (exact; ``m + r`` for all but Granite).
     * RMSNorm after the MLP (Gemma 2/3, OLMo 2), ``N(x) = g x / rho(x)``, ``rho(x) = sqrt(mean(x^2) + eps)``:
-      ``m' = rho(m) * y / g`` with ``y = N(m) + r / residual_multiplier`` (on coordinates where
-      ``g = 0`` the output never reaches the residual: ``m'`` keeps ``m`` there and ``r`` is dropped). ``N`` is scale-invariant and
-      fixes the g-weighted RMS of its output, so the residual receives ``y / sigma`` with
-      ``sigma = sqrt(mean((y/g)^2) + eps / rho(m)^2)``: the direction of ``y`` exactly, and ``y``
-      itself exactly iff ``sigma = 1`` (always for ``r = 0``, where ``m' = m``; for a general ``r``
-      the component of ``r`` that would change that weighted RMS is unreachable by any ``m'``). See
-      docs/llm/pipeline.md, "Families with a norm after the MLP".
+      every output of ``N`` at the level of ``m`` lies on the ellipsoid
+      ``E = {c : sum_j (c_j / g_j)^2 = sum_j (m_j / rho(m))^2}`` (sums over coordinates with
+      ``g_j != 0``). The wanted contribution ``y = N(m) + r / residual_multiplier`` is replaced by
+      its nearest point ``c`` on ``E`` (Euclidean: ``c_j = y_j g_j^2 / (g_j^2 + lam)``, ``lam`` the
+      root of a monotone scalar equation) and ``m' = rho(m) c / g``, so that ``N(m') = c`` exactly:
+      ``r`` itself when ``y`` is reachable (always for ``r = 0``, where ``m' = m``), else the reachable
+      change closest to it; the rest is left to the layers above (the editor recomputes the
+      residual after every layer). Coordinates with ``g_j = 0`` never reach the residual: ``m'``
+      keeps ``m`` there and ``r`` is dropped. See docs/llm/pipeline.md, "Families with a norm after
+      the MLP".
 
     Computed in float64, returned in ``current_output``'s dtype. Raises :class:`ShapeError` or
     :class:`NonFiniteError` for bad input.
@@ -452,13 +460,49 @@ def module_target(model: nn.Module, spec: ModelSpec, layer: int, current_output:
     norm = get_module(model, spec.post_mlp_norm_path.format(layer))
     g, eps = _rms_norm_parts(norm, spec.post_mlp_norm_path.format(layer), spec.d_model)
     g = g.to(m.device)
-    rho = torch.sqrt(m.pow(2).mean(-1, keepdim=True) + eps)
+    rho = torch.sqrt(m.pow(2).mean(-1, keepdim=True) + eps)  # (u, 1)
     u = m / rho  # N(m) = g * u
     live = g.abs() > 1e-12 * float(g.abs().max().clamp_min(1e-300))
     # Coordinates with a zero gain (Gemma 3 270M has some: 1 + weight = 0) never reach the residual:
-    # keep their normalised value; the part of r on them is unreachable and dropped.
-    u = torch.where(live, (g * u + r) / torch.where(live, g, torch.ones_like(g)), u)
-    return (rho * u).to(current_output.dtype)
+    # they keep their normalised value; the part of r on them is unreachable and dropped.
+    gl = g[live]  # (n,)
+    y = gl * u[:, live] + r[:, live]  # (u, n) wanted contribution on the live coordinates
+    budget = u[:, live].pow(2).sum(-1, keepdim=True)  # (u, 1): sum (c/g)^2 of every output at this level
+    c = _nearest_on_ellipsoid(y, gl, budget)
+    out = u.clone()
+    out[:, live] = c / gl
+    return (rho * out).to(current_output.dtype)
+
+
+def _nearest_on_ellipsoid(y: torch.Tensor, g: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Row-wise nearest point ``c`` to ``y`` (u, n) on ``{c : sum_j (c_j / g_j)^2 = budget}``.
+
+    Lagrange: ``c_j = y_j g_j^2 / (g_j^2 + lam)`` with ``lam > -min_j g_j^2`` the root of
+    ``f(lam) = sum_j y_j^2 g_j^2 / (g_j^2 + lam)^2 = budget`` (``f`` decreases from +inf to 0 there),
+    found by bisection on ``log(lam + min g^2)``; ``c`` is then rescaled onto the ellipsoid
+    exactly (this also covers the degenerate case ``f(-min g^2) < budget``). A ``y`` on the
+    ellipsoid is returned as is (``lam = 0``) up to rounding. Float64.
+    """
+    g2 = g.pow(2)  # (n,)
+    g2min = g2.min()
+    yy = y.pow(2) * g2  # (u, n)
+
+    def f(lam):  # lam (u, 1)
+        return (yy / (g2 + lam).pow(2)).sum(-1, keepdim=True)
+
+    # t = lam + g2min in (0, inf); f(t = hi) <= budget for hi >= g2min + sqrt(sum y^2 g^2 / budget) + max g^2
+    scale = torch.sqrt(yy.sum(-1, keepdim=True) / budget.clamp_min(1e-300))
+    lo = torch.full_like(budget, float(g2min) * 1e-16 + 1e-300).log()
+    hi = (scale + g2.max() + g2min + 1.0).log()
+    for _ in range(200):  # plenty for float64 over the few hundred orders of magnitude of [lo, hi]
+        mid = 0.5 * (lo + hi)
+        above = f(mid.exp() - g2min) > budget  # root lies at larger lam
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    lam = (0.5 * (lo + hi)).exp() - g2min
+    c = y * g2 / (g2 + lam)
+    level = (c.pow(2) / g2).sum(-1, keepdim=True)
+    return c * torch.sqrt(budget / level.clamp_min(1e-300))
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,6 +34,13 @@ EDIT_MODULES = {
     "qwen2": ("model.layers.{}.mlp.down_proj", "Linear"),
     "qwen3": ("model.layers.{}.mlp.down_proj", "Linear"),
     "phi3": ("model.layers.{}.mlp.down_proj", "Linear"),
+    "gemma2": ("model.layers.{}.mlp.down_proj", "Linear"),
+    "gemma3_text": ("model.layers.{}.mlp.down_proj", "Linear"),
+    "olmo2": ("model.layers.{}.mlp.down_proj", "Linear"),
+    "opt": ("model.decoder.layers.{}.fc2", "Linear"),
+    "falcon": ("transformer.h.{}.mlp.dense_4h_to_h", "FalconLinear"),  # an nn.Linear subclass
+    "granite": ("model.layers.{}.mlp.down_proj", "Linear"),
+    "stablelm": ("model.layers.{}.mlp.down_proj", "Linear"),
 }
 
 
