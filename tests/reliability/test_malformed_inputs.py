@@ -296,3 +296,14 @@ def test_the_command_line_reports_one_line_and_changes_nothing(saved_state, tmp_
     assert _digest(saved_state) == before
     if "line 2" in str(extra) + str(BAD_CLI.get("malformed JSONL line 2")) and text and "oops" in text:
         assert f"{facts}:2:" in err
+
+
+@pytest.mark.parametrize("edit_id", [True, 1.0], ids=["True", "1.0"])
+def test_undo_with_a_bool_or_float_does_not_retract_edit_1(stats_dir, edit_id):
+    from .conftest import fresh_editor
+
+    editor = fresh_editor(stats_dir, n_edits=2)  # ids 0 and 1: True == 1.0 == 1 would match
+    before = snapshot(editor)
+    with pytest.raises(UnknownEditError, match="ints"):
+        editor.undo(edit_id)
+    assert_same(before, snapshot(editor))
