@@ -23,7 +23,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -63,7 +63,12 @@ FORMAT = "rlsedit-bench-v1"
 @dataclass(frozen=True)
 class BenchConfig:
     """Settings of one benchmark run; one field per ``rlsedit bench`` flag (the CLI builds it,
-    and these are the only defaults). ``stats_tokens=None`` takes :class:`EditConfig`'s."""
+    and these are the only defaults).
+
+    ``stats_tokens``, ``fluency_cases`` and ``glue`` left at None follow the run's size
+    (:meth:`resolved`, printed at the start of a run): a 10-edit trial takes minutes, not the
+    statistics pass and 50 fluency generations of a 1,000-edit run.
+    """
 
     out: str
     dataset: str = "counterfact"
@@ -73,14 +78,14 @@ class BenchConfig:
     methods: str = "rlsedit,memit_seq"
     stats_tokens: int | None = None
     checkpoints: int = 5
-    glue: int = 0
+    glue: int | None = None
     layers: str | None = None
     alpha: float = 0.0
     beta: float = 1.0
     mom2_weight: float | None = None
     cache_dir: str | None = None
     retention_fraction: float = 0.1
-    fluency_cases: int = 50
+    fluency_cases: int | None = None
     fluency_tokens: int = 100
     no_wild: bool = False
     ft_lr: float = 5e-4
@@ -95,6 +100,11 @@ class BenchConfig:
     shadow: str = ""
     score_all_at: str = ""
     time_budget: float | None = None
+
+    def resolved(self) -> "BenchConfig":
+        """This config with the size-dependent defaults filled in (see :func:`scaled_defaults`)."""
+        scaled = scaled_defaults(int(self.edits))
+        return replace(self, **{k: v for k, v in scaled.items() if getattr(self, k) is None})
 
     def edit_config(self) -> EditConfig:
         """The hyperparameters shared by the layer-solver methods (validated)."""
@@ -111,6 +121,17 @@ class BenchConfig:
     def method_options(self) -> dict:
         """Options of the editor-level methods, by method name."""
         return {"ft": {"lr": float(self.ft_lr), "steps": int(self.ft_steps)}}
+
+
+def scaled_defaults(n_edits: int) -> dict:
+    """Defaults that follow the stream's length: key-statistics tokens (20k below 100 edits, else
+    :class:`EditConfig`'s 100k), fluency cases (one per 20 edits, 5 to 50) and GLUE items per task
+    (none below 100 edits, then one per 10 edits up to the 200 shipped)."""
+    return {
+        "stats_tokens": 20_000 if n_edits < 100 else EditConfig.stats_tokens,
+        "fluency_cases": min(50, max(5, n_edits // 20)),
+        "glue": 0 if n_edits < 100 else min(200, n_edits // 10),
+    }
 
 
 def parse_shadows(text: str, methods: list[str], *, interleave: bool) -> list[str]:
@@ -181,7 +202,7 @@ def run_bench(config: BenchConfig) -> int:
     """Run (or resume) the benchmark ``config`` describes; the entry point of ``rlsedit bench``."""
     if not isinstance(config, BenchConfig):
         raise HyperparameterError(f"run_bench takes a BenchConfig; got {type(config).__name__}")
-    args = config  # short name: the body reads it like the command line
+    args = config.resolved()  # short name: the body reads it like the command line
     out = Path(args.out)
     if args.report_only:
         results = read_results(out)
@@ -201,6 +222,11 @@ def run_bench(config: BenchConfig) -> int:
         full_checkpoints=_edit_counts(args.score_all_at),
     )
     cfg.validate()
+    if not args.quiet:
+        sized = {k: getattr(args, k) for k in scaled_defaults(0)}
+        print(f"bench: {cfg.n_edits} edits of {cfg.dataset} in batches of {cfg.batch_size}; "
+              + ", ".join(f"{k} {v}" + (" (scaled to the run)" if getattr(config, k) is None else "")
+                          for k, v in sized.items()))
     shadows = parse_shadows(args.shadow, methods, interleave=args.interleave)
     methods = [m for m in methods if m not in shadows] + shadows  # a leader writes each batch first
     edit_config = args.edit_config()

@@ -347,9 +347,12 @@ def base_summary(base: dict, n_cases: int) -> dict:
 
 
 def _fluency_prompts(facts: Sequence[Fact], cfg: ProtocolConfig) -> list[str]:
-    """Each case's first generation prompt (full CounterFact), else its rewrite prompt (the
-    simplified schema and zsRE have no generation prompts)."""
-    return [f.generation_prompts[0] if f.generation_prompts else f.text() for f in facts[: cfg.fluency_cases]]
+    """The first generation prompt of each of the first ``fluency_cases`` cases that have one (full
+    CounterFact); for a data set without any (simplified CounterFact, zsRE), their rewrite prompts."""
+    cases = facts[: cfg.fluency_cases]
+    if not any(f.generation_prompts for f in facts):
+        return [f.text() for f in cases]
+    return [f.generation_prompts[0] for f in cases if f.generation_prompts]
 
 
 def _extras(model, tokenizer, facts, cfg: ProtocolConfig, glue: dict[str, list], base_glue: dict | None) -> dict:

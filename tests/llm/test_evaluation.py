@@ -609,9 +609,12 @@ def test_shadow_runner_refuses_a_batch_its_leader_has_not_written(tiny, tmp_path
     with pytest.raises(HyperparameterError, match="differs"):
         shadow.edit(FACTS[2:4])
     assert shadow.leader_gap() is None  # at different batches
+    # One model, two editors: the shadow writes from its own weights (the bench puts them back).
+    protocol.restore_weights(model, shadow.editor.spec_, {l: s.W0_ for l, s in shadow.editor.solvers_.items()})
     shadow.edit(FACTS[:2])
     gap = shadow.leader_gap()
     assert set(gap) == {str(l) for l in leader.layers} and all(g["rel"] < 1e-6 for g in gap.values())
+    shadow.editor.release()
     with pytest.raises(HyperparameterError):
         protocol.make_runner("ft", model, tok, edit_config=cfg, leader=leader)
     with pytest.raises(HyperparameterError):  # a retracting leader's journal is not one stream
@@ -695,3 +698,12 @@ def test_logits_at_equals_the_full_logits(tiny, family):
     got = logits_at(model, ids, mask, rows, pos)
     assert got.shape == (4, model.config.vocab_size)
     assert torch.allclose(got, full[rows, pos], atol=1e-5, rtol=1e-5)
+
+
+def test_bench_defaults_follow_the_run_size_and_explicit_values_win(tmp_path):
+    small = bench.BenchConfig(out=str(tmp_path), edits=10).resolved()
+    assert (small.stats_tokens, small.fluency_cases, small.glue) == (20_000, 5, 0)
+    large = bench.BenchConfig(out=str(tmp_path), edits=1000).resolved()
+    assert (large.stats_tokens, large.fluency_cases, large.glue) == (EditConfig().stats_tokens, 50, 100)
+    mine = bench.BenchConfig(out=str(tmp_path), edits=10, stats_tokens=3000, fluency_cases=0, glue=7).resolved()
+    assert (mine.stats_tokens, mine.fluency_cases, mine.glue) == (3000, 0, 7)
