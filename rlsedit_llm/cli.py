@@ -213,18 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--stats-tokens", type=int, help="default 100000 (only for a new stream)")
     ed.set_defaults(func=_edit)
 
+    from rlsedit_llm.evaluation.data import DATASETS
+
     bench = sub.add_parser("bench", help="sequential editing benchmark (CounterFact / zsRE)",
                            argument_default=argparse.SUPPRESS)  # defaults: BenchConfig's only
-    bench.add_argument("--dataset", choices=["counterfact", "zsre"], help=_default("dataset"))
+    bench.add_argument("--dataset", choices=list(DATASETS),
+                       help=_default("dataset") + "; counterfact_simple: 21,567 records for long streams")
     bench.add_argument("--model", help=_default("model"))
     bench.add_argument("--edits", type=int, help=_default("edits"))
     bench.add_argument("--batch", type=int, help=_default("batch"))
     bench.add_argument("--methods",
                        help="comma-separated registered methods, or 'all' (" + _default("methods") + ")")
     bench.add_argument("--out", required=True)
-    bench.add_argument("--stats-tokens", type=int, help="Wikipedia tokens for the key statistics (default: EditConfig's)")
+    bench.add_argument("--stats-tokens", type=int,
+                       help="Wikipedia tokens for the key statistics (default: 20000 below 100 edits, else 100000)")
     bench.add_argument("--checkpoints", type=int, help="retention re-scoring points")
-    bench.add_argument("--glue", type=int, help="GLUE items per task (0: skip)")
+    bench.add_argument("--glue", type=int, help="GLUE items per task (0: skip; default: 0 below 100 edits, "
+                                                "else one per 10 edits up to 200)")
     bench.add_argument("--layers", help="comma-separated edited layers (default: family default)")
     bench.add_argument("--alpha", type=float, help="weight of ||W - W0||^2 (all Editor methods)")
     bench.add_argument("--beta", type=float, help="weight of the anchor term")
@@ -234,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--retention-fraction", type=float,
                        help="share of the stream tracked by the retention curve (" + _default("retention_fraction") + ")")
     bench.add_argument("--fluency-cases", type=int,
-                       help="cases whose first generation prompt is scored for fluency (0: skip)")
+                       help="cases whose first generation prompt is scored for fluency (0: skip; "
+                            "default: one per 20 edits, 5 to 50)")
     bench.add_argument("--fluency-tokens", type=int, help="greedy tokens per fluency prompt")
     bench.add_argument("--no-wild", action="store_true", help="skip the generation check (no teacher forcing)")
     bench.add_argument("--ft-lr", type=float, help="Adam learning rate of the FT baseline")
