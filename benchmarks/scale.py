@@ -18,7 +18,7 @@ Parts (each printed as a table):
    layer, the certificate, save, load and undo; per stage: seconds and peak memory (RSS of the
    process, and on CUDA the allocator's peak).
 2. **kernel** — the update at ``d_k = 14336`` (``--kernel-dk``), ``u = --batch``: LayerRLS.step
-   (the library) and the in-place :func:`~rlsedit_llm.kernel.inplace.woodbury_update_`, against
+   (the library's pure update) and the in-place :func:`~rlsedit_llm.kernel.inplace.woodbury_update_`, against
    a dense re-solve (Cholesky of ``G`` and the solve for ``W``) and against the roofline floor:
    ``max(3 s d_k^2 / bandwidth, 4 d_k^2 u / GEMM rate)`` with the copy bandwidth measured on a
    large tensor (2 bytes moved per byte copied) and the GEMM rate measured on a large matmul.
@@ -259,6 +259,20 @@ def _spd_state(d_k: int, d_v: int, dtype, device, seed=0):
     return C, W
 
 
+def _library_update(C, W, K, V):
+    """The library's pure update (``rlsedit_llm.kernel.rls.woodbury_update``; before the solver
+    protocol, ``LayerRLS.step`` on the innovation)."""
+    try:
+        from rlsedit_llm.kernel.rls import woodbury_update
+    except ImportError:  # the earlier API
+        solver = object.__new__(LayerRLS)
+        solver.alpha, solver.beta, solver.dtype = 1.0, 0.0, C.dtype
+        solver.C_, solver.W_, solver.W0_, solver.G_, solver.gram0_ = C, W, W, None, None
+        solver.n_updates_ = solver.n_rows_ = 0
+        return solver.step(K, V - K @ W)
+    return woodbury_update(C, W, K, V)
+
+
 def run_kernel(args, device, dtypes) -> list[dict]:
     d_k, d_v, u = args.kernel_dk, args.kernel_dv, args.batch
     print(f"\n== kernel: one update at d_k={d_k}, d_v={d_v}, u={u}, {device} ==")
@@ -309,12 +323,9 @@ def run_kernel(args, device, dtypes) -> list[dict]:
             print(f"  {'':<14} LayerRLS.step skipped (its temporaries, about {format_bytes(plan_step)}, "
                   f"exceed --max-bytes {format_bytes(args.max_bytes)})")
         else:
-            solver = object.__new__(LayerRLS)
-            solver.alpha, solver.beta, solver.dtype = 1.0, 0.0, dtype
-            solver.C_, solver.W_, solver.W0_, solver.G_, solver.gram0_ = C, W, W, None, None
-            solver.n_updates_ = solver.n_rows_ = 0
-            row["library"] = best_of(lambda: solver.step(K, R), args.trials, device)
-            del solver
+            V = K @ W + R  # absolute values: the library's woodbury_update takes (K, V)
+            row["library"] = best_of(lambda: _library_update(C, W, K, V), args.trials, device)
+            del V
             gc.collect()
         if args.skip_resolve:
             row["resolve"] = None

@@ -1,6 +1,6 @@
 """The Woodbury step applied in place: one rank-``u`` update of ``C``, no ``d_k^2`` temporaries.
 
-:meth:`LayerRLS.step <rlsedit_llm.kernel.rls.LayerRLS.step>` is a pure function: it returns a
+``rlsedit_llm.kernel.rls.woodbury_update`` (behind ``LayerRLS.propose``) is a pure function: it returns a
 new ``C`` and makes several ``d_k^2`` temporaries (``L F^T``, the difference, ``C + C^T`` and its
 half). At ``d_k = 14336`` in float64 each is 1.64 GB and the update runs at several times its
 memory-traffic floor. :func:`woodbury_update_` computes the same step on a ``C`` it may
@@ -57,7 +57,7 @@ def woodbury_update_(C: torch.Tensor, W: torch.Tensor, K: torch.Tensor, R: torch
     """Add (``sign=1``) or remove (``sign=-1``) the batch ``K (u, d_k)`` with innovation
     ``R = V - K W (u, d_v)``, overwriting ``C (d_k, d_k)`` (symmetric) and ``W (d_k, d_v)``.
 
-    The same step as :meth:`LayerRLS.step` followed by ``commit``; ``K`` and ``R`` are cast to
+    The same step as ``LayerRLS.update(K, K @ W + R)`` (``kernel.rls.woodbury_update``); ``K`` and ``R`` are cast to
     ``C``'s dtype and device. ``symmetrize``: ``"auto"``, ``"mirror"`` or ``"none"`` (see the
     module docstring). Raises :class:`NotPositiveDefiniteError` before touching ``C`` or ``W``
     when ``I + sign K C K^T`` is not positive definite. Returns ``(C, W)``.

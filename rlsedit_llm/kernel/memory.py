@@ -13,7 +13,7 @@ Besides the state, an editor needs
 - **statistics**: the second moment ``E[k k^T]`` of every edited layer, summed in float64
   (``8 d_k^2`` per layer) while the statistics pass runs, and returned in float32 (``4 d_k^2``
   per layer) to :meth:`Editor.prepare`, which holds them until every layer's state is built;
-- **temporaries of an edit**: :meth:`LayerRLS.step` makes three ``d_k^2`` temporaries at once
+- **temporaries of an edit**: ``LayerRLS.propose`` (``kernel.rls.woodbury_update``) makes three ``d_k^2`` temporaries at once
   (``L F^T``, its signed copy and the difference; then the sum ``C + C^T`` and its half), and the
   editor holds the pending ``C`` and ``W`` of every layer until the whole batch is written, so
   ``(n_edit + 3) s d_k^2`` on top of the state at the last layer. The in-place kernel

@@ -46,8 +46,9 @@ def test_plan_state_bytes_equal_the_tensors_nbytes(dtype, track):
     assert p.master_per_layer == t["W"].nbytes + t["W0"].nbytes
     assert p.state == sum(x.nbytes for x in t.values())
     # the pending step of LayerRLS holds one more C and W: part of the planned temporaries
-    pending = solver.step(torch.randn(5, d_k, dtype=dtype), torch.randn(5, d_v, dtype=dtype))
-    assert pending.C.nbytes + pending.W.nbytes <= p.edit_temporaries
+    K = torch.randn(5, d_k, dtype=dtype)
+    step = solver.propose(K, K @ solver.W_ + torch.randn(5, d_v, dtype=dtype))
+    assert step.state["C_"].nbytes + step.W.nbytes <= p.edit_temporaries
     assert p.statistics_per_layer == torch.zeros(d_k, d_k, dtype=torch.float64).nbytes
 
 
@@ -113,17 +114,18 @@ def test_inplace_update_equals_layer_rls(dtype, tol, u):
     ref = _layer(d_k, d_v, dtype)
     C, W = ref.C_.clone(), ref.W_.clone()
     g = torch.Generator().manual_seed(1)
+    last = None
     for sign in (1, 1, -1):
-        K = torch.randn(u, d_k, generator=g, dtype=torch.float64)
-        R = torch.randn(u, d_v, generator=g, dtype=torch.float64)
-        if sign < 0:  # remove the batch added last
+        if sign > 0:
+            K = torch.randn(u, d_k, generator=g, dtype=torch.float64).to(dtype)
+            V = K @ ref.W_ + torch.randn(u, d_v, generator=g, dtype=torch.float64).to(dtype)
+            last = (K, V)
+            ref.update(K, V)
+        else:  # remove the batch added last
             K, V = last
-            R = V - K.to(dtype) @ ref.W_
-        else:
-            last = (K, K.to(dtype) @ ref.W_ + R.to(dtype))
-        ref.commit(ref.step(K, R.to(dtype), sign=sign))
+            ref.downdate(K, V)
         data_ptr = C.data_ptr()
-        woodbury_update_(C, W, K, R, sign=sign)
+        woodbury_update_(C, W, K, V - K @ W, sign=sign)  # the innovation at the in-place weights
         assert C.data_ptr() == data_ptr
         assert torch.equal(C, C.mT)  # exactly symmetric
         scale = float(ref.C_.abs().max())
