@@ -35,8 +35,9 @@ DEMO_NEIGHBOURS = [
 def _greedy(model, tok, prompt: str, n: int = 4) -> str:
     import torch
 
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    ids = ids.to(model.get_input_embeddings().weight.device)
+    from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos
+
+    ids = torch.tensor([encode_prompt(tok, prompt, bos=needs_bos(model))], device=input_device(model))
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -39,3 +39,7 @@ class OwnershipError(RLSEditError, RuntimeError):
     model), or a call on a model re-entered while another call on it was running in the same
     thread. Continue with the owning editor, or hand the model over explicitly
     (``owner.release()``, ``Editor(..., take_over=True)``, ``Editor.load(..., take_over=True)``)."""
+
+
+class InsufficientMemoryError(RLSEditError, MemoryError):
+    """The edit state (plus its temporaries) cannot fit in the device's free memory."""

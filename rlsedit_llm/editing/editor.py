@@ -50,6 +50,7 @@ from rlsedit_llm.editing.reports import EditRecord, EditReport, FactReport
 from rlsedit_llm.errors import (FactError, HyperparameterError, NonFiniteError, OwnershipError, RLSEditError,
                                 ShapeError, StateMismatchError, UnknownEditError)
 from rlsedit_llm.kernel.certificates import certificate
+from rlsedit_llm.kernel.memory import check_fits, plan_for_editor
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver
 from rlsedit_llm.kernel.registry import get_method, is_layer_method
 from rlsedit_llm.pipeline.facts import Fact, as_facts, encode_target, validate_facts
@@ -286,6 +287,8 @@ class Editor:
         if self.solvers_ and self.templates_ is not None:
             return self
         self._check_finite_model()
+        # Refuse up front (typed error naming the sizes) an edit whose state cannot fit the device.
+        check_fits(plan_for_editor(self), self._module(self.layers_[0]).weight.device)
         cfg = self.config
         moments = second_moments(
             self.model, self.tokenizer, self.spec_, list(self.layers_), corpus=cfg.corpus,

@@ -28,7 +28,7 @@ from rlsedit_llm.kernel.registry import register
 from rlsedit_llm.files import atomic_path, atomic_write_text
 from rlsedit_llm.pipeline.facts import checked_facts, encode_target
 from rlsedit_llm.pipeline.scoring import score_targets
-from rlsedit_llm.pipeline.tokens import input_device, pad_id, right_pad
+from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
 
 __all__ = ["FineTuneEditor", "target_nll"]
 
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 def target_nll(model, tokenizer, prompts, targets) -> torch.Tensor:
     """Differentiable mean target NLL: per pair the mean over ``" " + target`` tokens after the
     prompt (teacher forced, right padding, no special tokens), then the mean over pairs."""
-    rows = [(tokenizer(p, add_special_tokens=False)["input_ids"], encode_target(tokenizer, t))
+    bos = needs_bos(model)
+    rows = [(encode_prompt(tokenizer, p, bos=bos), encode_target(tokenizer, t))
             for p, t in zip(prompts, targets)]
     device = input_device(model)
     ids, mask = right_pad([p + t for p, t in rows], pad_id(tokenizer), device)  # (b, w)

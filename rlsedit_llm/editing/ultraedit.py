@@ -53,7 +53,7 @@ from rlsedit_llm.kernel.protocol import Capabilities
 from rlsedit_llm.kernel.registry import register
 from rlsedit_llm.pipeline.facts import checked_facts, encode_target
 from rlsedit_llm.pipeline.scoring import score_targets
-from rlsedit_llm.pipeline.tokens import input_device, pad_id, right_pad
+from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
 
 __all__ = ["UltraEditor", "RunningMoments", "ultraedit_shift", "PUBLISHED_LR"]
 
@@ -214,7 +214,7 @@ class UltraEditor:
         facts = checked_facts(facts, self.tokenizer, purpose="edit")
         rows = []
         for f in facts:
-            p = list(self.tokenizer(f.text(), add_special_tokens=False)["input_ids"])
+            p = encode_prompt(self.tokenizer, f.text(), bos=needs_bos(self.model))
             t = encode_target(self.tokenizer, f.target)
             rows.append((p, t))
         modules = {l: self._module(l) for l in self.layers_}

@@ -33,7 +33,7 @@ import torch
 from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.pipeline.facts import Fact, encode_target
 from rlsedit_llm.pipeline.scoring import TargetScore, logits_at
-from rlsedit_llm.pipeline.tokens import input_device, pad_id, right_pad
+from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
 
 __all__ = [
     "harmonic_mean",
@@ -111,6 +111,7 @@ def score_pairs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str]
     if len(prompts) != len(targets):
         raise HyperparameterError(f"{len(prompts)} prompts but {len(targets)} targets")
     ids = [tuple(encode_target(tokenizer, t)) for t in targets]
+    bos = needs_bos(model)
     groups: dict[str, list[int]] = {}  # prompt -> indices of its pairs
     for i, p in enumerate(prompts):
         groups.setdefault(p, []).append(i)
@@ -118,7 +119,7 @@ def score_pairs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str]
     # The sequences to run: (prompt tokens, continuation tokens, pairs read from this sequence).
     seqs: list[tuple[list[int], tuple[int, ...], list[int]]] = []
     for prompt, pairs in groups.items():
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        p_ids = encode_prompt(tokenizer, prompt, bos=bos)
         by_target: dict[tuple[int, ...], list[int]] = {}
         for i in pairs:
             by_target.setdefault(ids[i] if len(ids[i]) > 1 else (), []).append(i)
@@ -155,7 +156,7 @@ def _last_token_logits(model, tokenizer, prompts: Sequence[str], *, batch_size: 
     ``prompts[i]`` for each ``i`` of ``indices``, in batches of similar length (no special
     tokens, right padding: the positions :func:`score_targets` reads)."""
     pad, device = pad_id(tokenizer), input_device(model)
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, bos=needs_bos(model)) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
@@ -274,7 +275,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     pad = pad_id(tokenizer)
     eos = tokenizer.eos_token_id
     device = input_device(model)
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, bos=needs_bos(model)) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[list[int] | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):

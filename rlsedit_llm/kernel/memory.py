@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlsedit_llm.errors import HyperparameterError, RLSEditError
+from rlsedit_llm.errors import HyperparameterError, InsufficientMemoryError
 
 __all__ = [
     "InsufficientMemoryError",
@@ -65,10 +65,6 @@ MODEL_SHAPES: dict[str, dict] = {
 #: Nominal GPU memory sizes (decimal GB, as sold: 24 GB e.g. RTX 4090/L4, 48 GB A6000/L40S,
 #: 80 GB A100/H100, 141 GB H200).
 GPU_SIZES_GB = (24, 48, 80, 141)
-
-
-class InsufficientMemoryError(RLSEditError, MemoryError):
-    """The edit state (plus its temporaries) cannot fit in the device's free memory."""
 
 
 def _dtype(dtype) -> torch.dtype:

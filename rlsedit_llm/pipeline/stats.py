@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlsedit_llm.adapters.spec import needs_bos
 from rlsedit_llm.adapters.architectures import get_module
 from rlsedit_llm.adapters.fingerprint import model_fingerprint, tokenizer_fingerprint
 from rlsedit_llm.errors import HyperparameterError, ShapeError
@@ -284,6 +285,8 @@ def second_moments(
         "max_length": max_length,
         "overflow": overflow,
         "dtype": _STORED_DTYPES[dtype],
+        # Sequences start with BOS for the families that need it (the key is unchanged for the others).
+        **({"bos": True} if needs_bos(model) else {}),
     }
     keys = {}
     for layer in layers:

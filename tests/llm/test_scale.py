@@ -180,3 +180,19 @@ def test_gpu_check_dry_run_prints_the_summary(tmp_path):
     rows = {cells[0]: cells[1] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[1:])}
     assert set(rows) == {"pytest -m gpu", "counterfact stream", "scale.py (quick)"}, table
     assert all(status == "PASS" for status in rows.values()), table
+
+
+def test_editor_refuses_up_front_a_state_that_cannot_fit(monkeypatch, tmp_path):
+    """Editor.prepare checks the memory plan against the device before any statistics pass."""
+    import rlsedit_llm
+    from rlsedit_llm.adapters.architectures import tiny_model
+    from rlsedit_llm.kernel import memory
+
+    model, tok = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(memory, "free_memory", lambda device: 1024)
+    editor = rlsedit_llm.Editor(model, tok, rlsedit_llm.EditConfig(stats_tokens=500, cache_dir=str(tmp_path)))
+    with pytest.raises(rlsedit_llm.InsufficientMemoryError, match="does not fit on cpu: it needs .* kB"):
+        editor.edit([{"prompt": "{} lives in", "subject": "Alice", "target": "Paris"}])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not editor.solvers_ and not editor.journal_
