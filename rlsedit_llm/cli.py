@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", help="comma-separated edited layers (default: family default)")
     bench.add_argument("--alpha", type=float, help="weight of ||W - W0||^2 (all Editor methods)")
     bench.add_argument("--beta", type=float, help="weight of the anchor term")
+    bench.add_argument("--anchor-value-norms", action="store_true",
+                       help="value-norm anchoring: rescale each solved value to the model's norm at that "
+                            "position (methods that solve values)")
     bench.add_argument("--mom2-weight", type=float,
                        help="N in the anchor Gram N E[kk^T] (default: the Editor's, 15000 scaled by d_k/14336)")
     bench.add_argument("--cache-dir", help="key-statistics cache folder (default: the user cache)")

@@ -53,6 +53,9 @@ class EditConfig:
     value: ValueConfig | None = None  # None: the family's default
     replace: bool = True  # a new fact for an (subject, relation) retracts the earlier one
     track_information: bool = False  # carry G_t too (for drift certificates)
+    # Value-norm anchoring (arXiv 2602.02543): rescale each solved value z* to the norm the model
+    # had at that position before the edit, so written values cannot grow along a stream.
+    anchor_value_norms: bool = False
     cache_dir: str | None = None  # statistics cache; None: the user cache directory
 
     def validate(self) -> None:
@@ -66,7 +69,7 @@ class EditConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise HyperparameterError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
-        for name in ("replace", "track_information"):
+        for name in ("replace", "track_information", "anchor_value_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise HyperparameterError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if not isinstance(self.method, str):

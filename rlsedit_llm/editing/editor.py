@@ -57,7 +57,7 @@ from rlsedit_llm.pipeline.facts import Fact, as_facts, encode_target, validate_f
 from rlsedit_llm.pipeline.keys import compute_keys, generate_templates, subject_hidden_states
 from rlsedit_llm.pipeline.scoring import score_targets
 from rlsedit_llm.pipeline.stats import model_fingerprint, second_moments
-from rlsedit_llm.pipeline.values import ValueConfig, compute_values, default_value_config
+from rlsedit_llm.pipeline.values import ValueConfig, anchor_norms, compute_values, default_value_config
 
 __all__ = ["EditConfig", "Editor", "EditReport", "FactReport", "EditRecord", "edit", "editor_of", "anchor_gram",
            "save_model_state", "load_model_state", "tensor_digests"]
@@ -455,6 +455,9 @@ class Editor:
         tic = time.perf_counter()
         values = compute_values(model, tok, spec, z_layer, facts, self.templates_, self.value_config_)
         z_star = values.target  # (u, d_model) float32
+        if self.config.anchor_value_norms:
+            z_star = anchor_norms(z_star, values.initial)
+        norms = {"z": z_star.norm(dim=1).tolist(), "h0": values.initial.norm(dim=1).tolist()}
         if not torch.isfinite(z_star).all():
             raise NonFiniteError("value optimisation produced NaN/inf; lower the value learning rate")
         seconds["values"] = time.perf_counter() - tic
@@ -480,6 +483,8 @@ class Editor:
             # unless the family puts a norm after the MLP or scales its branch).
             V = module_target(model, spec, layer, K @ solver.W_, R)  # (u, d_v)
             pending[layer] = self._write(layer, K, V, record)
+            norms[f"V{layer}"] = V.norm(dim=1).tolist()
+            norms[f"KW0{layer}"] = (K @ solver.W0_).norm(dim=1).tolist()
             seconds["update"] += time.perf_counter() - tic
 
         h_after = subject_hidden_states(model, tok, spec, z_layer, facts)
@@ -492,7 +497,7 @@ class Editor:
             for j, (f, b, a, rb, ra) in enumerate(zip(facts, before, after, residual_before, residual_after))
         ]
         log.info("edit %d: %d fact(s) on layers %s", record.edit_id, len(facts), list(layers))
-        return EditReport(record.edit_id, layers, reports, seconds)
+        return EditReport(record.edit_id, layers, reports, seconds, norms=norms)
 
     # -- retraction ----------------------------------------------------------------------------
     def _retract_replaced(self, facts: list[Fact]) -> dict[int, tuple[int, ...]]:

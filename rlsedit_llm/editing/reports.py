@@ -34,6 +34,10 @@ class EditReport:
     facts: list[FactReport]
     seconds: dict[str, float] = field(default_factory=dict)
     extras: dict[str, float] = field(default_factory=dict)  # method-specific figures (e.g. FT losses)
+    # Value-norm instruments, per fact: "z" the written value z* and "h0" the model's norm there
+    # before the edit (last edited layer); per edited layer l, "V{l}" the written module outputs and
+    # "KW0{l}" the unedited module's output at the same keys. Empty for methods without values.
+    norms: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def efficacy(self) -> float:

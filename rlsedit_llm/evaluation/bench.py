@@ -12,7 +12,8 @@ it stopped; a command whose stream or settings differ is refused (use ``--restar
 ``--keep-state``). ``--report-only`` rebuilds the tables and figures from ``results.json``.
 
 Outputs in ``DIR``: ``results.json`` (everything), ``summary.csv``, ``curves.csv``,
-``deviation.csv``, ``results.md`` and ``scores.png``, ``retention.png``, ``deviation.png``.
+``deviation.csv``, ``results.md`` and ``scores.png``, ``retention.png``, ``deviation.png``,
+``norms.png`` (the value-norm instruments and conditioning).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class BenchConfig:
     layers: str | None = None
     alpha: float = 0.0
     beta: float = 1.0
+    anchor_value_norms: bool = False
     mom2_weight: float | None = None
     cache_dir: str | None = None
     retention_fraction: float = 0.1
@@ -114,6 +116,7 @@ class BenchConfig:
             raise HyperparameterError(f"--layers takes comma-separated layer indices, e.g. 3,4,5; got {self.layers!r}") from None
         config = EditConfig(layers=layers, alpha=float(self.alpha), beta=float(self.beta),
                             mom2_weight=self.mom2_weight, cache_dir=self.cache_dir, replace=False,
+                            anchor_value_norms=bool(self.anchor_value_norms),
                             **({} if self.stats_tokens is None else {"stats_tokens": int(self.stats_tokens)}))
         config.validate()
         return config
@@ -250,6 +253,7 @@ def run_bench(config: BenchConfig) -> int:
     settings = {
         "format": FORMAT, "model": args.model, **cfg.to_dict(), "layers": list(layers),
         "alpha": edit_config.alpha, "beta": edit_config.beta, "mom2_weight": edit_config.resolved_mom2_weight(spec.d_k),
+        **({"anchor_value_norms": True} if edit_config.anchor_value_norms else {}),
         "stats_tokens": edit_config.stats_tokens, "corpus": edit_config.corpus,
         "case_ids": [f.case_id for f in facts], **ft, "shadow": shadows,
     }

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rlsedit_llm.kernel.registry import method_names
 
-__all__ = ["plot_scores", "plot_retention", "plot_deviation", "METRIC_LABELS"]
+__all__ = ["plot_scores", "plot_retention", "plot_deviation", "plot_norms", "METRIC_LABELS"]
 
 METRIC_LABELS = {
     "efficacy": "efficacy",
@@ -162,6 +162,46 @@ def plot_deviation(results: dict, path) -> Path:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
     fig.suptitle(_title(results, "Weight deviation vs theory bounds"), fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_norms(results: dict, path) -> Path:
+    """The value-norm instruments along the stream: the written value's norm over the model's norm
+    there before the edit (per batch), the written module outputs' norm over the unedited
+    module's output at the same keys (per batch, mean over layers), and the condition number of
+    each method's information matrix (per checkpoint, worst layer)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    drawn = False
+    for name, rec in _methods(results):
+        imm = rec.get("immediate") or []
+        xs = [e["edits"] for e in imm]
+        z = [e.get("value_norm_ratio") for e in imm]
+        if any(v is not None for v in z):
+            axes[0].plot(xs, [v if v is not None else math.nan for v in z], label=name, **_style(name))
+            drawn = True
+        layer_keys = sorted({k for e in imm for k in e if k.startswith("layer_value_ratio.")})
+        if layer_keys:
+            ys = [float(sum(e[k] for k in layer_keys if e.get(k) is not None) / len(layer_keys)) for e in imm]
+            axes[1].plot(xs, ys, label=name, **_style(name))
+        pts = [p for p in rec.get("checkpoints") or [] if any("cond" in r for r in p["deviation"].values())]
+        if pts:
+            axes[2].plot([p["edits"] for p in pts],
+                         [max(r.get("cond", 0.0) for r in p["deviation"].values()) for p in pts],
+                         label=name, **_style(name))
+    axes[0].set_ylabel("||z*|| / ||h|| before the edit")
+    axes[1].set_ylabel("||V|| / ||K W0|| (mean over layers)")
+    axes[2].set_ylabel("cond(G_t), worst layer")
+    axes[2].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("edits written")
+        ax.grid(alpha=0.3)
+    if drawn:
+        axes[0].legend(fontsize=8)
+    fig.suptitle(_title(results, "Value norms and conditioning"), fontsize=11)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -161,12 +161,19 @@ class MethodRunner:
         # What the write left of the value residual ||z* - h|| at the last edited layer (T2's shrink).
         ratios = [f.residual_after / f.residual_before for f in report.facts if f.residual_before > 0]
         out["residual_ratio"] = sum(ratios) / len(ratios) if ratios else float("nan")
+        out.update(norm_summary(report.norms))
         return out
 
     def weights(self) -> dict[int, torch.Tensor]:
         """Current weights of the edited modules, ``(d_k, d_v)`` float64 on CPU (the solver's
         master copy for layer-solver methods, the module's weight for editor-level ones)."""
         return {l: W.detach().to("cpu", torch.float64) for l, W in self.editor.weights().items()}
+
+    def condition_number(self, layer: int) -> float | None:
+        """``cond(G_t)`` of ``layer``'s solver (None for methods without an information matrix)."""
+        if not is_layer_method(self.name):
+            return None
+        return self.editor.solvers_[layer].condition_number()
 
     @property
     def n_batches(self) -> int:
@@ -233,6 +240,22 @@ class ShadowRunner(MethodRunner):
         return out
 
 
+def norm_summary(norms: dict[str, list[float]]) -> dict[str, float]:
+    """Batch means of the value-norm instruments of an :class:`~rlsedit_llm.EditReport`: the
+    written value's norm ``value_norm`` and its ratio to the model's norm there before the edit
+    ``value_norm_ratio``; per edited layer ``l`` the written outputs' norm over the unedited
+    module's output at the same keys, ``layer_value_ratio.l``."""
+    if not norms:
+        return {}
+    z, h0 = torch.tensor(norms["z"]), torch.tensor(norms["h0"])
+    out = {"value_norm": float(z.mean()), "value_norm_ratio": float((z / h0.clamp_min(1e-30)).mean())}
+    for key in norms:
+        if key.startswith("V"):
+            v, ref = torch.tensor(norms[key]), torch.tensor(norms["KW0" + key[1:]])
+            out[f"layer_value_ratio.{key[1:]}"] = float((v / ref.clamp_min(1e-30)).mean())
+    return out
+
+
 def make_runner(name: str, model, tokenizer, *, edit_config: EditConfig | None = None,
                 method_options: dict | None = None, leader: MethodRunner | None = None) -> MethodRunner:
     """A fresh runner of the registered method ``name`` on ``model`` (which must hold the
@@ -266,7 +289,8 @@ def deviation_report(runner: MethodRunner, W0: dict[int, torch.Tensor], grams: d
     ``K0^T K0 = grams[layer]`` (``N E[k k^T]``); for methods that minimise ``J_t``
     (``capabilities.cumulative_objective``) also the bounds
     ``t3a = ||R0|| / (2 sqrt(lambda_min(A)))`` and ``t3b = ||R0|| / (2 sqrt(beta))`` of
-    :mod:`rlsedit_theory.bounds` for the stream absorbed so far (``inf`` when undefined).
+    :mod:`rlsedit_theory.bounds` for the stream absorbed so far (``inf`` when undefined); and
+    ``cond``, the condition number of the state's information matrix, for methods that keep one.
     """
     from rlsedit_theory import bounds
     from rlsedit_theory.problem import Problem
@@ -289,6 +313,9 @@ def deviation_report(runner: MethodRunner, W0: dict[int, torch.Tensor], grams: d
                 row["t3a"] = t3a.rhs
                 if beta > 0:
                     row["t3b"] = bounds.t3b_anchor_bound(problem, stacked, W.numpy()).rhs
+        cond = runner.condition_number(layer)
+        if cond is not None:
+            row["cond"] = cond
         out[str(layer)] = row
     return out
 
@@ -432,7 +459,8 @@ def run_method(runner: MethodRunner, model, tokenizer, facts: Sequence[Fact], cf
         tic = time.perf_counter()
         entry = {"batch": b + 1, "edits": b * cfg.batch_size + len(batch), "seconds_edit": round(t_edit, 3),
                  "seconds_update": round(float(stages.get("update", float("nan"))), 4),
-                 "residual_ratio": _finite(stages.get("residual_ratio")), **scored(batch)[1]}
+                 "residual_ratio": _finite(stages.get("residual_ratio")), **scored(batch)[1],
+                 **{k: _finite(v) for k, v in stages.items() if k.startswith(("value_norm", "layer_value_ratio"))}}
         if b + 1 in checkpoints:
             record["checkpoints"].append(checkpoint(b + 1, entry["edits"]))
         t_eval = time.perf_counter() - tic

@@ -111,6 +111,7 @@ def write_report(results: dict, out) -> None:
         plots.plot_scores(results, out / "scores.png")
         plots.plot_retention(results, out / "retention.png")
         plots.plot_deviation(results, out / "deviation.png")
+        plots.plot_norms(results, out / "norms.png")
     atomic_write_text(out / "results.md", _markdown(results, rows, base))
 
 
@@ -176,5 +177,5 @@ def _markdown(results: dict, rows: list[dict], base: dict) -> str:
                       f"{m.get('torch_threads')}, GPU {m.get('cuda') or 'none'}; torch {m.get('torch')}, "
                       f"transformers {m.get('transformers')}."]
     lines += ["", "![immediate scores](scores.png)", "", "![retention](retention.png)", "",
-              "![deviation](deviation.png)", ""]
+              "![deviation](deviation.png)", "", "![value norms and conditioning](norms.png)", ""]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from rlsedit_llm.errors import NotPositiveDefiniteError
-from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, Step
+from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, Step, spd_condition
 from rlsedit_llm.kernel.registry import register
 from rlsedit_llm.kernel.rls import anchor_metric
 
@@ -30,6 +30,10 @@ class DenseCumulativeLayer(LayerSolver):
         self._init_common(W0, alpha, beta, dtype)
         self.G_, self.gram0_ = anchor_metric(self.W0_.shape[0], self.alpha, self.beta, gram0,
                                              dtype=dtype, device=self.device)
+
+    def condition_number(self) -> float:
+        """``cond(G_t)``."""
+        return spd_condition(self.G_)
 
     def propose(self, K, V) -> Step:
         K, V = self._check(K, V)

@@ -64,6 +64,12 @@ def check_weights(name: str, value) -> float:
     return float(value)
 
 
+def spd_condition(S: torch.Tensor) -> float:
+    """``lambda_max / lambda_min`` of a symmetric positive definite matrix (inf if singular)."""
+    evals = torch.linalg.eigvalsh((S + S.mT) / 2)
+    return float(evals[-1] / evals[0]) if float(evals[0]) > 0 else float("inf")
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -149,6 +155,10 @@ class LayerSolver(ABC):
         """Remove a batch absorbed earlier with absolute targets ``V``; return the new ``W_``."""
         self.commit(self.propose_removal(K, V))
         return self.W_
+
+    def condition_number(self) -> float | None:
+        """Condition number of the information ``G_t`` the method carries (None if it keeps none)."""
+        return None
 
     # -- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from rlsedit_llm.errors import NonFiniteError, NotPositiveDefiniteError, ShapeError
-from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, Step
+from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, Step, spd_condition
 from rlsedit_llm.kernel.registry import register
 
 __all__ = ["LayerRLS", "woodbury_update", "woodbury_downdate", "anchor_metric"]
@@ -125,6 +125,10 @@ class LayerRLS(LayerSolver):
             raise ShapeError(f"cannot remove {K.shape[0]} rows: the state holds {self.n_rows_}")
         C, W = woodbury_downdate(self.C_, self.W_, K, V)
         return Step(W, self._with_information({"C_": C}, K, -1), -K.shape[0])
+
+    def condition_number(self) -> float:
+        """``cond(G_t) = cond(C_t)`` (one symmetric eigendecomposition, ``O(d_k^3)``)."""
+        return spd_condition(self.C_)
 
     def drift(self) -> float:
         """``||C_t G_t - I||_F`` (needs ``track_information=True``)."""

@@ -49,7 +49,7 @@ from rlsedit_llm.pipeline.tokens import needs_bos, pad_id
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ValueConfig", "ValueResult", "default_value_config", "compute_values"]
+__all__ = ["ValueConfig", "ValueResult", "default_value_config", "compute_values", "anchor_norms"]
 
 
 @dataclass
@@ -323,3 +323,11 @@ def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str) -
     result.target = (h0 + delta.detach()).float()
     result.initial = h0.clone()
     return result
+
+
+def anchor_norms(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Value-norm anchoring: each row of ``target`` (u, d) rescaled to the norm of the same row of
+    ``reference`` (u, d), its direction kept (arXiv 2602.02543 applies it to the values of
+    AlphaEdit and other MEMIT-family editors to keep long streams from inflating them)."""
+    scale = reference.norm(dim=1) / target.norm(dim=1).clamp_min(torch.finfo(target.dtype).tiny)  # (u,)
+    return target * scale[:, None].to(target.dtype)

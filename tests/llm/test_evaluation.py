@@ -456,9 +456,15 @@ def test_bench_writes_outputs_and_resumes_after_interruption(tiny_bench, tmp_pat
     assert bench.run_bench(_bench_args(ref_out)) == 0
     ref = bench.read_results(ref_out)
     for name in ("results.json", "summary.csv", "curves.csv", "deviation.csv", "results.md", "scores.png",
-                 "retention.png", "deviation.png"):
+                 "retention.png", "deviation.png", "norms.png"):
         assert (ref_out / name).stat().st_size > 0, name
     assert ref["methods"]["rlsedit"]["done"] and ref["methods"]["ft"]["done"]
+    # Value-norm instruments per batch (methods with values) and conditioning per checkpoint.
+    imm = ref["methods"]["rlsedit"]["immediate"]
+    assert all(e["value_norm"] > 0 and e["value_norm_ratio"] > 0 for e in imm)
+    assert all(any(k.startswith("layer_value_ratio.") for k in e) for e in imm)
+    assert all(r["cond"] >= 1 for p in ref["methods"]["rlsedit"]["checkpoints"] for r in p["deviation"].values())
+    assert "value_norm" not in ref["methods"]["ft"]["immediate"][0]
     assert not (ref_out / "state").exists() or not any((ref_out / "state").iterdir())
     md = (ref_out / "results.md").read_text()
     assert "| rlsedit | 6 |" in md and "| ft | 6 |" in md and "| unedited (6 cases) | 0 |" in md
@@ -707,3 +713,26 @@ def test_bench_defaults_follow_the_run_size_and_explicit_values_win(tmp_path):
     assert (large.stats_tokens, large.fluency_cases, large.glue) == (EditConfig().stats_tokens, 50, 100)
     mine = bench.BenchConfig(out=str(tmp_path), edits=10, stats_tokens=3000, fluency_cases=0, glue=7).resolved()
     assert (mine.stats_tokens, mine.fluency_cases, mine.glue) == (3000, 0, 7)
+
+
+
+def test_value_norm_anchoring_and_instruments(tiny, tmp_path):
+    """Without anchoring the report carries the instruments; with it every written value z* has
+    exactly the norm the model had at that position before the edit (any method with values)."""
+    from rlsedit_llm.pipeline.values import anchor_norms
+
+    target, ref = torch.randn(4, 8), torch.randn(4, 8)
+    anchored = anchor_norms(target, ref)
+    assert torch.allclose(anchored.norm(dim=1), ref.norm(dim=1))
+    assert torch.allclose(anchored / anchored.norm(dim=1, keepdim=True), target / target.norm(dim=1, keepdim=True))
+    for method in ("rlsedit", "alphaedit"):
+        for anchor in (False, True):
+            model, tok = tiny("llama")
+            cfg = dataclasses.replace(_fast_config(tmp_path), method=method, anchor_value_norms=anchor)
+            report = Editor(model, tok, cfg).edit(FACTS[:3])
+            z, h0 = torch.tensor(report.norms["z"]), torch.tensor(report.norms["h0"])
+            assert len(z) == 3 and all(f"V{l}" in report.norms and f"KW0{l}" in report.norms for l in report.layers)
+            if anchor:
+                assert torch.allclose(z, h0, rtol=1e-5)
+            else:
+                assert not torch.allclose(z, h0, rtol=1e-3)  # the optimised values moved away
