@@ -56,7 +56,8 @@ from rlsedit_llm.kernel.registry import get_method, is_layer_method
 from rlsedit_llm.pipeline.facts import Fact, as_facts, encode_target, validate_facts
 from rlsedit_llm.pipeline.keys import compute_keys, generate_templates, subject_hidden_states
 from rlsedit_llm.pipeline.scoring import score_targets
-from rlsedit_llm.pipeline.stats import model_fingerprint, second_moments
+from rlsedit_llm.adapters.fingerprint import model_fingerprint
+from rlsedit_llm.pipeline.stats import second_moments
 from rlsedit_llm.pipeline.values import ValueConfig, anchor_norms, compute_values, default_value_config
 
 __all__ = ["EditConfig", "Editor", "EditReport", "FactReport", "EditRecord", "edit", "editor_of", "anchor_gram",

@@ -65,8 +65,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, write_weight
+from rlsedit_llm.files import fsync_path
 from rlsedit_llm.errors import HyperparameterError, StateMismatchError
-from rlsedit_llm.pipeline.stats import model_fingerprint
+from rlsedit_llm.adapters.fingerprint import model_fingerprint
 
 __all__ = [
     "write_state",
@@ -94,21 +95,6 @@ JOURNAL = "journal.safetensors"
 # ---------------------------------------------------------------------------------------------
 # Durable file-system primitives
 # ---------------------------------------------------------------------------------------------
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a folder by path (folders: where the OS allows it)."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # e.g. folders on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -154,11 +140,11 @@ def _swap_in(tmp: Path, target: Path) -> None:
     parent = target.parent
     if not target.exists():
         os.rename(tmp, target)
-        _fsync_path(parent)
+        fsync_path(parent)
     elif _exchange(tmp, target):
-        _fsync_path(parent)  # the exchange is durable before the previous save is deleted
+        fsync_path(parent)  # the exchange is durable before the previous save is deleted
         shutil.rmtree(tmp)  # now the previous save
-        _fsync_path(parent)
+        fsync_path(parent)
     else:
         old = parent / f"{target.name}.old-{secrets.token_hex(4)}"
         intent = _intent_path(target)
@@ -166,14 +152,14 @@ def _swap_in(tmp: Path, target: Path) -> None:
             json.dump({"old": old.name, "new": tmp.name}, f)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_path(parent)
+        fsync_path(parent)
         os.rename(target, old)  # from here until the next rename, only `old` is complete
-        _fsync_path(parent)
+        fsync_path(parent)
         os.rename(tmp, target)
-        _fsync_path(parent)
+        fsync_path(parent)
         intent.unlink()
         shutil.rmtree(old)
-        _fsync_path(parent)
+        fsync_path(parent)
 
 
 def _siblings(target: Path, kind: str) -> list[Path]:
@@ -198,9 +184,9 @@ def _resolve_save(directory) -> Path:
             old = None
         if old is not None and old.parent == target.parent and (old / MANIFEST).is_file():
             os.rename(old, target)
-            _fsync_path(target.parent)
+            fsync_path(target.parent)
             intent.unlink()
-            _fsync_path(target.parent)
+            fsync_path(target.parent)
             log.warning("recovered the previous complete save of %s from %s: a save was interrupted between its "
                         "two renames (recorded in %s)", target, old.name, intent.name)
             return target
@@ -346,13 +332,13 @@ def write_state(directory, state: dict, *, edited_fingerprint: str) -> Path:
 
     if not target.parent.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
-        _fsync_path(target.parent.parent)
+        fsync_path(target.parent.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
     try:
         files = {}
         for name, tensors in ((SOLVERS, solver_tensors), (JOURNAL, journal_tensors)):
             save_file(_cpu_tensors(tensors), tmp / name, metadata={"format": FORMAT})
-            _fsync_path(tmp / name)
+            fsync_path(tmp / name)
             files[name] = _sha256(tmp / name)
         manifest["files"] = files
         manifest["digest"] = manifest_digest(manifest)
@@ -360,7 +346,7 @@ def write_state(directory, state: dict, *, edited_fingerprint: str) -> Path:
             json.dump(manifest, f, indent=1, ensure_ascii=False)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_path(tmp)
+        fsync_path(tmp)
         _swap_in(tmp, target)
         tmp = None
     finally:
@@ -370,7 +356,7 @@ def write_state(directory, state: dict, *, edited_fingerprint: str) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     if _intent_path(target).exists():  # a crash after the second rename left the marker
         _intent_path(target).unlink()
-        _fsync_path(target.parent)
+        fsync_path(target.parent)
     return target
 
 
@@ -593,9 +579,9 @@ def write_edit_pack(path, deltas: dict[int, torch.Tensor], *, spec, base_fingerp
     tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
     try:
         save_file(_cpu_tensors(tensors), tmp, metadata=metadata)
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync_path(path.parent)
+        fsync_path(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from rlsedit_llm.editing.editor import EditConfig, anchor_gram
 from rlsedit_llm.errors import HyperparameterError, StateMismatchError
 from rlsedit_llm.adapters.architectures import detect_spec, load_model
-from rlsedit_llm.pipeline.stats import model_fingerprint, second_moments
+from rlsedit_llm.adapters.fingerprint import model_fingerprint
+from rlsedit_llm.pipeline.stats import second_moments
 from rlsedit_llm.evaluation.report import write_report
 from rlsedit_llm.files import atomic_write_text
 from rlsedit_llm.kernel.registry import is_layer_method, method_names
