@@ -249,6 +249,10 @@ class Editor:
         """Batches written so far (edit and absorb calls; retractions do not count)."""
         return self.next_id_
 
+    def held_weights(self) -> dict[int, torch.Tensor]:
+        """What the model's edited modules hold now, ``(d_k, d_v)`` in the model's dtype."""
+        return {layer: read_weight(self._module(layer)) for layer in self.layers_}
+
     def weights(self) -> dict[int, torch.Tensor]:
         """The master copies of the edited layers' weights, ``(d_k, d_v)`` in the state dtype."""
         return {layer: solver.W_ for layer, solver in self.solvers_.items()}

@@ -38,7 +38,6 @@ import torch
 from rlsedit_theory.bounds import Bound, Identity
 
 from rlsedit_llm.errors import HyperparameterError
-from rlsedit_llm.adapters.architectures import read_weight
 
 __all__ = ["Certificate", "LayerCertificate", "certificate"]
 
@@ -149,7 +148,7 @@ def _fro(X: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _layer_certificate(editor, layer: int, n_probes: int, seed: int) -> LayerCertificate:
+def _layer_certificate(editor, layer: int, n_probes: int, seed: int, held_weights) -> LayerCertificate:
     solver = editor.solvers_[layer]
     dtype, device = solver.dtype, solver.C_.device
     alpha, beta = solver.alpha, solver.beta
@@ -168,7 +167,7 @@ def _layer_certificate(editor, layer: int, n_probes: int, seed: int) -> LayerCer
         grad = apply_A(Wx - W0) + K.mT @ (K @ Wx - V)
         return _fro(grad) / max(_fro(apply_A(W0) + K.mT @ V), torch.finfo(dtype).tiny)
 
-    held = read_weight(editor._module(layer))  # what the model holds (its dtype and orientation)
+    held = held_weights[layer]  # what the model holds (its dtype), in row-key orientation
     weights_match = bool(torch.equal(held, W.to(device=held.device, dtype=held.dtype)))
     gradient = gradient_rel(W)
     gradient_model = gradient_rel(held.to(device=device, dtype=dtype))
@@ -236,6 +235,7 @@ def certificate(editor, *, n_probes: int = 8, seed: int = 0) -> Certificate:
     for layer, solver in editor.solvers_.items():
         if getattr(solver, "gram0_", None) is None and solver.beta > 0:
             notes.append(f"layer {layer}: the solver keeps no anchor Gram; T3b and the gradient omit the anchor")
-    layers = [_layer_certificate(editor, l, n_probes, seed) for l in sorted(editor.solvers_)]
+    held = editor.held_weights()  # the kernel reads the model only through its editor
+    layers = [_layer_certificate(editor, l, n_probes, seed, held) for l in sorted(editor.solvers_)]
     return Certificate(layers, len(editor.journal_), editor.config.alpha, editor.config.beta,
                        editor.config.state_dtype, n_probes, notes)
