@@ -10,13 +10,10 @@ from rlsedit_llm.editing.editor import (
     EditRecord,
     EditReport,
     FactReport,
-    edit,
-    editor_of,
-    load_model_state,
-    save_model_state,
 )
+from rlsedit_llm.editing.lifelong import edit, editor_of, load_model_state, save_model_state
 from rlsedit_llm.editing.methods import load_editor, make_editor
-from rlsedit_llm.editing.state import apply_edit_pack
+from rlsedit_llm.editing.packs import apply_edit_pack
 from rlsedit_llm.errors import (
     CorpusError,
     FactError,

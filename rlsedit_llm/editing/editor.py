@@ -38,7 +38,6 @@ import math
 import numbers
 import threading
 import time
-import weakref
 from contextlib import contextmanager
 
 import torch
@@ -46,9 +45,11 @@ import torch
 from rlsedit_llm.adapters.architectures import detect_spec, get_module, module_target, read_weight, write_weight
 from rlsedit_llm.editing import state as state_io
 from rlsedit_llm.editing.config import EditConfig, anchor_gram
+from rlsedit_llm.editing.packs import write_edit_pack
+from rlsedit_llm.editing.guard import guard_of, hand_over, named_tensors, tensor_digests
 from rlsedit_llm.editing.reports import EditRecord, EditReport, FactReport
-from rlsedit_llm.errors import (FactError, HyperparameterError, NonFiniteError, OwnershipError, RLSEditError,
-                                ShapeError, StateMismatchError, UnknownEditError)
+from rlsedit_llm.errors import (FactError, HyperparameterError, NonFiniteError, OwnershipError, ShapeError,
+                                StateMismatchError, UnknownEditError)
 from rlsedit_llm.kernel.certificates import certificate
 from rlsedit_llm.kernel.memory import check_fits, plan_for_editor
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver
@@ -60,109 +61,13 @@ from rlsedit_llm.adapters.fingerprint import model_fingerprint
 from rlsedit_llm.pipeline.stats import second_moments
 from rlsedit_llm.pipeline.values import ValueConfig, anchor_norms, compute_values, default_value_config
 
-__all__ = ["EditConfig", "Editor", "EditReport", "FactReport", "EditRecord", "edit", "editor_of", "anchor_gram",
-           "save_model_state", "load_model_state", "tensor_digests"]
+__all__ = ["EditConfig", "Editor", "EditReport", "FactReport", "EditRecord", "anchor_gram", "tensor_digests"]
 
 log = logging.getLogger(__name__)
-
-_ATTR = "_rlsedit_editor"  # where rlsedit_llm.edit keeps the lifelong editor on the model
-_GUARD = "_rlsedit_guard"  # the per-model lock, owner and digest cache (see _ModelGuard)
-_GUARDS_LOCK = threading.Lock()
 
 #: An absorption below this (a typical key moves its output by less than this share of the
 #: demanded change) means the regulariser swamps every edit: refused at prepare.
 MIN_ABSORPTION = 1e-6
-
-
-class _ModelGuard:
-    """Kept on the model object: the lock every editor call on the model holds, the owning editor
-    (a weak reference) and the cache of per-tensor digests.
-
-    A copy of the model (``copy.deepcopy``, pickling) gets a fresh guard with no owner."""
-
-    def __init__(self):
-        self.lock = threading.RLock()
-        self._owner = None
-        self.busy: int | None = None  # thread inside a state-changing call
-        self.cache: dict[str, tuple[tuple, str]] = {}  # name -> (token, digest)
-
-    @property
-    def owner(self):
-        return self._owner() if self._owner is not None else None
-
-    @owner.setter
-    def owner(self, editor) -> None:
-        self._owner = weakref.ref(editor) if editor is not None else None
-
-    def __deepcopy__(self, memo):
-        return _ModelGuard()
-
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
-
-
-def _hand_over(guard: _ModelGuard, editor, displace: bool) -> None:
-    """Make ``editor`` the owner; with ``displace`` (an explicit take-over) a different previous
-    owner is refused from now on."""
-    previous = guard.owner
-    if displace and previous is not None and previous is not editor:
-        previous._displaced = True
-    editor._displaced = False
-    guard.owner = editor
-
-
-def _guard_of(model) -> _ModelGuard:
-    with _GUARDS_LOCK:
-        guard = model.__dict__.get(_GUARD)
-        if not isinstance(guard, _ModelGuard):
-            guard = _ModelGuard()
-            object.__setattr__(model, _GUARD, guard)
-        return guard
-
-
-class _OneTensor(torch.nn.Module):
-    """A module holding one tensor, so that :func:`model_fingerprint` digests a single tensor."""
-
-    def __init__(self, tensor: torch.Tensor):
-        super().__init__()
-        self.register_buffer("t", tensor.detach(), persistent=True)
-
-
-def _named_tensors(model):
-    """Parameters and persistent buffers by name (what :func:`model_fingerprint` covers)."""
-    persistent = set(model.state_dict(keep_vars=True))
-    yield from model.named_parameters()
-    for name, b in model.named_buffers():
-        if name in persistent:
-            yield name, b
-
-
-def _token(t: torch.Tensor) -> tuple:
-    """What identifies a tensor's contents without reading them: storage, offset, version counter,
-    layout. In-place writes bump the version counter (writes through ``.data`` do not: the
-    uncached check of :meth:`Editor.save` catches those)."""
-    return (t.data_ptr(), t._version, t.dtype, tuple(t.shape), tuple(t.stride()), str(t.device))
-
-
-def tensor_digests(model, *, skip=frozenset(), fresh: bool = False) -> dict[str, str]:
-    """Per parameter and persistent buffer of ``model`` (except those whose ``id`` is in ``skip``)
-    its :func:`model_fingerprint` digest, recomputed only for tensors whose storage pointer,
-    version counter or layout changed since the last call (``fresh=True``: all of them)."""
-    cache = _guard_of(model).cache
-    out = {}
-    for name, t in _named_tensors(model):
-        if id(t) in skip:
-            continue
-        token = _token(t)
-        hit = cache.get(name)
-        if fresh or hit is None or hit[0] != token:
-            hit = (token, model_fingerprint(_OneTensor(t)))
-            cache[name] = hit
-        out[name] = hit[1]
-    return out
 
 
 def _max_positions(model) -> int:
@@ -201,7 +106,7 @@ class Editor:
 
     def __init__(self, model, tokenizer, config: EditConfig | None = None, *, take_over: bool = False):
         self._bind(model, tokenizer, config)
-        guard = _guard_of(model)
+        guard = guard_of(model)
         with guard.lock:
             self._refuse_if_owned(take_over, "create an editor")
             self.base_fingerprint_ = model_fingerprint(model)  # of the weights before any edit
@@ -211,7 +116,7 @@ class Editor:
             self.next_id_ = 0
             self._reference_ = tensor_digests(model)  # what check_model compares the model with
             if take_over:
-                _hand_over(guard, self, True)
+                hand_over(guard, self, True)
 
     def _bind(self, model, tokenizer, config: EditConfig | None) -> None:
         """Model, tokenizer, validated config and everything derived from them."""
@@ -267,7 +172,7 @@ class Editor:
             return self._prepare()
 
     def _check_finite_model(self) -> None:
-        for name, t in _named_tensors(self.model):
+        for name, t in named_tensors(self.model):
             if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
                 raise NonFiniteError(f"the model's {name} holds NaN or infinity; load an intact model "
                                      f"before editing (nothing was changed)")
@@ -564,7 +469,7 @@ class Editor:
         Tensors are the editor's own (not copies). :meth:`from_state_dict` rebuilds the editor;
         :mod:`rlsedit_llm.editing.state` writes and reads it as files.
         """
-        with _guard_of(self.model).lock:  # never a half-written state of a concurrent call
+        with guard_of(self.model).lock:  # never a half-written state of a concurrent call
             return self._state_dict()
 
     def _state_dict(self) -> dict:
@@ -591,10 +496,10 @@ class Editor:
         Refused with :class:`OwnershipError` while another editor owns the model, unless
         ``take_over``; the new editor owns the model.
         """
-        guard = _guard_of(model)
+        guard = guard_of(model)
         with guard.lock:
             editor = cls._from_state_dict(model, tokenizer, state, take_over)
-            _hand_over(guard, editor, take_over)
+            hand_over(guard, editor, take_over)
             return editor
 
     @classmethod
@@ -658,7 +563,7 @@ class Editor:
                 return (f"layer {layer}: the model's weights differ from the editor's state (they were changed "
                         f"outside the editor, or by another editor)")
         skip = {id(p) for p in self._edited_params().values()}
-        skipped = {name for name, t in _named_tensors(self.model) if id(t) in skip}
+        skipped = {name for name, t in named_tensors(self.model) if id(t) in skip}
         current = tensor_digests(self.model, skip=skip, fresh=fresh)
         reference = {n: d for n, d in self._reference_.items() if n not in skipped}
         if current.keys() != reference.keys():
@@ -679,7 +584,7 @@ class Editor:
 
         Cheap: unchanged tensors are recognised by their version counter. ``fresh=True`` re-reads
         every tensor (what :meth:`save` does; it also catches writes through ``.data``)."""
-        with _guard_of(self.model).lock:
+        with guard_of(self.model).lock:
             problem = self._mismatch(fresh=fresh)
         if problem is not None:
             raise StateMismatchError(problem + ". Reload the editor onto the model (Editor.load), or put the "
@@ -687,7 +592,7 @@ class Editor:
 
     def _refuse_if_owned(self, take_over: bool, action: str) -> None:
         """OwnershipError if another editor owns the model and its edits are still in it."""
-        owner = _guard_of(self.model).owner
+        owner = guard_of(self.model).owner
         if owner is None or owner is self or take_over or owner._mismatch() is not None:
             return
         raise OwnershipError(
@@ -701,7 +606,7 @@ class Editor:
     def _owning(self, action: str, *, claim: bool = True, fresh: bool = False):
         """Hold the model's lock, refuse re-entry and foreign ownership, check the model against
         the state, and (``claim``) make this editor the model's owner for the block."""
-        guard = _guard_of(self.model)
+        guard = guard_of(self.model)
         with guard.lock:
             me = threading.get_ident()
             if guard.busy == me:
@@ -723,15 +628,15 @@ class Editor:
     def take_over(self) -> "Editor":
         """Make this editor the model's owner. Refused with :class:`StateMismatchError` unless the
         model holds exactly this editor's state; the previous owner can no longer change it."""
-        guard = _guard_of(self.model)
+        guard = guard_of(self.model)
         with guard.lock:
             self.check_model()
-            _hand_over(guard, self, True)
+            hand_over(guard, self, True)
         return self
 
     def release(self) -> None:
         """Give up ownership of the model (another editor may then take it, if it matches)."""
-        guard = _guard_of(self.model)
+        guard = guard_of(self.model)
         with guard.lock:
             if guard.owner is self:
                 guard.owner = None
@@ -739,7 +644,7 @@ class Editor:
     @property
     def owns_model(self) -> bool:
         """Whether this editor currently owns its model."""
-        return _guard_of(self.model).owner is self
+        return guard_of(self.model).owner is self
 
     # -- persistence and certificates -----------------------------------------------------------
     def save(self, directory) -> None:
@@ -759,7 +664,7 @@ class Editor:
         with :class:`OwnershipError` while another editor owns the model (for example the same save
         loaded a second time), unless ``take_over`` (the other editor can then no longer change it).
         """
-        guard = _guard_of(model)
+        guard = guard_of(model)
         with guard.lock:
             if guard.busy == threading.get_ident():
                 raise OwnershipError("cannot load an editor state: another editor call on this model is running "
@@ -778,7 +683,7 @@ class Editor:
                 raise StateMismatchError("after writing the saved weights the model does not match the saved "
                                          "edited model; the base model or the save is inconsistent")
             editor.check_model()
-            _hand_over(guard, editor, take_over)
+            hand_over(guard, editor, take_over)
         log.info("loaded editor state (%d edits, layers %s) from %s onto the %s model",
                  len(editor.journal_), list(editor.layers_), directory, mode)
         return editor
@@ -789,7 +694,7 @@ class Editor:
             self._save_edit_pack(path, dtype)
 
     def _save_edit_pack(self, path, dtype) -> None:
-        state_io.write_edit_pack(
+        write_edit_pack(
             path, {l: s.W_ - s.W0_ for l, s in self.solvers_.items()}, dtype=dtype,
             spec=self.spec_, base_fingerprint=self.base_fingerprint_,
             edited_fingerprint=model_fingerprint(self.model),
@@ -800,60 +705,3 @@ class Editor:
     def certificate(self):
         """Per-layer optimality and drift certificate with the theorems' bounds."""
         return certificate(self)
-
-
-def edit(model, facts, *, tokenizer=None, config: EditConfig | None = None) -> EditReport:
-    """Edit ``model`` with ``facts``, continuing the model's lifelong RLSEdit stream.
-
-    The first call creates an :class:`Editor` (statistics, per-layer state) and keeps it with the
-    model; later calls continue the same recursion. ``tokenizer`` is needed on the first call.
-    """
-    with _guard_of(model).lock:  # one get-or-create at a time
-        return _edit(model, facts, tokenizer, config)
-
-
-def _edit(model, facts, tokenizer, config) -> EditReport:
-    editor = getattr(model, _ATTR, None)
-    if editor is None:
-        if tokenizer is None:
-            raise HyperparameterError("the first rlsedit_llm.edit call on a model needs tokenizer=")
-        editor = Editor(model, tokenizer, config)
-        report = editor.edit(facts)
-        object.__setattr__(model, _ATTR, editor)  # only once the first edit succeeded
-        return report
-    elif config is not None and config != editor.config:
-        raise HyperparameterError(
-            "this model already has a lifelong editor with a different config; "
-            "use rlsedit_llm.Editor for a separate stream"
-        )
-    if tokenizer is not None and tokenizer is not editor.tokenizer:
-        previous, editor.tokenizer = editor.tokenizer, tokenizer
-        try:
-            return editor.edit(facts)
-        except BaseException:
-            editor.tokenizer = previous
-            raise
-    return editor.edit(facts)
-
-
-def editor_of(model) -> Editor | None:
-    """The lifelong editor :func:`edit` keeps with ``model`` (None before the first call)."""
-    return getattr(model, _ATTR, None)
-
-
-def save_model_state(model, directory) -> None:
-    """Save the lifelong editor that :func:`edit` keeps with ``model``."""
-    editor = editor_of(model)
-    if editor is None:
-        raise RLSEditError("this model carries no edit state: call rlsedit_llm.edit(model, facts, tokenizer=...) first")
-    editor.save(directory)
-
-
-def load_model_state(model, tokenizer, directory, *, take_over: bool = False) -> Editor:
-    """Restore a state saved by :func:`save_model_state` and attach it to ``model``, so that
-    :func:`edit` continues the saved stream. Returns the editor. ``take_over`` as in
-    :meth:`Editor.load`."""
-    with _guard_of(model).lock:
-        editor = Editor.load(model, tokenizer, directory, take_over=take_over)
-        object.__setattr__(model, _ATTR, editor)
-        return editor

@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from rlsedit_llm.editing import state as state_mod
-from rlsedit_llm.editing.editor import EditConfig, Editor, edit, editor_of, load_model_state, save_model_state
+from rlsedit_llm.editing.editor import EditConfig, Editor
+from rlsedit_llm.editing.lifelong import edit, editor_of, load_model_state, save_model_state
 from rlsedit_llm.errors import OwnershipError, RLSEditError, StateMismatchError
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.adapters.architectures import tiny_model
 from rlsedit_llm.pipeline.stats import model_fingerprint
-from rlsedit_llm.editing.state import apply_edit_pack
+from rlsedit_llm.editing import packs as packs_mod
+from rlsedit_llm.editing.packs import apply_edit_pack
 from rlsedit_llm.pipeline.values import ValueConfig
 
 FACTS = [
@@ -249,7 +251,7 @@ def test_edit_pack_application_is_all_or_nothing(stats_dir, tmp_path, monkeypatc
     fresh, _ = tiny_model("llama")
     before = _params(fresh)
     calls = {"n": 0}
-    real = state_mod.write_weight
+    real = packs_mod.write_weight
 
     def failing(module, W):
         calls["n"] += 1
@@ -257,7 +259,7 @@ def test_edit_pack_application_is_all_or_nothing(stats_dir, tmp_path, monkeypatc
             raise MemoryError("simulated")
         real(module, W)
 
-    monkeypatch.setattr(state_mod, "write_weight", failing)
+    monkeypatch.setattr(packs_mod, "write_weight", failing)
     with pytest.raises(MemoryError):
         apply_edit_pack(fresh, tmp_path / "p.safetensors")
     _assert_same_params(fresh, before)

@@ -288,7 +288,7 @@ def test_singular_preservation_metric_from_too_few_statistics(tmp_path):
 
 
 def test_a_failed_first_rlsedit_edit_attaches_no_editor(stats_dir):
-    from rlsedit_llm.editing.editor import edit, editor_of
+    from rlsedit_llm.editing.lifelong import edit, editor_of
 
     model, tok = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
