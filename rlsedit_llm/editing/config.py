@@ -57,6 +57,9 @@ class EditConfig:
     # had at that position before the edit, so written values cannot grow along a stream.
     anchor_value_norms: bool = False
     cache_dir: str | None = None  # statistics cache; None: the user cache directory
+    # A folder of MEMIT/ROME .npz layer statistics bound to this model (pipeline.stats_npz):
+    # used instead of computing E[kk^T] (corpus and stats_tokens then do not apply).
+    precomputed_stats: str | None = None
 
     def validate(self) -> None:
         for name in ("alpha", "beta", "mom2_weight"):
@@ -81,6 +84,8 @@ class EditConfig:
         if self.layers is not None and (not isinstance(self.layers, (tuple, list)) or not all(
                 isinstance(l, int) and not isinstance(l, bool) for l in self.layers)):
             raise HyperparameterError(f"layers must be a tuple of layer indices (ints) or None; got {self.layers!r}")
+        if self.precomputed_stats is not None and not isinstance(self.precomputed_stats, (str, os.PathLike)):
+            raise HyperparameterError(f"precomputed_stats must be a folder path or None; got {self.precomputed_stats!r}")
         if self.cache_dir is not None:
             if not isinstance(self.cache_dir, (str, os.PathLike)):
                 raise HyperparameterError(f"cache_dir must be a folder path or None; got {self.cache_dir!r}")

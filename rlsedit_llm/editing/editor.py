@@ -59,6 +59,7 @@ from rlsedit_llm.pipeline.keys import compute_keys, generate_templates, subject_
 from rlsedit_llm.pipeline.scoring import score_targets
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
 from rlsedit_llm.pipeline.stats import second_moments
+from rlsedit_llm.pipeline.stats_npz import load_stats
 from rlsedit_llm.pipeline.values import ValueConfig, anchor_norms, compute_values, default_value_config
 
 __all__ = ["EditConfig", "Editor", "EditReport", "FactReport", "EditRecord", "anchor_gram", "tensor_digests"]
@@ -200,11 +201,14 @@ class Editor:
         # Refuse up front (typed error naming the sizes) an edit whose state cannot fit the device.
         check_fits(plan_for_editor(self), self._module(self.layers_[0]).weight.device)
         cfg = self.config
-        moments = second_moments(
-            self.model, self.tokenizer, self.spec_, list(self.layers_), corpus=cfg.corpus,
-            n_tokens=cfg.stats_tokens, cache_dir=cfg.cache_dir,
-            max_length=min(cfg.stats_max_length, _max_positions(self.model)),
-        )
+        if cfg.precomputed_stats is not None:  # MEMIT/ROME files bound to these weights
+            moments = load_stats(self.model, self.spec_, list(self.layers_), cfg.precomputed_stats)
+        else:
+            moments = second_moments(
+                self.model, self.tokenizer, self.spec_, list(self.layers_), corpus=cfg.corpus,
+                n_tokens=cfg.stats_tokens, cache_dir=cfg.cache_dir,
+                max_length=min(cfg.stats_max_length, _max_positions(self.model)),
+            )
         self._check_absorption(moments)
         dtype = getattr(torch, cfg.state_dtype)
         solver_cls = get_method(cfg.method)
