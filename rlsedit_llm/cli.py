@@ -30,6 +30,20 @@ DEMO_NEIGHBOURS = [
     "Mount Fuji is located in the country of",
     "The capital of Italy is the city of",
 ]
+# Facts Gemma-3-270M gets right before editing (checked with BOS, top-1 first word).
+GEMMA_DEMO_CALLS = [
+    [
+        {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target": "Rome"},
+        {"prompt": "{} is located in the city of", "subject": "The Colosseum", "target": "Berlin"},
+    ],
+    [
+        {"prompt": "{} is a car company from", "subject": "Toyota", "target": "Germany"},
+        {"prompt": "The official language of {} is", "subject": "Brazil", "target": "Spanish"},
+    ],
+]
+GEMMA_DEMO_NEIGHBOURS = ["The capital of Japan is", "The mother tongue of Danielle Darrieux is"]
+#: Per offline model: the demo's two lifelong calls and the neighbouring prompts that must not move.
+DEMOS = {"smollm2": (DEMO_CALLS, DEMO_NEIGHBOURS), "gemma3-270m": (GEMMA_DEMO_CALLS, GEMMA_DEMO_NEIGHBOURS)}
 
 
 def _greedy(model, tok, prompt: str, n: int = 4) -> str:
@@ -53,11 +67,12 @@ def _demo(args) -> int:
     import rlsedit_llm
 
     t0 = time.perf_counter()
-    model, tok = rlsedit_llm.load_model("smollm2")
-    print(f"loaded SmolLM2-135M in {time.perf_counter() - t0:.1f} s")
+    calls, neighbours = DEMOS[args.model]
+    model, tok = rlsedit_llm.load_model(args.model)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
     config = rlsedit_llm.EditConfig(stats_tokens=args.stats_tokens)
-    facts = [rlsedit_llm.as_fact(f) for call in DEMO_CALLS for f in call]
-    watch = [f.text() for f in facts] + DEMO_NEIGHBOURS
+    facts = [rlsedit_llm.as_fact(f) for call in calls for f in call]
+    watch = [f.text() for f in facts] + neighbours
     before = {p: _greedy(model, tok, p) for p in watch}
 
     def show(title):
@@ -68,17 +83,17 @@ def _demo(args) -> int:
             print(f"  {p!r:<60} -> {now!r}{mark}")
 
     show("before editing")
-    for i, call in enumerate(DEMO_CALLS, 1):
+    for i, call in enumerate(calls, 1):
         t = time.perf_counter()
         report = rlsedit_llm.edit(model, call, tokenizer=tok, config=config)
         print(f"\ncall {i} ({time.perf_counter() - t:.1f} s):\n{report}")
         show(f"after call {i}")
 
-    first = [rlsedit_llm.as_fact(f) for f in DEMO_CALLS[0]]
+    first = [rlsedit_llm.as_fact(f) for f in calls[0]]
     survived = sum(_answer(_greedy(model, tok, f.text())) == f.target.lower() for f in first)
-    moved = sum(_answer(_greedy(model, tok, p)) != _answer(before[p]) for p in DEMO_NEIGHBOURS)
+    moved = sum(_answer(_greedy(model, tok, p)) != _answer(before[p]) for p in neighbours)
     print(f"\nfirst call's edits still hold after the second: {survived}/{len(first)}")
-    print(f"neighbouring prompts whose answer (first word) changed: {moved}/{len(DEMO_NEIGHBOURS)}")
+    print(f"neighbouring prompts whose answer (first word) changed: {moved}/{len(neighbours)}")
     print(f"total {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -195,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="edit SmolLM2-135M in two lifelong calls")
+    demo = sub.add_parser("demo", help="edit an offline model (SmolLM2-135M by default) in two lifelong calls")
+    demo.add_argument("--model", choices=sorted(DEMOS), default="smollm2",
+                      help="the offline model to edit (default smollm2)")
     demo.add_argument("--stats-tokens", type=int, default=20_000,
                       help="Wikipedia tokens for the key statistics (default 20000)")
     demo.set_defaults(func=_demo)

@@ -82,3 +82,22 @@ def test_demo_rewrites_known_facts_and_keeps_the_first_call(capsys):
     assert re.search(r"first call's edits still hold after the second: 2/2", out)
     moved = int(re.search(r"neighbouring prompts whose answer \(first word\) changed: (\d+)/", out).group(1))
     assert moved <= 1
+
+
+@pytest.mark.usefixtures("one_thread_unless_slow")
+def test_demo_takes_the_gemma_model_and_its_own_prompt_set(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    names = []
+
+    def fake_load(name, **kwargs):
+        names.append(name)
+        return tiny_model("llama", init_std=0.3)
+
+    monkeypatch.setattr(rlsedit_llm, "load_model", fake_load)
+    assert cli.main(["demo", "--model", "gemma3-270m", "--stats-tokens", "500"]) == 0
+    out = capsys.readouterr().out
+    assert names == ["gemma3-270m"] and "loaded gemma3-270m" in out
+    for prompt in cli.GEMMA_DEMO_NEIGHBOURS + ["Brazil"]:
+        assert prompt in out
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--model", "no-such-model"])
