@@ -44,15 +44,17 @@ from rlsedit_llm.adapters.spec import (  # noqa: F401  (re-exported)
     _is_conv1d,
     default_layers,
     detect_spec,
-    final_logits,
-    transform_logits,
     get_module,
     model_device,
-    module_target,
     needs_bos,
     read_weight,
-    residual_contribution,
     write_weight,
+)
+from rlsedit_llm.adapters.residual import (  # noqa: F401  (re-exported)
+    final_logits,
+    module_target,
+    residual_contribution,
+    transform_logits,
 )
 from rlsedit_llm.adapters.tiny import _tiny_config, _tiny_tokenizer, tiny_model  # noqa: F401  (re-exported)
 

@@ -8,7 +8,7 @@ One :class:`Editor` per model. Each call to :meth:`Editor.edit` takes a batch of
    ``R = (z* - h) / (L - i)`` (the layer's share of the residual: the residual is never used as an
    absolute value);
 3. gives the layer's keys and absolute targets ``V = K W + R`` (through the post-MLP norm where
-   the family has one: :func:`~rlsedit_llm.adapters.spec.module_target`) to the method's layer solver
+   the family has one: :func:`~rlsedit_llm.adapters.residual.module_target`) to the method's layer solver
    (:class:`~rlsedit_llm.kernel.rls.LayerRLS`, the verified recursion, by default), whose state
    persists across calls, and writes the new weights into the model.
 

@@ -12,7 +12,7 @@ rows (:class:`~rlsedit_llm.pipeline.values` builds them): ``ids`` (R token lists
   *before* the subject. Because attention is causal, positions before the subject cannot see
   ``delta``, so each optimisation step re-runs only the layers above ``layer`` on the positions
   from the subject onwards (attending to the recorded keys/values), then the final norm, LM
-  head and the family's logit transform (:func:`~rlsedit_llm.adapters.spec.final_logits`) at the
+  head and the family's logit transform (:func:`~rlsedit_llm.adapters.residual.final_logits`) at the
   few positions the loss reads. Only the rows of facts still optimising are run, in
   groups of similar suffix length (:func:`length_groups`), so padding and finished facts cost
   nothing. The decoder layers are the model's own modules called with the arguments the model

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rlsedit_llm.pipeline.facts import encode_target  # re-exported: editing/finetune.py imports it here
-from rlsedit_llm.adapters.spec import transform_logits
+from rlsedit_llm.adapters.residual import transform_logits
 from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
 
 __all__ = ["TargetScore", "encode_target", "score_targets", "logits_at"]
