@@ -73,3 +73,31 @@ def counterfact_simple():
 @pytest.fixture(scope="session")
 def zsre():
     return _load_json(_PACKAGED / "zsre_eval.json", DATA / "zsre" / "zsre_eval.json")
+
+
+def counterfact_stream(model, tok, facts, cache_dir) -> tuple[float, float, float]:
+    """Edit ``facts`` (CounterFact, 20) with RLSEdit in 4 calls of 5 on the real ``model`` and put
+    its weights back; return the efficacy (new target more probable than the true one) before,
+    after, and of the first call's 5 edits after all 4 calls."""
+    import rlsedit_llm
+    from rlsedit_llm.pipeline.scoring import score_targets
+
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def efficacy(fs):
+        new = score_targets(model, tok, [f.text() for f in fs], [f.target for f in fs])
+        true = score_targets(model, tok, [f.text() for f in fs], [f.target_true for f in fs])
+        return sum(a.mean_nll < b.mean_nll for a, b in zip(new, true)) / len(fs)
+
+    try:
+        before = efficacy(facts)
+        editor = rlsedit_llm.Editor(model, tok, rlsedit_llm.EditConfig(stats_tokens=20_000, cache_dir=str(cache_dir)),
+                                    take_over=True)
+        for start in range(0, len(facts), 5):
+            editor.edit(facts[start:start + 5])
+        editor.release()
+        return before, efficacy(facts), efficacy(facts[:5])
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(saved[n])

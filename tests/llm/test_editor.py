@@ -9,8 +9,10 @@ import torch
 import rlsedit_llm
 from rlsedit_llm import EditConfig, Editor, ValueConfig
 from rlsedit_llm.adapters.architectures import SUPPORTED_FAMILIES, get_module, read_weight
-from rlsedit_llm.pipeline.scoring import encode_target, score_targets
+from rlsedit_llm.pipeline.facts import encode_target
 from rlsedit_theory import Problem, closed_form
+
+from .conftest import counterfact_stream
 
 # Random tiny models carry little through attention, so the subject ends the prompt here.
 TINY_FACTS = [
@@ -118,24 +120,8 @@ def test_cuda_edit_keeps_state_on_the_layer_device(tiny, tmp_path, dtype):
 def test_smollm2_counterfact_stream(smollm2, counterfact, tmp_path):
     """20 CounterFact edits in 4 sequential calls of 5: efficacy >= 0.9, first call retained."""
     model, tok = smollm2
-    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-    try:
-        facts = rlsedit_llm.as_facts(counterfact[:20])
-        editor = Editor(model, tok, EditConfig(stats_tokens=20_000, cache_dir=str(tmp_path)))
-
-        def efficacy(fs):
-            new = score_targets(model, tok, [f.text() for f in fs], [f.target for f in fs])
-            true = score_targets(model, tok, [f.text() for f in fs], [f.target_true for f in fs])
-            return sum(a.mean_nll < b.mean_nll for a, b in zip(new, true)) / len(fs)
-
-        assert efficacy(facts) <= 0.2  # the model believes the true facts first
-        for start in range(0, 20, 5):
-            editor.edit(facts[start:start + 5])
-        final, first = efficacy(facts), efficacy(facts[:5])
-        print(f"SmolLM2 CounterFact: efficacy {final:.2f} over 20, first call retained {first:.2f}")
-        assert final >= 0.9
-        assert first == 1.0
-    finally:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(saved[n])
+    before, final, first = counterfact_stream(model, tok, rlsedit_llm.as_facts(counterfact[:20]), tmp_path)
+    print(f"SmolLM2 CounterFact: efficacy {final:.2f} over 20, first call retained {first:.2f}")
+    assert before <= 0.2  # the model believes the true facts first
+    assert final >= 0.9
+    assert first == 1.0

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import rlsedit_llm
+from .conftest import counterfact_stream
 from rlsedit_llm import EditConfig, Editor, ValueConfig
 from rlsedit_llm.adapters.architectures import (
     KNOWN_FAMILIES,
@@ -593,27 +594,10 @@ def test_gemma3_270m_counterfact_stream(gemma3, tmp_path):
     """20 CounterFact edits to Gemma 3 270M in 4 sequential calls of 5: efficacy (new target more
     probable than the true answer, length-normalised) >= 0.9, the first call retained."""
     from rlsedit_llm.evaluation.data import load_stream
-    from rlsedit_llm.pipeline.scoring import score_targets
 
     model, tok = gemma3
-    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-    try:
-        facts = load_stream("counterfact", 20, tok)
-        editor = rlsedit_llm.Editor(model, tok, rlsedit_llm.EditConfig(stats_tokens=20_000, cache_dir=str(tmp_path)))
-
-        def efficacy(fs):
-            new = score_targets(model, tok, [f.text() for f in fs], [f.target for f in fs])
-            true = score_targets(model, tok, [f.text() for f in fs], [f.target_true for f in fs])
-            return sum(a.mean_nll < b.mean_nll for a, b in zip(new, true)) / len(fs)
-
-        assert efficacy(facts) <= 0.2  # the model believes the true facts first
-        for start in range(0, 20, 5):
-            editor.edit(facts[start:start + 5])
-        final, first = efficacy(facts), efficacy(facts[:5])
-        print(f"Gemma 3 270M CounterFact: efficacy {final:.2f} over 20, first call retained {first:.2f}")
-        assert final >= 0.9
-        assert first == 1.0
-    finally:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(saved[n])
+    before, final, first = counterfact_stream(model, tok, load_stream("counterfact", 20, tok), tmp_path)
+    print(f"Gemma 3 270M CounterFact: efficacy {final:.2f} over 20, first call retained {first:.2f}")
+    assert before <= 0.2  # the model believes the true facts first
+    assert final >= 0.9
+    assert first == 1.0
