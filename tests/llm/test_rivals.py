@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from .test_evaluation import FAST_VALUE, _fast_config  # noqa: F401  (the shared fast settings)
+from .test_methods import _instance
 from rlsedit_llm import EditConfig, Fact
-from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, tiny_model
+from rlsedit_llm.adapters.architectures import detect_spec, get_module
 from rlsedit_llm.editing.methods import load_editor, make_editor
 from rlsedit_llm.editing.ultraedit import RunningMoments, UltraEditor, ultraedit_shift
 from rlsedit_llm.errors import FactError
@@ -36,24 +38,6 @@ FACTS = [
     Fact("{} is the capital of", "Berlin", "Spain", target_true="Germany", case_id=3,
          paraphrases=("Berlin is a capital city in",), neighbourhood=("Madrid is the capital of",)),
 ]
-FAST_VALUE = ValueConfig(lr=0.5, steps=6)
-
-
-def _fast_config(tmp_path, **kw):
-    base = dict(stats_tokens=3000, stats_max_length=128, cache_dir=str(tmp_path / "stats"), n_templates=2,
-                template_length=4, value=FAST_VALUE, replace=False)
-    base.update(kw)
-    return EditConfig(**base)
-
-
-def _instance(seed, d_k=10, d_v=4, n0=40, batches=(1, 3, 6, 2)):
-    rng = np.random.default_rng(seed)
-    W0 = rng.normal(size=(d_k, d_v))
-    K0 = rng.normal(size=(n0, d_k)) * rng.uniform(0.05, 3, size=d_k)
-    edits = [(rng.normal(size=(u, d_k)), rng.normal(size=(u, d_v))) for u in batches]
-    return W0, K0.T @ K0, edits
-
-
 # ----------------------------------------------------------------------------------------------
 # UltraEdit: lifelong normalisation and the closed form
 
