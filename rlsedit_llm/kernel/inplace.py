@@ -1,25 +1,46 @@
 """The Woodbury step applied in place: one rank-``u`` update of ``C``, no ``d_k^2`` temporaries.
 
-``rlsedit_llm.kernel.rls.woodbury_update`` (behind ``LayerRLS.propose``) is a pure function: it returns a
-new ``C`` and makes several ``d_k^2`` temporaries (``L F^T``, the difference, ``C + C^T`` and its
-half). At ``d_k = 14336`` in float64 each is 1.64 GB and the update runs at several times its
-memory-traffic floor. :func:`woodbury_update_` computes the same step on a ``C`` it may
-overwrite:
+``rlsedit_llm.kernel.rls.woodbury_update`` is a pure function (it mirrors the theory layer and is
+tested against it): it returns a new ``C`` and makes several ``d_k^2`` temporaries (``L F^T``,
+the difference, ``C + C^T`` and its half). At ``d_k = 14336`` in float64 each is 1.64 GB.
+:func:`woodbury_update_` computes the same step on a ``C`` it may overwrite, in two parts that
+:class:`~rlsedit_llm.kernel.rls.LayerRLS` also uses separately (``propose`` computes the factors,
+``commit`` applies them):
 
-    F = C K^T                     (d_k, u)   one read of C
-    S = I + sign K F = L_S L_S^T  (u, u)
-    G = F L_S^{-T}                (d_k, u)   so F S^{-1} F^T = G G^T
-    W += sign G (L_S^{-1} R)      (d_k, d_v)
-    C -= sign G G^T               one read and one write of C (a single addmm_)
+:func:`woodbury_factors` (reads ``C`` once, changes nothing)::
 
-That is three passes over ``C``, the floor of the Woodbury update. ``G G^T`` is computed by one
-GEMM whose every entry is a dot product over the same ``u`` terms in the same order, so
-``(G G^T)_{ij}`` and ``(G G^T)_{ji}`` are the same products summed the same way: a symmetric
-``C`` stays bitwise symmetric for ``u = 1`` in any BLAS. For ``u > 1`` a BLAS may block the
-inner dimension differently for different tiles; ``symmetrize="mirror"`` then copies the upper
-triangle onto the lower in cache-sized blocks (about one more pass), ``"auto"`` (the default)
-mirrors only when ``u > 1`` and a cheap probe (a few rows against the matching columns) finds an
-asymmetry.
+    F^T = K C                     (u, d_k)   one read of C (C symmetric: F = C K^T)
+    S = I + sign K F = L L^T      (u, u)
+    G = F L^{-T}                  (d_k, u)   so F S^{-1} F^T = G G^T
+    Y = L^{-1} R                  (u, d_v)
+
+then ``W += sign G Y`` and ``C -= sign G G^T`` by :func:`symmetric_rank_update_`.
+
+``F`` is computed as ``K C`` (row-major ``C`` read along its rows: about twice the rate of
+``C K^T`` with OpenBLAS at ``d_k = 14336``).
+
+The symmetric rank-``u`` update
+-------------------------------
+:func:`symmetric_rank_update_` adds ``alpha G G^T`` to ``C`` by row panels of ``block`` rows:
+for the panel ``i`` it computes the upper part ``C[i, i:] += alpha G[i] G[i:]^T`` with one fused
+GEMM (``addmm_``, no temporary), makes the diagonal block exactly symmetric (its upper triangle
+copied onto its lower one) and copies each block ``C[i, j]`` (``j > i``) transposed onto
+``C[j, i]``. Every entry below the diagonal is therefore a copy of its mirror: ``C`` is bitwise
+symmetric after the update by construction, whatever the BLAS (a full ``G G^T`` by one GEMM is
+not: OpenBLAS's ``dgemm`` rounds the two triangles differently for ``u > 1``), and only the upper
+triangle's ``d_k^2 u`` multiply-adds are computed (half of the full GEMM). The transposed block
+copies cost about as much as the flops saved: at ``d_k = 14336``, ``u = 100`` the whole update
+takes about the time of one full ``addmm_`` (see docs/llm/scale.md).
+
+``symmetrize`` selects the rank-``u`` part of :func:`woodbury_update_`: ``"symmetric"`` (the
+default, above), or the earlier full GEMM ``C.addmm_(G, G^T)`` followed by ``"none"`` (nothing:
+symmetric for ``u = 1`` in any BLAS, up to rounding otherwise), ``"mirror"`` (copy the upper
+triangle onto the lower, about three more passes over ``C``) or ``"auto"`` (mirror when ``u > 1``
+and a probe of a few rows against the matching columns finds an asymmetry).
+
+If the update is interrupted (``KeyboardInterrupt``, an allocation failure in a block), the
+panels already applied are taken back by applying ``-alpha G G^T`` to them, so ``C`` is restored
+to rounding (not bitwise) and the exception propagates.
 """
 
 from __future__ import annotations
@@ -28,7 +49,12 @@ import torch
 
 from rlsedit_llm.errors import NotPositiveDefiniteError, ShapeError
 
-__all__ = ["woodbury_update_", "mirror_upper_"]
+__all__ = ["woodbury_update_", "woodbury_factors", "symmetric_rank_update_", "mirror_upper_", "DEFAULT_BLOCK"]
+
+#: Rows per panel of :func:`symmetric_rank_update_` (and the size of its transposed block copies).
+DEFAULT_BLOCK = 512
+
+_MODES = ("symmetric", "auto", "mirror", "none")
 
 
 def mirror_upper_(C: torch.Tensor, block: int = 512) -> torch.Tensor:
@@ -52,15 +78,93 @@ def _asymmetric(C: torch.Tensor, probes: int = 4) -> bool:
     return any(not torch.equal(C[i], C[:, i]) for i in idx)
 
 
+def _panel_(C: torch.Tensor, G: torch.Tensor, alpha: float, i: int, i1: int, block: int) -> None:
+    """Rows ``i:i1`` of the symmetric update: the upper panel by one fused GEMM, then its mirror."""
+    n = C.shape[0]
+    C[i:i1, i:].addmm_(G[i:i1], G[i:].mT, alpha=alpha)
+    diag = C[i:i1, i:i1]
+    diag.copy_(torch.triu(diag) + torch.triu(diag, 1).mT)
+    for j in range(i1, n, block):
+        j1 = min(j + block, n)
+        C[j:j1, i:i1].copy_(C[i:i1, j:j1].mT)
+
+
+def symmetric_rank_update_(C: torch.Tensor, G: torch.Tensor, alpha: float = 1.0, *,
+                           block: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """``C += alpha G G^T`` in place for a square ``C (n, n)`` and ``G (n, u)``; returns ``C``.
+
+    Computes the upper triangle (``n^2 u`` multiply-adds, half a full GEMM) and copies it onto
+    the lower one, so ``C`` is bitwise symmetric afterwards (see the module docstring; the lower
+    triangle of the input is not read). ``G`` is cast to ``C``'s dtype and device. If interrupted,
+    the panels already applied are taken back (``C`` restored to rounding) before the exception
+    propagates.
+    """
+    if C.ndim != 2 or C.shape[0] != C.shape[1] or C.stride(1) != 1:
+        raise ShapeError(f"C must be a square matrix with unit column stride; got shape {tuple(C.shape)}")
+    if G.ndim != 2 or G.shape[0] != C.shape[0]:
+        raise ShapeError(f"G must have shape ({C.shape[0]}, u); got {tuple(G.shape)}")
+    if not (isinstance(block, int) and block >= 1):
+        raise ValueError(f"block must be an int >= 1; got {block!r}")
+    G = G.to(device=C.device, dtype=C.dtype)
+    alpha = float(alpha)
+    n = C.shape[0]
+    applied: list[int] = []
+    try:
+        for i in range(0, n, block):
+            _panel_(C, G, alpha, i, min(i + block, n), block)
+            applied.append(i)
+    except BaseException:
+        # the panel being computed when the failure came: its GEMM may or may not have run; the
+        # GEMM is the first thing a panel does, so a failure inside it left that panel untouched,
+        # and a failure in its copies is repaired by re-running the panel's mirror below
+        for i in reversed(applied):
+            _panel_(C, G, -alpha, i, min(i + block, n), block)
+        raise
+    return C
+
+
+def woodbury_factors(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, *,
+                     sign: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors ``(G (d_k, u), Y (u, d_v))`` of the step adding (``sign=1``) or removing
+    (``sign=-1``) the batch ``K (u, d_k)`` with innovation ``R (u, d_v)``: the new state is
+    ``W + sign G Y`` and ``C - sign G G^T``. Reads ``C`` (symmetric) once; changes nothing.
+
+    ``K`` and ``R`` are cast to ``C``'s dtype and device. Raises
+    :class:`NotPositiveDefiniteError` when ``I + sign K C K^T`` is not positive definite.
+    """
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ShapeError(f"C must be a square matrix; got shape {tuple(C.shape)}")
+    d_k = C.shape[0]
+    if K.ndim != 2 or K.shape[1] != d_k or R.ndim != 2 or R.shape[0] != K.shape[0]:
+        raise ShapeError(f"shapes do not match: C {tuple(C.shape)}, K {tuple(K.shape)}, R {tuple(R.shape)}")
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be 1 or -1; got {sign!r}")
+    K = K.to(device=C.device, dtype=C.dtype)
+    R = R.to(device=C.device, dtype=C.dtype)
+    u = K.shape[0]
+    Ft = torch.mm(K, C)  # (u, d_k) = (C K^T)^T for a symmetric C
+    S = torch.addmm(torch.eye(u, dtype=C.dtype, device=C.device), Ft, K.mT, alpha=sign)
+    L, info = torch.linalg.cholesky_ex((S + S.mT) / 2)
+    if int(info) != 0:
+        raise NotPositiveDefiniteError(
+            "I + K C K^T is not SPD: the state is corrupted" if sign > 0 else
+            "I - K C K^T is not positive definite: this batch was never added to the state")
+    Gt = torch.linalg.solve_triangular(L, Ft, upper=False)  # L^{-1} F^T  (u, d_k), contiguous
+    Y = torch.linalg.solve_triangular(L, R, upper=False)  # L^{-1} R  (u, d_v)
+    return Gt.mT, Y
+
+
 def woodbury_update_(C: torch.Tensor, W: torch.Tensor, K: torch.Tensor, R: torch.Tensor, *,
-                     sign: int = 1, symmetrize: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                     sign: int = 1, symmetrize: str = "symmetric",
+                     block: int = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Add (``sign=1``) or remove (``sign=-1``) the batch ``K (u, d_k)`` with innovation
     ``R = V - K W (u, d_v)``, overwriting ``C (d_k, d_k)`` (symmetric) and ``W (d_k, d_v)``.
 
-    The same step as ``LayerRLS.update(K, K @ W + R)`` (``kernel.rls.woodbury_update``); ``K`` and ``R`` are cast to
-    ``C``'s dtype and device. ``symmetrize``: ``"auto"``, ``"mirror"`` or ``"none"`` (see the
-    module docstring). Raises :class:`NotPositiveDefiniteError` before touching ``C`` or ``W``
-    when ``I + sign K C K^T`` is not positive definite. Returns ``(C, W)``.
+    The same step as ``LayerRLS.update(K, K @ W + R)``; ``K`` and ``R`` are cast to ``C``'s dtype
+    and device. ``symmetrize``: ``"symmetric"`` (default), ``"auto"``, ``"mirror"`` or
+    ``"none"`` (see the module docstring); ``block``: the panel size of ``"symmetric"``. Raises
+    :class:`NotPositiveDefiniteError` before touching ``C`` or ``W`` when ``I + sign K C K^T`` is
+    not positive definite. Returns ``(C, W)``.
     """
     if C.ndim != 2 or C.shape[0] != C.shape[1] or not C.is_contiguous():
         raise ShapeError(f"C must be a contiguous square matrix; got shape {tuple(C.shape)}")
@@ -68,22 +172,14 @@ def woodbury_update_(C: torch.Tensor, W: torch.Tensor, K: torch.Tensor, R: torch
     if K.ndim != 2 or K.shape[1] != d_k or W.shape[0] != d_k or R.shape != (K.shape[0], W.shape[1]):
         raise ShapeError(f"shapes do not match: C {tuple(C.shape)}, W {tuple(W.shape)}, "
                          f"K {tuple(K.shape)}, R {tuple(R.shape)}")
-    if symmetrize not in ("auto", "mirror", "none"):
-        raise ValueError(f"symmetrize must be 'auto', 'mirror' or 'none'; got {symmetrize!r}")
-    K = K.to(device=C.device, dtype=C.dtype)
-    R = R.to(device=C.device, dtype=C.dtype)
-    u = K.shape[0]
-    F = torch.mm(C, K.mT)  # (d_k, u): C symmetric, so this is also (K C)^T
-    S = torch.addmm(torch.eye(u, dtype=C.dtype, device=C.device), K, F, alpha=sign)
-    L, info = torch.linalg.cholesky_ex((S + S.mT) / 2)
-    if int(info) != 0:
-        raise NotPositiveDefiniteError(
-            "I + K C K^T is not SPD: the state is corrupted" if sign > 0 else
-            "I - K C K^T is not positive definite: this batch was never added to the state")
-    G = torch.linalg.solve_triangular(L, F.mT, upper=False).mT.contiguous()  # F L^{-T}  (d_k, u)
-    Y = torch.linalg.solve_triangular(L, R, upper=False)  # L^{-1} R  (u, d_v)
+    if symmetrize not in _MODES:
+        raise ValueError(f"symmetrize must be one of {_MODES}; got {symmetrize!r}")
+    G, Y = woodbury_factors(C, K, R, sign=sign)
     W.addmm_(G, Y, alpha=sign)
+    if symmetrize == "symmetric":
+        symmetric_rank_update_(C, G, -sign, block=block)
+        return C, W
     C.addmm_(G, G.mT, alpha=-sign)
-    if symmetrize == "mirror" or (symmetrize == "auto" and u > 1 and _asymmetric(C)):
+    if symmetrize == "mirror" or (symmetrize == "auto" and K.shape[0] > 1 and _asymmetric(C)):
         mirror_upper_(C)
     return C, W

@@ -14,10 +14,10 @@ import torch
 from rlsedit_llm import EditConfig, Editor, ValueConfig
 from rlsedit_llm.adapters.architectures import get_module, read_weight
 from rlsedit_llm.errors import NotPositiveDefiniteError, RLSEditError
-from rlsedit_llm.kernel.inplace import mirror_upper_, woodbury_update_
+from rlsedit_llm.kernel.inplace import mirror_upper_, symmetric_rank_update_, woodbury_update_
 from rlsedit_llm.kernel.memory import (InsufficientMemoryError, MODEL_SHAPES, check_fits, memory_table, plan,
                                        plan_for_editor)
-from rlsedit_llm.kernel.rls import LayerRLS
+from rlsedit_llm.kernel.rls import LayerRLS, woodbury_downdate, woodbury_update
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_FACTS = [
@@ -107,30 +107,96 @@ def test_check_fits_reads_the_free_memory_of_the_device(monkeypatch):
 
 
 # -- in-place Woodbury step ---------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-4)])
+def _stream(u, d_k, d_v, seed=1):
+    """Batches (K, noise) in float64; the third step removes the second batch."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(u, d_k, generator=g, dtype=torch.float64),
+             torch.randn(u, d_v, generator=g, dtype=torch.float64)) for _ in range(2)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 1e-3)])
 @pytest.mark.parametrize("u", [1, 7])
-def test_inplace_update_equals_layer_rls(dtype, tol, u):
-    d_k, d_v = 64, 9
-    ref = _layer(d_k, d_v, dtype)
-    C, W = ref.C_.clone(), ref.W_.clone()
-    g = torch.Generator().manual_seed(1)
-    last = None
-    for sign in (1, 1, -1):
+@pytest.mark.parametrize("block", [16, 512])  # 70 is not a multiple of 16; 512 > 70: one panel
+def test_inplace_update_equals_the_pure_update(dtype, tol, u, block):
+    """woodbury_update_ against the pure woodbury_update / woodbury_downdate (the theory's torch
+    twin), always computed in float64: additions, then the removal of the batch added last."""
+    d_k, d_v = 70, 9
+    start = _layer(d_k, d_v, torch.float64)
+    C_ref, W_ref = start.C_.clone(), start.W_.clone()
+    C, W = start.C_.to(dtype).contiguous(), start.W_.to(dtype)
+    batches = _stream(u, d_k, d_v)
+    for sign, (K, noise) in ((1, batches[0]), (1, batches[1]), (-1, batches[1])):
+        V = K @ W_ref + noise if sign > 0 else V_last
         if sign > 0:
-            K = torch.randn(u, d_k, generator=g, dtype=torch.float64).to(dtype)
-            V = K @ ref.W_ + torch.randn(u, d_v, generator=g, dtype=torch.float64).to(dtype)
-            last = (K, V)
-            ref.update(K, V)
-        else:  # remove the batch added last
-            K, V = last
-            ref.downdate(K, V)
+            C_ref, W_ref = woodbury_update(C_ref, W_ref, K, V)
+            V_last = V
+        else:
+            C_ref, W_ref = woodbury_downdate(C_ref, W_ref, K, V)
         data_ptr = C.data_ptr()
-        woodbury_update_(C, W, K, V - K @ W, sign=sign)  # the innovation at the in-place weights
-        assert C.data_ptr() == data_ptr
-        assert torch.equal(C, C.mT)  # exactly symmetric
-        scale = float(ref.C_.abs().max())
-        assert float((C - ref.C_).abs().max()) <= tol * scale
-        assert float((W - ref.W_).abs().max()) <= tol * float(ref.W_.abs().max())
+        Kd, Vd = K.to(dtype), V.to(dtype)
+        woodbury_update_(C, W, Kd, Vd - Kd @ W, sign=sign, block=block)  # the innovation at the in-place weights
+        assert C.data_ptr() == data_ptr and C.dtype == dtype
+        assert torch.equal(C, C.mT)  # bitwise symmetric
+        assert float((C.double() - C_ref).abs().max()) <= tol * float(C_ref.abs().max())
+        assert float((W.double() - W_ref).abs().max()) <= tol * float(W_ref.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_symmetric_rank_update_keeps_c_bitwise_symmetric_over_many_updates(dtype):
+    n, u = 203, 9  # not a multiple of the block
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, n, generator=g, dtype=torch.float64)
+    C_ref = X @ X.mT / n + torch.eye(n, dtype=torch.float64)
+    C_ref = C_ref.triu() + C_ref.triu(1).mT  # symmetric to start with
+    C = C_ref.to(dtype).clone()
+    for t in range(60):
+        G = torch.randn(n, u, generator=g, dtype=torch.float64) / 10
+        alpha = 1.0 if t % 3 else -0.5  # additions and removals
+        symmetric_rank_update_(C, G.to(dtype), alpha, block=64)
+        C_ref += alpha * G @ G.mT
+        assert torch.equal(C, C.mT), t
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float((C.double() - C_ref).abs().max()) <= tol * float(C_ref.abs().max())
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "auto", "mirror", "none"])
+def test_every_symmetrize_mode_computes_the_same_step(mode):
+    solver = _layer(48, 5, torch.float64)
+    K = torch.randn(6, 48, dtype=torch.float64)
+    R = torch.randn(6, 5, dtype=torch.float64)
+    C, W = solver.C_.clone(), solver.W_.clone()
+    woodbury_update_(C, W, K, R, symmetrize=mode, block=20)
+    C_ref, W_ref = woodbury_update(solver.C_, solver.W_, K, K @ solver.W_ + R)
+    assert float((C - C_ref).abs().max()) <= 1e-11 * float(C_ref.abs().max())
+    assert float((W - W_ref).abs().max()) <= 1e-11 * float(W_ref.abs().max())
+    if mode != "none":
+        assert torch.equal(C, C.mT)
+    with pytest.raises(ValueError):
+        woodbury_update_(C, W, K, R, symmetrize="sometimes")
+
+
+def test_an_interrupted_symmetric_update_takes_its_panels_back(monkeypatch):
+    import rlsedit_llm.kernel.inplace as inplace
+
+    n = 50
+    X = torch.randn(n, n, dtype=torch.float64)
+    C = X @ X.mT
+    C = C.triu() + C.triu(1).mT
+    before = C.clone()
+    G = torch.randn(n, 4, dtype=torch.float64)
+    real, calls = inplace._panel_, {"n": 0}
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third of four panels
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(inplace, "_panel_", failing)
+    with pytest.raises(KeyboardInterrupt):
+        symmetric_rank_update_(C, G, -1.0, block=16)
+    assert torch.equal(C, C.mT)
+    assert float((C - before).abs().max()) <= 1e-13 * float(before.abs().max())
 
 
 def test_inplace_update_refuses_a_removal_that_was_never_added():
