@@ -57,6 +57,7 @@ __all__ = [
     "t4b_step_bound",
     "t4c_crude_step_bound",
     "information_floor_bound",
+    "c4_plasticity_bound",
     # T5
     "t5a_interference_identity",
     "t5a_interference_bounds",
@@ -575,6 +576,48 @@ def information_floor_bound(problem: Problem, edits: Sequence) -> Bound:
         _lambda_min(problem.metric) + _lambda_min(X),
         _lambda_min(problem.metric + X),
         "C4 lambda_min(A) + t lambda_min(S_hat_t) <= lambda_min(G_t)",
+    )
+
+
+def c4_plasticity_bound(problem: Problem, edits: Sequence, K, C_prev) -> Bound:
+    """C4 read through T2: the information floor limits how much of a new write is absorbed.
+
+    For the batch ``K_t (u, d_k)`` written after the ``t - 1`` batches ``edits`` (whose state is
+    ``C_{t-1} = G_{t-1}^{-1}``):
+
+    ``1 / (1 + lambda_min(K_t K_t^T) / f_{t-1})  <=  1 / (1 + lambda_min(K_t C_{t-1} K_t^T))``,
+
+    where ``f_{t-1} = lambda_min(A) + lambda_min(sum_{i<t} K_i^T K_i)`` is the floor of
+    :func:`information_floor_bound`. The right side is T2's shrink factor
+    (:func:`t2_shrink_factor`, the fraction of the innovation that the write may leave), measured
+    on the state; the left side is predicted from the keys alone. As the floor grows like ``t``
+    (C4) the left side tends to 1: late writes are absorbed less (plasticity decay).
+
+    *Proof.* ``C_{t-1} <= lambda_max(C_{t-1}) I`` gives ``K C_{t-1} K^T <= lambda_max(C_{t-1})
+    K K^T`` (Loewner order), so ``lambda_min(K C_{t-1} K^T) <= lambda_min(K K^T) /
+    lambda_min(G_{t-1}) <= lambda_min(K K^T) / f_{t-1}`` (Weyl); ``x -> 1/(1+x)`` is decreasing.
+    An equality when ``d_k = 1`` and ``A = alpha`` (then ``f_{t-1} = G_{t-1}``).
+
+    Parameters
+    ----------
+    problem : Problem
+    edits : sequence of the t - 1 earlier batches (K_i, V_i); may be empty (t = 1)
+    K : (u, d_k)
+        Keys of batch ``t``.
+    C_prev : (d_k, d_k) SPD
+        ``C_{t-1}``, the state after ``edits``.
+    """
+    problem = _check_problem(problem)
+    K = np.atleast_2d(np.asarray(K, dtype=np.float64)) if np.ndim(K) == 1 else K
+    K = as_matrix(K, "K", shape=(None, problem.d_k))
+    C_prev = as_matrix(C_prev, "C_prev", shape=(problem.d_k, problem.d_k))
+    stacked, _ = stack_edits(problem, edits)
+    floor = _lambda_min(problem.metric) + _lambda_min(stacked.T @ stacked)
+    keys = K @ K.T  # (u, u)
+    return Bound(
+        1.0 / (1.0 + _lambda_min((keys + keys.T) / 2) / floor) if floor > 0 else 0.0,
+        t2_shrink_factor(K, C_prev),
+        "C4 1/(1 + lambda_min(K_t K_t^T)/f_{t-1}) <= 1/(1 + lambda_min(K_t C_{t-1} K_t^T))",
     )
 
 

@@ -215,6 +215,40 @@ def test_t4_step_bounds(instance):
             assert step.rhs <= weaker * (1 + 1e-9)
 
 
+@THEORY_SETTINGS
+@given(problems_and_streams())
+def test_c4_plasticity_bounds(instance):
+    # T2's shrink factor of every write is at least the one predicted from the keys and the
+    # information floor, on the exact states and on the recursion's own.
+    problem, edits = instance
+    for steps in (exact_steps(problem, edits), recursion_steps(problem, edits)):
+        for t, K, V, W_prev, W_new, C_prev, G_prev in steps:
+            bound = B.c4_plasticity_bound(problem, edits[: t - 1], K, C_prev)
+            assert 0.0 <= bound.lhs <= 1.0 and 0.0 < bound.rhs <= 1.0
+            assert bound.rhs == B.t2_shrink_factor(K, C_prev)
+            # Eigenvalues carry absolute errors ~ eps ||G||: relative slack cond(G_{t-1}) * 1e-12.
+            cond = np.linalg.norm(G_prev, 2) * np.linalg.norm(C_prev, 2)
+            assert bound.holds(1e-12, rtol=1e-12 * cond + 1e-9), (t, bound)
+
+
+def test_c4_plasticity_bound_is_attained_in_one_dimension_bounds():
+    # d_k = 1, A = alpha: f_{t-1} = G_{t-1}, so both sides are 1 / (1 + k^2 / G_{t-1}).
+    rng = np.random.default_rng(3)
+    problem = Problem(np.array([[0.2]]), 0.7, 0.0)
+    rls = RecursiveLS(problem)
+    edits = []
+    for _ in range(6):
+        K, V = rng.standard_normal((1, 1)), rng.standard_normal((1, 1))
+        bound = B.c4_plasticity_bound(problem, edits, K, rls.C_)
+        assert math.isclose(bound.lhs, bound.rhs, rel_tol=1e-12), bound
+        rls.update(K, V)
+        edits.append((K, V))
+    # More rows than key dimensions: lambda_min(K K^T) = 0, nothing is predicted to be absorbed.
+    K = rng.standard_normal((3, 2))
+    problem = Problem(rng.standard_normal((2, 1)), 1.0, 0.0)
+    assert B.c4_plasticity_bound(problem, [], K, np.eye(2)).lhs == 1.0
+
+
 # ----------------------------------------------------------------------------------------------
 # T5
 
