@@ -324,7 +324,8 @@ def run_kernel(args, device, dtypes) -> list[dict]:
               f"full GEMM + blocked mirror {row['inplace_mirror'] * 1e3:.4g} ms; parts: F^T = K C "
               f"{row['gemm_F'] * 1e3:.4g} ms (F = C K^T {row['gemm_F_CKt'] * 1e3:.4g} ms), C -= G G^T symmetric "
               f"{row['rank_u_symmetric'] * 1e3:.4g} ms (full GEMM {row['rank_u'] * 1e3:.4g} ms)")
-        plan_step = plan(d_v, d_k, 1, dtype).edit_temporaries + plan(d_v, d_k, 1, dtype).state
+        pure = plan(d_v, d_k, 1, dtype, inplace=False)  # the pure update's temporaries
+        plan_step = pure.edit_temporaries + pure.state
         if args.skip_library or (device.type == "cpu" and plan_step > args.max_bytes):
             row["library"] = None
             print(f"  {'':<14} LayerRLS.step skipped (its temporaries, about {format_bytes(plan_step)}, "

@@ -81,6 +81,13 @@ def _max_positions(model) -> int:
     return 1 << 30
 
 
+def _check_finite(step, layer: int) -> None:
+    """Refuse a proposed step with NaN/inf in its weights, new state tensors or in-place factors."""
+    tensors = [step.W, *step.state.values(), *(factor for _attr, factor, _alpha in step.inplace)]
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise NonFiniteError(f"layer {layer}: the update produced NaN/inf")
+
+
 def _fact_slot(fact: Fact) -> tuple[str, str]:
     """What makes two facts "the same question": subject and relation (or prompt template)."""
     return (fact.subject, fact.relation_id or fact.prompt)
@@ -315,15 +322,16 @@ class Editor:
         record; return the step (committed by :meth:`_commit` once every layer succeeded)."""
         solver = self.solvers_[layer]
         step = solver.propose(K, V)
-        if not (torch.isfinite(step.W).all() and all(torch.isfinite(t).all() for t in step.state.values())):
-            raise NonFiniteError(f"layer {layer}: the update produced NaN/inf")
+        _check_finite(step, layer)
         write_weight(self._module(layer), step.W)
         record.keys[layer] = K.detach().to("cpu", solver.dtype)
         record.values[layer] = V.detach().to("cpu", solver.dtype)
         return step
 
     def _commit(self, pending: dict, record: EditRecord) -> None:
-        """Adopt the layers' steps and journal the record (plain assignments: cannot fail half-way)."""
+        """Adopt the layers' steps and journal the record. The steps' in-place terms (``LayerRLS``:
+        ``C -= G G^T``) are the only in-place changes of an edit; if one layer's commit fails, the
+        transaction takes back the layers committed before it (from their logged factors)."""
         for layer, step in pending.items():
             self.solvers_[layer].commit(step)
         self.journal_.append(record)
@@ -332,24 +340,29 @@ class Editor:
     def _transaction(self):
         """Roll the model's edited layers and the whole editor state back if the block fails.
 
-        The snapshot holds references, not copies: solvers never modify a state tensor in place
-        (see :mod:`rlsedit_llm.kernel.protocol`)."""
+        Each solver's :meth:`~rlsedit_llm.kernel.protocol.LayerSolver.checkpoint` holds
+        references to its state tensors and logs the in-place terms committed inside the block
+        (``O(d_k u)`` each); a rollback takes them back (to rounding; bitwise where the commit
+        kept a copy, ``exact=True``) and restores the references. The edited weights are
+        restored bitwise from a copy, the journal from a shallow copy."""
         editor = self
 
         class _Txn:
             def __enter__(self):
                 self.weights = {l: read_weight(editor._module(l)) for l in editor.layers_}
-                self.states = {l: s.state_dict() for l, s in editor.solvers_.items()}
+                self.points = {l: (s, s.checkpoint()) for l, s in editor.solvers_.items()}
                 self.journal = list(editor.journal_)
                 self.next_id = editor.next_id_
 
             def __exit__(self, exc_type, exc, tb):
                 if exc_type is None:
+                    for solver, point in self.points.values():
+                        solver.release(point)
                     return False
                 for l, W in self.weights.items():
                     write_weight(editor._module(l), W)
-                for l, state in self.states.items():
-                    editor.solvers_[l].load_state_dict(state)
+                for solver, point in self.points.values():
+                    solver.rollback(point)
                 editor.journal_, editor.next_id_ = self.journal, self.next_id
                 log.warning("edit rolled back after %s: model and state restored", exc_type.__name__)
                 return False
@@ -421,20 +434,28 @@ class Editor:
         for record in list(self.journal_):
             hits = [j for j, f in enumerate(record.facts) if _fact_slot(f) in slots]
             if hits:
-                self._retract_rows(record, hits)
+                self._retract_rows(record, hits, exact=True)  # the edit can still fail after this
                 for j in hits:
                     replaced.setdefault(slots[_fact_slot(record.facts[j])], []).append(record.edit_id)
         return {j: tuple(ids) for j, ids in replaced.items()}
 
-    def _retract_rows(self, record: EditRecord, rows: list[int]) -> None:
+    def _retract_rows(self, record: EditRecord, rows: list[int], *, exact: bool = False) -> None:
         """Downdate some rows of a journal entry from every layer and drop them from the journal.
 
+        Every layer's removal is proposed and its weights written before any is committed, so a
+        failure there leaves the solvers untouched. ``exact``: the commits keep a copy of what
+        they change in place, so that a failure later in the same transaction restores it
+        bitwise (a replacement inside an edit; ``d_k^2`` per layer until the edit ends).
         The record object itself is never mutated (a rolled-back transaction restores it)."""
         keep = [j for j in range(len(record.facts)) if j not in rows]
+        pending = {}
         for layer in self.layers_:
             K, V = record.keys[layer][rows], record.values[layer][rows]
-            self.solvers_[layer].downdate(K, V)
-            write_weight(self._module(layer), self.solvers_[layer].W_)
+            pending[layer] = step = self.solvers_[layer].propose_removal(K, V)
+            _check_finite(step, layer)
+            write_weight(self._module(layer), step.W)
+        for layer, step in pending.items():
+            self.solvers_[layer].commit(step, exact=exact)
         index = next(i for i, r in enumerate(self.journal_) if r is record)
         if keep:
             self.journal_[index] = dataclasses.replace(
@@ -470,13 +491,15 @@ class Editor:
     def state_dict(self) -> dict:
         """Everything that defines this editor besides the model and tokenizer.
 
-        Tensors are the editor's own (not copies). :meth:`from_state_dict` rebuilds the editor;
-        :mod:`rlsedit_llm.editing.state` writes and reads it as files.
+        Tensors are the editor's own (not copies), and the dict stays a valid snapshot: an edit
+        that updates a tensor in place (``LayerRLS``'s ``C``) copies it first after this call.
+        :meth:`from_state_dict` rebuilds the editor; :mod:`rlsedit_llm.editing.state` writes and
+        reads it as files.
         """
         with guard_of(self.model).lock:  # never a half-written state of a concurrent call
             return self._state_dict()
 
-    def _state_dict(self) -> dict:
+    def _state_dict(self, *, snapshot: bool = True) -> dict:
         return {
             "config": self.config.to_dict(),
             "value_config": dataclasses.asdict(self.value_config_),
@@ -486,7 +509,7 @@ class Editor:
             "templates": self.templates_,
             "next_id": self.next_id_,
             "base_fingerprint": self.base_fingerprint_,
-            "solvers": {layer: solver.state_dict() for layer, solver in self.solvers_.items()},
+            "solvers": {layer: solver.state_dict(snapshot=snapshot) for layer, solver in self.solvers_.items()},
             "journal": [{"edit_id": r.edit_id, "created": r.created,
                          "facts": [dataclasses.asdict(f) for f in r.facts],
                          "keys": dict(r.keys), "values": dict(r.values)} for r in self.journal_],
@@ -507,7 +530,9 @@ class Editor:
             return editor
 
     @classmethod
-    def _from_state_dict(cls, model, tokenizer, state: dict, take_over: bool) -> "Editor":
+    def _from_state_dict(cls, model, tokenizer, state: dict, take_over: bool, share: bool = True) -> "Editor":
+        """``share``: the state's tensors may be held elsewhere (copied before an in-place
+        change); ``False`` when they were just read from files."""
         try:
             config = EditConfig.from_dict(state["config"])
             value_config = ValueConfig(**state["value_config"])
@@ -524,7 +549,7 @@ class Editor:
         for layer, solver_state in state["solvers"].items():
             layer = int(layer)
             device = editor._module(layer).weight.device
-            solvers[layer] = solver_cls.from_state_dict(solver_state, device=device)
+            solvers[layer] = solver_cls.from_state_dict(solver_state, device=device, share=share)
         editor.value_config_ = value_config
         editor.templates_ = state["templates"]
         editor.base_fingerprint_ = state["base_fingerprint"]
@@ -657,7 +682,8 @@ class Editor:
         Refused with :class:`StateMismatchError` when the model no longer holds this editor's
         state (every tensor re-read: the save must load onto the base model)."""
         with self._owning("save", claim=False, fresh=True):
-            state_io.write_state(directory, self._state_dict(), edited_fingerprint=model_fingerprint(self.model))
+            state_io.write_state(directory, self._state_dict(snapshot=False),  # written at once: no snapshot
+                                 edited_fingerprint=model_fingerprint(self.model))
         log.info("saved editor state (%d edits, layers %s) to %s", len(self.journal_), list(self.layers_), directory)
 
     @classmethod
@@ -680,7 +706,7 @@ class Editor:
                     f"cannot load an editor state: this model is owned by another editor ({len(owner.journal_)} "
                     f"edit(s) in its journal) whose state the model holds (a save loaded twice onto one model?). "
                     f"Continue with that editor, call its release(), or pass take_over=True")
-            editor = cls._from_state_dict(model, tokenizer, state, True)
+            editor = cls._from_state_dict(model, tokenizer, state, True, share=False)  # fresh from the files
             if mode == "base" and model_fingerprint(model) != state["edited_fingerprint"]:
                 for layer, solver in editor.solvers_.items():  # put the base weights back
                     write_weight(editor._module(layer), solver.W0_)

@@ -197,13 +197,13 @@ def _layer_certificate(editor, layer: int, n_probes: int, seed: int, held_weight
         Kt = last.keys[layer].to(device=device, dtype=dtype)  # (u, d_k)
         Vt = last.values[layer].to(device=device, dtype=dtype)  # (u, d_v)
         prev = solver.propose_removal(Kt, Vt)  # the state without the last entry, not committed
-        W_prev, C_prev = prev.W, prev.state["C_"]
+        W_prev = prev.W
         r = Vt - Kt @ W_prev  # innovation of the last step (u, d_v)
         D = W - W_prev
         # ||D||_{G_{t-1}}^2 = tr(D^T G_t D) - ||K_t D||^2, with G_t D = A D + K^T K D.
         g_sq = metric_sq(D) + _fro(K @ D) ** 2 - _fro(Kt @ D) ** 2
         cert.step_metric = Bound(math.sqrt(max(g_sq, 0.0)), _fro(r) / 2, "T4a ||W_t - W_{t-1}||_{G_{t-1}} <= ||r_t|| / 2")
-        gain = C_prev @ Kt.mT  # (d_k, u)
+        gain = _after(solver, prev, "C_", Kt.mT)  # C_{t-1} K_t^T  (d_k, u)
         cert.step = Bound(_fro(D), float(torch.linalg.matrix_norm(gain, ord=2)) * _fro(r),
                           "T4c ||W_t - W_{t-1}|| <= ||C_{t-1} K_t^T|| ||r_t||")
         M = Kt @ gain
@@ -212,6 +212,18 @@ def _layer_certificate(editor, layer: int, n_probes: int, seed: int, held_weight
                                "T2 ||V_t - K_t W_t|| <= ||r_t|| / (1 + lambda_min(K_t C_{t-1} K_t^T))")
         cert.last_edit_id = last.edit_id
     return cert
+
+
+def _after(solver, step, attr: str, X: torch.Tensor) -> torch.Tensor:
+    """``M X`` for ``M`` the attribute ``attr`` as ``step`` would leave it, without forming ``M``:
+    a new tensor in ``step.state``, or the current one plus the step's in-place terms."""
+    if attr in step.state:
+        return step.state[attr] @ X
+    Y = getattr(solver, attr) @ X
+    for name, F, alpha in step.inplace:
+        if name == attr:
+            Y = Y + alpha * (F @ (F.mT @ X))
+    return Y
 
 
 def certificate(editor, *, n_probes: int = 8, seed: int = 0) -> Certificate:

@@ -13,11 +13,18 @@ Besides the state, an editor needs
 - **statistics**: the second moment ``E[k k^T]`` of every edited layer, summed in float64
   (``8 d_k^2`` per layer) while the statistics pass runs, and returned in float32 (``4 d_k^2``
   per layer) to :meth:`Editor.prepare`, which holds them until every layer's state is built;
-- **temporaries of an edit**: ``LayerRLS.propose`` (``kernel.rls.woodbury_update``) makes three ``d_k^2`` temporaries at once
-  (``L F^T``, its signed copy and the difference; then the sum ``C + C^T`` and its half), and the
-  editor holds the pending ``C`` and ``W`` of every layer until the whole batch is written, so
-  ``(n_edit + 3) s d_k^2`` on top of the state at the last layer. The in-place kernel
-  :func:`rlsedit_llm.kernel.inplace.woodbury_update_` needs only ``O(d_k u)``.
+- **temporaries of an edit** (``inplace=True``, the editor's path): ``LayerRLS.propose`` returns
+  the new ``W`` and the factor ``G (d_k, u)`` and ``commit`` updates ``C`` in place
+  (:mod:`rlsedit_llm.kernel.inplace`), so the editor holds, until the whole batch is written,
+  one new ``W`` and one ``G`` per layer (``G`` stays in the transaction's undo log until the edit
+  ends), plus ``F^T`` while a layer's step is computed: ``n_edit (s d_k d_v + s d_k u) + s d_k u``,
+  no ``d_k^2`` term. An edit that retracts earlier facts (``EditConfig.replace``) keeps a copy of
+  each layer's ``C`` until it ends, so that a failure after the retraction restores ``C``
+  bitwise: ``replacing=True`` adds ``n_edit s d_k^2``. ``inplace=False`` plans the pure functions
+  ``kernel.rls.woodbury_update`` / ``woodbury_downdate`` driven the way the editor drove them
+  before (three ``d_k^2`` temporaries at once, ``L F^T``, its signed copy and the difference, then
+  ``C + C^T`` and its half, and a pending ``C`` and ``W`` per layer):
+  ``(n_edit + 3) s d_k^2`` on top of the state.
 - **building a state**: the editor's scaled Gram and ``LayerRLS.__init__``'s temporaries (the
   identity, ``A``, the symmetrised copy, its Cholesky factor, the solve) come to about five
   ``d_k^2`` while the float32 moments are alive (measured: 8B widths, one float32 layer, RSS
@@ -95,8 +102,9 @@ class MemoryPlan:
     state_per_layer : ``C`` and ``gram0_`` (and ``G`` when tracked)
     master_per_layer : ``W`` and ``W0`` in the state dtype
     statistics_per_layer : the float64 second moment ``8 d_k^2``
-    edit_temporaries : extra bytes at the peak of one edit (pending states of every layer plus
-        the step's temporaries; ``inplace=True``: only ``O(d_k u)`` buffers)
+    edit_temporaries : extra bytes at the peak of one edit (``inplace=True``: the pending ``W``
+        and factor ``G`` of every layer, no ``d_k^2`` term unless ``replacing``; ``inplace=False``:
+        the pure update's pending states and temporaries)
     build_temporaries : extra bytes while building one layer's state
     """
 
@@ -107,7 +115,8 @@ class MemoryPlan:
     batch: int = 100
     model_bytes: int = 0
     track_information: bool = False
-    inplace: bool = False
+    inplace: bool = True
+    replacing: bool = False
     state_per_layer: int = 0
     master_per_layer: int = 0
     statistics_per_layer: int = 0
@@ -168,7 +177,8 @@ class MemoryPlan:
         """A two-column markdown table of the figures."""
         name = str(self.state_dtype).removeprefix("torch.")
         head = (f"d_model {self.d_model}, d_k {self.d_k}, {self.n_edit_layers} edited layer(s), "
-                f"{name} state, batch {self.batch}{', in place' if self.inplace else ''}\n\n")
+                f"{name} state, batch {self.batch}{'' if self.inplace else ', pure update (not in place)'}"
+                f"{', replacing earlier facts' if self.replacing else ''}\n\n")
         lines = ["| quantity | bytes |", "|---|---|"]
         lines += [f"| {what} | {format_bytes(n)} |" for what, n in self.rows()]
         return head + "\n".join(lines)
@@ -178,10 +188,13 @@ class MemoryPlan:
 
 
 def plan(d_model: int, d_k: int, n_edit_layers: int = 5, state_dtype="float64", *, batch: int = 100,
-         model_bytes: int = 0, track_information: bool = False, inplace: bool = False) -> MemoryPlan:
+         model_bytes: int = 0, track_information: bool = False, inplace: bool = True,
+         replacing: bool = False) -> MemoryPlan:
     """The :class:`MemoryPlan` of an editor of ``n_edit_layers`` MLP down-projections of shape
     ``(d_k, d_model)`` with a ``state_dtype`` state, edits of ``batch`` facts, and a model whose
-    weights take ``model_bytes``."""
+    weights take ``model_bytes``. ``inplace=True`` (default): the editor's in-place update;
+    ``False``: the pure update. ``replacing``: the edit retracts earlier facts (one copy of ``C``
+    per layer until it ends)."""
     for name, value in (("d_model", d_model), ("d_k", d_k), ("n_edit_layers", n_edit_layers), ("batch", batch)):
         if not isinstance(value, int) or value < 1:
             raise HyperparameterError(f"{name} must be an int >= 1; got {value!r}")
@@ -195,8 +208,11 @@ def plan(d_model: int, d_k: int, n_edit_layers: int = 5, state_dtype="float64", 
     state = (3 if track_information else 2) * square
     master = 2 * rect
     if inplace:
-        # F, gain, and the innovation's solve: (d_k, u) buffers; the edit writes C in place
-        edit_tmp = 3 * thin + rect
+        # until the batch is committed: the new W and the factor G of every layer (G also in the
+        # undo log until the edit ends); F^T while one layer's step is computed; C written in place
+        edit_tmp = n_edit_layers * (rect + thin) + thin
+        if replacing:  # the exact-rollback copy of each layer's C
+            edit_tmp += n_edit_layers * square
     else:
         # pending (C, W) of every layer until the batch is committed, plus the step's three
         # d_k^2 temporaries and F, gain (d_k, u) at the layer being computed
@@ -204,16 +220,17 @@ def plan(d_model: int, d_k: int, n_edit_layers: int = 5, state_dtype="float64", 
     build_tmp = 5 * square
     return MemoryPlan(d_model=d_model, d_k=d_k, n_edit_layers=n_edit_layers, state_dtype=dtype, batch=batch,
                       model_bytes=int(model_bytes), track_information=track_information, inplace=inplace,
+                      replacing=replacing,
                       state_per_layer=state, master_per_layer=master, statistics_per_layer=8 * d_k * d_k,
                       edit_temporaries=edit_tmp, build_temporaries=build_tmp)
 
 
-def plan_for_editor(editor, *, batch: int = 100, inplace: bool = False) -> MemoryPlan:
+def plan_for_editor(editor, *, batch: int = 100, inplace: bool = True, replacing: bool = False) -> MemoryPlan:
     """The plan of an :class:`~rlsedit_llm.Editor` (its spec, layers, config and model size)."""
     model_bytes = sum(p.numel() * p.element_size() for p in editor.model.parameters())
     return plan(editor.spec_.d_model, editor.spec_.d_k, len(editor.layers_), editor.config.state_dtype,
                 batch=batch, model_bytes=model_bytes, track_information=editor.config.track_information,
-                inplace=inplace)
+                inplace=inplace, replacing=replacing)
 
 
 def free_memory(device) -> int:
@@ -251,6 +268,7 @@ def check_fits(plan: MemoryPlan, device="cpu", *, include_model: bool = False, r
         dtype = str(plan.state_dtype).removeprefix("torch.")
         hint = ("; a float32 state halves it" if plan.state_dtype == torch.float64 else "")
         hint += "; fewer edited layers or the in-place update cut the temporaries" if not plan.inplace else ""
+        hint += "; an edit that replaces no earlier fact needs no copy of C" if plan.replacing else ""
         raise InsufficientMemoryError(
             f"the edit state does not fit on {torch.device(device)}: it needs {format_bytes(need)} "
             f"(state {format_bytes(plan.state)} for {plan.n_edit_layers} layer(s) of d_k={plan.d_k} in "
@@ -263,7 +281,7 @@ def check_fits(plan: MemoryPlan, device="cpu", *, include_model: bool = False, r
 
 
 def memory_table(shapes: dict[str, dict] | None = None, *, n_edit_layers: int = 5, batch: int = 100,
-                 gpus_gb=GPU_SIZES_GB, inplace: bool = False) -> str:
+                 gpus_gb=GPU_SIZES_GB, inplace: bool = True) -> str:
     """Markdown table: per model shape and state dtype, the state, master weights, statistics,
     peak of an edit, and which GPU sizes hold the model (bf16) plus the editor's peak."""
     shapes = MODEL_SHAPES if shapes is None else shapes

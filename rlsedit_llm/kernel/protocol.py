@@ -4,12 +4,23 @@ A solver owns the edited weights of one layer in row-key orientation ``W (d_k, d
 float64, whatever the model's dtype) and whatever state its rule carries. Writing a batch is two
 steps, so that the editor can make a whole multi-layer edit a transaction:
 
-1. ``propose(K, V)`` computes a :class:`Step` (the new weights and new state tensors) for the batch
-   ``K (u, d_k)`` with absolute targets ``V (u, d_v)`` and changes nothing;
-2. ``commit(step)`` adopts it with plain attribute assignments (it cannot fail half-way).
+1. ``propose(K, V)`` computes a :class:`Step` for the batch ``K (u, d_k)`` with absolute targets
+   ``V (u, d_v)`` and changes nothing: the new weights, new state tensors, and possibly
+   symmetric rank-``u`` terms ``(attribute, F, alpha)`` to add in place (``Step.inplace``);
+2. ``commit(step)`` adopts it: adds each in-place term ``alpha F F^T`` to its (square,
+   symmetric) state tensor with :func:`~rlsedit_llm.kernel.inplace.symmetric_rank_update_`, then
+   plain attribute assignments.
 
-Solvers never modify a state tensor in place: a reference snapshot (``state_dict()``) is
-therefore a valid rollback point, and ``load_state_dict`` restores it without copies.
+Only in-place terms change a state tensor in place (``LayerRLS`` updates its ``d_k x d_k``
+``C_`` this way, so an edit holds ``O(d_k u)`` factors per layer instead of a new ``C``). A
+tensor someone else may hold (handed out by ``state_dict()``, or adopted by ``load_state_dict``)
+is copied before its first in-place change (copy on write), so a ``state_dict()`` stays a valid
+snapshot. A rollback point is :meth:`LayerSolver.checkpoint`: references to the state tensors
+plus an undo log that every later commit appends to while the checkpoint is open. :meth:`LayerSolver.rollback` undoes the logged terms, newest first, and restores the
+references; :meth:`LayerSolver.release` closes the log. A logged term is undone by adding
+``-alpha F F^T`` (the state comes back to rounding, not bitwise); a commit with ``exact=True``
+first keeps a copy of each tensor it changes (once per checkpoint, ``d_k^2`` per tensor), which
+the rollback restores bitwise. A solver without in-place terms is restored bitwise either way.
 
 What a method can do is declared by its class in :class:`Capabilities`; callers (editor,
 certificates, protocol, bench) read those, never the method's name. Methods are found by name
@@ -25,8 +36,9 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from rlsedit_llm.errors import HyperparameterError, NonFiniteError, ShapeError
+from rlsedit_llm.kernel.inplace import symmetric_rank_update_
 
-__all__ = ["Capabilities", "Step", "LayerSolver", "check_weights", "STATE_DTYPES"]
+__all__ = ["Capabilities", "Step", "Checkpoint", "LayerSolver", "check_weights", "STATE_DTYPES"]
 
 STATE_DTYPES = (torch.float32, torch.float64)
 
@@ -50,11 +62,38 @@ class Capabilities:
 
 
 class Step(NamedTuple):
-    """A computed but not yet adopted write (see :meth:`LayerSolver.propose`)."""
+    """A computed but not yet adopted write (see :meth:`LayerSolver.propose`).
+
+    ``inplace``: terms ``(attribute, F (n, u), alpha)``; commit adds ``alpha F F^T`` to the
+    attribute (a square symmetric tensor) in place. A step applies to the state it was proposed
+    from: commit it before proposing the next one on the same solver.
+    """
 
     W: torch.Tensor  # the new weights (d_k, d_v)
     state: dict  # attribute name -> new tensor, adopted by commit
     rows: int  # rows added (> 0) or removed (< 0)
+    inplace: tuple = ()  # (attribute, F, alpha): attribute += alpha F F^T at commit
+
+
+class Checkpoint(NamedTuple):
+    """A rollback point of one solver (:meth:`LayerSolver.checkpoint`)."""
+
+    state: dict  # state_dict(snapshot=False): references to the state tensors
+    mark: int  # length of the undo log when the checkpoint was taken
+    outer: bool  # this checkpoint opened the log (and closes it)
+    shared: frozenset  # the attributes to copy before their next in-place change
+
+
+def _undo(entry) -> None:
+    """Take back one undo-log entry."""
+    if entry[0] == "fresh":  # a copy made during the checkpoint: the checkpoint holds the original
+        return
+    if entry[0] == "copy":
+        _, target, saved = entry
+        target.copy_(saved)
+    else:
+        _, target, factor, alpha = entry
+        symmetric_rank_update_(target, factor, -alpha)
 
 
 def check_weights(name: str, value) -> float:
@@ -89,6 +128,8 @@ class LayerSolver(ABC):
     capabilities: ClassVar[Capabilities]
     state_tensors: ClassVar[tuple[str, ...]] = ("W0_", "W_")
     state_scalars: ClassVar[tuple[str, ...]] = ("alpha", "beta", "n_updates_", "n_rows_")
+    _undo_log = None  # a list while a checkpoint is open (an instance attribute only then)
+    _shared: frozenset = frozenset()  # tensor attributes others may hold: copied on write
 
     def _init_common(self, W0: torch.Tensor, alpha, beta, dtype: torch.dtype) -> None:
         if dtype not in STATE_DTYPES:
@@ -105,6 +146,7 @@ class LayerSolver(ABC):
         self.W_ = self.W0_.clone()
         self.n_updates_ = 0
         self.n_rows_ = 0
+        self._shared = frozenset()
 
     @property
     def device(self) -> torch.device:
@@ -138,13 +180,71 @@ class LayerSolver(ABC):
         raise HyperparameterError(f"method {self.name!r} keeps no exact memory of past batches: it cannot "
                                   "retract one (undo and replace need a method that retracts, e.g. 'rlsedit')")
 
-    def commit(self, step: Step) -> None:
-        """Adopt a step from :meth:`propose` / :meth:`propose_removal` (plain assignments)."""
+    def commit(self, step: Step, *, exact: bool = False) -> None:
+        """Adopt a step from :meth:`propose` / :meth:`propose_removal`: add its in-place terms,
+        then plain assignments.
+
+        While a checkpoint is open every in-place term is logged (``O(d_k u)``); with
+        ``exact=True`` a copy of each changed tensor is kept first (once per checkpoint), so that
+        :meth:`rollback` restores it bitwise. If a term fails, the terms of this step already
+        added are taken back (to rounding) and nothing else changes.
+        """
+        log = self._undo_log
+        added, cloned = [], {}
+        try:
+            for attr, factor, alpha in step.inplace:
+                target = getattr(self, attr)
+                if attr in self._shared:  # another holder may read it: copy on write
+                    cloned[attr] = target
+                    target = target.clone()
+                    setattr(self, attr, target)
+                    self._shared = self._shared - {attr}
+                    if log is not None:
+                        log.append(("fresh", target))
+                elif exact and log is not None and not any(e[0] in ("copy", "fresh") and e[1] is target for e in log):
+                    log.append(("copy", target, target.clone()))
+                symmetric_rank_update_(target, factor, alpha)
+                added.append(("term", target, factor, alpha))
+                if log is not None:
+                    log.append(added[-1])
+        except BaseException:
+            for entry in reversed(added):
+                _undo(entry)
+                if log and log[-1] is entry:
+                    log.pop()
+            for attr, original in cloned.items():
+                setattr(self, attr, original)
+                self._shared = self._shared | {attr}
+            raise
         for attr, value in step.state.items():
             setattr(self, attr, value)
         self.W_ = step.W
         self.n_updates_ += 1 if step.rows > 0 else -1
         self.n_rows_ += step.rows
+
+    def checkpoint(self) -> Checkpoint:
+        """A rollback point (see the module docstring); close it with :meth:`rollback` or
+        :meth:`release`."""
+        outer = self._undo_log is None
+        if outer:
+            self._undo_log = []
+        return Checkpoint(self.state_dict(snapshot=False), len(self._undo_log), outer, self._shared)
+
+    def rollback(self, point: Checkpoint) -> None:
+        """Return to ``point``: undo the in-place terms committed since, newest first, and
+        restore the state's references and scalars."""
+        log = self._undo_log or []
+        while len(log) > point.mark:
+            _undo(log.pop())
+        self.load_state_dict(point.state, share=False)
+        self._shared = point.shared
+        if point.outer:
+            self.release(point)
+
+    def release(self, point: Checkpoint) -> None:
+        """Close ``point`` without rolling back (the commits since are kept)."""
+        if point.outer:
+            self.__dict__.pop("_undo_log", None)
 
     def update(self, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """Absorb a batch; return the new ``W_``."""
@@ -161,18 +261,27 @@ class LayerSolver(ABC):
         return None
 
     # -- persistence -------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self, *, snapshot: bool = True) -> dict:
         """``{"method", "dtype", "tensors": {name: tensor}, "scalars": {name: value}}``.
 
-        Tensors are the solver's own (not copies): a valid rollback point, since solvers never
-        write into a state tensor in place. Names drop the trailing ``_``.
+        Tensors are the solver's own (not copies). ``snapshot=True`` (default): they stay as they
+        are, a valid snapshot; the solver copies a tensor before its next in-place change (one
+        copy per tensor, at the next commit). ``snapshot=False``: the live tensors, which the
+        next in-place commit changes (for a caller that reads them at once, e.g. to save them).
+        Names drop the trailing ``_``.
         """
         tensors = {a.rstrip("_"): getattr(self, a) for a in self.state_tensors if getattr(self, a, None) is not None}
         scalars = {a.rstrip("_"): getattr(self, a) for a in self.state_scalars}
+        if snapshot:
+            self._shared = frozenset(a for a in self.state_tensors if getattr(self, a, None) is not None)
         return {"method": self.name, "dtype": _dtype_name(self.dtype), "tensors": tensors, "scalars": scalars}
 
-    def load_state_dict(self, state: dict, *, device=None) -> None:
-        """Adopt a state from :meth:`state_dict` (moved to ``device`` if given)."""
+    def load_state_dict(self, state: dict, *, device=None, share: bool = True) -> None:
+        """Adopt a state from :meth:`state_dict` (moved to ``device`` if given).
+
+        ``share=True`` (default): the tensors adopted as they are may be held elsewhere, so each is
+        copied before its first in-place change; ``share=False``: the caller hands them over.
+        """
         if state.get("method") != self.name:
             raise HyperparameterError(f"the state is of method {state.get('method')!r}, not {self.name!r}")
         dtype = getattr(torch, state["dtype"])
@@ -180,24 +289,30 @@ class LayerSolver(ABC):
             raise HyperparameterError(f"state dtype must be float32 or float64; got {state['dtype']!r}")
         self.dtype = dtype
         tensors = state["tensors"]
+        shared = set()
         for attr in self.state_tensors:
             t = tensors.get(attr.rstrip("_"))
-            setattr(self, attr, None if t is None else t.to(device=device or t.device, dtype=dtype).contiguous())
+            value = None if t is None else t.to(device=device or t.device, dtype=dtype).contiguous()
+            setattr(self, attr, value)
+            if share and value is not None and value is t:
+                shared.add(attr)
         for attr in self.state_scalars:
             setattr(self, attr, state["scalars"][attr.rstrip("_")])
+        self._shared = frozenset(shared)
 
     @classmethod
-    def from_state_dict(cls, state: dict, *, device=None) -> "LayerSolver":
-        """A solver rebuilt from :meth:`state_dict` (on ``device`` if given)."""
+    def from_state_dict(cls, state: dict, *, device=None, share: bool = True) -> "LayerSolver":
+        """A solver rebuilt from :meth:`state_dict` (on ``device`` if given; ``share`` as in
+        :meth:`load_state_dict`)."""
         new = object.__new__(cls)
-        new.load_state_dict(state, device=device)
+        new.load_state_dict(state, device=device, share=share)
         return new
 
     def clone(self) -> "LayerSolver":
         """Deep copy."""
-        state = self.state_dict()
+        state = self.state_dict(snapshot=False)
         state["tensors"] = {k: v.clone() for k, v in state["tensors"].items()}
-        return type(self).from_state_dict(state)
+        return type(self).from_state_dict(state, share=False)
 
     def __repr__(self) -> str:
         d_k, d_v = self.shape

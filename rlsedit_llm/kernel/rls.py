@@ -6,6 +6,12 @@ Same recursion and conventions as the NumPy reference: row keys ``K (u, d_k)``, 
 :mod:`rlsedit_theory.recursive` (a test proves them equal on the same data). The state is
 float64 (default) or float32 on the layer's own device, whatever the model's dtype.
 
+:class:`LayerRLS` itself does not call the pure functions (they make several ``d_k^2``
+temporaries): ``propose`` computes the step's ``O(d_k u)`` factors with
+:func:`rlsedit_llm.kernel.inplace.woodbury_factors` and ``commit`` updates ``C_`` in place with
+the symmetric rank-``u`` update (see :mod:`rlsedit_llm.kernel.inplace` and
+:mod:`rlsedit_llm.kernel.protocol`); the same step to rounding (tested).
+
 The anchor is given by its Gram matrix only (``K0^T K0 = N E[k k^T]``) with ``V0 = K0 W0``
 implicit, so ``W*_0 = W0`` and ``C_0 = (alpha I + beta K0^T K0)^{-1}``.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from rlsedit_llm.errors import NonFiniteError, NotPositiveDefiniteError, ShapeError
+from rlsedit_llm.kernel.inplace import woodbury_factors
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, Step, spd_condition
 from rlsedit_llm.kernel.registry import register
 
@@ -109,22 +116,25 @@ class LayerRLS(LayerSolver):
         self.C_ = ((C + C.mT) / 2).contiguous()  # (d_k, d_k)
         self.G_ = A if track_information else None
 
-    def _with_information(self, state: dict, K: torch.Tensor, sign: int) -> dict:
+    def _propose(self, K: torch.Tensor, V: torch.Tensor, sign: int) -> Step:
+        """The step as factors: ``W + sign G Y`` (a new tensor) and the in-place terms
+        ``C_ -= sign G G^T`` (and ``G_ += sign K^T K`` when tracked), ``O(d_k u)`` memory."""
+        G, Y = woodbury_factors(self.C_, K, V - K @ self.W_, sign=sign)  # reads C_; changes nothing
+        W = torch.addmm(self.W_, G, Y, alpha=sign)
+        terms = (("C_", G, -sign),)
         if self.G_ is not None:
-            state["G_"] = self.G_ + sign * (K.mT @ K)
-        return state
+            terms += (("G_", K.mT, sign),)
+        return Step(W, {}, sign * K.shape[0], terms)
 
     def propose(self, K: torch.Tensor, V: torch.Tensor) -> Step:
         K, V = self._check(K, V)
-        C, W = woodbury_update(self.C_, self.W_, K, V)
-        return Step(W, self._with_information({"C_": C}, K, +1), K.shape[0])
+        return self._propose(K, V, +1)
 
     def propose_removal(self, K: torch.Tensor, V: torch.Tensor) -> Step:
         K, V = self._check(K, V)
         if K.shape[0] > self.n_rows_:
             raise ShapeError(f"cannot remove {K.shape[0]} rows: the state holds {self.n_rows_}")
-        C, W = woodbury_downdate(self.C_, self.W_, K, V)
-        return Step(W, self._with_information({"C_": C}, K, -1), -K.shape[0])
+        return self._propose(K, V, -1)
 
     def condition_number(self) -> float:
         """``cond(G_t) = cond(C_t)`` (one symmetric eigendecomposition, ``O(d_k^3)``)."""

@@ -41,14 +41,16 @@ def test_plan_state_bytes_equal_the_tensors_nbytes(dtype, track):
     d_k, d_v = 96, 40
     solver = _layer(d_k, d_v, dtype, track)
     t = solver.state_dict()["tensors"]
-    p = plan(d_v, d_k, 1, dtype, track_information=track)
+    p = plan(d_v, d_k, 1, dtype, batch=5, track_information=track)
     assert p.state_per_layer == sum(t[k].nbytes for k in ("C", "gram0", "G") if k in t)
     assert p.master_per_layer == t["W"].nbytes + t["W0"].nbytes
     assert p.state == sum(x.nbytes for x in t.values())
-    # the pending step of LayerRLS holds one more C and W: part of the planned temporaries
+    # the pending step of LayerRLS holds a new W and (d_k, u) factors, no d_k^2 tensor: within
+    # the planned temporaries of the in-place editor
     K = torch.randn(5, d_k, dtype=dtype)
     step = solver.propose(K, K @ solver.W_ + torch.randn(5, d_v, dtype=dtype))
-    assert step.state["C_"].nbytes + step.W.nbytes <= p.edit_temporaries
+    assert not step.state and all(F.shape == (d_k, 5) for _, F, _ in step.inplace)
+    assert step.W.nbytes + sum(F.nbytes for _, F, _ in step.inplace) <= p.edit_temporaries < p.state_per_layer // 2
     assert p.statistics_per_layer == torch.zeros(d_k, d_k, dtype=torch.float64).nbytes
 
 
@@ -69,7 +71,12 @@ def test_plan_figures_for_llama3_8b():
     assert p64.state_per_layer == 2 * 8 * 14336**2  # C and gram0: 3.29 GB
     assert p64.master_per_layer == 2 * 8 * 14336 * 4096
     assert p32.state * 2 == p64.state
-    assert plan(4096, 14336, 5, "float32", inplace=True).peak_edit < p32.peak_edit
+    square = 8 * 14336**2
+    # in place (the default): a new W and a factor G (d_k, u) per layer, F^T at one: no d_k^2 term
+    assert p64.edit_temporaries == 5 * 8 * 14336 * (4096 + 100) + 8 * 14336 * 100
+    pure = plan(4096, 14336, 5, "float64", inplace=False)  # the pure update: (n_edit + 3) d_k^2 more
+    assert pure.edit_temporaries > 8 * square  # (n_edit + 3) d_k^2
+    assert plan(4096, 14336, 5, "float64", replacing=True).edit_temporaries == p64.edit_temporaries + 5 * square
     assert p64.peak == max(p64.peak_edit, p64.peak_prepare) >= p64.statistics
     table = memory_table()
     assert table.count("\n") == 1 + 2 * len(MODEL_SHAPES)
@@ -125,12 +132,14 @@ def test_inplace_update_equals_the_pure_update(dtype, tol, u, block):
     C_ref, W_ref = start.C_.clone(), start.W_.clone()
     C, W = start.C_.to(dtype).contiguous(), start.W_.to(dtype)
     batches = _stream(u, d_k, d_v)
+    added = []
     for sign, (K, noise) in ((1, batches[0]), (1, batches[1]), (-1, batches[1])):
-        V = K @ W_ref + noise if sign > 0 else V_last
         if sign > 0:
+            V = K @ W_ref + noise
+            added.append(V)
             C_ref, W_ref = woodbury_update(C_ref, W_ref, K, V)
-            V_last = V
-        else:
+        else:  # remove the batch added last, with its absolute targets
+            V = added[-1]
             C_ref, W_ref = woodbury_downdate(C_ref, W_ref, K, V)
         data_ptr = C.data_ptr()
         Kd, Vd = K.to(dtype), V.to(dtype)

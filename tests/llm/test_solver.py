@@ -83,3 +83,59 @@ def test_typed_errors_leave_state_untouched():
         s.downdate(torch.from_numpy(edits[2][0][:1]) * 1e3, torch.zeros(1, 5, dtype=torch.float64))
     for k, v in s.state_dict()["tensors"].items():
         assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("track", [False, True])
+def test_commit_updates_c_in_place_as_the_pure_woodbury_functions(track):
+    """propose holds only O(d_k u) factors; commit updates C (and G) in place; the result equals
+    the pure woodbury_update / woodbury_downdate (which mirror the theory) to rounding."""
+    from rlsedit_llm.kernel.rls import woodbury_downdate, woodbury_update
+
+    W0, gram, edits = _instance(6, d_k=40, batches=(3, 7, 1))
+    s = LayerRLS(torch.from_numpy(W0), 0.2, 2.0, torch.from_numpy(gram), track_information=track)
+    C, W = s.C_.clone(), s.W_.clone()
+    c_id = s.C_
+    for K, V in edits:
+        K, V = torch.from_numpy(K), torch.from_numpy(V)
+        step = s.propose(K, V)
+        assert not step.state and all(F.shape == (40, K.shape[0]) for _, F, _ in step.inplace)
+        s.commit(step)
+        C, W = woodbury_update(C, W, K, V)
+    K, V = (torch.from_numpy(x) for x in edits[1])
+    s.downdate(K, V)
+    C, W = woodbury_downdate(C, W, K, V)
+    assert s.C_ is c_id and torch.equal(s.C_, s.C_.mT)
+    assert float((s.C_ - C).abs().max()) <= 1e-11 * float(C.abs().max())
+    assert float((s.W_ - W).abs().max()) <= 1e-11 * float(W.abs().max())
+    if track:
+        assert s.drift() < 1e-10
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_checkpoint_rollback_takes_in_place_commits_back(exact):
+    W0, gram, edits = _instance(7, d_k=30)
+    s = LayerRLS(torch.from_numpy(W0), 0.2, 2.0, torch.from_numpy(gram), track_information=True)
+    s.update(*(torch.from_numpy(x) for x in edits[0]))
+    before = {k: v.clone() for k, v in s.state_dict(snapshot=False)["tensors"].items()}
+    scalars = dict(s.state_dict(snapshot=False)["scalars"])
+    point = s.checkpoint()
+    for K, V in edits[1:]:
+        s.commit(s.propose(torch.from_numpy(K), torch.from_numpy(V)), exact=exact)
+    s.rollback(point)
+    assert s._undo_log is None and s.state_dict(snapshot=False)["scalars"] == scalars
+    for name, value in s.state_dict(snapshot=False)["tensors"].items():
+        if exact or name not in ("C", "G"):
+            assert torch.equal(value, before[name]), name  # a kept copy: bitwise
+        else:
+            assert float((value - before[name]).abs().max()) <= 1e-12 * float(before[name].abs().max()), name
+
+
+def test_a_borrowed_state_is_copied_before_it_is_changed():
+    W0, gram, edits = _instance(8, d_k=20)
+    a = LayerRLS(torch.from_numpy(W0), 0.2, 2.0, torch.from_numpy(gram))
+    b = LayerRLS.from_state_dict(a.state_dict())  # shares a's tensors
+    C0 = a.C_.clone()
+    a.update(*(torch.from_numpy(x) for x in edits[0]))
+    assert torch.equal(b.C_, C0)  # a copied before changing in place
+    b.update(*(torch.from_numpy(x) for x in edits[0]))
+    assert torch.equal(a.C_, b.C_) and a.C_ is not b.C_

@@ -230,6 +230,87 @@ def test_failure_during_undo_restores_everything(editor, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Failures while the batch is committed: C is updated in place, layer by layer
+# ---------------------------------------------------------------------------------------------
+def _assert_restored_to_rounding(ed: Editor, snap: dict):
+    """Weights, journal and every scalar bitwise; the in-place-updated C to rounding."""
+    now = _snapshot(ed)
+    for name in ("params", "journal", "next_id", "templates"):
+        assert _same(now[name], snap[name]), name
+    for layer, attrs in snap["solvers"].items():
+        assert now["solvers"][layer].keys() == attrs.keys()
+        for attr, before in attrs.items():
+            after = now["solvers"][layer][attr]
+            if attr == "C_":
+                assert torch.equal(after, after.mT), layer  # still bitwise symmetric
+                assert float((after - before).abs().max()) <= 1e-12 * float(before.abs().max()), layer
+            else:
+                assert _same(after, before), (layer, attr)
+
+
+def test_a_failure_between_two_layers_commits_takes_the_first_back(editor, monkeypatch):
+    from rlsedit_llm.kernel.rls import LayerRLS
+
+    snap = _snapshot(editor)
+    real, calls = LayerRLS.commit, {"n": 0}
+
+    def failing(self, step, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first layer is committed (C updated in place), the second fails
+            raise MemoryError("simulated")
+        return real(self, step, **kw)
+
+    monkeypatch.setattr(LayerRLS, "commit", failing)
+    with pytest.raises(MemoryError):
+        editor.edit(NEXT)
+    assert calls["n"] == 2
+    monkeypatch.undo()
+    _assert_restored_to_rounding(editor, snap)
+    editor.edit(NEXT)  # and editing still works
+
+
+def test_a_failure_inside_one_layers_in_place_update_restores_every_layer(editor, monkeypatch):
+    import rlsedit_llm.kernel.inplace as inplace
+
+    snap = _snapshot(editor)
+    d_k = next(iter(editor.solvers_.values())).shape[0]
+    panels = -(-d_k // inplace.DEFAULT_BLOCK)  # panels per layer
+    real, calls = inplace._panel_, {"n": 0}
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == panels + 1:  # the first panel of the second layer's update
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(inplace, "_panel_", failing)
+    with pytest.raises(KeyboardInterrupt):
+        editor.edit(NEXT)
+    monkeypatch.undo()
+    _assert_restored_to_rounding(editor, snap)
+
+
+def test_an_edit_updates_c_in_place_and_holds_no_pending_c(editor):
+    c_before = {l: s.C_ for l, s in editor.solvers_.items()}
+    ptrs = {l: C.data_ptr() for l, C in c_before.items()}
+    editor.edit(NEXT)
+    for layer, solver in editor.solvers_.items():
+        assert solver.C_ is c_before[layer] and solver.C_.data_ptr() == ptrs[layer]
+        assert torch.equal(solver.C_, solver.C_.mT)
+        assert solver._undo_log is None  # the transaction's log is closed
+
+
+def test_a_state_dict_stays_a_valid_snapshot_after_an_edit(editor):
+    state = editor.state_dict()
+    copies = {l: {k: v.clone() for k, v in s["tensors"].items()} for l, s in state["solvers"].items()}
+    editor.edit(NEXT)
+    for layer, solver_state in state["solvers"].items():  # copy on write: the dict was not changed
+        for name, value in solver_state["tensors"].items():
+            assert torch.equal(value, copies[layer][name]), (layer, name)
+        assert not torch.equal(editor.solvers_[layer].C_, copies[layer]["C"])
+
+
+# ---------------------------------------------------------------------------------------------
 # Wrong model, wrong state, wrong hyperparameters
 # ---------------------------------------------------------------------------------------------
 def test_unsupported_architecture(stats_dir):
