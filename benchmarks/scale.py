@@ -536,6 +536,11 @@ def run_half(args, device, model_dtype) -> dict:
     return {"rows": rows, "efficacy": efficacy}
 
 
+def _mom2_weight(text: str):
+    """``--mom2-weight``: a number, or ``default`` (None: the editor's default N)."""
+    return None if text in ("default", "none", "None") else float(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -550,9 +555,11 @@ def main(argv=None) -> int:
     parser.add_argument("--value-steps", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=1.0,
                         help="weight of ||W - W0||^2 (> 0: a few thousand statistics tokens leave E[kk^T] singular)")
-    parser.add_argument("--mom2-weight", type=float, default=1.0,
-                        help="N of the anchor (1: keeps A well conditioned enough for a float32 state on a "
-                             "random model; the published N is meaningless there)")
+    parser.add_argument("--mom2-weight", type=_mom2_weight, default=1.0,
+                        help="N of the anchor, or 'default' for the editor's default 15000 d_k / 14336 (keeps "
+                             "lambda = k^T C k of order 1 for in-distribution keys, which a float32 state needs "
+                             "for the downdate of the certificate and undo); 1 (the script's default) keeps A "
+                             "well conditioned on a random model but makes lambda >> 1")
     parser.add_argument("--cache-dir", default=None, help="statistics cache (default: a temporary folder)")
     parser.add_argument("--kernel-dk", type=int, default=14336)
     parser.add_argument("--kernel-dv", type=int, default=4096)
