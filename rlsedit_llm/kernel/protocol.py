@@ -16,7 +16,8 @@ Only in-place terms change a state tensor in place (``LayerRLS`` updates its ``d
 tensor someone else may hold (handed out by ``state_dict()``, or adopted by ``load_state_dict``)
 is copied before its first in-place change (copy on write), so a ``state_dict()`` stays a valid
 snapshot. A rollback point is :meth:`LayerSolver.checkpoint`: references to the state tensors
-plus an undo log that every later commit appends to while the checkpoint is open. :meth:`LayerSolver.rollback` undoes the logged terms, newest first, and restores the
+plus an undo log that every later commit appends to while the checkpoint is open.
+:meth:`LayerSolver.rollback` undoes the logged terms, newest first, and restores the
 references; :meth:`LayerSolver.release` closes the log. A logged term is undone by adding
 ``-alpha F F^T`` (the state comes back to rounding, not bitwise); a commit with ``exact=True``
 first keeps a copy of each tensor it changes (once per checkpoint, ``d_k^2`` per tensor), which
@@ -210,8 +211,8 @@ class LayerSolver(ABC):
         except BaseException:
             for entry in reversed(added):
                 _undo(entry)
-                if log and log[-1] is entry:
-                    log.pop()
+                if log is not None:  # taken back already: not again at a rollback
+                    del log[next(i for i in range(len(log) - 1, -1, -1) if log[i] is entry)]
             for attr, original in cloned.items():
                 setattr(self, attr, original)
                 self._shared = self._shared | {attr}

@@ -139,3 +139,30 @@ def test_a_borrowed_state_is_copied_before_it_is_changed():
     assert torch.equal(b.C_, C0)  # a copied before changing in place
     b.update(*(torch.from_numpy(x) for x in edits[0]))
     assert torch.equal(a.C_, b.C_) and a.C_ is not b.C_
+
+
+def test_a_commit_whose_second_term_fails_takes_the_first_back(monkeypatch):
+    import rlsedit_llm.kernel.protocol as protocol
+
+    W0, gram, edits = _instance(9, d_k=24)
+    s = LayerRLS(torch.from_numpy(W0), 0.2, 2.0, torch.from_numpy(gram), track_information=True)
+    s.update(*(torch.from_numpy(x) for x in edits[0]))
+    before = {k: v.clone() for k, v in s.state_dict(snapshot=False)["tensors"].items()}
+    step = s.propose(*(torch.from_numpy(x) for x in edits[1]))
+    assert [attr for attr, _, _ in step.inplace] == ["C_", "G_"]
+    real = protocol.symmetric_rank_update_
+
+    def failing(target, factor, alpha, **kw):
+        if target is s.G_ and alpha > 0:  # the G_ term of the step
+            raise MemoryError("simulated")
+        return real(target, factor, alpha, **kw)
+
+    point = s.checkpoint()
+    monkeypatch.setattr(protocol, "symmetric_rank_update_", failing)
+    with pytest.raises(MemoryError):
+        s.commit(step, exact=True)
+    monkeypatch.undo()
+    assert [e[0] for e in s._undo_log] == ["copy", "copy"]  # the copies only: the C_ term was taken back
+    s.rollback(point)  # restores the kept copy of C_: bitwise
+    for name, value in s.state_dict(snapshot=False)["tensors"].items():
+        assert torch.equal(value, before[name]), name
