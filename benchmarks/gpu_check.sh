@@ -7,42 +7,47 @@
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run   # the same steps on CPU with tiny settings (CI)
+#   bash benchmarks/gpu_check.sh --steps tests,scale   # only some steps (tests, stream, scale)
 #
 # Output folder: $GPU_CHECK_OUT, else $OUT/gpu_check, else ./gpu_check_out (logs and JSON figures).
 # Per-step time limits (seconds): GPU_CHECK_TESTS_S, GPU_CHECK_STREAM_S, GPU_CHECK_SCALE_S.
-# The venv: .venv if it exists; otherwise one is made (with the system site packages, so a
-# preinstalled CUDA torch is used) and the package installed into it, as `make venv` would.
+# The Python: .venv if it imports torch and the package; else a python3 that already has torch
+# (a GPU image's CUDA build) with this checkout on PYTHONPATH; else `make venv` builds .venv.
 set -u
 cd "$(dirname "$0")/.."
 
 DRY=0
-for arg in "$@"; do
-  case "$arg" in
+STEPS=tests,stream,scale
+while [ $# -gt 0 ]; do
+  case "$1" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $arg" >&2; exit 2 ;;
+    --steps) shift; STEPS="${1:-}" ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
+  shift
 done
+for s in ${STEPS//,/ }; do
+  case "$s" in tests|stream|scale) ;; *) echo "--steps takes tests, stream, scale; got '$s'" >&2; exit 2 ;; esac
+done
+wanted() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 if [ -n "${GPU_CHECK_OUT:-}" ]; then RESULTS="$GPU_CHECK_OUT"
 elif [ -n "${OUT:-}" ]; then RESULTS="$OUT/gpu_check"
 else RESULTS="gpu_check_out"; fi
 mkdir -p "$RESULTS"
 
-# -- the venv --------------------------------------------------------------------------------------
+# -- the Python ------------------------------------------------------------------------------------
 PY=.venv/bin/python
-if ! [ -x "$PY" ] || ! "$PY" -c "import torch, rlsedit_llm" >/dev/null 2>&1; then
-  echo "== building .venv ==" 
-  if ! [ -x "$PY" ]; then
-    python3 -m venv --system-site-packages .venv || { echo "cannot create .venv" >&2; exit 1; }
-  fi
-  if "$PY" -c "import torch" >/dev/null 2>&1; then
-    # torch is already there (a CUDA build from the system): install only this package
-    "$PY" -m pip install --no-build-isolation --no-deps -e . >"$RESULTS/venv.log" 2>&1 \
-      || "$PY" -m pip install -e '.[dev]' >>"$RESULTS/venv.log" 2>&1
-  else
-    make venv >"$RESULTS/venv.log" 2>&1 || { echo "make venv failed (see $RESULTS/venv.log)" >&2; exit 1; }
-  fi
+if [ -x "$PY" ] && "$PY" -c "import torch, rlsedit_llm" >/dev/null 2>&1; then
+  :
+elif python3 -c "import torch" >/dev/null 2>&1; then
+  # A GPU image's own torch (a venv made from it would not see it): run from this checkout.
+  PY=python3
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "== building .venv =="
+  make venv >"$RESULTS/venv.log" 2>&1 || { echo "make venv failed (see $RESULTS/venv.log)" >&2; exit 1; }
 fi
 
 if [ "$DRY" = 1 ]; then
@@ -56,7 +61,7 @@ else
   TESTS_S=${GPU_CHECK_TESTS_S:-60}; STREAM_S=${GPU_CHECK_STREAM_S:-240}; SCALE_S=${GPU_CHECK_SCALE_S:-150}
   STREAM_ARGS=(--stream --stream-model smollm2 --edits 1000 --batch 100 --stats-tokens 100000 --device cuda)
   SCALE_ARGS=(--device cuda --layers 32 --dtype bfloat16 --state-dtype float64 --edit-layers 5 --batch 100
-              --stats-tokens 20000 --value-steps 10)
+              --stats-tokens 4096 --value-steps 10)
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device visible to $PY (use --dry-run on a CPU machine)" >&2
     exit 1
@@ -80,17 +85,22 @@ step() {  # step NAME LIMIT LOG command...
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 
-step "pytest -m gpu" "$TESTS_S" "$RESULTS/tests.log" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/llm
-DETAIL+=("$(grep -Eo '[0-9]+ (passed|failed|skipped|deselected|error)[^=]*' "$RESULTS/tests.log" | tail -n 1)")
+if wanted tests; then
+  step "pytest -m gpu" "$TESTS_S" "$RESULTS/tests.log" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/llm
+  DETAIL+=("$(grep -Eo '[0-9]+ (passed|failed|skipped|deselected|error)[^=]*' "$RESULTS/tests.log" | tail -n 1)")
+fi
 
-step "counterfact stream" "$STREAM_S" "$RESULTS/stream.log" \
-  "$PY" benchmarks/scale.py "${STREAM_ARGS[@]}" --json "$RESULTS/stream.json"
-DETAIL+=("$(grep -E '^final efficacy' "$RESULTS/stream.log" | tr -d '|')")
+if wanted stream; then
+  step "counterfact stream" "$STREAM_S" "$RESULTS/stream.log" \
+    "$PY" benchmarks/scale.py "${STREAM_ARGS[@]}" --json "$RESULTS/stream.json"
+  DETAIL+=("$(grep -E '^final efficacy' "$RESULTS/stream.log" | tr -d '|')")
+fi
 
-step "scale.py (8B shape)" "$SCALE_S" "$RESULTS/scale.log" \
-  "$PY" benchmarks/scale.py "${SCALE_ARGS[@]}" --json "$RESULTS/scale.json"
-DETAIL+=("$(grep -E '^target|^total' "$RESULTS/scale.log" | sed 's/target (in place within 1.5x of the floor, torch./in place vs floor /' | tr '\n|' '; ')")
-if [ "$DRY" = 1 ]; then NAMES[2]="scale.py (quick)"; fi
+if wanted scale; then
+  step "scale.py ($([ "$DRY" = 1 ] && echo quick || echo 8B shape))" "$SCALE_S" "$RESULTS/scale.log" \
+    "$PY" benchmarks/scale.py "${SCALE_ARGS[@]}" --json "$RESULTS/scale.json"
+  DETAIL+=("$(grep -E '^target|^total' "$RESULTS/scale.log" | sed 's/target (in place within 1.5x of the floor, torch./in place vs floor /' | tr '\n|' '; ')")
+fi
 
 echo
 echo "GPU CHECK SUMMARY ($([ "$DRY" = 1 ] && echo 'dry run, CPU, tiny settings' || echo "$DEVICE"))"

@@ -227,6 +227,7 @@ def run_pipeline(args, device, model_dtype, state_dtype) -> dict:
         report = stages.run(f"edit (batch {len(facts)})", editor.edit, facts)
         for stage, sec in (report.seconds.items() if report else ()):
             print(f"      edit.{stage:<20}{sec:>9.2f} s")
+        _print_lambda(editor)
         cert = stages.run("certificate", editor.certificate)
         state_dir = Path(cache) / "state"  # always the temporary folder
         stages.run("save", editor.save, state_dir)
@@ -246,6 +247,24 @@ def run_pipeline(args, device, model_dtype, state_dtype) -> dict:
     print("\n" + stages.table())
     return {"stages": stages.rows, "edit_seconds": report.seconds if report else None, "efficacy": efficacy, "saved_bytes": size,
             "params": n_params}
+
+
+def _print_lambda(editor) -> None:
+    """The eigenvalues ``m`` of ``K_t C_t K_t^T`` for the last edit (``m = lambda / (1 + lambda)``
+    with ``lambda`` those of ``K_t C_{t-1} K_t^T``): the downdate of the certificate and undo
+    needs ``1 - m`` above the state dtype's cancellation error."""
+    if not editor.journal_:
+        return
+    record = editor.journal_[-1]
+    for layer, solver in editor.solvers_.items():
+        K = record.keys[layer].to(device=solver.device, dtype=solver.dtype)
+        F = (solver.C_ @ K.mT).double()  # (d_k, u) in the state dtype, then float64
+        M = K.double() @ F
+        m = torch.linalg.eigvalsh((M + M.mT) / 2)
+        lam = m / (1 - m).clamp_min(1e-300)
+        print(f"  layer {layer}: eig(K C_t K^T) in [{float(m[0]):.6g}, {float(m[-1]):.6g}] "
+              f"(lambda = m / (1 - m) in [{float(lam[0]):.3g}, {float(lam[-1]):.3g}]); "
+              f"key norms^2 median {float((K.double() ** 2).sum(1).median()):.4g}", flush=True)
 
 
 # -- part 2: the update kernel against the floor --------------------------------------------------

@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dataset", choices=list(DATASETS),
                        help=_default("dataset") + "; counterfact_simple: 21,567 records for long streams")
     bench.add_argument("--model", help=_default("model"))
+    bench.add_argument("--device", help="where the model runs: cpu (default), cuda, cuda:1, ...")
     bench.add_argument("--edits", type=int, help=_default("edits"))
     bench.add_argument("--batch", type=int, help=_default("batch"))
     bench.add_argument("--methods",

@@ -75,6 +75,7 @@ class BenchConfig:
     out: str
     dataset: str = "counterfact"
     model: str = "smollm2"
+    device: str | None = None
     edits: int = 100
     batch: int = 10
     methods: str = "rlsedit,memit_seq"
@@ -198,6 +199,22 @@ def _machine() -> dict:
             "transformers": transformers.__version__}
 
 
+def _device(name: str | None) -> torch.device | None:
+    """The device the bench loads the model on (None: CPU), checked before anything is loaded."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise HyperparameterError(f"--device takes a torch device such as cpu, cuda or cuda:1; got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HyperparameterError(f"--device {name}: no CUDA device is visible to torch {torch.__version__}; "
+                                  "run on a GPU machine with a CUDA build of torch, or leave --device out (CPU)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise HyperparameterError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
+
+
 # ----------------------------------------------------------------------------------------------
 # The run
 
@@ -217,6 +234,7 @@ def run_bench(config: BenchConfig) -> int:
         return 0
 
     methods = parse_methods(args.methods)
+    _device(args.device)  # a bad --device fails before anything is written
     cfg = ProtocolConfig(
         dataset=args.dataset, n_edits=int(args.edits), batch_size=int(args.batch),
         checkpoints=int(args.checkpoints),
@@ -246,8 +264,8 @@ def run_bench(config: BenchConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
-    log.info("loaded %s in %.1f s", args.model, time.perf_counter() - t0)
+    model, tok = load_model(args.model, device=_device(args.device))
+    log.info("loaded %s on %s in %.1f s", args.model, args.device or "cpu", time.perf_counter() - t0)
     spec = detect_spec(model)
     layers = tuple(edit_config.layers or spec.default_layers)
     facts = load_stream(cfg.dataset, cfg.n_edits, tok)
@@ -279,7 +297,7 @@ def run_bench(config: BenchConfig) -> int:
                          "checkpoint_batches": cfg.checkpoint_batches(), "layers": list(layers),
                          "stats_tokens": edit_config.stats_tokens}
     results["sessions"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "methods": methods,
-                                "machine": _machine()})
+                                "device": args.device or "cpu", "machine": _machine()})
     _write_results(out, results)
 
     W0 = snapshot_weights(model, spec, layers)

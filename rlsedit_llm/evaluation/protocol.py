@@ -307,8 +307,8 @@ def deviation_report(runner: MethodRunner, W0: dict[int, torch.Tensor], grams: d
             edits = runner.edits(layer)
             if capabilities(runner.name).cumulative_objective and edits:
                 problem = Problem(W0[layer].to(torch.float64).numpy(), alpha, beta, gram0=G)
-                stacked = [(torch.cat([K for K, _ in edits]).double().numpy(),
-                            torch.cat([V for _, V in edits]).double().numpy())]
+                stacked = [(torch.cat([K for K, _ in edits]).to("cpu", torch.float64).numpy(),
+                            torch.cat([V for _, V in edits]).to("cpu", torch.float64).numpy())]
                 t3a = bounds.t3a_deviation_bound(problem, stacked, W.numpy())
                 row["t3a"] = t3a.rhs
                 if beta > 0:

@@ -198,6 +198,7 @@ def second_moments(
     batch_size: int = 8,
     overflow: str = "split",
     checkpoint_every: float = 0.2,
+    checkpoint_min_seconds: float = 60.0,
 ) -> dict[int, torch.Tensor]:
     """The uncentred second moment ``E[k kᵀ]`` of each edited layer's keys, cached on disk.
 
@@ -236,6 +237,11 @@ def second_moments(
         Handling of documents longer than ``max_length`` (part of the key).
     checkpoint_every : float in (0, 1)
         Fraction of the tokens between checkpoints of the partial sums.
+    checkpoint_min_seconds : float
+        A checkpoint is written only when the pass has run at least this long since the last one
+        (or its start): at 8B widths one write is several GB of float64 sums and costs more than
+        a short pass. Skipping a write changes nothing but what a resume can reuse (batches never
+        straddle a checkpoint position, written or not).
 
     Returns
     -------
@@ -330,6 +336,7 @@ def second_moments(
             keys={layer: keys[layer] for layer in missing}, paths=paths, common=common, folder=folder,
             n_tokens=n_tokens, max_length=max_length, overflow=overflow, batch_size=batch_size,
             resume=resume, progress=progress, checkpoint_every=checkpoint_every,
+            checkpoint_min_seconds=checkpoint_min_seconds,
             rank=rank, world=world, coll_device=coll_device,
         )
         for layer in missing:
@@ -339,7 +346,7 @@ def second_moments(
 
 def _compute_missing(
     model, tokenizer, modules, corpus, *, keys, paths, common, folder, n_tokens, max_length, overflow,
-    batch_size, resume, progress, checkpoint_every, rank, world, coll_device,
+    batch_size, resume, progress, checkpoint_every, rank, world, coll_device, checkpoint_min_seconds=60.0,
 ) -> dict[int, MomentSum]:
     """One pass (sharded over ranks) for the missing layers, with checkpoints; rank 0 writes."""
     started = time.perf_counter()
@@ -377,7 +384,15 @@ def _compute_missing(
     if world > 1:
         position = broadcast_int(position, coll_device)
 
+    last_write = [time.perf_counter()]
+
     def on_checkpoint(pos: int, sums: dict[int, MomentSum]) -> None:
+        # Every rank takes the same decision (rank 0's clock) before the collective.
+        due = time.perf_counter() - last_write[0] >= checkpoint_min_seconds
+        if world > 1:
+            due = bool(broadcast_int(int(due), coll_device))
+        if not due:
+            return
         combined = all_reduce_sums(sums, coll_device) if world > 1 else sums
         if rank != 0:
             return
@@ -386,6 +401,7 @@ def _compute_missing(
             tensors.update(s.to_tensors(prefix[layer]))
         meta = {"key": run_key, "position": pos, "tokens": plan.tokens_before(pos), "layers": sorted(combined)}
         write_entry(ckpt_stem, tensors, meta)
+        last_write[0] = time.perf_counter()  # the interval excludes the write itself
         logger.info("key statistics checkpoint at sequence %d/%d (%s)", pos, len(plan.seqs), ckpt_stem)
 
     sums = accumulate(

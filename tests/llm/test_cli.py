@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 
 import rlsedit_llm
 from rlsedit_llm import cli
@@ -101,3 +102,32 @@ def test_demo_takes_the_gemma_model_and_its_own_prompt_set(tmp_path, monkeypatch
         assert prompt in out
     with pytest.raises(SystemExit):
         cli.main(["demo", "--model", "no-such-model"])
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu0", "--device takes a torch device"),
+    pytest.param("cuda", "no CUDA device is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")),
+])
+def test_bench_refuses_a_device_it_cannot_use_before_writing(tmp_path, monkeypatch, capsys, device, message):
+    loads = []
+    monkeypatch.setattr("rlsedit_llm.evaluation.bench.load_model", lambda *a, **k: loads.append(k))
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--device", device, "--edits", "2", "--batch", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not out.exists() and not loads  # nothing loaded, nothing written
+
+
+def test_bench_loads_the_model_on_the_device_it_is_given(tmp_path, monkeypatch):
+    from rlsedit_llm.evaluation import bench
+
+    seen = []
+
+    def fake_load(name, **kwargs):  # stop the run right after the load: only the device matters here
+        seen.append(kwargs.get("device"))
+        raise rlsedit_llm.ModelLoadError("stop here")
+
+    monkeypatch.setattr(bench, "load_model", fake_load)
+    assert cli.main(["bench", "--device", "cpu", "--edits", "2", "--batch", "1", "--out", str(tmp_path / "b")]) == 1
+    assert seen == [torch.device("cpu")]

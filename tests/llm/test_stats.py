@@ -361,7 +361,7 @@ class _Interrupt(Exception):
 
 
 def test_resume_after_interruption(llama, tok, texts, tmp_path):
-    kw = {"n_tokens": 2000, "checkpoint_every": 0.2}
+    kw = {"n_tokens": 2000, "checkpoint_every": 0.2, "checkpoint_min_seconds": 0.0}
     calls = _count_forwards(llama)
     reference = _sm(llama, tok, texts, tmp_path / "ref", **kw)
     n_full = calls["n"]
@@ -394,7 +394,7 @@ def test_resume_after_interruption(llama, tok, texts, tmp_path):
 
 
 def test_resume_false_and_corrupt_checkpoint_recompute(llama, tok, texts, tmp_path):
-    kw = {"n_tokens": 2000, "checkpoint_every": 0.2}
+    kw = {"n_tokens": 2000, "checkpoint_every": 0.2, "checkpoint_min_seconds": 0.0}
     reference = _sm(llama, tok, texts, tmp_path / "ref", **kw)
     calls = _count_forwards(llama)
     for mode in ("resume_false", "corrupt"):
@@ -621,3 +621,25 @@ def test_smollm2_second_moments(tmp_path):
         assert eig.min() > -1e-5 * eig.max()
         assert eig.max() > 0
     print(f"SmolLM2 second moments: 2 layers, 5000 tokens in {elapsed:.1f} s ({5000 / elapsed:.0f} tokens/s)")
+
+
+def test_checkpoints_are_skipped_when_the_pass_is_shorter_than_a_write_is_worth(llama, tok, texts, tmp_path):
+    """With checkpoint_min_seconds above the pass's length nothing partial is written, and the sums
+    are bit-identical to a run that wrote every checkpoint (the batches do not depend on writes)."""
+    kw = {"n_tokens": 2000, "checkpoint_every": 0.2}
+    written = _sm(llama, tok, texts, tmp_path / "every", checkpoint_min_seconds=0.0, **kw)
+    calls = _count_forwards(llama)
+    calls["n"] = 0
+
+    def crash(*_):
+        if calls["n"] >= 12:  # past the first checkpoint position
+            raise _Interrupt
+
+    handle = llama.register_forward_pre_hook(crash)
+    with pytest.raises(_Interrupt):
+        _sm(llama, tok, texts, tmp_path / "rare", checkpoint_min_seconds=3600.0, **kw)
+    handle.remove()
+    assert not list((tmp_path / "rare").rglob("*-partial*"))
+    rare = _sm(llama, tok, texts, tmp_path / "rare", checkpoint_min_seconds=3600.0, **kw)
+    for layer in (1, 3):
+        assert torch.equal(rare[layer], written[layer])
