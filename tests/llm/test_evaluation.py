@@ -436,7 +436,7 @@ def _bench_args(out, **kw):
 def tiny_bench(tiny, monkeypatch):
     """Run the benchmark on a tiny model and a stream of the hand-made facts."""
     model, tok = tiny("llama")
-    monkeypatch.setattr(bench, "load_model", lambda name: (model, tok))
+    monkeypatch.setattr(bench, "load_model", lambda name, **kw: (model, tok))
     monkeypatch.setattr(bench, "load_stream", lambda dataset, n, tok=None: _tiny_stream(n))
     real = protocol.make_runner
 
@@ -533,7 +533,7 @@ def test_bench_writes_outputs_and_resumes_after_interruption(tiny_bench, tmp_pat
 @pytest.mark.slow
 def test_bench_smollm2_short_stream(smollm2, tmp_path, monkeypatch):
     model, tok = smollm2
-    monkeypatch.setattr(bench, "load_model", lambda name: (model, tok))
+    monkeypatch.setattr(bench, "load_model", lambda name, **kw: (model, tok))
     out = tmp_path / "bench"
     args = bench.BenchConfig(dataset="counterfact", model="smollm2", edits=20, batch=10, methods="rlsedit,memit_seq",
                              out=str(out), stats_tokens=6000, checkpoints=1, glue=8, fluency_cases=2,

@@ -304,7 +304,7 @@ def test_make_editor_applies_encores_value_defaults_only_when_value_is_unset(tin
 
 def test_bench_runs_rlsedit_ultraedit_and_encore_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     model, tok = tiny("llama")
-    monkeypatch.setattr(bench, "load_model", lambda name: (model, tok))
+    monkeypatch.setattr(bench, "load_model", lambda name, **kw: (model, tok))
     stream = [dataclasses.replace(FACTS[i % len(FACTS)], case_id=i) for i in range(4)]
     monkeypatch.setattr(bench, "load_stream", lambda dataset, n, tok=None: stream[:n])
     real = protocol.make_runner
