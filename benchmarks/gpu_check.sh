@@ -61,7 +61,7 @@ else
   TESTS_S=${GPU_CHECK_TESTS_S:-60}; STREAM_S=${GPU_CHECK_STREAM_S:-240}; SCALE_S=${GPU_CHECK_SCALE_S:-150}
   STREAM_ARGS=(--stream --stream-model smollm2 --edits 1000 --batch 100 --stats-tokens 100000 --device cuda)
   SCALE_ARGS=(--device cuda --layers 32 --dtype bfloat16 --state-dtype float64 --edit-layers 5 --batch 100
-              --stats-tokens 4096 --value-steps 10)
+              --stats-tokens 4096 --value-steps 10 --blocks 1024,2048,4096)
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device visible to $PY (use --dry-run on a CPU machine)" >&2
     exit 1

@@ -57,7 +57,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rlsedit_llm.kernel.inplace import symmetric_rank_update_, woodbury_update_  # noqa: E402
+from rlsedit_llm.kernel.inplace import DEFAULT_BLOCK, symmetric_rank_update_, woodbury_update_  # noqa: E402
 from rlsedit_llm.kernel.memory import format_bytes, plan  # noqa: E402
 from rlsedit_llm.kernel.rls import LayerRLS  # noqa: E402
 
@@ -317,15 +317,19 @@ def run_kernel(args, device, dtypes) -> list[dict]:
         row = {"dtype": str(dtype), "d_k": d_k, "u": u, "bandwidth": bw, "gemm": rate, "mem_floor": mem_floor,
                "flop_floor": flop_floor, "floor": floor}
 
-        def timed_inplace(symmetrize):
+        def timed_inplace(symmetrize, block=DEFAULT_BLOCK):
             # alternate add and remove so C stays the same state; only the add is timed
             times = []
             for _ in range(args.trials):
-                times.append(best_of(lambda: woodbury_update_(C, W, K, R, symmetrize=symmetrize), 1, device))
-                woodbury_update_(C, W, K, R, sign=-1, symmetrize=symmetrize)
+                times.append(best_of(lambda: woodbury_update_(C, W, K, R, symmetrize=symmetrize, block=block), 1, device))
+                woodbury_update_(C, W, K, R, sign=-1, symmetrize=symmetrize, block=block)
             return min(times)
 
         row["inplace"] = timed_inplace("symmetric")  # the default: blocked symmetric rank-u update
+        # other panel sizes of the symmetric update (a GPU wants far larger panels than a CPU)
+        row["inplace_blocks"] = {b: timed_inplace("symmetric", b) for b in args.blocks if b != DEFAULT_BLOCK}
+        for b, t in row["inplace_blocks"].items():
+            print(f"  {'':<14} in place, symmetric, block {b}: {t * 1e3:.4g} ms ({t / floor:.2f} x floor)")
         row["inplace_auto"] = timed_inplace("auto")
         row["inplace_none"] = timed_inplace("none")
         row["inplace_mirror"] = timed_inplace("mirror")
@@ -583,6 +587,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel-dk", type=int, default=14336)
     parser.add_argument("--kernel-dv", type=int, default=4096)
     parser.add_argument("--kernel-dtypes", default="float64,float32")
+    parser.add_argument("--blocks", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
+                        help="also time the symmetric update with these panel sizes (e.g. 1024,2048,4096)")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--max-bytes", type=float, default=7e9,
                         help="skip LayerRLS.step on CPU when its planned peak exceeds this")
