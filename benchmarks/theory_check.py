@@ -38,7 +38,6 @@ consistency checks, the worst ratio per bound, and per layer and batch measured 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -53,7 +52,7 @@ from tqdm.auto import tqdm
 from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.editing.state import JOURNAL, SOLVERS, check_consistency, migrate_v1, read_manifest
 from rlsedit_llm.errors import StateMismatchError
-from rlsedit_llm.files import atomic_write_text
+from rlsedit_llm.files import atomic_write_text, sha256_file
 from rlsedit_llm.kernel.registry import capabilities
 from rlsedit_theory import Problem, RecursiveLS
 from rlsedit_theory import bounds as B
@@ -79,14 +78,6 @@ LOWER = {"C4", "C4p"}  # the bound is the left side, the measurement the right o
 # ---------------------------------------------------------------------------------------------
 # Reading the save
 # ---------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_stream(directory, layers=None) -> dict:
     """The save at ``directory`` as float64 NumPy arrays, after the save's own checks.
 
@@ -97,7 +88,7 @@ def read_stream(directory, layers=None) -> dict:
     directory = Path(directory)
     manifest = read_manifest(directory)  # format, version and the manifest's own checksum
     for name, digest in manifest.get("files", {}).items():
-        if _sha256(directory / name) != digest:
+        if sha256_file(directory / name) != digest:
             raise StateMismatchError(f"{directory / name} does not match its checksum; the save is damaged")
     solver_tensors = load_file(directory / SOLVERS)
     journal_tensors = load_file(directory / JOURNAL)

@@ -14,12 +14,13 @@ fsynced so the rename itself survives a power loss.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["DATA_DIR", "cache_root", "atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_path"]
+__all__ = ["DATA_DIR", "cache_root", "atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_path", "sha256_file"]
 
 #: ``rlsedit_llm/data``: the shipped corpus and evaluation files (licences in its README.md).
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -86,3 +87,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
     """Write ``text`` to ``path`` atomically and durably (see the module docstring)."""
     atomic_write_bytes(path, text.encode(encoding))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 4 MiB blocks (a saved state can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -61,7 +61,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlsedit_llm.adapters.architectures import detect_spec
-from rlsedit_llm.files import fsync_path
+from rlsedit_llm.files import fsync_path, sha256_file
 from rlsedit_llm.errors import StateMismatchError
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
 
@@ -86,14 +86,6 @@ JOURNAL = "journal.safetensors"
 # ---------------------------------------------------------------------------------------------
 # Durable file-system primitives
 # ---------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically exchange two paths with Linux ``renameat2(RENAME_EXCHANGE)``.
 
@@ -330,7 +322,7 @@ def write_state(directory, state: dict, *, edited_fingerprint: str) -> Path:
         for name, tensors in ((SOLVERS, solver_tensors), (JOURNAL, journal_tensors)):
             save_file(_cpu_tensors(tensors), tmp / name, metadata={"format": FORMAT})
             fsync_path(tmp / name)
-            files[name] = _sha256(tmp / name)
+            files[name] = sha256_file(tmp / name)
         manifest["files"] = files
         manifest["digest"] = manifest_digest(manifest)
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
@@ -410,7 +402,7 @@ def read_state(directory, model) -> tuple[dict, str]:
         raise StateMismatchError(f"{target / MANIFEST} must list the checksums of {SOLVERS} and {JOURNAL}; "
                                  f"it lists {sorted(files) if isinstance(files, dict) else files!r}; the save is damaged")
     for name, digest in files.items():
-        if not (target / name).is_file() or _sha256(target / name) != digest:
+        if not (target / name).is_file() or sha256_file(target / name) != digest:
             raise StateMismatchError(f"{target / name} is missing or damaged (checksum mismatch); the save is unusable")
 
     spec = detect_spec(model)

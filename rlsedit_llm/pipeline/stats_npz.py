@@ -17,7 +17,6 @@ weights, or changed since. :func:`export_stats` writes our statistics in the sam
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -28,7 +27,7 @@ import torch
 
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
 from rlsedit_llm.errors import NonFiniteError, ShapeError, StateMismatchError
-from rlsedit_llm.files import atomic_write_bytes, atomic_write_text
+from rlsedit_llm.files import atomic_write_bytes, atomic_write_text, sha256_file
 from rlsedit_llm.pipeline.moments import MomentSum
 
 __all__ = ["read_layer_stats", "write_layer_stats", "stats_file_name", "bind_stats", "load_stats", "export_stats"]
@@ -87,8 +86,6 @@ def write_layer_stats(moment: MomentSum, path, *, precision: str = "float32") ->
     return Path(path)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _files_by_layer(folder: Path, spec, layers) -> dict[int, Path]:
@@ -114,7 +111,7 @@ def bind_stats(model, spec, layers, folder) -> dict:
     entries = {}
     for layer, path in files.items():
         moment = read_layer_stats(path, d_k=spec.d_k)
-        entries[str(layer)] = {"file": path.name, "sha256": _sha256(path), "count": moment.count}
+        entries[str(layer)] = {"file": path.name, "sha256": sha256_file(path), "count": moment.count}
     sidecar = {"format": SIDECAR_FORMAT, "model_fingerprint": model_fingerprint(model), "layers": entries}
     atomic_write_text(folder / SIDECAR, json.dumps(sidecar, indent=1))
     return sidecar
@@ -143,7 +140,7 @@ def load_stats(model, spec, layers, folder, *, dtype=torch.float64) -> dict[int,
         if entry is None:
             raise StateMismatchError(f"{folder / SIDECAR} binds no statistics for layer {layer}")
         path = folder / entry["file"]
-        if not path.is_file() or _sha256(path) != entry["sha256"]:
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
             raise StateMismatchError(f"{path} is missing or changed since it was bound; bind it again")
         means[layer] = read_layer_stats(path, d_k=spec.d_k).mean().to(dtype)
     return means
