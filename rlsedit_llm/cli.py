@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-wild", action="store_true", help="skip the generation check (no teacher forcing)")
     bench.add_argument("--ft-lr", type=float, help="Adam learning rate of the FT baseline")
     bench.add_argument("--ft-steps", type=int, help="Adam steps per batch of the FT baseline")
+    bench.add_argument("--ultraedit-lr", type=float,
+                       help="UltraEdit's step size (default: the released 1e-6 scaled by 14336 / d_k)")
+    bench.add_argument("--ultraedit-ridge", type=float, help="UltraEdit's ridge (default: the released 1)")
     bench.add_argument("--state-dir", help="where per-method resume states live (default OUT/state)")
     bench.add_argument("--keep-state", action="store_true", help="keep finished methods' editor states")
     bench.add_argument("--save-every", type=int,

@@ -94,6 +94,8 @@ class BenchConfig:
     no_wild: bool = False
     ft_lr: float = 5e-4
     ft_steps: int = 10
+    ultraedit_lr: float | None = None
+    ultraedit_ridge: float = 1.0
     state_dir: str | None = None
     keep_state: bool = False
     save_every: int = 1
@@ -125,7 +127,9 @@ class BenchConfig:
 
     def method_options(self) -> dict:
         """Options of the editor-level methods, by method name."""
-        return {"ft": {"lr": float(self.ft_lr), "steps": int(self.ft_steps)}}
+        return {"ft": {"lr": float(self.ft_lr), "steps": int(self.ft_steps)},
+                "ultraedit": {"lr": None if self.ultraedit_lr is None else float(self.ultraedit_lr),
+                              "ridge": float(self.ultraedit_ridge)}}
 
 
 def scaled_defaults(n_edits: int) -> dict:
@@ -273,6 +277,9 @@ def run_bench(config: BenchConfig) -> int:
         "format": FORMAT, "model": args.model, **cfg.to_dict(), "layers": list(layers),
         "alpha": edit_config.alpha, "beta": edit_config.beta, "mom2_weight": edit_config.resolved_mom2_weight(spec.d_k),
         **({"anchor_value_norms": True} if edit_config.anchor_value_norms else {}),
+        # UltraEdit's settings only when they differ from the released ones (older runs resume)
+        **({"ultraedit": args.method_options()["ultraedit"]}
+           if args.ultraedit_lr is not None or float(args.ultraedit_ridge) != 1.0 else {}),
         "stats_tokens": edit_config.stats_tokens, "corpus": edit_config.corpus,
         "case_ids": [f.case_id for f in facts], **ft, "shadow": shadows,
     }

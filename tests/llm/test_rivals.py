@@ -326,3 +326,33 @@ def test_bench_runs_rlsedit_ultraedit_and_encore_on_a_tiny_model(tiny, tmp_path,
         rec = res["methods"][name]
         assert rec["done"] and rec["edits_done"] == 4 and rec["final"]["all"]["n"] == 4, name
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())  # the bench restores the base
+
+
+def test_bench_passes_ultraedit_settings_and_records_them(tiny, tmp_path, monkeypatch):
+    """--ultraedit-lr/--ultraedit-ridge reach the UltraEdit editor and the run's settings; the
+    released defaults leave the settings as older runs wrote them (they still resume)."""
+    model, tok = tiny("llama")
+    seen = []
+    real = protocol.make_runner
+
+    def spy(name, model, tokenizer, **kw):
+        runner = real(name, model, tokenizer, **kw)
+        seen.append((runner.editor.lr_, runner.editor.ridge))
+        raise KeyboardInterrupt  # stop after the runner is built: only its settings matter
+
+    monkeypatch.setattr(bench, "load_model", lambda name, **kw: (model, tok))
+    monkeypatch.setattr(bench, "load_stream", lambda dataset, n, tok=None: list(FACTS[:n]))
+    monkeypatch.setattr(bench, "make_runner", spy)
+    for lr, ridge, recorded in ((None, 1.0, False), (0.25, 0.01, True)):
+        out = tmp_path / f"bench-{recorded}"
+        args = bench.BenchConfig(model="tiny", edits=2, batch=2, methods="ultraedit", out=str(out), stats_tokens=3000,
+                                 glue=0, fluency_cases=0, quiet=True, cache_dir=str(tmp_path / "stats"),
+                                 ultraedit_lr=lr, ultraedit_ridge=ridge)
+        with pytest.raises(KeyboardInterrupt):
+            bench.run_bench(args)
+        settings = bench.read_results(out)["settings"]
+        if recorded:
+            assert seen[-1] == (0.25, 0.01)
+            assert settings["ultraedit"] == {"lr": 0.25, "ridge": 0.01}
+        else:
+            assert seen[-1][1] == 1.0 and "ultraedit" not in settings
