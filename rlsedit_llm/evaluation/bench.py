@@ -43,6 +43,7 @@ from rlsedit_llm.evaluation.protocol import SHADOW_LEADER as LEADER
 from rlsedit_llm.evaluation.protocol import (
     ProtocolConfig,
     base_report,
+    base_summary,
     extend_base,
     load_runner,
     make_runner,
@@ -203,6 +204,29 @@ def _machine() -> dict:
             "transformers": transformers.__version__}
 
 
+def _continues_stream(results: dict, case_ids: list, cfg: ProtocolConfig) -> bool:
+    """Whether a run whose stream changed after its written edits (the data loader now skips a
+    record it kept before) can go on: every edit written so far, by every method, is the same
+    case in the old and the new stream. If so, the new stream replaces the old one in
+    ``results`` and the unedited model's scores past the common prefix are dropped (re-scored
+    when needed)."""
+    old = results["settings"]["case_ids"]
+    common = next((i for i, (a, b) in enumerate(zip(old, case_ids)) if a != b), min(len(old), len(case_ids)))
+    written = max((m.get("edits_done", 0) for m in results["methods"].values()), default=0)
+    if common < written:
+        return False
+    log.warning("the stream differs from the one this run started with after case %d; the %d edits written so "
+                "far are the same cases, so the run continues on the new stream", common, written)
+    results["settings"]["case_ids"] = list(case_ids)
+    base = results.get("base")
+    if base is not None and len(base["cases"]) > common:
+        base["cases"] = base["cases"][:common]
+        base["wild_cases"] = base.get("wild_cases", [])[:common]
+        base["all"] = base_summary(base, len(base["cases"]))
+        base["retention"] = base_summary(base, cfg.retention_size)
+    return True
+
+
 def _device(name: str | None) -> torch.device | None:
     """The device the bench loads the model on (None: CPU), checked before anything is loaded."""
     if name is None:
@@ -272,7 +296,7 @@ def run_bench(config: BenchConfig) -> int:
     log.info("loaded %s on %s in %.1f s", args.model, args.device or "cpu", time.perf_counter() - t0)
     spec = detect_spec(model)
     layers = tuple(edit_config.layers or spec.default_layers)
-    facts = load_stream(cfg.dataset, cfg.n_edits, tok)
+    facts = load_stream(cfg.dataset, cfg.n_edits, tok, batch_size=cfg.batch_size)
     settings = {
         "format": FORMAT, "model": args.model, **cfg.to_dict(), "layers": list(layers),
         "alpha": edit_config.alpha, "beta": edit_config.beta, "mom2_weight": edit_config.resolved_mom2_weight(spec.d_k),
@@ -291,8 +315,10 @@ def run_bench(config: BenchConfig) -> int:
         # Settings added after a run started take their default values there.
         old = {**{k: v for k, v in cfg.__class__().to_dict().items() if k not in ("n_edits", "dataset")},
                "shadow": [], **results["settings"]}
-        if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff == ["case_ids"] and _continues_stream(results, settings["case_ids"], cfg):
+            diff = []
+        if diff:
             raise HyperparameterError(
                 f"{out} holds a benchmark with other settings ({', '.join(diff)}); rerun the same "
                 f"command to resume it, or pass --restart (discards it) or another --out")

@@ -32,8 +32,14 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
-def load_stream(dataset: str, n_edits: int, tokenizer=None, *, path=None) -> list[Fact]:
+def load_stream(dataset: str, n_edits: int, tokenizer=None, *, path=None, batch_size: int | None = None) -> list[Fact]:
     """The first ``n_edits`` usable records of a data set, as facts in file order.
+
+    With ``batch_size``, a record that repeats the prompt and subject of an earlier record of
+    the same batch (of ``batch_size`` consecutive facts) is skipped: one editor call takes one
+    target per question. A question asked again in a later batch stays, as a re-edit (simplified
+    CounterFact has a few such pairs with other targets; the earlier case is then scored against
+    a target the model was later told to replace).
 
     ``dataset`` is one of :data:`DATASETS` (the shipped files, or ``path``). zsRE records
     get ``case_id`` = their index in the file. With a ``tokenizer``, records whose fact the
@@ -45,11 +51,18 @@ def load_stream(dataset: str, n_edits: int, tokenizer=None, *, path=None) -> lis
     if not isinstance(n_edits, int) or n_edits < 1:
         raise HyperparameterError(f"n_edits must be an int >= 1; got {n_edits!r}")
     records = json.loads(Path(path or data_dir() / _FILES[dataset]).read_text(encoding="utf-8"))
-    facts, skipped = [], 0
+    facts, skipped, seen, repeats = [], 0, set(), 0
     for i, rec in enumerate(records):
         if dataset == "zsre":
             rec = {**rec, "case_id": i}
         fact = as_fact(rec)
+        if batch_size and len(facts) % batch_size == 0:
+            seen = set()  # a new batch
+        question = (fact.prompt, fact.subject)
+        if batch_size and question in seen:
+            repeats += 1
+            log.info("skipping record %s: it repeats the prompt and subject of a record in its batch", fact.case_id)
+            continue
         if tokenizer is not None:
             try:
                 validate_facts([fact], tokenizer)
@@ -58,8 +71,12 @@ def load_stream(dataset: str, n_edits: int, tokenizer=None, *, path=None) -> lis
                 log.info("skipping record %s: %s", fact.case_id, exc)
                 continue
         facts.append(fact)
+        seen.add(question)
         if len(facts) == n_edits:
             break
+    if repeats:
+        log.warning("%s: skipped %d record(s) that repeat the prompt and subject of a record in their batch",
+                    dataset, repeats)
     if skipped:
         log.warning("%s: skipped %d record(s) the tokenizer cannot represent", dataset, skipped)
     if len(facts) < n_edits:

@@ -437,7 +437,7 @@ def tiny_bench(tiny, monkeypatch):
     """Run the benchmark on a tiny model and a stream of the hand-made facts."""
     model, tok = tiny("llama")
     monkeypatch.setattr(bench, "load_model", lambda name, **kw: (model, tok))
-    monkeypatch.setattr(bench, "load_stream", lambda dataset, n, tok=None: _tiny_stream(n))
+    monkeypatch.setattr(bench, "load_stream", lambda dataset, n, tok=None, **kw: _tiny_stream(n))
     real = protocol.make_runner
 
     def fast_runner(name, model, tokenizer, *, edit_config=None, **kw):
@@ -736,3 +736,58 @@ def test_value_norm_anchoring_and_instruments(tiny, tmp_path):
                 assert torch.allclose(z, h0, rtol=1e-5)
             else:
                 assert not torch.allclose(z, h0, rtol=1e-3)  # the optimised values moved away
+
+
+def test_load_stream_skips_a_question_repeated_inside_its_batch(tmp_path):
+    """One target per question per editor call: a record repeating the prompt and subject of an
+    earlier record of its batch is skipped; asked again in a later batch it stays (a re-edit)."""
+    def rec(i, subject, target):
+        return {"case_id": i, "prompt": f"The home of {subject} is", "subject": subject, "target_new": target,
+                "ground_truth": "Paris", "rephrase_prompt": f"{subject} lives in", "locality_prompt": "Bob lives in",
+                "locality_ground_truth": "Rome"}
+    path = tmp_path / "simple.json"
+    path.write_text(json.dumps([rec(0, "Ann", "Oslo"), rec(1, "Ann", "Lima"), rec(2, "Bea", "Kyiv"),
+                                rec(3, "Ann", "Cairo"), rec(4, "Cid", "Baku")]))
+    ids = [f.case_id for f in data.load_stream("counterfact_simple", 4, path=path, batch_size=2)]
+    assert ids == [0, 2, 3, 4]  # 1 repeats 0 in batch [0, 2]; 3 repeats 0 in the next batch and stays
+    assert [f.case_id for f in data.load_stream("counterfact_simple", 5, path=path)] == [0, 1, 2, 3, 4]
+
+
+def test_a_run_continues_when_its_stream_changed_only_after_the_written_edits(tiny_bench, tmp_path, monkeypatch):
+    model, _ = tiny_bench
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = tmp_path / "run" / "out"
+    out.parent.mkdir()
+    calls = {"n": 0}
+    real_edit = protocol.MethodRunner.edit
+
+    def stop_second(self, facts):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_edit(self, facts)
+
+    monkeypatch.setattr(protocol.MethodRunner, "edit", stop_second)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(_bench_args(out, methods="rlsedit"))
+    monkeypatch.setattr(protocol.MethodRunner, "edit", real_edit)
+    assert bench.read_results(out)["methods"]["rlsedit"]["edits_done"] == 2
+    with torch.no_grad():  # a fresh process starts from the base model
+        for n, p in model.named_parameters():
+            p.copy_(base_weights[n])
+
+    def changed(after):  # the loader now drops the case at position `after` (a later one moves up)
+        def load(dataset, n, tok=None, **kw):
+            facts = _tiny_stream(n + 1)
+            return (facts[:after] + facts[after + 1:])[:n]
+        return load
+
+    monkeypatch.setattr(bench, "load_stream", changed(1))  # inside the written edits: refused
+    with pytest.raises(HyperparameterError, match="case_ids"):
+        bench.run_bench(_bench_args(out, methods="rlsedit"))
+    monkeypatch.setattr(bench, "load_stream", changed(3))  # after them: the run goes on
+    assert bench.run_bench(_bench_args(out, methods="rlsedit")) == 0
+    done = bench.read_results(out)
+    assert done["settings"]["case_ids"] == [0, 1, 2, 4, 5, 6]
+    assert done["methods"]["rlsedit"]["done"] and done["methods"]["rlsedit"]["edits_done"] == 6
+    assert [c["case_id"] for c in done["base"]["cases"]] == [0, 1, 2, 4, 5, 6]

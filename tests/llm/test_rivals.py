@@ -306,7 +306,7 @@ def test_bench_runs_rlsedit_ultraedit_and_encore_on_a_tiny_model(tiny, tmp_path,
     model, tok = tiny("llama")
     monkeypatch.setattr(bench, "load_model", lambda name, **kw: (model, tok))
     stream = [dataclasses.replace(FACTS[i % len(FACTS)], case_id=i) for i in range(4)]
-    monkeypatch.setattr(bench, "load_stream", lambda dataset, n, tok=None: stream[:n])
+    monkeypatch.setattr(bench, "load_stream", lambda dataset, n, tok=None, **kw: stream[:n])
     real = protocol.make_runner
 
     def fast_runner(name, model, tokenizer, *, edit_config=None, **kw):
@@ -341,7 +341,7 @@ def test_bench_passes_ultraedit_settings_and_records_them(tiny, tmp_path, monkey
         raise KeyboardInterrupt  # stop after the runner is built: only its settings matter
 
     monkeypatch.setattr(bench, "load_model", lambda name, **kw: (model, tok))
-    monkeypatch.setattr(bench, "load_stream", lambda dataset, n, tok=None: list(FACTS[:n]))
+    monkeypatch.setattr(bench, "load_stream", lambda dataset, n, tok=None, **kw: list(FACTS[:n]))
     monkeypatch.setattr(bench, "make_runner", spy)
     for lr, ridge, recorded in ((None, 1.0, False), (0.25, 0.01, True)):
         out = tmp_path / f"bench-{recorded}"
