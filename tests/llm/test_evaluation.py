@@ -432,6 +432,24 @@ def _bench_args(out, **kw):
     return bench.BenchConfig(**a)
 
 
+def _interrupted(monkeypatch, runner_cls, args, at: int = 2) -> None:
+    """Run the bench with ``args`` until the ``at``-th call of ``runner_cls.edit`` raises
+    KeyboardInterrupt (as a user's Ctrl-C would), then put the real ``edit`` back."""
+    real_edit = runner_cls.edit
+    calls = {"n": 0}
+
+    def flaky(self, facts):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+        return real_edit(self, facts)
+
+    monkeypatch.setattr(runner_cls, "edit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(args)
+    monkeypatch.setattr(runner_cls, "edit", real_edit)
+
+
 @pytest.fixture
 def tiny_bench(tiny, monkeypatch):
     """Run the benchmark on a tiny model and a stream of the hand-made facts."""
@@ -662,19 +680,7 @@ def test_bench_shadow_and_full_checkpoints_resume(tiny_bench, tmp_path, monkeypa
     # Interrupt the shadow's second batch; the rerun resumes both and ends where the reference did.
     out = tmp_path / "run" / "out"
     out.parent.mkdir()
-    real_edit = protocol.ShadowRunner.edit
-    calls = {"n": 0}
-
-    def flaky(self, facts):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_edit(self, facts)
-
-    monkeypatch.setattr(protocol.ShadowRunner, "edit", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        bench.run_bench(_bench_args(out, **kw))
-    monkeypatch.setattr(protocol.ShadowRunner, "edit", real_edit)
+    _interrupted(monkeypatch, protocol.ShadowRunner, _bench_args(out, **kw))
     model, _ = tiny_bench
     assert bench.run_bench(_bench_args(out, **kw)) == 0
     got = bench.read_results(out)
@@ -758,19 +764,7 @@ def test_a_run_continues_when_its_stream_changed_only_after_the_written_edits(ti
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = tmp_path / "run" / "out"
     out.parent.mkdir()
-    calls = {"n": 0}
-    real_edit = protocol.MethodRunner.edit
-
-    def stop_second(self, facts):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_edit(self, facts)
-
-    monkeypatch.setattr(protocol.MethodRunner, "edit", stop_second)
-    with pytest.raises(KeyboardInterrupt):
-        bench.run_bench(_bench_args(out, methods="rlsedit"))
-    monkeypatch.setattr(protocol.MethodRunner, "edit", real_edit)
+    _interrupted(monkeypatch, protocol.MethodRunner, _bench_args(out, methods="rlsedit"))
     assert bench.read_results(out)["methods"]["rlsedit"]["edits_done"] == 2
     with torch.no_grad():  # a fresh process starts from the base model
         for n, p in model.named_parameters():
