@@ -262,7 +262,10 @@ def run_bench(config: BenchConfig) -> int:
         return 0
 
     methods = parse_methods(args.methods)
-    _device(args.device)  # a bad --device fails before anything is written
+    device = _device(args.device)  # a bad --device fails before anything is written
+    for name, value in (("--ultraedit-lr", args.ultraedit_lr), ("--ultraedit-ridge", args.ultraedit_ridge)):
+        if value is not None and not float(value) > 0:
+            raise HyperparameterError(f"{name} must be > 0; got {value}")
     cfg = ProtocolConfig(
         dataset=args.dataset, n_edits=int(args.edits), batch_size=int(args.batch),
         checkpoints=int(args.checkpoints),
@@ -292,7 +295,7 @@ def run_bench(config: BenchConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, device=_device(args.device))
+    model, tok = load_model(args.model, device=device)
     log.info("loaded %s on %s in %.1f s", args.model, args.device or "cpu", time.perf_counter() - t0)
     spec = detect_spec(model)
     layers = tuple(edit_config.layers or spec.default_layers)

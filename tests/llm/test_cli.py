@@ -104,16 +104,18 @@ def test_demo_takes_the_gemma_model_and_its_own_prompt_set(tmp_path, monkeypatch
         cli.main(["demo", "--model", "no-such-model"])
 
 
-@pytest.mark.parametrize("device, message", [
-    ("gpu0", "--device takes a torch device"),
-    pytest.param("cuda", "no CUDA device is visible",
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "gpu0"], "--device takes a torch device"),
+    (["--ultraedit-lr", "0"], "--ultraedit-lr must be > 0"),
+    (["--ultraedit-ridge", "-1"], "--ultraedit-ridge must be > 0"),
+    pytest.param(["--device", "cuda"], "no CUDA device is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")),
 ])
-def test_bench_refuses_a_device_it_cannot_use_before_writing(tmp_path, monkeypatch, capsys, device, message):
+def test_bench_refuses_a_device_or_setting_it_cannot_use_before_writing(tmp_path, monkeypatch, capsys, flags, message):
     loads = []
     monkeypatch.setattr("rlsedit_llm.evaluation.bench.load_model", lambda *a, **k: loads.append(k))
     out = tmp_path / "bench"
-    assert cli.main(["bench", "--device", device, "--edits", "2", "--batch", "1", "--out", str(out)]) == 1
+    assert cli.main(["bench", *flags, "--edits", "2", "--batch", "1", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert not out.exists() and not loads  # nothing loaded, nothing written
