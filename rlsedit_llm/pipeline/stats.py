@@ -29,8 +29,10 @@ tokenizer, the corpus (:func:`~rlsedit_llm.pipeline.corpus.corpus_fingerprint`),
 count, ``max_length``, ``overflow``, the stored dtype, the layer and its module path.
 
 While computing, the float64 partial sums are checkpointed every ``checkpoint_every`` of the
-tokens (default 20 %) with the number of sequences consumed; a rerun with ``resume=True``
-continues from the last checkpoint and gives the same result as one uninterrupted pass.
+tokens (default 20 %) with the number of sequences consumed, when at least
+``checkpoint_min_seconds`` (default 60 s) of the pass have run since the last write; a rerun
+with ``resume=True`` continues from the last checkpoint and gives the same result as one
+uninterrupted pass.
 
 Distributed
 -----------
@@ -145,6 +147,8 @@ def accumulate_second_moments(
     _check_positive_int("batch_size", batch_size)
     if dtype not in _STORED_DTYPES:
         raise HyperparameterError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if not (isinstance(checkpoint_min_seconds, (int, float)) and checkpoint_min_seconds >= 0):
+        raise HyperparameterError(f"checkpoint_min_seconds must be a number >= 0, got {checkpoint_min_seconds!r}")
     if isinstance(skip_sequences, bool) or not isinstance(skip_sequences, int) or skip_sequences < 0:
         raise HyperparameterError(f"skip_sequences must be an integer >= 0, got {skip_sequences!r}")
     plan = plan_sequences(
@@ -346,7 +350,7 @@ def second_moments(
 
 def _compute_missing(
     model, tokenizer, modules, corpus, *, keys, paths, common, folder, n_tokens, max_length, overflow,
-    batch_size, resume, progress, checkpoint_every, rank, world, coll_device, checkpoint_min_seconds=60.0,
+    batch_size, resume, progress, checkpoint_every, checkpoint_min_seconds, rank, world, coll_device,
 ) -> dict[int, MomentSum]:
     """One pass (sharded over ranks) for the missing layers, with checkpoints; rank 0 writes."""
     started = time.perf_counter()

@@ -643,3 +643,10 @@ def test_checkpoints_are_skipped_when_the_pass_is_shorter_than_a_write_is_worth(
     rare = _sm(llama, tok, texts, tmp_path / "rare", checkpoint_min_seconds=3600.0, **kw)
     for layer in (1, 3):
         assert torch.equal(rare[layer], written[layer])
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "60"])
+def test_checkpoint_min_seconds_must_be_a_number_at_least_zero(llama, tok, texts, tmp_path, bad):
+    with pytest.raises(HyperparameterError, match="checkpoint_min_seconds"):
+        _sm(llama, tok, texts, tmp_path, checkpoint_min_seconds=bad)
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing computed or written
