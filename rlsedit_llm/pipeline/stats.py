@@ -147,8 +147,6 @@ def accumulate_second_moments(
     _check_positive_int("batch_size", batch_size)
     if dtype not in _STORED_DTYPES:
         raise HyperparameterError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    if not (isinstance(checkpoint_min_seconds, (int, float)) and checkpoint_min_seconds >= 0):
-        raise HyperparameterError(f"checkpoint_min_seconds must be a number >= 0, got {checkpoint_min_seconds!r}")
     if isinstance(skip_sequences, bool) or not isinstance(skip_sequences, int) or skip_sequences < 0:
         raise HyperparameterError(f"skip_sequences must be an integer >= 0, got {skip_sequences!r}")
     plan = plan_sequences(
@@ -266,6 +264,8 @@ def second_moments(
         raise HyperparameterError("no layers given: pass at least one edited layer")
     if dtype not in _STORED_DTYPES:
         raise HyperparameterError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if not (isinstance(checkpoint_min_seconds, (int, float)) and checkpoint_min_seconds >= 0):
+        raise HyperparameterError(f"checkpoint_min_seconds must be a number >= 0, got {checkpoint_min_seconds!r}")
     _check_positive_int("n_tokens", n_tokens)
     _check_positive_int("max_length", max_length)
     _check_positive_int("batch_size", batch_size)
