@@ -319,8 +319,11 @@ def run_bench(config: BenchConfig) -> int:
         old = {**{k: v for k, v in cfg.__class__().to_dict().items() if k not in ("n_edits", "dataset")},
                "shadow": [], **results["settings"]}
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff == ["case_ids"] and _continues_stream(results, settings["case_ids"], cfg):
-            diff = []
+        if "case_ids" in diff and _continues_stream(results, settings["case_ids"], cfg):
+            diff.remove("case_ids")
+        if "shadow" in diff and _adds_shadows(results, old["shadow"], shadows):
+            diff.remove("shadow")
+            results["settings"]["shadow"] = shadows
         if diff:
             raise HyperparameterError(
                 f"{out} holds a benchmark with other settings ({', '.join(diff)}); rerun the same "
@@ -328,6 +331,10 @@ def run_bench(config: BenchConfig) -> int:
         log.info("resuming the benchmark in %s", out)
     else:
         results = {"settings": settings, "config": {}, "sessions": [], "base": None, "methods": {}}
+    if any(not (results["methods"].get(m) or {}).get("done") for m in shadows) \
+            and (results["methods"].get(LEADER) or {}).get("done") and not (state_root / LEADER).exists():
+        raise HyperparameterError(f"the shadows shadow {LEADER}, which is complete here without a kept state in "
+                                  f"{state_root / LEADER}; rerun with --restart (and --keep-state)")
     results["config"] = {"model": args.model, "dataset": cfg.dataset, "n_edits": cfg.n_edits,
                          "batch_size": cfg.batch_size, "retention_size": cfg.retention_size,
                          "checkpoint_batches": cfg.checkpoint_batches(), "layers": list(layers),
@@ -411,6 +418,17 @@ def run_bench(config: BenchConfig) -> int:
 
         return runner, record, advance
 
+    def kept_leader():
+        """The finished leader, loaded from its kept state (``--keep-state``), for added shadows."""
+        if kept:
+            return kept[0]
+        leader = load_runner(LEADER, model, tok, state_root / LEADER)
+        if leader.n_batches < cfg.n_batches:
+            raise StateMismatchError(f"the kept {LEADER} state holds {leader.n_batches} of {cfg.n_batches} batches")
+        kept.append(leader)
+        return leader
+
+    kept = []
     todo = [m for m in methods if not (results["methods"].get(m) or {}).get("done")]
     for name in methods:
         if name not in todo:
@@ -426,10 +444,10 @@ def run_bench(config: BenchConfig) -> int:
         for name in todo:
             leader = None
             if name in shadows:
-                if LEADER not in active:
-                    raise HyperparameterError(f"{name} shadows {LEADER}, which is already complete here; "
-                                              "rerun with --restart")
-                leader = active[LEADER][0]
+                if LEADER in active:
+                    leader = active[LEADER][0]
+                else:  # a shadow added to a finished run reads the leader's kept journal
+                    leader = kept_leader()
             runner, record, advance = start_method(name, leader)
             active[name] = (runner, record, advance, snapshot_weights(model, spec, layers))
         rounds = tqdm(range(1, cfg.n_batches + 1), desc="+".join(active), unit="round",
@@ -458,6 +476,13 @@ def run_bench(config: BenchConfig) -> int:
     write_report(results, out)
     print(f"results in {out}")
     return 0
+
+
+def _adds_shadows(results: dict, old: list[str], new: list[str]) -> bool:
+    """True if ``new`` keeps every shadow of a resumed run and adds only methods it has not run
+    (a method that computed its own values cannot turn into a shadow, nor a shadow back)."""
+    added = set(new) - set(old)
+    return set(old) <= set(new) and not any((results["methods"].get(m) or {}).get("batches_done") for m in added)
 
 
 def truncate_record(record: dict, n_batches: int) -> None:

@@ -695,6 +695,42 @@ def test_bench_shadow_and_full_checkpoints_resume(tiny_bench, tmp_path, monkeypa
         bench.run_bench(_bench_args(out, **{**kw, "score_all_at": "three hundred"}))
 
 
+def test_bench_adds_a_shadow_to_a_finished_run_from_the_kept_leader(tiny_bench, tmp_path):
+    """A shadow named on a rerun of a finished run writes the kept leader's journal: it ends on the
+    leader's weights (MEMIT-seq = RLSEdit at alpha = 0), and the leader is not run again. Without
+    a kept state, or turning a method that ran on its own values into a shadow, is refused."""
+    out = tmp_path / "run" / "out"
+    out.parent.mkdir()
+    assert bench.run_bench(_bench_args(out, methods="rlsedit", interleave=True, keep_state=True)) == 0
+    first = bench.read_results(out)
+    leader_before = first["methods"]["rlsedit"]
+    assert bench.run_bench(_bench_args(out, methods="rlsedit,memit_seq", shadow="memit_seq", interleave=True,
+                                       keep_state=True)) == 0
+    got = bench.read_results(out)
+    assert got["settings"]["shadow"] == ["memit_seq"]
+    assert got["methods"]["rlsedit"] == leader_before  # not run again
+    shadow = got["methods"]["memit_seq"]
+    assert shadow["done"] and shadow["edits_done"] == 6
+    # The kept leader is at its last batch: the gap is measured there (None before it).
+    last = shadow["checkpoints"][-1]
+    assert last["batch"] == 3 and max(g["rel"] for g in last["leader_gap"].values()) < 1e-6
+    assert all(p["leader_gap"] is None for p in shadow["checkpoints"][:-1])
+    assert shadow["final"]["all"]["score"] == pytest.approx(leader_before["final"]["all"]["score"], abs=1e-4)
+    # memit_seq has now run as a shadow: it cannot leave the shadow list (nor rlsedit's state be missing).
+    with pytest.raises(HyperparameterError, match="shadow"):
+        bench.run_bench(_bench_args(out, methods="rlsedit,memit_seq", interleave=True, keep_state=True))
+
+    bare = tmp_path / "bare" / "out"
+    bare.parent.mkdir()
+    assert bench.run_bench(_bench_args(bare, methods="rlsedit,memit", interleave=True)) == 0
+    before = (bare / "results.json").read_text()
+    with pytest.raises(HyperparameterError, match="shadow"):  # memit ran on its own values
+        bench.run_bench(_bench_args(bare, methods="rlsedit,memit", shadow="memit", interleave=True))
+    with pytest.raises(HyperparameterError, match="kept state"):  # no --keep-state the first time
+        bench.run_bench(_bench_args(bare, methods="rlsedit,memit,memit_seq", shadow="memit_seq", interleave=True))
+    assert (bare / "results.json").read_text() == before  # refused before anything was written
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox", "qwen2"])
 def test_logits_at_equals_the_full_logits(tiny, family):
     """The LM head applied at chosen positions only gives the model's own logits there."""
