@@ -573,6 +573,37 @@ def test_bench_smollm2_short_stream(smollm2, tmp_path, monkeypatch):
         assert (out / name).exists()
 
 
+@pytest.mark.slow
+def test_bench_smollm2_batch100_stream(smollm2, tmp_path, monkeypatch):
+    """The long-stream protocol at its real batch size: 200 simplified-CounterFact edits in two
+    batches of 100 on SmolLM2, RLSEdit computing its values and MEMIT as its shadow. The first
+    batch stays written after the second, the value-norm instruments are recorded, and the
+    deviation respects T3's bound."""
+    model, tok = smollm2
+    monkeypatch.setattr(bench, "load_model", lambda name, **kw: (model, tok))
+    out = tmp_path / "bench"
+    args = bench.BenchConfig(dataset="counterfact_simple", model="smollm2", edits=200, batch=100,
+                             methods="rlsedit,memit", shadow="memit", interleave=True, out=str(out),
+                             stats_tokens=6000, checkpoints=2, glue=0, fluency_cases=0, no_wild=True,
+                             retention_fraction=0.5,  # the retention set is the first batch
+                             quiet=True, cache_dir=str(tmp_path / "stats"))
+    assert bench.run_bench(args) == 0
+    res = bench.read_results(out)
+    rls = res["methods"]["rlsedit"]
+    assert rls["done"] and [e["edits"] for e in rls["immediate"]] == [100, 200]
+    final, first = rls["final"]["all"], rls["final"]["retention"]
+    assert final["n"] == 200 and final["efficacy"] >= 0.85 > res["base"]["all"]["efficacy"]
+    assert first["n"] == 100 and first["efficacy"] >= 0.85  # the first batch survives the second
+    for entry in rls["immediate"]:
+        assert 0.5 < entry["value_norm_ratio"] < 3.0  # written values near the model's own norms
+    for point in rls["checkpoints"]:
+        for d in point["deviation"].values():
+            assert d["fro"] <= d["t3a"] * (1 + 1e-6)
+    memit = res["methods"]["memit"]
+    assert memit["done"] and memit["final"]["all"]["n"] == 200
+    assert all(p["leader_gap"] is not None for p in memit["checkpoints"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Shadows: one stream of keys and values, two solvers
 
