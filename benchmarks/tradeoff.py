@@ -1,7 +1,7 @@
 """RLSEdit's trade-off on a real stream: a grid of (alpha, N) fed one stream of keys and values.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/tradeoff.py --leader DIR --out OUT \
-        [--alphas 0,5,35,300] [--mom2-weights 15000,default,4x] [--eval-cases 200]
+        [--alphas 0,5,35,300] [--mom2-weights 15000,default,4x] [--eval-cases 200] [--compare BENCH_DIR]
 
 ``--leader`` is a saved editor (``Editor.save``; e.g. ``OUT/state/rlsedit`` of an
 ``rlsedit bench`` run) on SmolLM2. Every grid point is a fresh RLSEdit editor on the base weights
@@ -49,12 +49,18 @@ def main() -> None:
     parser.add_argument("--mom2-weights", default="15000,default,4x")
     parser.add_argument("--eval-cases", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compare", type=Path, nargs="*", default=[],
+                        help="rlsedit bench folders on the same stream: their other methods join the plot")
+    parser.add_argument("--plot-only", action="store_true", help="redraw OUT/pareto.png from OUT/tradeoff.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "tradeoff.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"points": []}
+    if args.plot_only:
+        plot(results, out / "pareto.png", compared(args.compare, results["stream"]))
+        return
 
     model, tok = rlsedit_llm.load_model(args.model)
     leader = rlsedit_llm.Editor.load(model, tok, args.leader)  # writes the leader's weights
@@ -99,23 +105,60 @@ def main() -> None:
         print(f"alpha {alpha:g}, N {mom2:.0f}: ES {summary['efficacy']:.3f} PS {summary['generalization']:.3f} "
               f"NS {summary['specificity']:.3f} score {summary['score']:.3f} retained ES {kept['efficacy']:.3f}",
               flush=True)
-    plot(results, out / "pareto.png")
+    plot(results, out / "pareto.png", compared(args.compare, results["stream"]))
 
 
-def plot(results: dict, path: Path) -> None:
-    """Efficacy and generalization against specificity, one marker per (alpha, N)."""
+def bench_points(folder: Path, stream: dict) -> dict[str, dict]:
+    """The other methods of an ``rlsedit bench`` folder on the same stream, for the plot: each
+    method's final scores over every edit and on the retention set, if the grid scored the whole
+    stream (``--eval-cases`` at least its length); else nothing, since the two would not compare."""
+    results = json.loads((Path(folder) / "results.json").read_text())
+    if stream["eval_cases"] < stream["edits"]:
+        return {}
+    out = {}
+    for name, rec in results["methods"].items():
+        final = rec.get("final") or {}
+        if name != "rlsedit" and final.get("edits") == stream["edits"] and final.get("all"):
+            shadow = name in results["settings"].get("shadow", [])
+            out[name + (" (shadow)" if shadow else "")] = {"summary": final["all"], "retention": final["retention"]}
+    return out
+
+
+def compared(folders: list[Path], stream: dict) -> dict[str, dict]:
+    """:func:`bench_points` of several folders; a name seen before gets its folder's name."""
+    out = {}
+    for folder in folders:
+        for name, point in bench_points(folder, stream).items():
+            out[name if name not in out else f"{name} ({Path(folder).name})"] = point
+    return out
+
+
+def plot(results: dict, path: Path, others: dict[str, dict] | None = None) -> None:
+    """Efficacy, generalization and the retained edits' efficacy against specificity: one marker
+    per (alpha, N), a line through each N's alphas, and the other methods of ``others``."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, y in zip(axes, ("efficacy", "generalization")):
-        for p in results["points"]:
-            s = p["summary"]
-            ax.scatter(s["specificity"], s[y], s=30)
-            ax.annotate(f"a={p['alpha']:g}, N={p['mom2_weight']:.0f}", (s["specificity"], s[y]), fontsize=7)
+    panels = (("summary", "efficacy", "efficacy (ES)"), ("summary", "generalization", "generalization (PS)"),
+              ("retention", "efficacy", "first 10 % of edits: ES"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    for ax, (part, y, label) in zip(axes, panels):
+        weights = sorted({p["mom2_weight"] for p in results["points"]})
+        for i, mom2 in enumerate(weights):  # RLSEdit in shades of blue, the other methods in other colours
+            pts = sorted((p for p in results["points"] if p["mom2_weight"] == mom2), key=lambda p: p["alpha"])
+            xs = [p["summary"]["specificity"] for p in pts]
+            ys = [p[part][y] for p in pts]
+            ax.plot(xs, ys, marker="o", ms=5, color=plt.cm.Blues(0.9 - 0.5 * i / max(1, len(weights) - 1)),
+                    label=f"RLSEdit, N={mom2:.0f}")
+            for p, x, v in zip(pts, xs, ys):
+                ax.annotate(f"a={p['alpha']:g}", (x, v), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for j, (name, point) in enumerate((others or {}).items()):
+            ax.scatter(point["summary"]["specificity"], point[part][y], marker="sD^vPX*"[j % 7], s=45,
+                       color=plt.cm.tab10(1 + j % 9), label=name)
         ax.set_xlabel("specificity (NS)")
-        ax.set_ylabel(y)
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     st = results["stream"]
-    fig.suptitle(f"RLSEdit trade-off (shadow scan): {st['edits']} edits, "
+    fig.suptitle(f"RLSEdit trade-off (shadow scan): {st['edits']} edits, {st['eval_cases']} scored, "
                  f"{st['edits_per_key_dim']:.2f} edits per key dimension", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
