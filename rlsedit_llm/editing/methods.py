@@ -36,6 +36,9 @@ def make_editor(method: str, model, tokenizer, config: EditConfig | None = None,
             value = replace(default_value_config(detect_spec(model)), **value_defaults)
             config = replace(config, value=value)
         return Editor(model, tokenizer, config)
+    if config.anchor_value_norms:  # an editor-level method optimises no value z* to rescale
+        raise HyperparameterError(f"{method!r} computes no values, so value-norm anchoring does not apply to it; "
+                                  "use EditConfig(anchor_value_norms=False)")
     return cls.from_config(model, tokenizer, config, **options)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -266,6 +266,9 @@ def make_runner(name: str, model, tokenizer, *, edit_config: EditConfig | None =
     options = (method_options or {}).get(name, {}) if not is_layer_method(name) else {}
     if leader is not None and not is_layer_method(name):
         raise HyperparameterError(f"{name!r} computes no keys or values, so it cannot shadow a method")
+    if edit_config is not None and not is_layer_method(name):
+        # the bench's value-norm anchoring applies to the methods that solve values only
+        edit_config = replace(edit_config, anchor_value_norms=False)
     editor = make_editor(name, model, tokenizer, edit_config, **options)
     return MethodRunner(name, editor) if leader is None else ShadowRunner(name, editor, leader)
 

@@ -798,7 +798,7 @@ def test_value_norm_anchoring_and_instruments(tiny, tmp_path):
     anchored = anchor_norms(target, ref)
     assert torch.allclose(anchored.norm(dim=1), ref.norm(dim=1))
     assert torch.allclose(anchored / anchored.norm(dim=1, keepdim=True), target / target.norm(dim=1, keepdim=True))
-    for method in ("rlsedit", "alphaedit"):
+    for method in ("rlsedit", "alphaedit", "encore"):  # ENCORE: anchored after its early stop
         for anchor in (False, True):
             model, tok = tiny("llama")
             cfg = dataclasses.replace(_fast_config(tmp_path), method=method, anchor_value_norms=anchor)
@@ -809,6 +809,20 @@ def test_value_norm_anchoring_and_instruments(tiny, tmp_path):
                 assert torch.allclose(z, h0, rtol=1e-5)
             else:
                 assert not torch.allclose(z, h0, rtol=1e-3)  # the optimised values moved away
+
+
+def test_value_norm_anchoring_is_refused_by_methods_without_values(tiny, tmp_path):
+    """UltraEdit and FT optimise no value: asking them to anchor one is a typed error, not a
+    silently ignored setting; the bench (which sets it for every method) drops it for them."""
+    from rlsedit_llm.editing.methods import make_editor
+
+    model, tok = tiny("llama")
+    cfg = dataclasses.replace(_fast_config(tmp_path), anchor_value_norms=True)
+    for method in ("ultraedit", "ft"):
+        with pytest.raises(HyperparameterError, match="no values"):
+            make_editor(method, model, tok, cfg)
+    runner = protocol.make_runner("ultraedit", model, tok, edit_config=cfg)
+    assert runner.editor.layers_ == tuple(cfg.layers or runner.editor.spec_.default_layers)
 
 
 def test_load_stream_skips_a_question_repeated_inside_its_batch(tmp_path):
