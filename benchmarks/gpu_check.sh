@@ -3,14 +3,15 @@
 #   1. the gpu-marked tests           (pytest -m gpu)
 #   2. a SmolLM2 CounterFact stream   (1,000 edits in batches of 100, per-stage timings)
 #   3. benchmarks/scale.py            (the full 32-layer Llama-3-8B shape, bf16 model, on cuda)
-# and one summary table at the end.
+# and one summary table at the end. Opt-in (--steps bench): every method's 1,000-edit full-schema
+# CounterFact benchmark on SmolLM2 (rlsedit bench, time-budgeted; results in $RESULTS/bench).
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run   # the same steps on CPU with tiny settings (CI)
-#   bash benchmarks/gpu_check.sh --steps tests,scale   # only some steps (tests, stream, scale)
+#   bash benchmarks/gpu_check.sh --steps tests,scale   # only some steps (tests, stream, scale, bench)
 #
 # Output folder: $GPU_CHECK_OUT, else $OUT/gpu_check, else ./gpu_check_out (logs and JSON figures).
-# Per-step time limits (seconds): GPU_CHECK_TESTS_S, GPU_CHECK_STREAM_S, GPU_CHECK_SCALE_S.
+# Per-step time limits (seconds): GPU_CHECK_TESTS_S, GPU_CHECK_STREAM_S, GPU_CHECK_SCALE_S, GPU_CHECK_BENCH_S.
 # The Python: .venv if it imports torch and the package; else a python3 that already has torch
 # (a GPU image's CUDA build) with this checkout on PYTHONPATH; else `make venv` builds .venv.
 set -u
@@ -28,7 +29,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 for s in ${STEPS//,/ }; do
-  case "$s" in tests|stream|scale) ;; *) echo "--steps takes tests, stream, scale; got '$s'" >&2; exit 2 ;; esac
+  case "$s" in tests|stream|scale|bench) ;; *) echo "--steps takes tests, stream, scale, bench; got '$s'" >&2; exit 2 ;; esac
 done
 wanted() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
@@ -55,6 +56,9 @@ if [ "$DRY" = 1 ]; then
   TESTS_S=${GPU_CHECK_TESTS_S:-120}; STREAM_S=${GPU_CHECK_STREAM_S:-120}; SCALE_S=${GPU_CHECK_SCALE_S:-120}
   STREAM_ARGS=(--stream --stream-model tiny --edits 6 --batch 3 --stats-tokens 500 --device cpu --threads 1)
   SCALE_ARGS=(--quick --device cpu --threads 1 --layers 2 --dtype float32)
+  BENCH_S=${GPU_CHECK_BENCH_S:-240}
+  BENCH_ARGS=(--device cpu --model "$RESULTS/tiny_model" --dataset counterfact --edits 4 --batch 2 --stats-tokens 500
+              --methods rlsedit,memit,encore,ultraedit --shadow memit --checkpoints 1 --fluency-cases 0)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
   DEVICE=cuda
@@ -62,6 +66,10 @@ else
   STREAM_ARGS=(--stream --stream-model smollm2 --edits 1000 --batch 100 --stats-tokens 100000 --device cuda)
   SCALE_ARGS=(--device cuda --layers 32 --dtype bfloat16 --state-dtype float64 --edit-layers 5 --batch 100
               --stats-tokens 4096 --value-steps 10 --blocks 1024,2048,4096)
+  BENCH_S=${GPU_CHECK_BENCH_S:-540}
+  BENCH_ARGS=(--device cuda --model smollm2 --dataset counterfact --edits 1000 --batch 100
+              --methods rlsedit,alphaedit,memit,memit_seq,encore,ultraedit --shadow alphaedit,memit,memit_seq
+              --checkpoints 3 --fluency-cases 10)
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device visible to $PY (use --dry-run on a CPU machine)" >&2
     exit 1
@@ -100,6 +108,20 @@ if wanted scale; then
   step "scale.py ($([ "$DRY" = 1 ] && echo quick || echo 8B shape))" "$SCALE_S" "$RESULTS/scale.log" \
     "$PY" benchmarks/scale.py "${SCALE_ARGS[@]}" --json "$RESULTS/scale.json"
   DETAIL+=("$(grep -E '^target|^total' "$RESULTS/scale.log" | sed 's/target (in place within 1.5x of the floor, torch./in place vs floor /' | tr '\n|' '; ')")
+fi
+
+if wanted bench; then
+  if [ "$DRY" = 1 ]; then  # the bench loads a model by name or folder: save a tiny random one
+    "$PY" -c "import sys; from rlsedit_llm.adapters.architectures import tiny_model; m, t = tiny_model('llama'); \
+m.save_pretrained(sys.argv[1]); t.save_pretrained(sys.argv[1])" "$RESULTS/tiny_model" >/dev/null 2>&1
+  fi
+  # Stops at a batch boundary with BENCH_S/5 left for the final scoring; rerun the step to resume.
+  step "rlsedit bench (every method)" "$BENCH_S" "$RESULTS/bench.log" \
+    "$PY" -m rlsedit_llm.cli bench "${BENCH_ARGS[@]}" --interleave --glue 0 --quiet --keep-state \
+    --out "$RESULTS/bench" --time-budget $((BENCH_S * 4 / 5))
+  DETAIL+=("$("$PY" -c "import json, sys; m = json.load(open(sys.argv[1]))['methods']; \
+print(sum(r['done'] for r in m.values()), 'of', len(m), 'methods done at', min(r['edits_done'] for r in m.values()), 'edits')" \
+    "$RESULTS/bench/results.json" 2>/dev/null); $RESULTS/bench/results.md")
 fi
 
 echo

@@ -3,6 +3,7 @@ models (the written weight is the float64 master rounded), and the GPU check's d
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -255,6 +256,22 @@ def test_gpu_check_dry_run_prints_the_summary(tmp_path):
     rows = {cells[0]: cells[1] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[1:])}
     assert set(rows) == {"pytest -m gpu", "counterfact stream", "scale.py (quick)"}, table
     assert all(status == "PASS" for status in rows.values()), table
+
+
+@pytest.mark.slow  # about 60 s on 2 shared cores
+def test_gpu_check_bench_step_dry_run(tmp_path):
+    """The opt-in bench step (every method's benchmark) runs the bench CLI and reports its table."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", GPU_CHECK_OUT=str(tmp_path))
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--steps", "bench"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| rlsedit bench (every method) | PASS |" in proc.stdout
+    assert "4 of 4 methods done at 4 edits" in proc.stdout  # rlsedit, memit (shadow), encore, ultraedit
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert all(results["methods"][m]["done"] for m in ("rlsedit", "memit", "encore", "ultraedit"))
+    bad = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--steps", "tests,nope"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "bench" in bad.stderr
 
 
 def test_editor_refuses_up_front_a_state_that_cannot_fit(monkeypatch, tmp_path):
