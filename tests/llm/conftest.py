@@ -7,12 +7,15 @@
   model offline (see :func:`rlsedit_llm.adapters.architectures.tiny_model`); cheap (tens of milliseconds).
 - ``one_thread_unless_slow``: torch on one thread for the test, unless it is marked ``slow``
   (tiny matrices gain nothing from threads, and on shared CI cores OpenMP threads oversubscribe).
+- ``benchmark_script``: factory ``benchmark_script(name)`` importing ``benchmarks/<name>.py`` as a
+  module (the benchmark scripts are not a package).
 - ``counterfact`` / ``counterfact_simple`` / ``zsre``: the raw records of the data sets (the copies
   shipped in ``rlsedit_llm/data`` first, else ``/work/shared/data``; skipped when neither exists).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -22,7 +25,19 @@ import torch
 from rlsedit_llm.adapters.architectures import tiny_model
 
 DATA = Path("/work/shared/data")
-_PACKAGED = Path(__file__).resolve().parents[2] / "rlsedit_llm" / "data"
+_ROOT = Path(__file__).resolve().parents[2]
+_PACKAGED = _ROOT / "rlsedit_llm" / "data"
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, _ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 def _load_json(*candidates: Path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from rlsedit_llm.editing.editor import EditConfig, Editor
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.pipeline.values import ValueConfig
 
-ROOT = Path(__file__).resolve().parents[2]
 
 BATCHES = [
     [Fact("The mother tongue of {} is", "Danielle Darrieux", "English", relation_id="P103"),
@@ -26,11 +24,8 @@ BATCHES = [
 
 
 @pytest.fixture(scope="module")
-def theory_check():
-    spec = importlib.util.spec_from_file_location("theory_check", ROOT / "benchmarks" / "theory_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def theory_check(benchmark_script):
+    return benchmark_script("theory_check")
 
 
 @pytest.fixture(scope="module")
