@@ -418,17 +418,6 @@ def run_bench(config: BenchConfig) -> int:
 
         return runner, record, advance
 
-    def kept_leader():
-        """The finished leader, loaded from its kept state (``--keep-state``), for added shadows."""
-        if kept:
-            return kept[0]
-        leader = load_runner(LEADER, model, tok, state_root / LEADER)
-        if leader.n_batches < cfg.n_batches:
-            raise StateMismatchError(f"the kept {LEADER} state holds {leader.n_batches} of {cfg.n_batches} batches")
-        kept.append(leader)
-        return leader
-
-    kept = []
     todo = [m for m in methods if not (results["methods"].get(m) or {}).get("done")]
     for name in methods:
         if name not in todo:
@@ -440,14 +429,18 @@ def run_bench(config: BenchConfig) -> int:
             advance()
             write_report(results, out)
     else:  # round robin: every method one batch at a time, so all stay at the same number of edits
-        active = {}
+        active, kept = {}, None
         for name in todo:
             leader = None
-            if name in shadows:
-                if LEADER in active:
-                    leader = active[LEADER][0]
-                else:  # a shadow added to a finished run reads the leader's kept journal
-                    leader = kept_leader()
+            if name in shadows and LEADER in active:
+                leader = active[LEADER][0]
+            elif name in shadows:  # a shadow added to a finished run reads the leader's kept journal
+                if kept is None:
+                    kept = load_runner(LEADER, model, tok, state_root / LEADER)
+                    if kept.n_batches < cfg.n_batches:
+                        raise StateMismatchError(f"the kept {LEADER} state holds {kept.n_batches} of "
+                                                 f"{cfg.n_batches} batches")
+                leader = kept
             runner, record, advance = start_method(name, leader)
             active[name] = (runner, record, advance, snapshot_weights(model, spec, layers))
         rounds = tqdm(range(1, cfg.n_batches + 1), desc="+".join(active), unit="round",
