@@ -58,7 +58,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "tradeoff.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"points": []}
+    missing = [str(f) for f in args.compare if not (Path(f) / "results.json").is_file()]
+    if missing:
+        parser.error(f"--compare: no results.json in {', '.join(missing)}")
     if args.plot_only:
+        if "stream" not in results:
+            parser.error(f"--plot-only: no finished grid in {results_path}")
         plot(results, out / "pareto.png", compared(args.compare, results["stream"]))
         return
 
