@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--time-budget", type=float,
                        help="with --interleave: after this many seconds finish the current round, score the "
                             "edits written so far and stop (rerun without it to continue the stream)")
+    bench.add_argument("--extend-from", metavar="OLD",
+                       help="start a longer stream from the finished run in OLD (same settings, kept states): "
+                            "its edits are not written again, OLD is only read")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -10,6 +10,8 @@ after every batch the method's progress is checkpointed atomically into ``DIR``:
 it stopped; a command whose stream or settings differ is refused (use ``--restart`` or another
 ``--out``). Finished methods keep only their results (their state is deleted unless
 ``--keep-state``). ``--report-only`` rebuilds the tables and figures from ``results.json``.
+``--extend-from OLD`` starts a longer stream in ``DIR`` from the finished, kept run in ``OLD``
+(its first edits are not written again; ``OLD`` is only read).
 
 Outputs in ``DIR``: ``results.json`` (everything), ``summary.csv``, ``curves.csv``,
 ``deviation.csv``, ``results.md`` and ``scores.png``, ``retention.png``, ``deviation.png``,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -107,6 +110,7 @@ class BenchConfig:
     shadow: str = ""
     score_all_at: str = ""
     time_budget: float | None = None
+    extend_from: str | None = None
 
     def resolved(self) -> "BenchConfig":
         """This config with the size-dependent defaults filled in (see :func:`scaled_defaults`)."""
@@ -309,12 +313,15 @@ def run_bench(config: BenchConfig) -> int:
            if args.ultraedit_lr is not None or float(args.ultraedit_ridge) != 1.0 else {}),
         "stats_tokens": edit_config.stats_tokens, "corpus": edit_config.corpus,
         "case_ids": [f.case_id for f in facts], **ft, "shadow": shadows,
+        **({"extended_from": str(args.extend_from)} if args.extend_from else {}),
     }
     results = read_results(out)
     if results is not None and args.restart:
         results = None
         shutil.rmtree(state_root, ignore_errors=True)
-    if results is not None:
+    if results is None and args.extend_from:
+        results = _extension(Path(args.extend_from), settings, cfg, methods, shadows, state_root)
+    elif results is not None:
         # Settings added after a run started take their default values there.
         old = {**{k: v for k, v in cfg.__class__().to_dict().items() if k not in ("n_edits", "dataset")},
                "shadow": [], **results["settings"]}
@@ -324,6 +331,8 @@ def run_bench(config: BenchConfig) -> int:
         if "shadow" in diff and _adds_shadows(results, old["shadow"], shadows):
             diff.remove("shadow")
             results["settings"]["shadow"] = shadows
+        if "extended_from" in diff and not args.extend_from:  # resuming an extension needs no source
+            diff.remove("extended_from")
         if diff:
             raise HyperparameterError(
                 f"{out} holds a benchmark with other settings ({', '.join(diff)}); rerun the same "
@@ -469,6 +478,84 @@ def run_bench(config: BenchConfig) -> int:
     write_report(results, out)
     print(f"results in {out}")
     return 0
+
+
+#: Settings in which a longer stream may differ from the finished run it extends.
+_EXTENSION_SETTINGS = ("n_edits", "checkpoints", "full_checkpoints", "retention_fraction", "case_ids",
+                       "shadow", "extended_from")  # each method's role is checked on its own
+
+
+def _extension(source: Path, settings: dict, cfg: ProtocolConfig, methods: list[str], shadows: list[str],
+               state_root: Path) -> dict:
+    """The results of a new run that lengthens the finished run in ``source`` (``--extend-from``).
+
+    Checked first, before anything is written: every setting but the stream's length and its
+    checkpoints is the same; the source's stream is the first part of this one; the retention
+    set (the first edits re-scored at every checkpoint) is the same edits; each method ran there
+    in the same role (its own values, or a shadow) to the end and kept its state. Then each
+    method's kept state is copied to ``state_root`` (``source`` is only read) and its record
+    continues from the source's last batch; the source's final scores (every edit re-scored)
+    become the full checkpoint at its last batch.
+    """
+    old = read_results(source)
+    if old is None:
+        raise HyperparameterError(f"--extend-from {source}: no {RESULTS} there; name the folder of a finished run")
+    prev = {**{k: v for k, v in ProtocolConfig().to_dict().items() if k not in ("n_edits", "dataset")},
+            "shadow": [], **old["settings"]}
+    diff = sorted(k for k in set(prev) | set(settings)
+                  if k not in _EXTENSION_SETTINGS and prev.get(k) != settings.get(k))
+    if diff:
+        raise HyperparameterError(f"--extend-from {source}: that run has other settings ({', '.join(diff)}); "
+                                  "a longer stream keeps every setting but its length and checkpoints")
+    n_old = int(prev["n_edits"])
+    if cfg.n_edits <= n_old:
+        raise HyperparameterError(f"--extend-from {source}: --edits must exceed the {n_old} edits written there; "
+                                  f"got {cfg.n_edits}")
+    if settings["case_ids"][:n_old] != prev["case_ids"]:
+        raise HyperparameterError(f"--extend-from {source}: its {n_old} edits are not the first edits of this "
+                                  "stream (another dataset order or skipped records)")
+    before = replace(cfg, n_edits=n_old, retention_fraction=float(prev["retention_fraction"]), full_checkpoints=())
+    if before.retention_size != cfg.retention_size:
+        raise HyperparameterError(
+            f"--extend-from {source}: its retention set is the first {before.retention_size} edits, this run's "
+            f"the first {cfg.retention_size}; pass --retention-fraction {before.retention_size / cfg.n_edits:.6g} "
+            "to keep re-scoring the same edits")
+    scored = {math.ceil(e / cfg.batch_size) for e in prev["full_checkpoints"]} | {before.n_batches}
+    missing = [e for e in cfg.full_checkpoints if e <= n_old and math.ceil(e / cfg.batch_size) not in scored]
+    if missing:
+        raise HyperparameterError(f"--extend-from {source}: --score-all-at {missing} falls inside that run, "
+                                  f"which re-scored every edit only after {sorted(b * cfg.batch_size for b in scored)}")
+    old_state = source / "state"
+    for name in methods:
+        rec = old["methods"].get(name)
+        if rec is None or not rec.get("done"):
+            raise HyperparameterError(f"--extend-from {source}: {name} did not finish that run; a method joins a "
+                                      "longer stream only from the finished shorter one")
+        if (name in shadows) != (name in prev["shadow"]):
+            raise HyperparameterError(f"--extend-from {source}: {name} ran there "
+                                      f"{'as a shadow' if name in prev['shadow'] else 'on its own values'}; "
+                                      "it keeps that role in the longer stream")
+        if not (old_state / name).is_dir():
+            raise HyperparameterError(f"--extend-from {source}: no kept state {old_state / name}; "
+                                      "rerun that run with --keep-state")
+
+    log.info("lengthening the %d-edit run in %s to %d edits", n_old, source, cfg.n_edits)
+    results = {"settings": settings, "config": {}, "sessions": list(old["sessions"]), "base": old["base"],
+               "methods": {}}
+    for name in methods:
+        target = state_root / name
+        partial = target.with_name(target.name + ".copying")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(old_state / name, partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        rec = json.loads(json.dumps(old["methods"][name]))  # a deep copy
+        last = rec["checkpoints"][-1]  # the last batch is always a checkpoint
+        last.setdefault("all", rec["final"]["all"])
+        rec["source_final"] = rec["final"]  # the source's fluency, GLUE and generation scores
+        truncate_record(rec, rec["batches_done"])
+        results["methods"][name] = rec
+    return results
 
 
 def _adds_shadows(results: dict, old: list[str], new: list[str]) -> bool:

@@ -762,6 +762,66 @@ def test_bench_adds_a_shadow_to_a_finished_run_from_the_kept_leader(tiny_bench, 
     assert (bare / "results.json").read_text() == before  # refused before anything was written
 
 
+def _tree_bytes(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_bench_extends_a_finished_run_to_a_longer_stream(tiny_bench, tmp_path):
+    """``--extend-from`` continues a finished, kept 6-edit run to 10 edits without writing the
+    first 6 again: every method ends where a straight 10-edit run ends (same final scores; the
+    shadow still equals its leader), the short run's final scores become the full checkpoint at
+    6 edits, and the short run's folder is not touched. A method may leave the longer stream
+    (memit_seq here), but not join it or change its role."""
+    kw = dict(methods="rlsedit,memit_seq", shadow="memit_seq", interleave=True, keep_state=True)
+    straight = tmp_path / "straight" / "out"
+    straight.parent.mkdir()
+    assert bench.run_bench(_bench_args(straight, edits=10, **{**kw, "methods": "rlsedit,memit", "shadow": "memit"})) == 0
+    short = tmp_path / "short" / "out"
+    short.parent.mkdir()
+    assert bench.run_bench(_bench_args(short, **{**kw, "methods": "rlsedit,memit,memit_seq",
+                                                 "shadow": "memit,memit_seq"})) == 0
+    short_files = _tree_bytes(short)
+    short_final = bench.read_results(short)["methods"]["rlsedit"]["final"]
+
+    longer = tmp_path / "short" / "longer"
+    args = _bench_args(longer, edits=10, score_all_at="6", extend_from=str(short),
+                       **{**kw, "methods": "rlsedit,memit", "shadow": "memit"})
+    assert bench.run_bench(args) == 0
+    got, ref = bench.read_results(longer), bench.read_results(straight)
+    assert got["settings"]["extended_from"] == str(short) and got["settings"]["case_ids"] == ref["settings"]["case_ids"]
+    assert _tree_bytes(short) == short_files  # only read
+    for name in ("rlsedit", "memit"):
+        rec = got["methods"][name]
+        assert rec["done"] and rec["edits_done"] == 10
+        assert [e["batch"] for e in rec["immediate"]] == [1, 2, 3, 4, 5]
+        for k in ("efficacy", "generalization", "specificity"):
+            assert rec["final"]["all"][k] == pytest.approx(ref["methods"][name]["final"]["all"][k], abs=1e-6), (name, k)
+        assert rec["immediate"][4]["efficacy"] == pytest.approx(ref["methods"][name]["immediate"][4]["efficacy"], abs=1e-6)
+    at6 = [p for p in got["methods"]["rlsedit"]["checkpoints"] if p["edits"] == 6][0]
+    assert at6["all"] == short_final["all"] and got["methods"]["rlsedit"]["source_final"] == short_final
+    assert len(got["base"]["cases"]) == 10
+    # Resuming the finished extension needs no source any more and writes nothing new.
+    assert bench.run_bench(dataclasses.replace(args, extend_from=None)) == 0
+    assert bench.read_results(longer)["methods"]["rlsedit"]["final"] == got["methods"]["rlsedit"]["final"]
+
+    def refused(match, **changes):
+        out = tmp_path / "short" / f"refused_{match.split()[0]}"
+        with pytest.raises(HyperparameterError, match=match):
+            bench.run_bench(dataclasses.replace(args, out=str(out), **changes))
+        assert not out.exists() or not (out / "results.json").exists()
+
+    refused("must exceed", edits=6, score_all_at="")
+    refused("other settings", alpha=0.5)
+    refused("retention", retention_fraction=0.5)
+    refused("falls inside", score_all_at="2")
+    refused("did not finish", methods="rlsedit,memit,alphaedit", shadow="memit,alphaedit")
+    refused("as a shadow", methods="rlsedit,memit", shadow="")
+    refused("no results", extend_from=str(tmp_path / "nowhere"))
+    bare = tmp_path / "short" / "bare"
+    assert bench.run_bench(_bench_args(bare, methods="rlsedit", interleave=True)) == 0
+    refused("kept state", extend_from=str(bare), methods="rlsedit", shadow="")
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox", "qwen2"])
 def test_logits_at_equals_the_full_logits(tiny, family):
     """The LM head applied at chosen positions only gives the model's own logits there."""
