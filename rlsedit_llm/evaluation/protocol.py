@@ -487,9 +487,15 @@ def run_method(runner: MethodRunner, model, tokenizer, facts: Sequence[Fact], cf
     if (complete and not record["done"]) or (stopped and have.get("edits") != record["edits_done"]):
         tic = time.perf_counter()
         written = list(facts[: record["edits_done"]])
-        rows, summary = scored(written)
-        final = {"edits": record["edits_done"], "partial": not complete, "all": summary,
-                 "retention": _clean(metrics.summarize_cases(rows[: cfg.retention_size]))}
+        point = record["checkpoints"][-1] if record["checkpoints"] else {}
+        if point.get("batch") == record["batches_done"] and point.get("all"):
+            # A stream stopped at a full checkpoint: those scores are already every edit so far.
+            summary = point["all"]
+            retention = {k: v for k, v in point["retention"].items() if k != "wild"}
+        else:
+            rows, summary = scored(written)
+            retention = _clean(metrics.summarize_cases(rows[: cfg.retention_size]))
+        final = {"edits": record["edits_done"], "partial": not complete, "all": summary, "retention": retention}
         final.update(_extras(model, tokenizer, written, cfg, glue or {}, (base or {}).get("glue")))
         final["seconds"] = round(time.perf_counter() - tic, 2)
         record["final"], record["done"] = final, complete

@@ -386,6 +386,28 @@ def _tiny_stream(n):
             for i in range(n)]
 
 
+def test_a_stream_stopped_at_a_full_checkpoint_reuses_its_scores(tiny, tmp_path, monkeypatch):
+    """Stopped (time budget) right after a full checkpoint, the partial final takes that
+    checkpoint's scores of every edit instead of scoring all of them a second time."""
+    model, tok = tiny("llama")
+    facts = _tiny_stream(6)
+    cfg = protocol.ProtocolConfig(n_edits=6, batch_size=2, checkpoints=1, fluency_cases=0, wild=False,
+                                  retention_fraction=0.3, full_checkpoints=(4,))
+    runner = protocol.make_runner("rlsedit", model, tok, edit_config=_fast_config(tmp_path))
+    W0 = protocol.snapshot_weights(model, runner.editor.spec_, runner.layers)
+    real, scored = protocol.case_scores, []
+    monkeypatch.setattr(protocol, "case_scores", lambda ds, m, t, written, **kw: (scored.append(len(written)),
+                                                                                   real(ds, m, t, written, **kw))[1])
+    rec = protocol.run_method(runner, model, tok, facts, cfg, protocol.new_record(), W0=W0, progress=False,
+                              until=2, finish=True)
+    point = rec["checkpoints"][-1]
+    assert point["batch"] == 2 and point["all"]["n"] == 4
+    assert rec["final"]["partial"] and rec["final"]["all"] == point["all"] and rec["final"]["retention"]["n"] == 2
+    assert scored == [2, 2, 2, 2, 4]  # two batches, the retention set at batches 1 and 2, all 4 once
+    rec = protocol.run_method(runner, model, tok, facts, cfg, rec, W0=W0, progress=False, until=3, finish=True)
+    assert rec["done"] and scored[-1] == 6  # the end of the stream is scored in full
+
+
 def test_run_method_records_immediate_retention_and_final(tiny, tmp_path):
     model, tok = tiny("llama")
     facts = _tiny_stream(6)
