@@ -3,15 +3,20 @@
 #   1. the gpu-marked tests           (pytest -m gpu)
 #   2. a SmolLM2 CounterFact stream   (1,000 edits in batches of 100, per-stage timings)
 #   3. benchmarks/scale.py            (the full 32-layer Llama-3-8B shape, bf16 model, on cuda)
-# and one summary table at the end. Opt-in (--steps bench): every method's 1,000-edit full-schema
-# CounterFact benchmark on SmolLM2 (rlsedit bench, time-budgeted; results in $RESULTS/bench).
+# and one summary table at the end. Opt-in benches on SmolLM2 (rlsedit bench, time-budgeted and
+# resumable: rerun a step to continue it; results in $RESULTS/<step>):
+#   bench  every method, 1,000 full-schema CounterFact edits in batches of 100
+#   long   RLSEdit, AlphaEdit and MEMIT on their own values, 3,000 simplified-CounterFact edits,
+#          every edit re-scored at 1,000, 2,000 and 3,000
+#   zsre   the same three methods on all 887 zsRE records
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run   # the same steps on CPU with tiny settings (CI)
-#   bash benchmarks/gpu_check.sh --steps tests,scale   # only some steps (tests, stream, scale, bench)
+#   bash benchmarks/gpu_check.sh --steps tests,scale   # only some steps (tests, stream, scale, bench, long, zsre)
 #
 # Output folder: $GPU_CHECK_OUT, else $OUT/gpu_check, else ./gpu_check_out (logs and JSON figures).
-# Per-step time limits (seconds): GPU_CHECK_TESTS_S, GPU_CHECK_STREAM_S, GPU_CHECK_SCALE_S, GPU_CHECK_BENCH_S.
+# Per-step time limits (seconds): GPU_CHECK_TESTS_S, GPU_CHECK_STREAM_S, GPU_CHECK_SCALE_S, GPU_CHECK_BENCH_S
+# (each of bench, long and zsre).
 # The Python: .venv if it imports torch and the package; else a python3 that already has torch
 # (a GPU image's CUDA build) with this checkout on PYTHONPATH; else `make venv` builds .venv.
 set -u
@@ -23,13 +28,14 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --steps) shift; STEPS="${1:-}" ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
 done
 for s in ${STEPS//,/ }; do
-  case "$s" in tests|stream|scale|bench) ;; *) echo "--steps takes tests, stream, scale, bench; got '$s'" >&2; exit 2 ;; esac
+  case "$s" in tests|stream|scale|bench|long|zsre) ;;
+    *) echo "--steps takes tests, stream, scale, bench, long, zsre; got '$s'" >&2; exit 2 ;; esac
 done
 wanted() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
@@ -59,6 +65,10 @@ if [ "$DRY" = 1 ]; then
   BENCH_S=${GPU_CHECK_BENCH_S:-240}
   BENCH_ARGS=(--device cpu --model "$RESULTS/tiny_model" --dataset counterfact --edits 4 --batch 2 --stats-tokens 500
               --methods rlsedit,memit,encore,ultraedit --shadow memit --checkpoints 1 --fluency-cases 0)
+  LONG_ARGS=(--device cpu --model "$RESULTS/tiny_model" --dataset counterfact_simple --edits 6 --batch 2
+             --stats-tokens 500 --methods rlsedit,alphaedit,memit --checkpoints 1 --fluency-cases 0 --score-all-at 2,4)
+  ZSRE_ARGS=(--device cpu --model "$RESULTS/tiny_model" --dataset zsre --edits 4 --batch 2 --stats-tokens 500
+             --methods rlsedit,alphaedit,memit --checkpoints 1 --fluency-cases 0)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
   DEVICE=cuda
@@ -70,6 +80,10 @@ else
   BENCH_ARGS=(--device cuda --model smollm2 --dataset counterfact --edits 1000 --batch 100
               --methods rlsedit,alphaedit,memit,memit_seq,encore,ultraedit --shadow alphaedit,memit,memit_seq
               --checkpoints 3 --fluency-cases 10)
+  LONG_ARGS=(--device cuda --model smollm2 --dataset counterfact_simple --edits 3000 --batch 100
+             --methods rlsedit,alphaedit,memit --checkpoints 6 --fluency-cases 10 --score-all-at 1000,2000)
+  ZSRE_ARGS=(--device cuda --model smollm2 --dataset zsre --edits 887 --batch 100
+             --methods rlsedit,alphaedit,memit --checkpoints 3 --fluency-cases 10)
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device visible to $PY (use --dry-run on a CPU machine)" >&2
     exit 1
@@ -110,19 +124,25 @@ if wanted scale; then
   DETAIL+=("$(grep -E '^target|^total' "$RESULTS/scale.log" | sed 's/target (in place within 1.5x of the floor, torch./in place vs floor /' | tr '\n|' '; ')")
 fi
 
-if wanted bench; then
+if wanted bench || wanted long || wanted zsre; then
   if [ "$DRY" = 1 ]; then  # the bench loads a model by name or folder: save a tiny random one
     "$PY" -c "import sys; from rlsedit_llm.adapters.architectures import tiny_model; m, t = tiny_model('llama'); \
 m.save_pretrained(sys.argv[1]); t.save_pretrained(sys.argv[1])" "$RESULTS/tiny_model" >/dev/null 2>&1
   fi
+fi
+bench_step() {  # bench_step NAME TITLE args...: one time-budgeted, resumable rlsedit bench in $RESULTS/NAME
+  local name="$1" title="$2"; shift 2
   # Stops at a batch boundary with BENCH_S/5 left for the final scoring; rerun the step to resume.
-  step "rlsedit bench (every method)" "$BENCH_S" "$RESULTS/bench.log" \
-    "$PY" -m rlsedit_llm.cli bench "${BENCH_ARGS[@]}" --interleave --glue 0 --quiet --keep-state \
-    --out "$RESULTS/bench" --time-budget $((BENCH_S * 4 / 5))
+  step "$title" "$BENCH_S" "$RESULTS/$name.log" \
+    "$PY" -m rlsedit_llm.cli bench "$@" --interleave --glue 0 --quiet --keep-state \
+    --out "$RESULTS/$name" --time-budget $((BENCH_S * 4 / 5))
   DETAIL+=("$("$PY" -c "import json, sys; m = json.load(open(sys.argv[1]))['methods']; \
 print(sum(r['done'] for r in m.values()), 'of', len(m), 'methods done at', min(r['edits_done'] for r in m.values()), 'edits')" \
-    "$RESULTS/bench/results.json" 2>/dev/null); $RESULTS/bench/results.md")
-fi
+    "$RESULTS/$name/results.json" 2>/dev/null); $RESULTS/$name/results.md")
+}
+wanted bench && bench_step bench "rlsedit bench (every method)" "${BENCH_ARGS[@]}"
+wanted long && bench_step long "long stream (own values)" "${LONG_ARGS[@]}"
+wanted zsre && bench_step zsre "zsRE stream (own values)" "${ZSRE_ARGS[@]}"
 
 echo
 echo "GPU CHECK SUMMARY ($([ "$DRY" = 1 ] && echo 'dry run, CPU, tiny settings' || echo "$DEVICE"))"

@@ -273,6 +273,25 @@ def test_gpu_check_bench_step_dry_run(tmp_path):
     assert bad.returncode == 2 and "bench" in bad.stderr
 
 
+@pytest.mark.slow  # about 60 s on 2 shared cores
+def test_gpu_check_long_and_zsre_steps_dry_run(tmp_path):
+    """The opt-in long-stream and zsRE steps run RLSEdit, AlphaEdit and MEMIT on their own values
+    (no shadows) to the end, with every edit re-scored at the long stream's full checkpoints."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", GPU_CHECK_OUT=str(tmp_path))
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--steps", "long,zsre"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| long stream (own values) | PASS |" in proc.stdout and "| zsRE stream (own values) | PASS |" in proc.stdout
+    long = json.loads((tmp_path / "long" / "results.json").read_text())
+    zsre = json.loads((tmp_path / "zsre" / "results.json").read_text())
+    assert long["settings"]["shadow"] == [] and zsre["settings"]["dataset"] == "zsre"
+    for results, n in ((long, 6), (zsre, 4)):
+        assert {m: (r["done"], r["edits_done"]) for m, r in results["methods"].items()} == {
+            m: (True, n) for m in ("rlsedit", "alphaedit", "memit")}
+    full = [p["edits"] for p in long["methods"]["alphaedit"]["checkpoints"] if p.get("all")]
+    assert full == [2, 4]
+
+
 def test_editor_refuses_up_front_a_state_that_cannot_fit(monkeypatch, tmp_path):
     """Editor.prepare checks the memory plan against the device before any statistics pass."""
     import rlsedit_llm
