@@ -20,6 +20,7 @@ Outputs in ``DIR``: ``results.json`` (everything), ``summary.csv``, ``curves.csv
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -322,10 +323,8 @@ def run_bench(config: BenchConfig) -> int:
     if results is None and args.extend_from:
         results = _extension(Path(args.extend_from), settings, cfg, methods, shadows, state_root)
     elif results is not None:
-        # Settings added after a run started take their default values there.
-        old = {**{k: v for k, v in cfg.__class__().to_dict().items() if k not in ("n_edits", "dataset")},
-               "shadow": [], **results["settings"]}
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        old = _recorded_settings(results)
+        diff = _differing(old, settings)
         if "case_ids" in diff and _continues_stream(results, settings["case_ids"], cfg):
             diff.remove("case_ids")
         if "shadow" in diff and _adds_shadows(results, old["shadow"], shadows):
@@ -480,6 +479,17 @@ def run_bench(config: BenchConfig) -> int:
     return 0
 
 
+def _recorded_settings(results: dict) -> dict:
+    """A run's recorded settings; those added after it started take their default values."""
+    defaults = {k: v for k, v in ProtocolConfig().to_dict().items() if k not in ("n_edits", "dataset")}
+    return {**defaults, "shadow": [], **results["settings"]}
+
+
+def _differing(a: dict, b: dict) -> list[str]:
+    """The sorted keys whose values differ between two settings dicts (missing counts as None)."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 #: Settings in which a longer stream may differ from the finished run it extends.
 _EXTENSION_SETTINGS = ("n_edits", "checkpoints", "full_checkpoints", "retention_fraction", "case_ids",
                        "shadow", "extended_from")  # each method's role is checked on its own
@@ -500,10 +510,8 @@ def _extension(source: Path, settings: dict, cfg: ProtocolConfig, methods: list[
     old = read_results(source)
     if old is None:
         raise HyperparameterError(f"--extend-from {source}: no {RESULTS} there; name the folder of a finished run")
-    prev = {**{k: v for k, v in ProtocolConfig().to_dict().items() if k not in ("n_edits", "dataset")},
-            "shadow": [], **old["settings"]}
-    diff = sorted(k for k in set(prev) | set(settings)
-                  if k not in _EXTENSION_SETTINGS and prev.get(k) != settings.get(k))
+    prev = _recorded_settings(old)
+    diff = [k for k in _differing(prev, settings) if k not in _EXTENSION_SETTINGS]
     if diff:
         raise HyperparameterError(f"--extend-from {source}: that run has other settings ({', '.join(diff)}); "
                                   "a longer stream keeps every setting but its length and checkpoints")
@@ -549,7 +557,7 @@ def _extension(source: Path, settings: dict, cfg: ProtocolConfig, methods: list[
         shutil.copytree(old_state / name, partial)
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
-        rec = json.loads(json.dumps(old["methods"][name]))  # a deep copy
+        rec = copy.deepcopy(old["methods"][name])
         last = rec["checkpoints"][-1]  # the last batch is always a checkpoint
         last.setdefault("all", rec["final"]["all"])
         rec["source_final"] = rec["final"]  # the source's fluency, GLUE and generation scores
