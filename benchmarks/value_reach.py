@@ -97,6 +97,7 @@ def measure(model, tok, facts, settings, config: EditConfig | None = None) -> li
         result = compute_values(model, tok, editor.spec_, layer, facts, editor.templates_, value_config)
         rows.append({"setting": name, "facts": len(facts), **reach(result, value_config),
                      "seconds": time.perf_counter() - tic})
+        log.info("%s: %s", name, {k: v for k, v in rows[-1].items() if k != "setting"})
     return rows
 
 
