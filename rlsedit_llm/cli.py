@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--anchor-value-norms", action="store_true",
                        help="value-norm anchoring: rescale each solved value to the model's norm at that "
                             "position (methods that solve values)")
+    bench.add_argument("--value-steps", type=_positive_int,
+                       help="loss evaluations of each value optimisation (default: the method's and "
+                            "family's, 25 on Llama-like models; methods that solve values)")
     bench.add_argument("--mom2-weight", type=float,
                        help="N in the anchor Gram N E[kk^T] (default: the Editor's, 15000 scaled by d_k/14336)")
     bench.add_argument("--cache-dir", help="key-statistics cache folder (default: the user cache)")

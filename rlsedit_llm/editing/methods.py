@@ -13,9 +13,21 @@ from rlsedit_llm.adapters.architectures import detect_spec
 from rlsedit_llm.editing.editor import EditConfig, Editor
 from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.kernel.registry import get_method, is_layer_method
-from rlsedit_llm.pipeline.values import default_value_config
+from rlsedit_llm.pipeline.values import ValueConfig, default_value_config
 
-__all__ = ["make_editor", "load_editor"]
+__all__ = ["make_editor", "load_editor", "method_value_config"]
+
+
+def method_value_config(method: str, spec, **changes) -> ValueConfig:
+    """The value settings a layer-solver ``method`` uses by default on a model of ``spec``: the
+    family's (:func:`default_value_config`) with the method's declared ``value_defaults`` on top,
+    then ``changes`` (ValueConfig fields, e.g. ``steps=50``), validated."""
+    if not is_layer_method(method):
+        raise HyperparameterError(f"{method!r} optimises no values, so it has no value settings")
+    value = replace(default_value_config(spec), **getattr(get_method(method), "value_defaults", None) or {})
+    value = replace(value, **changes)
+    value.validate()
+    return value
 
 
 def make_editor(method: str, model, tokenizer, config: EditConfig | None = None, **options):
@@ -31,10 +43,8 @@ def make_editor(method: str, model, tokenizer, config: EditConfig | None = None,
     if is_layer_method(method):
         if options:
             raise HyperparameterError(f"{method!r} takes its settings from EditConfig; unexpected {sorted(options)}")
-        value_defaults = getattr(cls, "value_defaults", None)
-        if value_defaults and config.value is None:
-            value = replace(default_value_config(detect_spec(model)), **value_defaults)
-            config = replace(config, value=value)
+        if getattr(cls, "value_defaults", None) and config.value is None:
+            config = replace(config, value=method_value_config(method, detect_spec(model)))
         return Editor(model, tokenizer, config)
     if config.anchor_value_norms:  # an editor-level method optimises no value z* to rescale
         raise HyperparameterError(f"{method!r} computes no values, so value-norm anchoring does not apply to it; "

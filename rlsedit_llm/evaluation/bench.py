@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlsedit_llm.editing.editor import EditConfig, anchor_gram
+from rlsedit_llm.editing.methods import method_value_config
 from rlsedit_llm.errors import HyperparameterError, StateMismatchError
 from rlsedit_llm.adapters.architectures import detect_spec, load_model
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
@@ -91,6 +92,7 @@ class BenchConfig:
     alpha: float = 0.0
     beta: float = 1.0
     anchor_value_norms: bool = False
+    value_steps: int | None = None
     mom2_weight: float | None = None
     cache_dir: str | None = None
     retention_fraction: float = 0.1
@@ -297,6 +299,9 @@ def run_bench(config: BenchConfig) -> int:
         raise HyperparameterError("--time-budget needs --interleave (so that every method stops at the same edit)")
     if save_every < 1:
         raise HyperparameterError(f"--save-every must be >= 1; got {save_every}")
+    value_steps = args.value_steps
+    if value_steps is not None and (isinstance(value_steps, bool) or not isinstance(value_steps, int) or value_steps < 1):
+        raise HyperparameterError(f"--value-steps must be an int >= 1; got {value_steps!r}")
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
@@ -309,6 +314,7 @@ def run_bench(config: BenchConfig) -> int:
         "format": FORMAT, "model": args.model, **cfg.to_dict(), "layers": list(layers),
         "alpha": edit_config.alpha, "beta": edit_config.beta, "mom2_weight": edit_config.resolved_mom2_weight(spec.d_k),
         **({"anchor_value_norms": True} if edit_config.anchor_value_norms else {}),
+        **({"value_steps": value_steps} if value_steps is not None else {}),  # older runs resume
         # UltraEdit's settings only when they differ from the released ones (older runs resume)
         **({"ultraedit": args.method_options()["ultraedit"]}
            if args.ultraedit_lr is not None or float(args.ultraedit_ridge) != 1.0 else {}),
@@ -402,7 +408,10 @@ def run_bench(config: BenchConfig) -> int:
                 restore_weights(model, spec, W0)
         if runner is None:
             record = new_record()
-            runner = make_runner(name, model, tok, edit_config=edit_config, leader=leader,
+            method_config = edit_config
+            if value_steps is not None and is_layer_method(name):  # the method's own value settings, longer
+                method_config = replace(edit_config, value=method_value_config(name, spec, steps=value_steps))
+            runner = make_runner(name, model, tok, edit_config=method_config, leader=leader,
                                  method_options=args.method_options())
         results["methods"][name] = record
         last = [time.perf_counter()]

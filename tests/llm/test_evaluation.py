@@ -948,3 +948,43 @@ def test_a_run_continues_when_its_stream_changed_only_after_the_written_edits(ti
     assert done["settings"]["case_ids"] == [0, 1, 2, 4, 5, 6]
     assert done["methods"]["rlsedit"]["done"] and done["methods"]["rlsedit"]["edits_done"] == 6
     assert [c["case_id"] for c in done["base"]["cases"]] == [0, 1, 2, 4, 5, 6]
+
+
+def test_bench_value_steps_lengthen_each_methods_own_value_settings(tiny, tmp_path, monkeypatch):
+    """``--value-steps`` changes only the step budget of each method's own value settings (ENCORE
+    keeps its MPES stop), leaves editor-level methods alone, is recorded in the settings (a resume
+    with another budget is refused) and is checked before any model loads."""
+    from rlsedit_llm.editing.methods import method_value_config
+
+    model, tok = tiny("llama")
+    monkeypatch.setattr(bench, "load_stream", lambda dataset, n, tok=None, **kw: _tiny_stream(n))
+    loads = []
+    monkeypatch.setattr(bench, "load_model", lambda name, **kw: loads.append(name) or (model, tok))
+    built = {}
+    real = protocol.make_runner
+
+    def recording_runner(name, model, tokenizer, *, edit_config=None, **kw):
+        cfg = dataclasses.replace(edit_config, n_templates=2, template_length=4)  # value settings untouched
+        runner = real(name, model, tokenizer, edit_config=cfg, **kw)
+        built[name] = runner.editor
+        return runner
+
+    monkeypatch.setattr(bench, "make_runner", recording_runner)
+    out = tmp_path / "out"
+    args = _bench_args(out, edits=2, batch=2, methods="rlsedit,encore,ft", value_steps=3, checkpoints=1)
+    assert bench.run_bench(args) == 0
+    spec = built["rlsedit"].spec_
+    assert built["rlsedit"].value_config_ == method_value_config("rlsedit", spec, steps=3)
+    assert built["rlsedit"].value_config_.steps == 3 and not built["rlsedit"].value_config_.stop_when_top1
+    assert built["encore"].value_config_.steps == 3 and built["encore"].value_config_.stop_when_top1
+    assert built["rlsedit"].value_config_.lr == method_value_config("rlsedit", spec).lr  # only the budget moved
+    assert bench.read_results(out)["settings"]["value_steps"] == 3
+    with pytest.raises(HyperparameterError, match="value_steps"):
+        bench.run_bench(dataclasses.replace(args, value_steps=4))
+    with pytest.raises(HyperparameterError, match="optimises no values"):
+        method_value_config("ft", spec)
+    n_loads = len(loads)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(HyperparameterError, match="value-steps"):
+            bench.run_bench(_bench_args(tmp_path / f"bad{bad}", value_steps=bad))
+    assert len(loads) == n_loads  # refused before the model was loaded
