@@ -1,11 +1,14 @@
-"""One table of every method in several ``rlsedit bench`` folders, at one stream length.
+"""One table of every method in several ``rlsedit bench`` folders, at one or more stream lengths.
 
     .venv/bin/python benchmarks/combine_bench.py --at 300 docs/assets/bench/cf1000 docs/assets/bench/cf300
+    .venv/bin/python benchmarks/combine_bench.py --at 1000,2000,3000 --plot lengths.png RUN1 RUN2 ...
 
-For each method of each folder it takes the scores of *every edit written so far* after ``--at``
-edits: the final scoring if the method's stream ended there, or the mid-stream re-scoring of a
-longer stream (``rlsedit bench --score-all-at``). Streams must be the same facts (checked on the
-case ids). Prints a Markdown table (x100), with the unedited model's scores on the same cases.
+For each method of each folder it takes the scores of *every edit written so far* after each
+``--at`` length: the final scoring if the method's stream ended there, or the mid-stream
+re-scoring of a longer stream (``rlsedit bench --score-all-at``). Beside them, the stream's first
+edits (the retention set) re-scored at that length, when the run scored them there. Streams must
+be the same facts (checked on the case ids). Prints a Markdown table (x100), with the unedited
+model's scores on the same cases; ``--plot`` draws score and first-edit efficacy against length.
 """
 
 from __future__ import annotations
@@ -15,55 +18,106 @@ import json
 from pathlib import Path
 
 from rlsedit_llm.evaluation.metrics import harmonic_mean
+from rlsedit_llm.evaluation.plots import plot_lengths
 from rlsedit_llm.evaluation.protocol import base_summary
 
 KEYS = ("efficacy", "generalization", "specificity", "score", "wild")
 
 
-def scores_at(record: dict, edits: int) -> tuple[dict, str] | None:
-    """(scores of every edit so far, where they come from) after ``edits`` edits, or None."""
+def scores_at(record: dict, edits: int) -> tuple[dict, dict | None, str] | None:
+    """(scores of every edit so far, scores of the first edits or None, where they come from)
+    after ``edits`` edits, or None when the run did not score every edit there."""
     final = record.get("final") or {}
     if final.get("edits") == edits:
-        return final["all"], "final" + (" (partial stream)" if final.get("partial") else "")
+        return final["all"], final.get("retention"), "final" + (" (partial stream)" if final.get("partial") else "")
     for point in record.get("checkpoints", []):
         if point["edits"] == edits and point.get("all"):
-            return point["all"], f"mid-stream of {record['edits_done']}"
+            return point["all"], point.get("retention"), f"mid-stream of {record['edits_done']}"
     return None
 
 
-def main() -> None:
+def _lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--at takes comma-separated edit counts, e.g. 1000,2000; got {text!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"--at needs edit counts >= 1; got {text!r}")
+    return sorted(set(lengths))
+
+
+def collect(folders: list[Path], lengths: list[int]):
+    """Rows ``(label, run, edits, all, first, source)`` of every method scored at each length, and
+    the unedited model's scores per length; raises SystemExit when the streams differ."""
+    rows, base, cases = [], {}, None
+    for folder in folders:
+        results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+        ids = results["settings"]["case_ids"]
+        common = min(len(ids), len(cases)) if cases is not None else len(ids)
+        if cases is not None and ids[:common] != cases[:common]:
+            raise SystemExit(f"{folder}: its facts differ from the other folders' (not the same stream)")
+        cases = ids if cases is None or len(ids) > len(cases) else cases
+        shadows = results["settings"].get("shadow") or []
+        for edits in lengths:
+            if edits not in base and len((results.get("base") or {}).get("cases", [])) >= edits:
+                base[edits] = base_summary(results["base"], edits)
+            for name, record in results["methods"].items():
+                got = scores_at(record, edits)
+                if got is not None:
+                    label = name + (" (shadow)" if name in shadows else "")
+                    rows.append((label, folder.name, edits, *got))
+    return _distinct(rows), base
+
+
+def _distinct(rows: list[tuple]) -> list[tuple]:
+    """Rows without the copies a longer run carries of a shorter one (``--extend-from``: the same
+    method, length and scores); two different runs of one method at one length stay, each label
+    then naming its run."""
+    kept: dict[tuple, list[tuple]] = {}
+    for row in rows:
+        same = kept.setdefault((row[0], row[2]), [])
+        if all(other[3] != row[3] for other in same):
+            same.append(row)
+    clash = {key for key, same in kept.items() if len(same) > 1}
+    clash_labels = {label for label, _ in clash}
+    return [(f"{r[0]} [{r[1]}]" if r[0] in clash_labels else r[0], *r[1:]) for same in kept.values() for r in same]
+
+
+def _score(s: dict) -> float | None:
+    if s.get("score") is None and all(s.get(k) is not None for k in KEYS[:3]):
+        return harmonic_mean([s[k] for k in KEYS[:3]])
+    return s.get("score")
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path)
-    parser.add_argument("--at", type=int, required=True, help="stream length to compare at (edits)")
-    args = parser.parse_args()
-    rows, base, cases = [], None, None
-    for folder in args.folders:
-        results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-        ids = results["settings"]["case_ids"][: args.at]
-        if cases is not None and ids != cases:
-            raise SystemExit(f"{folder}: its first {args.at} facts differ from the other folders'")
-        cases = ids
-        if base is None and len((results.get("base") or {}).get("cases", [])) >= args.at:
-            base = base_summary(results["base"], args.at)
-        shadows = results["settings"].get("shadow") or []
-        for name, record in results["methods"].items():
-            got = scores_at(record, args.at)
-            if got is None:
-                continue
-            label = name + (" (shadow)" if name in shadows else "")
-            rows.append((label, folder.name, got[1], got[0]))
-    print(f"Every edit re-scored after {args.at} edits (x100):\n")
-    print("| method | run | from | ES | PS | NS | score | wild |")
-    print("|---|---|---|---|---|---|---|---|")
+    parser.add_argument("--at", type=_lengths, required=True,
+                        help="stream length(s) to compare at, comma-separated edit counts")
+    parser.add_argument("--plot", type=Path, help="also draw score and first-edit efficacy against length here")
+    args = parser.parse_args(argv)
+    rows, base = collect(args.folders, args.at)
     fmt = lambda x: "—" if x is None else f"{100 * x:.1f}"  # noqa: E731
-    if base:
-        print(f"| unedited | | | {' | '.join(fmt(base.get(k)) for k in KEYS)} |")
-    for label, run, source, s in rows:
-        score = s.get("score")
-        if score is None and all(s.get(k) is not None for k in KEYS[:3]):
-            score = harmonic_mean([s[k] for k in KEYS[:3]])
-        print(f"| {label} | {run} | {source} | {fmt(s.get('efficacy'))} | {fmt(s.get('generalization'))} | "
-              f"{fmt(s.get('specificity'))} | {fmt(score)} | {fmt(s.get('wild'))} |")
+    print(f"Every edit re-scored after {', '.join(map(str, args.at))} edits (x100); "
+          "'first: ES / NS' is the stream's first edits (n) at that length:\n")
+    print("| method | run | from | edits | ES | PS | NS | score | wild | first: ES / NS (n) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for edits in args.at:
+        if edits in base:
+            b = base[edits]
+            print(f"| unedited | | | {edits} | {' | '.join(fmt(b.get(k)) for k in KEYS)} | |")
+    for label, run, edits, s, first, source in sorted(rows, key=lambda r: (r[0], r[2])):
+        kept = "—" if not first else f"{fmt(first['efficacy'])} / {fmt(first['specificity'])} ({first['n']})"
+        print(f"| {label} | {run} | {source} | {edits} | {fmt(s.get('efficacy'))} | {fmt(s.get('generalization'))} | "
+              f"{fmt(s.get('specificity'))} | {fmt(_score(s))} | {fmt(s.get('wild'))} | {kept} |")
+    if args.plot:
+        points: dict[str, list] = {}
+        for label, _run, edits, s, first, _source in rows:
+            if _score(s) is not None:
+                points.setdefault(label, []).append((edits, {**s, "score": _score(s)}, first))
+        plot_lengths(points, args.plot, base=base or None,
+                     title=f"{len(args.folders)} run(s), every edit re-scored at each length")
+        print(f"\nplot: {args.plot}")
 
 
 if __name__ == "__main__":

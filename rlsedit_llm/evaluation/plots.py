@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rlsedit_llm.kernel.registry import method_names
 
-__all__ = ["plot_scores", "plot_retention", "plot_deviation", "plot_norms", "METRIC_LABELS"]
+__all__ = ["plot_scores", "plot_retention", "plot_deviation", "plot_norms", "plot_lengths", "METRIC_LABELS"]
 
 METRIC_LABELS = {
     "efficacy": "efficacy",
@@ -201,6 +201,44 @@ def plot_norms(results: dict, path) -> Path:
     if drawn:
         axes[0].legend(fontsize=8)
     fig.suptitle(_title(results, "Value norms and conditioning"), fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_lengths(points: dict[str, list[tuple[int, dict, dict | None]]], path, *, title: str = "",
+                 base: dict[int, dict] | None = None) -> Path:
+    """Scores against stream length across runs (``benchmarks/combine_bench.py``).
+
+    ``points[label]`` lists ``(edits, every edit's scores, first edits' scores or None)``; the
+    label's method (its first word) picks the line style. ``base[edits]``: the unedited model's
+    scores of the same edits, drawn as a grey dotted line."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8), sharex=True)
+    for label, pts in points.items():
+        pts = sorted(pts, key=lambda p: p[0])
+        method = label.split()[0]
+        names = method_names()
+        style = {**_style(method), "color": f"C{names.index(method) % 10 if method in names else 9}"}
+        if "shadow" in label:  # the same method on another's values: thin dotted, hollow markers
+            style.update(ls=":", lw=1.2, alpha=1.0, mfc="none")
+        axes[0].plot([p[0] for p in pts], [100 * p[1]["score"] for p in pts], label=label, **style)
+        kept = [p for p in pts if p[2] is not None]
+        axes[1].plot([p[0] for p in kept], [100 * p[2]["efficacy"] for p in kept], label=label, **style)
+    if base:
+        xs = sorted(base)
+        axes[0].plot(xs, [100 * base[x]["score"] for x in xs], color="grey", ls=":", lw=1, label="unedited")
+    axes[0].set_title("score of every edit so far (harmonic mean)", fontsize=10)
+    axes[1].set_title("efficacy of the stream's first edits", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("edits written")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("x100")
+    axes[0].legend(fontsize=7, loc="lower left")
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,51 @@
+"""benchmarks/combine_bench.py on the committed runs: the 2,000-edit run extends the 1,000-edit
+one, so it carries copies of that run's scores, which the table must show once."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSETS = ROOT / "docs" / "assets" / "bench"
+
+
+@pytest.fixture(scope="module")
+def combine():
+    spec = importlib.util.spec_from_file_location("combine_bench", ROOT / "benchmarks" / "combine_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rows_at_several_lengths_are_distinct_and_match_the_runs(combine, tmp_path, capsys):
+    runs = [ASSETS / "smol1000s", ASSETS / "smol2000s"]
+    rows, base = combine.collect(runs, [1000, 2000])
+    keys = [(label, edits) for label, _run, edits, *_ in rows]
+    assert len(keys) == len(set(keys))  # the 1,000-edit copies in smol2000s are dropped
+    assert ("rlsedit", 1000) in keys and ("rlsedit", 2000) in keys
+    final2000 = json.loads((runs[1] / "results.json").read_text())["methods"]["rlsedit"]["final"]
+    row = next(r for r in rows if r[0] == "rlsedit" and r[2] == 2000)
+    assert row[3] == final2000["all"] and row[4] == final2000["retention"]
+    assert set(base) == {1000, 2000} and 0 < base[2000]["efficacy"] < 1
+    plot = tmp_path / "lengths.png"
+    combine.main(["--at", "2000,1000", "--plot", str(plot), *map(str, runs)])
+    out = capsys.readouterr().out
+    assert plot.stat().st_size > 0
+    assert f"| rlsedit | smol2000s | final | 2000 | {100 * final2000['all']['efficacy']:.1f} |" in out
+
+
+def test_different_streams_and_bad_lengths_are_refused(combine, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    results = json.loads((ASSETS / "smol1000s" / "results.json").read_text())
+    results["settings"]["case_ids"] = list(reversed(results["settings"]["case_ids"]))
+    (other / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="not the same stream"):
+        combine.collect([ASSETS / "smol1000s", other], [1000])
+    for bad in ("0", "ten", ""):
+        with pytest.raises(SystemExit):
+            combine.main(["--at", bad, str(ASSETS / "smol1000s")])
