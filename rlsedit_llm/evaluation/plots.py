@@ -215,12 +215,15 @@ def plot_lengths(points: dict[str, list[tuple[int, dict, dict | None]]], path, *
     label's method (its first word) picks the line style. ``base[edits]``: the unedited model's
     scores of the same edits, drawn as a grey dotted line."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 3.8), sharex=True)
+    names, lines_of = method_names(), {}
     for label, pts in points.items():
         pts = sorted(pts, key=lambda p: p[0])
         method = label.split()[0]
-        names = method_names()
         style = {**_style(method), "color": f"C{names.index(method) % 10 if method in names else 9}"}
+        nth = lines_of[method] = lines_of.get(method, -1) + 1
+        if nth:  # another run of the same method (e.g. other settings): another marker
+            style["marker"] = _MARKERS[(_MARKERS.index(style["marker"]) + 3 * nth) % len(_MARKERS)]
         if "shadow" in label:  # the same method on another's values: thin dotted, hollow markers
             style.update(ls=":", lw=1.2, alpha=1.0, mfc="none")
         axes[0].plot([p[0] for p in pts], [100 * p[1]["score"] for p in pts], label=label, **style)
@@ -236,10 +239,10 @@ def plot_lengths(points: dict[str, list[tuple[int, dict, dict | None]]], path, *
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("x100")
-    axes[0].legend(fontsize=7, loc="lower left")
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="center right")
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.8, 1))  # the legend sits right of the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
