@@ -239,7 +239,7 @@ def plot_lengths(points: dict[str, list[tuple[int, dict, dict | None]]], path, *
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("x100")
-    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="center right")
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(0.8, 0.5))
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0, 0.8, 1))  # the legend sits right of the panels
