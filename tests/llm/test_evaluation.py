@@ -983,6 +983,8 @@ def test_bench_value_steps_lengthen_each_methods_own_value_settings(tiny, tmp_pa
         bench.run_bench(dataclasses.replace(args, value_steps=4))
     with pytest.raises(HyperparameterError, match="optimises no values"):
         method_value_config("ft", spec)
+    with pytest.raises(HyperparameterError, match="no field"):
+        method_value_config("rlsedit", spec, stepz=3)
     n_loads = len(loads)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(HyperparameterError, match="value-steps"):
