@@ -120,13 +120,31 @@ def bench_points(folder: Path, stream: dict) -> dict[str, dict]:
     results = json.loads((Path(folder) / "results.json").read_text())
     if stream["eval_cases"] < stream["edits"]:
         return {}
+    settings = results["settings"]
     out = {}
     for name, rec in results["methods"].items():
         final = rec.get("final") or {}
-        if name != "rlsedit" and final.get("edits") == stream["edits"] and final.get("all"):
-            shadow = name in results["settings"].get("shadow", [])
-            out[name + (" (shadow)" if shadow else "")] = {"summary": final["all"], "retention": final["retention"]}
+        if final.get("edits") != stream["edits"] or not final.get("all"):
+            continue
+        if name == "rlsedit":
+            label = _rlsedit_variant(settings)
+            if label is None:  # the grid's own alpha = 0 point
+                continue
+        else:
+            label = name + (" (shadow)" if name in settings.get("shadow", []) else "")
+        out[label] = {"summary": final["all"], "retention": final["retention"]}
     return out
+
+
+def _rlsedit_variant(settings: dict) -> str | None:
+    """The label of a bench run's RLSEdit that the shadow grid does not contain (own values with
+    value-norm anchoring or alpha > 0), or None for the plain alpha = 0 run."""
+    changes = []
+    if settings.get("anchor_value_norms"):
+        changes.append("value norms anchored")
+    if settings.get("alpha"):
+        changes.append(f"a={settings['alpha']:g}")
+    return f"RLSEdit own values, {', '.join(changes)}" if changes else None
 
 
 def compared(folders: list[Path], stream: dict) -> dict[str, dict]:

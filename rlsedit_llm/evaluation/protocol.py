@@ -376,10 +376,11 @@ def base_summary(base: dict, n_cases: int) -> dict:
     return out
 
 
-def _fluency_prompts(facts: Sequence[Fact], cfg: ProtocolConfig) -> list[str]:
-    """The first generation prompt of each of the first ``fluency_cases`` cases that have one (full
-    CounterFact); for a data set without any (simplified CounterFact, zsRE), their rewrite prompts."""
-    cases = facts[: cfg.fluency_cases]
+def fluency_prompts(facts: Sequence[Fact], n_cases: int) -> list[str]:
+    """The prompts fluency is measured on: the first generation prompt of each of the first
+    ``n_cases`` cases that have one (full CounterFact); for a data set without any (simplified
+    CounterFact, zsRE), their rewrite prompts."""
+    cases = facts[:n_cases]
     if not any(f.generation_prompts for f in facts):
         return [f.text() for f in cases]
     return [f.generation_prompts[0] for f in cases if f.generation_prompts]
@@ -388,7 +389,7 @@ def _fluency_prompts(facts: Sequence[Fact], cfg: ProtocolConfig) -> list[str]:
 def _extras(model, tokenizer, facts, cfg: ProtocolConfig, glue: dict[str, list], base_glue: dict | None) -> dict:
     """Fluency on the subset and GLUE accuracy (with agreement with the base predictions)."""
     out: dict = {}
-    prompts = _fluency_prompts(facts, cfg)
+    prompts = fluency_prompts(facts, cfg.fluency_cases)
     if prompts:
         out["fluency"] = _finite(metrics.fluency(model, tokenizer, prompts, max_new_tokens=cfg.fluency_tokens))
         out["fluency_n"] = len(prompts)

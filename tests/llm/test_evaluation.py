@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -948,6 +949,47 @@ def test_a_run_continues_when_its_stream_changed_only_after_the_written_edits(ti
     assert done["settings"]["case_ids"] == [0, 1, 2, 4, 5, 6]
     assert done["methods"]["rlsedit"]["done"] and done["methods"]["rlsedit"]["edits_done"] == 6
     assert [c["case_id"] for c in done["base"]["cases"]] == [0, 1, 2, 4, 5, 6]
+
+
+def test_fluency_states_reproduces_the_bench_fluency_of_a_kept_state(tiny_bench, benchmark_script, tmp_path,
+                                                                    monkeypatch, capsys):
+    """benchmarks/fluency_states.py loads a kept state onto a fresh model and regenerates from the
+    bench's own fluency prompts: on the same prompts it gives the bench's recorded fluencies."""
+    model, tok = tiny_bench
+    base = copy.deepcopy(model)  # the bench edits ``model`` in place
+
+    def stream(dataset, n, tok=None, **kw):  # without generation prompts: fluency on the rewrite prompts
+        return [dataclasses.replace(f, generation_prompts=()) for f in _tiny_stream(n)]
+
+    monkeypatch.setattr(bench, "load_stream", stream)
+    out = tmp_path / "run"
+    assert bench.run_bench(_bench_args(out, methods="rlsedit", keep_state=True, fluency_cases=3)) == 0
+    rec = bench.read_results(out)
+    assert rec["base"]["fluency_n"] == 3
+    fluency_states = benchmark_script("fluency_states")
+    monkeypatch.setattr(fluency_states, "load_model", lambda name, **kw: (copy.deepcopy(base), tok))
+    monkeypatch.setattr(fluency_states, "load_stream", stream)
+    fluency_states.main([str(out / "state" / "rlsedit"), "--prompts", "3"])
+    text = capsys.readouterr().out
+    assert "first 3 prompts" in text
+    assert f"| unedited | {100 * rec['base']['fluency']:.1f} | — |" in text
+    assert f"| run/rlsedit | {100 * rec['methods']['rlsedit']['final']['fluency']:.1f} |" in text
+    assert rec["methods"]["rlsedit"]["final"]["fluency"] != rec["base"]["fluency"]  # the state was applied
+
+
+def test_fluency_states_refuses_states_of_different_streams(benchmark_script, tmp_path):
+    fluency_states = benchmark_script("fluency_states")
+    states = []
+    for name, dataset in (("a", "counterfact_simple"), ("b", "zsre")):
+        run = tmp_path / name
+        (run / "state" / "rlsedit").mkdir(parents=True)
+        settings = {"model": "smollm2", "dataset": dataset, "n_edits": 10, "batch_size": 10, "fluency_tokens": 100}
+        (run / "results.json").write_text(json.dumps({"settings": settings}))
+        states.append(str(run / "state" / "rlsedit"))
+    with pytest.raises(SystemExit, match="different models, data sets"):
+        fluency_states.main(states)
+    with pytest.raises(SystemExit, match="no bench results.json"):
+        fluency_states.main([str(tmp_path)])
 
 
 def test_bench_value_steps_lengthen_each_methods_own_value_settings(tiny, tmp_path, monkeypatch):

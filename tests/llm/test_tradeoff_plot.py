@@ -41,6 +41,21 @@ def test_other_methods_join_only_when_the_whole_stream_was_scored(tradeoff, tmp_
     assert set(both) == {"memit (shadow)", "encore", "encore (b)"}
 
 
+def test_rlsedit_runs_the_grid_lacks_join_the_plot_by_their_settings(tradeoff, tmp_path):
+    """An RLSEdit run with value-norm anchoring or alpha > 0 is not a grid point: it joins, labelled
+    by what differs; a plain alpha = 0 run does not."""
+    stream = {"edits": 100, "eval_cases": 100, "edits_per_key_dim": 0.1}
+    for name, settings, label in (("plain", {"alpha": 0.0}, None),
+                                  ("anchored", {"alpha": 0.0, "anchor_value_norms": True},
+                                   "RLSEdit own values, value norms anchored"),
+                                  ("alpha", {"alpha": 20.0}, "RLSEdit own values, a=20")):
+        folder = _bench_folder(tmp_path / name, 100, {"rlsedit": 100})
+        results = json.loads((folder / "results.json").read_text())
+        results["settings"].update(settings)
+        (folder / "results.json").write_text(json.dumps(results))
+        assert set(tradeoff.bench_points(folder, stream)) == ({label} if label else set())
+
+
 def test_plot_draws_the_grid_and_the_other_methods(tradeoff, tmp_path):
     points = [{"alpha": a, "mom2_weight": n, "summary": _scores(0.9 - a / 100, 0.6 + a / 100),
                "retention": _scores(0.8 - a / 100, 0.7)} for a in (0, 5, 35) for n in (1000.0, 4000.0)]

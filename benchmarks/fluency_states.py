@@ -1,0 +1,101 @@
+"""Fluency of saved editor states on more prompts than a bench run used, with paired errors.
+
+    .venv/bin/python benchmarks/fluency_states.py --prompts 50 \
+        bench-runs/smol1000s/state/rlsedit bench-runs/smol1000s_anchor/state/rlsedit
+
+``rlsedit bench`` scores fluency on a few prompts (``--fluency-cases``, often 10) and keeps only
+the mean, so two runs' fluencies cannot be told apart from noise. This script loads each state
+(a folder written by ``Editor.save``, e.g. ``OUT/state/METHOD`` of ``rlsedit bench --keep-state``)
+onto a fresh copy of the model, generates from the first ``--prompts`` prompts of the stream the
+bench used (the prompts the bench's fluency starts with, and as many tokens), and prints each state's mean
+fluency and every state's paired difference from the first column (mean +- standard error over
+prompts), all x100. The unedited model is always the first column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlsedit_llm.adapters.architectures import load_model
+from rlsedit_llm.editing.editor import Editor
+from rlsedit_llm.evaluation import metrics
+from rlsedit_llm.evaluation.data import load_stream
+from rlsedit_llm.evaluation.protocol import fluency_prompts
+
+log = logging.getLogger("fluency_states")
+
+
+def _run_settings(state: Path) -> dict:
+    """The bench settings of the run a state folder belongs to (``OUT/state/METHOD``)."""
+    results = state.parent.parent / "results.json"
+    if not results.exists():
+        raise SystemExit(f"{state}: no bench results.json two folders up; pass states of an `rlsedit bench --keep-state` run")
+    return json.loads(results.read_text())["settings"]
+
+
+def per_prompt_fluency(settings: dict, state: Path | None, n_prompts: int) -> list[float]:
+    """Fluency (bits) of each of the bench's fluency prompts for its first ``n_prompts`` cases, on
+    the run's model with ``state`` loaded (None: the unedited model), generating as many tokens as
+    the run did."""
+    model, tok = load_model(settings["model"])
+    if state is not None:
+        Editor.load(model, tok, state)
+    facts = load_stream(settings["dataset"], settings["n_edits"], tok, batch_size=settings["batch_size"])
+    prompts = fluency_prompts(facts, n_prompts)
+    if len(prompts) < 2:
+        raise SystemExit(f"only {len(prompts)} fluency prompt(s) among the stream's first {n_prompts} cases; "
+                         "raise --prompts (a standard error needs two)")
+    gens = metrics.greedy_generate(model, tok, prompts, settings["fluency_tokens"])
+    return [metrics.ngram_entropy(p + tok.decode(g)) for p, g in zip(prompts, gens)]
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> str:
+    """``a - b`` over prompts, x100: mean +- standard error of the mean."""
+    d = 100 * (np.asarray(a) - np.asarray(b))
+    return f"{d.mean():+.1f} +- {d.std(ddof=1) / np.sqrt(len(d)):.1f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("states", type=Path, nargs="+", help="OUT/state/METHOD folders of bench runs on one stream")
+    parser.add_argument("--prompts", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.prompts < 2:
+        parser.error("--prompts must be at least 2 (a standard error needs two prompts)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+
+    settings = [_run_settings(s) for s in args.states]
+    stream = {(s["model"], s["dataset"], s["batch_size"], s["fluency_tokens"]) for s in settings}
+    if len(stream) != 1:
+        raise SystemExit(f"the states come from runs of different models, data sets, batch sizes or fluency "
+                         f"lengths: {sorted(stream)}")
+    first = max(settings, key=lambda s: s["n_edits"])  # the longest stream has every run's first prompts
+
+    columns = {"unedited": per_prompt_fluency(first, None, args.prompts)}
+    for state in args.states:
+        label = f"{state.parent.parent.name}/{state.name}"
+        log.info("generating with %s", label)
+        columns[label] = per_prompt_fluency(first, state, args.prompts)
+
+    base = np.array(columns["unedited"])
+    print(f"Fluency x100 on the first {len(base)} prompts of {first['dataset']} ({first['model']}); "
+          "difference: paired, from the unedited model, mean +- standard error")
+    print("\n| model | fluency | difference |\n|---|---|---|")
+    for label, values in columns.items():
+        diff = "—" if label == "unedited" else paired(values, base)
+        print(f"| {label} | {100 * np.mean(values):.1f} | {diff} |")
+    if len(args.states) == 2:
+        first_state, second_state = list(columns.values())[1:]
+        print(f"\nsecond state minus first, paired: {paired(second_state, first_state)}")
+
+
+if __name__ == "__main__":
+    main()
