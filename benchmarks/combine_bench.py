@@ -2,13 +2,15 @@
 
     .venv/bin/python benchmarks/combine_bench.py --at 300 docs/assets/bench/cf1000 docs/assets/bench/cf300
     .venv/bin/python benchmarks/combine_bench.py --at 1000,2000,3000 --plot lengths.png RUN1 RUN2 ...
+    .venv/bin/python benchmarks/combine_bench.py --at 887 --retention-plot retention.png RUN1 RUN2 ...
 
 For each method of each folder it takes the scores of *every edit written so far* after each
 ``--at`` length: the final scoring if the method's stream ended there, or the mid-stream
 re-scoring of a longer stream (``rlsedit bench --score-all-at``). Beside them, the stream's first
 edits (the retention set) re-scored at that length, when the run scored them there. Streams must
 be the same facts (checked on the case ids). Prints a Markdown table (x100), with the unedited
-model's scores on the same cases; ``--plot`` draws score and first-edit efficacy against length.
+model's scores on the same cases; ``--plot`` draws score and first-edit efficacy against length,
+``--retention-plot`` every run's first edits at its own checkpoints in one figure.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 from pathlib import Path
 
 from rlsedit_llm.evaluation.metrics import harmonic_mean
-from rlsedit_llm.evaluation.plots import plot_lengths
+from rlsedit_llm.evaluation.plots import plot_lengths, plot_retention
 from rlsedit_llm.evaluation.protocol import base_summary
 
 KEYS = ("efficacy", "generalization", "specificity", "score", "wild")
@@ -46,10 +48,9 @@ def _lengths(text: str) -> list[int]:
     return sorted(set(lengths))
 
 
-def collect(folders: list[Path], lengths: list[int]):
-    """Rows ``(label, run, edits, all, first, source)`` of every method scored at each length, and
-    the unedited model's scores per length; raises SystemExit when the streams differ."""
-    rows, base, cases = [], {}, None
+def load_runs(folders: list[Path]) -> list[tuple[Path, dict]]:
+    """Each folder's ``results.json``; raises SystemExit when the streams differ (case ids)."""
+    runs, cases = [], None
     for folder in folders:
         results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
         ids = results["settings"]["case_ids"]
@@ -57,16 +58,46 @@ def collect(folders: list[Path], lengths: list[int]):
         if cases is not None and ids[:common] != cases[:common]:
             raise SystemExit(f"{folder}: its facts differ from the other folders' (not the same stream)")
         cases = ids if cases is None or len(ids) > len(cases) else cases
-        shadows = results["settings"].get("shadow") or []
+        runs.append((folder, results))
+    return runs
+
+
+def _label(name: str, results: dict) -> str:
+    return name + (" (shadow)" if name in (results["settings"].get("shadow") or []) else "")
+
+
+def collect(folders: list[Path], lengths: list[int]):
+    """Rows ``(label, run, edits, all, first, source)`` of every method scored at each length, and
+    the unedited model's scores per length; raises SystemExit when the streams differ."""
+    rows, base = [], {}
+    for folder, results in load_runs(folders):
         for edits in lengths:
             if edits not in base and len((results.get("base") or {}).get("cases", [])) >= edits:
                 base[edits] = base_summary(results["base"], edits)
             for name, record in results["methods"].items():
                 got = scores_at(record, edits)
                 if got is not None:
-                    label = name + (" (shadow)" if name in shadows else "")
-                    rows.append((label, folder.name, edits, *got))
+                    rows.append((_label(name, results), folder.name, edits, *got))
     return _distinct(rows), base
+
+
+def merge_retention(folders: list[Path]) -> dict:
+    """One results record whose methods are every run's, for :func:`plot_retention`: the
+    retention set (the stream's first edits) re-scored at each run's checkpoints. A label that
+    two runs share gets its run's folder name (its path where the names agree). Raises SystemExit when the streams or the retention sets
+    differ."""
+    runs = load_runs(folders)
+    sizes = {(results.get("config") or {}).get("retention_size") for _, results in runs}
+    if len(sizes) != 1:
+        raise SystemExit(f"the runs re-score different numbers of first edits ({sorted(map(str, sizes))}): "
+                         "their retention curves are not comparable")
+    names = [folder.name for folder, _ in runs]
+    labelled = [(_label(name, results), folder.name if names.count(folder.name) == 1 else str(folder), record)
+                for folder, results in runs for name, record in results["methods"].items()]
+    labels = [label for label, _, _ in labelled]
+    methods = {(f"{label} [{run}]" if labels.count(label) > 1 else label): record for label, run, record in labelled}
+    first = runs[0][1]
+    return {"config": first.get("config", {}), "base": first.get("base", {}), "methods": methods}
 
 
 def _distinct(rows: list[tuple]) -> list[tuple]:
@@ -95,6 +126,8 @@ def main(argv=None) -> None:
     parser.add_argument("--at", type=_lengths, required=True,
                         help="stream length(s) to compare at, comma-separated edit counts")
     parser.add_argument("--plot", type=Path, help="also draw score and first-edit efficacy against length here")
+    parser.add_argument("--retention-plot", type=Path,
+                        help="also draw every run's first edits re-scored at its checkpoints here, in one figure")
     args = parser.parse_args(argv)
     rows, base = collect(args.folders, args.at)
     fmt = lambda x: "—" if x is None else f"{100 * x:.1f}"  # noqa: E731
@@ -118,6 +151,9 @@ def main(argv=None) -> None:
         plot_lengths(points, args.plot, base=base or None,
                      title=f"{len(args.folders)} run(s), every edit re-scored at each length")
         print(f"\nplot: {args.plot}")
+    if args.retention_plot:
+        plot_retention(merge_retention(args.folders), args.retention_plot)
+        print(f"\nretention plot: {args.retention_plot}")
 
 
 if __name__ == "__main__":

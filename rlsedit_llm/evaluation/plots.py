@@ -38,6 +38,23 @@ def _style(name: str, *, line: bool = True) -> dict:
     return out
 
 
+def _label_styles(labels) -> dict[str, dict]:
+    """Styles for run labels ``"method [qualifiers]"`` across runs: the method (first word) picks
+    colour and marker, a second run of one method another marker, and a shadow (the method on
+    another's values) a thin dotted line with hollow markers."""
+    names, runs_of, out = method_names(), {}, {}
+    for label in labels:
+        method = label.split()[0]
+        style = {**_style(method), "color": f"C{names.index(method) % 10 if method in names else 9}"}
+        nth = runs_of[method] = runs_of.get(method, -1) + 1
+        if nth:
+            style["marker"] = _MARKERS[(_MARKERS.index(style["marker"]) + 3 * nth) % len(_MARKERS)]
+        if "shadow" in label:
+            style.update(ls=":", lw=1.2, alpha=1.0, mfc="none")
+        out[label] = style
+    return out
+
+
 def _pyplot():
     import matplotlib
 
@@ -88,16 +105,21 @@ def plot_scores(results: dict, path, *, window: int = 5) -> Path:
 
 
 def plot_retention(results: dict, path) -> Path:
-    """Scores of the first edits of the stream (the retention set) at every checkpoint."""
+    """Scores of the first edits of the stream (the retention set) at every checkpoint.
+
+    The method keys may be run labels (``"memit (shadow)"``, see :func:`_label_styles`), as when
+    ``benchmarks/combine_bench.py`` puts several runs of one stream in one figure."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(_PANELS), figsize=(4.2 * len(_PANELS), 3.6), sharex=True)
     base = (results.get("base") or {}).get("retention") or {}
-    for name, rec in _methods(results):
+    methods = _methods(results)
+    styles = _label_styles([name for name, _ in methods])
+    for name, rec in methods:
         pts = rec.get("checkpoints") or []
         xs = [p["edits"] for p in pts]
         for ax, key in zip(axes, _PANELS):
             ys = [p["retention"].get(key) for p in pts]
-            ax.plot(xs, [100 * y if y is not None else math.nan for y in ys], label=name, **_style(name))
+            ax.plot(xs, [100 * y if y is not None else math.nan for y in ys], label=name, **styles[name])
     for ax, key in zip(axes, _PANELS):
         if base.get(key) is not None:
             ax.axhline(100 * base[key], color="grey", ls=":", lw=1, label="before editing")
@@ -212,20 +234,14 @@ def plot_lengths(points: dict[str, list[tuple[int, dict, dict | None]]], path, *
     """Scores against stream length across runs (``benchmarks/combine_bench.py``).
 
     ``points[label]`` lists ``(edits, every edit's scores, first edits' scores or None)``; the
-    label's method (its first word) picks the line style. ``base[edits]``: the unedited model's
+    label picks the line style (:func:`_label_styles`). ``base[edits]``: the unedited model's
     scores of the same edits, drawn as a grey dotted line."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11.0, 3.8), sharex=True)
-    names, lines_of = method_names(), {}
+    styles = _label_styles(points)
     for label, pts in points.items():
         pts = sorted(pts, key=lambda p: p[0])
-        method = label.split()[0]
-        style = {**_style(method), "color": f"C{names.index(method) % 10 if method in names else 9}"}
-        nth = lines_of[method] = lines_of.get(method, -1) + 1
-        if nth:  # another run of the same method (e.g. other settings): another marker
-            style["marker"] = _MARKERS[(_MARKERS.index(style["marker"]) + 3 * nth) % len(_MARKERS)]
-        if "shadow" in label:  # the same method on another's values: thin dotted, hollow markers
-            style.update(ls=":", lw=1.2, alpha=1.0, mfc="none")
+        style = styles[label]
         axes[0].plot([p[0] for p in pts], [100 * p[1]["score"] for p in pts], label=label, **style)
         kept = [p for p in pts if p[2] is not None]
         axes[1].plot([p[0] for p in kept], [100 * p[2]["efficacy"] for p in kept], label=label, **style)

@@ -49,3 +49,30 @@ def test_different_streams_and_bad_lengths_are_refused(combine, tmp_path):
     for bad in ("0", "ten", ""):
         with pytest.raises(SystemExit):
             combine.main(["--at", bad, str(ASSETS / "smol1000s")])
+
+
+def test_retention_plot_merges_runs_of_one_stream_and_refuses_unequal_retention_sets(combine, tmp_path, capsys):
+    runs = [ASSETS / "zsre887", ASSETS / "zsre887o_memit"]  # RLSEdit with shadows; MEMIT on its own values
+    merged = combine.merge_retention(runs)
+    assert set(merged["methods"]) == {"rlsedit", "memit (shadow)", "alphaedit (shadow)", "memit"}
+    own = json.loads((runs[1] / "results.json").read_text())["methods"]["memit"]
+    assert merged["methods"]["memit"]["checkpoints"] == own["checkpoints"]
+    # two runs of one method: each label names its run (by path where the folder names agree)
+    copies = []
+    for parent in ("a", "b"):
+        copy = tmp_path / parent / runs[1].name
+        copy.mkdir(parents=True)
+        (copy / "results.json").write_bytes((runs[1] / "results.json").read_bytes())
+        copies.append(copy)
+    assert set(combine.merge_retention(copies)["methods"]) == {f"memit [{copy}]" for copy in copies}
+    plot = tmp_path / "retention.png"
+    combine.main(["--at", "887", "--retention-plot", str(plot), *map(str, runs)])
+    assert plot.stat().st_size > 0 and "retention plot:" in capsys.readouterr().out
+    # a run that re-scores a different number of first edits is refused
+    other = tmp_path / "other"
+    other.mkdir()
+    results = json.loads((runs[1] / "results.json").read_text())
+    results["config"]["retention_size"] = 50
+    (other / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="different numbers of first edits"):
+        combine.merge_retention([runs[0], other])
