@@ -84,8 +84,8 @@ def collect(folders: list[Path], lengths: list[int]):
 def merge_retention(folders: list[Path]) -> dict:
     """One results record whose methods are every run's, for :func:`plot_retention`: the
     retention set (the stream's first edits) re-scored at each run's checkpoints. A label that
-    two runs share gets its run's folder name (its path where the names agree). Raises SystemExit when the streams or the retention sets
-    differ."""
+    two runs share gets its run's folder name (its path where the names agree). Raises
+    SystemExit when the streams or the retention sets differ."""
     runs = load_runs(folders)
     sizes = {(results.get("config") or {}).get("retention_size") for _, results in runs}
     if len(sizes) != 1:
