@@ -1,4 +1,4 @@
-"""Fluency of saved editor states on more prompts than a bench run used, with paired errors.
+"""Fluency and generation NLL of saved editor states on more prompts than a bench run used, with paired errors.
 
     .venv/bin/python benchmarks/fluency_states.py --prompts 50 \
         bench-runs/smol1000s/state/rlsedit bench-runs/smol1000s_anchor/state/rlsedit
@@ -8,8 +8,9 @@ the mean, so two runs' fluencies cannot be told apart from noise. This script lo
 (a folder written by ``Editor.save``, e.g. ``OUT/state/METHOD`` of ``rlsedit bench --keep-state``)
 onto a fresh copy of the model, generates from the first ``--prompts`` prompts of the stream the
 bench used (the prompts the bench's fluency starts with, and as many tokens), and prints each state's mean
-fluency and every state's paired difference from the first column (mean +- standard error over
-prompts), all x100. The unedited model is always the first column.
+fluency (x100) and the unedited model's mean NLL of its generations (nats per token: entropy cannot
+tell incoherent text from varied prose, this can), with every state's paired difference from the
+unedited model (mean +- standard error over prompts), which is always the first row.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ def _run_settings(state: Path) -> dict:
     return json.loads(results.read_text())["settings"]
 
 
-def per_prompt_fluency(settings: dict, state: Path | None, n_prompts: int) -> list[float]:
-    """Fluency (bits) of each of the bench's fluency prompts for its first ``n_prompts`` cases, on
-    the run's model with ``state`` loaded (None: the unedited model), generating as many tokens as
-    the run did."""
+def per_prompt_scores(settings: dict, state: Path | None, n_prompts: int, unedited) -> tuple[list[float], list[float]]:
+    """Per fluency prompt of the bench's first ``n_prompts`` cases, on the run's model with
+    ``state`` loaded (None: the unedited model), generating as many tokens as the run did: the
+    fluency (bits) and the ``unedited`` model's NLL of the generation (nats per token; NaN for an
+    empty one)."""
     model, tok = load_model(settings["model"])
     if state is not None:
         Editor.load(model, tok, state)
@@ -51,14 +53,19 @@ def per_prompt_fluency(settings: dict, state: Path | None, n_prompts: int) -> li
     if len(prompts) < 2:
         raise SystemExit(f"only {len(prompts)} fluency prompt(s) among the stream's first {n_prompts} cases; "
                          "raise --prompts (a standard error needs two)")
-    gens = metrics.greedy_generate(model, tok, prompts, settings["fluency_tokens"])
-    return [metrics.ngram_entropy(p + tok.decode(g)) for p, g in zip(prompts, gens)]
+    texts = metrics.generate_texts(model, tok, prompts, settings["fluency_tokens"])
+    fluency = [metrics.ngram_entropy(p + t) for p, t in zip(prompts, texts)]
+    return fluency, metrics.continuation_nll(unedited, tok, prompts, texts)
 
 
-def paired(a: np.ndarray, b: np.ndarray) -> str:
-    """``a - b`` over prompts, x100: mean +- standard error of the mean."""
-    d = 100 * (np.asarray(a) - np.asarray(b))
-    return f"{d.mean():+.1f} +- {d.std(ddof=1) / np.sqrt(len(d)):.1f}"
+def paired(a, b, *, scale: float = 100, digits: int = 1) -> str:
+    """``a - b`` over prompts, times ``scale``: mean +- standard error of the mean, over the
+    prompts where both are finite (an empty generation has no NLL)."""
+    d = scale * (np.asarray(a, dtype=float) - np.asarray(b, dtype=float))
+    d = d[np.isfinite(d)]
+    if len(d) < 2:
+        return "— (fewer than 2 paired prompts)"
+    return f"{d.mean():+.{digits}f} +- {d.std(ddof=1) / np.sqrt(len(d)):.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,22 +86,25 @@ def main(argv: list[str] | None = None) -> None:
                          f"lengths: {sorted(stream)}")
     first = max(settings, key=lambda s: s["n_edits"])  # the longest stream has every run's first prompts
 
-    columns = {"unedited": per_prompt_fluency(first, None, args.prompts)}
+    unedited, _ = load_model(first["model"])
+    columns = {"unedited": per_prompt_scores(first, None, args.prompts, unedited)}
     for state in args.states:
         label = f"{state.parent.parent.name}/{state.name}"
         log.info("generating with %s", label)
-        columns[label] = per_prompt_fluency(first, state, args.prompts)
+        columns[label] = per_prompt_scores(first, state, args.prompts, unedited)
 
-    base = np.array(columns["unedited"])
-    print(f"Fluency x100 on the first {len(base)} prompts of {first['dataset']} ({first['model']}); "
-          "difference: paired, from the unedited model, mean +- standard error")
-    print("\n| model | fluency | difference |\n|---|---|---|")
-    for label, values in columns.items():
-        diff = "—" if label == "unedited" else paired(values, base)
-        print(f"| {label} | {100 * np.mean(values):.1f} | {diff} |")
+    base_fl, base_nll = (np.array(x) for x in columns["unedited"])
+    print(f"Fluency x100 and generation NLL (the unedited model's, nats per token) on the first {len(base_fl)} "
+          f"prompts of {first['dataset']} ({first['model']}); differences: paired, from the unedited model, "
+          "mean +- standard error (the NLL's over the prompts where both generated text)")
+    print("\n| model | fluency | difference | gen. NLL | difference |\n|---|---|---|---|---|")
+    for label, (fl, nll) in columns.items():
+        diff = ("—", "—") if label == "unedited" else (paired(fl, base_fl), paired(nll, base_nll, scale=1, digits=2))
+        print(f"| {label} | {100 * np.mean(fl):.1f} | {diff[0]} | {np.nanmean(nll):.2f} | {diff[1]} |")
     if len(args.states) == 2:
-        first_state, second_state = list(columns.values())[1:]
-        print(f"\nsecond state minus first, paired: {paired(second_state, first_state)}")
+        (first_fl, first_nll), (second_fl, second_nll) = list(columns.values())[1:]
+        print(f"\nsecond state minus first, paired: fluency {paired(second_fl, first_fl)}, "
+              f"gen. NLL {paired(second_nll, first_nll, scale=1, digits=2)}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Evaluation of sequential (lifelong) editing: metrics, data, the stream protocol, the benchmark.
 
 - :mod:`.metrics`: CounterFact efficacy / generalization / specificity (and magnitudes), zsRE
-  token accuracy, the generation check without teacher forcing, fluency (n-gram entropy) and
-  zero-shot GLUE accuracy;
+  token accuracy, the generation check without teacher forcing, fluency (n-gram entropy), the
+  unedited model's NLL of an edited model's generations and zero-shot GLUE accuracy;
 - :mod:`.data`: the edit streams (CounterFact, zsRE), GLUE subsets and per-case scores;
 - :mod:`.protocol`: a stream of N edits in batches of b on one model, per method, with
   immediate, retention and final scores and the weight deviation against the theory's bounds;
@@ -15,6 +15,7 @@ from rlsedit_llm.evaluation.metrics import (
     CF_METRICS,
     GLUE_TASKS,
     ZSRE_METRICS,
+    continuation_nll,
     counterfact_case_scores,
     fluency,
     generation_check,
@@ -46,6 +47,7 @@ __all__ = [
     "greedy_generate",
     "generation_check",
     "fluency",
+    "continuation_nll",
     "glue_accuracy",
     "FineTuneEditor",
     "target_nll",

@@ -55,6 +55,7 @@ from rlsedit_llm.evaluation.protocol import (
     new_record,
     restore_weights,
     run_method,
+    score_generations,
     snapshot_weights,
 )
 
@@ -483,6 +484,11 @@ def run_bench(config: BenchConfig) -> int:
             advance(until=stop, finish=stop is not None)  # the final scoring
         write_report(results, out)
     restore_weights(model, spec, W0)
+    # The generations' NLL needs the unedited model, which the bench has only now (a run
+    # interrupted before this point gets them scored when it is resumed).
+    parts = [results["base"]] + [rec.get("final") for rec in results["methods"].values()]
+    if any([score_generations(part, model, tok, batch_size=cfg.score_batch_size) for part in parts if part]):
+        _write_results(out, results)
     write_report(results, out)
     print(f"results in {out}")
     return 0

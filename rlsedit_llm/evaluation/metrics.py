@@ -17,7 +17,9 @@ Aggregates are means over cases; ``score`` is the harmonic mean of efficacy, gen
 specificity. zsRE, per case: teacher-forced top-1 token accuracy of ``alt`` after ``src``
 (efficacy) and after ``rephrase`` (generalization), and of ``loc_ans`` after ``loc + "?"``
 (specificity, absolute; about 25 % even before editing). Fluency is the weighted 2-/3-gram
-entropy of greedy generations. Scores are fractions in ``[0, 1]`` (fluency in bits); tables
+entropy of greedy generations; the generation NLL is those generations' mean per-token negative
+log-likelihood under the unedited model (high for incoherent text, which entropy cannot tell
+from varied prose). Scores are fractions in ``[0, 1]`` (fluency in bits); tables
 multiply by 100.
 """
 
@@ -44,7 +46,10 @@ __all__ = [
     "summarize_cases",
     "greedy_generate",
     "generation_check",
+    "generate_texts",
+    "text_fluency",
     "fluency",
+    "continuation_nll",
     "GLUE_TASKS",
     "glue_prompt",
     "glue_accuracy",
@@ -309,13 +314,69 @@ def generation_check(model, tokenizer, facts: Sequence[Fact], *, extra_tokens: i
     return [float(tokenizer.decode(g).strip().startswith(f.target.strip())) for f, g in zip(facts, gens)]
 
 
+def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
+                   batch_size: int = 16) -> list[str]:
+    """The decoded greedy continuations (:func:`greedy_generate`, prompt excluded) of ``prompts``."""
+    return [tokenizer.decode(g) for g in greedy_generate(model, tokenizer, prompts, max_new_tokens,
+                                                         batch_size=batch_size)]
+
+
+def text_fluency(prompts: Sequence[str], continuations: Sequence[str]) -> float:
+    """Mean weighted n-gram entropy (:func:`ngram_entropy`) of ``prompts[i] + continuations[i]``
+    (bits; NaN for no texts)."""
+    return _mean(ngram_entropy(p + c) for p, c in zip(prompts, continuations))
+
+
 def fluency(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 100, batch_size: int = 16) -> float:
     """Mean weighted n-gram entropy (:func:`ngram_entropy`) of prompt + greedy continuation of
-    ``max_new_tokens`` tokens, over ``prompts`` (bits; the published tables show x100)."""
+    ``max_new_tokens`` tokens, over ``prompts`` (bits; the published tables show x100).
+
+    Entropy measures repetition only: incoherent text scores as high as varied prose, or higher.
+    Read it with :func:`continuation_nll` of the same generations under the unedited model."""
     if not prompts:
         return float("nan")
-    gens = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
-    return _mean(ngram_entropy(p + tokenizer.decode(g)) for p, g in zip(prompts, gens))
+    return text_fluency(prompts, generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size))
+
+
+@torch.no_grad()
+def continuation_nll(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str], *,
+                     batch_size: int = 8) -> list[float]:
+    """Per pair: the mean negative log-likelihood, in nats per token, of the text
+    ``continuations[i]`` right after ``prompts[i]``, teacher forced (NaN for an empty continuation).
+
+    The continuation is encoded as it stands (no space added, no special tokens), so a decoded
+    greedy generation is scored as text. Given the *unedited* model and an edited model's
+    generations, it says how natural that text is to the pre-trained model: incoherent text scores
+    high, where its n-gram entropy (:func:`fluency`) scores high too, as if it were varied prose;
+    repetitive text scores low on both.
+    """
+    if len(prompts) != len(continuations):
+        raise HyperparameterError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    bos = needs_bos(model)
+    pairs = []
+    for p, c in zip(prompts, continuations):
+        c_ids = tokenizer.encode(c, add_special_tokens=False)
+        if c_ids and c_ids[0] == tokenizer.bos_token_id:  # tokenizers that add BOS regardless
+            c_ids = c_ids[1:]
+        pairs.append((encode_prompt(tokenizer, p, bos=bos), c_ids))
+    out = [float("nan")] * len(pairs)
+    pad, device = pad_id(tokenizer), input_device(model)
+    todo = sorted((i for i, (_, c) in enumerate(pairs) if c), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        ids, mask = right_pad([pairs[i][0] + pairs[i][1] for i in batch], pad, device)  # (b, w)
+        # The positions that predict each continuation token: the prompt's last, then each but the last.
+        rows = torch.cat([torch.full((len(pairs[i][1]),), r) for r, i in enumerate(batch)])
+        pos = torch.cat([torch.arange(len(pairs[i][0]) - 1, len(pairs[i][0]) + len(pairs[i][1]) - 1) for i in batch])
+        logits = logits_at(model, ids, mask, rows, pos).cpu()  # (N, vocab) float32
+        tokens = torch.cat([torch.tensor(pairs[i][1]) for i in batch])  # (N,)
+        nll = torch.logsumexp(logits, -1) - logits[torch.arange(len(tokens)), tokens]  # (N,)
+        first = 0
+        for i in batch:
+            n = len(pairs[i][1])
+            out[i] = float(nll[first:first + n].mean())
+            first += n
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

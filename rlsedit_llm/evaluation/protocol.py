@@ -7,7 +7,8 @@ pristine base weights). The protocol keeps three kinds of scores apart:
 - **retention**: the first ``retention_fraction`` of the stream (whole batches; 10 % by default)
   re-scored at every checkpoint, which gives the retention curve of early edits;
 - **final** (retained): every edit of the stream re-scored after the last batch, plus fluency on
-  a subset, the generation check and the zero-shot GLUE accuracy.
+  a subset (its generations kept; :func:`score_generations` adds their NLL under the unedited
+  model once the caller has it back), the generation check and the zero-shot GLUE accuracy.
 
 Checkpoints also record, per edited layer, the weight deviation ``||W_t - W0||_F`` and the anchor
 drift ``||K0 (W_t - W0)||_F = sqrt(tr(D^T N E[kk^T] D))``, and for the methods whose weights are
@@ -387,12 +388,16 @@ def fluency_prompts(facts: Sequence[Fact], n_cases: int) -> list[str]:
 
 
 def _extras(model, tokenizer, facts, cfg: ProtocolConfig, glue: dict[str, list], base_glue: dict | None) -> dict:
-    """Fluency on the subset and GLUE accuracy (with agreement with the base predictions)."""
+    """Fluency on the subset (with its generations) and GLUE accuracy (with agreement with the
+    base predictions)."""
     out: dict = {}
     prompts = fluency_prompts(facts, cfg.fluency_cases)
     if prompts:
-        out["fluency"] = _finite(metrics.fluency(model, tokenizer, prompts, max_new_tokens=cfg.fluency_tokens))
+        texts = metrics.generate_texts(model, tokenizer, prompts, cfg.fluency_tokens)
+        out["fluency"] = _finite(metrics.text_fluency(prompts, texts))
         out["fluency_n"] = len(prompts)
+        # Kept for reading and for score_generations, which needs the unedited model.
+        out["generations"] = [{"prompt": p, "text": t} for p, t in zip(prompts, texts)]
     if glue:
         res = {}
         for task, items in glue.items():
@@ -404,6 +409,22 @@ def _extras(model, tokenizer, facts, cfg: ProtocolConfig, glue: dict[str, list],
         res["mean"] = _finite(float(np.mean([res[t]["accuracy"] for t in glue])))
         out["glue"] = res
     return out
+
+
+def score_generations(part: dict, model, tokenizer, *, batch_size: int = 8) -> bool:
+    """Set ``part["generation_nll"]``: the mean per-token NLL (nats) under ``model``, which must be
+    the unedited model, of the fluency generations kept in ``part["generations"]`` (a base report
+    or a method's final scores; :func:`metrics.continuation_nll`). Returns whether it scored
+    anything (not when there are no generations or they are scored already)."""
+    gens = part.get("generations") or []
+    if not gens or part.get("generation_nll") is not None:
+        return False
+    nll = metrics.continuation_nll(model, tokenizer, [g["prompt"] for g in gens], [g["text"] for g in gens],
+                                   batch_size=batch_size)
+    scored = [x for x in nll if math.isfinite(x)]  # an empty generation (immediate EOS) has no tokens
+    part["generation_nll"] = _finite(float(np.mean(scored))) if scored else None
+    part["generation_nll_n"] = len(scored)
+    return True
 
 
 def new_record() -> dict:

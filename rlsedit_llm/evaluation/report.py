@@ -43,8 +43,27 @@ def _method_row(name: str, rec: dict) -> dict:
     ratios = [e["residual_ratio"] for e in rec.get("immediate", []) if e.get("residual_ratio") is not None]
     row["residual_ratio"] = round(sum(ratios) / len(ratios), 4) if ratios else None
     row["fluency"] = final.get("fluency")
+    row["generation_nll"] = final.get("generation_nll")
     row["glue_mean"] = (final.get("glue") or {}).get("mean")
     return row
+
+
+def _generation_samples(results: dict, n: int = 2, width: int = 200) -> list[str]:
+    """Markdown: the first ``n`` fluency generations of the unedited model and of each method,
+    cut to ``width`` characters, to read beside the fluency and generation-NLL columns."""
+    parts = [("unedited", results.get("base") or {})]
+    parts += [(name, rec.get("final") or {}) for name, rec in results.get("methods", {}).items()]
+    parts = [(name, part["generations"][:n]) for name, part in parts if part.get("generations")]
+    if not parts:
+        return []
+    lines = ["", f"The first {n} fluency generations (prompt, then the greedy continuation; cut to {width} "
+                 "characters):", ""]
+    for name, gens in parts:
+        for g in gens:
+            text = " ".join((g["prompt"] + " → " + g["text"]).split())  # one line: newlines become spaces
+            text = text if len(text) <= width else text[:width] + " …"
+            lines.append(f"- **{name}**: {text.replace('|', '/')}")
+    return lines
 
 
 def _full_checkpoint_tables(results: dict) -> list[str]:
@@ -123,8 +142,11 @@ def _markdown(results: dict, rows: list[dict], base: dict) -> str:
     lines += ["Scores x100. *Final*: every edit of the stream re-scored after the last batch. "
               "*Immediate*: each batch scored right after it was written. *Retention*: the first "
               f"{c.get('retention_size')} edits, re-scored at the end. Wild = greedy decoding "
-              "produces the target (no teacher forcing). Fluency: weighted 2/3-gram entropy x100.", ""]
-    head = ("| method | edits | final ES | final PS | final NS | final score | wild | fluency | GLUE | "
+              "produces the target (no teacher forcing). Fluency: weighted 2/3-gram entropy x100. Gen. NLL: "
+              "the unedited model's mean negative log-likelihood (nats per token) of the fluency "
+              "generations; entropy cannot tell incoherent text from varied prose, this can "
+              "(a high entropy with a high NLL is noise, see the generations below).", ""]
+    head = ("| method | edits | final ES | final PS | final NS | final score | wild | fluency | gen. NLL | GLUE | "
             "imm. ES | imm. PS | imm. NS | imm. score | ret. ES | ret. PS | ret. NS | ret. score | s/batch |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     n_final = max([(r.get("final") or {}).get("edits") or r.get("edits_done", 0)
@@ -134,7 +156,8 @@ def _markdown(results: dict, rows: list[dict], base: dict) -> str:
     if ba:
         lines.append(f"| unedited ({ba.get('n')} cases) | 0 | {_pct(ba.get('efficacy'))} | {_pct(ba.get('generalization'))} | "
                      f"{_pct(ba.get('specificity'))} | {_pct(ba.get('score'))} | {_pct(ba.get('wild'))} | "
-                     f"{_num(None if bfl is None else 100 * bfl)} | {_pct((base.get('glue') or {}).get('mean'))} | "
+                     f"{_num(None if bfl is None else 100 * bfl)} | {_num(base.get('generation_nll'), 2)} | "
+                     f"{_pct((base.get('glue') or {}).get('mean'))} | "
                      f"— | — | — | — | {_pct(br.get('efficacy'))} | {_pct(br.get('generalization'))} | "
                      f"{_pct(br.get('specificity'))} | {_pct(br.get('score'))} | — |")
     shadows = (results.get("settings") or {}).get("shadow") or []
@@ -146,7 +169,7 @@ def _markdown(results: dict, rows: list[dict], base: dict) -> str:
         lines.append(
             f"| {r['method']} | {edits} | {_pct(r['final_efficacy'])} | {_pct(r['final_generalization'])} | "
             f"{_pct(r['final_specificity'])} | {_pct(r['final_score'])} | {_pct(r['final_wild'])} | "
-            f"{_num(None if fl is None else 100 * fl)} | {_pct(r['glue_mean'])} | "
+            f"{_num(None if fl is None else 100 * fl)} | {_num(r['generation_nll'], 2)} | {_pct(r['glue_mean'])} | "
             f"{_pct(r['immediate_efficacy'])} | {_pct(r['immediate_generalization'])} | "
             f"{_pct(r['immediate_specificity'])} | {_pct(r['immediate_score'])} | "
             f"{_pct(r['retention_efficacy'])} | {_pct(r['retention_generalization'])} | "
@@ -169,6 +192,7 @@ def _markdown(results: dict, rows: list[dict], base: dict) -> str:
         lines.append(f"| {r['method']} | {_num(r['seconds_edit'], 0)} | {_num(r['sec_per_batch_update'], 3)} | "
                      f"{_num(r['seconds_eval'], 0)} | {_num(r['seconds_wall'], 0)} | {_num(r['residual_ratio'], 3)} |")
     lines += _full_checkpoint_tables(results)
+    lines += _generation_samples(results)
     lines += _shadow_gap_table(results)
     sessions = results.get("sessions") or []
     if sessions:

@@ -18,6 +18,7 @@ from rlsedit_llm.kernel.registry import method_names
 from rlsedit_llm.adapters.architectures import get_module, read_weight
 from rlsedit_llm.pipeline.facts import encode_target
 from rlsedit_llm.pipeline.scoring import score_targets
+from rlsedit_llm.pipeline.tokens import encode_prompt, needs_bos
 from rlsedit_llm.pipeline.values import ValueConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
@@ -283,6 +284,36 @@ def test_fluency_is_entropy_of_prompt_plus_generation(llama):
     assert metrics.fluency(model, tok, prompts, max_new_tokens=12) == pytest.approx(expected)
 
 
+def test_continuation_nll_is_the_teacher_forced_nll_of_the_text_after_the_prompt(llama):
+    model, tok = llama
+    prompts = ["The Eiffel Tower is", "Toyota makes", "Paris is"]
+    texts = metrics.generate_texts(model, tok, prompts[:2], 8) + [" in France, and"]
+    got = metrics.continuation_nll(model, tok, prompts, texts, batch_size=2)  # two batches, padded
+    for p, t, nll in zip(prompts, texts, got):
+        p_ids = encode_prompt(tok, p, bos=needs_bos(model))
+        c_ids = tok.encode(t, add_special_tokens=False)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([p_ids + c_ids])).logits[0].double(), -1)
+        want = -logp[torch.arange(len(p_ids) - 1, len(p_ids) + len(c_ids) - 1), torch.tensor(c_ids)].mean()
+        assert nll == pytest.approx(float(want), rel=1e-4)
+    assert math.isnan(metrics.continuation_nll(model, tok, ["Paris is"], [""])[0])
+    with pytest.raises(HyperparameterError, match="continuations"):
+        metrics.continuation_nll(model, tok, prompts, texts[:2])
+
+
+def test_score_generations_scores_kept_generations_once(llama):
+    model, tok = llama
+    prompts = ["The Eiffel Tower is", "Toyota makes"]
+    part = {"generations": [{"prompt": p, "text": t} for p, t in zip(prompts, [" a tower", ""])]}
+    assert protocol.score_generations(part, model, tok)
+    # The empty generation (an immediate EOS) has no tokens to score and is left out of the mean.
+    assert part["generation_nll_n"] == 1
+    assert part["generation_nll"] == pytest.approx(metrics.continuation_nll(model, tok, prompts[:1], [" a tower"])[0])
+    part["generation_nll"] = 123.0
+    assert not protocol.score_generations(part, model, tok) and part["generation_nll"] == 123.0  # never rescored
+    assert not protocol.score_generations({"fluency": 5.0}, model, tok)
+
+
 # ----------------------------------------------------------------------------------------------
 # Fine-tuning baseline
 
@@ -438,6 +469,9 @@ def test_run_method_records_immediate_retention_and_final(tiny, tmp_path):
     assert set(rec["final"]["glue"]) == {"sst2", "cola", "mean"}
     assert 0 <= rec["final"]["glue"]["sst2"]["agreement"] <= 1
     assert rec["final"]["fluency_n"] == 1  # of the first two cases only one has a generation prompt
+    [gen] = rec["final"]["generations"]  # kept, for reading and for the unedited model's NLL
+    assert gen["prompt"] == facts[0].generation_prompts[0]
+    assert rec["final"]["fluency"] == pytest.approx(metrics.ngram_entropy(gen["prompt"] + gen["text"]))
     imm = protocol.immediate_summary(rec)
     assert imm["n"] == 6
     assert imm["efficacy"] == pytest.approx(sum(e["efficacy"] * e["n"] for e in rec["immediate"]) / 6, abs=1e-5)
@@ -512,6 +546,15 @@ def test_bench_writes_outputs_and_resumes_after_interruption(tiny_bench, tmp_pat
     assert len(ref["base"]["cases"]) == 6  # extended from the retention set to the whole stream
     # The model is left as it was (every method starts from, and ends on, the base weights).
     assert all(torch.equal(p, base_weights[n]) for n, p in model.named_parameters())
+    # Every model's fluency generations are kept and scored by the unedited model (the one left).
+    tok = tiny_bench[1]
+    for part in (ref["base"], ref["methods"]["rlsedit"]["final"], ref["methods"]["ft"]["final"]):
+        gens = part["generations"]
+        assert len(gens) == part["fluency_n"] == 1
+        nll = metrics.continuation_nll(model, tok, [g["prompt"] for g in gens], [g["text"] for g in gens])
+        assert part["generation_nll"] == pytest.approx(nll[0], rel=1e-4)
+    assert "gen. NLL" in md and f"| {ref['base']['generation_nll']:.2f} |" in md
+    assert "fluency generations" in md and f"- **ft**: {ref['base']['generations'][0]['prompt']} →" in md
 
     # Interrupt the second batch of rlsedit, then rerun the same command.
     out = tmp_path / "run" / "out"
@@ -954,7 +997,8 @@ def test_a_run_continues_when_its_stream_changed_only_after_the_written_edits(ti
 def test_fluency_states_reproduces_the_bench_fluency_of_a_kept_state(tiny_bench, benchmark_script, tmp_path,
                                                                     monkeypatch, capsys):
     """benchmarks/fluency_states.py loads a kept state onto a fresh model and regenerates from the
-    bench's own fluency prompts: on the same prompts it gives the bench's recorded fluencies."""
+    bench's own fluency prompts: on the same prompts it gives the bench's recorded fluencies and
+    generation NLLs."""
     model, tok = tiny_bench
     base = copy.deepcopy(model)  # the bench edits ``model`` in place
 
@@ -974,6 +1018,10 @@ def test_fluency_states_reproduces_the_bench_fluency_of_a_kept_state(tiny_bench,
     assert "first 3 prompts" in text
     assert f"| unedited | {100 * rec['base']['fluency']:.1f} | — |" in text
     assert f"| run/rlsedit | {100 * rec['methods']['rlsedit']['final']['fluency']:.1f} |" in text
+    # The generations' NLL under the unedited model, as the bench scored them.
+    [row] = [line for line in text.splitlines() if line.startswith("| run/rlsedit |")]
+    assert f"| {rec['methods']['rlsedit']['final']['generation_nll']:.2f} |" in row
+    assert f"| {rec['base']['generation_nll']:.2f} | — |" in text
     assert rec["methods"]["rlsedit"]["final"]["fluency"] != rec["base"]["fluency"]  # the state was applied
 
 
