@@ -10,7 +10,8 @@ onto a fresh copy of the model, generates from the first ``--prompts`` prompts o
 bench used (the prompts the bench's fluency starts with, and as many tokens), and prints each state's mean
 fluency (x100) and the unedited model's mean NLL of its generations (nats per token: entropy cannot
 tell incoherent text from varied prose, this can), with every state's paired difference from the
-unedited model (mean +- standard error over prompts), which is always the first row.
+unedited model (mean +- standard error over prompts), which is always the first row. Two rows give
+the NLL a scale: the unedited model's NLL of Wikipedia prose and of the same words shuffled.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.evaluation import metrics
 from rlsedit_llm.evaluation.data import load_stream
 from rlsedit_llm.evaluation.protocol import fluency_prompts
+from rlsedit_llm.pipeline.corpus import load_corpus
 
 log = logging.getLogger("fluency_states")
 
@@ -58,6 +60,20 @@ def per_prompt_scores(settings: dict, state: Path | None, n_prompts: int, unedit
     return fluency, metrics.continuation_nll(unedited, tok, prompts, texts)
 
 
+def prose_nll(unedited, tokenizer, n: int, *, seed: int = 0) -> tuple[float, float]:
+    """For scale: the ``unedited`` model's mean NLL (nats per token) of human prose, the 75 words
+    after the first 20 of up to ``n`` articles of the shipped Wikipedia sample, and of the same
+    words shuffled (word salad). A healthy model's greedy text is far likelier than either."""
+    words = [d.split() for d in load_corpus("enwiki_sample")["text"]]
+    words = [w for w in words if len(w) >= 95][:n]
+    prompts = [" ".join(w[:20]) for w in words]
+    rng = np.random.default_rng(seed)
+    prose = metrics.continuation_nll(unedited, tokenizer, prompts, [" " + " ".join(w[20:95]) for w in words])
+    salad = metrics.continuation_nll(unedited, tokenizer, prompts,
+                                     [" " + " ".join(rng.permutation(w[20:95])) for w in words])
+    return float(np.mean(prose)), float(np.mean(salad))
+
+
 def paired(a, b, *, scale: float = 100, digits: int = 1) -> str:
     """``a - b`` over prompts, times ``scale``: mean +- standard error of the mean, over the
     prompts where both are finite (an empty generation has no NLL)."""
@@ -86,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"lengths: {sorted(stream)}")
     first = max(settings, key=lambda s: s["n_edits"])  # the longest stream has every run's first prompts
 
-    unedited, _ = load_model(first["model"])
+    unedited, tok = load_model(first["model"])
     columns = {"unedited": per_prompt_scores(first, None, args.prompts, unedited)}
     for state in args.states:
         label = f"{state.parent.parent.name}/{state.name}"
@@ -101,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     for label, (fl, nll) in columns.items():
         diff = ("—", "—") if label == "unedited" else (paired(fl, base_fl), paired(nll, base_nll, scale=1, digits=2))
         print(f"| {label} | {100 * np.mean(fl):.1f} | {diff[0]} | {np.nanmean(nll):.2f} | {diff[1]} |")
+    prose, salad = prose_nll(unedited, tok, args.prompts)
+    print(f"| for scale: Wikipedia prose | — | — | {prose:.2f} | — |")
+    print(f"| for scale: the same words shuffled | — | — | {salad:.2f} | — |")
     if len(args.states) == 2:
         (first_fl, first_nll), (second_fl, second_nll) = list(columns.values())[1:]
         print(f"\nsecond state minus first, paired: fluency {paired(second_fl, first_fl)}, "

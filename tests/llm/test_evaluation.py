@@ -1022,6 +1022,12 @@ def test_fluency_states_reproduces_the_bench_fluency_of_a_kept_state(tiny_bench,
     [row] = [line for line in text.splitlines() if line.startswith("| run/rlsedit |")]
     assert f"| {rec['methods']['rlsedit']['final']['generation_nll']:.2f} |" in row
     assert f"| {rec['base']['generation_nll']:.2f} | — |" in text
+    # For scale, prose and word salad (a tiny random model cannot tell them apart, so only that
+    # both rows are there and finite is checked here).
+    scale = {line.split("|")[1].strip(): float(line.split("|")[4]) for line in text.splitlines()
+             if line.startswith("| for scale:")}
+    assert set(scale) == {"for scale: Wikipedia prose", "for scale: the same words shuffled"}
+    assert all(math.isfinite(v) and v > 0 for v in scale.values())
     assert rec["methods"]["rlsedit"]["final"]["fluency"] != rec["base"]["fluency"]  # the state was applied
 
 
