@@ -60,7 +60,8 @@ def _generation_samples(results: dict, n: int = 2, width: int = 200) -> list[str
                  "characters):", ""]
     for name, gens in parts:
         for g in gens:
-            text = " ".join((g["prompt"] + " → " + g["text"]).split())  # one line: newlines become spaces
+            text = g["text"] if g["text"].strip() else "(nothing: it stops at once)"
+            text = " ".join((g["prompt"] + " → " + text).split())  # one line: newlines become spaces
             text = text if len(text) <= width else text[:width] + " …"
             lines.append(f"- **{name}**: {text.replace('|', '/')}")
     return lines

@@ -301,6 +301,15 @@ def test_continuation_nll_is_the_teacher_forced_nll_of_the_text_after_the_prompt
         metrics.continuation_nll(model, tok, prompts, texts[:2])
 
 
+def test_report_prints_the_first_generations_on_one_line_each():
+    from rlsedit_llm.evaluation import report
+
+    gens = [{"prompt": "Q1?", "text": "\nA | b\n\nc"}, {"prompt": "Q2?", "text": "\n"}, {"prompt": "Q3?", "text": "x"}]
+    lines = report._generation_samples({"base": {"generations": gens}, "methods": {"m": {"final": {}}}})
+    assert lines[-2:] == ["- **unedited**: Q1? → A / b c", "- **unedited**: Q2? → (nothing: it stops at once)"]
+    assert report._generation_samples({"base": {}, "methods": {}}) == []
+
+
 def test_score_generations_scores_kept_generations_once(llama):
     model, tok = llama
     prompts = ["The Eiffel Tower is", "Toyota makes"]
