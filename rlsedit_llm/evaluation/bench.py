@@ -487,7 +487,8 @@ def run_bench(config: BenchConfig) -> int:
     # The generations' NLL needs the unedited model, which the bench has only now (a run
     # interrupted before this point gets them scored when it is resumed).
     parts = [results["base"]] + [rec.get("final") for rec in results["methods"].values()]
-    if any([score_generations(part, model, tok, batch_size=cfg.score_batch_size) for part in parts if part]):
+    scored = [score_generations(part, model, tok, batch_size=cfg.score_batch_size) for part in parts if part]
+    if any(scored):
         _write_results(out, results)
     write_report(results, out)
     print(f"results in {out}")

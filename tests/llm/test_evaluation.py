@@ -13,6 +13,7 @@ import torch
 from rlsedit_llm import EditConfig, Editor, EditReport, Fact
 from rlsedit_llm.errors import FactError, HyperparameterError
 from rlsedit_llm.evaluation import bench, data, metrics, protocol
+from rlsedit_llm.evaluation import report as bench_report
 from rlsedit_llm.editing.finetune import FineTuneEditor, target_nll
 from rlsedit_llm.kernel.registry import method_names
 from rlsedit_llm.adapters.architectures import get_module, read_weight
@@ -302,12 +303,10 @@ def test_continuation_nll_is_the_teacher_forced_nll_of_the_text_after_the_prompt
 
 
 def test_report_prints_the_first_generations_on_one_line_each():
-    from rlsedit_llm.evaluation import report
-
     gens = [{"prompt": "Q1?", "text": "\nA | b\n\nc"}, {"prompt": "Q2?", "text": "\n"}, {"prompt": "Q3?", "text": "x"}]
-    lines = report._generation_samples({"base": {"generations": gens}, "methods": {"m": {"final": {}}}})
+    lines = bench_report._generation_samples({"base": {"generations": gens}, "methods": {"m": {"final": {}}}})
     assert lines[-2:] == ["- **unedited**: Q1? → A / b c", "- **unedited**: Q2? → (nothing: it stops at once)"]
-    assert report._generation_samples({"base": {}, "methods": {}}) == []
+    assert bench_report._generation_samples({"base": {}, "methods": {}}) == []
 
 
 def test_score_generations_scores_kept_generations_once(llama):
