@@ -13,9 +13,11 @@ from rlsedit_llm.editing.editor import (
 )
 from rlsedit_llm.editing.lifelong import edit, editor_of, load_model_state, save_model_state
 from rlsedit_llm.editing.methods import load_editor, make_editor
+from rlsedit_llm.editing.folder_lock import state_lock
 from rlsedit_llm.editing.packs import apply_edit_pack
 from rlsedit_llm.errors import (
     CorpusError,
+    EditPackError,
     FactError,
     HyperparameterError,
     InsufficientMemoryError,
@@ -23,9 +25,12 @@ from rlsedit_llm.errors import (
     NonFiniteError,
     NotPositiveDefiniteError,
     OwnershipError,
+    PathError,
     RLSEditError,
     ShapeError,
+    StateLockedError,
     StateMismatchError,
+    StateWriteError,
     UnknownEditError,
     UnsupportedArchitectureError,
 )
@@ -43,6 +48,7 @@ __all__ = [
     "save_model_state",
     "load_model_state",
     "apply_edit_pack",
+    "state_lock",
     "method_names",
     "capabilities",
     "Capabilities",
@@ -70,6 +76,10 @@ __all__ = [
     "OwnershipError",
     "ShapeError",
     "StateMismatchError",
+    "StateLockedError",
+    "StateWriteError",
+    "PathError",
+    "EditPackError",
     "UnknownEditError",
     "UnsupportedArchitectureError",
     "CorpusError",

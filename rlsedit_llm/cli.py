@@ -148,6 +148,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _path_text(text: str) -> str:
+    """A file or folder argument: refused before anything runs when empty (it would name the
+    current folder) or holding NUL."""
+    if not text.strip() or "\0" in text:
+        raise argparse.ArgumentTypeError(f"expected a file or folder path; got {text!r}")
+    return text
+
+
 def _layer_list(text: str) -> tuple[int, ...]:
     try:
         layers = tuple(int(x) for x in text.split(","))
@@ -162,11 +170,22 @@ _CONFIG_FLAGS = {"layers": "layers", "alpha": "alpha", "beta": "beta", "mom2_wei
 
 
 def _edit(args) -> int:
-    import rlsedit_llm
+    from rlsedit_llm.editing.folder_lock import state_lock
 
     facts = _read_facts(Path(args.facts))  # before loading the model: a bad file fails fast
     given = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None}
-    state = Path(args.state) if args.state else None
+    state = Path(args.state) if args.state is not None else None
+    if state is None:
+        return _edit_stream(args, facts, given, None)
+    # One writer per state folder from before the model is loaded until after the save: a second
+    # `rlsedit edit` on the same folder fails at once instead of overwriting this one's edits.
+    with state_lock(state):
+        return _edit_stream(args, facts, given, state)
+
+
+def _edit_stream(args, facts: list, given: dict, state: Path | None) -> int:
+    import rlsedit_llm
+
     model, tok = rlsedit_llm.load_model(args.model)
     if state is not None and (state / "editor.json").exists():
         editor = rlsedit_llm.Editor.load(model, tok, state)
@@ -219,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ed = sub.add_parser("edit", help="apply facts from a JSON/JSONL file, keeping state in DIR")
     ed.add_argument("--model", default="smollm2", help="'smollm2' or a HF model name/path")
-    ed.add_argument("--facts", required=True, help="JSON list or JSONL of facts")
-    ed.add_argument("--state", help="edit-state directory (loaded if present, saved after)")
+    ed.add_argument("--facts", required=True, type=_path_text, help="JSON list or JSONL of facts")
+    ed.add_argument("--state", type=_path_text,
+                    help="edit-state directory (loaded if present, saved after; one `rlsedit edit` at a time)")
     ed.add_argument("--batch", type=_positive_int, default=10, help="facts per edit call (>= 1)")
     ed.add_argument("--layers", type=_layer_list,
                     help="comma-separated layer indices (default: family default; only for a new stream)")

@@ -43,3 +43,23 @@ class OwnershipError(RLSEditError, RuntimeError):
 
 class InsufficientMemoryError(RLSEditError, MemoryError):
     """The edit state (plus its temporaries) cannot fit in the device's free memory."""
+
+
+class StateLockedError(RLSEditError, RuntimeError):
+    """Another process (or another thread) is editing or saving the same state folder: one writer
+    per folder. Wait for it to finish, or use another folder."""
+
+
+class StateWriteError(RLSEditError, OSError):
+    """A save could not be written (a full disk, no permission). The previous save is unchanged;
+    free space or fix the permissions and save again."""
+
+
+class PathError(RLSEditError, TypeError, ValueError):
+    """A file or folder argument is not a usable path (``None``, a number, an empty string)."""
+
+
+class EditPackError(StateMismatchError):
+    """An edit pack is damaged or malformed: unreadable, its digest does not match its contents,
+    or its metadata or tensors are not those of a pack. Get an intact copy, or export the pack
+    again from the editor that made it (``Editor.save_edit_pack``)."""

@@ -28,6 +28,7 @@ __all__ = [
     "on_outputs",
     "first_tensor",
     "set_requires_grad",
+    "requires_grad_set",
     "restore_requires_grad",
 ]
 
@@ -123,6 +124,21 @@ def capture_outputs(modules: dict, *, detach: bool = True, stop: bool = False):
     seen: dict = {}
     with on_outputs(modules, lambda key, y: seen.__setitem__(key, y.detach() if detach else y), stop=stop):
         yield seen
+
+
+@contextmanager
+def requires_grad_set(model: nn.Module, flag: bool):
+    """Set ``requires_grad`` on every parameter for the block, and put every flag back after it.
+    Each flag is recorded before it is changed, inside the ``try``, so an exception at any point
+    restores exactly the flags that were changed."""
+    previous: dict = {}
+    try:
+        for name, p in model.named_parameters():
+            previous[name] = p.requires_grad
+            p.requires_grad_(flag)
+        yield
+    finally:
+        restore_requires_grad(model, previous)
 
 
 def set_requires_grad(model: nn.Module, flag: bool) -> dict:

@@ -425,6 +425,8 @@ def write_weight(module: nn.Module, W: torch.Tensor) -> None:
     """Write ``W`` of shape ``(d_k, d_v)`` into ``module`` in its own orientation, dtype and device.
 
     Raises :class:`ShapeError` or :class:`NonFiniteError` (module untouched) for bad input.
+    Finiteness is checked on the value as the module will hold it, after the cast to its dtype:
+    a float64 weight of 1e5 is finite but becomes ``inf`` in a float16 model.
     """
     if isinstance(module, nn.Linear):
         expected = (module.in_features, module.out_features)
@@ -437,10 +439,20 @@ def write_weight(module: nn.Module, W: torch.Tensor) -> None:
     if not isinstance(W, torch.Tensor) or tuple(W.shape) != expected:
         got = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
         raise ShapeError(f"weight must have shape (d_k, d_v) = {expected}; got {got}")
-    if not torch.isfinite(W).all():
-        raise NonFiniteError("refusing to write a weight containing NaN/inf")
+    target = module.weight
+    # Cast first (no copy when W is already in the module's dtype and device), then check what
+    # would actually be stored.
+    held = W.detach().to(device=target.device, dtype=target.dtype)
+    if not torch.isfinite(held).all():
+        if not torch.isfinite(W).all():
+            raise NonFiniteError("refusing to write a weight containing NaN/inf (nothing was written)")
+        limit = torch.finfo(target.dtype).max
+        raise NonFiniteError(
+            f"refusing to write a weight that overflows the model's dtype {target.dtype}: its largest entry "
+            f"{float(W.detach().abs().max()):.4g} exceeds {limit:.4g} (nothing was written); load the model in a "
+            f"wider dtype (bfloat16 or float32) or make a smaller edit")
     with torch.no_grad():
-        module.weight.copy_(W.T if transpose else W)
+        target.copy_(held.T if transpose else held)
 
 
 def model_device(model: nn.Module) -> torch.device:

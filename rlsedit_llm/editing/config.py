@@ -10,6 +10,7 @@ import torch
 
 from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.kernel.registry import get_method
+from rlsedit_llm.kernel.rls import max_condition
 from rlsedit_llm.pipeline.values import ValueConfig
 
 __all__ = ["EditConfig", "anchor_gram", "PUBLISHED_MOM2_WEIGHT", "PUBLISHED_D_K"]
@@ -81,6 +82,8 @@ class EditConfig:
             raise HyperparameterError(f"corpus must be a corpus name or path; got {self.corpus!r}")
         if self.value is not None and not isinstance(self.value, ValueConfig):
             raise HyperparameterError(f"value must be a ValueConfig or None; got {type(self.value).__name__}")
+        if self.value is not None:
+            self.value.validate()  # a bad value setting is refused with the editor, not at the first edit
         if self.layers is not None and (not isinstance(self.layers, (tuple, list)) or not all(
                 isinstance(l, int) and not isinstance(l, bool) for l in self.layers)):
             raise HyperparameterError(f"layers must be a tuple of layer indices (ints) or None; got {self.layers!r}")
@@ -100,10 +103,28 @@ class EditConfig:
         get_method(self.method)  # a typed error naming the choices for an unknown method
         if self.state_dtype not in ("float32", "float64"):
             raise HyperparameterError(f"state_dtype must be 'float32' or 'float64'; got {self.state_dtype!r}")
+        if self.alpha == 0:
+            self._check_anchor_weight()
         if self.stats_tokens < 1 or self.n_templates < 0 or self.template_length < 1:
             raise HyperparameterError("stats_tokens and template_length must be >= 1, n_templates >= 0")
         if self.layers is not None and len(self.layers) == 0:
             raise HyperparameterError("layers must name at least one layer (or be None)")
+
+    def _check_anchor_weight(self) -> None:
+        """With ``alpha = 0`` the anchor alone regularises: an in-distribution key's absorption
+        ``k^T (beta N E[kk^T])^{-1} k`` averages ``d_k / (beta N) >= 1 / (beta N)``, the factor by
+        which its edit shrinks the state's inverse. Above what the state dtype can carry
+        (:func:`~rlsedit_llm.kernel.rls.max_condition`, ``1 / (1000 eps)``) the first edit leaves
+        the state numerically singular, whatever the model: refuse ``beta N`` below ``1000 eps``.
+        (``N = None`` resolves to ``15000 d_k / 14336 >= 15000 / 14336``.)"""
+        n = self.mom2_weight if self.mom2_weight is not None else PUBLISHED_MOM2_WEIGHT / PUBLISHED_D_K
+        weight = self.beta * n
+        floor = 1.0 / max_condition(getattr(torch, self.state_dtype))
+        if weight < floor:
+            raise HyperparameterError(
+                f"alpha = 0 with beta * mom2_weight = {weight:.3g}: the anchor is negligible next to any edit, and a "
+                f"{self.state_dtype} state would be numerically singular after the first one (it needs beta * mom2_weight "
+                f">= {floor:.2g}); raise mom2_weight or beta, or set alpha > 0")
 
     def resolved_mom2_weight(self, d_k: int) -> float:
         """``N`` for an edited layer of input width ``d_k``."""

@@ -12,8 +12,9 @@ One :class:`Editor` per model. Each call to :meth:`Editor.edit` takes a batch of
    (:class:`~rlsedit_llm.kernel.rls.LayerRLS`, the verified recursion, by default), whose state
    persists across calls, and writes the new weights into the model.
 
-Every call is a transaction: if anything fails (bad fact, NaN, out of memory, Ctrl-C) the model's
-weights and the editor's state are exactly as before the call.
+Every call is a transaction (:mod:`rlsedit_llm.editing.transaction`): whatever exception or signal
+arrives at any bytecode (bad fact, NaN, out of memory, Ctrl-C), the model's weights and the
+editor's state are either exactly as before the call or exactly as after it.
 
 One owner per model. Every state-changing call (``edit``, ``absorb``, ``undo``, ``prepare``,
 ``save``, ``load``) holds a lock shared by all editors of the model (an ``RLock`` kept on the
@@ -36,7 +37,6 @@ import dataclasses
 import logging
 import math
 import numbers
-import threading
 import time
 from contextlib import contextmanager
 
@@ -48,6 +48,8 @@ from rlsedit_llm.editing.config import EditConfig, anchor_gram
 from rlsedit_llm.editing.packs import write_edit_pack
 from rlsedit_llm.editing.guard import guard_of, hand_over, named_tensors, tensor_digests
 from rlsedit_llm.editing.reports import EditRecord, EditReport, FactReport
+from rlsedit_llm.editing.transaction import Transaction
+from rlsedit_llm.interrupts import deferred_interrupts, poll_interrupts
 from rlsedit_llm.errors import (FactError, HyperparameterError, NonFiniteError, OwnershipError, ShapeError,
                                 StateMismatchError, UnknownEditError)
 from rlsedit_llm.kernel.certificates import certificate
@@ -69,6 +71,10 @@ log = logging.getLogger(__name__)
 #: An absorption below this (a typical key moves its output by less than this share of the
 #: demanded change) means the regulariser swamps every edit: refused at prepare.
 MIN_ABSORPTION = 1e-6
+#: An absorption above this (a regulariser a million times weaker than a typical key) leaves the
+#: state nearly singular along every edited key: a later undo's downdate ``I - K C K^T`` then
+#: cancels to rounding and is refused. Refused at prepare, with the reason.
+MAX_ABSORPTION = 1e6
 
 
 def _max_positions(model) -> int:
@@ -128,6 +134,7 @@ class Editor:
 
     def _bind(self, model, tokenizer, config: EditConfig | None) -> None:
         """Model, tokenizer, validated config and everything derived from them."""
+        guard_of(model)  # refuses what is not a model, first
         config = config or EditConfig()
         if not isinstance(config, EditConfig):
             raise HyperparameterError(f"config must be an EditConfig; got {type(config).__name__}")
@@ -186,7 +193,8 @@ class Editor:
                                      f"before editing (nothing was changed)")
 
     def _check_absorption(self, moments) -> None:
-        """Refuse a regulariser that swamps every edit (e.g. alpha = 1e308): every write a no-op."""
+        """Refuse a regulariser that swamps every edit (e.g. alpha = 1e308: every write a no-op), or
+        one so weak that the state is numerically singular (e.g. alpha = 0, mom2_weight = 1e-12)."""
         cfg = self.config
         for layer, m in moments.items():
             m = m.double()
@@ -199,6 +207,13 @@ class Editor:
                     f"alpha={cfg.alpha:g}, beta={cfg.beta:g}, mom2_weight={self.mom2_weight_:g} swamp every edit at "
                     f"layer {layer}: a typical key would move its output by {absorption:.1e} of the requested change "
                     f"(every edit a no-op); lower alpha (e.g. alpha <= {trace / 1e-2:.3g}) or the anchor weight"
+                )
+            if absorption > MAX_ABSORPTION:
+                raise HyperparameterError(
+                    f"alpha={cfg.alpha:g}, beta={cfg.beta:g}, mom2_weight={self.mom2_weight_:g} are too weak at layer "
+                    f"{layer}: the regulariser is {1 / absorption:.1e} of a typical key's weight, so the state is "
+                    f"numerically singular along every edited key and undo would fail. Raise alpha (e.g. alpha >= "
+                    f"{trace / MAX_ABSORPTION * 10:.3g}) or mom2_weight"
                 )
 
     def _prepare(self) -> "Editor":
@@ -247,8 +262,8 @@ class Editor:
             tic = time.perf_counter()
             self._prepare()
             seconds["prepare"] = time.perf_counter() - tic
-            with self._transaction():
-                return self._edit(facts, seconds)
+            with Transaction(self) as txn:
+                return self._edit(facts, seconds, txn)
 
     def _check_batch(self, facts: list[Fact]) -> None:
         """Lengths within the model's positions; with ``replace``, one fact per (subject, relation)."""
@@ -307,13 +322,13 @@ class Editor:
                                  f"got {tuple(K.shape)} and {tuple(V.shape)}")
             if not (torch.isfinite(K).all() and torch.isfinite(V).all()):
                 raise NonFiniteError(f"layer {layer}: keys or values contain NaN or infinity")
-        with self._transaction():
+        with Transaction(self) as txn:
             tic = time.perf_counter()
             record = EditRecord(self.next_id_, list(facts), {}, {})
             pending = {}
             for layer in self.layers_:
                 pending[layer] = self._write(layer, keys[layer], values[layer], record)
-            self._commit(pending, record)
+            self._commit(pending, record, txn)
             seconds = {"update": time.perf_counter() - tic}
         return EditReport(record.edit_id, self.layers_, [], seconds)
 
@@ -328,56 +343,20 @@ class Editor:
         record.values[layer] = V.detach().to("cpu", solver.dtype)
         return step
 
-    def _commit(self, pending: dict, record: EditRecord) -> None:
-        """Adopt the layers' steps and journal the record. The steps' in-place terms (``LayerRLS``:
-        ``C -= G G^T``) are the only in-place changes of an edit; if one layer's commit fails, the
-        transaction takes back the layers committed before it (from their logged factors)."""
-        for layer, step in pending.items():
-            self.solvers_[layer].commit(step)
-        self.journal_.append(record)
-        self.next_id_ += 1
+    def _commit(self, pending: dict, record: EditRecord, txn: Transaction) -> None:
+        """Adopt the layers' steps and journal the record: the point of no return of the call."""
+        txn.adopt(pending, [*self.journal_, record], self.next_id_ + 1)
 
-    def _transaction(self):
-        """Roll the model's edited layers and the whole editor state back if the block fails.
-
-        Each solver's :meth:`~rlsedit_llm.kernel.protocol.LayerSolver.checkpoint` holds
-        references to its state tensors and logs the in-place terms committed inside the block
-        (``O(d_k u)`` each); a rollback takes them back (to rounding; bitwise where the commit
-        kept a copy, ``exact=True``) and restores the references. The edited weights are
-        restored bitwise from a copy, the journal from a shallow copy."""
-        editor = self
-
-        class _Txn:
-            def __enter__(self):
-                self.weights = {l: read_weight(editor._module(l)) for l in editor.layers_}
-                self.points = {l: (s, s.checkpoint()) for l, s in editor.solvers_.items()}
-                self.journal = list(editor.journal_)
-                self.next_id = editor.next_id_
-
-            def __exit__(self, exc_type, exc, tb):
-                if exc_type is None:
-                    for solver, point in self.points.values():
-                        solver.release(point)
-                    return False
-                for l, W in self.weights.items():
-                    write_weight(editor._module(l), W)
-                for solver, point in self.points.values():
-                    solver.rollback(point)
-                editor.journal_, editor.next_id_ = self.journal, self.next_id
-                log.warning("edit rolled back after %s: model and state restored", exc_type.__name__)
-                return False
-
-        return _Txn()
-
-    def _edit(self, facts: list[Fact], seconds: dict[str, float]) -> EditReport:
+    def _edit(self, facts: list[Fact], seconds: dict[str, float], txn: Transaction) -> EditReport:
         model, tok, spec, layers = self.model, self.tokenizer, self.spec_, self.layers_
         z_layer = layers[-1]
 
-        replaced = self._retract_replaced(facts) if self.config.replace and self.capabilities.retracts else {}
+        replaced = self._retract_replaced(facts, txn) if self.config.replace and self.capabilities.retracts else {}
 
         tic = time.perf_counter()
         before = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
         seconds["score"] = time.perf_counter() - tic
+        poll_interrupts()
 
         tic = time.perf_counter()
         values = compute_values(model, tok, spec, z_layer, facts, self.templates_, self.value_config_)
@@ -388,6 +367,7 @@ class Editor:
         if not torch.isfinite(z_star).all():
             raise NonFiniteError("value optimisation produced NaN/inf; lower the value learning rate")
         seconds["values"] = time.perf_counter() - tic
+        poll_interrupts()
 
         seconds["keys"] = seconds["update"] = 0.0
         record = EditRecord(self.next_id_, list(facts), {}, {})
@@ -414,11 +394,12 @@ class Editor:
             norms[f"KW0{layer}"] = (K @ solver.W0_).norm(dim=1).tolist()
             seconds["update"] += time.perf_counter() - tic
 
+        poll_interrupts()
         h_after = subject_hidden_states(model, tok, spec, z_layer, facts)
         residual_after = (z_star.to(h_after.device) - h_after).norm(dim=1)
         after = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
 
-        self._commit(pending, record)
+        self._commit(pending, record, txn)
         reports = [
             FactReport(f, b.prob, a.prob, float(rb), float(ra), replaced.get(j, ()))
             for j, (f, b, a, rb, ra) in enumerate(zip(facts, before, after, residual_before, residual_after))
@@ -427,26 +408,27 @@ class Editor:
         return EditReport(record.edit_id, layers, reports, seconds, norms=norms)
 
     # -- retraction ----------------------------------------------------------------------------
-    def _retract_replaced(self, facts: list[Fact]) -> dict[int, tuple[int, ...]]:
+    def _retract_replaced(self, facts: list[Fact], txn: Transaction) -> dict[int, tuple[int, ...]]:
         """Retract earlier facts with the same (subject, relation) as a new one."""
         slots = {_fact_slot(f): j for j, f in enumerate(facts)}
         replaced: dict[int, list[int]] = {}
         for record in list(self.journal_):
             hits = [j for j, f in enumerate(record.facts) if _fact_slot(f) in slots]
             if hits:
-                self._retract_rows(record, hits, exact=True)  # the edit can still fail after this
+                self._retract_rows(record, hits, txn, final=False)  # the edit can still fail after this
                 for j in hits:
                     replaced.setdefault(slots[_fact_slot(record.facts[j])], []).append(record.edit_id)
         return {j: tuple(ids) for j, ids in replaced.items()}
 
-    def _retract_rows(self, record: EditRecord, rows: list[int], *, exact: bool = False) -> None:
+    def _retract_rows(self, record: EditRecord, rows: list[int], txn: Transaction, *, final: bool) -> None:
         """Downdate some rows of a journal entry from every layer and drop them from the journal.
 
         Every layer's removal is proposed and its weights written before any is committed, so a
-        failure there leaves the solvers untouched. ``exact``: the commits keep a copy of what
-        they change in place, so that a failure later in the same transaction restores it
-        bitwise (a replacement inside an edit; ``d_k^2`` per layer until the edit ends).
-        The record object itself is never mutated (a rolled-back transaction restores it)."""
+        failure there leaves the solvers untouched. ``final``: this is the call's last change
+        (undo), adopted by ``txn``; otherwise (a replacement inside an edit, which can still fail
+        later) the commits keep a copy of what they change in place, so that a rollback restores
+        it bitwise (``d_k^2`` per layer until the edit ends). The record object itself is never
+        mutated (a rolled-back transaction restores it)."""
         keep = [j for j in range(len(record.facts)) if j not in rows]
         pending = {}
         for layer in self.layers_:
@@ -454,18 +436,23 @@ class Editor:
             pending[layer] = step = self.solvers_[layer].propose_removal(K, V)
             _check_finite(step, layer)
             write_weight(self._module(layer), step.W)
-        for layer, step in pending.items():
-            self.solvers_[layer].commit(step, exact=exact)
-        index = next(i for i, r in enumerate(self.journal_) if r is record)
+        journal = list(self.journal_)
+        index = next(i for i, r in enumerate(journal) if r is record)
         if keep:
-            self.journal_[index] = dataclasses.replace(
+            journal[index] = dataclasses.replace(
                 record,
                 facts=[record.facts[j] for j in keep],
                 keys={l: K[keep] for l, K in record.keys.items()},
                 values={l: V[keep] for l, V in record.values.items()},
             )
         else:
-            del self.journal_[index]
+            del journal[index]
+        if final:
+            txn.adopt(pending, journal, self.next_id_)
+            return
+        for layer, step in pending.items():
+            self.solvers_[layer].commit(step, log=txn.undo_log, exact=True)
+        self.journal_ = journal
 
     def undo(self, edit_id: int) -> None:
         """Retract a past edit exactly: the solvers' state equals that of the same stream of
@@ -481,11 +468,11 @@ class Editor:
         if record is None:
             known = [r.edit_id for r in self.journal_]
             raise UnknownEditError(f"no edit with id {edit_id} in the journal (known ids: {known})")
-        with self._owning("undo"), self._transaction():
+        with self._owning("undo"), Transaction(self) as txn:
             record = next((r for r in self.journal_ if r.edit_id == edit_id), None)
             if record is None:  # retracted by a call that held the lock before this one
                 raise UnknownEditError(f"no edit with id {edit_id} in the journal any more")
-            self._retract_rows(record, list(range(len(record.facts))))
+            self._retract_rows(record, list(range(len(record.facts))), txn, final=True)
 
     # -- state (the PyTorch/PEFT convention) -----------------------------------------------------
     def state_dict(self) -> dict:
@@ -524,15 +511,16 @@ class Editor:
         ``take_over``; the new editor owns the model.
         """
         guard = guard_of(model)
-        with guard.lock:
+        with deferred_interrupts(), guard.lock:
             editor = cls._from_state_dict(model, tokenizer, state, take_over)
-            hand_over(guard, editor, take_over)
+            editor._install(guard, take_over)
             return editor
 
     @classmethod
     def _from_state_dict(cls, model, tokenizer, state: dict, take_over: bool, share: bool = True) -> "Editor":
-        """``share``: the state's tensors may be held elsewhere (copied before an in-place
-        change); ``False`` when they were just read from files."""
+        """The editor of ``state``, not yet written into the model (see :meth:`_install`).
+        ``share``: the state's tensors may be held elsewhere (copied before an in-place change);
+        ``False`` when they were just read from files."""
         try:
             config = EditConfig.from_dict(state["config"])
             value_config = ValueConfig(**state["value_config"])
@@ -565,16 +553,33 @@ class Editor:
             raise StateMismatchError(f"the saved journal is malformed ({exc!r}); the save is damaged") from None
         editor.solvers_ = solvers
         editor.journal_ = journal
-        before = {l: read_weight(editor._module(l)) for l in solvers}
-        try:
-            for layer, solver in solvers.items():
-                write_weight(editor._module(layer), solver.W_)
-        except BaseException:
-            for layer, W in before.items():
-                write_weight(editor._module(layer), W)
-            raise
-        editor._reference_ = tensor_digests(model)
         return editor
+
+    def _install(self, guard, take_over: bool, *, edited_fingerprint: str | None = None) -> None:
+        """Write this editor's weights into the model, check the result (against
+        ``edited_fingerprint`` when given) and make the editor the model's owner: all or nothing.
+        On any exception or signal the model gets its own weights back and the owner is unchanged."""
+        before = {layer: read_weight(self._module(layer)) for layer in self.solvers_}  # the model's own
+        previous = guard.owner
+        displaced = getattr(previous, "_displaced", False)
+        try:
+            for layer, solver in self.solvers_.items():
+                write_weight(self._module(layer), solver.W_)
+            if edited_fingerprint is not None and model_fingerprint(self.model) != edited_fingerprint:
+                raise StateMismatchError("after writing the saved weights the model does not match the saved "
+                                         "edited model; the base model or the save is inconsistent (the model's "
+                                         "own weights were put back)")
+            self._reference_ = tensor_digests(self.model)
+            self.check_model()
+            hand_over(guard, self, take_over)
+        except BaseException:
+            with deferred_interrupts():
+                for layer, W in before.items():
+                    write_weight(self._module(layer), W)
+                guard.owner = previous
+                if previous is not None:
+                    previous._displaced = displaced
+            raise
 
     # -- one owner per model, and the model-matches-state check ------------------------------------
     def _edited_params(self) -> dict[int, torch.nn.Parameter]:
@@ -634,25 +639,35 @@ class Editor:
     @contextmanager
     def _owning(self, action: str, *, claim: bool = True, fresh: bool = False):
         """Hold the model's lock, refuse re-entry and foreign ownership, check the model against
-        the state, and (``claim``) make this editor the model's owner for the block."""
+        the state, and (``claim``) make this editor the model's owner for the block. Signals are
+        deferred for the whole block: Ctrl-C is delivered at the call's safe points
+        (:func:`~rlsedit_llm.interrupts.poll_interrupts`) or when it ends."""
         guard = guard_of(self.model)
-        with guard.lock:
-            me = threading.get_ident()
-            if guard.busy == me:
+        with deferred_interrupts(), guard.lock:
+            if guard.busy:
                 raise OwnershipError(f"cannot {action}: another editor call on this model is running in this "
                                      f"thread (a re-entrant call from a hook or callback); call it afterwards")
             if getattr(self, "_displaced", False):
                 raise OwnershipError(f"cannot {action}: another editor took this model over (take_over=True); "
                                      f"this editor may no longer change it. Call its take_over() to take the "
                                      f"model back (checked against this editor's state)")
+            broken = getattr(self, "_broken_", None)
+            if broken:
+                raise StateMismatchError(f"cannot {action}: {broken}; this editor's state can no longer be trusted. "
+                                         f"Load the last save onto the base model (Editor.load)")
             self.check_model(fresh=fresh)  # another editor's writes in the model: StateMismatchError
-            if claim:
-                guard.owner = self
-            guard.busy = me
-            try:
-                yield
-            finally:
-                guard.busy = None
+            previous, journal = guard.owner, [id(r) for r in self.journal_]
+            with guard.call:
+                try:
+                    if claim:
+                        guard.owner = self
+                    yield
+                except BaseException:
+                    # a call that changed nothing (rolled back) leaves ownership as it was: a failed
+                    # first edit must not lock a corrected retry out
+                    if claim and [id(r) for r in self.journal_] == journal:
+                        guard.owner = previous
+                    raise
 
     def take_over(self) -> "Editor":
         """Make this editor the model's owner. Refused with :class:`StateMismatchError` unless the
@@ -695,8 +710,8 @@ class Editor:
         loaded a second time), unless ``take_over`` (the other editor can then no longer change it).
         """
         guard = guard_of(model)
-        with guard.lock:
-            if guard.busy == threading.get_ident():
+        with deferred_interrupts(), guard.lock:
+            if guard.busy:
                 raise OwnershipError("cannot load an editor state: another editor call on this model is running "
                                      "in this thread")
             state, mode = state_io.read_state(directory, model)  # refuses a save of another model first
@@ -707,13 +722,8 @@ class Editor:
                     f"edit(s) in its journal) whose state the model holds (a save loaded twice onto one model?). "
                     f"Continue with that editor, call its release(), or pass take_over=True")
             editor = cls._from_state_dict(model, tokenizer, state, True, share=False)  # fresh from the files
-            if mode == "base" and model_fingerprint(model) != state["edited_fingerprint"]:
-                for layer, solver in editor.solvers_.items():  # put the base weights back
-                    write_weight(editor._module(layer), solver.W0_)
-                raise StateMismatchError("after writing the saved weights the model does not match the saved "
-                                         "edited model; the base model or the save is inconsistent")
-            editor.check_model()
-            hand_over(guard, editor, take_over)
+            editor._install(guard, take_over,
+                            edited_fingerprint=state["edited_fingerprint"] if mode == "base" else None)
         log.info("loaded editor state (%d edits, layers %s) from %s onto the %s model",
                  len(editor.journal_), list(editor.layers_), directory, mode)
         return editor

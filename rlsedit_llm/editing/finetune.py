@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import time
 from pathlib import Path
 
@@ -176,13 +177,27 @@ class FineTuneEditor:
         directory = Path(directory)
         meta = json.loads((directory / "finetune.json").read_text())
         new = cls(model, tokenizer, layers=meta["layers"], lr=meta["lr"], steps=meta["steps"])
-        weights = torch.load(directory / "weights.pt", map_location="cpu")
+        try:
+            # Tensors only: a full unpickle of a file someone handed over can run arbitrary code
+            # (torch < 2.6 unpickles everything by default).
+            weights = torch.load(directory / "weights.pt", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise StateMismatchError(
+                f"{directory / 'weights.pt'} holds objects other than tensors and is not loaded (only tensors are "
+                f"unpickled); save the fine-tuning stream again with FineTuneEditor.save ({exc})") from None
+        if not isinstance(weights, dict):
+            raise StateMismatchError(f"{directory / 'weights.pt'} is not a dict of per-layer weights; save the stream again")
         for l in new.layers_:
             W = weights.get(l)
-            if W is None or W.shape != new.W0_[l].shape:
+            if not isinstance(W, torch.Tensor) or W.shape != new.W0_[l].shape:
                 raise StateMismatchError(f"saved fine-tuning weights do not match layer {l} of this model")
+        held = {l: weights[l].to(new.W0_[l].dtype) for l in new.layers_}
+        bad = [l for l, W in held.items() if not torch.isfinite(W).all()]
+        if bad:  # checked for every layer before the first write: all or nothing
+            raise NonFiniteError(f"saved fine-tuning weights of layers {bad} hold NaN/inf in the model's dtype; "
+                                 f"nothing was loaded")
         for l in new.layers_:
-            write_weight(new._module(l), weights[l].to(new.W0_[l].dtype))
+            write_weight(new._module(l), held[l])
         new.n_edits_, new.n_batches_ = int(meta["n_edits"]), int(meta["n_batches"])
         new.losses_ = [tuple(x) for x in meta["losses"]]
         return new

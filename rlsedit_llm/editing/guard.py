@@ -10,11 +10,11 @@ import weakref
 import torch
 
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
+from rlsedit_llm.errors import UnsupportedArchitectureError
 
 __all__ = ["ModelGuard", "guard_of", "hand_over", "named_tensors", "tensor_digests"]
 
 _GUARD = "_rlsedit_guard"  # the per-model lock, owner and digest cache (see ModelGuard)
-_GUARDS_LOCK = threading.Lock()
 
 class ModelGuard:
     """Kept on the model object: the lock every editor call on the model holds, the owning editor
@@ -25,8 +25,16 @@ class ModelGuard:
     def __init__(self):
         self.lock = threading.RLock()
         self._owner = None
-        self.busy: int | None = None  # thread inside a state-changing call
+        # held while a state-changing call runs (only ever taken with ``lock`` held, so when it is
+        # locked the caller's own thread is inside a call: a re-entrant call from a hook). A lock,
+        # not a flag: ``with`` releases it in C, so no interrupt can leave it set.
+        self.call = threading.Lock()
         self.cache: dict[str, tuple[tuple, str]] = {}  # name -> (token, digest)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a state-changing call on the model is running (in the thread that holds ``lock``)."""
+        return self.call.locked()
 
     @property
     def owner(self):
@@ -57,12 +65,19 @@ def hand_over(guard: ModelGuard, editor, displace: bool) -> None:
 
 
 def guard_of(model) -> ModelGuard:
-    with _GUARDS_LOCK:
-        guard = model.__dict__.get(_GUARD)
-        if not isinstance(guard, ModelGuard):
-            guard = ModelGuard()
-            object.__setattr__(model, _GUARD, guard)
-        return guard
+    """The model's guard, created on first use. No lock: ``dict.setdefault`` is atomic, so
+    threads racing on a fresh model all get the same guard (and an interrupt cannot leave a lock
+    held here)."""
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedArchitectureError(f"the model must be a Hugging Face causal LM (a torch.nn.Module); got "
+                                           f"{type(model).__name__} (load one with rlsedit_llm.load_model)")
+    guard = model.__dict__.get(_GUARD)
+    if not isinstance(guard, ModelGuard):
+        fresh = ModelGuard()
+        guard = model.__dict__.setdefault(_GUARD, fresh)
+        if not isinstance(guard, ModelGuard):  # something else under the name: replace it
+            model.__dict__[_GUARD] = guard = fresh
+    return guard
 
 
 class _OneTensor(torch.nn.Module):

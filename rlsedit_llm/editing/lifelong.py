@@ -9,6 +9,7 @@ from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.editing.guard import guard_of
 from rlsedit_llm.editing.reports import EditReport
 from rlsedit_llm.errors import HyperparameterError, RLSEditError
+from rlsedit_llm.interrupts import deferred_interrupts
 
 __all__ = ["edit", "editor_of", "save_model_state", "load_model_state"]
 
@@ -21,7 +22,9 @@ def edit(model, facts, *, tokenizer=None, config: EditConfig | None = None) -> E
     The first call creates an :class:`Editor` (statistics, per-layer state) and keeps it with the
     model; later calls continue the same recursion. ``tokenizer`` is needed on the first call.
     """
-    with guard_of(model).lock:  # one get-or-create at a time
+    # one get-or-create at a time; Ctrl-C deferred to the call's safe points, so that an edit that
+    # completed is always attached to the model
+    with deferred_interrupts(), guard_of(model).lock:
         return _edit(model, facts, tokenizer, config)
 
 
@@ -66,7 +69,7 @@ def load_model_state(model, tokenizer, directory, *, take_over: bool = False) ->
     """Restore a state saved by :func:`save_model_state` and attach it to ``model``, so that
     :func:`edit` continues the saved stream. Returns the editor. ``take_over`` as in
     :meth:`Editor.load`."""
-    with guard_of(model).lock:
+    with deferred_interrupts(), guard_of(model).lock:
         editor = Editor.load(model, tokenizer, directory, take_over=take_over)
         object.__setattr__(model, _ATTR, editor)
         return editor

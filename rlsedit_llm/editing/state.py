@@ -1,4 +1,4 @@
-"""Saving and loading the lifelong edit state, and edit packs.
+"""Saving and loading the lifelong edit state: the file format and its public write and read.
 
 File I/O only: this module writes and reads the dict of :meth:`rlsedit_llm.Editor.state_dict`
 and checks that a save belongs to a model; it knows nothing of the editor itself.
@@ -16,14 +16,23 @@ A saved editor is a folder::
 Version 1 (rlsedit 0.1.0, solvers saved attribute by attribute) is read through
 :func:`migrate_v1`.
 
-Writes are atomic. Everything is written into a temporary sibling ``<dir>.tmp-XXXX``, every file
-and the folder are fsynced, and the new folder is then swapped in:
+What lies around the format, each in its own module:
 
-- on Linux, with ``renameat2(RENAME_EXCHANGE)``, which exchanges the two folders in one step, so
-  at every instant ``<dir>`` is either the old complete save or the new complete save;
-- elsewhere (or on file systems without the exchange), by two renames: ``<dir>`` to
-  ``<dir>.old-XXXX``, then the new folder to ``<dir>``. A crash between the two leaves no
-  ``<dir>`` but a complete ``<dir>.old-XXXX``, which :func:`read_state` renames back.
+- :mod:`rlsedit_llm.editing.save_paths`: which paths are accepted (``None``, numbers and ``""`` are
+  refused with :class:`~rlsedit_llm.errors.PathError`; a symbolic link saves to the folder it points
+  to) and the names of the three files;
+- :mod:`rlsedit_llm.editing.folder_lock`: one writer per folder (a second writer gets
+  :class:`~rlsedit_llm.errors.StateLockedError`); :func:`~rlsedit_llm.editing.folder_lock.state_lock`
+  holds the lock across a load, edits and a save;
+- :mod:`rlsedit_llm.editing.folder_swap`: writes are atomic (the new save is written beside the
+  folder and swapped in, so ``<dir>`` is always the old or the new complete save) and what a killed
+  save left is repaired by the next writer or load;
+- :mod:`rlsedit_llm.editing.state_checks`: every field of a loaded state checked as if forged.
+
+A write that fails (a full disk, no permission) raises
+:class:`~rlsedit_llm.errors.StateWriteError` (an ``OSError``); the temporary folder is removed and
+the previous save stays as it was. Once the new save is in place, a failure to delete the
+previous one is only logged.
 
 Loading checks the model. The saved state records the fingerprint of the **pre-edit** weights
 (taken when the editor was created, before any edit) and of the edited model at save time. The
@@ -34,43 +43,47 @@ model passed to :func:`read_state` must be either
 - the edited model itself (its fingerprint equals the saved edited one, e.g. the same model
   object, or a copy saved with ``save_pretrained`` after editing): nothing is written.
 
-Anything else is refused with :class:`StateMismatchError`. The loaded editor continues the same
-recursion: a further edit gives bitwise the same weights and state as on the original editor.
+Anything else is refused with :class:`StateMismatchError`. The manifest is cross-checked against
+the tensors (:func:`check_consistency`) and every field is checked as if forged
+(:func:`~rlsedit_llm.editing.state_checks.validate_state`); a save that fails is refused with
+:class:`StateMismatchError` before the editor is built, so the model is never touched. The loaded
+editor continues the same recursion: a further edit gives bitwise the same weights and state as on
+the original editor.
 
 Edit packs (the weight deltas alone) are written and applied by :mod:`rlsedit_llm.editing.packs`.
-
-One writer at a time: two processes saving to the same folder at once is not supported.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import json
 import logging
 import os
-import secrets
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rlsedit_llm.adapters.architectures import detect_spec
-from rlsedit_llm.files import fsync_path, sha256_file
-from rlsedit_llm.errors import StateMismatchError
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
+from rlsedit_llm.editing import folder_swap
+from rlsedit_llm.editing.folder_lock import locked
+from rlsedit_llm.editing.save_paths import JOURNAL, MANIFEST, SOLVERS, state_path
+from rlsedit_llm.editing.state_checks import validate_state
+from rlsedit_llm.errors import StateMismatchError, StateWriteError
+from rlsedit_llm.files import fsync_path, sha256_file
 
 __all__ = [
-    "write_state",
-    "read_state",
-    "read_manifest",
+    "check_consistency",
+    "manifest_digest",
     "migrate_v1",
+    "read_manifest",
+    "read_state",
     "spec_summary",
+    "write_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,102 +91,24 @@ log = logging.getLogger(__name__)
 FORMAT = "rlsedit-editor-state"
 VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
-MANIFEST = "editor.json"
-SOLVERS = "solvers.safetensors"
-JOURNAL = "journal.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------
-# Durable file-system primitives
+# Finding a save
 # ---------------------------------------------------------------------------------------------
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically exchange two paths with Linux ``renameat2(RENAME_EXCHANGE)``.
-
-    Returns False when the call is unavailable here (not Linux, old libc or kernel, or a file
-    system without the exchange); raises OSError for real failures.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
-def _intent_path(target: Path) -> Path:
-    """The marker a two-rename swap writes first: only then may a load recover ``<dir>.old-*``."""
-    return target.parent / f"{target.name}.swap-intent"
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Make the complete folder ``tmp`` the folder ``target`` (see the module docstring).
-
-    Every step that must survive a power loss is followed by an fsync of the parent folder
-    before the next step can destroy anything (the previous save is removed only once the new
-    one is durably in place)."""
-    parent = target.parent
-    if not target.exists():
-        os.rename(tmp, target)
-        fsync_path(parent)
-    elif _exchange(tmp, target):
-        fsync_path(parent)  # the exchange is durable before the previous save is deleted
-        shutil.rmtree(tmp)  # now the previous save
-        fsync_path(parent)
-    else:
-        old = parent / f"{target.name}.old-{secrets.token_hex(4)}"
-        intent = _intent_path(target)
-        with open(intent, "w", encoding="utf-8") as f:  # recorded before anything moves
-            json.dump({"old": old.name, "new": tmp.name}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_path(parent)
-        os.rename(target, old)  # from here until the next rename, only `old` is complete
-        fsync_path(parent)
-        os.rename(tmp, target)
-        fsync_path(parent)
-        intent.unlink()
-        shutil.rmtree(old)
-        fsync_path(parent)
-
-
-def _siblings(target: Path, kind: str) -> list[Path]:
-    """``<target>.<kind>-XXXX`` folders next to ``target``, newest first."""
-    prefix = f"{target.name}.{kind}-"
-    if not target.parent.is_dir():
-        return []
-    found = [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
-def _resolve_save(directory) -> Path:
-    """The folder of a save; recovers an interrupted swap (``<dir>`` missing, ``<dir>.old-*``)."""
-    target = Path(directory)
+def _resolve_save(target: Path) -> Path:
+    """The folder of a save; recovers an interrupted swap (``<dir>`` missing, marker present)."""
     if (target / MANIFEST).is_file():
         return target
-    if not target.exists():
-        intent = _intent_path(target)
-        try:
-            old = target.parent / json.loads(intent.read_text(encoding="utf-8"))["old"]
-        except (OSError, ValueError, KeyError, TypeError):
-            old = None
-        if old is not None and old.parent == target.parent and (old / MANIFEST).is_file():
-            os.rename(old, target)
-            fsync_path(target.parent)
-            intent.unlink()
-            fsync_path(target.parent)
-            log.warning("recovered the previous complete save of %s from %s: a save was interrupted between its "
-                        "two renames (recorded in %s)", target, old.name, intent.name)
+    if not os.path.lexists(target) and os.path.lexists(folder_swap.intent_path(target)):
+        with locked(target):  # taking the lock recovers a genuine interrupted swap, drops a stale marker
+            pass
+        if (target / MANIFEST).is_file():
             return target
-        leftovers = [p.name for p in _siblings(target, "old")]
+    if not target.exists():
+        prefix = f"{target.name}.old-"
+        leftovers = sorted(p.name for p in target.parent.iterdir()
+                           if p.name.startswith(prefix) and p.is_dir()) if target.parent.is_dir() else []
         hint = (f"; {', '.join(leftovers)} left by an earlier save is not restored automatically (no interrupted "
                 f"save was recorded): rename it to {target.name} yourself if you want it back") if leftovers else ""
         raise StateMismatchError(f"no saved editor state at {target}: the folder does not exist{hint}")
@@ -187,7 +122,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors with no shared storage (safetensors refuses shared storage)."""
     out, seen = {}, set()
     for name, t in tensors.items():
@@ -206,12 +141,12 @@ def spec_summary(spec) -> dict:
             "d_k": spec.d_k, "d_model": spec.d_model}
 
 
-def _package_version() -> str:
+def package_version() -> str:
     try:
         from importlib.metadata import version
 
         return version("rlsedit")
-    except Exception:  # not installed (running from a checkout)
+    except Exception:  # noqa: BLE001 - not installed (running from a checkout)
         return "unknown"
 
 
@@ -267,8 +202,11 @@ def migrate_v1(manifest: dict, solver_tensors: dict[str, torch.Tensor]) -> tuple
     """A version-1 manifest and solver tensors in the version-2 layout.
 
     Version 1 saved every solver attribute by name (``layer{l}.C_``, scalars with a trailing
-    ``_``, the dtype as ``{"torch_dtype": ...}``) under the solver's class name.
+    ``_``, the dtype as ``{"torch_dtype": ...}``) under the solver's class name. Tensors the method
+    no longer has (AlphaEdit's ``C_``) are dropped.
     """
+    from rlsedit_llm.kernel.registry import get_method
+
     manifest = dict(manifest)
     solvers, tensors = {}, {}
     for key, meta in manifest["solvers"].items():
@@ -287,9 +225,14 @@ def migrate_v1(manifest: dict, solver_tensors: dict[str, torch.Tensor]) -> tuple
             scalars["alpha"], scalars["beta"] = manifest["config"]["alpha"], manifest["config"]["beta"]
         solvers[key] = {"method": method, "dtype": dtype, "scalars": scalars}
         prefix = f"layer{key}."
+        kept = {a.rstrip("_") for a in get_method(method).state_tensors}
         for name, t in solver_tensors.items():
             if name.startswith(prefix):
-                tensors[prefix + name[len(prefix):].rstrip("_")] = t
+                short = name[len(prefix):].rstrip("_")
+                if short in kept:  # version 1 also saved attributes the method no longer has
+                    tensors[prefix + short] = t
+                else:
+                    log.info("layer %s: dropped the version-1 tensor %r, which %s no longer uses", key, short, method)
     manifest["solvers"], manifest["version"] = solvers, VERSION
     return manifest, tensors
 
@@ -299,48 +242,73 @@ def migrate_v1(manifest: dict, solver_tensors: dict[str, torch.Tensor]) -> tuple
 # ---------------------------------------------------------------------------------------------
 def write_state(directory, state: dict, *, edited_fingerprint: str) -> Path:
     """Write an editor state dict (:meth:`rlsedit_llm.Editor.state_dict`) to the folder
-    ``directory``, atomically; return the folder.
+    ``directory``, atomically, holding the folder's one-writer lock; return the folder (a symbolic
+    link's target).
 
     An existing save at ``directory`` is replaced only once the new one is complete and on disk.
-    Raises FileExistsError if ``directory`` holds something other than a save (it is never
-    replaced), and OSError for file-system failures (the previous save stays in place).
+
+    Raises
+    ------
+    PathError
+        ``directory`` is not a path (``None``, a number, ``""``); nothing is written.
+    StateLockedError
+        Another process or thread holds the folder's lock; nothing is written.
+    FileExistsError
+        ``directory`` holds something other than a save (it is never replaced).
+    StateWriteError
+        The file system refused a write (full disk, permissions); the temporary folder is
+        removed and the previous save stays in place.
     """
-    target = Path(directory)
-    if target.exists() and not (target / MANIFEST).is_file() and (not target.is_dir() or any(target.iterdir())):
-        raise FileExistsError(f"{target} exists and is not a saved editor state; refusing to replace it")
+    target = state_path(directory)
     manifest, solver_tensors, journal_tensors = _split(state)
-    manifest = {"format": FORMAT, "version": VERSION, "rlsedit_version": _package_version(),
+    manifest = {"format": FORMAT, "version": VERSION, "rlsedit_version": package_version(),
                 "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest,
                 "edited_fingerprint": edited_fingerprint}
-
     if not target.parent.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _write_error(target, exc, had_save=False) from exc
         fsync_path(target.parent.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
-    try:
-        files = {}
-        for name, tensors in ((SOLVERS, solver_tensors), (JOURNAL, journal_tensors)):
-            save_file(_cpu_tensors(tensors), tmp / name, metadata={"format": FORMAT})
-            fsync_path(tmp / name)
-            files[name] = sha256_file(tmp / name)
-        manifest["files"] = files
-        manifest["digest"] = manifest_digest(manifest)
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_path(tmp)
-        _swap_in(tmp, target)
+    with locked(target) as hold:
+        had_save = (target / MANIFEST).is_file()
+        if target.exists() and not had_save and (not target.is_dir() or any(target.iterdir())):
+            raise FileExistsError(f"{target} exists and is not a saved editor state; refusing to replace it")
         tmp = None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    for stale in _siblings(target, "tmp") + _siblings(target, "old"):  # left by crashed saves
-        shutil.rmtree(stale, ignore_errors=True)
-    if _intent_path(target).exists():  # a crash after the second rename left the marker
-        _intent_path(target).unlink()
-        fsync_path(target.parent)
+        try:
+            tmp = folder_swap.make_work_folder(target, hold)
+            files = {}
+            for name, tensors in ((SOLVERS, solver_tensors), (JOURNAL, journal_tensors)):
+                save_file(cpu_tensors(tensors), tmp / name, metadata={"format": FORMAT})
+                fsync_path(tmp / name)
+                files[name] = sha256_file(tmp / name)
+            manifest["files"] = files
+            manifest["digest"] = manifest_digest(manifest)
+            folder_swap.write_durably(tmp / MANIFEST,
+                                      json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
+            fsync_path(tmp)
+            folder_swap.swap_in(tmp, target, hold)
+            tmp = None
+        except (OSError, SafetensorError) as exc:
+            raise _write_error(target, exc, had_save) from exc
+        finally:
+            if tmp is not None:
+                folder_swap.discard(tmp)
+        folder_swap.log_foreign_leftovers(target, hold)
     return target
+
+
+def _write_error(target: Path, exc: BaseException, had_save: bool) -> StateWriteError:
+    """The typed error of a failed write: what failed, what to do, what was kept."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    kept = (f"the previous save at {target} is unchanged" if had_save else f"nothing was saved at {target}")
+    error = StateWriteError(f"could not write the editor state to {target} ({reason}); free space on the disk "
+                            f"that holds {target.parent}, or check that you may write there, then save again; "
+                            f"{kept}")
+    error.errno = getattr(exc, "errno", None)
+    if error.errno is None and ("code: 28" in reason or "StorageFull" in reason):  # safetensors' I/O error
+        error.errno = errno.ENOSPC
+    return error
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -348,18 +316,21 @@ def manifest_digest(manifest: dict) -> str:
     body = {k: v for k, v in manifest.items() if k != "digest"}
     try:
         text = json.dumps(body, sort_keys=True, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise StateMismatchError(f"the manifest holds a value JSON cannot represent exactly ({exc})") from None
     return "sha256:" + hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def read_manifest(directory) -> dict:
     """The ``editor.json`` of a save (after recovering an interrupted swap), checked for format."""
-    target = _resolve_save(directory)
+    target = _resolve_save(state_path(directory))
     try:
         manifest = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise StateMismatchError(f"{target / MANIFEST} is unreadable ({exc}); the save is damaged") from None
+    except RecursionError:
+        raise StateMismatchError(f"{target / MANIFEST} nests too deeply to be read; the save is damaged or "
+                                 f"forged") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StateMismatchError(f"{target} is not a saved rlsedit editor state")
     if type(manifest.get("version")) is not int or manifest["version"] not in READABLE_VERSIONS:
@@ -380,19 +351,24 @@ def read_manifest(directory) -> dict:
 def read_state(directory, model) -> tuple[dict, str]:
     """Read a save and check it belongs to ``model``; return ``(state, mode)``.
 
-    ``state`` is the editor state dict (plus ``edited_fingerprint``), ``mode`` is ``"base"``
-    when ``model`` holds the pre-edit weights (the caller writes the saved ones) or ``"edited"``
-    when it already is the saved edited model.
+    ``state`` is the editor state dict (plus ``edited_fingerprint``), checked field by field by
+    :func:`~rlsedit_llm.editing.state_checks.validate_state`; ``mode`` is ``"base"`` when ``model``
+    holds the pre-edit weights (the caller writes the saved ones) or ``"edited"`` when it already is
+    the saved edited model.
 
     Raises
     ------
+    PathError
+        ``directory`` is not a path.
     StateMismatchError
-        No (complete) save at ``directory``, a damaged save, another architecture, or weights
-        that are neither the saved base nor the saved edited model. Nothing is changed.
+        No (complete) save at ``directory``, a damaged or forged save, another architecture, or
+        weights that are neither the saved base nor the saved edited model. Nothing is changed.
+    StateLockedError
+        The save is missing its folder while another process is in the middle of saving it.
     UnsupportedArchitectureError
         ``model`` is not a supported causal LM.
     """
-    target = _resolve_save(directory)
+    target = _resolve_save(state_path(directory))
     manifest = read_manifest(target)
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
@@ -400,7 +376,8 @@ def read_state(directory, model) -> tuple[dict, str]:
     files = manifest["files"]
     if not isinstance(files, dict) or set(files) != {SOLVERS, JOURNAL}:
         raise StateMismatchError(f"{target / MANIFEST} must list the checksums of {SOLVERS} and {JOURNAL}; "
-                                 f"it lists {sorted(files) if isinstance(files, dict) else files!r}; the save is damaged")
+                                 f"it lists {sorted(files) if isinstance(files, dict) else files!r}; "
+                                 f"the save is damaged")
     for name, digest in files.items():
         if not (target / name).is_file() or sha256_file(target / name) != digest:
             raise StateMismatchError(f"{target / name} is missing or damaged (checksum mismatch); the save is unusable")
@@ -408,13 +385,18 @@ def read_state(directory, model) -> tuple[dict, str]:
     spec = detect_spec(model)
     saved_spec = manifest["spec"]
     if spec_summary(spec) != saved_spec:
+        if not isinstance(saved_spec, dict):
+            raise StateMismatchError(f"{target / MANIFEST}: spec must be a mapping; the save is damaged or forged")
         raise StateMismatchError(
-            f"the saved state is for a {saved_spec['family']} model with {saved_spec['n_layers']} layers and "
-            f"edited matrices of shape ({saved_spec['d_k']}, {saved_spec['d_model']}); this model is a "
+            f"the saved state is for a {saved_spec.get('family')} model with {saved_spec.get('n_layers')} layers and "
+            f"edited matrices of shape ({saved_spec.get('d_k')}, {saved_spec.get('d_model')}); this model is a "
             f"{spec.family} with {spec.n_layers} layers and ({spec.d_k}, {spec.d_model})"
         )
     current = model_fingerprint(model)
     base, edited = manifest["base_fingerprint"], manifest["edited_fingerprint"]
+    if not (isinstance(base, str) and isinstance(edited, str)):
+        raise StateMismatchError(f"{target / MANIFEST}: the fingerprints must be strings; the save is damaged or "
+                                 f"forged")
     if current == base:
         mode = "base"
     elif current == edited:
@@ -425,20 +407,25 @@ def read_state(directory, model) -> tuple[dict, str]:
             f"edits were made on ({base[:23]}...) nor the saved edited model ({edited[:23]}...); load the "
             f"same pre-trained model (same weights and dtype) before loading the state"
         )
-    # Fresh copies: a loaded buffer can sit at another alignment than a computed one, and BLAS
-    # kernels round differently then; the loaded editor must continue bitwise the same.
-    solver_tensors = {k: t.clone() for k, t in load_file(target / SOLVERS).items()}
-    journal_tensors = load_file(target / JOURNAL)
+    try:
+        # Fresh copies: a loaded buffer can sit at another alignment than a computed one, and BLAS
+        # kernels round differently then; the loaded editor must continue bitwise the same.
+        solver_tensors = {k: t.clone() for k, t in load_file(target / SOLVERS).items()}
+        journal_tensors = load_file(target / JOURNAL)
+    except (OSError, SafetensorError) as exc:
+        raise StateMismatchError(f"{target}: the tensor files cannot be read ({exc}); the save is damaged") from None
     try:
         if manifest["version"] == 1:
             manifest, solver_tensors = migrate_v1(manifest, solver_tensors)
             log.info("read a version-1 save from %s; the next save writes version %d", target, VERSION)
         check_consistency(manifest, solver_tensors, journal_tensors)
+        state = _join(manifest, solver_tensors, journal_tensors)
+        validate_state(state, model, spec=spec)
     except StateMismatchError as exc:
         raise StateMismatchError(f"{target}: {exc}") from None
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as exc:
         raise StateMismatchError(f"{target}: the manifest is malformed ({exc!r}); the save is damaged") from None
-    return _join(manifest, solver_tensors, journal_tensors), mode
+    return state, mode
 
 
 _REQUIRED = ("config", "value_config", "spec", "layers", "templates", "next_id", "base_fingerprint",
@@ -523,3 +510,4 @@ def check_consistency(manifest: dict, solver_tensors: dict[str, torch.Tensor],
             t = solver_tensors.get(f"layer{key}.{name}")
             if t is None or tuple(t.shape) != (d_k, d_v):
                 bad(f"layer {key}: {name} missing or not ({d_k}, {d_v})")
+

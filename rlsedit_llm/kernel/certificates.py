@@ -23,7 +23,11 @@ anchor Gram ``gram0 = K0^T K0 = N E[k k^T]`` kept by the solver, ``A = alpha I +
   lambda_min(K_t C_{t-1} K_t^T))``. ``W_{t-1}, C_{t-1}`` come from a downdate that is computed
   and not committed.
 
-Everything is computed in the state dtype on the layer's device with matrix products only. The
+Everything is computed in the state dtype on the layer's device with matrix products only, so
+each number carries that dtype's round-off: :meth:`LayerCertificate.holds` compares them with a
+tolerance of ``10 eps cond(G_t)`` (``eps`` of the state dtype, ``cond`` estimated by a few power
+iterations), never below ``1e-8`` (the float64 tolerance this certificate always had) and
+capped at ``1e-3`` (a state that cannot be certified to 0.1% is not certified). The
 results use :class:`rlsedit_theory.bounds.Bound` / :class:`~rlsedit_theory.bounds.Identity`, the
 types of the NumPy statements of the same theorems (tests check the numbers agree).
 """
@@ -39,7 +43,11 @@ from rlsedit_theory.bounds import Bound, Identity
 
 from rlsedit_llm.errors import HyperparameterError
 
-__all__ = ["Certificate", "LayerCertificate", "certificate"]
+__all__ = ["Certificate", "LayerCertificate", "certificate", "tolerance_for"]
+
+RTOL_FLOOR = 1e-8  # the float64 tolerance of holds() before it depended on the dtype
+RTOL_CAP = 1e-3
+ROUNDOFF_FACTOR = 10.0
 
 
 @dataclass
@@ -60,15 +68,21 @@ class LayerCertificate:
     step: Bound | None = None  # T4(c)
     adherence: Bound | None = None  # T2
     last_edit_id: int | None = None
+    condition: float = float("nan")  # estimate of cond(G_t) (power iterations)
+    tolerance: float = RTOL_FLOOR  # what holds() allows by default: see tolerance_for
 
     def bounds(self) -> list[Bound]:
         return [b for b in (self.metric, self.deviation, self.anchor, self.step_metric, self.step,
                             self.adherence) if b is not None]
 
-    def holds(self, rtol: float = 1e-8) -> bool:
-        """Every bound holds up to ``rtol`` times its right-hand side, and the identity to ``rtol``."""
-        return all(b.holds(rtol * max(abs(b.rhs), abs(b.lhs))) for b in self.bounds()) and \
-            self.energy.holds(max(rtol, 1e-10))
+    def holds(self, rtol: float | None = None) -> bool:
+        """Every bound holds up to ``rtol`` times its right-hand side, the energy identity to
+        ``rtol``, and the state is what it claims to be: the minimiser (``gradient <= rtol``) with
+        ``C_t = G_t^{-1}`` (``drift <= rtol``). ``rtol`` defaults to :attr:`tolerance`, set from
+        the state dtype and the condition (see :func:`tolerance_for`)."""
+        tol = self.tolerance if rtol is None else rtol
+        return all(b.holds(tol * max(abs(b.rhs), abs(b.lhs))) for b in self.bounds()) and \
+            self.energy.holds(max(tol, 1e-10)) and self.gradient <= tol and self.drift <= tol
 
     def lines(self) -> list[str]:
         def cmp(label: str, b: Bound | None, vacuous: str) -> str:
@@ -83,6 +97,7 @@ class LayerCertificate:
             f"  optimality ||grad J_t|| / ||B_t||: {self.gradient:.3g} (state), {self.gradient_model:.3g} "
             f"(model weights{'' if self.weights_match else ', DIFFER from the state'})",
             f"  drift ||C_t G_t x - x|| / ||x||: {self.drift:.3g}",
+            f"  tolerance {self.tolerance:.2g} (state round-off at cond(G_t) ~ {self.condition:.2g})",
             f"  T3 energy identity: relative error {self.energy.relative_error:.3g}",
             cmp("T3  ||W_t - W0||_A^2 <= ||R0||^2/4", self.metric, ""),
             cmp("T3a ||W_t - W0||_F <= ||R0||/(2 sqrt alpha)", self.deviation, "vacuous (alpha = 0)"),
@@ -119,8 +134,9 @@ class Certificate:
         """Worst drift over the layers."""
         return max((c.drift for c in self.layers), default=0.0)
 
-    def holds(self, rtol: float = 1e-8) -> bool:
-        """Every layer's bounds hold (see :meth:`LayerCertificate.holds`)."""
+    def holds(self, rtol: float | None = None) -> bool:
+        """Every layer's certificate holds (see :meth:`LayerCertificate.holds`; ``None``: each
+        layer's own dtype- and condition-aware tolerance)."""
         return all(c.holds(rtol) for c in self.layers)
 
     def __str__(self) -> str:
@@ -131,6 +147,31 @@ class Certificate:
             lines += c.lines()
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def tolerance_for(dtype: torch.dtype, condition: float) -> float:
+    """The default tolerance of :meth:`LayerCertificate.holds` for a state in ``dtype`` whose
+    ``G_t`` has condition ``condition``: ``10 eps cond`` (the round-off a quantity computed
+    through ``C_t`` carries), at least :data:`RTOL_FLOOR` and at most :data:`RTOL_CAP`.
+
+    A float64 state of condition 200 gets ``1e-8`` (as before); a float32 one ``2.4e-4``,
+    where one ordinary edit leaves a drift of about ``3e-6`` and a relative error of the energy
+    identity of about ``1e-7``, far above ``1e-8``."""
+    scaled = ROUNDOFF_FACTOR * torch.finfo(dtype).eps * condition
+    return min(max(RTOL_FLOOR, scaled), RTOL_CAP) if math.isfinite(scaled) else RTOL_CAP
+
+
+def _largest_eigenvalue(apply, X: torch.Tensor, iters: int = 16) -> float:
+    """A lower estimate of ``lambda_max`` of the symmetric PSD operator ``apply``: the best
+    Rayleigh quotient after a few power iterations from the columns of ``X`` (``O(d^2)`` each)."""
+    def unit(Y):  # scaled by the largest entry first, so tiny or huge iterates keep their norm
+        Y = Y / Y.abs().amax(dim=0).clamp_min(torch.finfo(Y.dtype).tiny)
+        return Y / Y.norm(dim=0).clamp_min(torch.finfo(Y.dtype).tiny)
+
+    X = unit(X)
+    for _ in range(iters):
+        X = unit(apply(X))
+    return float((apply(X) * X).sum(dim=0).max())
 
 
 def _stack(editor, layer: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,8 +215,14 @@ def _layer_certificate(editor, layer: int, n_probes: int, seed: int, held_weight
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     X = torch.randn(W.shape[0], n_probes, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    GX = apply_A(X) + K.mT @ (K @ X)
+    def apply_G(Y):  # G_t Y = A Y + K^T K Y
+        return apply_A(Y) + K.mT @ (K @ Y)
+
+    GX = apply_G(X)
     drift = float(((C @ GX - X).norm(dim=0) / X.norm(dim=0)).max())
+    # cond(G_t) = lambda_max(G_t) lambda_max(C_t); a C_t off by a small relative amount (what the
+    # drift measures) changes this estimate by as little, so a corrupted state cannot hide behind it.
+    condition = _largest_eigenvalue(apply_G, X) * _largest_eigenvalue(lambda Y: C @ Y, X)
 
     Delta = W - W0
     R0 = V - K @ W0
@@ -191,7 +238,8 @@ def _layer_certificate(editor, layer: int, n_probes: int, seed: int, held_weight
                        "T3b ||K0 (W_t - W0)|| <= ||R0|| / (2 sqrt(beta))")
 
     cert = LayerCertificate(layer, K.shape[0], gradient, gradient_model, weights_match, drift,
-                            metric, energy, deviation, anchor)
+                            metric, energy, deviation, anchor, condition=condition,
+                            tolerance=tolerance_for(dtype, condition))
     last = next((r for r in reversed(editor.journal_) if layer in r.keys), None)
     if last is not None:
         Kt = last.keys[layer].to(device=device, dtype=dtype)  # (u, d_k)

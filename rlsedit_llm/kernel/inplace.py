@@ -38,9 +38,18 @@ symmetric for ``u = 1`` in any BLAS, up to rounding otherwise), ``"mirror"`` (co
 triangle onto the lower, about three more passes over ``C``) or ``"auto"`` (mirror when ``u > 1``
 and a probe of a few rows against the matching columns finds an asymmetry).
 
-If the update is interrupted (``KeyboardInterrupt``, an allocation failure in a block), the
-panels already applied are taken back by applying ``-alpha G G^T`` to them, so ``C`` is restored
-to rounding (not bitwise) and the exception propagates.
+Interrupted updates finish
+--------------------------
+An in-place update cannot be taken back bit for bit without a copy of ``C``, so it is made to
+finish instead. :class:`SymmetricRankUpdate` is the update as a resumable object: each panel's
+new rows are first computed out of place (``C`` untouched), then copied into ``C`` and mirrored,
+and only then is the panel counted as done. Re-running :meth:`SymmetricRankUpdate.run` after an
+exception at any bytecode therefore finishes the update exactly once: a panel whose copy may
+have happened is copied again from the same staged rows, one whose rows were not staged yet is
+computed from the untouched ``C``. :func:`symmetric_rank_update_` runs it with Ctrl-C deferred
+(:func:`rlsedit_llm.interrupts.deferred_interrupts`) and, if anything else interrupts it, finishes
+it before the exception propagates: ``C`` is always either untouched or fully updated.
+The staging costs one ``block x d_k`` buffer per panel.
 """
 
 from __future__ import annotations
@@ -48,8 +57,10 @@ from __future__ import annotations
 import torch
 
 from rlsedit_llm.errors import NotPositiveDefiniteError, ShapeError
+from rlsedit_llm.interrupts import deferred_interrupts
 
-__all__ = ["woodbury_update_", "woodbury_factors", "symmetric_rank_update_", "mirror_upper_", "DEFAULT_BLOCK"]
+__all__ = ["woodbury_update_", "woodbury_factors", "symmetric_rank_update_", "SymmetricRankUpdate", "finish", "mirror_upper_",
+           "DEFAULT_BLOCK"]
 
 #: Rows per panel of :func:`symmetric_rank_update_` (and the size of its transposed block copies).
 DEFAULT_BLOCK = 512
@@ -78,15 +89,72 @@ def _asymmetric(C: torch.Tensor, probes: int = 4) -> bool:
     return any(not torch.equal(C[i], C[:, i]) for i in idx)
 
 
-def _panel_(C: torch.Tensor, G: torch.Tensor, alpha: float, i: int, i1: int, block: int) -> None:
-    """Rows ``i:i1`` of the symmetric update: the upper panel by one fused GEMM, then its mirror."""
+def _mirror_panel_(C: torch.Tensor, i: int, i1: int, block: int) -> None:
+    """Copy the upper rows ``i:i1`` right of the diagonal block onto columns ``i:i1`` below it."""
     n = C.shape[0]
-    C[i:i1, i:].addmm_(G[i:i1], G[i:].mT, alpha=alpha)
-    diag = C[i:i1, i:i1]
-    diag.copy_(torch.triu(diag) + torch.triu(diag, 1).mT)
     for j in range(i1, n, block):
         j1 = min(j + block, n)
         C[j:j1, i:i1].copy_(C[i:i1, j:j1].mT)
+
+
+class SymmetricRankUpdate:
+    """``C += alpha G G^T`` in place for a square ``C (n, n)`` and ``G (n, u)``, resumable.
+
+    :meth:`run` updates the upper triangle panel by panel (``n^2 u`` multiply-adds, half a full
+    GEMM) and copies it onto the lower one, so ``C`` is bitwise symmetric afterwards (the lower
+    triangle of the input is not read). If :meth:`run` is interrupted at any point, calling it
+    again finishes the update exactly once (see the module docstring). ``G`` is cast to ``C``'s
+    dtype and device.
+    """
+
+    def __init__(self, C: torch.Tensor, G: torch.Tensor, alpha: float = 1.0, *, block: int = DEFAULT_BLOCK):
+        if C.ndim != 2 or C.shape[0] != C.shape[1] or C.stride(1) != 1:
+            raise ShapeError(f"C must be a square matrix with unit column stride; got shape {tuple(C.shape)}")
+        if G.ndim != 2 or G.shape[0] != C.shape[0]:
+            raise ShapeError(f"G must have shape ({C.shape[0]}, u); got {tuple(G.shape)}")
+        if not (isinstance(block, int) and block >= 1):
+            raise ValueError(f"block must be an int >= 1; got {block!r}")
+        self.C = C
+        self.G = G.to(device=C.device, dtype=C.dtype)
+        self.alpha = float(alpha)
+        self.block = block
+        self.next_row = 0  # rows [0, next_row) are updated in C and mirrored
+        self.started = False  # whether C may have been written
+        self._staged: tuple[int, torch.Tensor] | None = None  # (first row, its new upper rows)
+
+    @property
+    def done(self) -> bool:
+        return self.next_row >= self.C.shape[0]
+
+    def run(self) -> torch.Tensor:
+        """Apply the update, or finish an interrupted one; returns ``C``."""
+        C, G, n, block = self.C, self.G, self.C.shape[0], self.block
+        self.started = True
+        while self.next_row < n:
+            i = self.next_row
+            i1 = min(i + block, n)
+            staged = self._staged
+            if staged is None or staged[0] != i:
+                rows = torch.addmm(C[i:i1, i:], G[i:i1], G[i:].mT, alpha=self.alpha)  # (i1-i, n-i); C untouched
+                diag = rows[:, : i1 - i]
+                diag.copy_(torch.triu(diag) + torch.triu(diag, 1).mT)  # the diagonal block exactly symmetric
+                staged = self._staged = (i, rows)
+            C[i:i1, i:].copy_(staged[1])  # idempotent: the same staged rows every time
+            _mirror_panel_(C, i, i1, block)
+            self.next_row = i1
+        self._staged = None
+        return C
+
+
+def finish(run):
+    """Call ``run`` (a resumable, idempotent step) with Ctrl-C deferred; if it raises, call it again
+    to finish, then re-raise (the step is complete either way)."""
+    with deferred_interrupts():
+        try:
+            return run()
+        except BaseException:
+            run()
+            raise
 
 
 def symmetric_rank_update_(C: torch.Tensor, G: torch.Tensor, alpha: float = 1.0, *,
@@ -95,32 +163,11 @@ def symmetric_rank_update_(C: torch.Tensor, G: torch.Tensor, alpha: float = 1.0,
 
     Computes the upper triangle (``n^2 u`` multiply-adds, half a full GEMM) and copies it onto
     the lower one, so ``C`` is bitwise symmetric afterwards (see the module docstring; the lower
-    triangle of the input is not read). ``G`` is cast to ``C``'s dtype and device. If interrupted,
-    the panels already applied are taken back (``C`` restored to rounding) before the exception
-    propagates.
+    triangle of the input is not read). ``G`` is cast to ``C``'s dtype and device. Never stops
+    half-way: Ctrl-C waits until the update is complete, and any other exception is raised after
+    the update was finished (:class:`SymmetricRankUpdate`).
     """
-    if C.ndim != 2 or C.shape[0] != C.shape[1] or C.stride(1) != 1:
-        raise ShapeError(f"C must be a square matrix with unit column stride; got shape {tuple(C.shape)}")
-    if G.ndim != 2 or G.shape[0] != C.shape[0]:
-        raise ShapeError(f"G must have shape ({C.shape[0]}, u); got {tuple(G.shape)}")
-    if not (isinstance(block, int) and block >= 1):
-        raise ValueError(f"block must be an int >= 1; got {block!r}")
-    G = G.to(device=C.device, dtype=C.dtype)
-    alpha = float(alpha)
-    n = C.shape[0]
-    applied: list[int] = []
-    try:
-        for i in range(0, n, block):
-            _panel_(C, G, alpha, i, min(i + block, n), block)
-            applied.append(i)
-    except BaseException:
-        # the panel being computed when the failure came: its GEMM may or may not have run; the
-        # GEMM is the first thing a panel does, so a failure inside it left that panel untouched,
-        # and a failure in its copies is repaired by re-running the panel's mirror below
-        for i in reversed(applied):
-            _panel_(C, G, -alpha, i, min(i + block, n), block)
-        raise
-    return C
+    return finish(SymmetricRankUpdate(C, G, alpha, block=block).run)
 
 
 def woodbury_factors(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, *,

@@ -15,13 +15,22 @@ Only in-place terms change a state tensor in place (``LayerRLS`` updates its ``d
 ``C_`` this way, so an edit holds ``O(d_k u)`` factors per layer instead of a new ``C``). A
 tensor someone else may hold (handed out by ``state_dict()``, or adopted by ``load_state_dict``)
 is copied before its first in-place change (copy on write), so a ``state_dict()`` stays a valid
-snapshot. A rollback point is :meth:`LayerSolver.checkpoint`: references to the state tensors
-plus an undo log that every later commit appends to while the checkpoint is open.
-:meth:`LayerSolver.rollback` undoes the logged terms, newest first, and restores the
-references; :meth:`LayerSolver.release` closes the log. A logged term is undone by adding
+snapshot.
+
+A commit never stops half-way. :meth:`LayerSolver.begin_commit` does everything that can fail
+(copies, the undo log) and returns a :class:`PendingCommit` whose ``run`` changes the solver: its
+in-place terms are resumable (:class:`~rlsedit_llm.kernel.inplace.SymmetricRankUpdate`) and its
+assignments set precomputed values, so running it again after an exception at any bytecode
+finishes it exactly once. :meth:`LayerSolver.commit` runs it with Ctrl-C deferred and finishes it
+before any other exception propagates.
+
+A rollback point is :meth:`LayerSolver.checkpoint`: references to the state tensors (the solver
+itself is not changed), plus an undo log (a list the caller owns) that the commits made inside
+the transaction are given. :meth:`LayerSolver.rollback` takes the logged commits back, newest
+first, and restores the references. A commit's in-place terms are taken back by adding
 ``-alpha F F^T`` (the state comes back to rounding, not bitwise); a commit with ``exact=True``
-first keeps a copy of each tensor it changes (once per checkpoint, ``d_k^2`` per tensor), which
-the rollback restores bitwise. A solver without in-place terms is restored bitwise either way.
+first keeps a copy of each tensor it changes (once per log, ``d_k^2`` per tensor), which the
+rollback restores bitwise. A solver without in-place terms is restored bitwise either way.
 
 What a method can do is declared by its class in :class:`Capabilities`; callers (editor,
 certificates, protocol, bench) read those, never the method's name. Methods are found by name
@@ -37,9 +46,10 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from rlsedit_llm.errors import HyperparameterError, NonFiniteError, ShapeError
-from rlsedit_llm.kernel.inplace import symmetric_rank_update_
+from rlsedit_llm.interrupts import deferred_interrupts
+from rlsedit_llm.kernel.inplace import SymmetricRankUpdate, finish
 
-__all__ = ["Capabilities", "Step", "Checkpoint", "LayerSolver", "check_weights", "STATE_DTYPES"]
+__all__ = ["Capabilities", "Step", "Checkpoint", "PendingCommit", "LayerSolver", "check_weights", "STATE_DTYPES"]
 
 STATE_DTYPES = (torch.float32, torch.float64)
 
@@ -80,21 +90,53 @@ class Checkpoint(NamedTuple):
     """A rollback point of one solver (:meth:`LayerSolver.checkpoint`)."""
 
     state: dict  # state_dict(snapshot=False): references to the state tensors
-    mark: int  # length of the undo log when the checkpoint was taken
-    outer: bool  # this checkpoint opened the log (and closes it)
     shared: frozenset  # the attributes to copy before their next in-place change
 
 
-def _undo(entry) -> None:
-    """Take back one undo-log entry."""
-    if entry[0] == "fresh":  # a copy made during the checkpoint: the checkpoint holds the original
-        return
-    if entry[0] == "copy":
-        _, target, saved = entry
+class PendingCommit:
+    """A step being adopted by one solver (:meth:`LayerSolver.begin_commit`).
+
+    ``run`` makes the change and is resumable: after an exception at any point, running it again
+    finishes the change exactly once (the in-place terms are :class:`SymmetricRankUpdate` objects,
+    the rest are assignments of values fixed in advance).
+    """
+
+    def __init__(self, solver: "LayerSolver", updates: list, adopt: dict, scalars: dict, shared: frozenset):
+        self.solver = solver
+        self.updates = updates  # SymmetricRankUpdate per in-place term
+        self.adopt = adopt  # attribute -> tensor (new weights, new state, copied-on-write targets)
+        self.scalars = scalars  # n_updates_, n_rows_ after the step
+        self.shared = shared
+        self.started = False  # whether run() may have changed anything
+
+    def run(self) -> None:
+        self.started = True
+        for update in self.updates:
+            update.run()
+        solver = self.solver
+        for attr, value in self.adopt.items():
+            setattr(solver, attr, value)
+        for attr, value in self.scalars.items():
+            setattr(solver, attr, value)
+        solver._shared = self.shared
+
+
+def _take_back(entry, log: list) -> None:
+    """Take back one undo-log entry: ``("copy", solver, tensor, saved)``, ``("fresh", solver,
+    tensor)`` (a private copy: dropped with the references) or ``("commit", solver, pending)``."""
+    kind = entry[0]
+    if kind == "copy":
+        _, _solver, target, saved = entry
         target.copy_(saved)
-    else:
-        _, target, factor, alpha = entry
-        symmetric_rank_update_(target, factor, -alpha)
+    elif kind == "commit":
+        pending = entry[2]
+        if not pending.started:  # nothing was changed
+            return
+        pending.run()  # finish it first, so that the terms below are exactly what was added
+        restored = {id(e[2]) for e in log if e[0] in ("copy", "fresh")}
+        for update in reversed(pending.updates):
+            if id(update.C) not in restored:  # a kept copy, or a fresh tensor dropped, restores it anyway
+                SymmetricRankUpdate(update.C, update.G, -update.alpha, block=update.block).run()
 
 
 def check_weights(name: str, value) -> float:
@@ -129,7 +171,6 @@ class LayerSolver(ABC):
     capabilities: ClassVar[Capabilities]
     state_tensors: ClassVar[tuple[str, ...]] = ("W0_", "W_")
     state_scalars: ClassVar[tuple[str, ...]] = ("alpha", "beta", "n_updates_", "n_rows_")
-    _undo_log = None  # a list while a checkpoint is open (an instance attribute only then)
     _shared: frozenset = frozenset()  # tensor attributes others may hold: copied on write
 
     def _init_common(self, W0: torch.Tensor, alpha, beta, dtype: torch.dtype) -> None:
@@ -181,71 +222,52 @@ class LayerSolver(ABC):
         raise HyperparameterError(f"method {self.name!r} keeps no exact memory of past batches: it cannot "
                                   "retract one (undo and replace need a method that retracts, e.g. 'rlsedit')")
 
-    def commit(self, step: Step, *, exact: bool = False) -> None:
-        """Adopt a step from :meth:`propose` / :meth:`propose_removal`: add its in-place terms,
-        then plain assignments.
-
-        While a checkpoint is open every in-place term is logged (``O(d_k u)``); with
-        ``exact=True`` a copy of each changed tensor is kept first (once per checkpoint), so that
-        :meth:`rollback` restores it bitwise. If a term fails, the terms of this step already
-        added are taken back (to rounding) and nothing else changes.
-        """
-        log = self._undo_log
-        added, cloned = [], {}
-        try:
-            for attr, factor, alpha in step.inplace:
-                target = getattr(self, attr)
-                if attr in self._shared:  # another holder may read it: copy on write
-                    cloned[attr] = target
-                    target = target.clone()
-                    setattr(self, attr, target)
-                    self._shared = self._shared - {attr}
-                    if log is not None:
-                        log.append(("fresh", target))
-                elif exact and log is not None and not any(e[0] in ("copy", "fresh") and e[1] is target for e in log):
-                    log.append(("copy", target, target.clone()))
-                symmetric_rank_update_(target, factor, alpha)
-                added.append(("term", target, factor, alpha))
+    def begin_commit(self, step: Step, *, log: list | None = None, exact: bool = False) -> PendingCommit:
+        """Prepare the adoption of a step from :meth:`propose` / :meth:`propose_removal` without
+        changing the solver: copies on write (and with ``exact`` and a ``log``, a copy of each
+        tensor changed in place, once per log, for a bitwise rollback). ``log``: the undo log of
+        an open transaction (see :meth:`rollback`); the commit is recorded in it."""
+        adopt = dict(step.state)
+        adopt["W_"] = step.W
+        shared = self._shared
+        updates = []
+        for attr, factor, alpha in step.inplace:
+            target = adopt.get(attr, getattr(self, attr))
+            if attr in shared:  # another holder may read it: a private copy, adopted by run()
+                target = adopt[attr] = target.clone()
+                shared = shared - {attr}
                 if log is not None:
-                    log.append(added[-1])
-        except BaseException:
-            for entry in reversed(added):
-                _undo(entry)
-                if log is not None:  # taken back already: not again at a rollback
-                    del log[next(i for i in range(len(log) - 1, -1, -1) if log[i] is entry)]
-            for attr, original in cloned.items():
-                setattr(self, attr, original)
-                self._shared = self._shared | {attr}
-            raise
-        for attr, value in step.state.items():
-            setattr(self, attr, value)
-        self.W_ = step.W
-        self.n_updates_ += 1 if step.rows > 0 else -1
-        self.n_rows_ += step.rows
+                    log.append(("fresh", self, target))
+            elif exact and log is not None and not any(e[0] in ("copy", "fresh") and e[2] is target for e in log):
+                log.append(("copy", self, target, target.clone()))
+            updates.append(SymmetricRankUpdate(target, factor, alpha))
+        scalars = {"n_updates_": self.n_updates_ + (1 if step.rows > 0 else -1), "n_rows_": self.n_rows_ + step.rows}
+        pending = PendingCommit(self, updates, adopt, scalars, shared)
+        if log is not None:
+            log.append(("commit", self, pending))
+        return pending
+
+    def commit(self, step: Step, *, log: list | None = None, exact: bool = False) -> None:
+        """Adopt a step from :meth:`propose` / :meth:`propose_removal`: add its in-place terms,
+        then plain assignments. Never stops half-way: Ctrl-C waits until the step is adopted, and
+        any other exception is raised after the step was finished (see the module docstring).
+        ``log`` and ``exact`` as in :meth:`begin_commit`."""
+        finish(self.begin_commit(step, log=log, exact=exact).run)
 
     def checkpoint(self) -> Checkpoint:
-        """A rollback point (see the module docstring); close it with :meth:`rollback` or
-        :meth:`release`."""
-        outer = self._undo_log is None
-        if outer:
-            self._undo_log = []
-        return Checkpoint(self.state_dict(snapshot=False), len(self._undo_log), outer, self._shared)
+        """A rollback point: references to the state (the solver is not changed). Pass the same
+        undo log to every :meth:`commit` until :meth:`rollback` (or until the transaction ends)."""
+        return Checkpoint(self.state_dict(snapshot=False), self._shared)
 
-    def rollback(self, point: Checkpoint) -> None:
-        """Return to ``point``: undo the in-place terms committed since, newest first, and
-        restore the state's references and scalars."""
-        log = self._undo_log or []
-        while len(log) > point.mark:
-            _undo(log.pop())
-        self.load_state_dict(point.state, share=False)
-        self._shared = point.shared
-        if point.outer:
-            self.release(point)
-
-    def release(self, point: Checkpoint) -> None:
-        """Close ``point`` without rolling back (the commits since are kept)."""
-        if point.outer:
-            self.__dict__.pop("_undo_log", None)
+    def rollback(self, point: Checkpoint, log: list) -> None:
+        """Return to ``point``: take back this solver's commits recorded in ``log`` since, newest
+        first, and restore the state's references and scalars. Ctrl-C waits until it is done."""
+        with deferred_interrupts():
+            mine = [e for e in log if e[1] is self]
+            for entry in reversed(mine):
+                _take_back(entry, mine)
+            self.load_state_dict(point.state, share=False)
+            self._shared = point.shared
 
     def update(self, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """Absorb a batch; return the new ``W_``."""

@@ -18,14 +18,16 @@ implicit, so ``W*_0 = W0`` and ``C_0 = (alpha I + beta K0^T K0)^{-1}``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from rlsedit_llm.errors import NonFiniteError, NotPositiveDefiniteError, ShapeError
+from rlsedit_llm.errors import HyperparameterError, NonFiniteError, NotPositiveDefiniteError, ShapeError
 from rlsedit_llm.kernel.inplace import woodbury_factors
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, Step, spd_condition
 from rlsedit_llm.kernel.registry import register
 
-__all__ = ["LayerRLS", "woodbury_update", "woodbury_downdate", "anchor_metric"]
+__all__ = ["LayerRLS", "woodbury_update", "woodbury_downdate", "anchor_metric", "max_condition"]
 
 
 def _cholesky(S: torch.Tensor, what: str) -> torch.Tensor:
@@ -78,6 +80,77 @@ def anchor_metric(d_k: int, alpha: float, beta: float, gram0: torch.Tensor | Non
     return A, gram0
 
 
+# Numerical headroom of a state dtype. A quantity of condition ``kappa`` computed in a dtype of
+# unit round-off ``eps`` is known to about ``kappa * eps`` relative error; at ``kappa * eps = 1e-3``
+# the state keeps three correct digits in its weakest direction. That is about where it stops
+# working in practice: on a tiny model a float64 state whose ``cond(C_t)`` reached ``3e12``
+# (``kappa * eps ~ 7e-4``) could no longer undo its own edits ("this batch was never added"),
+# one at ``4.5e9`` could; a float32 state failed the same way at ``4e6`` and worked at ``250``.
+_HEADROOM = 1e3
+
+
+def max_condition(dtype: torch.dtype) -> float:
+    """The largest condition number a state in ``dtype`` can carry: ``1 / (1000 eps)`` (4.5e12
+    for float64, 8.4e3 for float32; see ``_HEADROOM``)."""
+    return 1.0 / (_HEADROOM * torch.finfo(dtype).eps)
+
+
+def _largest_eigenvalue(S: torch.Tensor, iters: int = 24) -> float:
+    """A lower estimate of ``lambda_max`` of a symmetric PSD matrix ``S``: the best Rayleigh
+    quotient of a few power iterations on four fixed random vectors (``O(d^2)`` each and no
+    ``d^2`` temporary: no ``d^3`` eigendecomposition), never below the largest diagonal entry
+    (itself a lower bound). ``inf`` or ``nan`` when ``S`` holds them."""
+    def unit(Y):  # by the largest entry first: iterates of 1e-300 or 1e300 keep a usable norm
+        Y = Y / Y.abs().amax(dim=0).clamp_min(torch.finfo(Y.dtype).tiny)
+        return Y / Y.norm(dim=0).clamp_min(torch.finfo(Y.dtype).tiny)
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    X = unit(torch.randn(S.shape[0], 4, generator=gen, dtype=torch.float64).to(device=S.device, dtype=S.dtype))
+    for _ in range(iters):
+        X = unit(S @ X)
+    quotient = float(((S @ X) * X).sum(dim=0).max())
+    return max(quotient, float(S.diagonal().max()))
+
+
+def _check_metric_condition(A: torch.Tensor, C: torch.Tensor, alpha: float, beta: float) -> None:
+    """Refuse ``A = alpha I + beta gram0`` (and its inverse ``C``) when the state dtype cannot
+    carry it: ``C`` not finite (the regulariser underflows), or ``cond(A) = lambda_max(A) *
+    lambda_max(C)`` above :func:`max_condition` (a rank-deficient anchor with a negligible
+    ``alpha``). The estimate is a lower one, so only states that are surely unusable are refused."""
+    dtype = A.dtype
+    lam_max, lam_max_inverse = _largest_eigenvalue(A), _largest_eigenvalue(C)
+    if not math.isfinite(lam_max_inverse):
+        raise HyperparameterError(
+            f"alpha={alpha:g}, beta={beta:g}: the preservation metric A = alpha*I + beta*N*E[kk^T] is so small that "
+            f"its inverse overflows {str(dtype).removeprefix('torch.')}; raise alpha or mom2_weight (N)")
+    condition = lam_max * lam_max_inverse
+    limit = max_condition(dtype)
+    if not condition <= limit:
+        raise HyperparameterError(
+            f"alpha={alpha:g}, beta={beta:g}: the preservation metric A = alpha*I + beta*N*E[kk^T] has condition "
+            f"number about {condition:.2g}, more than a {str(dtype).removeprefix('torch.')} state can carry "
+            f"({limit:.2g} = 1/(1000 eps)): its inverse would be numerically singular and edits could not be undone. "
+            f"Raise alpha to at least {lam_max / limit:.3g} (the anchor's statistics are nearly rank-deficient: more "
+            f"statistics tokens also help){' or use state_dtype=float64' if dtype == torch.float32 else ''}")
+
+
+def _check_absorbable(K: torch.Tensor, G: torch.Tensor, alpha: float, beta: float) -> None:
+    """Refuse a batch next to which the regulariser is negligible (e.g. ``alpha = 1e-300`` and a tiny
+    ``mom2_weight``): such a step shrinks the inverse ``C`` by a factor ``s = 1 + k^T C k`` in the
+    keys' directions, and the state's condition grows by about ``s``. With ``G G^T = C K^T S^{-1} K
+    C`` (the step's factor), ``||K G||_F^2 = sum_i (s_i - 1)^2 / s_i`` (about ``sum_i s_i``, ``O(d_k
+    u^2)``); above :func:`max_condition` the state is numerically singular after the step."""
+    dtype = G.dtype
+    shrink = float((K @ G).square().sum())
+    limit = max_condition(dtype)
+    if not shrink <= limit:
+        raise HyperparameterError(
+            f"alpha={alpha:g}, beta={beta:g}: the regulariser is negligible next to this batch's keys (absorbing it "
+            f"would shrink the state's inverse by a factor of about {shrink:.2g}, more than a "
+            f"{str(dtype).removeprefix('torch.')} state can carry, {limit:.2g}), which leaves the state numerically "
+            f"singular (later undos fail); raise alpha or the anchor weight beta * mom2_weight")
+
+
 @register
 class LayerRLS(LayerSolver):
     """Recursive least-squares state of one edited layer (method ``"rlsedit"``).
@@ -95,6 +168,12 @@ class LayerRLS(LayerSolver):
     track_information : bool
         Also carry ``G_t`` to measure ``||C_t G_t - I||`` (``d_k^2`` more memory).
 
+    Regularisers the state dtype cannot carry are refused with :class:`HyperparameterError`:
+    here when ``cond(A)`` exceeds :func:`max_condition` (``1 / (1000 eps)``: 4.5e12 in float64,
+    8.4e3 in float32) or ``A^{-1}`` overflows, and at the first batch that would shrink ``C`` by
+    more than that factor (a regulariser negligible next to the keys, e.g. ``alpha = 1e-300``
+    with a tiny ``mom2_weight``); nothing is changed then.
+
     Attributes
     ----------
     W_ (d_k, d_v), C_ (d_k, d_k), G_ (d_k, d_k) or None, gram0_ (d_k, d_k) or None (the
@@ -110,16 +189,20 @@ class LayerRLS(LayerSolver):
         self._init_common(W0, alpha, beta, dtype)
         d_k = self.W0_.shape[0]
         A, self.gram0_ = anchor_metric(d_k, self.alpha, self.beta, gram0, dtype=dtype, device=self.device)
-        L = _cholesky(A, "the preservation metric A = alpha*I + beta*N*E[kk^T] is singular; "
-                         "use alpha > 0 or more statistics tokens")
+        L = _cholesky(A, f"the preservation metric A = alpha*I + beta*N*E[kk^T] is singular in {dtype} "
+                         f"(alpha={self.alpha:g}, beta={self.beta:g}); raise alpha or use more statistics tokens")
         C = torch.cholesky_solve(torch.eye(d_k, dtype=dtype, device=self.device), L)
-        self.C_ = ((C + C.mT) / 2).contiguous()  # (d_k, d_k)
+        C = ((C + C.mT) / 2).contiguous()  # (d_k, d_k)
+        _check_metric_condition(A, C, self.alpha, self.beta)
+        self.C_ = C
         self.G_ = A if track_information else None
 
     def _propose(self, K: torch.Tensor, V: torch.Tensor, sign: int) -> Step:
         """The step as factors: ``W + sign G Y`` (a new tensor) and the in-place terms
         ``C_ -= sign G G^T`` (and ``G_ += sign K^T K`` when tracked), ``O(d_k u)`` memory."""
         G, Y = woodbury_factors(self.C_, K, V - K @ self.W_, sign=sign)  # reads C_; changes nothing
+        if sign > 0:
+            _check_absorbable(K, G, self.alpha, self.beta)
         W = torch.addmm(self.W_, G, Y, alpha=sign)
         terms = (("C_", G, -sign),)
         if self.G_ is not None:

@@ -22,6 +22,7 @@ from rlsedit_llm.errors import HyperparameterError, ShapeError, UnsupportedArchi
 from rlsedit_llm.pipeline.moments import MomentSum
 from rlsedit_llm.pipeline.token_stream import Plan
 from rlsedit_llm.pipeline.tokens import input_device, needs_bos, right_pad
+from rlsedit_llm.interrupts import poll_interrupts
 
 __all__ = ["check_modules", "input_width", "module_device", "accumulate"]
 
@@ -136,6 +137,7 @@ def accumulate(
             for seg_start, seg_stop in zip(bounds[:-1], bounds[1:]):
                 mine = [i for i in range(seg_start, seg_stop) if i % world == rank]
                 for b in range(0, len(mine), batch_size):
+                    poll_interrupts()  # a safe point: Ctrl-C stops the pass between batches
                     ids, mask = right_pad([plan.seqs[i] for i in mine[b : b + batch_size]], plan.pad)  # (B, T)
                     summed = mask.bool()
                     if bos:  # BOS in front; its position is attended to but not summed

@@ -34,14 +34,16 @@ runs the full model on every row at every step, the reference the fast path is t
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from rlsedit_llm.adapters.architectures import ModelSpec, get_module
-from rlsedit_llm.adapters.hooks import restore_requires_grad, set_requires_grad
-from rlsedit_llm.errors import HyperparameterError
+from rlsedit_llm.adapters.hooks import requires_grad_set
+from rlsedit_llm.interrupts import poll_interrupts
+from rlsedit_llm.errors import HyperparameterError, NonFiniteError
 from rlsedit_llm.pipeline.facts import checked_facts, encode_target
 from rlsedit_llm.pipeline.fast_forward import FastForward, FastPathUnavailable, NaiveForward
 from rlsedit_llm.pipeline.keys import check_templates, encode_with_subject, fact_rows, template_parts
@@ -50,6 +52,20 @@ from rlsedit_llm.pipeline.tokens import needs_bos, pad_id
 log = logging.getLogger(__name__)
 
 __all__ = ["ValueConfig", "ValueResult", "default_value_config", "compute_values", "anchor_norms"]
+
+
+MAX_VALUE_STEPS = 10_000  # far above the published 20-25; more is a typo, not a setting
+# name -> (low, high, low excluded). Adam moves each coordinate of delta by about lr per step:
+# the published lr is 0.1-0.5, and above 10 the first step overshoots ||h0|| by far, the clamp
+# cuts it back, and the value optimisation stops reaching the target.
+# The others have no natural ceiling (early_stop_loss=1e9 legitimately means "stop at once").
+_FLOAT_RANGES = {
+    "lr": (0.0, 10.0, True),
+    "weight_decay": (0.0, math.inf, False),
+    "clamp_norm_factor": (0.0, math.inf, True),
+    "kl_factor": (0.0, math.inf, False),
+    "early_stop_loss": (0.0, math.inf, False),
+}
 
 
 @dataclass
@@ -81,17 +97,23 @@ class ValueConfig:
     stop_when_top1: bool = False
 
     def validate(self) -> None:
-        """Raise :class:`HyperparameterError` naming the first bad setting."""
-        for name in ("lr", "clamp_norm_factor"):
+        """Raise :class:`HyperparameterError` naming the first bad setting and its allowed range.
+
+        Called by :meth:`EditConfig.validate <rlsedit_llm.editing.config.EditConfig.validate>`
+        (so an :class:`~rlsedit_llm.Editor` refuses a bad setting when it is built) and by
+        :func:`compute_values`; the dataclass is mutable, so it is checked where it is used.
+        """
+        for name, (low, high, low_open) in _FLOAT_RANGES.items():
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not v > 0:
-                raise HyperparameterError(f"ValueConfig.{name} must be > 0; got {v!r}")
-        for name in ("weight_decay", "kl_factor", "early_stop_loss"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not v >= 0:
-                raise HyperparameterError(f"ValueConfig.{name} must be >= 0; got {v!r}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise HyperparameterError(f"ValueConfig.steps must be an int >= 1; got {self.steps!r}")
+            # bool is an int: True must not pass as 1.0
+            in_range = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                        and (v > low if low_open else v >= low) and v <= high)
+            if not in_range:
+                bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
+                raise HyperparameterError(f"ValueConfig.{name} must be a finite number in {bounds}; got {v!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_VALUE_STEPS:
+            raise HyperparameterError(
+                f"ValueConfig.steps must be an int in [1, {MAX_VALUE_STEPS}]; got {self.steps!r}")
         if not isinstance(self.kl_prompt, str) or self.kl_prompt.count("{}") != 1:
             raise HyperparameterError(f"ValueConfig.kl_prompt must contain exactly one '{{}}'; got {self.kl_prompt!r}")
         if self.kl_position not in ("subject_last", "prompt_last"):
@@ -233,23 +255,22 @@ def compute_values(model, tokenizer, spec: ModelSpec, layer: int, facts, templat
     pad = pad_id(tokenizer)
 
     was_training = model.training
-    flags = set_requires_grad(model, False)
-    model.eval()
-    try:
-        forward = None
-        if not naive:
-            try:
-                forward = FastForward(model, spec, layer, rows, pad)
-                result = _optimise(forward, rows, config, len(facts), path="fast")
-            except FastPathUnavailable as exc:
-                log.warning("fast value path unavailable for %s (%s); using the full-model path", spec.family, exc)
-                forward = None
-        if forward is None:
-            forward = NaiveForward(model, spec, layer, rows, pad)
-            result = _optimise(forward, rows, config, len(facts), path="naive")
-    finally:
-        restore_requires_grad(model, flags)
-        model.train(was_training)
+    with requires_grad_set(model, False):
+        try:
+            model.eval()
+            forward = None
+            if not naive:
+                try:
+                    forward = FastForward(model, spec, layer, rows, pad)
+                    result = _optimise(forward, rows, config, len(facts), path="fast")
+                except FastPathUnavailable as exc:
+                    log.warning("fast value path unavailable for %s (%s); using the full-model path", spec.family, exc)
+                    forward = None
+            if forward is None:
+                forward = NaiveForward(model, spec, layer, rows, pad)
+                result = _optimise(forward, rows, config, len(facts), path="naive")
+        finally:
+            model.train(was_training)
     dev = next(get_module(model, spec.layer_path.format(layer)).parameters()).device
     result.target, result.initial = result.target.to(dev), result.initial.to(dev)
     return result
@@ -280,6 +301,7 @@ def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str) -
     result = ValueResult(target=h0, initial=h0, path=path)
     with torch.enable_grad():
         for it in range(config.steps):
+            poll_interrupts()  # a safe point: Ctrl-C stops the edit here (nothing is changed yet)
             opt.zero_grad(set_to_none=True)
             # Only active facts are evaluated: a finished fact's loss no longer changes.
             keep = active[tok_fact]  # (n_tok,)
@@ -294,6 +316,7 @@ def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str) -
             kl_logp = logp[n_tok:]  # (a, vocab)
             if kl_init is None:  # the first evaluation has delta = 0 and every fact active
                 kl_init = kl_logp.detach()
+                first_nll = nll.detach().clone()  # (u,)
             kl = (kl_logp.exp() * (kl_logp - kl_init[facts_on])).sum(dim=1)  # (a,) KL(edited || unedited)
             decay = config.weight_decay * delta[facts_on].norm(dim=1) / h0_norm[facts_on].pow(2)
             loss = nll + config.kl_factor * kl + decay  # (a,)
@@ -322,7 +345,25 @@ def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str) -
             result.steps_run += 1
     result.target = (h0 + delta.detach()).float()
     result.initial = h0.clone()
+    _check_progress(result, first_nll, config)
     return result
+
+
+def _check_progress(result: ValueResult, first_nll: torch.Tensor, config: ValueConfig) -> None:
+    """Refuse values that diverged, and warn about facts the optimisation did not move: an edit
+    with them "succeeds" and changes nothing (``steps=1`` takes no update; a huge ``lr`` makes
+    Adam overshoot and the clamp undo it)."""
+    if not torch.isfinite(result.target).all():
+        raise NonFiniteError(
+            f"the value optimisation diverged (NaN/inf in the target hidden states) with lr={config.lr:g}; "
+            f"lower ValueConfig.lr (published: 0.1-0.5)")
+    unfinished = result.final_loss >= config.early_stop_loss  # (u,)
+    stuck = unfinished & ~(result.final_nll < first_nll)
+    if bool(stuck.any()):
+        why = ("steps=1 evaluates the loss and takes no update" if result.steps_run == 0 else
+               f"after {result.steps_run} update(s) with lr={config.lr:g}; try a smaller lr or more steps")
+        log.warning("value optimisation did not lower the target's NLL for %d of %d fact(s) (%s): "
+                    "their edits will not make these targets more likely", int(stuck.sum()), stuck.numel(), why)
 
 
 def anchor_norms(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

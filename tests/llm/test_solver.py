@@ -118,11 +118,11 @@ def test_checkpoint_rollback_takes_in_place_commits_back(exact):
     s.update(*(torch.from_numpy(x) for x in edits[0]))
     before = {k: v.clone() for k, v in s.state_dict(snapshot=False)["tensors"].items()}
     scalars = dict(s.state_dict(snapshot=False)["scalars"])
-    point = s.checkpoint()
+    point, log = s.checkpoint(), []
     for K, V in edits[1:]:
-        s.commit(s.propose(torch.from_numpy(K), torch.from_numpy(V)), exact=exact)
-    s.rollback(point)
-    assert s._undo_log is None and s.state_dict(snapshot=False)["scalars"] == scalars
+        s.commit(s.propose(torch.from_numpy(K), torch.from_numpy(V)), log=log, exact=exact)
+    s.rollback(point, log)
+    assert s.state_dict(snapshot=False)["scalars"] == scalars
     for name, value in s.state_dict(snapshot=False)["tensors"].items():
         if exact or name not in ("C", "G"):
             assert torch.equal(value, before[name]), name  # a kept copy: bitwise
@@ -141,28 +141,37 @@ def test_a_borrowed_state_is_copied_before_it_is_changed():
     assert torch.equal(a.C_, b.C_) and a.C_ is not b.C_
 
 
-def test_a_commit_whose_second_term_fails_takes_the_first_back(monkeypatch):
-    import rlsedit_llm.kernel.protocol as protocol
+def test_a_commit_interrupted_in_its_second_term_is_finished_then_rolled_back_bitwise(monkeypatch):
+    """A failure inside a commit's in-place terms does not leave them half-applied: the commit is
+    finished before the exception propagates, and a rollback restores the kept copies bitwise."""
+    from rlsedit_llm.kernel.inplace import SymmetricRankUpdate
 
     W0, gram, edits = _instance(9, d_k=24)
     s = LayerRLS(torch.from_numpy(W0), 0.2, 2.0, torch.from_numpy(gram), track_information=True)
     s.update(*(torch.from_numpy(x) for x in edits[0]))
     before = {k: v.clone() for k, v in s.state_dict(snapshot=False)["tensors"].items()}
+    scalars = dict(s.state_dict(snapshot=False)["scalars"])
     step = s.propose(*(torch.from_numpy(x) for x in edits[1]))
     assert [attr for attr, _, _ in step.inplace] == ["C_", "G_"]
-    real = protocol.symmetric_rank_update_
+    finished = s.clone()  # the same commit, uninterrupted
+    finished.commit(step)
+    real_run, calls = SymmetricRankUpdate.run, []
 
-    def failing(target, factor, alpha, **kw):
-        if target is s.G_ and alpha > 0:  # the G_ term of the step
+    def failing(update):
+        calls.append(update.C is s.G_)
+        if update.C is s.G_ and calls.count(True) == 1:  # the G_ term's first run only
             raise MemoryError("simulated")
-        return real(target, factor, alpha, **kw)
+        return real_run(update)
 
-    point = s.checkpoint()
-    monkeypatch.setattr(protocol, "symmetric_rank_update_", failing)
+    point, log = s.checkpoint(), []
+    monkeypatch.setattr(SymmetricRankUpdate, "run", failing)
     with pytest.raises(MemoryError):
-        s.commit(step, exact=True)
+        s.commit(step, log=log, exact=True)
     monkeypatch.undo()
-    assert [e[0] for e in s._undo_log] == ["copy", "copy"]  # the copies only: the C_ term was taken back
-    s.rollback(point)  # restores the kept copy of C_: bitwise
+    for name, value in s.state_dict(snapshot=False)["tensors"].items():  # finished, not half-applied
+        assert torch.equal(value, finished.state_dict(snapshot=False)["tensors"][name]), name
+    assert [e[0] for e in log] == ["copy", "copy", "commit"]
+    s.rollback(point, log)  # restores the kept copies: bitwise
+    assert s.state_dict(snapshot=False)["scalars"] == scalars
     for name, value in s.state_dict(snapshot=False)["tensors"].items():
         assert torch.equal(value, before[name]), name

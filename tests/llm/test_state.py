@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlsedit_llm.editing import folder_swap
 from rlsedit_llm.editing import state as state_mod
 from rlsedit_llm.editing.editor import EditConfig, Editor
 from rlsedit_llm.editing.lifelong import edit, editor_of, load_model_state, save_model_state
@@ -281,7 +282,7 @@ def _save_loop(editors, directory, conn, use_exchange, slow, seed):
 
     state_mod.save_file = slow_save_file
     if not use_exchange:
-        state_mod._exchange = lambda a, b: False
+        folder_swap._exchange = lambda a, b: False
     conn.send("started")
     i = 0
     while True:
@@ -300,7 +301,7 @@ def _stop_in_the_rename_window(editor, directory, conn):
             conn.send("window")
             time.sleep(600)
 
-    state_mod._exchange = lambda a, b: False
+    folder_swap._exchange = lambda a, b: False
     os.rename = rename
     editor.save(directory)
 
@@ -380,7 +381,7 @@ def test_interrupted_first_save_leaves_nothing_loadable(stats_dir, tmp_path, mon
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(state_mod, "_swap_in", crash)
+    monkeypatch.setattr(folder_swap, "swap_in", crash)
     with pytest.raises(KeyboardInterrupt):
         editor.save(tmp_path / "s")
     assert list(tmp_path.iterdir()) == []  # the temporary folder was removed

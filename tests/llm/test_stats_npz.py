@@ -3,7 +3,6 @@ the editor instead of a statistics pass, and ours exported in the same format.""
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np

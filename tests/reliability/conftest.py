@@ -49,19 +49,41 @@ def edited(stats_dir):
     return fresh_editor(stats_dir)
 
 
+@pytest.fixture(scope="module")
+def saved(stats_dir, tmp_path_factory):
+    """An editor with two edits and its save (tests copy the folder before changing anything)."""
+    editor = fresh_editor(stats_dir, n_edits=2)
+    directory = tmp_path_factory.mktemp("saves") / "s"
+    editor.save(directory)
+    return editor, directory
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and persistent buffer of ``model``."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_params(model, before: dict[str, torch.Tensor]) -> None:
+    now = model.state_dict()
+    assert now.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(now[name], value), name
+
+
+def copied(x):
+    """A deep copy of nested dicts, lists and tuples of tensors (tensors cloned)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: copied(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(copied(v) for v in x)
+    return x
+
+
 def snapshot(editor: Editor) -> dict:
     """Every model parameter and buffer, the editor's state_dict tensors and journal (copies)."""
-    def copy(x):
-        if isinstance(x, torch.Tensor):
-            return x.detach().clone()
-        if isinstance(x, dict):
-            return {k: copy(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(copy(v) for v in x)
-        return x
-
-    return {"params": {k: v.detach().clone() for k, v in editor.model.state_dict().items()},
-            "state": copy(editor.state_dict())}
+    return {"params": params(editor.model), "state": copied(editor.state_dict())}
 
 
 def assert_same(a: dict, b: dict) -> None:

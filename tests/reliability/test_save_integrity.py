@@ -11,19 +11,12 @@ import shutil
 import pytest
 
 from rlsedit_llm.adapters.architectures import tiny_model
+from rlsedit_llm.editing import folder_swap
 from rlsedit_llm.editing import state as state_mod
 from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.errors import StateMismatchError
 
 from .conftest import fresh_editor
-
-
-@pytest.fixture(scope="module")
-def saved(stats_dir, tmp_path_factory):
-    editor = fresh_editor(stats_dir, n_edits=2)
-    directory = tmp_path_factory.mktemp("saves") / "s"
-    editor.save(directory)
-    return editor, directory
 
 
 def _tamper(src, dst, change, *, rechecksum: bool):
@@ -83,7 +76,8 @@ def test_a_deleted_save_is_not_brought_back(saved, tmp_path):
 def test_an_interrupted_swap_is_recovered_with_a_warning(saved, tmp_path, caplog):
     _, directory = saved
     shutil.copytree(directory, tmp_path / "s.old-abcd1234")
-    (tmp_path / "s.swap-intent").write_text(json.dumps({"old": "s.old-abcd1234", "new": "s.tmp-x"}))
+    shutil.copytree(directory, tmp_path / "s.tmp-abcd5678")  # the new save an interrupted swap leaves too
+    (tmp_path / "s.swap-intent").write_text(json.dumps({"old": "s.old-abcd1234", "new": "s.tmp-abcd5678"}))
     with caplog.at_level(logging.WARNING):
         Editor.load(*tiny_model("llama"), tmp_path / "s")
     assert (tmp_path / "s" / "editor.json").is_file() and not (tmp_path / "s.swap-intent").exists()
@@ -96,7 +90,7 @@ def test_every_file_and_folder_is_fsynced_before_the_swap(stats_dir, tmp_path, m
     target = tmp_path / "s"
     editor.save(target)  # a second save replaces the first
     events = []
-    real_fsync, real_rename, real_exchange, real_rmtree = os.fsync, os.rename, state_mod._exchange, shutil.rmtree
+    real_fsync, real_rename, real_exchange, real_rmtree = os.fsync, os.rename, folder_swap._exchange, shutil.rmtree
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -118,8 +112,8 @@ def test_every_file_and_folder_is_fsynced_before_the_swap(stats_dir, tmp_path, m
         pytest.skip("needs /proc")
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
-    monkeypatch.setattr(state_mod, "_exchange", exchange)
-    monkeypatch.setattr(state_mod.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(folder_swap, "_exchange", exchange)
+    monkeypatch.setattr(folder_swap.shutil, "rmtree", rmtree)
     editor.save(target)
     moves = [i for i, e in enumerate(events)
              if (e[0] == "swap" and use_exchange) or (e[0] == "rename" and e[1] == str(target))]

@@ -1,0 +1,226 @@
+"""Every field of an editor state read from files, checked as if forged.
+
+A save is user-supplied input: it can be damaged, or written by hand to make this code run for
+ever, allocate without limit or build an editor that corrupts the model. :func:`validate_state`
+checks every field (tensor names, shapes against the model's edited layers, dtypes and
+finiteness; solver scalars; the value-optimisation settings, bounded; the templates; the journal)
+before the editor is built, so the model is never touched by a bad save.
+:func:`rlsedit_llm.editing.state.read_state` calls it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlsedit_llm.adapters.architectures import detect_spec
+from rlsedit_llm.errors import StateMismatchError
+from rlsedit_llm.pipeline.values import MAX_VALUE_STEPS
+
+__all__ = ["MAX_COUNT", "MAX_TEMPLATES", "MAX_TEXT_CHARS", "MAX_VALUE_STEPS", "validate_state"]
+
+#: Bounds on what a save may ask of this code: a forged save must not make an edit run for ever
+#: or allocate without limit (the defaults are 25 steps, 6 templates of about 10 tokens).
+#: ``MAX_VALUE_STEPS`` is :mod:`rlsedit_llm.pipeline.values`' own bound, imported above.
+MAX_TEMPLATES = 1_000
+MAX_TEXT_CHARS = 10_000
+MAX_COUNT = 2**62
+#: The tensors a method cannot work without (the others, e.g. the anchor Gram, may be absent).
+_REQUIRED_TENSORS = {"rlsedit": ("W0", "W", "C"), "memit": ("W0", "W", "C"), "memit_seq": ("W0", "W", "G"),
+                     "encore": ("W0", "W", "G"), "alphaedit": ("W0", "W", "P", "X")}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value) -> bool:
+    return type(value) is int and 0 <= value <= MAX_COUNT
+
+
+def validate_state(state: dict, model, *, spec=None) -> None:
+    """Check every field of an editor state read from files as if it were forged; raise
+    :class:`StateMismatchError` (``"the save is damaged or forged: <field> ..."``) at the first
+    bad one. :func:`read_state` calls it, so the editor is never built from such a state.
+
+    Checked: the config and the value-optimisation settings (valid, finite, ``steps`` at most
+    :data:`MAX_VALUE_STEPS`); the layers (distinct ints of the model); the templates (at most
+    :data:`MAX_TEMPLATES` strings of at most :data:`MAX_TEXT_CHARS` characters, each with exactly one
+    ``{}`` slot); ``next_id`` and the fingerprints; per solver its method and state dtype, its tensor
+    names (the method's own; the required ones present), every tensor's dtype (the state dtype),
+    shape (``W0`` and ``W`` ``(d_k, d_v)`` of the model's edited layers, every other ``(d_k, d_k)``)
+    and finiteness, its scalars (the method's names; counts ints >= 0, the rest finite numbers
+    >= 0); per journal entry its time, facts, and keys and values (float, ``(rows, d_k)`` and
+    ``(rows, d_v)``, finite). ``spec``: the model's, if already detected."""
+    from rlsedit_llm.editing.config import EditConfig
+    from rlsedit_llm.errors import RLSEditError
+    from rlsedit_llm.kernel.registry import get_method, is_layer_method
+    from rlsedit_llm.pipeline.facts import Fact
+    from rlsedit_llm.pipeline.keys import template_parts
+
+    def bad(field: str, why: str):
+        raise StateMismatchError(f"the save is damaged or forged: {field} {why}")
+
+    spec = spec if spec is not None else detect_spec(model)
+    d_k, d_v = spec.d_k, spec.d_model
+    if not isinstance(state, dict):
+        bad("the state", "is not a mapping")
+    for key in ("config", "value_config", "layers", "templates", "next_id", "base_fingerprint", "solvers", "journal"):
+        if key not in state:
+            bad(key, "is missing")
+
+    try:
+        config = EditConfig.from_dict(state["config"])
+        config.validate()
+    except (RLSEditError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        bad("config", f"is invalid ({exc})")
+    if config.value is not None:
+        _check_value_config("config.value", config.value, bad)
+    _check_value_config("value_config", state["value_config"], bad)
+
+    layers = state["layers"]
+    if not (isinstance(layers, list) and layers and all(type(l) is int and 0 <= l < spec.n_layers for l in layers)
+            and len(set(layers)) == len(layers)):
+        bad("layers", f"must be distinct layer indices in [0, {spec.n_layers}); got {layers!r}"[:300])
+
+    templates = state["templates"]
+    if templates is not None:
+        if not (isinstance(templates, list) and 1 <= len(templates) <= MAX_TEMPLATES):
+            bad("templates", f"must be a list of 1 to {MAX_TEMPLATES} strings (or null)")
+        for i, template in enumerate(templates):
+            if not isinstance(template, str) or len(template) > MAX_TEXT_CHARS:
+                bad(f"templates[{i}]", f"must be a string of at most {MAX_TEXT_CHARS} characters")
+            try:
+                template_parts(template)
+            except RLSEditError as exc:
+                bad(f"templates[{i}]", f"is unusable ({exc})")
+
+    if not _is_count(state["next_id"]):
+        bad("next_id", f"must be an int in [0, 2**62]; got {state['next_id']!r}"[:300])
+    if not isinstance(state["base_fingerprint"], str):
+        bad("base_fingerprint", "must be a string")
+
+    solvers = state["solvers"]
+    if not isinstance(solvers, dict):
+        bad("solvers", "must be a mapping layer -> solver")
+    if solvers and not is_layer_method(config.method):
+        bad("solvers", f"are saved for {config.method!r}, which keeps no per-layer solver")
+    for layer, solver in solvers.items():
+        _check_solver(f"solvers[{layer}]", layer, solver, layers, config, (d_k, d_v), bad, get_method)
+
+    journal = state["journal"]
+    if not isinstance(journal, list):
+        bad("journal", "must be a list")
+    for entry in journal:
+        if not isinstance(entry, dict):
+            bad("journal", "entries must be mappings")
+        where = f"journal edit {entry.get('edit_id')!r}"
+        if not _is_count(entry.get("edit_id")):
+            bad(where, "has no valid id")
+        if not _is_real(entry.get("created")):
+            bad(f"{where}: created", "must be a finite number (seconds since the epoch)")
+        facts = entry.get("facts")
+        if not isinstance(facts, list) or not facts:
+            bad(f"{where}: facts", "must be a non-empty list")
+        for record in facts:
+            if not (isinstance(record, dict)
+                    and all(isinstance(record.get(k), str) for k in ("prompt", "subject", "target"))):
+                bad(f"{where}: facts", "must be records with string prompt, subject and target")
+            try:
+                Fact(**record)
+            except (RLSEditError, TypeError, ValueError) as exc:
+                bad(f"{where}: facts", f"hold a record this rlsedit cannot read ({exc})")
+        for part, width in (("keys", d_k), ("values", d_v)):
+            tensors = entry.get(part)
+            if not isinstance(tensors, dict) or sorted(tensors) != sorted(layers):
+                bad(f"{where}: {part}", f"must be given for the layers {layers}")
+            for layer, t in tensors.items():
+                field = f"{where}: {part} of layer {layer}"
+                if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
+                    bad(field, "must be a floating-point tensor")
+                if tuple(t.shape) != (len(facts), width):
+                    bad(field, f"has shape {tuple(t.shape)}, not ({len(facts)}, {width})")
+                if not torch.isfinite(t).all():
+                    bad(field, "holds NaN or infinity")
+
+
+def _check_value_config(field: str, value_config, bad) -> None:
+    """A value-optimisation config (a dict from a save, or a ValueConfig): valid, every number
+    finite, every string bounded, ``steps`` at most :data:`MAX_VALUE_STEPS`."""
+    import dataclasses
+
+    from rlsedit_llm.errors import RLSEditError
+    from rlsedit_llm.pipeline.values import ValueConfig
+
+    try:
+        if not isinstance(value_config, ValueConfig):
+            if not isinstance(value_config, dict):
+                bad(field, "must be a mapping")
+            value_config = ValueConfig(**value_config)
+        value_config.validate()
+    except (RLSEditError, TypeError, ValueError) as exc:
+        if isinstance(exc, StateMismatchError):
+            raise
+        bad(field, f"is invalid ({exc})")
+    for f in dataclasses.fields(ValueConfig):  # by the type of each default: fields added later are covered
+        value, default = getattr(value_config, f.name), f.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = type(value) is int
+        elif isinstance(default, float):
+            ok = _is_real(value)
+        elif isinstance(default, str):
+            ok = isinstance(value, str) and len(value) <= MAX_TEXT_CHARS
+        else:
+            ok = True
+        if not ok:
+            bad(f"{field}.{f.name}", f"= {value!r} is not a valid {type(default).__name__}"[:300])
+    if value_config.steps > MAX_VALUE_STEPS:
+        bad(f"{field}.steps", f"= {value_config.steps} is above the most this rlsedit runs ({MAX_VALUE_STEPS})")
+
+
+def _check_solver(field: str, layer, solver, layers, config, shape, bad, get_method) -> None:
+    """One solver's method, dtype, tensors and scalars (see :func:`validate_state`)."""
+    d_k, d_v = shape
+    if layer not in layers:
+        bad(field, f"is for a layer outside {layers}")
+    if not (isinstance(solver, dict) and isinstance(solver.get("tensors"), dict)
+            and isinstance(solver.get("scalars"), dict)):
+        bad(field, "must hold a method, a dtype, tensors and scalars")
+    method = solver.get("method")
+    if method != config.method:
+        bad(f"{field}.method", f"= {method!r} differs from the config's {config.method!r}")
+    if solver.get("dtype") != config.state_dtype:
+        bad(f"{field}.dtype", f"= {solver.get('dtype')!r} differs from the config's state dtype {config.state_dtype!r}")
+    dtype = getattr(torch, config.state_dtype)
+    cls = get_method(method)
+    names = {a.rstrip("_") for a in cls.state_tensors}
+    tensors = solver["tensors"]
+    unknown = sorted(set(tensors) - names)
+    if unknown:
+        bad(f"{field}.tensors", f"hold {unknown}, which {method} does not have (it has {sorted(names)})")
+    missing = [n for n in _REQUIRED_TENSORS.get(method, ("W0", "W")) if n not in tensors]
+    if missing:
+        bad(f"{field}.tensors", f"lack {missing}")
+    for name, t in tensors.items():
+        where = f"{field} tensor {name}"
+        expected = (d_k, d_v) if name in ("W0", "W") else (d_k, d_k)
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype:
+            bad(where, f"must be a {config.state_dtype} tensor; got {getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) != expected:
+            bad(where, f"has shape {tuple(t.shape)}; the model's edited layer needs {expected}")
+        if not torch.isfinite(t).all():
+            bad(where, "holds NaN or infinity")
+    scalars = solver["scalars"]
+    expected_scalars = {a.rstrip("_") for a in cls.state_scalars}
+    if set(scalars) != expected_scalars:
+        bad(f"{field}.scalars", f"are {sorted(scalars)}; {method} has {sorted(expected_scalars)}")
+    for name, value in scalars.items():
+        if name in ("n_updates", "n_rows"):
+            if not _is_count(value):
+                bad(f"{field}.scalars.{name}", f"= {value!r} must be an int >= 0"[:300])
+        elif not (_is_real(value) and value >= 0):
+            bad(f"{field}.scalars.{name}", f"= {value!r} must be a finite number >= 0"[:300])
