@@ -23,11 +23,14 @@ import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rlsedit_llm.editing import folder_swap
 from rlsedit_llm.editing.save_paths import state_path
 from rlsedit_llm.errors import StateLockedError, StateWriteError
 
+fcntl: Any
+msvcrt: Any
 try:  # POSIX
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -159,7 +162,11 @@ def _acquire(target: Path) -> Hold:
                 raise StateLockedError(f"another thread of this process (pid {hold.pid}) is editing or saving "
                                        f"{target}; wait for it to finish, or use another folder")
             hold.depth += 1
-            return hold
+            try:  # returned from inside the try: an interrupt at the return takes the depth back
+                return hold
+            except BaseException:
+                hold.depth -= 1
+                raise
         hold = _take_os_lock(target)
         try:
             _HOLDS[key] = hold
@@ -172,13 +179,13 @@ def _acquire(target: Path) -> Hold:
     try:
         folder_swap.repair(target, hold.inherited)
         hold.write_ledger()
+        return hold  # inside the try: an interrupt at the return releases the lock
     except BaseException as exc:
         _release(hold)
         if isinstance(exc, OSError):
             raise StateWriteError(f"could not clean up what an interrupted save left beside {target} ({exc}); check "
                                   f"that you may write to {target.parent}") from exc
         raise
-    return hold
 
 
 def _release(hold: Hold) -> None:

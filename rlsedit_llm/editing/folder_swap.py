@@ -99,7 +99,8 @@ def _intent_names(target: Path) -> tuple[str | None, str | None]:
         return None, None
     if not isinstance(data, dict):
         return None, None
-    return tuple(n if _is_work_name(target, n) else None for n in (data.get("old"), data.get("new")))
+    old, new = (n if _is_work_name(target, n) else None for n in (data.get("old"), data.get("new")))
+    return old, new
 
 
 def write_durably(path: Path, data: bytes) -> None:
@@ -222,7 +223,11 @@ def make_work_folder(target: Path, hold: Hold) -> Path:
         except FileExistsError:  # made by someone else since the check: not ours to remove later
             hold.made.remove(tmp.name)
             continue
-        return tmp
+        try:  # returned from inside the try: an interrupt at the return removes the new folder
+            return tmp
+        except BaseException:
+            discard(tmp)
+            raise
     raise FileExistsError(f"could not find a free temporary folder name beside {target}")  # pragma: no cover
 
 

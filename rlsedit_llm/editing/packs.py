@@ -18,6 +18,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors import safe_open
@@ -146,7 +147,7 @@ def _is_int(x) -> bool:
 def _decode_metadata(raw: dict[str, str], path) -> dict:
     """The metadata with its JSON fields decoded; :class:`EditPackError` for anything a pack
     written by :func:`write_edit_pack` would not hold."""
-    def bad(why: str):
+    def bad(why: str) -> NoReturn:
         raise EditPackError(f"{path} is not a valid edit pack: {why}; export it again (Editor.save_edit_pack)")
 
     if raw.get("format") != PACK_FORMAT:
@@ -160,7 +161,7 @@ def _decode_metadata(raw: dict[str, str], path) -> dict:
     for key in ("base_fingerprint", "edited_fingerprint") + (("digest",) if "digest" in raw else ()):
         if not _SHA256.fullmatch(raw[key]):
             bad(f"{key} must be 'sha256:' and 64 hex digits; got {raw[key][:80]!r}")
-    meta = dict(raw)
+    meta: dict = dict(raw)
     for key in ("spec", "layers", "edit_ids", "facts"):
         try:
             meta[key] = json.loads(raw[key])

@@ -62,6 +62,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors import SafetensorError
@@ -444,7 +445,7 @@ def check_consistency(manifest: dict, solver_tensors: dict[str, torch.Tensor],
     from rlsedit_llm.editing.config import EditConfig
     from rlsedit_llm.errors import RLSEditError
 
-    def bad(msg):
+    def bad(msg: str) -> NoReturn:
         raise StateMismatchError(msg + "; the save is damaged or was edited by hand")
 
     try:

@@ -11,6 +11,7 @@ before the editor is built, so the model is never touched by a bad save.
 from __future__ import annotations
 
 import math
+from typing import NoReturn
 
 import torch
 
@@ -60,7 +61,7 @@ def validate_state(state: dict, model, *, spec=None) -> None:
     from rlsedit_llm.pipeline.facts import Fact
     from rlsedit_llm.pipeline.keys import template_parts
 
-    def bad(field: str, why: str):
+    def bad(field: str, why: str) -> NoReturn:
         raise StateMismatchError(f"the save is damaged or forged: {field} {why}")
 
     spec = spec if spec is not None else detect_spec(model)

@@ -81,24 +81,23 @@ class Transaction:
         self.adoption = adoption
         adoption.run()
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            return False
+            return
         if self.adoption is not None:
-            self._finish(exc_type)
+            self._finish(self.adoption, exc_type)
         else:
             self._roll_back(exc_type)
-        return False
 
-    def _finish(self, exc_type) -> None:
+    def _finish(self, adoption: Adoption, exc_type) -> None:
         try:
-            self.adoption.run()
+            adoption.run()
         except BaseException as again:
             self.editor._broken_ = (f"a {exc_type.__name__} interrupted the adoption of a change and finishing it "
                                     f"failed too ({type(again).__name__}: {again})")
             raise
         log.warning("%s arrived while the change was being adopted: the change was completed first (edit ids "
-                    "up to %d are in the journal)", exc_type.__name__, self.adoption.next_id - 1)
+                    "up to %d are in the journal)", exc_type.__name__, adoption.next_id - 1)
 
     def _roll_back(self, exc_type) -> None:
         editor = self.editor

@@ -197,7 +197,8 @@ class LayerSolver(ABC):
     @property
     def shape(self) -> tuple[int, int]:
         """``(d_k, d_v)``."""
-        return tuple(self.W_.shape)
+        d_k, d_v = self.W_.shape
+        return d_k, d_v
 
     def _check(self, K: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``K (u, d_k)`` and ``V (u, d_v)`` moved to the state's device and dtype, finite."""

@@ -168,16 +168,18 @@ class LayerRLS(LayerSolver):
     track_information : bool
         Also carry ``G_t`` to measure ``||C_t G_t - I||`` (``d_k^2`` more memory).
 
+    Attributes
+    ----------
+    W_ (d_k, d_v), C_ (d_k, d_k), G_ (d_k, d_k) or None, gram0_ (d_k, d_k) or None (the
+    symmetrised anchor Gram, so ``A = alpha I + beta gram0_`` is recoverable), n_updates_, n_rows_.
+
+    Notes
+    -----
     Regularisers the state dtype cannot carry are refused with :class:`HyperparameterError`:
     here when ``cond(A)`` exceeds :func:`max_condition` (``1 / (1000 eps)``: 4.5e12 in float64,
     8.4e3 in float32) or ``A^{-1}`` overflows, and at the first batch that would shrink ``C`` by
     more than that factor (a regulariser negligible next to the keys, e.g. ``alpha = 1e-300``
     with a tiny ``mom2_weight``); nothing is changed then.
-
-    Attributes
-    ----------
-    W_ (d_k, d_v), C_ (d_k, d_k), G_ (d_k, d_k) or None, gram0_ (d_k, d_k) or None (the
-    symmetrised anchor Gram, so ``A = alpha I + beta gram0_`` is recoverable), n_updates_, n_rows_.
     """
 
     name = "rlsedit"

@@ -269,7 +269,7 @@ def _interrupted(run, at: int, kind: str) -> BaseException | None:
     except (Exception, KeyboardInterrupt) as exc:  # an injected one, or the typed error it became
         return exc
     finally:
-        assert injector.fired_in is not None
+        assert injector.fired_in is not None, f"point {at} not reached: the run passed {injector.count} points"
     return None
 
 
@@ -327,13 +327,14 @@ def test_an_interrupted_save_keeps_the_previous_save_or_the_new_one_and_changes_
     def put_old_back():
         shutil.rmtree(target)
         shutil.copytree(tmp_path / "old", target)
+        # a completed save may leave its (unlocked) lock file, which the next save reuses: removed so
+        # that every run passes the same points
+        (folder / "s.rlsedit-lock").unlink(missing_ok=True)
 
     points = _points(lambda: editor.save(target), kind, put_old_back)
     outcomes = []
     for at in points:
-        # an interrupted save may leave its (unlocked) lock file, which the next save reuses: removed
-        # here so that every run passes the same points
-        (folder / "s.rlsedit-lock").unlink(missing_ok=True)
+        (folder / "s.rlsedit-lock").unlink(missing_ok=True)  # as in put_old_back
         _interrupted(lambda: editor.save(target), at, kind)
         assert _equal(_state(editor), before), at  # a save changes neither the model nor the editor
         manifest = read_manifest(target)  # a complete save (its digest), old or new
