@@ -27,7 +27,6 @@ __all__ = [
     "on_inputs",
     "on_outputs",
     "first_tensor",
-    "set_requires_grad",
     "requires_grad_set",
     "restore_requires_grad",
 ]
@@ -139,15 +138,6 @@ def requires_grad_set(model: nn.Module, flag: bool):
         yield
     finally:
         restore_requires_grad(model, previous)
-
-
-def set_requires_grad(model: nn.Module, flag: bool) -> dict:
-    """Set ``requires_grad`` on every parameter; return the previous flags for :func:`restore_requires_grad`."""
-    previous = {}
-    for name, p in model.named_parameters():
-        previous[name] = p.requires_grad
-        p.requires_grad_(flag)
-    return previous
 
 
 def restore_requires_grad(model: nn.Module, previous: dict) -> None:

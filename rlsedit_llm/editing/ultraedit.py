@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, write_weight
-from rlsedit_llm.adapters.hooks import restore_requires_grad, set_requires_grad
+from rlsedit_llm.adapters.hooks import requires_grad_set
 from rlsedit_llm.editing.config import PUBLISHED_D_K, EditConfig
 from rlsedit_llm.editing.reports import EditReport, FactReport
 from rlsedit_llm.errors import HyperparameterError, NonFiniteError, StateMismatchError
@@ -222,45 +222,50 @@ class UltraEditor:
         keys = {l: [] for l in self.layers_}
         grads = {l: [] for l in self.layers_}
         was_training = self.model.training
-        flags = set_requires_grad(self.model, False)
+        with requires_grad_set(self.model, False):  # every flag put back, whatever interrupts the block
+            try:
+                self._collect(rows, modules, device, pad, keys, grads)
+            finally:
+                for m in modules.values():
+                    m.weight.grad = None
+                self.model.train(was_training)
+        return ({l: torch.cat(v) for l, v in keys.items()}, {l: torch.cat(v) for l, v in grads.items()})
+
+    def _collect(self, rows, modules, device, pad, keys, grads) -> None:
+        """Append each batch's keys and output gradients at the edited modules to ``keys`` / ``grads``."""
         for m in modules.values():  # so that the modules' outputs are part of the autograd graph
             m.weight.requires_grad_(True)
         self.model.eval()
-        try:
-            for lo in range(0, len(rows), self.batch_size):
-                chunk = rows[lo: lo + self.batch_size]
-                ids, mask = right_pad([p + t[:-1] for p, t in chunk], pad, device)
-                row_of = torch.cat([torch.full((len(t),), i) for i, (p, t) in enumerate(chunk)])
-                pos = torch.cat([torch.arange(len(p) - 1, len(p) + len(t) - 1) for p, t in chunk])
-                labels = torch.tensor([x for _, t in chunk for x in t])
-                seen_in, seen_out = {}, {}
+        for lo in range(0, len(rows), self.batch_size):
+            chunk = rows[lo: lo + self.batch_size]
+            ids, mask = right_pad([p + t[:-1] for p, t in chunk], pad, device)
+            row_of = torch.cat([torch.full((len(t),), i) for i, (p, t) in enumerate(chunk)])
+            pos = torch.cat([torch.arange(len(p) - 1, len(p) + len(t) - 1) for p, t in chunk])
+            labels = torch.tensor([x for _, t in chunk for x in t])
+            seen_in, seen_out = {}, {}
 
-                def hook(layer):
-                    def fn(module, args, output):
-                        seen_in[layer], seen_out[layer] = args[0], output
-                    return fn
+            def hook(layer):
+                def fn(module, args, output):
+                    seen_in[layer], seen_out[layer] = args[0], output
+                return fn
 
-                handles = [m.register_forward_hook(hook(l)) for l, m in modules.items()]
-                try:
-                    with torch.enable_grad():
-                        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                        picked = logits[row_of.to(logits.device), pos.to(logits.device)].float()  # (n, vocab)
-                        nll = -torch.log_softmax(picked, dim=-1).gather(1, labels[:, None].to(picked.device)).sum()
-                        outs = [seen_out[l] for l in self.layers_]
-                        g_all = torch.autograd.grad(nll, outs)
-                finally:
-                    for h in handles:
-                        h.remove()
-                for l, g in zip(self.layers_, g_all):
-                    x = seen_in[l]
-                    keys[l].append(x[row_of.to(x.device), pos.to(x.device)].detach().float())
-                    grads[l].append(g[row_of.to(g.device), pos.to(g.device)].detach().float())
-        finally:
-            restore_requires_grad(self.model, flags)
-            for m in modules.values():
-                m.weight.grad = None
-            self.model.train(was_training)
-        return ({l: torch.cat(v) for l, v in keys.items()}, {l: torch.cat(v) for l, v in grads.items()})
+            handles = []
+            try:
+                for l, m in modules.items():  # each handle kept as it is made: all removed below
+                    handles.append(m.register_forward_hook(hook(l)))
+                with torch.enable_grad():
+                    logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    picked = logits[row_of.to(logits.device), pos.to(logits.device)].float()  # (n, vocab)
+                    nll = -torch.log_softmax(picked, dim=-1).gather(1, labels[:, None].to(picked.device)).sum()
+                    outs = [seen_out[l] for l in self.layers_]
+                    g_all = torch.autograd.grad(nll, outs)
+            finally:
+                for h in handles:
+                    h.remove()
+            for l, g in zip(self.layers_, g_all):
+                x = seen_in[l]
+                keys[l].append(x[row_of.to(x.device), pos.to(x.device)].detach().float())
+                grads[l].append(g[row_of.to(g.device), pos.to(g.device)].detach().float())
 
     # -- editing -------------------------------------------------------------------------------
     def edit(self, facts) -> EditReport:
