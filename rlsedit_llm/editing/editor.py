@@ -48,6 +48,7 @@ from rlsedit_llm.editing.config import EditConfig, anchor_gram
 from rlsedit_llm.editing.packs import write_edit_pack
 from rlsedit_llm.editing.guard import guard_of, hand_over, named_tensors, tensor_digests
 from rlsedit_llm.editing.reports import EditRecord, EditReport, FactReport
+from rlsedit_llm.editing.save_paths import state_path
 from rlsedit_llm.editing.transaction import Transaction
 from rlsedit_llm.interrupts import deferred_interrupts, poll_interrupts
 from rlsedit_llm.errors import (FactError, HyperparameterError, NonFiniteError, OwnershipError, ShapeError,
@@ -695,7 +696,10 @@ class Editor:
         """Write the whole lifelong state to ``directory`` atomically (see :mod:`.state`).
 
         Refused with :class:`StateMismatchError` when the model no longer holds this editor's
-        state (every tensor re-read: the save must load onto the base model)."""
+        state (every tensor re-read: the save must load onto the base model); with
+        :class:`PathError` for a path that is not one, :class:`StateLockedError` while another process
+        writes the folder, :class:`StateWriteError` when it cannot be written (the previous save kept)."""
+        state_path(directory)  # a path that is not one is refused before the state is gathered
         with self._owning("save", claim=False, fresh=True):
             state_io.write_state(directory, self._state_dict(snapshot=False),  # written at once: no snapshot
                                  edited_fingerprint=model_fingerprint(self.model))
