@@ -453,8 +453,8 @@ def test_real_sigint_at_random_moments_never_leaves_a_commit_half_done():
     for _trial in range(30):
         trial = solver.clone()
         timer = threading.Timer(rng.uniform(0, 1.2 * seconds), os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
         try:
+            timer.start()  # inside the try: the signal may land right after it
             trial.commit(step)
             timer.join()
             time.sleep(0.01)  # a signal sent after the commit lands here
