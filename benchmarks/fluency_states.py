@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlsedit_llm.adapters.architectures import load_model
+from rlsedit_llm.adapters.loading import load_model
 from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.evaluation import metrics
 from rlsedit_llm.evaluation.data import load_stream

@@ -178,7 +178,7 @@ def gemm_rate(device, dtype, n=4096) -> float:
 def build_model(n_layers: int, dtype, device, quick: bool):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from rlsedit_llm.adapters.architectures import _tiny_tokenizer
+    from rlsedit_llm.adapters.tiny import _tiny_tokenizer
 
     tok = _tiny_tokenizer()
     eos = tok.convert_tokens_to_ids(tok.eos_token)
@@ -209,7 +209,7 @@ def run_pipeline(args, device, model_dtype, state_dtype) -> dict:
     print(f"  model: {n_params / 1e6:.0f} M parameters ({format_bytes(n_params * model_dtype.itemsize)}), d_k {spec_dk}")
     facts = json.loads((ROOT / "rlsedit_llm" / "data" / "counterfact.json").read_text())[: args.batch]
     facts = rlsedit_llm.as_facts(facts)
-    from rlsedit_llm.adapters.architectures import default_layers
+    from rlsedit_llm.adapters.spec import default_layers
 
     layers = default_layers("llama", args.layers)[: args.edit_layers]  # 32 layers: 4..8 as published
     cache = tempfile.mkdtemp(prefix="rlsedit-scale-")
@@ -464,7 +464,7 @@ def _load(name, dtype, device):
     import rlsedit_llm
 
     if name == "tiny":
-        from rlsedit_llm.adapters.architectures import tiny_model
+        from rlsedit_llm.adapters.tiny import tiny_model
 
         model, tok = tiny_model("llama", init_std=0.3, dtype=dtype)
         return model.to(device), tok
@@ -521,7 +521,7 @@ def run_stream(args, device, model_dtype, state_dtype) -> dict:
 def run_half(args, device, model_dtype) -> dict:
     import rlsedit_llm
     from rlsedit_llm import EditConfig, Editor
-    from rlsedit_llm.adapters.architectures import get_module, read_weight
+    from rlsedit_llm.adapters.spec import get_module, read_weight
     from rlsedit_llm.pipeline.scoring import score_targets
 
     model, tok = _load(args.stream_model, model_dtype, device)

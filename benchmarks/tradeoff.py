@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import rlsedit_llm
-from rlsedit_llm.adapters.architectures import write_weight
+from rlsedit_llm.adapters.spec import write_weight
 from rlsedit_llm.evaluation import metrics
 from rlsedit_llm.evaluation.plots import _pyplot
 from rlsedit_llm.files import atomic_write_text

@@ -35,7 +35,8 @@ from rlsedit_llm.errors import (
     UnsupportedArchitectureError,
 )
 from rlsedit_llm.pipeline.facts import Fact, as_fact, as_facts
-from rlsedit_llm.adapters.architectures import ModelSpec, detect_spec, load_model
+from rlsedit_llm.adapters.loading import load_model
+from rlsedit_llm.adapters.spec import ModelSpec, detect_spec
 from rlsedit_llm.kernel import Capabilities, LayerSolver, capabilities, method_names
 from rlsedit_llm.kernel.rls import LayerRLS
 from rlsedit_llm.pipeline.values import ValueConfig

@@ -42,7 +42,8 @@ from contextlib import contextmanager
 
 import torch
 
-from rlsedit_llm.adapters.architectures import detect_spec, get_module, module_target, read_weight, write_weight
+from rlsedit_llm.adapters.residual import module_target
+from rlsedit_llm.adapters.spec import detect_spec, get_module, read_weight, write_weight
 from rlsedit_llm.editing import state as state_io
 from rlsedit_llm.editing.config import EditConfig, anchor_gram
 from rlsedit_llm.editing.packs import write_edit_pack

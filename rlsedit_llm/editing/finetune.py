@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, write_weight
+from rlsedit_llm.adapters.spec import detect_spec, get_module, read_weight, write_weight
 from rlsedit_llm.editing.editor import EditConfig, EditReport, FactReport
 from rlsedit_llm.errors import HyperparameterError, NonFiniteError, StateMismatchError
 from rlsedit_llm.kernel.protocol import Capabilities

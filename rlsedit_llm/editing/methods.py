@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from rlsedit_llm.adapters.architectures import detect_spec
+from rlsedit_llm.adapters.spec import detect_spec
 from rlsedit_llm.editing.editor import EditConfig, Editor
 from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.kernel.registry import get_method, is_layer_method

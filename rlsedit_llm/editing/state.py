@@ -68,7 +68,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rlsedit_llm.adapters.architectures import detect_spec
+from rlsedit_llm.adapters.spec import detect_spec
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
 from rlsedit_llm.editing import folder_swap
 from rlsedit_llm.editing.folder_lock import locked

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import torch
 
-from rlsedit_llm.adapters.architectures import detect_spec
+from rlsedit_llm.adapters.spec import detect_spec
 from rlsedit_llm.errors import StateMismatchError
 from rlsedit_llm.pipeline.values import MAX_VALUE_STEPS
 

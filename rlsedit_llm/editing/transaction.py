@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 
-from rlsedit_llm.adapters.architectures import read_weight, write_weight
+from rlsedit_llm.adapters.spec import read_weight, write_weight
 from rlsedit_llm.interrupts import deferred_interrupts
 from rlsedit_llm.kernel.protocol import PendingCommit, Step
 

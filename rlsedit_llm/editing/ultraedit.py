@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, write_weight
+from rlsedit_llm.adapters.spec import detect_spec, get_module, read_weight, write_weight
 from rlsedit_llm.adapters.hooks import requires_grad_set
 from rlsedit_llm.editing.config import PUBLISHED_D_K, EditConfig
 from rlsedit_llm.editing.reports import EditReport, FactReport

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from rlsedit_llm.editing.editor import EditConfig, anchor_gram
 from rlsedit_llm.editing.methods import method_value_config
 from rlsedit_llm.errors import HyperparameterError, StateMismatchError
-from rlsedit_llm.adapters.architectures import detect_spec, load_model
+from rlsedit_llm.adapters.loading import load_model
+from rlsedit_llm.adapters.spec import detect_spec
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
 from rlsedit_llm.pipeline.stats import second_moments
 from rlsedit_llm.evaluation.report import write_report

@@ -37,7 +37,7 @@ from rlsedit_llm.editing.methods import load_editor, make_editor
 from rlsedit_llm.kernel.registry import capabilities, is_layer_method
 from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.pipeline.facts import Fact
-from rlsedit_llm.adapters.architectures import get_module, read_weight, write_weight
+from rlsedit_llm.adapters.spec import get_module, read_weight, write_weight
 from rlsedit_llm.evaluation import metrics
 from rlsedit_llm.evaluation.data import DATASETS, case_scores
 

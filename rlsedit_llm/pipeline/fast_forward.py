@@ -30,7 +30,8 @@ import inspect
 
 import torch
 
-from rlsedit_llm.adapters.architectures import ModelSpec, final_logits, get_module
+from rlsedit_llm.adapters.residual import final_logits
+from rlsedit_llm.adapters.spec import ModelSpec, get_module
 from rlsedit_llm.adapters.hooks import capture_outputs, first_tensor, run_until_stopped
 from rlsedit_llm.pipeline.tokens import input_device, right_pad
 

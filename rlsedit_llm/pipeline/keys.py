@@ -29,7 +29,7 @@ import torch
 
 from rlsedit_llm.errors import FactError, HyperparameterError
 from rlsedit_llm.pipeline.facts import Fact, checked_facts
-from rlsedit_llm.adapters.architectures import ModelSpec, get_module
+from rlsedit_llm.adapters.spec import ModelSpec, get_module
 from rlsedit_llm.adapters.hooks import capture_inputs, capture_outputs, run_until_stopped
 from rlsedit_llm.pipeline.tokens import bos_prefix, encode_prompt, input_device, needs_bos, pad_id, right_pad
 

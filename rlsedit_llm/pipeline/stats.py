@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from rlsedit_llm.adapters.spec import needs_bos
-from rlsedit_llm.adapters.architectures import get_module
+from rlsedit_llm.adapters.spec import get_module
 from rlsedit_llm.adapters.fingerprint import model_fingerprint, tokenizer_fingerprint
 from rlsedit_llm.errors import HyperparameterError, ShapeError
 from rlsedit_llm.pipeline.corpus import corpus_fingerprint, load_corpus, texts_fingerprint

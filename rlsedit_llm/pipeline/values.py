@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlsedit_llm.adapters.architectures import ModelSpec, get_module
+from rlsedit_llm.adapters.spec import ModelSpec, get_module
 from rlsedit_llm.adapters.hooks import requires_grad_set
 from rlsedit_llm.interrupts import poll_interrupts
 from rlsedit_llm.errors import HyperparameterError, NonFiniteError

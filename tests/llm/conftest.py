@@ -4,7 +4,7 @@
   session (fp32, eval mode; uses the on-disk dequantised cache after the first load). Only for
   tests marked ``@pytest.mark.slow``. Tests must leave its weights unchanged.
 - ``tiny``: factory ``tiny(family, **kwargs) -> (model, tokenizer)`` building a fresh tiny random
-  model offline (see :func:`rlsedit_llm.adapters.architectures.tiny_model`); cheap (tens of milliseconds).
+  model offline (see :func:`rlsedit_llm.adapters.tiny.tiny_model`); cheap (tens of milliseconds).
 - ``one_thread_unless_slow``: torch on one thread for the test, unless it is marked ``slow``
   (tiny matrices gain nothing from threads, and on shared CI cores OpenMP threads oversubscribe).
 - ``benchmark_script``: factory ``benchmark_script(name)`` importing ``benchmarks/<name>.py`` as a
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsedit_llm.adapters.architectures import tiny_model
+from rlsedit_llm.adapters.tiny import tiny_model
 
 DATA = Path("/work/shared/data")
 _ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def _load_json(*candidates: Path):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from rlsedit_llm.adapters.architectures import load_model
+    from rlsedit_llm.adapters.loading import load_model
 
     return load_model("smollm2")
 

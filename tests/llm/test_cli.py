@@ -8,7 +8,7 @@ import torch
 
 import rlsedit_llm
 from rlsedit_llm import cli
-from rlsedit_llm.adapters.architectures import tiny_model
+from rlsedit_llm.adapters.tiny import tiny_model
 
 
 @pytest.mark.usefixtures("one_thread_unless_slow")

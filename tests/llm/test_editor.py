@@ -8,7 +8,7 @@ import torch
 
 import rlsedit_llm
 from rlsedit_llm import EditConfig, Editor, ValueConfig
-from rlsedit_llm.adapters.architectures import SUPPORTED_FAMILIES, get_module, read_weight
+from rlsedit_llm.adapters.spec import SUPPORTED_FAMILIES, get_module, read_weight
 from rlsedit_llm.pipeline.facts import encode_target
 from rlsedit_theory import Problem, closed_form
 

@@ -17,7 +17,7 @@ from rlsedit_llm.evaluation import bench, data, metrics, protocol
 from rlsedit_llm.evaluation import report as bench_report
 from rlsedit_llm.editing.finetune import FineTuneEditor, target_nll
 from rlsedit_llm.kernel.registry import method_names
-from rlsedit_llm.adapters.architectures import get_module, read_weight
+from rlsedit_llm.adapters.spec import get_module, read_weight
 from rlsedit_llm.pipeline.facts import encode_target
 from rlsedit_llm.pipeline.scoring import score_targets
 from rlsedit_llm.pipeline.tokens import encode_prompt, needs_bos
@@ -361,7 +361,7 @@ def test_finetune_rejects_bad_facts_untouched_and_round_trips(llama, tmp_path):
     ft.save(tmp_path / "ft")
     edited = ft.weights()
     for l, W in snap.items():  # back to the base weights, then load the saved stream
-        from rlsedit_llm.adapters.architectures import write_weight
+        from rlsedit_llm.adapters.spec import write_weight
 
         write_weight(ft._module(l), W)
     loaded = FineTuneEditor.load(model, tok, tmp_path / "ft")

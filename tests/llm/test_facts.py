@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerFast
 
 from rlsedit_llm.errors import FactError
 from rlsedit_llm.pipeline.facts import Fact, as_fact, as_facts, encode_target, validate_facts
-from rlsedit_llm.adapters.architectures import tiny_model
+from rlsedit_llm.adapters.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 

@@ -11,20 +11,9 @@ from torch import nn
 import rlsedit_llm
 from .conftest import counterfact_stream
 from rlsedit_llm import EditConfig, Editor, ValueConfig
-from rlsedit_llm.adapters.architectures import (
-    KNOWN_FAMILIES,
-    POST_NORM_FAMILIES,
-    SUPPORTED_FAMILIES,
-    ModelSpec,
-    detect_spec,
-    final_logits,
-    get_module,
-    module_target,
-    needs_bos,
-    read_weight,
-    residual_contribution,
-    tiny_model,
-)
+from rlsedit_llm.adapters.residual import final_logits, module_target, residual_contribution
+from rlsedit_llm.adapters.spec import KNOWN_FAMILIES, POST_NORM_FAMILIES, SUPPORTED_FAMILIES, ModelSpec, detect_spec, get_module, needs_bos, read_weight
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.errors import ShapeError, UnsupportedArchitectureError
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.pipeline.scoring import encode_target
@@ -78,7 +67,7 @@ def test_detect_spec_new_families(family):
 
 
 def test_gemma3_270m_default_layers():
-    from rlsedit_llm.adapters.architectures import default_layers
+    from rlsedit_llm.adapters.spec import default_layers
 
     assert default_layers("gemma3_text", 18) == (2, 3, 4, 5, 6)
 

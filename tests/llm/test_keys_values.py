@@ -20,7 +20,7 @@ from rlsedit_llm.pipeline.keys import (
     subject_hidden_states,
     template_parts,
 )
-from rlsedit_llm.adapters.architectures import SUPPORTED_FAMILIES, detect_spec, get_module, needs_bos
+from rlsedit_llm.adapters.spec import SUPPORTED_FAMILIES, detect_spec, get_module, needs_bos
 from rlsedit_llm.pipeline.values import ValueConfig, compute_values, default_value_config
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")

@@ -13,7 +13,8 @@ import torch
 
 from rlsedit_llm.editing.editor import EditConfig, Editor
 from rlsedit_llm.pipeline.facts import Fact
-from rlsedit_llm.adapters.architectures import read_weight, tiny_model
+from rlsedit_llm.adapters.spec import read_weight
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.pipeline.values import ValueConfig
 from rlsedit_theory import Problem, closed_form
 

@@ -1,4 +1,4 @@
-"""Architecture detection, weight orientation, tiny models and model loading (rlsedit_llm.adapters.architectures)."""
+"""Architecture detection, weight orientation, tiny models and model loading (rlsedit_llm.adapters: spec, loading, tiny)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,9 @@ import torch
 from torch import nn
 
 from rlsedit_llm.errors import ModelLoadError, NonFiniteError, ShapeError, UnsupportedArchitectureError
-from rlsedit_llm.adapters.architectures import (
-    SUPPORTED_FAMILIES,
-    ModelSpec,
-    _write_cache,
-    default_layers,
-    detect_spec,
-    get_module,
-    load_model,
-    read_weight,
-    tiny_model,
-    write_weight,
-)
+from rlsedit_llm.adapters.loading import _write_cache, load_model
+from rlsedit_llm.adapters.spec import SUPPORTED_FAMILIES, ModelSpec, default_layers, detect_spec, get_module, read_weight, write_weight
+from rlsedit_llm.adapters.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 

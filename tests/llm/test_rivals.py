@@ -13,7 +13,7 @@ import torch
 from .test_evaluation import FAST_VALUE, _fast_config  # noqa: F401  (the shared fast settings)
 from .test_methods import _instance
 from rlsedit_llm import EditConfig, Fact
-from rlsedit_llm.adapters.architectures import detect_spec, get_module
+from rlsedit_llm.adapters.spec import detect_spec, get_module
 from rlsedit_llm.editing.methods import load_editor, make_editor
 from rlsedit_llm.editing.ultraedit import RunningMoments, UltraEditor, ultraedit_shift
 from rlsedit_llm.errors import FactError

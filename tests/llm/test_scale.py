@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlsedit_llm import EditConfig, Editor, ValueConfig
-from rlsedit_llm.adapters.architectures import get_module, read_weight
+from rlsedit_llm.adapters.spec import get_module, read_weight
 from rlsedit_llm.errors import NotPositiveDefiniteError, RLSEditError
 from rlsedit_llm.kernel.inplace import mirror_upper_, symmetric_rank_update_, woodbury_update_
 from rlsedit_llm.kernel.memory import (InsufficientMemoryError, MODEL_SHAPES, check_fits, memory_table, plan,
@@ -271,7 +271,7 @@ def test_gpu_check_long_and_zsre_steps_dry_run(tmp_path):
 def test_editor_refuses_up_front_a_state_that_cannot_fit(monkeypatch, tmp_path):
     """Editor.prepare checks the memory plan against the device before any statistics pass."""
     import rlsedit_llm
-    from rlsedit_llm.adapters.architectures import tiny_model
+    from rlsedit_llm.adapters.tiny import tiny_model
     from rlsedit_llm.kernel import memory
 
     model, tok = tiny_model("llama")

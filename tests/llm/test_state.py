@@ -19,7 +19,7 @@ from rlsedit_llm.editing.editor import EditConfig, Editor
 from rlsedit_llm.editing.lifelong import edit, editor_of, load_model_state, save_model_state
 from rlsedit_llm.errors import OwnershipError, RLSEditError, StateMismatchError
 from rlsedit_llm.pipeline.facts import Fact
-from rlsedit_llm.adapters.architectures import tiny_model
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.pipeline.stats import model_fingerprint
 from rlsedit_llm.editing import packs as packs_mod
 from rlsedit_llm.editing.packs import apply_edit_pack

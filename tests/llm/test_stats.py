@@ -602,10 +602,10 @@ def test_hub_corpus_offline_raises_corpus_error(monkeypatch):
 # ============================================================================================
 @pytest.mark.slow
 def test_smollm2_second_moments(tmp_path):
-    from rlsedit_llm.adapters import architectures as models
-    loaded = models.load_model("smollm2")
-    model, tokenizer = loaded[0], loaded[1]
-    spec = models.detect_spec(model)
+    from rlsedit_llm.adapters.loading import load_model
+    from rlsedit_llm.adapters.spec import detect_spec
+    model, tokenizer = load_model("smollm2")[:2]
+    spec = detect_spec(model)
     layers = list(spec.default_layers)[:2]
     t0 = time.perf_counter()
     means = second_moments(

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import rlsedit_llm
-from rlsedit_llm.adapters.architectures import detect_spec, tiny_model
+from rlsedit_llm.adapters.spec import detect_spec
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.errors import NonFiniteError, ShapeError, StateMismatchError
 from rlsedit_llm.pipeline import stats_npz
 from rlsedit_llm.pipeline.moments import MomentSum

@@ -19,7 +19,8 @@ from rlsedit_llm.errors import (
     UnsupportedArchitectureError,
 )
 from rlsedit_llm.pipeline.facts import Fact
-from rlsedit_llm.adapters.architectures import read_weight, tiny_model
+from rlsedit_llm.adapters.spec import read_weight
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.pipeline.values import ValueConfig
 
 FIRST = [Fact("{} is located in", "Toyota", "Germany", relation_id="P17"),

@@ -9,7 +9,8 @@ import torch
 from rlsedit_llm.editing.editor import EditConfig, Editor
 from rlsedit_llm.errors import UnknownEditError
 from rlsedit_llm.pipeline.facts import Fact
-from rlsedit_llm.adapters.architectures import read_weight, tiny_model
+from rlsedit_llm.adapters.spec import read_weight
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.kernel.rls import LayerRLS
 from rlsedit_llm.pipeline.values import ValueConfig
 from rlsedit_theory import Problem, closed_form
@@ -160,7 +161,7 @@ def test_undo_on_smollm2(smollm2, tmp_path_factory):
         _assert_equals_stream_without(editor, rtol=1e-8)
         assert editor.certificate().gradient < 1e-10
     finally:
-        from rlsedit_llm.adapters.architectures import write_weight
+        from rlsedit_llm.adapters.spec import write_weight
 
         for layer, W in originals.items():  # the session's model goes back to the base weights
             write_weight(editor._module(layer), W)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlsedit_llm.adapters.architectures import tiny_model
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
 from rlsedit_llm.editing.editor import EditConfig
 from rlsedit_llm.errors import HyperparameterError

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlsedit_llm.adapters.architectures import tiny_model
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.editing.editor import EditConfig, Editor
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.pipeline.values import ValueConfig

@@ -22,7 +22,7 @@ import signal
 import pytest
 import torch
 
-from rlsedit_llm.adapters.architectures import tiny_model
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.editing.guard import guard_of
 from rlsedit_llm.pipeline.facts import Fact

@@ -9,7 +9,8 @@ import threading
 import pytest
 import torch
 
-from rlsedit_llm.adapters.architectures import read_weight, tiny_model, write_weight
+from rlsedit_llm.adapters.spec import read_weight, write_weight
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.editing import editor as editor_mod
 from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.errors import OwnershipError, StateMismatchError

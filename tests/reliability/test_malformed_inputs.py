@@ -14,7 +14,7 @@ import torch
 
 import rlsedit_llm
 from rlsedit_llm import cli
-from rlsedit_llm.adapters.architectures import tiny_model
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.editing.editor import EditConfig, Editor
 from rlsedit_llm.errors import (FactError, HyperparameterError, NonFiniteError, RLSEditError, StateMismatchError, UnknownEditError)
 from rlsedit_llm.pipeline.facts import Fact

@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from rlsedit_llm.adapters.architectures import detect_spec, get_module, read_weight, tiny_model, write_weight
+from rlsedit_llm.adapters.spec import detect_spec, get_module, read_weight, write_weight
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
 from rlsedit_llm.editing import finetune as finetune_mod
 from rlsedit_llm.editing.config import EditConfig

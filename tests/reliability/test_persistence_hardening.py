@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import rlsedit_llm
 from rlsedit_llm import cli
-from rlsedit_llm.adapters.architectures import tiny_model
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.editing import folder_lock, folder_swap
 from rlsedit_llm.editing import state as state_mod
 from rlsedit_llm.editing.editor import Editor

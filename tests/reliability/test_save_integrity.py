@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from rlsedit_llm.adapters.architectures import tiny_model
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.editing import folder_swap
 from rlsedit_llm.editing import state as state_mod
 from rlsedit_llm.editing.editor import Editor
