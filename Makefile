@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-bounds docs bench clean
+.PHONY: venv demo test test-bounds lint docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(STAMP)
 
 test-bounds: $(STAMP)
 	$(BIN)/python -m pytest tests -k bounds
+
+# ruff (pyflakes, pycodestyle, isort, bugbear, pyupgrade) over the tree; mypy over the paths in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict

@@ -16,25 +16,26 @@ model's scores on the same cases; ``--plot`` draws score and first-edit efficacy
 from __future__ import annotations
 
 import argparse
-import json
+from dataclasses import replace
 from pathlib import Path
 
 from rlsedit_llm.evaluation.metrics import harmonic_mean
 from rlsedit_llm.evaluation.plots import plot_lengths, plot_retention
 from rlsedit_llm.evaluation.protocol import base_summary
+from rlsedit_llm.evaluation.results import MethodRecord, Results, Scores, load_results
 
 KEYS = ("efficacy", "generalization", "specificity", "score", "wild")
 
 
-def scores_at(record: dict, edits: int) -> tuple[dict, dict | None, str] | None:
+def scores_at(record: MethodRecord, edits: int) -> tuple[Scores, Scores | None, str] | None:
     """(scores of every edit so far, scores of the first edits or None, where they come from)
     after ``edits`` edits, or None when the run did not score every edit there."""
-    final = record.get("final") or {}
-    if final.get("edits") == edits:
-        return final["all"], final.get("retention"), "final" + (" (partial stream)" if final.get("partial") else "")
-    for point in record.get("checkpoints", []):
-        if point["edits"] == edits and point.get("all"):
-            return point["all"], point.get("retention"), f"mid-stream of {record['edits_done']}"
+    final = record.final
+    if final is not None and final.edits == edits:
+        return final.all, final.retention, "final" + (" (partial stream)" if final.partial else "")
+    for point in record.checkpoints:
+        if point.edits == edits and point.all is not None:
+            return point.all, point.retention, f"mid-stream of {record.edits_done}"
     return None
 
 
@@ -48,12 +49,15 @@ def _lengths(text: str) -> list[int]:
     return sorted(set(lengths))
 
 
-def load_runs(folders: list[Path]) -> list[tuple[Path, dict]]:
-    """Each folder's ``results.json``; raises SystemExit when the streams differ (case ids)."""
-    runs, cases = [], None
+def load_runs(folders: list[Path]) -> list[tuple[Path, Results]]:
+    """Each folder's results; raises SystemExit when the streams differ (case ids)."""
+    runs: list[tuple[Path, Results]] = []
+    cases = None
     for folder in folders:
-        results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-        ids = results["settings"]["case_ids"]
+        results = load_results(folder)
+        if results is None:
+            raise SystemExit(f"{folder}: no results.json")
+        ids = results.settings.case_ids
         common = min(len(ids), len(cases)) if cases is not None else len(ids)
         if cases is not None and ids[:common] != cases[:common]:
             raise SystemExit(f"{folder}: its facts differ from the other folders' (not the same stream)")
@@ -62,8 +66,8 @@ def load_runs(folders: list[Path]) -> list[tuple[Path, dict]]:
     return runs
 
 
-def _label(name: str, results: dict) -> str:
-    return name + (" (shadow)" if name in (results["settings"].get("shadow") or []) else "")
+def _label(name: str, results: Results) -> str:
+    return name + (" (shadow)" if name in results.settings.shadow else "")
 
 
 def collect(folders: list[Path], lengths: list[int]):
@@ -72,32 +76,31 @@ def collect(folders: list[Path], lengths: list[int]):
     rows, base = [], {}
     for folder, results in load_runs(folders):
         for edits in lengths:
-            if edits not in base and len((results.get("base") or {}).get("cases", [])) >= edits:
-                base[edits] = base_summary(results["base"], edits)
-            for name, record in results["methods"].items():
+            if edits not in base and results.base is not None and len(results.base.cases) >= edits:
+                base[edits] = base_summary(results.base, edits)
+            for name, record in results.methods.items():
                 got = scores_at(record, edits)
                 if got is not None:
                     rows.append((_label(name, results), folder.name, edits, *got))
     return _distinct(rows), base
 
 
-def merge_retention(folders: list[Path]) -> dict:
+def merge_retention(folders: list[Path]) -> Results:
     """One results record whose methods are every run's, for :func:`plot_retention`: the
     retention set (the stream's first edits) re-scored at each run's checkpoints. A label that
     two runs share gets its run's folder name (its path where the names agree). Raises
     SystemExit when the streams or the retention sets differ."""
     runs = load_runs(folders)
-    sizes = {(results.get("config") or {}).get("retention_size") for _, results in runs}
+    sizes = {results.config.retention_size if results.config is not None else None for _, results in runs}
     if len(sizes) != 1:
         raise SystemExit(f"the runs re-score different numbers of first edits ({sorted(map(str, sizes))}): "
                          "their retention curves are not comparable")
     names = [folder.name for folder, _ in runs]
     labelled = [(_label(name, results), folder.name if names.count(folder.name) == 1 else str(folder), record)
-                for folder, results in runs for name, record in results["methods"].items()]
+                for folder, results in runs for name, record in results.methods.items()]
     labels = [label for label, _, _ in labelled]
     methods = {(f"{label} [{run}]" if labels.count(label) > 1 else label): record for label, run, record in labelled}
-    first = runs[0][1]
-    return {"config": first.get("config", {}), "base": first.get("base", {}), "methods": methods}
+    return replace(runs[0][1], methods=methods)
 
 
 def _distinct(rows: list[tuple]) -> list[tuple]:
@@ -114,10 +117,11 @@ def _distinct(rows: list[tuple]) -> list[tuple]:
     return [(f"{r[0]} [{r[1]}]" if r[0] in clash_labels else r[0], *r[1:]) for same in kept.values() for r in same]
 
 
-def _score(s: dict) -> float | None:
-    if s.get("score") is None and all(s.get(k) is not None for k in KEYS[:3]):
-        return harmonic_mean([s[k] for k in KEYS[:3]])
-    return s.get("score")
+def _score(s: Scores) -> float | None:
+    parts = [s.efficacy, s.generalization, s.specificity]
+    if s.score is None and all(p is not None for p in parts):
+        return harmonic_mean(parts)
+    return s.score
 
 
 def main(argv=None) -> None:
@@ -140,14 +144,14 @@ def main(argv=None) -> None:
             b = base[edits]
             print(f"| unedited | | | {edits} | {' | '.join(fmt(b.get(k)) for k in KEYS)} | |")
     for label, run, edits, s, first, source in sorted(rows, key=lambda r: (r[0], r[2])):
-        kept = "—" if not first else f"{fmt(first['efficacy'])} / {fmt(first['specificity'])} ({first['n']})"
-        print(f"| {label} | {run} | {source} | {edits} | {fmt(s.get('efficacy'))} | {fmt(s.get('generalization'))} | "
-              f"{fmt(s.get('specificity'))} | {fmt(_score(s))} | {fmt(s.get('wild'))} | {kept} |")
+        kept = "—" if first is None else f"{fmt(first.efficacy)} / {fmt(first.specificity)} ({first.n})"
+        print(f"| {label} | {run} | {source} | {edits} | {fmt(s.efficacy)} | {fmt(s.generalization)} | "
+              f"{fmt(s.specificity)} | {fmt(_score(s))} | {fmt(s.wild)} | {kept} |")
     if args.plot:
         points: dict[str, list] = {}
         for label, _run, edits, s, first, _source in rows:
             if _score(s) is not None:
-                points.setdefault(label, []).append((edits, {**s, "score": _score(s)}, first))
+                points.setdefault(label, []).append((edits, replace(s, score=_score(s)), first))
         plot_lengths(points, args.plot, base=base or None,
                      title=f"{len(args.folders)} run(s), every edit re-scored at each length")
         print(f"\nplot: {args.plot}")

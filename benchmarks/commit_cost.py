@@ -14,11 +14,15 @@ over half of ``C``. Prints seconds per update (best of ``--trials``) and the rat
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 
 from rlsedit_llm.kernel.inplace import DEFAULT_BLOCK, SymmetricRankUpdate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this script, also when imported by path
+from _common import best_of
 
 
 def direct_update_(C: torch.Tensor, G: torch.Tensor, alpha: float, block: int = DEFAULT_BLOCK) -> None:
@@ -34,13 +38,15 @@ def direct_update_(C: torch.Tensor, G: torch.Tensor, alpha: float, block: int = 
             C[j:j1, i:i1].copy_(C[i:i1, j:j1].mT)
 
 
-def best_of(fn, trials: int) -> float:
-    best = float("inf")
-    for _ in range(trials):
-        tic = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - tic)
-    return best
+def time_updates(d_k: int, u: int, trials: int, gen: torch.Generator) -> tuple[float, float]:
+    """Seconds of one direct and one staged update at ``d_k`` (best of ``trials``)."""
+    X = torch.randn(d_k, d_k, generator=gen, dtype=torch.float64)
+    C = X @ X.mT / d_k + torch.eye(d_k, dtype=torch.float64)
+    G = torch.randn(d_k, u, generator=gen, dtype=torch.float64) / d_k
+    # each trial adds and removes the term, so C stays the same matrix throughout
+    direct = best_of(lambda: (direct_update_(C, G, -1.0), direct_update_(C, G, 1.0)), trials) / 2
+    staged = best_of(lambda: (SymmetricRankUpdate(C, G, -1.0).run(), SymmetricRankUpdate(C, G, 1.0).run()), trials) / 2
+    return direct, staged
 
 
 def main() -> None:
@@ -57,13 +63,7 @@ def main() -> None:
     print(f"{'d_k':>6} {'direct (s)':>11} {'staged (s)':>11} {'staged / direct':>16}")
     gen = torch.Generator().manual_seed(0)
     for d_k in args.dk:
-        X = torch.randn(d_k, d_k, generator=gen, dtype=torch.float64)
-        C = X @ X.mT / d_k + torch.eye(d_k, dtype=torch.float64)
-        G = torch.randn(d_k, args.u, generator=gen, dtype=torch.float64) / d_k
-        # each trial adds and removes the term, so C stays the same matrix throughout
-        direct = best_of(lambda: (direct_update_(C, G, -1.0), direct_update_(C, G, 1.0)), args.trials) / 2
-        staged = best_of(lambda: (SymmetricRankUpdate(C, G, -1.0).run(), SymmetricRankUpdate(C, G, 1.0).run()),
-                         args.trials) / 2
+        direct, staged = time_updates(d_k, args.u, args.trials, gen)
         print(f"{d_k:>6} {direct:>11.4f} {staged:>11.4f} {staged / direct:>16.2f}")
 
 

@@ -12,28 +12,26 @@ objective, so on one stream the gap is rounding plus whatever the value optimisa
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this script, also when imported by path
+from _common import read_saved_state
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a", type=Path)
     parser.add_argument("b", type=Path)
-    args = parser.parse_args()
-    a = load_file(str(args.a / "solvers.safetensors"))
-    b = load_file(str(args.b / "solvers.safetensors"))
-    edits = [len(json.loads((d / "editor.json").read_text()).get("journal", [])) for d in (args.a, args.b)]
-    print(f"edit calls in the journals: {edits[0]} ({args.a.name}), {edits[1]} ({args.b.name})")
-    layers = sorted({k.split(".")[0] for k in a if k.endswith(".W_")} & {k.split(".")[0] for k in b if k.endswith(".W_")},
-                    key=lambda s: int(s.removeprefix("layer")))
+    args = parser.parse_args(argv)
+    a, b = read_saved_state(args.a), read_saved_state(args.b)
+    print(f"edit calls in the journals: {len(a['journal'])} ({args.a.name}), {len(b['journal'])} ({args.b.name})")
     print("layer   ||W_a - W_b|| / ||W_a - W0||   max |W_a - W_b|")
-    for layer in layers:
-        wa, wb, w0 = a[f"{layer}.W_"].double(), b[f"{layer}.W_"].double(), a[f"{layer}.W0_"].double()
+    for layer in sorted(set(a["solvers"]) & set(b["solvers"])):
+        ta, tb = a["solvers"][layer]["tensors"], b["solvers"][layer]["tensors"]
+        wa, wb, w0 = ta["W"].double(), tb["W"].double(), ta["W0"].double()
         gap = (wa - wb).norm() / (wa - w0).norm().clamp_min(1e-300)
-        print(f"{layer:<8}{float(gap):>28.3e}{float((wa - wb).abs().max()):>18.3e}")
+        print(f"{'layer' + str(layer):<8}{float(gap):>28.3e}{float((wa - wb).abs().max()):>18.3e}")
 
 
 if __name__ == "__main__":

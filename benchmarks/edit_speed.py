@@ -14,16 +14,20 @@ them. All runs are in one process, one after the other, so their ratios share th
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 import rlsedit_llm
 from rlsedit_llm.evaluation import data, metrics
 from rlsedit_llm.pipeline.values import default_value_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this script
+from _common import load_average
 
 STAGES = {"score": "report scoring", "values": "value optimisation", "keys": "keys", "update": "update (recursion)"}
 
@@ -63,7 +67,7 @@ def main() -> None:
     published = default_value_config(rlsedit_llm.detect_spec(model))
     settings = {"published (25 Adam steps)": published, "MPES (stop at top-1)": replace(published, stop_when_top1=True)}
     batches = [int(b) for b in args.batches.split(",")]
-    load = os.getloadavg()[0]
+    load = load_average()
     with tempfile.TemporaryDirectory() as cache:
         rlsedit_llm.Editor(model, tok, rlsedit_llm.EditConfig(cache_dir=cache), take_over=True).prepare().release()
         results = {(name, b): run(model, tok, base, facts, b, value, cache)

@@ -38,7 +38,8 @@ def _run_settings(state: Path) -> dict:
     """The bench settings of the run a state folder belongs to (``OUT/state/METHOD``)."""
     results = state.parent.parent / "results.json"
     if not results.exists():
-        raise SystemExit(f"{state}: no bench results.json two folders up; pass states of an `rlsedit bench --keep-state` run")
+        raise SystemExit(f"{state}: no bench results.json two folders up; pass states of an "
+                         f"`rlsedit bench --keep-state` run")
     return json.loads(results.read_text())["settings"]
 
 
@@ -56,7 +57,7 @@ def per_prompt_scores(settings: dict, state: Path | None, n_prompts: int, unedit
         raise SystemExit(f"only {len(prompts)} fluency prompt(s) among the stream's first {n_prompts} cases; "
                          "raise --prompts (a standard error needs two)")
     texts = metrics.generate_texts(model, tok, prompts, settings["fluency_tokens"])
-    fluency = [metrics.ngram_entropy(p + t) for p, t in zip(prompts, texts)]
+    fluency = [metrics.ngram_entropy(p + t) for p, t in zip(prompts, texts, strict=True)]
     return fluency, metrics.continuation_nll(unedited, tok, prompts, texts)
 
 

@@ -44,7 +44,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -54,12 +53,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this script
+from _common import ROOT, best_of, counterfact_records, machine_description, sync
 
-from rlsedit_llm.kernel.inplace import DEFAULT_BLOCK, symmetric_rank_update_, woodbury_update_  # noqa: E402
-from rlsedit_llm.kernel.memory import format_bytes, plan  # noqa: E402
-from rlsedit_llm.kernel.rls import LayerRLS  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from rlsedit_llm.kernel.inplace import DEFAULT_BLOCK, symmetric_rank_update_, woodbury_update_
+from rlsedit_llm.kernel.rls import woodbury_update
+from rlsedit_llm.memory import format_bytes, plan
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  head_dim=128)
@@ -79,11 +79,6 @@ def rss_now() -> int:
         return psutil.Process().memory_info().rss
     except ImportError:  # pragma: no cover
         return rss_peak()
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 class Stages:
@@ -129,40 +124,12 @@ class Stages:
         return "\n".join(lines)
 
 
-def best_of(fn, trials: int, device) -> float:
-    best = math.inf
-    for _ in range(trials):
-        sync(device)
-        tic = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - tic)
-    return best
-
-
-def machine(device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    text = (f"machine: {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-            f"torch threads {torch.get_num_threads()}, load average {load[0]:.2f}")
-    if torch.device(device).type == "cuda":
-        text += f", GPU {torch.cuda.get_device_name()}"
-    return text
-
-
 def bandwidth(device, dtype=torch.float64, nbytes=512 * 2**20) -> float:
     """Copy bandwidth (bytes moved per second; a copy moves 2 bytes per byte copied)."""
     n = nbytes // torch.tensor([], dtype=dtype).element_size()
     x = torch.ones(n, dtype=dtype, device=device)
     y = torch.empty_like(x)
-    t = best_of(lambda: y.copy_(x), 5, device)
-    del x, y
-    return 2 * nbytes / t
+    return 2 * nbytes / best_of(lambda: y.copy_(x), 5, device)
 
 
 def gemm_rate(device, dtype, n=4096) -> float:
@@ -206,9 +173,9 @@ def run_pipeline(args, device, model_dtype, state_dtype) -> dict:
     model, tok = stages.run("build model", build_model, args.layers, model_dtype, device, args.quick)
     n_params = sum(p.numel() for p in model.parameters())
     spec_dk = model.config.intermediate_size
-    print(f"  model: {n_params / 1e6:.0f} M parameters ({format_bytes(n_params * model_dtype.itemsize)}), d_k {spec_dk}")
-    facts = json.loads((ROOT / "rlsedit_llm" / "data" / "counterfact.json").read_text())[: args.batch]
-    facts = rlsedit_llm.as_facts(facts)
+    print(f"  model: {n_params / 1e6:.0f} M parameters ({format_bytes(n_params * model_dtype.itemsize)}), "
+          f"d_k {spec_dk}")
+    facts = rlsedit_llm.as_facts(counterfact_records(args.batch))
     from rlsedit_llm.adapters.spec import default_layers
 
     layers = default_layers("llama", args.layers)[: args.edit_layers]  # 32 layers: 4..8 as published
@@ -216,8 +183,8 @@ def run_pipeline(args, device, model_dtype, state_dtype) -> dict:
     try:
         cfg = EditConfig(layers=layers, alpha=args.alpha, mom2_weight=args.mom2_weight,
                          stats_tokens=args.stats_tokens, stats_max_length=256,
-                         state_dtype=str(state_dtype).removeprefix("torch."), cache_dir=args.cache_dir or cache, n_templates=1,
-                         template_length=4, value=ValueConfig(steps=args.value_steps))
+                         state_dtype=str(state_dtype).removeprefix("torch."), cache_dir=args.cache_dir or cache,
+                         n_templates=1, template_length=4, value=ValueConfig(steps=args.value_steps))
         editor = Editor(model, tok, cfg)
         p = plan(editor.spec_.d_model, editor.spec_.d_k, len(layers), state_dtype, batch=args.batch,
                  model_bytes=n_params * model_dtype.itemsize)
@@ -245,8 +212,8 @@ def run_pipeline(args, device, model_dtype, state_dtype) -> dict:
     if any(r["error"] for r in stages.rows):
         print("  FAILED stages: " + "; ".join(f"{r['stage']}: {r['error']}" for r in stages.rows if r["error"]))
     print("\n" + stages.table())
-    return {"stages": stages.rows, "edit_seconds": report.seconds if report else None, "efficacy": efficacy, "saved_bytes": size,
-            "params": n_params}
+    return {"stages": stages.rows, "edit_seconds": report.seconds if report else None, "efficacy": efficacy,
+            "saved_bytes": size, "params": n_params}
 
 
 def _print_lambda(editor) -> None:
@@ -278,114 +245,104 @@ def _spd_state(d_k: int, d_v: int, dtype, device, seed=0):
     return C, W
 
 
-def _library_update(C, W, K, V):
-    """The library's pure update (``rlsedit_llm.kernel.rls.woodbury_update``; before the solver
-    protocol, ``LayerRLS.step`` on the innovation)."""
-    try:
-        from rlsedit_llm.kernel.rls import woodbury_update
-    except ImportError:  # the earlier API
-        solver = object.__new__(LayerRLS)
-        solver.alpha, solver.beta, solver.dtype = 1.0, 0.0, C.dtype
-        solver.C_, solver.W_, solver.W0_, solver.G_, solver.gram0_ = C, W, W, None, None
-        solver.n_updates_ = solver.n_rows_ = 0
-        return solver.step(K, V - K @ W)
-    return woodbury_update(C, W, K, V)
+def _kernel_row(args, device: torch.device, dtype: torch.dtype) -> dict:
+    """One dtype's row of the kernel table: the floor, the in-place update's variants, its parts,
+    the pure update and the dense re-solve (seconds)."""
+    d_k, d_v, u = args.kernel_dk, args.kernel_dv, args.batch
+    s = dtype.itemsize
+    bw = bandwidth(device, dtype)
+    rate = gemm_rate(device, dtype, n=min(4096, d_k))
+    mem_floor = 3 * s * d_k * d_k / bw
+    flop_floor = 4 * d_k * d_k * u / rate
+    floor = max(mem_floor, flop_floor)
+    print(f"  {str(dtype):<14} copy bandwidth {bw / 1e9:.1f} GB/s, GEMM {rate / 1e9:.1f} GFLOP/s; "
+          f"floor: memory {mem_floor * 1e3:.4g} ms, flops {flop_floor * 1e3:.4g} ms")
+    print(f"  {'':<14} state per layer: C {format_bytes(s * d_k * d_k)}; planner (C+gram0+W+W0) "
+          f"{format_bytes(plan(d_v, d_k, 1, dtype).state)}")
+    g = torch.Generator(device="cpu").manual_seed(1)
+    # keys of norm ~1 against C ~ I: K C K^T ~ I, as for in-distribution keys with the editor's
+    # default N (k^T (N E[kk^T])^{-1} k ~ d_k / N ~ 1); far larger K C K^T makes the float32
+    # downdate I - K C K^T lose its positive definiteness to cancellation
+    K = (torch.randn(u, d_k, generator=g, dtype=dtype) / math.sqrt(d_k)).to(device)
+    R = (torch.randn(u, d_v, generator=g, dtype=dtype) * 0.1).to(device)
+    C, W = _spd_state(d_k, d_v, dtype, device)
+    row = {"dtype": str(dtype), "d_k": d_k, "u": u, "bandwidth": bw, "gemm": rate, "mem_floor": mem_floor,
+           "flop_floor": flop_floor, "floor": floor}
+
+    def timed_inplace(symmetrize, block=DEFAULT_BLOCK):
+        # alternate add and remove so C stays the same state; only the add is timed
+        times = []
+        V = K @ W + R  # absolute targets (the kernel's convention)
+        for _ in range(args.trials):
+            times.append(best_of(lambda: woodbury_update_(C, W, K, V, symmetrize=symmetrize, block=block), 1, device))
+            woodbury_update_(C, W, K, V, sign=1, symmetrize=symmetrize, block=block)
+        return min(times)
+
+    row["inplace"] = timed_inplace("symmetric")  # the default: blocked symmetric rank-u update
+    # other panel sizes of the symmetric update (a GPU wants far larger panels than a CPU)
+    row["inplace_blocks"] = {b: timed_inplace("symmetric", b) for b in args.blocks if b != DEFAULT_BLOCK}
+    for b, t in row["inplace_blocks"].items():
+        print(f"  {'':<14} in place, symmetric, block {b}: {t * 1e3:.4g} ms ({t / floor:.2f} x floor)")
+    row["inplace_auto"] = timed_inplace("auto")
+    row["inplace_none"] = timed_inplace("none")
+    row["inplace_mirror"] = timed_inplace("mirror")
+    Ft = torch.empty(u, d_k, dtype=dtype, device=device)
+    row["gemm_F"] = best_of(lambda: torch.mm(K, C, out=Ft), args.trials, device)  # F^T = K C (the kernel's)
+    F = torch.empty(d_k, u, dtype=dtype, device=device)
+    row["gemm_F_CKt"] = best_of(lambda: torch.mm(C, K.mT, out=F), args.trials, device)  # F = C K^T (the other order)
+    G = F / math.sqrt(d_k)
+    row["rank_u"] = best_of(lambda: (C.addmm_(G, G.mT, alpha=-1), C.addmm_(G, G.mT)), args.trials, device) / 2
+    row["rank_u_symmetric"] = best_of(lambda: (symmetric_rank_update_(C, G, -1.0), symmetric_rank_update_(C, G, 1.0)),
+                                      args.trials, device) / 2
+    print(f"  {'':<14} in place: symmetric {row['inplace'] * 1e3:.4g} ms, full GEMM + auto "
+          f"{row['inplace_auto'] * 1e3:.4g} ms, full GEMM, no symmetrisation {row['inplace_none'] * 1e3:.4g} ms, "
+          f"full GEMM + blocked mirror {row['inplace_mirror'] * 1e3:.4g} ms; parts: F^T = K C "
+          f"{row['gemm_F'] * 1e3:.4g} ms (F = C K^T {row['gemm_F_CKt'] * 1e3:.4g} ms), C -= G G^T symmetric "
+          f"{row['rank_u_symmetric'] * 1e3:.4g} ms (full GEMM {row['rank_u'] * 1e3:.4g} ms)")
+    pure = plan(d_v, d_k, 1, dtype, inplace=False)  # the pure update's temporaries
+    plan_step = pure.edit_temporaries + pure.state
+    if args.skip_library or (device.type == "cpu" and plan_step > args.max_bytes):
+        row["library"] = None
+        print(f"  {'':<14} LayerRLS.step skipped (its temporaries, about {format_bytes(plan_step)}, "
+              f"exceed --max-bytes {format_bytes(args.max_bytes)})")
+    else:
+        V = K @ W + R  # absolute values: the library's woodbury_update takes (K, V)
+        row["library"] = best_of(lambda: woodbury_update(C, W, K, V), args.trials, device)
+        gc.collect()
+    if args.skip_resolve:
+        row["resolve"] = None
+    else:
+        # the dense re-solve: Cholesky of G (here C itself stands in: same size, SPD) and W = G^{-1} B
+        B = W.clone()
+
+        def resolve():
+            L, _ = torch.linalg.cholesky_ex(C)
+            torch.cholesky_solve(B, L)
+
+        row["resolve"] = best_of(resolve, 1, device)
+    gc.collect()
+    for name in ("library", "inplace", "resolve"):
+        t = row[name]
+        if t is not None:
+            print(f"  {'':<14} {name:<10}{t * 1e3:>10.4g} ms   {t / floor:>6.2f} x floor")
+    return row
 
 
 def run_kernel(args, device, dtypes) -> list[dict]:
     d_k, d_v, u = args.kernel_dk, args.kernel_dv, args.batch
     print(f"\n== kernel: one update at d_k={d_k}, d_v={d_v}, u={u}, {device} ==")
-    rows = []
-    for dtype in dtypes:
-        s = dtype.itemsize
-        bw = bandwidth(device, dtype)
-        rate = gemm_rate(device, dtype, n=min(4096, d_k))
-        mem_floor = 3 * s * d_k * d_k / bw
-        flop_floor = 4 * d_k * d_k * u / rate
-        floor = max(mem_floor, flop_floor)
-        print(f"  {str(dtype):<14} copy bandwidth {bw / 1e9:.1f} GB/s, GEMM {rate / 1e9:.1f} GFLOP/s; "
-              f"floor: memory {mem_floor * 1e3:.4g} ms, flops {flop_floor * 1e3:.4g} ms")
-        print(f"  {'':<14} state per layer: C {format_bytes(s * d_k * d_k)}; planner (C+gram0+W+W0) "
-              f"{format_bytes(plan(d_v, d_k, 1, dtype).state)}")
-        g = torch.Generator(device="cpu").manual_seed(1)
-        # keys of norm ~1 against C ~ I: K C K^T ~ I, as for in-distribution keys with the editor's
-        # default N (k^T (N E[kk^T])^{-1} k ~ d_k / N ~ 1); far larger K C K^T makes the float32
-        # downdate I - K C K^T lose its positive definiteness to cancellation
-        K = (torch.randn(u, d_k, generator=g, dtype=dtype) / math.sqrt(d_k)).to(device)
-        R = (torch.randn(u, d_v, generator=g, dtype=dtype) * 0.1).to(device)
-        C, W = _spd_state(d_k, d_v, dtype, device)
-        row = {"dtype": str(dtype), "d_k": d_k, "u": u, "bandwidth": bw, "gemm": rate, "mem_floor": mem_floor,
-               "flop_floor": flop_floor, "floor": floor}
-
-        def timed_inplace(symmetrize, block=DEFAULT_BLOCK):
-            # alternate add and remove so C stays the same state; only the add is timed
-            times = []
-            for _ in range(args.trials):
-                times.append(best_of(lambda: woodbury_update_(C, W, K, R, symmetrize=symmetrize, block=block), 1, device))
-                woodbury_update_(C, W, K, R, sign=-1, symmetrize=symmetrize, block=block)
-            return min(times)
-
-        row["inplace"] = timed_inplace("symmetric")  # the default: blocked symmetric rank-u update
-        # other panel sizes of the symmetric update (a GPU wants far larger panels than a CPU)
-        row["inplace_blocks"] = {b: timed_inplace("symmetric", b) for b in args.blocks if b != DEFAULT_BLOCK}
-        for b, t in row["inplace_blocks"].items():
-            print(f"  {'':<14} in place, symmetric, block {b}: {t * 1e3:.4g} ms ({t / floor:.2f} x floor)")
-        row["inplace_auto"] = timed_inplace("auto")
-        row["inplace_none"] = timed_inplace("none")
-        row["inplace_mirror"] = timed_inplace("mirror")
-        Ft = torch.empty(u, d_k, dtype=dtype, device=device)
-        row["gemm_F"] = best_of(lambda: torch.mm(K, C, out=Ft), args.trials, device)  # F^T = K C (the kernel's)
-        F = torch.empty(d_k, u, dtype=dtype, device=device)
-        row["gemm_F_CKt"] = best_of(lambda: torch.mm(C, K.mT, out=F), args.trials, device)  # F = C K^T (before)
-        G = F / math.sqrt(d_k)
-        row["rank_u"] = best_of(lambda: (C.addmm_(G, G.mT, alpha=-1), C.addmm_(G, G.mT)), args.trials, device) / 2
-        row["rank_u_symmetric"] = best_of(lambda: (symmetric_rank_update_(C, G, -1.0), symmetric_rank_update_(C, G, 1.0)),
-                                          args.trials, device) / 2
-        del F, Ft, G
-        print(f"  {'':<14} in place: symmetric {row['inplace'] * 1e3:.4g} ms, full GEMM + auto "
-              f"{row['inplace_auto'] * 1e3:.4g} ms, full GEMM, no symmetrisation {row['inplace_none'] * 1e3:.4g} ms, "
-              f"full GEMM + blocked mirror {row['inplace_mirror'] * 1e3:.4g} ms; parts: F^T = K C "
-              f"{row['gemm_F'] * 1e3:.4g} ms (F = C K^T {row['gemm_F_CKt'] * 1e3:.4g} ms), C -= G G^T symmetric "
-              f"{row['rank_u_symmetric'] * 1e3:.4g} ms (full GEMM {row['rank_u'] * 1e3:.4g} ms)")
-        pure = plan(d_v, d_k, 1, dtype, inplace=False)  # the pure update's temporaries
-        plan_step = pure.edit_temporaries + pure.state
-        if args.skip_library or (device.type == "cpu" and plan_step > args.max_bytes):
-            row["library"] = None
-            print(f"  {'':<14} LayerRLS.step skipped (its temporaries, about {format_bytes(plan_step)}, "
-                  f"exceed --max-bytes {format_bytes(args.max_bytes)})")
-        else:
-            V = K @ W + R  # absolute values: the library's woodbury_update takes (K, V)
-            row["library"] = best_of(lambda: _library_update(C, W, K, V), args.trials, device)
-            del V
-            gc.collect()
-        if args.skip_resolve:
-            row["resolve"] = None
-        else:
-            # the dense re-solve: Cholesky of G (here C itself stands in: same size, SPD) and W = G^{-1} B
-            B = W.clone()
-
-            def resolve():
-                L, _ = torch.linalg.cholesky_ex(C)
-                torch.cholesky_solve(B, L)
-
-            row["resolve"] = best_of(resolve, 1, device)
-            del B
-        del C, W
-        gc.collect()
-        for name in ("library", "inplace", "resolve"):
-            t = row[name]
-            if t is not None:
-                print(f"  {'':<14} {name:<10}{t * 1e3:>10.4g} ms   {t / floor:>6.2f} x floor")
-        rows.append(row)
+    rows = [_kernel_row(args, device, dtype) for dtype in dtypes]
     print("\n| state | d_k | u | bandwidth GB/s | GEMM GFLOP/s | floor ms | LayerRLS.step ms (x floor) "
-          "| in place, symmetric ms (x floor) | full GEMM + auto | full GEMM, none | full GEMM + mirror | re-solve ms |")
+          "| in place, symmetric ms (x floor) | full GEMM + auto | full GEMM, none | full GEMM + mirror "
+          "| re-solve ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lib = f"{r['library'] * 1e3:.4g} ({r['library'] / r['floor']:.2f})" if r["library"] else "skipped"
         res = f"{r['resolve'] * 1e3:.4g}" if r["resolve"] else "skipped"
         print(f"| {r['dtype'].removeprefix('torch.')} | {r['d_k']} | {r['u']} | {r['bandwidth'] / 1e9:.1f} | "
               f"{r['gemm'] / 1e9:.1f} | {r['floor'] * 1e3:.4g} | {lib} | {r['inplace'] * 1e3:.4g} "
-              f"({r['inplace'] / r['floor']:.2f}) | {r['inplace_auto'] * 1e3:.4g} ({r['inplace_auto'] / r['floor']:.2f}) "
+              f"({r['inplace'] / r['floor']:.2f}) "
+              f"| {r['inplace_auto'] * 1e3:.4g} ({r['inplace_auto'] / r['floor']:.2f}) "
               f"| {r['inplace_none'] * 1e3:.4g} ({r['inplace_none'] / r['floor']:.2f}) "
               f"| {r['inplace_mirror'] * 1e3:.4g} ({r['inplace_mirror'] / r['floor']:.2f}) | {res} |")
     for r in rows:
@@ -423,10 +380,11 @@ def run_drift(args, device) -> list[dict]:
         w_gap = float(torch.linalg.norm(W32.double() - W64) / torch.linalg.norm(W64).clamp_min(1e-300))
         pd = int(torch.linalg.cholesky_ex(C32)[1]) == 0
         sym = bool(torch.equal(C32, C32.mT))
-        row = {"t": t, "drift64": d64, "drift32": d32, "rel_gap": gap, "w_gap": w_gap, "float32_pd": pd, "float32_symmetric": sym,
-               "seconds": time.perf_counter() - start}
+        row = {"t": t, "drift64": d64, "drift32": d32, "rel_gap": gap, "w_gap": w_gap, "float32_pd": pd,
+               "float32_symmetric": sym, "seconds": time.perf_counter() - start}
         print(f"  t={t:>6}  ||CG-I||_F float64 {d64:.3e}  float32 {d32:.3e}  "
-              f"||C32-C64||/||C64|| {gap:.2e}  ||W32-W64||/||W64|| {w_gap:.2e}  float32 PD {pd}  symmetric {sym}  ({row['seconds']:.0f} s)",
+              f"||C32-C64||/||C64|| {gap:.2e}  ||W32-W64||/||W64|| {w_gap:.2e}  float32 PD {pd}  symmetric {sym}  "
+              f"({row['seconds']:.0f} s)",
               flush=True)
         return row
 
@@ -440,8 +398,8 @@ def run_drift(args, device) -> list[dict]:
         z = torch.randn(u, d_k, generator=g, dtype=torch.float64).to(device)
         K = z @ scale.mT  # (u, d_k)
         R = torch.randn(u, d_v, generator=g, dtype=torch.float64).to(device)
-        woodbury_update_(C64, W64, K, R)
-        woodbury_update_(C32, W32, K, R)
+        woodbury_update_(C64, W64, K, K @ W64 + R)  # innovation R at each state's own weights
+        woodbury_update_(C32, W32, K, K @ W32.to(K.dtype) + R)
         new_keys.append(K)
         if t == 10:
             per = (time.perf_counter() - tic) / 9
@@ -485,8 +443,7 @@ def run_stream(args, device, model_dtype, state_dtype) -> dict:
 
     name = args.stream_model
     model, tok = _load(name, model_dtype, device)
-    records = json.loads((ROOT / "rlsedit_llm" / "data" / "counterfact.json").read_text())[: args.edits]
-    facts = rlsedit_llm.as_facts(records)
+    facts = rlsedit_llm.as_facts(counterfact_records(args.edits))
     print(f"\n== counterfact stream: {name}, {len(facts)} edits in batches of {args.batch}, model {model_dtype}, "
           f"state {state_dtype}, {device} ==")
     cache = tempfile.mkdtemp(prefix="rlsedit-stream-")
@@ -506,7 +463,7 @@ def run_stream(args, device, model_dtype, state_dtype) -> dict:
         wall = time.perf_counter() - tic
         new = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
         true = score_targets(model, tok, [f.text() for f in facts], [f.target_true or f.target for f in facts])
-        efficacy = sum(a.mean_nll < b.mean_nll for a, b in zip(new, true)) / len(facts)
+        efficacy = sum(a.mean_nll < b.mean_nll for a, b in zip(new, true, strict=True)) / len(facts)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     print("\n| stage | total s | s / edit |\n|---|---|---|")
@@ -525,8 +482,7 @@ def run_half(args, device, model_dtype) -> dict:
     from rlsedit_llm.pipeline.scoring import score_targets
 
     model, tok = _load(args.stream_model, model_dtype, device)
-    records = json.loads((ROOT / "rlsedit_llm" / "data" / "counterfact.json").read_text())[: args.edits]
-    facts = rlsedit_llm.as_facts(records)
+    facts = rlsedit_llm.as_facts(counterfact_records(args.edits))
     print(f"\n== half precision: {args.stream_model} in {model_dtype}, float64 state, {len(facts)} edits "
           f"in batches of {args.batch}, {device} ==")
     print("| edits | efficacy of the batch | max rel. rounding (written vs master, per entry) "
@@ -535,7 +491,8 @@ def run_half(args, device, model_dtype) -> dict:
     cache = tempfile.mkdtemp(prefix="rlsedit-half-")
     rows = []
     try:
-        editor = Editor(model, tok, EditConfig(stats_tokens=args.stats_tokens, cache_dir=cache, **_tiny_cfg(args.stream_model)))
+        config = EditConfig(stats_tokens=args.stats_tokens, cache_dir=cache, **_tiny_cfg(args.stream_model))
+        editor = Editor(model, tok, config)
         for start in range(0, len(facts), args.batch):
             report = editor.edit(facts[start:start + args.batch])
             gaps, rels, exact = [], [], True
@@ -552,7 +509,7 @@ def run_half(args, device, model_dtype) -> dict:
                   f"{row['gap_vs_edit']:.2e} | {exact} |", flush=True)
         new = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
         true = score_targets(model, tok, [f.text() for f in facts], [f.target_true or f.target for f in facts])
-        efficacy = sum(a.mean_nll < b.mean_nll for a, b in zip(new, true)) / len(facts)
+        efficacy = sum(a.mean_nll < b.mean_nll for a, b in zip(new, true, strict=True)) / len(facts)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     print(f"final efficacy over all {len(facts)} edits (new target more likely than the true one): {efficacy:.3f}")
@@ -624,9 +581,9 @@ def main(argv=None) -> int:
         args.layers = min(args.layers, 4)
     model_dtype = getattr(torch, args.dtype)
     state_dtype = getattr(torch, args.state_dtype or ("float64" if device.type == "cuda" else "float32"))
-    print(machine(device))
+    print(machine_description(device))
     print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    results: dict = {"machine": machine(device), "args": vars(args)}
+    results: dict = {"machine": machine_description(device), "args": vars(args)}
     tic = time.perf_counter()
     if args.drift:
         results["drift"] = run_drift(args, device)

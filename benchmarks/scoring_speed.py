@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from functools import partial
 
 import torch
 
@@ -45,7 +46,7 @@ def score_pairs_v010(model, tokenizer, prompts, targets, *, batch_size: int = 32
         order = sorted(multi, key=lambda i: len(prompts[i]) + len(targets[i]))
         scored = score_targets(model, tokenizer, [prompts[i] for i in order], [targets[i] for i in order],
                                batch_size=batch_size)
-        for i, sc in zip(order, scored):
+        for i, sc in zip(order, scored, strict=True):
             out[i] = sc
     return out
 
@@ -61,7 +62,7 @@ def _differing_cases(a: list[dict], b: list[dict], tol: float = 1e-4) -> int:
     near-tie of two tokens' probabilities, which moves a 0/1 metric of that case)."""
     def differs(x, y):
         return isinstance(x, float) and not (math.isnan(x) and math.isnan(y)) and abs(x - y) > tol
-    return sum(any(differs(v, rb[k]) for k, v in ra.items()) for ra, rb in zip(a, b))
+    return sum(any(differs(v, rb[k]) for k, v in ra.items()) for ra, rb in zip(a, b, strict=True))
 
 
 def main() -> None:
@@ -82,14 +83,15 @@ def main() -> None:
             original = metrics.score_pairs
             metrics.score_pairs = score_pairs_v010
             try:
-                t_old, old = _timed(lambda: scorer(model, tok, facts))
+                t_old, old = _timed(partial(scorer, model, tok, facts))
             finally:
                 metrics.score_pairs = original
-            t_new, new = _timed(lambda: scorer(model, tok, facts))
+            t_new, new = _timed(partial(scorer, model, tok, facts))
             old_times.append(t_old)
             new_times.append(t_new)
         t_old, t_new = min(old_times), min(new_times)
-        print(f"| {name} | {n_prompts} | {t_old:.1f} | {t_new:.1f} | {t_old / t_new:.2f}x | {_differing_cases(old, new)} of {len(new)} |")
+        print(f"| {name} | {n_prompts} | {t_old:.1f} | {t_new:.1f} | {t_old / t_new:.2f}x | "
+              f"{_differing_cases(old, new)} of {len(new)} |")
 
 
 if __name__ == "__main__":

@@ -42,20 +42,22 @@ import json
 import logging
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
+import torch
 from tqdm.auto import tqdm
 
 from rlsedit_llm.editing.config import EditConfig
-from rlsedit_llm.editing.state import JOURNAL, SOLVERS, check_consistency, migrate_v1, read_manifest
-from rlsedit_llm.errors import StateMismatchError
-from rlsedit_llm.files import atomic_write_text, sha256_file
+from rlsedit_llm.files import atomic_write_text
 from rlsedit_llm.kernel.registry import capabilities
 from rlsedit_theory import Problem, RecursiveLS
 from rlsedit_theory import bounds as B
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this script, also when imported by path
+from _common import read_saved_state
 
 log = logging.getLogger("theory_check")
 
@@ -78,44 +80,39 @@ LOWER = {"C4", "C4p"}  # the bound is the left side, the measurement the right o
 # ---------------------------------------------------------------------------------------------
 # Reading the save
 # ---------------------------------------------------------------------------------------------
-def read_stream(directory, layers=None) -> dict:
+def read_stream(directory: str | Path, layers: list[int] | None = None) -> dict:
     """The save at ``directory`` as float64 NumPy arrays, after the save's own checks.
 
     Returns ``{"manifest", "layers", "solvers": {layer: {"W0", "W", "C" (or None), "gram0" (or
-    None), "alpha", "beta"}}, "batches": [{"edit_id", "facts", "K": {layer: (u, d_k)}, "V": {layer:
-    (u, d_v)}}]}`` with the batches in journal order.
+    None), "alpha", "beta", "dtype"}}, "batches": [{"edit_id", "facts", "K": {layer: (u, d_k)},
+    "V": {layer: (u, d_v)}}]}`` with the batches in journal order; ``manifest`` is the state dict
+    without its tensors (config, spec, layers, ...).
     """
-    directory = Path(directory)
-    manifest = read_manifest(directory)  # format, version and the manifest's own checksum
-    for name, digest in manifest.get("files", {}).items():
-        if sha256_file(directory / name) != digest:
-            raise StateMismatchError(f"{directory / name} does not match its checksum; the save is damaged")
-    solver_tensors = load_file(directory / SOLVERS)
-    journal_tensors = load_file(directory / JOURNAL)
-    if manifest["version"] == 1:
-        manifest, solver_tensors = migrate_v1(manifest, solver_tensors)
-    check_consistency(manifest, solver_tensors, journal_tensors)
-    method = manifest["config"]["method"]
+    state = read_saved_state(directory)
+    method = state["config"]["method"]
     if not capabilities(method).cumulative_objective:
-        raise ValueError(f"the save is of method {method!r}, whose weights do not minimise J_t: the theorems do not apply")
-    saved = list(manifest["layers"])
+        raise ValueError(f"the save is of method {method!r}, whose weights do not minimise J_t: the theorems do not "
+                         f"apply")
+    saved = list(state["layers"])
     chosen = saved if layers is None else [int(l) for l in layers]
     unknown = sorted(set(chosen) - set(saved))
     if unknown:
         raise ValueError(f"layers {unknown} were not edited; the save holds {saved}")
+
+    def array(t: torch.Tensor | None) -> np.ndarray | None:
+        return None if t is None else t.double().numpy()
+
     solvers = {}
     for layer in chosen:
-        meta = manifest["solvers"][str(layer)]
-        get = lambda name: solver_tensors.get(f"layer{layer}.{name}")  # noqa: E731
-        solvers[layer] = {"W0": get("W0").astype(np.float64, copy=False), "W": get("W").astype(np.float64, copy=False),
-                          "C": None if get("C") is None else get("C").astype(np.float64, copy=False),
-                          "gram0": None if get("gram0") is None else get("gram0").astype(np.float64, copy=False),
-                          "alpha": float(meta["scalars"]["alpha"]), "beta": float(meta["scalars"]["beta"]),
-                          "dtype": meta.get("dtype")}
+        solver = state["solvers"][layer]
+        tensors = solver["tensors"]
+        solvers[layer] = {"W0": array(tensors["W0"]), "W": array(tensors["W"]), "C": array(tensors.get("C")),
+                          "gram0": array(tensors.get("gram0")), "alpha": float(solver["scalars"]["alpha"]),
+                          "beta": float(solver["scalars"]["beta"]), "dtype": solver.get("dtype")}
     batches = [{"edit_id": e["edit_id"], "facts": len(e["facts"]),
-                "K": {l: journal_tensors[f"edit{e['edit_id']}.layer{l}.K"].astype(np.float64, copy=False) for l in chosen},
-                "V": {l: journal_tensors[f"edit{e['edit_id']}.layer{l}.V"].astype(np.float64, copy=False) for l in chosen}}
-               for e in manifest["journal"]]
+                "K": {l: array(e["keys"][l]) for l in chosen}, "V": {l: array(e["values"][l]) for l in chosen}}
+               for e in state["journal"]]
+    manifest = {k: v for k, v in state.items() if k not in ("solvers", "journal")}
     return {"manifest": manifest, "layers": chosen, "solvers": solvers, "batches": batches}
 
 
@@ -266,7 +263,8 @@ def markdown(results: dict) -> str:
              f"{st['layers']}, d_k {st['d_k']}, d_v {st['d_v']}, alpha {st['alpha']:g}, beta {st['beta']:g}, "
              f"N {st['mom2_weight']:g}. Replayed in float64 by `rlsedit_theory` from the save alone.", "",
              "## Replay against the save", "",
-             "| layer | W gap / ‖W − W0‖ | C gap (relative) | T2 identity | T3 energy identity | T5(a) identity | λmin(A) |",
+             "| layer | W gap / ‖W − W0‖ | C gap (relative) | T2 identity | T3 energy identity | T5(a) identity "
+             "| λmin(A) |",
              "|---|---|---|---|---|---|---|"]
     for layer, c in results["consistency"].items():
         e = c["identities_relative_error"]

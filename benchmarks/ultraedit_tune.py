@@ -17,14 +17,18 @@ bench's stream like every other method.
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import rlsedit_llm
 from rlsedit_llm.editing.ultraedit import UltraEditor
 from rlsedit_llm.evaluation import data, metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this script
+from _common import load_average
 
 
 def run(model, tok, base, facts, batch: int, lr_scale: float, ridge: float) -> dict:
@@ -56,7 +60,7 @@ def main() -> None:
     model, tok = rlsedit_llm.load_model("smollm2")
     facts = data.load_stream("counterfact", args.start + args.facts, tok)[args.start:]
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    load = os.getloadavg()[0]
+    load = load_average()
     unedited = metrics.summarize_cases(metrics.counterfact_case_scores(model, tok, facts))
     rows = [(s, r, run(model, tok, base, facts, args.batch, float(s), float(r)))
             for r in args.ridges.split(",") for s in args.lr_scales.split(",")]

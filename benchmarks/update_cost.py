@@ -13,13 +13,13 @@ Measures, for the Woodbury recursion of ``rlsedit_theory.recursive``:
    update) at the measured ``dgemm`` rate is the binding floor; the table shows both.
 
 Besides the library function it times other implementations of the same step (see
-``CANDIDATES``), so that optimisations come with before/after figures:
+``CANDIDATES``), so that each implementation choice is measured against its alternatives:
 
-- ``naive``: the first version of ``woodbury_update`` (``C - L F^T`` with ``L = F S^{-1}``, then
+- ``naive``: the textbook form of ``woodbury_update`` (``C - L F^T`` with ``L = F S^{-1}``, then
   ``(C + C^T) / 2``). The symmetrisation reads ``C^T`` with a stride of ``8 d_k`` bytes and the
   products allocate ``d_k^2`` temporaries: about ten passes over ``C``, several of them
   cache-hostile.
-- ``library``: ``rlsedit_theory.woodbury_update`` as it is now: a copy of ``C``, then
+- ``library``: ``rlsedit_theory.woodbury_update``: a copy of ``C``, then
   ``C -= G G^T`` in place by one BLAS ``dgemm`` (``G = F R^{-T}``, ``S = R R^T``), plus a
   cache-blocked copy of the upper triangle onto the lower one when ``u > 1``. Five passes for
   ``u = 1``.
@@ -42,7 +42,9 @@ import os
 import platform
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import scipy
@@ -55,6 +57,9 @@ except ImportError:  # pragma: no cover - depends on the environment
     threadpoolctl = None
 
 from rlsedit_theory import Problem, RecursiveLS, woodbury_update
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this script
+from _common import best_of, cpu_name
 
 # ---------------------------------------------------------------------------------------------
 # Candidate implementations of the same step (maths identical to recursive.woodbury_update).
@@ -70,7 +75,7 @@ def _factor(C: np.ndarray, K: np.ndarray):
 
 
 def update_naive(C, W, K, V):
-    """The first version of the step, kept here as the "before" figure."""
+    """The textbook step (``C - L F^T``, then ``(C + C^T) / 2``): the baseline of the comparison."""
     r = V - K @ W
     F = C @ K.T
     S = np.eye(K.shape[0]) + K @ F
@@ -112,15 +117,11 @@ CANDIDATES: dict[str, Callable] = {
 # ---------------------------------------------------------------------------------------------
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Minimum wall time of ``fn()`` over ``repeats`` calls (seconds). The minimum is the most
-    reproducible statistic on a shared machine."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def _on_scratch(C: np.ndarray, W: np.ndarray, K: np.ndarray, V: np.ndarray, repeats: int) -> Callable[[], object]:
+    """``update_inplace`` on a fresh copy of ``C`` and ``W`` per call (copied before the timing),
+    so the timed calls leave the state as it was."""
+    copies = iter([C.copy() for _ in range(repeats)])
+    return lambda: update_inplace(next(copies), W.copy(), K, V)
 
 
 def copy_bandwidth(n_bytes: int, repeats: int) -> float:
@@ -128,7 +129,7 @@ def copy_bandwidth(n_bytes: int, repeats: int) -> float:
     src = np.ones(n_bytes // 8)
     dst = np.empty_like(src)
     np.copyto(dst, src)  # touch the pages
-    return 2 * n_bytes / best_time(lambda: np.copyto(dst, src), repeats)
+    return 2 * n_bytes / best_of(lambda: np.copyto(dst, src), repeats)
 
 
 def gemm_rate(n: int, k: int, repeats: int) -> float:
@@ -136,7 +137,7 @@ def gemm_rate(n: int, k: int, repeats: int) -> float:
     rng = np.random.default_rng(0)
     A = rng.standard_normal((n, k))
     Cf = np.asfortranarray(rng.standard_normal((n, n)))
-    return 2 * n * n * k / best_time(
+    return 2 * n * n * k / best_of(
         lambda: blas.dgemm(-1.0, A, A, beta=1.0, c=Cf, trans_b=True, overwrite_c=True), repeats
     )
 
@@ -178,11 +179,9 @@ def time_vs_history(d_k: int, d_v: int, ts: list[int], repeats: int, variant: st
             t += 1
         K, V = next(batches)
         if variant == "inplace":  # time on scratch copies, so the state is not advanced here
-            scratch = [C.copy() for _ in range(repeats)]
-            it = iter(scratch)
-            out[target] = best_time(lambda: update_inplace(next(it), W.copy(), K, V), repeats)
+            out[target] = best_of(_on_scratch(C, W, K, V, repeats), repeats)
         else:
-            out[target] = best_time(lambda: step(C, W, K, V), repeats)
+            out[target] = best_of(partial(step, C, W, K, V), repeats)
     return out
 
 
@@ -202,11 +201,10 @@ def time_vs_size(d_k: int, d_v: int, u: int, variants: list[str], repeats: int, 
     res = {}
     for name in variants:
         if name == "inplace":
-            scratch = iter([rls.C_.copy() for _ in range(repeats)])
-            res[name] = best_time(lambda: update_inplace(next(scratch), rls.W_.copy(), K, V), repeats)
+            res[name] = best_of(_on_scratch(rls.C_, rls.W_, K, V, repeats), repeats)
         else:
-            res[name] = best_time(lambda: CANDIDATES[name](rls.C_, rls.W_, K, V), repeats)
-    res["closed_form"] = best_time(
+            res[name] = best_of(partial(CANDIDATES[name], rls.C_, rls.W_, K, V), repeats)
+    res["closed_form"] = best_of(
         lambda: scipy.linalg.cho_solve(scipy.linalg.cho_factor(G_next, lower=True), B_next),
         max(1, min(repeats, 3)),
     )
@@ -225,7 +223,7 @@ def time_vs_size(d_k: int, d_v: int, u: int, variants: list[str], repeats: int, 
 def describe_environment() -> list[str]:
     lines = [
         f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}",
-        f"cpu: {platform.processor() or platform.machine()}, os.cpu_count() = {os.cpu_count()}",
+        f"cpu: {cpu_name()}, os.cpu_count() = {os.cpu_count()}",
     ]
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "MKL_NUM_THREADS"):
         lines.append(f"{var} = {os.environ.get(var, '(unset)')}")
@@ -287,7 +285,7 @@ def main(argv=None) -> int:
     print("# floor(update) = max(3 * 8 * d_k^2 bytes / bandwidth, 4 d_k^2 u flops / dgemm rate)")
 
     # 1. time vs history length
-    print("\n## Update time (ms) against history length t (u = 1, d_v = %d)" % d_v)
+    print(f"\n## Update time (ms) against history length t (u = 1, d_v = {d_v})")
     flat_checks = []
     for d_k, ts in hist.items():
         names = args.history_variants.split(",")

@@ -35,7 +35,8 @@ import time
 import torch
 
 from rlsedit_llm import load_model
-from rlsedit_llm.editing.editor import EditConfig, Editor
+from rlsedit_llm.editing.config import EditConfig
+from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.evaluation.data import DATASETS, load_stream
 from rlsedit_llm.pipeline.values import ValueConfig, compute_values

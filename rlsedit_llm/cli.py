@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 __all__ = ["main"]
 
@@ -164,44 +165,127 @@ def _layer_list(text: str) -> tuple[int, ...]:
     return layers
 
 
-#: `rlsedit edit` flags that set the config of a new stream (None: not given).
-_CONFIG_FLAGS = {"layers": "layers", "alpha": "alpha", "beta": "beta", "mom2_weight": "mom2_weight",
-                 "stats_tokens": "stats_tokens"}
+#: `rlsedit edit` flags that set EditConfig fields of a new stream (None: not given).
+_CONFIG_FLAGS = ("layers", "alpha", "beta", "mom2_weight", "stats_tokens")
+
+
+class _Request(NamedTuple):
+    """What `rlsedit edit` was asked for: the config of a new stream, and what was given explicitly
+    (by --config or flags), which a continued stream must not change."""
+
+    config: Any  # EditConfig
+    fields: dict  # EditConfig fields given explicitly, method included
+    settings: dict  # the method's settings given explicitly
+
+
+def _read_config_file(path: Path) -> dict:
+    """The JSON object of a `--config` file (EditConfig fields; `method_config` the method's settings)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: a config file holds one JSON object of EditConfig fields")
+    return data
+
+
+def _edit_request(args) -> _Request:
+    """The validated config of `rlsedit edit`: the --config file, then the flags over it."""
+    from rlsedit_llm.editing.config import EditConfig
+    from rlsedit_llm.editing.methods import edit_config_from_mapping, parse_settings
+    from rlsedit_llm.errors import HyperparameterError
+
+    data = _read_config_file(Path(args.config)) if args.config is not None else {}
+    given = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None}
+    method = args.method or data.get("method") or EditConfig.method
+    try:
+        settings = parse_settings(method, args.set or [])
+        config = edit_config_from_mapping(data, method=method, settings=settings, **given)
+    except HyperparameterError as exc:
+        where = f"{args.config}: " if args.config is not None else ""
+        raise HyperparameterError(f"{where}{exc}") from None
+    fields = {k: getattr(config, k) for k in {*data, *given} - {"method", "method_config"}}
+    if args.method is not None or "method" in data:
+        fields["method"] = method
+    named = {*(data.get("method_config") or {}), *settings}
+    chosen = config.resolved_method_config()
+    return _Request(config, fields, {k: getattr(chosen, k) for k in named})
 
 
 def _edit(args) -> int:
     from rlsedit_llm.editing.folder_lock import state_lock
 
     facts = _read_facts(Path(args.facts))  # before loading the model: a bad file fails fast
-    given = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None}
+    request = _edit_request(args)  # likewise a bad setting
     state = Path(args.state) if args.state is not None else None
     if state is None:
-        return _edit_stream(args, facts, given, None)
+        return _edit_stream(args, facts, request, None)
     # One writer per state folder from before the model is loaded until after the save: a second
     # `rlsedit edit` on the same folder fails at once instead of overwriting this one's edits.
     with state_lock(state):
-        return _edit_stream(args, facts, given, state)
+        return _edit_stream(args, facts, request, state)
 
 
-def _edit_stream(args, facts: list, given: dict, state: Path | None) -> int:
+def _saved_method(state: Path) -> str | None:
+    """The method whose saved stream ``state`` holds (None: no saved stream)."""
+    from rlsedit_llm.editing.save_paths import MANIFEST
+    from rlsedit_llm.kernel.registry import get_method, method_names
+
+    if (state / MANIFEST).exists():
+        return "layer"
+    for name in method_names():
+        state_file = getattr(get_method(name), "state_file", None)
+        if state_file is not None and (state / state_file).exists():
+            return name
+    return None
+
+
+def _refuse_changes(state: Path, editor, request: _Request) -> None:
+    """A continued stream keeps its saved settings: refuse explicitly given ones that differ."""
+    config = getattr(editor, "config", None)  # the EditConfig of a layer-solver editor
+    saved_method = config.method if config is not None else editor.name
+    saved_settings = config.resolved_method_config() if config is not None else editor.method_config
+
+    def show(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    differ = []
+    for k, v in request.fields.items():
+        if k == "layers":
+            saved = editor.layers_
+        elif k == "method":
+            saved = saved_method
+        elif config is not None:
+            saved = getattr(config, k)
+        else:
+            continue  # a field the editor-level method does not have
+        if (tuple(v) if k == "layers" else v) != saved:
+            differ.append(f"{k.replace('_', '-')} {show(v)} (saved: {show(saved)})")
+    if request.fields.get("method", saved_method) == saved_method:
+        differ += [f"{k}={v} (saved: {getattr(saved_settings, k)})" for k, v in request.settings.items()
+                   if v != getattr(saved_settings, k)]
+    if differ:
+        raise CLIError(f"{state} continues a saved stream whose settings cannot change: {'; '.join(differ)}. "
+                       f"Drop these settings, or use a new --state folder")
+
+
+def _edit_stream(args, facts: list, request: _Request, state: Path | None) -> int:
     import rlsedit_llm
+    from rlsedit_llm.editing.methods import load_editor, make_editor
 
     model, tok = rlsedit_llm.load_model(args.model)
-    if state is not None and (state / "editor.json").exists():
-        editor = rlsedit_llm.Editor.load(model, tok, state)
-        saved = editor.config
-        differ = [f"--{k.replace('_', '-')} {v if k != 'layers' else ','.join(map(str, v))} (saved: "
-                  f"{getattr(saved, k) if k != 'layers' else ','.join(map(str, editor.layers_))})"
-                  for k, v in given.items()
-                  if (tuple(v) != tuple(editor.layers_) if k == "layers" else v != getattr(saved, k))]
-        if differ:
-            raise CLIError(f"{state} continues a saved stream whose settings cannot change: {'; '.join(differ)}. "
-                           f"Drop these flags, or use a new --state folder")
-        log.info("continuing the stream saved in %s (%d edits)", state, len(editor.journal_))
+    saved = _saved_method(state) if state is not None else None
+    if saved is not None:
+        if saved == "layer":
+            editor = rlsedit_llm.Editor.load(model, tok, state)
+        else:
+            editor = load_editor(saved, model, tok, state)
+        _refuse_changes(state, editor, request)
+        log.info("continuing the stream saved in %s (%d batches)", state, editor.n_batches_)
     else:
-        defaults = {"alpha": 0.0, "beta": 1.0, "mom2_weight": None, "stats_tokens": 100_000, "layers": None}
-        config = rlsedit_llm.EditConfig(**{**defaults, **given})
-        editor = rlsedit_llm.Editor(model, tok, config)
+        editor = make_editor(request.config.method, model, tok, request.config)
     for start in range(0, len(facts), args.batch):
         print(editor.edit(facts[start:start + args.batch]))
     if state is not None:
@@ -210,18 +294,74 @@ def _edit_stream(args, facts: list, given: dict, state: Path | None) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    from rlsedit_llm.evaluation.bench import BenchConfig, run_bench
+def _config_default(name: str) -> str:
+    """``"default X"`` for an `rlsedit edit` flag, from :class:`EditConfig` (the one home of the defaults)."""
+    from rlsedit_llm.editing.config import EditConfig
+
+    return f"default {EditConfig.__dataclass_fields__[name].default}"
+
+
+def _comma_list(flag: str, text: str, item: type, example: str) -> tuple:
+    """``"a,b"`` -> ``(a, b)`` of ``item``; a typed error that names ``flag`` otherwise."""
+    from rlsedit_llm.errors import HyperparameterError
+
+    try:
+        return tuple(item(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise HyperparameterError(f"{flag} takes comma-separated {example}; got {text!r}") from None
+
+
+#: `rlsedit bench` flags of one method's own settings: flag -> (method, setting).
+_METHOD_FLAGS = {"ft_lr": ("ft", "lr"), "ft_steps": ("ft", "steps"), "ultraedit_lr": ("ultraedit", "lr"),
+                 "ultraedit_ridge": ("ultraedit", "ridge")}
+
+
+def _bench_config(args: argparse.Namespace):
+    """The :class:`BenchConfig` of the parsed `rlsedit bench` flags: comma lists and 'all'
+    parsed here, the per-method flags gathered into ``method_settings``."""
+    from rlsedit_llm.errors import HyperparameterError
+    from rlsedit_llm.evaluation.bench_config import DEFAULT_METHOD_SETTINGS, BenchConfig
+    from rlsedit_llm.kernel.registry import method_names
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "verbose")}
-    return run_bench(BenchConfig(**given))
+    if "methods" in given:
+        text = given["methods"]
+        given["methods"] = method_names() if text.strip() == "all" else \
+            _comma_list("--methods", text, str, "registered method names, or 'all'")
+    if "layers" in given:
+        given["layers"] = _comma_list("--layers", given["layers"], int, "layer indices, e.g. 3,4,5")
+    if "shadow" in given:
+        given["shadow"] = _comma_list("--shadow", given["shadow"], str, "method names, e.g. memit_seq")
+    if "score_all_at" in given:
+        given["score_all_at"] = _comma_list("--score-all-at", given["score_all_at"], int, "edit counts, e.g. 300,600")
+    settings = {m: dict(s) for m, s in DEFAULT_METHOD_SETTINGS.items()}
+    for flag, (method, name) in _METHOD_FLAGS.items():
+        if flag in given:
+            value = given.pop(flag)
+            if method == "ultraedit" and not value > 0:
+                raise HyperparameterError(f"--{flag.replace('_', '-')} must be > 0; got {value}")
+            settings.setdefault(method, {})[name] = value
+    return BenchConfig(**given, method_settings=settings)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rlsedit_llm.evaluation.bench import run_bench
+
+    return run_bench(_bench_config(args))
 
 
 def _default(field: str) -> str:
     """``"default: X"`` for a flag, from :class:`BenchConfig` (the one home of the defaults)."""
-    from rlsedit_llm.evaluation.bench import BenchConfig
+    from rlsedit_llm.evaluation.bench_config import BenchConfig
 
-    return f"default: {BenchConfig.__dataclass_fields__[field].default}"
+    default = BenchConfig.field_default(field)
+    return f"default: {','.join(map(str, default)) if isinstance(default, tuple) else default}"
+
+
+def _ft_default(setting: str) -> str:
+    from rlsedit_llm.evaluation.bench_config import DEFAULT_METHOD_SETTINGS
+
+    return f"default: {DEFAULT_METHOD_SETTINGS['ft'][setting]}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,13 +382,26 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--state", type=_path_text,
                     help="edit-state directory (loaded if present, saved after; one `rlsedit edit` at a time)")
     ed.add_argument("--batch", type=_positive_int, default=10, help="facts per edit call (>= 1)")
+    ed.add_argument("--method", help=f"a registered method ({_config_default('method')}; only for a new stream)")
+    ed.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                    help="a setting of the method's config, e.g. --set threshold=0.02 for alphaedit (repeatable; "
+                         "only for a new stream)")
+    ed.add_argument("--config", type=_path_text, metavar="FILE.json",
+                    help="a JSON object of EditConfig fields, its method_config an object of the method's "
+                         "settings; flags override it")
     ed.add_argument("--layers", type=_layer_list,
                     help="comma-separated layer indices (default: family default; only for a new stream)")
-    ed.add_argument("--alpha", type=float, help="default 0 (only for a new stream)")
-    ed.add_argument("--beta", type=float, help="default 1 (only for a new stream)")
+    ed.add_argument("--alpha", type=float, help=f"weight of ||W - W0||^2 ({_config_default('alpha')}; "
+                                                "only for a new stream)")
+    ed.add_argument("--beta", type=float, help=f"weight of the anchor term ({_config_default('beta')}; "
+                                               "only for a new stream)")
+    from rlsedit_llm.editing.config import PUBLISHED_D_K, PUBLISHED_MOM2_WEIGHT
+
     ed.add_argument("--mom2-weight", type=float,
-                    help="N of the anchor N*E[kk^T] (default: 15000 * d_k / 14336; only for a new stream)")
-    ed.add_argument("--stats-tokens", type=int, help="default 100000 (only for a new stream)")
+                    help=f"N of the anchor N*E[kk^T] (default: {PUBLISHED_MOM2_WEIGHT:g} * d_k / {PUBLISHED_D_K}; "
+                         "only for a new stream)")
+    ed.add_argument("--stats-tokens", type=int, help=f"Wikipedia tokens for the key statistics "
+                                                     f"({_config_default('stats_tokens')}; only for a new stream)")
     ed.set_defaults(func=_edit)
 
     from rlsedit_llm.evaluation.data import DATASETS
@@ -288,8 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: one per 20 edits, 5 to 50)")
     bench.add_argument("--fluency-tokens", type=int, help="greedy tokens per fluency prompt")
     bench.add_argument("--no-wild", action="store_true", help="skip the generation check (no teacher forcing)")
-    bench.add_argument("--ft-lr", type=float, help="Adam learning rate of the FT baseline")
-    bench.add_argument("--ft-steps", type=int, help="Adam steps per batch of the FT baseline")
+    bench.add_argument("--ft-lr", type=float, help="Adam learning rate of the FT baseline (" + _ft_default("lr") + ")")
+    bench.add_argument("--ft-steps", type=int,
+                       help="Adam steps per batch of the FT baseline (" + _ft_default("steps") + ")")
     bench.add_argument("--ultraedit-lr", type=float,
                        help="UltraEdit's step size (default: the released 1e-6 scaled by 14336 / d_k)")
     bench.add_argument("--ultraedit-ridge", type=float, help="UltraEdit's ridge (default: the released 1)")

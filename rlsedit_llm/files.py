@@ -20,7 +20,8 @@ import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["DATA_DIR", "cache_root", "atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_path", "sha256_file"]
+__all__ = ["DATA_DIR", "cache_root", "atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_path",
+           "sha256_file"]
 
 #: ``rlsedit_llm/data``: the shipped corpus and evaluation files (licences in its README.md).
 DATA_DIR = Path(__file__).resolve().parent / "data"

@@ -29,7 +29,8 @@ __all__ = ["deferred_interrupts", "poll_interrupts"]
 log = logging.getLogger(__name__)
 
 #: The signals a user sends to stop a program.
-DEFERRED_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
+DEFERRED_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None))
+                         if s is not None)
 
 
 class _Recorder:

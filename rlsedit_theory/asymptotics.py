@@ -21,7 +21,8 @@ solved by Cholesky factorisations or SVD-based least squares; no explicit invers
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -149,7 +150,7 @@ def empirical_moments(edits: Sequence) -> Moments:
     return Moments(S / t, B / t, s / t)
 
 
-def stationary_moments(W_true, key_cov, noise: float, u: int) -> Moments:
+def stationary_moments(W_true: np.ndarray, key_cov: np.ndarray, noise: float, u: int) -> Moments:
     """Population moments of :func:`make_stationary_stream`.
 
     ``Sigma_KK = u key_cov``, ``Sigma_KV = u key_cov W_true``,
@@ -169,7 +170,7 @@ def stationary_moments(W_true, key_cov, noise: float, u: int) -> Moments:
 
 
 def make_stationary_stream(
-    rng: np.random.Generator, d_k: int, d_v: int, T: int, u: int, W_true, key_cov, noise: float
+    rng: np.random.Generator, d_k: int, d_v: int, T: int, u: int, W_true: np.ndarray, key_cov: np.ndarray, noise: float
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``T`` i.i.d. batches: keys ``K (u, d_k)`` with rows ``~ N(0, key_cov)`` and values
     ``V = K W_true + noise * N(0, I) (u, d_v)``.
@@ -202,7 +203,8 @@ def make_stationary_stream(
 
 
 def limit_weights(
-    Sigma_KK, Sigma_KV, problem_or_W0, a: float, b: float, *, gram0=None, K0=None, V0=None
+    Sigma_KK: np.ndarray, Sigma_KV: np.ndarray, problem_or_W0, a: float, b: float, *,
+    gram0: np.ndarray | None = None, K0: np.ndarray | None = None, V0: np.ndarray | None = None
 ) -> np.ndarray:
     """The limit minimiser ``W_inf = H^{-1}(Sigma_KV + a W0 + b K0^T V0)`` (T7 ii).
 
@@ -235,7 +237,7 @@ def limit_weights(
     return _spd_solve(H, rhs, "H = Sigma_KK + a I + b K0^T K0 is not positive definite (A3 fails)")
 
 
-def misfit(W, Sigma_KK, Sigma_KV, s_VV: float) -> float:
+def misfit(W: np.ndarray, Sigma_KK: np.ndarray, Sigma_KV: np.ndarray, s_VV: float) -> float:
     """Limit misfit ``f(W) = E||K W - V||^2 = tr(W^T S W) - 2 tr(W^T S_KV) + s_VV`` (C3).
 
     ``W (d_k, d_v)``, ``Sigma_KK (d_k, d_k)``, ``Sigma_KV (d_k, d_v)``.
@@ -245,7 +247,8 @@ def misfit(W, Sigma_KK, Sigma_KV, s_VV: float) -> float:
     return float(np.sum(W * (S @ W)) - 2 * np.sum(W * B) + s_VV)
 
 
-def preservation(W, problem_or_W0, a1: float, b1: float, *, gram0=None, K0=None, V0=None) -> float:
+def preservation(W: np.ndarray, problem_or_W0, a1: float, b1: float, *, gram0: np.ndarray | None = None,
+                 K0: np.ndarray | None = None, V0: np.ndarray | None = None) -> float:
     """Preservation cost ``g(W) = a1 ||W - W0||^2 + b1 ||K0 W - V0||^2`` (C3)."""
     anchor = _anchor(problem_or_W0, gram0, K0, V0)
     W = as_matrix(W, "W", shape=anchor.W0.shape)
@@ -262,17 +265,17 @@ class TradeoffPath(NamedTuple):
 
 
 def tradeoff_path(
-    Sigma_KK,
-    Sigma_KV,
+    Sigma_KK: np.ndarray,
+    Sigma_KV: np.ndarray,
     s_VV: float,
     problem_or_W0,
     a1: float,
     b1: float,
     rhos,
     *,
-    gram0=None,
-    K0=None,
-    V0=None,
+    gram0: np.ndarray | None = None,
+    K0: np.ndarray | None = None,
+    V0: np.ndarray | None = None,
 ) -> TradeoffPath:
     """C3: the limit minimiser along the ray ``(a, b) = rho (a1, b1)`` and its two costs.
 
@@ -323,20 +326,20 @@ def _preservation_from_anchor(W, anchor: _Anchor, a1: float, b1: float) -> float
 
 
 def t7_rate_bound(
-    S_hat,
-    B_hat,
+    S_hat: np.ndarray,
+    B_hat: np.ndarray,
     a_t: float,
     b_t: float,
-    Sigma_KK,
-    Sigma_KV,
+    Sigma_KK: np.ndarray,
+    Sigma_KV: np.ndarray,
     problem_or_W0,
     a: float,
     b: float,
     *,
-    W_t=None,
-    gram0=None,
-    K0=None,
-    V0=None,
+    W_t: np.ndarray | None = None,
+    gram0: np.ndarray | None = None,
+    K0: np.ndarray | None = None,
+    V0: np.ndarray | None = None,
 ) -> Bound:
     """T7(iii) perturbation bound:
 
@@ -382,22 +385,22 @@ def t7_rate_bound(
 
 
 def t7_pointwise_bound(
-    W,
-    S_hat,
-    B_hat,
+    W: np.ndarray,
+    S_hat: np.ndarray,
+    B_hat: np.ndarray,
     s_hat: float,
     a_t: float,
     b_t: float,
-    Sigma_KK,
-    Sigma_KV,
+    Sigma_KK: np.ndarray,
+    Sigma_KV: np.ndarray,
     s_VV: float,
     problem_or_W0,
     a: float,
     b: float,
     *,
-    gram0=None,
-    K0=None,
-    V0=None,
+    gram0: np.ndarray | None = None,
+    K0: np.ndarray | None = None,
+    V0: np.ndarray | None = None,
 ) -> Bound:
     """T7(i) quantitative pointwise convergence at a fixed ``W (d_k, d_v)``:
 

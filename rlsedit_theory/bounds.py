@@ -25,7 +25,8 @@ problem. All computations are float64; no explicit inverse is formed.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -251,7 +252,8 @@ def initial_demand(problem: Problem, edits: Sequence) -> tuple[np.ndarray, np.nd
 # T2: soft adherence (post-write residual of the current batch)
 
 
-def t2_residual_identity(K, V, W_prev, W_new, C_prev) -> Identity:
+def t2_residual_identity(K: np.ndarray, V: np.ndarray, W_prev: np.ndarray, W_new: np.ndarray,
+                         C_prev: np.ndarray) -> Identity:
     """T2 identity: ``V_t - K_t W_t = S_t^{-1} r_t``.
 
     With ``r_t = V_t - K_t W_{t-1}`` and ``S_t = I + K_t C_{t-1} K_t^T``.
@@ -277,7 +279,7 @@ def t2_residual_identity(K, V, W_prev, W_new, C_prev) -> Identity:
     )
 
 
-def t2_shrink_factor(K, C_prev) -> float:
+def t2_shrink_factor(K: np.ndarray, C_prev: np.ndarray) -> float:
     """T2 shrink factor ``1 / (1 + lambda_min(K C_prev K^T))`` in ``(0, 1]``.
 
     The post-write residual of a batch is at most this fraction of its innovation. It tends to 0
@@ -296,7 +298,8 @@ def t2_shrink_factor(K, C_prev) -> float:
     return 1.0 / (1.0 + _lambda_min((M + M.T) / 2))
 
 
-def t2_adherence_bound(K, V, W_prev, W_new, C_prev) -> Bound:
+def t2_adherence_bound(K: np.ndarray, V: np.ndarray, W_prev: np.ndarray, W_new: np.ndarray,
+                       C_prev: np.ndarray) -> Bound:
     """T2 inequality: ``||V_t - K_t W_t||_F <= ||r_t||_F / (1 + lambda_min(K_t C_{t-1} K_t^T))``.
 
     The right-hand side is itself ``<= ||r_t||_F``; with ``u = 1`` the bound is an equality.
@@ -315,7 +318,7 @@ def t2_adherence_bound(K, V, W_prev, W_new, C_prev) -> Bound:
 # T3: global deviation from the preservation state
 
 
-def t3_energy_identity(problem: Problem, edits: Sequence, W_t) -> Identity:
+def t3_energy_identity(problem: Problem, edits: Sequence, W_t: np.ndarray) -> Identity:
     """T3 energy identity: ``||R0||^2 = ||K W_t - V||^2 + ||K Delta||^2 + 2 ||Delta||_A^2``.
 
     Exact for the minimiser ``W_t = W*_t`` of ``J_t``; ``Delta = W_t - W*_0``.
@@ -341,7 +344,7 @@ def t3_energy_identity(problem: Problem, edits: Sequence, W_t) -> Identity:
     )
 
 
-def t3_metric_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
+def t3_metric_bound(problem: Problem, edits: Sequence, W_t: np.ndarray) -> Bound:
     """T3 consequence: ``||Delta||_A^2 = alpha||Delta||^2 + beta||K0 Delta||^2 <= ||R0||^2 / 4``.
 
     Attained when ``||K Delta||_F = ||R0||_F / 2`` (scalar example ``A = a``, ``K = k``,
@@ -357,7 +360,7 @@ def t3_metric_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
     )
 
 
-def t3a_deviation_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
+def t3a_deviation_bound(problem: Problem, edits: Sequence, W_t: np.ndarray) -> Bound:
     """T3(a): ``||W_t - W*_0||_F <= ||R0||_F / (2 sqrt(lambda_min(A)))``.
 
     With ``V0 = K0 W0`` (always the case for a Gram-only anchor) ``W*_0 = W0``: this is the
@@ -374,7 +377,7 @@ def t3a_deviation_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
     )
 
 
-def t3b_anchor_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
+def t3b_anchor_bound(problem: Problem, edits: Sequence, W_t: np.ndarray) -> Bound:
     """T3(b): ``||K0 (W_t - W*_0)||_F <= ||R0||_F / (2 sqrt(beta))``.
 
     With ``V0 = K0 W0`` this is the drift of the anchor outputs, ``||K0 W_t - V0||``. For a Gram
@@ -397,7 +400,7 @@ def t3b_anchor_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
     )
 
 
-def t3c_w0_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
+def t3c_w0_bound(problem: Problem, edits: Sequence, W_t: np.ndarray) -> Bound:
     """T3(c), deviation from the pre-trained weights for a general ``V0``:
 
     ``||W_t - W0||_F <= ||R0||_F / (2 sqrt(lambda_min(A))) + ||W*_0 - W0||_F``.
@@ -414,7 +417,7 @@ def t3c_w0_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
     )
 
 
-def t3c_anchor_misfit_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
+def t3c_anchor_misfit_bound(problem: Problem, edits: Sequence, W_t: np.ndarray) -> Bound:
     """T3(c), misfit of the anchor mapping for a general ``V0``:
 
     ``||K0 W_t - V0||_F <= ||R0||_F / (2 sqrt(beta)) + ||K0 W*_0 - V0||_F``.
@@ -431,7 +434,7 @@ def t3c_anchor_misfit_bound(problem: Problem, edits: Sequence, W_t) -> Bound:
     )
 
 
-def t3d_sqrt_t_bound(problem: Problem, edits: Sequence, W_t, rho: float | None = None) -> Bound:
+def t3d_sqrt_t_bound(problem: Problem, edits: Sequence, W_t: np.ndarray, rho: float | None = None) -> Bound:
     """T3(d): ``||W_t - W*_0||_F <= rho sqrt(t) / (2 sqrt(lambda_min(A)))``.
 
     Valid whenever ``||V_i - K_i W*_0||_F <= rho`` for every batch ``i <= t`` (then
@@ -465,7 +468,7 @@ def t3d_sqrt_t_bound(problem: Problem, edits: Sequence, W_t, rho: float | None =
     )
 
 
-def t3d_crude_bounds(problem: Problem, edits: Sequence, W_t) -> tuple[Bound, Bound]:
+def t3d_crude_bounds(problem: Problem, edits: Sequence, W_t: np.ndarray) -> tuple[Bound, Bound]:
     """The cruder closed-form versions of T3(d), kept to compare against the sharp T3(a):
 
     ``||W_t - W*_0||_F <= ||G_t^{-1}||_2 ||K^T R0||_F``  (first Bound)
@@ -493,7 +496,8 @@ def t3d_crude_bounds(problem: Problem, edits: Sequence, W_t) -> tuple[Bound, Bou
 # T4: the per-step change Delta_t = W_t - W_{t-1}
 
 
-def t4_energy_identity(K, V, W_prev, W_new, C_prev, *, G_prev=None) -> Identity:
+def t4_energy_identity(K: np.ndarray, V: np.ndarray, W_prev: np.ndarray, W_new: np.ndarray, C_prev: np.ndarray, *,
+                       G_prev: np.ndarray | None = None) -> Identity:
     """T4(a) identity, with ``Delta_t = W_t - W_{t-1}``:
 
     ``||r_t||^2 = ||V_t - K_t W_t||^2 + ||K_t Delta_t||^2 + 2 ||Delta_t||_{G_{t-1}}^2``.
@@ -522,7 +526,8 @@ def t4_energy_identity(K, V, W_prev, W_new, C_prev, *, G_prev=None) -> Identity:
     )
 
 
-def t4a_metric_bound(K, V, W_prev, W_new, C_prev, *, G_prev=None) -> Bound:
+def t4a_metric_bound(K: np.ndarray, V: np.ndarray, W_prev: np.ndarray, W_new: np.ndarray, C_prev: np.ndarray, *,
+                     G_prev: np.ndarray | None = None) -> Bound:
     """T4(a): ``||Delta_t||_{G_{t-1}} <= ||r_t||_F / 2``.
 
     Arguments as in :func:`t4_energy_identity`.
@@ -537,7 +542,8 @@ def t4a_metric_bound(K, V, W_prev, W_new, C_prev, *, G_prev=None) -> Bound:
     )
 
 
-def t4b_step_bound(K, V, W_prev, W_new, C_prev, *, G_prev=None) -> Bound:
+def t4b_step_bound(K: np.ndarray, V: np.ndarray, W_prev: np.ndarray, W_new: np.ndarray, C_prev: np.ndarray, *,
+                   G_prev: np.ndarray | None = None) -> Bound:
     """T4(b): ``||Delta_t||_F <= ||r_t||_F / (2 sqrt(lambda_min(G_{t-1})))``.
 
     ``lambda_min(G_{t-1}) = 1 / lambda_max(C_{t-1})``; see :func:`information_floor_bound` for
@@ -552,7 +558,8 @@ def t4b_step_bound(K, V, W_prev, W_new, C_prev, *, G_prev=None) -> Bound:
     )
 
 
-def t4c_crude_step_bound(K, V, W_prev, W_new, C_prev) -> Bound:
+def t4c_crude_step_bound(K: np.ndarray, V: np.ndarray, W_prev: np.ndarray, W_new: np.ndarray,
+                         C_prev: np.ndarray) -> Bound:
     """T4(c): ``||Delta_t||_F <= ||C_{t-1} K_t^T||_2 ||r_t||_F`` (as ``||S_t^{-1}||_2 <= 1``)."""
     K, V, W_prev, W_new, C_prev = _check_step(K, V, W_prev, W_new, C_prev)
     return Bound(
@@ -579,7 +586,7 @@ def information_floor_bound(problem: Problem, edits: Sequence) -> Bound:
     )
 
 
-def c4_plasticity_bound(problem: Problem, edits: Sequence, K, C_prev) -> Bound:
+def c4_plasticity_bound(problem: Problem, edits: Sequence, K: np.ndarray, C_prev: np.ndarray) -> Bound:
     """C4 read through T2: the information floor limits how much of a new write is absorbed.
 
     For the batch ``K_t (u, d_k)`` written after the ``t - 1`` batches ``edits`` (whose state is
@@ -625,7 +632,8 @@ def c4_plasticity_bound(problem: Problem, edits: Sequence, K, C_prev) -> Bound:
 # T5: interference with and forgetting of earlier edits
 
 
-def t5a_interference_identity(K_j, K, V, W_prev, W_new, C_prev) -> Identity:
+def t5a_interference_identity(K_j: np.ndarray, K: np.ndarray, V: np.ndarray, W_prev: np.ndarray, W_new: np.ndarray,
+                              C_prev: np.ndarray) -> Identity:
     """T5(a) identity: ``K_j Delta_t = K_j C_{t-1} K_t^T S_t^{-1} r_t`` for an earlier batch ``j``.
 
     Parameters
@@ -650,7 +658,8 @@ def t5a_interference_identity(K_j, K, V, W_prev, W_new, C_prev) -> Identity:
     )
 
 
-def t5a_interference_bounds(K_j, K, V, W_prev, W_new, C_prev) -> tuple[Bound, Bound, Bound]:
+def t5a_interference_bounds(K_j: np.ndarray, K: np.ndarray, V: np.ndarray, W_prev: np.ndarray, W_new: np.ndarray,
+                            C_prev: np.ndarray) -> tuple[Bound, Bound, Bound]:
     """T5(a): the one-step interference ``||K_j Delta_t||_F`` of step ``t`` on earlier batch ``j``.
 
     Returns three Bounds:
@@ -679,7 +688,8 @@ def t5a_interference_bounds(K_j, K, V, W_prev, W_new, C_prev) -> tuple[Bound, Bo
     )
 
 
-def t5b_drift_bound(problem: Problem, edits: Sequence, j: int, W_t, *, W_j=None, C_j=None) -> Bound:
+def t5b_drift_bound(problem: Problem, edits: Sequence, j: int, W_t: np.ndarray, *, W_j: np.ndarray | None = None,
+                    C_j: np.ndarray | None = None) -> Bound:
     """T5(b): cumulative drift of an early edit ``j`` between steps ``j`` and ``t = len(edits)``:
 
     ``||K_j (W_t - W*_j)||_F <= (1/2) ||K_j C_j K_j^T||_2^{1/2} ||R^(j)||_F``,
@@ -739,7 +749,7 @@ def _fit_and_metric(problem: Problem, K: np.ndarray, V: np.ndarray, W: np.ndarra
 
 
 def t5c_retention_bound(
-    problem: Problem, edits: Sequence, W_t, W_dagger, *, batch: int = 1
+    problem: Problem, edits: Sequence, W_t: np.ndarray, W_dagger: np.ndarray, *, batch: int = 1
 ) -> Bound:
     """T5(c): retention of a batch, uniform in ``t``.
 
@@ -770,7 +780,7 @@ def t5c_retention_bound(
     )
 
 
-def t5d_regret_bound(problem: Problem, edits: Sequence, W_t, W) -> Bound:
+def t5d_regret_bound(problem: Problem, edits: Sequence, W_t: np.ndarray, W: np.ndarray) -> Bound:
     """T5(d), regret form: for every ``W``,
 
     ``sum_i ||K_i W_t - V_i||^2 + ||W_t - W*_0||_A^2``
@@ -794,7 +804,7 @@ def t5d_regret_bound(problem: Problem, edits: Sequence, W_t, W) -> Bound:
 # Certificates: the bounds an edited layer reports next to its measured deviations
 
 
-def deviation_certificate(problem: Problem, edits: Sequence, W_t) -> dict[str, Bound]:
+def deviation_certificate(problem: Problem, edits: Sequence, W_t: np.ndarray) -> dict[str, Bound]:
     """The global deviation bounds of T3 for weights ``W_t`` after the edits ``edits``.
 
     Keys: ``"metric"`` (T3), ``"from_preservation_state"`` (T3a), ``"from_W0"`` (T3c) and, when
@@ -815,7 +825,8 @@ def deviation_certificate(problem: Problem, edits: Sequence, W_t) -> dict[str, B
     return out
 
 
-def step_certificate(K, V, W_prev, W_new, C_prev, *, G_prev=None) -> dict[str, Bound]:
+def step_certificate(K: np.ndarray, V: np.ndarray, W_prev: np.ndarray, W_new: np.ndarray, C_prev: np.ndarray, *,
+                     G_prev: np.ndarray | None = None) -> dict[str, Bound]:
     """The per-step bounds of T2 and T4 for one recursion step.
 
     Keys: ``"adherence"`` (T2), ``"step_metric"`` (T4a), ``"step"`` (T4b), ``"step_crude"``

@@ -8,7 +8,8 @@ Gradient ``2 (G_t W - B_t)`` with ``G_t = A + sum K_i^T K_i`` and
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -52,7 +53,7 @@ def stack_edits(problem: Problem, edits: Iterable) -> tuple[np.ndarray, np.ndarr
     return np.vstack([K for K, _ in batches]), np.vstack([V for _, V in batches])
 
 
-def objective_terms(problem: Problem, edits: Iterable, W) -> ObjectiveTerms:
+def objective_terms(problem: Problem, edits: Iterable, W: np.ndarray) -> ObjectiveTerms:
     """Evaluate the three terms of ``J_t`` at ``W (d_k, d_v)``."""
     W = as_matrix(W, "W", shape=(problem.d_k, problem.d_v))
     K, V = stack_edits(problem, edits)
@@ -68,7 +69,7 @@ def objective_terms(problem: Problem, edits: Iterable, W) -> ObjectiveTerms:
     return ObjectiveTerms(fit, proximity, problem.beta * anchor_sq)
 
 
-def objective(problem: Problem, edits: Iterable, W) -> float:
+def objective(problem: Problem, edits: Iterable, W: np.ndarray) -> float:
     """``J_t(W)``: see :func:`objective_terms` for its parts."""
     return objective_terms(problem, edits, W).total
 
@@ -85,7 +86,7 @@ def normal_rhs(problem: Problem, edits: Iterable) -> np.ndarray:
     return problem.rhs0 + K.T @ V
 
 
-def gradient(problem: Problem, edits: Iterable, W) -> np.ndarray:
+def gradient(problem: Problem, edits: Iterable, W: np.ndarray) -> np.ndarray:
     """``grad J_t(W) = 2 (G_t W - B_t)`` (d_k, d_v)."""
     edits = list(edits)
     W = as_matrix(W, "W", shape=(problem.d_k, problem.d_v))

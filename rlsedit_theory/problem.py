@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.linalg
+from numpy.typing import ArrayLike
 
 from .errors import HyperparameterError, NonFiniteError, NotPositiveDefiniteError, ShapeError
 
 __all__ = ["Problem", "as_matrix", "check_batch", "check_weight"]
 
 
-def as_matrix(x, name: str, *, shape: tuple | None = None) -> np.ndarray:
+def as_matrix(x: ArrayLike, name: str, *, shape: tuple | None = None) -> np.ndarray:
     """Return ``x`` as a finite float64 2-D array, or raise a typed error naming ``name``.
 
     ``shape`` entries that are ``None`` are not checked.
@@ -33,7 +34,7 @@ def as_matrix(x, name: str, *, shape: tuple | None = None) -> np.ndarray:
     if a.ndim != 2:
         raise ShapeError(f"{name} must be 2-D; got shape {a.shape}")
     if shape is not None:
-        for axis, (got, want) in enumerate(zip(a.shape, shape)):
+        for axis, (got, want) in enumerate(zip(a.shape, shape, strict=True)):
             if want is not None and got != want:
                 raise ShapeError(
                     f"{name} has shape {a.shape}; axis {axis} must be {want} (expected {shape})"
@@ -43,7 +44,7 @@ def as_matrix(x, name: str, *, shape: tuple | None = None) -> np.ndarray:
     return a
 
 
-def check_batch(K, V, d_k: int, d_v: int) -> tuple[np.ndarray, np.ndarray]:
+def check_batch(K: np.ndarray, V: np.ndarray, d_k: int, d_v: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate one edit batch: ``K (u, d_k)``, ``V (u, d_v)`` with the same ``u >= 1``.
 
     A 1-D ``K`` (or ``V``) is read as a single row.
@@ -59,7 +60,7 @@ def check_batch(K, V, d_k: int, d_v: int) -> tuple[np.ndarray, np.ndarray]:
     return K, V
 
 
-def check_weight(x, name: str) -> float:
+def check_weight(x: float, name: str) -> float:
     """``x`` as a finite float >= 0, or :class:`HyperparameterError` naming ``name``."""
     try:
         value = float(x)
@@ -97,7 +98,8 @@ class Problem:
         full-column-rank anchor with ``beta > 0``).
     """
 
-    def __init__(self, W0, alpha: float, beta: float, gram0=None, K0=None, V0=None):
+    def __init__(self, W0: np.ndarray, alpha: float, beta: float, gram0: np.ndarray | None = None,
+                 K0: np.ndarray | None = None, V0: np.ndarray | None = None):
         self.W0 = as_matrix(W0, "W0")
         d_k, d_v = self.W0.shape
         self.alpha = check_weight(alpha, "alpha")
@@ -144,7 +146,7 @@ class Problem:
         self.rhs0 = self.alpha * self.W0 + self.beta * self.cross0  # B_0 (d_k, d_v)
 
     @classmethod
-    def from_lambda_mu(cls, W0, lam: float, mu: float, *, convention: str = "code", **anchor):
+    def from_lambda_mu(cls, W0: np.ndarray, lam: float, mu: float, *, convention: str = "code", **anchor):
         """Build from the authors' ``(lambda, mu)``.
 
         ``convention="code"`` (the authors' code and paper v2): ``alpha = lam**2``,
@@ -179,7 +181,7 @@ class Problem:
         """
         return self.solve_metric(self.rhs0)
 
-    def check_batch(self, K, V) -> tuple[np.ndarray, np.ndarray]:
+    def check_batch(self, K: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Validate an edit batch against this problem's sizes."""
         return check_batch(K, V, self.d_k, self.d_v)
 

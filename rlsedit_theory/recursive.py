@@ -148,7 +148,7 @@ class RecursiveLS:
         self.track_information = track_information
         self.reset()
 
-    def reset(self) -> "RecursiveLS":
+    def reset(self) -> RecursiveLS:
         """Back to ``t = 0``: ``C_0 = A^{-1}``, ``W*_0 = A^{-1} B_0``."""
         p = self.problem
         # The recursion's state is G^{-1} itself; build it by a Cholesky solve of A.
@@ -161,7 +161,7 @@ class RecursiveLS:
         self.last_step_ = None
         return self
 
-    def update(self, K, V) -> np.ndarray:
+    def update(self, K: np.ndarray, V: np.ndarray) -> np.ndarray:
         """Add the batch ``K (u, d_k)``, ``V (u, d_v)``; return the new ``W_``."""
         K, V = self.problem.check_batch(K, V)
         self.C_, self.W_, self.last_step_ = woodbury_update(self.C_, self.W_, K, V)
@@ -171,12 +171,12 @@ class RecursiveLS:
         self.n_rows_ += K.shape[0]
         return self.W_
 
-    def partial_fit(self, K, V) -> "RecursiveLS":
+    def partial_fit(self, K: np.ndarray, V: np.ndarray) -> RecursiveLS:
         """scikit-learn style alias of :meth:`update` that returns ``self``."""
         self.update(K, V)
         return self
 
-    def downdate(self, K, V) -> np.ndarray:
+    def downdate(self, K: np.ndarray, V: np.ndarray) -> np.ndarray:
         """Remove a batch added earlier (exactly); return the new ``W_``.
 
         The state is unchanged if this raises.
@@ -198,7 +198,7 @@ class RecursiveLS:
             raise RuntimeError("construct with track_information=True to measure drift")
         return float(np.linalg.norm(self.C_ @ self.G_ - np.eye(self.problem.d_k)))
 
-    def copy(self) -> "RecursiveLS":
+    def copy(self) -> RecursiveLS:
         """Deep copy of the state (the problem is shared: it is never modified)."""
         new = object.__new__(RecursiveLS)
         new.__dict__.update(self.__dict__)
@@ -207,7 +207,7 @@ class RecursiveLS:
             setattr(new, name, None if value is None else value.copy())
         return new
 
-    def allclose(self, other: "RecursiveLS", *, rtol: float = 1e-9, atol: float = 0.0) -> bool:
+    def allclose(self, other: RecursiveLS, *, rtol: float = 1e-9, atol: float = 0.0) -> bool:
         """Whether two states hold the same ``W_`` and ``C_`` to tolerance (relative to norms)."""
         def close(a, b):
             return np.linalg.norm(a - b) <= atol + rtol * max(np.linalg.norm(a), np.linalg.norm(b))

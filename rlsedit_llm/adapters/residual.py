@@ -4,7 +4,6 @@ after the MLP, a scaled residual branch) and the logit transforms (:func:`final_
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from rlsedit_llm.errors import NonFiniteError, ShapeError, UnsupportedArchitectureError
+from rlsedit_llm.presets import family_presets
 
 __all__ = [
     "ModelSpec",
@@ -45,25 +46,30 @@ __all__ = [
     "needs_bos",
 ]
 
+def _layer_start(family: str) -> float:
+    return float(family_presets(family)["layer_start"].value)
+
+
 # --------------------------------------------------------------------------------------------
 # Architecture table, keyed by ``config.model_type``. Paths are relative to the *ForCausalLM model.
 # `edit` is the MLP output projection (the module MEMIT-family editors rewrite), relative to one
 # decoder layer. `start` is where the published settings place the first edited layer, as a
-# fraction of depth: GPT2-XL 13/48, GPT-J 3/28, Llama-2/3 4/32, Qwen2.5-7B 7/28; families without
-# published settings use Llama's 4/32. `post_mlp_norm`: a norm between the MLP and the residual add.
+# fraction of depth (rlsedit_llm.presets.FAMILY_PRESETS, with sources): GPT2-XL 13/48, GPT-J 3/28,
+# Llama-2/3 4/32, Qwen2.5-7B 7/28; families without published settings use Llama's 4/32.
+# `post_mlp_norm`: a norm between the MLP and the residual add.
 # --------------------------------------------------------------------------------------------
-_LLAMA_LIKE = dict(layers="model.layers", edit="mlp.down_proj", norm="model.norm", start=4 / 32)
+_LLAMA_LIKE = dict(layers="model.layers", edit="mlp.down_proj", norm="model.norm", start=_layer_start("llama"))
 _FAMILIES: dict[str, dict] = {
-    "gpt2": dict(layers="transformer.h", edit="mlp.c_proj", norm="transformer.ln_f", start=13 / 48),
-    "gptj": dict(layers="transformer.h", edit="mlp.fc_out", norm="transformer.ln_f", start=3 / 28),
+    "gpt2": dict(layers="transformer.h", edit="mlp.c_proj", norm="transformer.ln_f", start=_layer_start("gpt2")),
+    "gptj": dict(layers="transformer.h", edit="mlp.fc_out", norm="transformer.ln_f", start=_layer_start("gptj")),
     "gpt_neox": dict(layers="gpt_neox.layers", edit="mlp.dense_4h_to_h", norm="gpt_neox.final_layer_norm",
-                     start=3 / 28),
+                     start=_layer_start("gpt_neox")),
     "llama": dict(_LLAMA_LIKE),
     "mistral": dict(_LLAMA_LIKE),
-    "qwen2": dict(_LLAMA_LIKE, start=7 / 28),
-    "qwen3": dict(_LLAMA_LIKE, start=7 / 28),
+    "qwen2": dict(_LLAMA_LIKE, start=_layer_start("qwen2")),
+    "qwen3": dict(_LLAMA_LIKE, start=_layer_start("qwen3")),
     "phi3": dict(_LLAMA_LIKE),
-    # -- added with issue #13 ------------------------------------------------------------------
+    # -- families with a norm after the MLP, scaled branches or other layouts ------------------
     "gemma2": dict(_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm", bos=True),
     "gemma3_text": dict(_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm", bos=True),
     "olmo2": dict(_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm"),

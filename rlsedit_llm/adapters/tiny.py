@@ -3,10 +3,15 @@ from configs (no weights, no network): for tests."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from rlsedit_llm.adapters.spec import KNOWN_FAMILIES
 from rlsedit_llm.errors import UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 __all__ = ["tiny_model"]
 
@@ -27,13 +32,14 @@ The native language of the writer is English. The city of Tokyo is the capital o
 _TINY_EOS = "<|endoftext|>"
 
 
-def _tiny_tokenizer(vocab_size: int = 512):
+def _tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained deterministically on a fixed built-in text.
 
     Byte-level means every string encodes; leading-space handling matches GPT-2 style
     tokenizers (``" Paris"`` is one token), so subject positions are found as with real models.
     """
-    from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tk_models
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(tk_models.BPE())
@@ -51,10 +57,11 @@ def _tiny_tokenizer(vocab_size: int = 512):
 
 
 def _tiny_config(family: str, *, vocab: int, eos: int, n_layers: int, d_model: int, n_heads: int,
-                 d_ff: int, max_positions: int, **overrides):
+                 d_ff: int, max_positions: int, **overrides: Any) -> PretrainedConfig:
     import transformers
 
-    ids = dict(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    ids: dict[str, Any] = dict(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    cfg: PretrainedConfig
     kv_heads = max(1, n_heads // 2)
     head_dim = d_model // n_heads
     if family == "gpt2":
@@ -76,26 +83,29 @@ def _tiny_config(family: str, *, vocab: int, eos: int, n_layers: int, d_model: i
                                         num_hidden_layers=n_layers, num_attention_heads=n_heads, ffn_hidden_size=d_ff,
                                         parallel_attn=True, alibi=False, bias=False, **ids)
     else:
-        common = dict(vocab_size=vocab, max_position_embeddings=max_positions, hidden_size=d_model,
+        common: dict[str, Any] = dict(vocab_size=vocab, max_position_embeddings=max_positions, hidden_size=d_model,
                       num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=kv_heads,
                       intermediate_size=d_ff, **ids)
         if family in ("gemma2", "gemma3_text"):
             # Sliding-window and global layers alternate (Gemma 3 270M: 5 sliding, then 1 global);
             # embeddings tied and scaled by sqrt(d_model), as in the real models.
             layer_types = ["full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(n_layers)]
-            cls = transformers.Gemma2Config if family == "gemma2" else transformers.Gemma3TextConfig
-            extra = dict(head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=16,
-                         layer_types=layer_types, tie_word_embeddings=True)
+            cls: type[PretrainedConfig] = (transformers.Gemma2Config if family == "gemma2"
+                                           else transformers.Gemma3TextConfig)
+            extra: dict[str, Any] = dict(head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=16,
+                                         layer_types=layer_types, tie_word_embeddings=True)
             cfg = cls(**common, **extra)
         else:
             cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                    "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                    "phi3": transformers.Phi3Config, "olmo2": transformers.Olmo2Config,
                    "granite": transformers.GraniteConfig, "stablelm": transformers.StableLmConfig}[family]
-            extra = {"head_dim": head_dim} if family == "qwen3" else {}
+            extra = {"tie_word_embeddings": False}
+            if family == "qwen3":
+                extra["head_dim"] = head_dim
             if family == "granite":  # non-trivial multipliers, so tests see them
-                extra = dict(residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=2.0)
-            cfg = cls(**common, tie_word_embeddings=False, **extra)
+                extra.update(residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=2.0)
+            cfg = cls(**common, **extra)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -103,7 +113,8 @@ def _tiny_config(family: str, *, vocab: int, eos: int, n_layers: int, d_model: i
 
 def tiny_model(family: str, *, seed: int = 0, n_layers: int = 4, d_model: int = 32, n_heads: int = 4,
                d_ff: int | None = None, max_positions: int = 256, dtype: torch.dtype = torch.float32,
-               attn_implementation: str | None = None, init_std: float | None = None, **config_overrides):
+               attn_implementation: str | None = None, init_std: float | None = None,
+               **config_overrides: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A tiny randomly initialised causal LM of ``family`` and a matching tokenizer, built offline.
 
     ``family`` is one of :data:`KNOWN_FAMILIES` (``"gemma3"`` is accepted for ``"gemma3_text"``).
@@ -123,7 +134,7 @@ def tiny_model(family: str, *, seed: int = 0, n_layers: int = 4, d_model: int = 
             f"no tiny model for family {family!r}; supported families: {', '.join(KNOWN_FAMILIES)}"
         )
     tok = _tiny_tokenizer()
-    eos = tok.convert_tokens_to_ids(_TINY_EOS)
+    eos = tok.eos_token_id
     cfg = _tiny_config(family, vocab=len(tok), eos=eos, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
                        d_ff=d_ff or 2 * d_model, max_positions=max_positions, **config_overrides)
     if init_std is not None:

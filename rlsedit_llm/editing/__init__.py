@@ -1,4 +1,8 @@
-"""The editors and their saved state: :class:`Editor` (layer-solver methods), fine-tuning, UltraEdit, file I/O."""
+"""The editors and their saved state: :class:`Editor` (layer-solver methods), fine-tuning, UltraEdit, file I/O.
 
-from rlsedit_llm.editing import finetune  # noqa: F401  (registers the editor-level method "ft")
-from rlsedit_llm.editing import ultraedit  # noqa: F401  (registers the editor-level method "ultraedit")
+Importing this package registers the built-in methods (:mod:`rlsedit_llm.editing.catalog`).
+"""
+
+from rlsedit_llm.editing.catalog import register_builtins
+
+register_builtins()

@@ -9,14 +9,16 @@ from dataclasses import dataclass
 import torch
 
 from rlsedit_llm.errors import HyperparameterError
-from rlsedit_llm.kernel.registry import get_method
+from rlsedit_llm.kernel.method_config import MethodConfig
+from rlsedit_llm.kernel.registry import config_class, get_method
 from rlsedit_llm.kernel.rls import max_condition
 from rlsedit_llm.pipeline.values import ValueConfig
+from rlsedit_llm.presets import method_preset
 
 __all__ = ["EditConfig", "anchor_gram", "PUBLISHED_MOM2_WEIGHT", "PUBLISHED_D_K"]
 
-PUBLISHED_MOM2_WEIGHT = 15000.0  # N of the published RLSEdit/AlphaEdit configs
-PUBLISHED_D_K = 14336  # d_k of Llama-3-8B, the reference model of those configs
+PUBLISHED_MOM2_WEIGHT = float(method_preset("rlsedit", "mom2_weight"))  # N of the published RLSEdit/AlphaEdit configs
+PUBLISHED_D_K = int(method_preset("rlsedit", "d_k"))  # d_k of Llama-3-8B, the reference model of those configs
 
 
 def anchor_gram(moment: torch.Tensor, mom2_weight: float, *, dtype=torch.float64, device=None) -> torch.Tensor:
@@ -37,12 +39,15 @@ class EditConfig:
     ``k^T (N E[kk^T])^{-1} k ~ d_k / N`` then matches Llama-3-8B's (``d_k = 14336``) on any model.
     For SmolLM2 (``d_k = 1536``) that is ``N ~ 1607``; the unscaled 15000 there absorbs only
     about a tenth of each edit. Pass ``mom2_weight=15000`` for the published setting verbatim.
+
+    ``method_config`` holds the settings of ``method`` alone (its registered config class, e.g.
+    ``AlphaEditConfig(threshold=2e-2)``); None: that method's defaults.
     """
 
     layers: tuple[int, ...] | None = None  # None: the family's default block
     method: str = "rlsedit"  # a registered layer-solver method: memit, memit_seq, alphaedit, ...
-    alpha: float = 0.0
-    beta: float = 1.0
+    alpha: float = float(method_preset("rlsedit", "alpha"))
+    beta: float = float(method_preset("rlsedit", "beta"))
     mom2_weight: float | None = None  # N; None: 15000 * d_k / 14336 (see above)
     corpus: str = "enwiki_sample"
     stats_tokens: int = 100_000
@@ -61,6 +66,7 @@ class EditConfig:
     # A folder of MEMIT/ROME .npz layer statistics bound to this model (pipeline.stats_npz):
     # used instead of computing E[kk^T] (corpus and stats_tokens then do not apply).
     precomputed_stats: str | None = None
+    method_config: MethodConfig | None = None  # the method's own settings; None: its defaults
 
     def validate(self) -> None:
         for name in ("alpha", "beta", "mom2_weight"):
@@ -101,6 +107,7 @@ class EditConfig:
                 "set alpha > 0 or beta > 0 and mom2_weight > 0"
             )
         get_method(self.method)  # a typed error naming the choices for an unknown method
+        self._check_method_config()
         if self.state_dtype not in ("float32", "float64"):
             raise HyperparameterError(f"state_dtype must be 'float32' or 'float64'; got {self.state_dtype!r}")
         if self.alpha == 0:
@@ -109,6 +116,19 @@ class EditConfig:
             raise HyperparameterError("stats_tokens and template_length must be >= 1, n_templates >= 0")
         if self.layers is not None and len(self.layers) == 0:
             raise HyperparameterError("layers must name at least one layer (or be None)")
+
+    def _check_method_config(self) -> None:
+        if self.method_config is None:
+            return
+        expected = config_class(self.method)
+        if type(self.method_config) is not expected:
+            raise HyperparameterError(f"method_config must be a {expected.__name__} for method {self.method!r} "
+                                      f"(or None); got {type(self.method_config).__name__}")
+        self.method_config.validate()
+
+    def resolved_method_config(self) -> MethodConfig:
+        """``method_config``, or the method's defaults when it is None."""
+        return self.method_config if self.method_config is not None else config_class(self.method)()
 
     def _check_anchor_weight(self) -> None:
         """With ``alpha = 0`` the anchor alone regularises: an in-distribution key's absorption
@@ -135,13 +155,16 @@ class EditConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers) if self.layers is not None else None
+        d["method_config"] = self.method_config.to_dict() if self.method_config is not None else None
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EditConfig":
+    def from_dict(cls, d: dict) -> EditConfig:
         d = dict(d)
         if d.get("layers") is not None:
             d["layers"] = tuple(d["layers"])
         if d.get("value") is not None:
             d["value"] = ValueConfig(**d["value"])
+        if d.get("method_config") is not None:  # a state saved without it gets None: the defaults
+            d["method_config"] = config_class(d.get("method", cls.method)).from_dict(d["method_config"])
         return cls(**d)

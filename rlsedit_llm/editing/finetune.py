@@ -7,31 +7,32 @@ then the mean over facts. No constraint keeps the weights near the original ones
 "unconstrained FT" of the editing literature and the baseline that forgets.
 
 An editor-level method: it computes no keys or values, so it runs its own loop, but it speaks the
-editor protocol (``edit(facts) -> EditReport``, ``weights()``, ``save``/``load``, ``layers_``,
-``n_batches_``) and is found through the method registry like the layer solvers.
+editor protocol through :class:`~rlsedit_llm.editing.editor_level.EditorLevelMethod` and is found
+through the method registry like the layer solvers.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlsedit_llm.adapters.spec import detect_spec, get_module, read_weight, write_weight
-from rlsedit_llm.editing.editor import EditConfig, EditReport, FactReport
-from rlsedit_llm.errors import HyperparameterError, NonFiniteError, StateMismatchError
+from rlsedit_llm.adapters.spec import write_weight
+from rlsedit_llm.editing.editor_level import EditorLevelMethod
+from rlsedit_llm.editing.reports import EditReport, FactReport
+from rlsedit_llm.errors import NonFiniteError, StateMismatchError
+from rlsedit_llm.files import atomic_path
+from rlsedit_llm.kernel.method_config import MethodConfig, check_count, check_number
 from rlsedit_llm.kernel.protocol import Capabilities
-from rlsedit_llm.kernel.registry import register
-from rlsedit_llm.files import atomic_path, atomic_write_text
 from rlsedit_llm.pipeline.facts import checked_facts, encode_target
 from rlsedit_llm.pipeline.scoring import score_targets
 from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
 
-__all__ = ["FineTuneEditor", "target_nll"]
+__all__ = ["FineTuneEditor", "FTConfig", "target_nll"]
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,24 @@ def target_nll(model, tokenizer, prompts, targets) -> torch.Tensor:
     return (nll * weight.to(device)).sum() / len(rows)
 
 
-@register
-class FineTuneEditor:
+@dataclass(frozen=True)
+class FTConfig(MethodConfig):
+    """Fine-tuning's settings (rlsedit's baseline choices; no published lifelong setting is followed).
+
+    lr : Adam learning rate (> 0)
+    steps : Adam steps per batch, a fresh optimiser per batch (int >= 1)
+    """
+
+    method = "ft"
+    lr: float = 5e-4
+    steps: int = 10
+
+    def validate(self) -> None:
+        check_number("FTConfig", "lr", self.lr, positive=True)
+        check_count("FTConfig", "steps", self.steps)
+
+
+class FineTuneEditor(EditorLevelMethod):
     """Sequential fine-tuning of the edited layers' MLP output weights.
 
     Parameters
@@ -63,43 +80,31 @@ class FineTuneEditor:
     layers : tuple of int or None
         Layers whose MLP output projection is trained (None: the family's default edited block,
         the same layers as :class:`~rlsedit_llm.Editor`).
-    lr : float > 0
-        Adam learning rate.
-    steps : int >= 1
-        Adam steps per batch (a fresh optimiser per batch).
+    lr, steps : the fields of :class:`FTConfig`
 
     Attributes
     ----------
-    spec_, layers_, W0_ (layer -> (d_k, d_v) pre-edit weights, CPU), n_edits_, n_batches_,
-    losses_ (per batch: loss before and after its steps).
+    method_config (:class:`FTConfig`), spec_, layers_, W0_ (layer -> (d_k, d_v) pre-edit weights,
+    CPU), n_edits_, n_batches_, losses_ (per batch: loss before and after its steps).
     """
 
     name = "ft"
     capabilities = Capabilities()
+    config_cls = FTConfig
+    state_file = "finetune.json"
+    method_config: FTConfig
 
-    def __init__(self, model, tokenizer, *, layers=None, lr: float = 5e-4, steps: int = 10):
-        if not (isinstance(lr, (int, float)) and lr > 0 and lr == lr and lr != float("inf")):
-            raise HyperparameterError(f"lr must be a finite number > 0; got {lr!r}")
-        if not (isinstance(steps, int) and steps >= 1):
-            raise HyperparameterError(f"steps must be an int >= 1; got {steps!r}")
-        self.model, self.tokenizer, self.lr, self.steps = model, tokenizer, float(lr), steps
-        self.spec_ = detect_spec(model)
-        layers = tuple(layers) if layers is not None else tuple(self.spec_.default_layers)
-        if not layers or any(not (0 <= l < self.spec_.n_layers) for l in layers):
-            raise HyperparameterError(f"layers must lie in [0, {self.spec_.n_layers}); got {layers}")
-        self.layers_ = layers
-        self.W0_ = {l: read_weight(self._module(l)).cpu() for l in layers}
-        self.n_edits_ = 0
-        self.n_batches_ = 0
+    def __init__(self, model, tokenizer, *, layers=None, lr: float = FTConfig.lr, steps: int = FTConfig.steps) -> None:
+        super().__init__(model, tokenizer, layers, FTConfig.build(lr=lr, steps=steps))
         self.losses_: list[tuple[float, float]] = []
 
-    @classmethod
-    def from_config(cls, model, tokenizer, config: EditConfig, *, lr: float = 5e-4, steps: int = 10):
-        """The fine-tuning editor on ``config.layers`` (its other fields do not apply)."""
-        return cls(model, tokenizer, layers=config.layers, lr=lr, steps=steps)
+    @property
+    def lr(self) -> float:
+        return float(self.method_config.lr)
 
-    def _module(self, layer: int):
-        return get_module(self.model, self.spec_.edit_module_path.format(layer))
+    @property
+    def steps(self) -> int:
+        return self.method_config.steps
 
     def edit(self, facts) -> EditReport:
         """Fine-tune on one batch; return an :class:`~rlsedit_llm.EditReport` (its ``extras``
@@ -114,7 +119,7 @@ class FineTuneEditor:
         seconds = {"score": time.perf_counter() - tic}
         tic = time.perf_counter()
         modules = [self._module(l) for l in self.layers_]
-        params = [m.weight for m in modules]
+        params: list[torch.Tensor] = [m.weight for m in modules]  # type: ignore[misc]
         saved = [p.detach().clone() for p in params]
         flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
         try:
@@ -157,26 +162,13 @@ class FineTuneEditor:
         return EditReport(edit_id, self.layers_, reports, seconds,
                           extras={"loss_before": before, "loss_after": after})
 
-    def weights(self) -> dict[int, torch.Tensor]:
-        """Current weights of the trained modules, ``(d_k, d_v)`` per layer."""
-        return {l: read_weight(self._module(l)) for l in self.layers_}
-
-    # -- persistence: the trained weights and counters (the optimiser restarts every batch) --
-    def save(self, directory) -> None:
-        """Write the trained weights, then the counters, to ``directory`` (each file atomically)."""
-        directory = Path(directory)
+    # -- persistence: the trained weights, counters and losses (the optimiser restarts every batch) --
+    def _save_tensors(self, directory: Path) -> dict:
         with atomic_path(directory / "weights.pt") as tmp:
             torch.save({l: W.cpu() for l, W in self.weights().items()}, tmp)
-        meta = {"layers": list(self.layers_), "lr": self.lr, "steps": self.steps,
-                "n_edits": self.n_edits_, "n_batches": self.n_batches_, "losses": self.losses_}
-        atomic_write_text(directory / "finetune.json", json.dumps(meta))
+        return {"losses": self.losses_}
 
-    @classmethod
-    def load(cls, model, tokenizer, directory) -> "FineTuneEditor":
-        """Restore a saved fine-tuning stream onto a pristine copy of the model."""
-        directory = Path(directory)
-        meta = json.loads((directory / "finetune.json").read_text())
-        new = cls(model, tokenizer, layers=meta["layers"], lr=meta["lr"], steps=meta["steps"])
+    def _load_tensors(self, directory: Path, meta: dict) -> None:
         try:
             # Tensors only: a full unpickle of a file someone handed over can run arbitrary code
             # (torch < 2.6 unpickles everything by default).
@@ -187,17 +179,15 @@ class FineTuneEditor:
                 f"unpickled); save the fine-tuning stream again with FineTuneEditor.save ({exc})") from None
         if not isinstance(weights, dict):
             raise StateMismatchError(f"{directory / 'weights.pt'} is not a dict of per-layer weights; save the stream again")
-        for l in new.layers_:
+        for l in self.layers_:
             W = weights.get(l)
-            if not isinstance(W, torch.Tensor) or W.shape != new.W0_[l].shape:
+            if not isinstance(W, torch.Tensor) or W.shape != self.W0_[l].shape:
                 raise StateMismatchError(f"saved fine-tuning weights do not match layer {l} of this model")
-        held = {l: weights[l].to(new.W0_[l].dtype) for l in new.layers_}
+        held = {l: weights[l].to(self.W0_[l].dtype) for l in self.layers_}
         bad = [l for l, W in held.items() if not torch.isfinite(W).all()]
         if bad:  # checked for every layer before the first write: all or nothing
             raise NonFiniteError(f"saved fine-tuning weights of layers {bad} hold NaN/inf in the model's dtype; "
                                  f"nothing was loaded")
-        for l in new.layers_:
-            write_weight(new._module(l), held[l])
-        new.n_edits_, new.n_batches_ = int(meta["n_edits"]), int(meta["n_batches"])
-        new.losses_ = [tuple(x) for x in meta["losses"]]
-        return new
+        for l in self.layers_:
+            write_weight(self._module(l), held[l])
+        self.losses_ = [tuple(x) for x in meta["losses"]]

@@ -1,18 +1,24 @@
-"""One owner per model: the lock every editor call on a model holds, the owning editor, and the
-per-tensor digests that let every state-changing call check cheaply that the model still holds
-what its editor wrote (see :meth:`rlsedit_llm.Editor.check_model`)."""
+"""One owner per model: the lock every editor call on a model holds, the owning editor
+(:class:`ModelGuard`, kept on the model), each editor's claim on its model (:class:`Ownership`:
+the checks every state-changing call makes, take-over and release), and the per-tensor digests
+that let every call check cheaply that the model still holds what its editor wrote (see
+:meth:`rlsedit_llm.Editor.check_model`)."""
 
 from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
-from rlsedit_llm.errors import UnsupportedArchitectureError
+from rlsedit_llm.errors import OwnershipError, StateMismatchError, UnsupportedArchitectureError
+from rlsedit_llm.interrupts import deferred_interrupts
 
-__all__ = ["ModelGuard", "guard_of", "hand_over", "named_tensors", "tensor_digests"]
+__all__ = ["ModelGuard", "Ownership", "guard_of", "named_tensors", "tensor_digests"]
 
 _GUARD = "_rlsedit_guard"  # the per-model lock, owner and digest cache (see ModelGuard)
 
@@ -54,16 +60,6 @@ class ModelGuard:
         self.__init__()
 
 
-def hand_over(guard: ModelGuard, editor, displace: bool) -> None:
-    """Make ``editor`` the owner; with ``displace`` (an explicit take-over) a different previous
-    owner is refused from now on."""
-    previous = guard.owner
-    if displace and previous is not None and previous is not editor:
-        previous._displaced = True
-    editor._displaced = False
-    guard.owner = editor
-
-
 def guard_of(model) -> ModelGuard:
     """The model's guard, created on first use. No lock: ``dict.setdefault`` is atomic, so
     threads racing on a fresh model all get the same guard (and an interrupt cannot leave a lock
@@ -78,6 +74,96 @@ def guard_of(model) -> ModelGuard:
         if not isinstance(guard, ModelGuard):  # something else under the name: replace it
             model.__dict__[_GUARD] = guard = fresh
     return guard
+
+
+class Ownership:
+    """One editor's claim on its model.
+
+    ``describe()`` names the editor in messages; ``mismatch()`` is None when the model holds
+    exactly the editor's state (else what differs); ``journal()`` identifies its journal, so that
+    a call that changed nothing can give ownership back. ``displaced``: another editor took the
+    model over explicitly (this one may no longer change it until :meth:`take_over`); ``broken``:
+    why the editor's state can no longer be trusted (set when finishing a change failed).
+    """
+
+    def __init__(self, model: torch.nn.Module, editor: Any, mismatch: Callable[[], str | None],
+                 describe: Callable[[], str], journal: Callable[[], list]):
+        self.model, self.mismatch, self.describe, self.journal = model, mismatch, describe, journal
+        self._editor = weakref.ref(editor)
+        self.displaced = False
+        self.broken: str | None = None
+
+    @property
+    def guard(self) -> ModelGuard:
+        return guard_of(self.model)
+
+    @property
+    def owns(self) -> bool:
+        """Whether the editor currently owns its model."""
+        return self.guard.owner is self._editor()
+
+    def hand_over(self, displace: bool) -> None:
+        """Make the editor the owner; with ``displace`` (an explicit take-over) a different
+        previous owner is refused from now on."""
+        guard, editor = self.guard, self._editor()
+        previous = guard.owner
+        if displace and previous is not None and previous is not editor:
+            previous.ownership.displaced = True
+        self.displaced = False
+        guard.owner = editor
+
+    def refuse_if_owned(self, take_over: bool, action: str) -> None:
+        """OwnershipError if another editor owns the model and its edits are still in it."""
+        owner = self.guard.owner
+        if owner is None or owner is self._editor() or take_over or owner.ownership.mismatch() is not None:
+            return
+        raise OwnershipError(
+            f"cannot {action}: this model is owned by another editor ({owner.ownership.describe()}) whose state "
+            f"the model holds; two editors on one model overwrite each other's writes. Continue with that editor "
+            f"(rlsedit_llm.editor_of(model) for the one rlsedit_llm.edit keeps), call its release(), or take the "
+            f"model over explicitly (take_over=True)")
+
+    def refuse_reentry(self, action: str) -> None:
+        if self.guard.busy:
+            raise OwnershipError(f"cannot {action}: another editor call on this model is running in this "
+                                 f"thread (a re-entrant call from a hook or callback); call it afterwards")
+
+    @contextmanager
+    def call(self, action: str, *, claim: bool = True, check: Callable[[], None]) -> Iterator[None]:
+        """Hold the model's lock, refuse re-entry, a displaced or broken editor, run ``check``
+        (the model against the state), and (``claim``) make the editor the model's owner for the
+        block. Signals are deferred for the whole block: Ctrl-C is delivered at the call's safe
+        points (:func:`~rlsedit_llm.interrupts.poll_interrupts`) or when it ends."""
+        guard = self.guard
+        with deferred_interrupts(), guard.lock:
+            self.refuse_reentry(action)
+            if self.displaced:
+                raise OwnershipError(f"cannot {action}: another editor took this model over (take_over=True); "
+                                     f"this editor may no longer change it. Call its take_over() to take the "
+                                     f"model back (checked against this editor's state)")
+            if self.broken:
+                raise StateMismatchError(f"cannot {action}: {self.broken}; this editor's state can no longer be "
+                                         f"trusted. Load the last save onto the base model (Editor.load)")
+            check()
+            previous, journal = guard.owner, [id(r) for r in self.journal()]
+            with guard.call:
+                try:
+                    if claim:
+                        guard.owner = self._editor()
+                    yield
+                except BaseException:
+                    # a call that changed nothing (rolled back) leaves ownership as it was: a failed
+                    # first edit must not lock a corrected retry out
+                    if claim and [id(r) for r in self.journal()] == journal:
+                        guard.owner = previous
+                    raise
+
+    def release(self) -> None:
+        """Give up ownership of the model (another editor may then take it, if it matches)."""
+        guard = self.guard
+        with guard.lock:
+            if guard.owner is self._editor():
+                guard.owner = None
 
 
 class _OneTensor(torch.nn.Module):

@@ -24,8 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rlsedit_llm.adapters.spec import detect_spec, get_module, read_weight, write_weight
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
+from rlsedit_llm.adapters.spec import detect_spec, get_module, read_weight, write_weight
 from rlsedit_llm.editing.state import cpu_tensors, package_version, spec_summary
 from rlsedit_llm.errors import EditPackError, HyperparameterError, NonFiniteError, ShapeError, StateMismatchError
 from rlsedit_llm.files import atomic_path

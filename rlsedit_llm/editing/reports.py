@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -66,3 +67,22 @@ class EditRecord:
     keys: dict[int, torch.Tensor]  # layer -> K (u, d_k), in the state dtype, on CPU
     values: dict[int, torch.Tensor]  # layer -> V = K W_prev + R (u, d_v), absolute values
     created: float = field(default_factory=time.time)
+
+    def rows(self, keep: list[int]) -> EditRecord:
+        """A copy holding only the facts (and their keys and values) at the indices ``keep``."""
+        return dataclasses.replace(self, facts=[self.facts[j] for j in keep],
+                                   keys={l: K[keep] for l, K in self.keys.items()},
+                                   values={l: V[keep] for l, V in self.values.items()})
+
+    def to_state(self) -> dict:
+        """The entry as plain data and tensors (the journal part of ``Editor.state_dict()``)."""
+        return {"edit_id": self.edit_id, "created": self.created, "facts": [dataclasses.asdict(f) for f in self.facts],
+                "keys": dict(self.keys), "values": dict(self.values)}
+
+    @classmethod
+    def from_state(cls, entry: dict) -> EditRecord:
+        """Inverse of :meth:`to_state` (``KeyError``/``TypeError``/``ValueError`` for a malformed entry)."""
+        return cls(int(entry["edit_id"]), [Fact(**f) for f in entry["facts"]],
+                   {int(l): K for l, K in entry["keys"].items()}, {int(l): V for l, V in entry["values"].items()},
+                   created=entry["created"])
+

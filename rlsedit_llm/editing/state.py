@@ -68,8 +68,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rlsedit_llm.adapters.spec import detect_spec
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
+from rlsedit_llm.adapters.spec import detect_spec
 from rlsedit_llm.editing import folder_swap
 from rlsedit_llm.editing.folder_lock import locked
 from rlsedit_llm.editing.save_paths import JOURNAL, MANIFEST, SOLVERS, state_path
@@ -83,6 +83,7 @@ __all__ = [
     "migrate_v1",
     "read_manifest",
     "read_state",
+    "read_state_files",
     "spec_summary",
     "write_state",
 ]
@@ -370,6 +371,20 @@ def read_state(directory, model) -> tuple[dict, str]:
         ``model`` is not a supported causal LM.
     """
     target = _resolve_save(state_path(directory))
+    manifest = _checked_manifest(target)
+    spec = detect_spec(model)
+    mode = _model_mode(target, manifest, spec, model)
+    state = read_state_files(target, manifest=manifest)
+    try:
+        validate_state(state, model, spec=spec)
+    except StateMismatchError as exc:
+        raise StateMismatchError(f"{target}: {exc}") from None
+    return state, mode
+
+
+def _checked_manifest(target: Path) -> dict:
+    """The manifest of the save at ``target`` with every required field, and the tensor files
+    listed in it present and matching their checksums."""
     manifest = read_manifest(target)
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
@@ -382,8 +397,11 @@ def read_state(directory, model) -> tuple[dict, str]:
     for name, digest in files.items():
         if not (target / name).is_file() or sha256_file(target / name) != digest:
             raise StateMismatchError(f"{target / name} is missing or damaged (checksum mismatch); the save is unusable")
+    return manifest
 
-    spec = detect_spec(model)
+
+def _model_mode(target: Path, manifest: dict, spec, model) -> str:
+    """``"base"`` or ``"edited"``: which of the save's two models ``model`` is (else refused)."""
     saved_spec = manifest["spec"]
     if spec_summary(spec) != saved_spec:
         if not isinstance(saved_spec, dict):
@@ -399,15 +417,26 @@ def read_state(directory, model) -> tuple[dict, str]:
         raise StateMismatchError(f"{target / MANIFEST}: the fingerprints must be strings; the save is damaged or "
                                  f"forged")
     if current == base:
-        mode = "base"
-    elif current == edited:
-        mode = "edited"
-    else:
-        raise StateMismatchError(
-            f"this model's weights (fingerprint {current[:23]}...) match neither the base model the saved "
-            f"edits were made on ({base[:23]}...) nor the saved edited model ({edited[:23]}...); load the "
-            f"same pre-trained model (same weights and dtype) before loading the state"
-        )
+        return "base"
+    if current == edited:
+        return "edited"
+    raise StateMismatchError(
+        f"this model's weights (fingerprint {current[:23]}...) match neither the base model the saved "
+        f"edits were made on ({base[:23]}...) nor the saved edited model ({edited[:23]}...); load the "
+        f"same pre-trained model (same weights and dtype) before loading the state"
+    )
+
+
+def read_state_files(directory, *, manifest: dict | None = None) -> dict:
+    """The editor state dict of the save at ``directory`` (as :meth:`rlsedit_llm.Editor.state_dict`
+    returns it, plus ``edited_fingerprint``) without a model: the manifest's format and checksum,
+    every tensor file against its checksum, a version-1 save migrated, the manifest cross-checked
+    against the tensors. Nothing is checked against a model (:func:`read_state` does that).
+
+    Raises :class:`StateMismatchError` for a missing, damaged or forged save."""
+    target = _resolve_save(state_path(directory)) if manifest is None else Path(directory)
+    if manifest is None:
+        manifest = _checked_manifest(target)
     try:
         # Fresh copies: a loaded buffer can sit at another alignment than a computed one, and BLAS
         # kernels round differently then; the loaded editor must continue bitwise the same.
@@ -420,13 +449,11 @@ def read_state(directory, model) -> tuple[dict, str]:
             manifest, solver_tensors = migrate_v1(manifest, solver_tensors)
             log.info("read a version-1 save from %s; the next save writes version %d", target, VERSION)
         check_consistency(manifest, solver_tensors, journal_tensors)
-        state = _join(manifest, solver_tensors, journal_tensors)
-        validate_state(state, model, spec=spec)
+        return _join(manifest, solver_tensors, journal_tensors)
     except StateMismatchError as exc:
         raise StateMismatchError(f"{target}: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as exc:
         raise StateMismatchError(f"{target}: the manifest is malformed ({exc!r}); the save is damaged") from None
-    return state, mode
 
 
 _REQUIRED = ("config", "value_config", "spec", "layers", "templates", "next_id", "base_fingerprint",

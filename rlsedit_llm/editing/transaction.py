@@ -64,7 +64,7 @@ class Transaction:
         self.undo_log: list = []
         self.adoption: Adoption | None = None
 
-    def __enter__(self) -> "Transaction":
+    def __enter__(self) -> Transaction:
         editor = self.editor
         self.weights = {layer: read_weight(editor._module(layer)) for layer in editor.layers_}  # copies
         self.points = {layer: solver.checkpoint() for layer, solver in editor.solvers_.items()}
@@ -93,7 +93,7 @@ class Transaction:
         try:
             adoption.run()
         except BaseException as again:
-            self.editor._broken_ = (f"a {exc_type.__name__} interrupted the adoption of a change and finishing it "
+            self.editor.ownership.broken = (f"a {exc_type.__name__} interrupted the adoption of a change and finishing it "
                                     f"failed too ({type(again).__name__}: {again})")
             raise
         log.warning("%s arrived while the change was being adopted: the change was completed first (edit ids "

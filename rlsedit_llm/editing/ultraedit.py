@@ -28,38 +28,39 @@ one forward and backward pass of the unedited-so-far model:
 :class:`~rlsedit_llm.EditConfig` scales ``N``). See docs/theory/relation.md#ultraedit for the
 choices and how this differs from the authors' code.
 
-An editor-level method: it speaks the editor protocol (``edit(facts) -> EditReport``,
-``weights()``, ``save``/``load``, ``layers_``, ``n_batches_``) and is registered by name.
+An editor-level method: it speaks the editor protocol through
+:class:`~rlsedit_llm.editing.editor_level.EditorLevelMethod` and is registered by name.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlsedit_llm.adapters.spec import detect_spec, get_module, read_weight, write_weight
 from rlsedit_llm.adapters.hooks import requires_grad_set
-from rlsedit_llm.editing.config import PUBLISHED_D_K, EditConfig
+from rlsedit_llm.adapters.spec import read_weight, write_weight
+from rlsedit_llm.editing.editor_level import EditorLevelMethod
 from rlsedit_llm.editing.reports import EditReport, FactReport
-from rlsedit_llm.errors import HyperparameterError, NonFiniteError, StateMismatchError
-from rlsedit_llm.files import atomic_path, atomic_write_text
+from rlsedit_llm.errors import NonFiniteError, StateMismatchError
+from rlsedit_llm.files import atomic_path
+from rlsedit_llm.kernel.method_config import MethodConfig, check_count, check_number
 from rlsedit_llm.kernel.protocol import Capabilities
-from rlsedit_llm.kernel.registry import register
 from rlsedit_llm.pipeline.facts import checked_facts, encode_target
 from rlsedit_llm.pipeline.scoring import score_targets
 from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
+from rlsedit_llm.presets import method_preset
 
-__all__ = ["UltraEditor", "RunningMoments", "ultraedit_shift", "PUBLISHED_LR"]
+__all__ = ["UltraEditor", "UltraEditConfig", "RunningMoments", "ultraedit_shift", "PUBLISHED_LR"]
 
 log = logging.getLogger(__name__)
 
-PUBLISHED_LR = 1e-6  # the released config's ``lr`` (Llama-3-8B, d_k = 14336)
+PUBLISHED_LR = float(method_preset("ultraedit", "lr"))  # the released ``lr`` (used on d_k = 14336)
+_PUBLISHED_D_K = int(method_preset("ultraedit", "d_k"))
 _EPS = torch.finfo(torch.float32).eps  # the normaliser's epsilon (float32 features, as released)
 _FORMAT = "rlsedit-ultraedit-v1"
 
@@ -141,14 +142,29 @@ def ultraedit_shift(K: torch.Tensor, G: torch.Tensor, moments: RunningMoments, *
     return torch.linalg.solve(S, K.mT @ V)
 
 
-def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise HyperparameterError(f"{name} must be a finite number > 0; got {value!r}")
-    return float(value)
+@dataclass(frozen=True)
+class UltraEditConfig(MethodConfig):
+    """UltraEdit's settings.
+
+    lr : scale of the pseudo-values (> 0), or None: the released ``1e-6`` scaled to the layer's
+        width, ``1e-6 * 14336 / d_k``
+    ridge : weight of ``||Delta||^2`` in the closed form (> 0; released: 1)
+    batch_size : facts per forward/backward pass (int >= 1; memory only: the result does not
+        depend on it)
+    """
+
+    method = "ultraedit"
+    lr: float | None = None
+    ridge: float = float(method_preset("ultraedit", "ridge"))
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        check_number("UltraEditConfig", "lr", self.lr, positive=True, optional=True)
+        check_number("UltraEditConfig", "ridge", self.ridge, positive=True)
+        check_count("UltraEditConfig", "batch_size", self.batch_size)
 
 
-@register
-class UltraEditor:
+class UltraEditor(EditorLevelMethod):
     """UltraEdit on the edited layers' MLP output projections (see the module docstring).
 
     Parameters
@@ -157,55 +173,42 @@ class UltraEditor:
     layers : tuple of int or None
         Edited layers (None: the family's default block, the same layers as
         :class:`~rlsedit_llm.Editor`).
-    lr : float > 0 or None
-        Scale of the pseudo-values; None: ``1e-6 * 14336 / d_k`` (the released value scaled to width).
-    ridge : float > 0
-        Weight of ``||Delta||^2`` in the closed form (released: 1).
-    batch_size : int >= 1
-        Facts per forward/backward pass (memory only: the result does not depend on it).
+    lr, ridge, batch_size : the fields of :class:`UltraEditConfig`
 
     Attributes
     ----------
-    spec_, layers_, lr_ (the resolved lr), W0_ (layer -> (d_k, d_v) pre-edit weights, CPU),
-    moments_ (layer -> :class:`RunningMoments` of ``[k, g]``), n_edits_, n_batches_, n_rows_.
+    method_config (:class:`UltraEditConfig`), spec_, layers_, lr_ (the resolved lr), W0_ (layer ->
+    (d_k, d_v) pre-edit weights, CPU), moments_ (layer -> :class:`RunningMoments` of ``[k, g]``),
+    n_edits_, n_batches_, n_rows_.
     """
 
     name = "ultraedit"
     capabilities = Capabilities()
+    config_cls = UltraEditConfig
+    state_file = "ultraedit.json"
+    method_config: UltraEditConfig
 
-    def __init__(self, model, tokenizer, *, layers=None, lr: float | None = None, ridge: float = 1.0,
-                 batch_size: int = 16):
-        self.model, self.tokenizer = model, tokenizer
-        self.spec_ = detect_spec(model)
-        layers = tuple(layers) if layers is not None else tuple(self.spec_.default_layers)
-        if not layers or any(not (isinstance(l, int) and 0 <= l < self.spec_.n_layers) for l in layers) \
-                or sorted(set(layers)) != list(layers):
-            raise HyperparameterError(f"layers must be distinct ascending ints in [0, {self.spec_.n_layers}); "
-                                      f"got {layers}")
-        self.layers_ = layers
-        self.lr = None if lr is None else _check_positive("lr", lr)
-        self.lr_ = self.lr if self.lr is not None else PUBLISHED_LR * PUBLISHED_D_K / self.spec_.d_k
-        self.ridge = _check_positive("ridge", ridge)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise HyperparameterError(f"batch_size must be an int >= 1; got {batch_size!r}")
-        self.batch_size = batch_size
-        self.W0_ = {l: read_weight(self._module(l)).cpu() for l in layers}
+    def __init__(self, model, tokenizer, *, layers=None, lr: float | None = UltraEditConfig.lr,
+                 ridge: float = UltraEditConfig.ridge, batch_size: int = UltraEditConfig.batch_size) -> None:
+        super().__init__(model, tokenizer, layers, UltraEditConfig.build(lr=lr, ridge=ridge, batch_size=batch_size))
+        self.lr_ = float(lr) if lr is not None else PUBLISHED_LR * _PUBLISHED_D_K / self.spec_.d_k
         self.moments_ = {}
-        for l in layers:
+        for l in self.layers_:
             d_k, d_v = self.W0_[l].shape
             self.moments_[l] = RunningMoments(d_k + d_v, device=self._module(l).weight.device)
-        self.n_edits_ = 0
-        self.n_batches_ = 0
         self.n_rows_ = 0
 
-    @classmethod
-    def from_config(cls, model, tokenizer, config: EditConfig, *, lr: float | None = None, ridge: float = 1.0,
-                    batch_size: int = 16):
-        """UltraEdit on ``config.layers`` (its other fields do not apply: no statistics, no values)."""
-        return cls(model, tokenizer, layers=config.layers, lr=lr, ridge=ridge, batch_size=batch_size)
+    @property
+    def lr(self) -> float | None:
+        return None if self.method_config.lr is None else float(self.method_config.lr)
 
-    def _module(self, layer: int):
-        return get_module(self.model, self.spec_.edit_module_path.format(layer))
+    @property
+    def ridge(self) -> float:
+        return float(self.method_config.ridge)
+
+    @property
+    def batch_size(self) -> int:
+        return self.method_config.batch_size
 
     # -- features ----------------------------------------------------------------------------
     def features(self, facts) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
@@ -219,8 +222,8 @@ class UltraEditor:
             rows.append((p, t))
         modules = {l: self._module(l) for l in self.layers_}
         device, pad = input_device(self.model), pad_id(self.tokenizer)
-        keys = {l: [] for l in self.layers_}
-        grads = {l: [] for l in self.layers_}
+        keys: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers_}
+        grads: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers_}
         was_training = self.model.training
         with requires_grad_set(self.model, False):  # every flag put back, whatever interrupts the block
             try:
@@ -316,18 +319,10 @@ class UltraEditor:
         return EditReport(edit_id, self.layers_, reports, seconds,
                           extras={"rows": float(n_rows), "delta_norm": sum(norms) / len(norms)})
 
-    def weights(self) -> dict[int, torch.Tensor]:
-        """Current weights of the edited modules, ``(d_k, d_v)`` per layer."""
-        return {l: read_weight(self._module(l)) for l in self.layers_}
-
-    # -- persistence ---------------------------------------------------------------------------
-    def save(self, directory) -> None:
-        """Write the edited weights, the running statistics and the counters to ``directory``:
-        ``ultraedit.safetensors`` then ``ultraedit.json`` (which carries the tensors' SHA-256),
-        each atomically."""
+    # -- persistence: ultraedit.safetensors, then ultraedit.json (which carries its SHA-256) -----
+    def _save_tensors(self, directory: Path) -> dict:
         from safetensors.torch import save_file
 
-        directory = Path(directory)
         tensors = {}
         for l in self.layers_:
             tensors[f"weight.{l}"] = read_weight(self._module(l)).cpu().contiguous()
@@ -337,34 +332,27 @@ class UltraEditor:
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp))
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        meta = {"format": _FORMAT, "layers": list(self.layers_), "lr": self.lr, "ridge": self.ridge,
-                "batch_size": self.batch_size, "n_edits": self.n_edits_, "n_batches": self.n_batches_,
-                "n_rows": self.n_rows_, "counts": {str(l): self.moments_[l].count_ for l in self.layers_},
-                "sha256": digest}
-        atomic_write_text(directory / "ultraedit.json", json.dumps(meta))
+        return {"format": _FORMAT, "n_rows": self.n_rows_,
+                "counts": {str(l): self.moments_[l].count_ for l in self.layers_}, "sha256": digest}
 
     @classmethod
-    def load(cls, model, tokenizer, directory) -> "UltraEditor":
-        """Restore a saved UltraEdit stream onto a pristine copy of the model (all or nothing)."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        meta = json.loads((directory / "ultraedit.json").read_text())
+    def _check_meta(cls, directory: Path, meta: dict) -> None:
         if meta.get("format") != _FORMAT:
             raise StateMismatchError(f"{directory} holds no UltraEdit state of format {_FORMAT!r}")
+
+    def _load_tensors(self, directory: Path, meta: dict) -> None:
+        from safetensors.torch import load_file
+
         path = directory / "ultraedit.safetensors"
         if hashlib.sha256(path.read_bytes()).hexdigest() != meta["sha256"]:
             raise StateMismatchError(f"{path} does not match its ultraedit.json (an interrupted save?)")
         tensors = load_file(str(path))
-        new = cls(model, tokenizer, layers=meta["layers"], lr=meta["lr"], ridge=meta["ridge"],
-                  batch_size=meta["batch_size"])
-        for l in new.layers_:
+        for l in self.layers_:
             W = tensors.get(f"weight.{l}")
-            if W is None or W.shape != new.W0_[l].shape or tensors[f"mean.{l}"].shape != new.moments_[l].mean_.shape:
+            if W is None or W.shape != self.W0_[l].shape or tensors[f"mean.{l}"].shape != self.moments_[l].mean_.shape:
                 raise StateMismatchError(f"the saved UltraEdit state does not match layer {l} of this model")
-        for l in new.layers_:
-            write_weight(new._module(l), tensors[f"weight.{l}"].to(new.W0_[l].dtype))
-            new.moments_[l].load({"count": meta["counts"][str(l)], "mean": tensors[f"mean.{l}"],
-                                  "m2": tensors[f"m2.{l}"]})
-        new.n_edits_, new.n_batches_, new.n_rows_ = int(meta["n_edits"]), int(meta["n_batches"]), int(meta["n_rows"])
-        return new
+        for l in self.layers_:
+            write_weight(self._module(l), tensors[f"weight.{l}"].to(self.W0_[l].dtype))
+            self.moments_[l].load({"count": meta["counts"][str(l)], "mean": tensors[f"mean.{l}"],
+                                   "m2": tensors[f"m2.{l}"]})
+        self.n_rows_ = int(meta["n_rows"])

@@ -5,8 +5,11 @@
   unedited model's NLL of an edited model's generations and zero-shot GLUE accuracy;
 - :mod:`.data`: the edit streams (CounterFact, zsRE), GLUE subsets and per-case scores;
 - :mod:`.protocol`: a stream of N edits in batches of b on one model, per method, with
-  immediate, retention and final scores and the weight deviation against the theory's bounds;
-- :mod:`.bench`: ``rlsedit bench`` (resumable; :mod:`.report` writes its JSON/CSV/PNG/Markdown);
+  immediate, retention and final scores and the weight deviation against the theory's bounds
+  (:mod:`.protocol_config`: the stream; :mod:`.runners`: every method behind one interface);
+- :mod:`.results`: what a run records, typed, with its versioned JSON form (:mod:`.records`);
+- :mod:`.bench`: ``rlsedit bench`` (:mod:`.bench_config`: its settings; :mod:`.resume`: resuming
+  and extending a run; :mod:`.report` writes its CSV/PNG/Markdown);
 - :mod:`.plots`: the figures.
 """
 
@@ -30,10 +33,10 @@ from rlsedit_llm.evaluation.data import DATASETS, case_scores, load_glue, load_s
 from rlsedit_llm.evaluation.protocol import (
     MethodRunner,
     ProtocolConfig,
-    deviation_report,
     make_runner,
     run_method,
 )
+from rlsedit_llm.evaluation.results import Checkpoint, MethodRecord, Results, load_results
 
 __all__ = [
     "CF_METRICS",
@@ -58,6 +61,9 @@ __all__ = [
     "load_stream",
     "load_glue",
     "case_scores",
-    "deviation_report",
+    "Results",
+    "MethodRecord",
+    "Checkpoint",
+    "load_results",
     "run_method",
 ]

@@ -1,6 +1,6 @@
 """PNG figures of a benchmark's results (matplotlib, Agg backend; nothing is shown on screen).
 
-All functions take the results dict written by :mod:`.bench` and a file path; a method without
+The run figures take the :class:`.results.Results` of a run and a file path; a method without
 data for a figure is left out of it.
 """
 
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
+from rlsedit_llm.evaluation.results import MethodRecord, Results, Scores
 from rlsedit_llm.kernel.registry import method_names
 
 __all__ = ["plot_scores", "plot_retention", "plot_deviation", "plot_norms", "plot_lengths", "METRIC_LABELS"]
@@ -64,6 +66,10 @@ def _pyplot():
     return plt
 
 
+def _pct(x: float | None) -> float:
+    return math.nan if x is None else 100 * x
+
+
 def _rolling(values, window: int):
     out = []
     for i in range(len(values)):
@@ -72,23 +78,25 @@ def _rolling(values, window: int):
     return out
 
 
-def _methods(results: dict):
-    return [(name, rec) for name, rec in results.get("methods", {}).items() if rec.get("immediate")]
+def _methods(results: Results) -> list[tuple[str, MethodRecord]]:
+    return [(name, rec) for name, rec in results.methods.items() if rec.immediate]
 
 
-def _title(results: dict, what: str) -> str:
-    c = results.get("config", {})
-    return f"{what}: {c.get('dataset', '?')} on {c.get('model', '?')}, batches of {c.get('batch_size', '?')}"
+def _title(results: Results, what: str) -> str:
+    c = results.config
+    if c is None:
+        return f"{what}: ? on ?, batches of ?"
+    return f"{what}: {c.dataset} on {c.model}, batches of {c.batch_size}"
 
 
-def plot_scores(results: dict, path, *, window: int = 5) -> Path:
+def plot_scores(results: Results, path: str | Path, *, window: int = 5) -> Path:
     """Immediate scores of each batch (rolling mean over ``window`` batches) against edits."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(_PANELS), figsize=(4.2 * len(_PANELS), 3.6), sharex=True)
     for name, rec in _methods(results):
-        xs = [e["edits"] for e in rec["immediate"]]
+        xs = [e.edits for e in rec.immediate]
         for ax, key in zip(axes, _PANELS):
-            ys = _rolling([e.get(key) for e in rec["immediate"]], window)
+            ys = _rolling([e.scores.get(key) for e in rec.immediate], window)
             ax.plot(xs, [100 * y for y in ys], label=name, **{**_style(name), "marker": None})
     for ax, key in zip(axes, _PANELS):
         ax.set_title(METRIC_LABELS[key], fontsize=10)
@@ -104,30 +112,31 @@ def plot_scores(results: dict, path, *, window: int = 5) -> Path:
     return Path(path)
 
 
-def plot_retention(results: dict, path) -> Path:
+def plot_retention(results: Results, path: str | Path) -> Path:
     """Scores of the first edits of the stream (the retention set) at every checkpoint.
 
     The method keys may be run labels (``"memit (shadow)"``, see :func:`_label_styles`), as when
     ``benchmarks/combine_bench.py`` puts several runs of one stream in one figure."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(_PANELS), figsize=(4.2 * len(_PANELS), 3.6), sharex=True)
-    base = (results.get("base") or {}).get("retention") or {}
+    base = results.base.retention if results.base is not None else None
     methods = _methods(results)
     styles = _label_styles([name for name, _ in methods])
     for name, rec in methods:
-        pts = rec.get("checkpoints") or []
-        xs = [p["edits"] for p in pts]
+        pts = rec.checkpoints
+        xs = [p.edits for p in pts]
         for ax, key in zip(axes, _PANELS):
-            ys = [p["retention"].get(key) for p in pts]
+            ys = [p.retention.get(key) for p in pts]
             ax.plot(xs, [100 * y if y is not None else math.nan for y in ys], label=name, **styles[name])
     for ax, key in zip(axes, _PANELS):
-        if base.get(key) is not None:
-            ax.axhline(100 * base[key], color="grey", ls=":", lw=1, label="before editing")
+        before = base.get(key) if base is not None else None
+        if before is not None:
+            ax.axhline(100 * before, color="grey", ls=":", lw=1, label="before editing")
         ax.set_title(METRIC_LABELS[key], fontsize=10)
         ax.set_xlabel("edits written")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-    n = (results.get("config") or {}).get("retention_size", "?")
+    n = results.config.retention_size if results.config is not None else "?"
     axes[0].set_ylabel(f"score x100 of the first {n} edits")
     axes[-1].legend(fontsize=8)
     fig.suptitle(_title(results, "Retention of early edits"), fontsize=11)
@@ -137,32 +146,30 @@ def plot_retention(results: dict, path) -> Path:
     return Path(path)
 
 
-def plot_deviation(results: dict, path) -> Path:
+def plot_deviation(results: Results, path: str | Path) -> Path:
     """Per edited layer: ``||W_t - W0||_F`` (top) and the anchor drift ``||K0 (W_t - W0)||_F``
     (bottom) against edits, with the T3(a) / T3(b) bounds (dashed) where they are defined."""
     plt = _pyplot()
-    layers = []
-    for _, rec in _methods(results):
-        for p in rec.get("checkpoints") or []:
-            layers = sorted(set(layers) | set(p["deviation"]), key=int)
+    layers: list[Any] = sorted({layer for _, rec in _methods(results) for p in rec.checkpoints
+                                for layer in p.deviation})
     if not layers:
         layers = ["?"]
     fig, axes = plt.subplots(2, len(layers), figsize=(3.4 * len(layers), 6.2), squeeze=False)
     colours = {}
     for name, rec in _methods(results):
-        pts = rec.get("checkpoints") or []
+        pts = rec.checkpoints
         for j, layer in enumerate(layers):
-            xs = [p["edits"] for p in pts if layer in p["deviation"]]
-            rows = [p["deviation"][layer] for p in pts if layer in p["deviation"]]
+            xs = [p.edits for p in pts if layer in p.deviation]
+            rows = [p.deviation[layer] for p in pts if layer in p.deviation]
             for i, (lhs, rhs) in enumerate((("fro", "t3a"), ("anchor", "t3b"))):
                 ax = axes[i][j]
-                ys = [r.get(lhs) for r in rows]
+                ys = [getattr(r, lhs) for r in rows]
                 if not any(y is not None for y in ys):
                     continue
                 (line,) = ax.plot(xs, [y if y is not None else math.nan for y in ys], label=name,
                                   color=colours.get(name), **_style(name, line=False))
                 colours[name] = line.get_color()
-                bs = [r.get(rhs) for r in rows]
+                bs = [getattr(r, rhs) for r in rows]
                 if any(b is not None and math.isfinite(b) for b in bs):
                     ax.plot(xs, [b if b is not None else math.nan for b in bs], ls="--", lw=1,
                             color=colours[name], label=f"{name}: bound {rhs.upper()}")
@@ -189,7 +196,7 @@ def plot_deviation(results: dict, path) -> Path:
     return Path(path)
 
 
-def plot_norms(results: dict, path) -> Path:
+def plot_norms(results: Results, path: str | Path) -> Path:
     """The value-norm instruments along the stream: the written value's norm over the model's norm
     there before the edit (per batch), the written module outputs' norm over the unedited
     module's output at the same keys (per batch, mean over layers), and the condition number of
@@ -198,20 +205,21 @@ def plot_norms(results: dict, path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     drawn = False
     for name, rec in _methods(results):
-        imm = rec.get("immediate") or []
-        xs = [e["edits"] for e in imm]
-        z = [e.get("value_norm_ratio") for e in imm]
+        imm = rec.immediate
+        xs = [e.edits for e in imm]
+        z = [e.norms.get("value_norm_ratio") for e in imm]
         if any(v is not None for v in z):
             axes[0].plot(xs, [v if v is not None else math.nan for v in z], label=name, **_style(name))
             drawn = True
-        layer_keys = sorted({k for e in imm for k in e if k.startswith("layer_value_ratio.")})
+        layer_keys = sorted({k for e in imm for k in e.norms if k.startswith("layer_value_ratio.")})
         if layer_keys:
-            ys = [float(sum(e[k] for k in layer_keys if e.get(k) is not None) / len(layer_keys)) for e in imm]
+            ys = [float(sum(e.norms[k] or 0.0 for k in layer_keys if e.norms.get(k) is not None) / len(layer_keys))
+                  for e in imm]
             axes[1].plot(xs, ys, label=name, **_style(name))
-        pts = [p for p in rec.get("checkpoints") or [] if any("cond" in r for r in p["deviation"].values())]
+        pts = [p for p in rec.checkpoints if any(r.cond is not None for r in p.deviation.values())]
         if pts:
-            axes[2].plot([p["edits"] for p in pts],
-                         [max(r.get("cond", 0.0) for r in p["deviation"].values()) for p in pts],
+            axes[2].plot([p.edits for p in pts],
+                         [max(r.cond or 0.0 for r in p.deviation.values()) for p in pts],
                          label=name, **_style(name))
     axes[0].set_ylabel("||z*|| / ||h|| before the edit")
     axes[1].set_ylabel("||V|| / ||K W0|| (mean over layers)")
@@ -229,8 +237,8 @@ def plot_norms(results: dict, path) -> Path:
     return Path(path)
 
 
-def plot_lengths(points: dict[str, list[tuple[int, dict, dict | None]]], path, *, title: str = "",
-                 base: dict[int, dict] | None = None) -> Path:
+def plot_lengths(points: dict[str, list[tuple[int, Scores, Scores | None]]], path: str | Path, *,
+                 title: str = "", base: dict[int, Scores] | None = None) -> Path:
     """Scores against stream length across runs (``benchmarks/combine_bench.py``).
 
     ``points[label]`` lists ``(edits, every edit's scores, first edits' scores or None)``; the
@@ -242,12 +250,12 @@ def plot_lengths(points: dict[str, list[tuple[int, dict, dict | None]]], path, *
     for label, pts in points.items():
         pts = sorted(pts, key=lambda p: p[0])
         style = styles[label]
-        axes[0].plot([p[0] for p in pts], [100 * p[1]["score"] for p in pts], label=label, **style)
+        axes[0].plot([p[0] for p in pts], [_pct(p[1].score) for p in pts], label=label, **style)
         kept = [p for p in pts if p[2] is not None]
-        axes[1].plot([p[0] for p in kept], [100 * p[2]["efficacy"] for p in kept], label=label, **style)
+        axes[1].plot([p[0] for p in kept], [_pct(p[2].efficacy) for p in kept if p[2] is not None], label=label, **style)
     if base:
         xs = sorted(base)
-        axes[0].plot(xs, [100 * base[x]["score"] for x in xs], color="grey", ls=":", lw=1, label="unedited")
+        axes[0].plot(xs, [_pct(base[x].score) for x in xs], color="grey", ls=":", lw=1, label="unedited")
     axes[0].set_title("score of every edit so far (harmonic mean)", fontsize=10)
     axes[1].set_title("efficacy of the stream's first edits", fontsize=10)
     for ax in axes:

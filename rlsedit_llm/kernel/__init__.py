@@ -1,15 +1,22 @@
 """The verified kernel: per-layer solvers of every editing method, their registry, certificates.
 
-Importing this package registers the layer-solver methods (``rlsedit``, ``memit``,
-``memit_seq``, ``alphaedit``, ``encore``); adding one is a new module here with a registered
-:class:`~rlsedit_llm.kernel.protocol.LayerSolver` subclass, imported below.
+The layer-solver methods (``rlsedit``, ``memit``, ``memit_seq``, ``alphaedit``, ``encore``) are
+:class:`~rlsedit_llm.kernel.protocol.LayerSolver` subclasses, each beside its config dataclass;
+importing them registers nothing. :mod:`rlsedit_llm.editing.catalog` registers the built-in
+methods, in order, when :mod:`rlsedit_llm` is imported.
 """
 
-# Importing the modules registers their methods, in this order (the order of "all" and of plots).
-from rlsedit_llm.kernel import rls  # noqa: F401,I001
-from rlsedit_llm.kernel import memit, memit_seq, alphaedit, encore  # noqa: F401,I001
+from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, Step
-from rlsedit_llm.kernel.registry import capabilities, get_method, is_layer_method, method_names, register
+from rlsedit_llm.kernel.registry import (
+    capabilities,
+    config_class,
+    get_method,
+    is_layer_method,
+    method_names,
+    register,
+    unregister,
+)
 
-__all__ = ["Capabilities", "LayerSolver", "Step", "register", "get_method", "method_names", "capabilities",
-           "is_layer_method"]
+__all__ = ["Capabilities", "LayerSolver", "Step", "MethodConfig", "register", "unregister", "get_method",
+           "config_class", "method_names", "capabilities", "is_layer_method"]

@@ -9,16 +9,36 @@ enter (the prior is the projection). NumPy reference:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from rlsedit_llm.errors import HyperparameterError, ShapeError
+from rlsedit_llm.kernel.method_config import MethodConfig, check_number
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, Step, check_weights
-from rlsedit_llm.kernel.registry import register
+from rlsedit_llm.presets import method_preset
 
-__all__ = ["NullSpaceLayer"]
+__all__ = ["NullSpaceLayer", "AlphaEditConfig"]
 
 
-@register
+@dataclass(frozen=True)
+class AlphaEditConfig(MethodConfig):
+    """AlphaEdit's settings.
+
+    threshold : the kept (null-space) directions are the anchor Gram's eigenvectors whose eigenvalue
+        is at most ``threshold`` times the largest (>= 0)
+    ridge : the ridge of the projected normal equations (> 0)
+    """
+
+    method = "alphaedit"
+    threshold: float = float(method_preset("alphaedit", "threshold"))
+    ridge: float = float(method_preset("alphaedit", "ridge"))
+
+    def validate(self) -> None:
+        check_number("AlphaEditConfig", "threshold", self.threshold)
+        check_number("AlphaEditConfig", "ridge", self.ridge, positive=True)
+
+
 class NullSpaceLayer(LayerSolver):
     """AlphaEdit with projector ``P_`` and cumulative key Gram ``X_``."""
 
@@ -28,7 +48,7 @@ class NullSpaceLayer(LayerSolver):
     state_scalars = LayerSolver.state_scalars + ("ridge", "threshold")
 
     def __init__(self, W0, alpha, beta, gram0=None, *, dtype=torch.float64, track_information=False,
-                 threshold: float = 1e-2, ridge: float = 1.0):
+                 threshold: float = AlphaEditConfig.threshold, ridge: float = AlphaEditConfig.ridge):
         self._init_common(W0, alpha, beta, dtype)
         self.threshold, self.ridge = check_weights("threshold", threshold), check_weights("ridge", ridge)
         if gram0 is None or self.ridge <= 0:

@@ -41,9 +41,8 @@ import torch
 
 from rlsedit_theory.bounds import Bound, Identity
 
-from rlsedit_llm.errors import HyperparameterError
-
-__all__ = ["Certificate", "LayerCertificate", "certificate", "tolerance_for"]
+__all__ = ["Certificate", "LayerCertificate", "layer_certificate", "Deviation", "weight_deviation",
+           "layer_deviation", "tolerance_for"]
 
 RTOL_FLOOR = 1e-8  # the float64 tolerance of holds() before it depended on the dtype
 RTOL_CAP = 1e-3
@@ -114,7 +113,8 @@ class LayerCertificate:
 
 @dataclass
 class Certificate:
-    """Per-layer certificates of an :class:`~rlsedit_llm.editor.Editor` (``str()`` to read)."""
+    """Per-layer certificates of an editor's state (``str()`` to read; built by
+    :meth:`rlsedit_llm.Editor.certificate` from :func:`layer_certificate`)."""
 
     layers: list[LayerCertificate]
     n_edits: int
@@ -174,28 +174,25 @@ def _largest_eigenvalue(apply, X: torch.Tensor, iters: int = 16) -> float:
     return float((apply(X) * X).sum(dim=0).max())
 
 
-def _stack(editor, layer: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    Ks = [r.keys[layer] for r in editor.journal_ if layer in r.keys]
-    Vs = [r.values[layer] for r in editor.journal_ if layer in r.values]
-    solver = editor.solvers_[layer]
-    d_k, d_v = solver.W_.shape
-    if not Ks:
-        return (torch.zeros(0, d_k, dtype=dtype, device=device), torch.zeros(0, d_v, dtype=dtype, device=device))
-    return (torch.cat(Ks).to(device=device, dtype=dtype), torch.cat(Vs).to(device=device, dtype=dtype))
-
-
 def _fro(X: torch.Tensor) -> float:
     return float(torch.linalg.norm(X)) if X.numel() else 0.0
 
 
 @torch.no_grad()
-def _layer_certificate(editor, layer: int, n_probes: int, seed: int, held_weights) -> LayerCertificate:
-    solver = editor.solvers_[layer]
+def layer_certificate(solver, K: torch.Tensor, V: torch.Tensor, held: torch.Tensor, *, layer: int,
+                      last: tuple[torch.Tensor, torch.Tensor, int] | None = None, n_probes: int = 8,
+                      seed: int = 0) -> LayerCertificate:
+    """The certificate of one solver (a method that minimises ``J_t`` and keeps ``C_t``).
+
+    ``K (n, d_k)`` and ``V (n, d_v)`` are every row the solver has absorbed (stacked in any order:
+    ``W*_t`` does not depend on it, T1); ``held`` is what the model holds for this layer
+    ``(d_k, d_v)`` in its dtype; ``last = (K_t, V_t, edit_id)`` the most recent batch, taken as
+    the last step for T4 and T2. Changes nothing."""
     dtype, device = solver.dtype, solver.C_.device
     alpha, beta = solver.alpha, solver.beta
     gram0 = getattr(solver, "gram0_", None)
     W0, W, C = solver.W0_, solver.W_, solver.C_
-    K, V = _stack(editor, layer, dtype, device)  # (n, d_k), (n, d_v)
+    K, V = K.to(device=device, dtype=dtype), V.to(device=device, dtype=dtype)  # (n, d_k), (n, d_v)
 
     def apply_A(X):  # A X = alpha X + beta gram0 X
         out = alpha * X
@@ -208,7 +205,6 @@ def _layer_certificate(editor, layer: int, n_probes: int, seed: int, held_weight
         grad = apply_A(Wx - W0) + K.mT @ (K @ Wx - V)
         return _fro(grad) / max(_fro(apply_A(W0) + K.mT @ V), torch.finfo(dtype).tiny)
 
-    held = held_weights[layer]  # what the model holds (its dtype), in row-key orientation
     weights_match = bool(torch.equal(held, W.to(device=held.device, dtype=held.dtype)))
     gradient = gradient_rel(W)
     gradient_model = gradient_rel(held.to(device=device, dtype=dtype))
@@ -240,10 +236,9 @@ def _layer_certificate(editor, layer: int, n_probes: int, seed: int, held_weight
     cert = LayerCertificate(layer, K.shape[0], gradient, gradient_model, weights_match, drift,
                             metric, energy, deviation, anchor, condition=condition,
                             tolerance=tolerance_for(dtype, condition))
-    last = next((r for r in reversed(editor.journal_) if layer in r.keys), None)
     if last is not None:
-        Kt = last.keys[layer].to(device=device, dtype=dtype)  # (u, d_k)
-        Vt = last.values[layer].to(device=device, dtype=dtype)  # (u, d_v)
+        Kt, Vt, edit_id = last
+        Kt, Vt = Kt.to(device=device, dtype=dtype), Vt.to(device=device, dtype=dtype)  # (u, d_k), (u, d_v)
         prev = solver.propose_removal(Kt, Vt)  # the state without the last entry, not committed
         W_prev = prev.W
         r = Vt - Kt @ W_prev  # innovation of the last step (u, d_v)
@@ -258,7 +253,7 @@ def _layer_certificate(editor, layer: int, n_probes: int, seed: int, held_weight
         lam = max(float(torch.linalg.eigvalsh((M + M.mT) / 2)[0]), 0.0)
         cert.adherence = Bound(_fro(Vt - Kt @ W), _fro(r) / (1 + lam),
                                "T2 ||V_t - K_t W_t|| <= ||r_t|| / (1 + lambda_min(K_t C_{t-1} K_t^T))")
-        cert.last_edit_id = last.edit_id
+        cert.last_edit_id = edit_id
     return cert
 
 
@@ -274,28 +269,53 @@ def _after(solver, step, attr: str, X: torch.Tensor) -> torch.Tensor:
     return Y
 
 
-def certificate(editor, *, n_probes: int = 8, seed: int = 0) -> Certificate:
-    """Compute the :class:`Certificate` of ``editor``'s current state (changes nothing).
+@dataclass(frozen=True)
+class Deviation:
+    """How far one layer's weights moved from ``W0``, next to the theory's bounds.
 
-    Cost per layer: ``O(d_k^2 (d_v + n_probes) + n d_k d_v)`` for ``n`` journal rows, plus one
-    uncommitted downdate ``O(d_k^2 u)`` for the last entry. Needs a method that minimises
-    ``J_t``, keeps ``C_t`` and retracts (``rlsedit``); its capabilities say so.
+    ``fro = ||W_t - W0||_F``; ``anchor = ||K0 (W_t - W0)||_F`` with ``K0^T K0 = gram0`` (None
+    without anchor statistics); for a method that minimises ``J_t`` the right-hand sides of
+    T3(a) ``||R0||_F / (2 sqrt(lambda_min(A)))`` (``A = alpha I + beta gram0``, so at least as
+    tight as ``1 / (2 sqrt(alpha))``) and T3(b) ``||R0||_F / (2 sqrt(beta))`` over the rows
+    absorbed so far (None when vacuous or not applicable); ``condition`` = ``cond(G_t)`` for a
+    solver that carries one.
     """
-    caps = editor.capabilities
-    if not (caps.cumulative_objective and caps.keeps_inverse and caps.retracts):
-        raise HyperparameterError(
-            f"certificates need a method that minimises J_t, keeps C_t = G_t^(-1) and retracts (e.g. 'rlsedit'); "
-            f"this editor uses {editor.config.method!r}"
-        )
-    if not (isinstance(n_probes, int) and n_probes >= 1):
-        raise HyperparameterError(f"n_probes must be an int >= 1; got {n_probes!r}")
-    notes = []
-    if not editor.solvers_:
-        notes.append("the editor has not been prepared (no edit yet): nothing to certify")
-    for layer, solver in editor.solvers_.items():
-        if getattr(solver, "gram0_", None) is None and solver.beta > 0:
-            notes.append(f"layer {layer}: the solver keeps no anchor Gram; T3b and the gradient omit the anchor")
-    held = editor.held_weights()  # the kernel reads the model only through its editor
-    layers = [_layer_certificate(editor, l, n_probes, seed, held) for l in sorted(editor.solvers_)]
-    return Certificate(layers, len(editor.journal_), editor.config.alpha, editor.config.beta,
-                       editor.config.state_dtype, n_probes, notes)
+
+    fro: float
+    anchor: float | None = None
+    t3a: float | None = None
+    t3b: float | None = None
+    condition: float | None = None
+
+
+@torch.no_grad()
+def weight_deviation(W0: torch.Tensor, W: torch.Tensor, gram0: torch.Tensor | None = None) -> Deviation:
+    """:class:`Deviation` of weights ``W (d_k, d_v)`` from ``W0`` (float64), without bounds: for
+    methods that keep no solver (fine-tuning, UltraEdit)."""
+    D = W.detach().to("cpu", torch.float64) - W0.detach().to("cpu", torch.float64)  # (d_k, d_v)
+    anchor = None
+    if gram0 is not None:
+        G = gram0.detach().to("cpu", torch.float64)
+        anchor = math.sqrt(max(float((D * (G @ D)).sum()), 0.0))
+    return Deviation(_fro(D), anchor)
+
+
+@torch.no_grad()
+def layer_deviation(solver, K: torch.Tensor, V: torch.Tensor) -> Deviation:
+    """:class:`Deviation` of one layer solver whose absorbed rows are ``K (n, d_k)``, ``V (n, d_v)``.
+
+    The bounds are given when the solver's class declares ``cumulative_objective`` (its weights
+    minimise ``J_t`` with the solver's own identity and anchor weights)."""
+    gram0 = getattr(solver, "gram0_", None)
+    base = weight_deviation(solver.W0_, solver.W_, gram0)
+    t3a = t3b = None
+    if solver.capabilities.cumulative_objective and K.shape[0] > 0:
+        W0 = solver.W0_.to("cpu", torch.float64)
+        r0 = _fro(V.to("cpu", torch.float64) - K.to("cpu", torch.float64) @ W0)  # ||R0||_F
+        alpha, beta = solver.identity_weight, solver.beta
+        lam = alpha  # lambda_min(A) = alpha + beta lambda_min(gram0): one d_k^3 eigensolve
+        if gram0 is not None and beta > 0:
+            lam += beta * max(float(torch.linalg.eigvalsh(gram0.to("cpu", torch.float64))[0]), 0.0)
+        t3a = r0 / (2 * math.sqrt(lam)) if lam > 0 else None
+        t3b = r0 / (2 * math.sqrt(beta)) if beta > 0 and gram0 is not None else None
+    return Deviation(base.fro, base.anchor, t3a, t3b, solver.condition_number())

@@ -18,21 +18,38 @@ NumPy reference: :class:`rlsedit_theory.reference.DenseCumulative` with ``alpha 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from rlsedit_llm.kernel.memit_seq import DenseCumulativeLayer
+from rlsedit_llm.kernel.method_config import MethodConfig, check_number
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, check_weights
-from rlsedit_llm.kernel.registry import register
 from rlsedit_llm.kernel.rls import anchor_metric
+from rlsedit_llm.presets import method_preset
 
-__all__ = ["EncoreLayer", "ENCORE_NORM_WEIGHT"]
+__all__ = ["EncoreLayer", "EncoreConfig", "ENCORE_NORM_WEIGHT"]
 
 #: The norm-constraint weight ``lambda`` of the released Llama-3-8B configuration (``update_norm_lambda``;
 #: 10 for GPT-2 XL and Llama-2-7B). In the units of the key Gram, like ``alpha``.
-ENCORE_NORM_WEIGHT = 20.0
+ENCORE_NORM_WEIGHT = float(method_preset("encore", "norm_weight"))
 
 
-@register
+@dataclass(frozen=True)
+class EncoreConfig(MethodConfig):
+    """ENCORE's settings.
+
+    norm_weight : ``lambda`` of the norm constraint ``lambda ||Delta||^2`` (>= 0), in the units of
+        the key Gram like ``alpha``; the metric's identity weight is ``alpha + norm_weight``
+    """
+
+    method = "encore"
+    norm_weight: float = ENCORE_NORM_WEIGHT
+
+    def validate(self) -> None:
+        check_number("EncoreConfig", "norm_weight", self.norm_weight)
+
+
 class EncoreLayer(DenseCumulativeLayer):
     """ENCORE: the cumulative normal equations with the extra ridge ``norm_weight * I``.
 
@@ -42,9 +59,8 @@ class EncoreLayer(DenseCumulativeLayer):
     is cross-checked against the config); the objective ``J_t`` it minimises has the identity weight
     ``alpha + norm_weight``.
 
-    The editor builds solvers from ``(W0, alpha, beta, gram0)`` only, so through an
-    :class:`~rlsedit_llm.Editor` the norm weight is :data:`ENCORE_NORM_WEIGHT` and a different total
-    ridge is set with ``EditConfig.alpha`` (added to it).
+    Through an :class:`~rlsedit_llm.Editor` the norm weight is ``EditConfig.method_config``'s
+    (:class:`EncoreConfig`; :data:`ENCORE_NORM_WEIGHT` by default).
     """
 
     name = "encore"
@@ -55,7 +71,7 @@ class EncoreLayer(DenseCumulativeLayer):
     value_defaults = {"stop_when_top1": True}
 
     def __init__(self, W0, alpha, beta, gram0=None, *, dtype=torch.float64, track_information=False,
-                 norm_weight: float = ENCORE_NORM_WEIGHT):
+                 norm_weight: float = EncoreConfig.norm_weight):
         self.norm_weight = check_weights("norm_weight", norm_weight)
         self._init_common(W0, alpha, beta, dtype)
         self.G_, self.gram0_ = anchor_metric(self.W0_.shape[0], self.alpha + self.norm_weight, self.beta, gram0,

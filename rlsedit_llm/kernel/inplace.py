@@ -1,7 +1,11 @@
 """The Woodbury step applied in place: one rank-``u`` update of ``C``, no ``d_k^2`` temporaries.
 
-``rlsedit_llm.kernel.rls.woodbury_update`` is a pure function (it mirrors the theory layer and is
-tested against it): it returns a new ``C`` and makes several ``d_k^2`` temporaries (``L F^T``,
+The convention is the theory's (:mod:`rlsedit_theory.recursive`) everywhere in the kernel: row
+keys ``K (u, d_k)``, absolute targets ``V (u, d_v)``, and ``sign = -1`` adds a batch, ``+1``
+removes it, so the new state is ``W - sign G Y`` and ``C + sign G G^T``.
+
+``rlsedit_llm.kernel.rls.woodbury_update`` is a pure function (the theory's torch twin, tested
+against it; MEMIT's one-shot write uses it): it returns a new ``C`` and makes several ``d_k^2`` temporaries (``L F^T``,
 the difference, ``C + C^T`` and its half). At ``d_k = 14336`` in float64 each is 1.64 GB.
 :func:`woodbury_update_` computes the same step on a ``C`` it may overwrite, in two parts that
 :class:`~rlsedit_llm.kernel.rls.LayerRLS` also uses separately (``propose`` computes the factors,
@@ -10,11 +14,11 @@ the difference, ``C + C^T`` and its half). At ``d_k = 14336`` in float64 each is
 :func:`woodbury_factors` (reads ``C`` once, changes nothing)::
 
     F^T = K C                     (u, d_k)   one read of C (C symmetric: F = C K^T)
-    S = I + sign K F = L L^T      (u, u)
+    S = I - sign K F = L L^T      (u, u)     I + K F adding, I - K F removing
     G = F L^{-T}                  (d_k, u)   so F S^{-1} F^T = G G^T
-    Y = L^{-1} R                  (u, d_v)
+    Y = L^{-1} (V - K W)          (u, d_v)   the innovation, whitened
 
-then ``W += sign G Y`` and ``C -= sign G G^T`` by :func:`symmetric_rank_update_`.
+then ``W -= sign G Y`` and ``C += sign G G^T`` by :func:`symmetric_rank_update_`.
 
 ``F`` is computed as ``K C`` (row-major ``C`` read along its rows: about twice the rate of
 ``C K^T`` with OpenBLAS at ``d_k = 14336``).
@@ -170,63 +174,67 @@ def symmetric_rank_update_(C: torch.Tensor, G: torch.Tensor, alpha: float = 1.0,
     return finish(SymmetricRankUpdate(C, G, alpha, block=block).run)
 
 
-def woodbury_factors(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, *,
-                     sign: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors ``(G (d_k, u), Y (u, d_v))`` of the step adding (``sign=1``) or removing
-    (``sign=-1``) the batch ``K (u, d_k)`` with innovation ``R (u, d_v)``: the new state is
-    ``W + sign G Y`` and ``C - sign G G^T``. Reads ``C`` (symmetric) once; changes nothing.
+def woodbury_factors(C: torch.Tensor, W: torch.Tensor, K: torch.Tensor, V: torch.Tensor, *,
+                     sign: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors ``(G (d_k, u), Y (u, d_v))`` of the step adding (``sign=-1``, the theory's
+    convention) or removing (``sign=+1``) the batch ``K (u, d_k)`` with absolute targets
+    ``V (u, d_v)`` from the state ``(C, W)``: the new state is ``W - sign G Y`` and
+    ``C + sign G G^T``. Reads ``C`` (symmetric) once; changes nothing.
 
-    ``K`` and ``R`` are cast to ``C``'s dtype and device. Raises
-    :class:`NotPositiveDefiniteError` when ``I + sign K C K^T`` is not positive definite.
+    ``K`` and ``V`` are cast to ``C``'s dtype and device. Raises
+    :class:`NotPositiveDefiniteError` when ``I - sign K C K^T`` is not positive definite.
     """
     if C.ndim != 2 or C.shape[0] != C.shape[1]:
         raise ShapeError(f"C must be a square matrix; got shape {tuple(C.shape)}")
     d_k = C.shape[0]
-    if K.ndim != 2 or K.shape[1] != d_k or R.ndim != 2 or R.shape[0] != K.shape[0]:
-        raise ShapeError(f"shapes do not match: C {tuple(C.shape)}, K {tuple(K.shape)}, R {tuple(R.shape)}")
+    if (K.ndim != 2 or K.shape[1] != d_k or W.ndim != 2 or W.shape[0] != d_k
+            or V.ndim != 2 or V.shape != (K.shape[0], W.shape[1])):
+        raise ShapeError(f"shapes do not match: C {tuple(C.shape)}, W {tuple(W.shape)}, K {tuple(K.shape)}, "
+                         f"V {tuple(V.shape)}")
     if sign not in (1, -1):
-        raise ValueError(f"sign must be 1 or -1; got {sign!r}")
+        raise ValueError(f"sign must be -1 (add) or +1 (remove); got {sign!r}")
     K = K.to(device=C.device, dtype=C.dtype)
-    R = R.to(device=C.device, dtype=C.dtype)
+    R = V.to(device=C.device, dtype=C.dtype) - K @ W.to(device=C.device, dtype=C.dtype)  # innovation (u, d_v)
     u = K.shape[0]
     Ft = torch.mm(K, C)  # (u, d_k) = (C K^T)^T for a symmetric C
-    S = torch.addmm(torch.eye(u, dtype=C.dtype, device=C.device), Ft, K.mT, alpha=sign)
+    S = torch.addmm(torch.eye(u, dtype=C.dtype, device=C.device), Ft, K.mT, alpha=-sign)
     L, info = torch.linalg.cholesky_ex((S + S.mT) / 2)
     if int(info) != 0:
         raise NotPositiveDefiniteError(
-            "I + K C K^T is not SPD: the state is corrupted" if sign > 0 else
+            "I + K C K^T is not SPD: the state is corrupted" if sign < 0 else
             "I - K C K^T is not positive definite: this batch was never added to the state")
     Gt = torch.linalg.solve_triangular(L, Ft, upper=False)  # L^{-1} F^T  (u, d_k), contiguous
     Y = torch.linalg.solve_triangular(L, R, upper=False)  # L^{-1} R  (u, d_v)
     return Gt.mT, Y
 
 
-def woodbury_update_(C: torch.Tensor, W: torch.Tensor, K: torch.Tensor, R: torch.Tensor, *,
-                     sign: int = 1, symmetrize: str = "symmetric",
+def woodbury_update_(C: torch.Tensor, W: torch.Tensor, K: torch.Tensor, V: torch.Tensor, *,
+                     sign: int = -1, symmetrize: str = "symmetric",
                      block: int = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add (``sign=1``) or remove (``sign=-1``) the batch ``K (u, d_k)`` with innovation
-    ``R = V - K W (u, d_v)``, overwriting ``C (d_k, d_k)`` (symmetric) and ``W (d_k, d_v)``.
+    """Add (``sign=-1``) or remove (``sign=+1``) the batch ``K (u, d_k)`` with absolute targets
+    ``V (u, d_v)``, overwriting ``C (d_k, d_k)`` (symmetric) and ``W (d_k, d_v)``.
 
-    The same step as ``LayerRLS.update(K, K @ W + R)``; ``K`` and ``R`` are cast to ``C``'s dtype
-    and device. ``symmetrize``: ``"symmetric"`` (default), ``"auto"``, ``"mirror"`` or
-    ``"none"`` (see the module docstring); ``block``: the panel size of ``"symmetric"``. Raises
-    :class:`NotPositiveDefiniteError` before touching ``C`` or ``W`` when ``I + sign K C K^T`` is
+    The in-place twin of :func:`rlsedit_llm.kernel.rls.woodbury_update` (``sign=-1``) and
+    ``woodbury_downdate`` (``sign=+1``); ``K`` and ``V`` are cast to ``C``'s dtype and device.
+    ``symmetrize``: ``"symmetric"`` (default), ``"auto"``, ``"mirror"`` or ``"none"`` (see the
+    module docstring); ``block``: the panel size of ``"symmetric"``. Raises
+    :class:`NotPositiveDefiniteError` before touching ``C`` or ``W`` when ``I - sign K C K^T`` is
     not positive definite. Returns ``(C, W)``.
     """
     if C.ndim != 2 or C.shape[0] != C.shape[1] or not C.is_contiguous():
         raise ShapeError(f"C must be a contiguous square matrix; got shape {tuple(C.shape)}")
     d_k = C.shape[0]
-    if K.ndim != 2 or K.shape[1] != d_k or W.shape[0] != d_k or R.shape != (K.shape[0], W.shape[1]):
+    if K.ndim != 2 or K.shape[1] != d_k or W.shape[0] != d_k or V.shape != (K.shape[0], W.shape[1]):
         raise ShapeError(f"shapes do not match: C {tuple(C.shape)}, W {tuple(W.shape)}, "
-                         f"K {tuple(K.shape)}, R {tuple(R.shape)}")
+                         f"K {tuple(K.shape)}, V {tuple(V.shape)}")
     if symmetrize not in _MODES:
         raise ValueError(f"symmetrize must be one of {_MODES}; got {symmetrize!r}")
-    G, Y = woodbury_factors(C, K, R, sign=sign)
-    W.addmm_(G, Y, alpha=sign)
+    G, Y = woodbury_factors(C, W, K, V, sign=sign)
+    W.addmm_(G, Y, alpha=-sign)
     if symmetrize == "symmetric":
-        symmetric_rank_update_(C, G, -sign, block=block)
+        symmetric_rank_update_(C, G, sign, block=block)
         return C, W
-    C.addmm_(G, G.mT, alpha=-sign)
+    C.addmm_(G, G.mT, alpha=sign)
     if symmetrize == "mirror" or (symmetrize == "auto" and K.shape[0] > 1 and _asymmetric(C)):
         mirror_upper_(C)
     return C, W

@@ -7,16 +7,25 @@ edits. NumPy reference: :class:`rlsedit_theory.reference.PerBatchReset`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, Step
-from rlsedit_llm.kernel.registry import register
 from rlsedit_llm.kernel.rls import _cholesky, anchor_metric, woodbury_update
 
-__all__ = ["PerBatchLayer"]
+__all__ = ["PerBatchLayer", "MemitConfig"]
 
 
-@register
+@dataclass(frozen=True)
+class MemitConfig(MethodConfig):
+    """memit's settings: none of its own (``alpha``, ``beta`` and the anchor are
+    :class:`~rlsedit_llm.EditConfig`'s)."""
+
+    method = "memit"
+
+
 class PerBatchLayer(LayerSolver):
     """Per-batch MEMIT write; ``C_ = A^{-1}`` is computed once and never updated."""
 

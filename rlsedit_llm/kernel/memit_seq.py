@@ -8,17 +8,26 @@ recursion. NumPy reference: :class:`rlsedit_theory.reference.DenseCumulative`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from rlsedit_llm.errors import NotPositiveDefiniteError
+from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, Step, spd_condition
-from rlsedit_llm.kernel.registry import register
 from rlsedit_llm.kernel.rls import anchor_metric
 
-__all__ = ["DenseCumulativeLayer"]
+__all__ = ["DenseCumulativeLayer", "MemitSeqConfig"]
 
 
-@register
+@dataclass(frozen=True)
+class MemitSeqConfig(MethodConfig):
+    """memit_seq's settings: none of its own (``alpha``, ``beta`` and the anchor are
+    :class:`~rlsedit_llm.EditConfig`'s)."""
+
+    method = "memit_seq"
+
+
 class DenseCumulativeLayer(LayerSolver):
     """MEMIT-seq: ``G_`` is the information matrix, solved by Cholesky every batch."""
 

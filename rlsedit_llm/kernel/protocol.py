@@ -101,7 +101,7 @@ class PendingCommit:
     the rest are assignments of values fixed in advance).
     """
 
-    def __init__(self, solver: "LayerSolver", updates: list, adopt: dict, scalars: dict, shared: frozenset):
+    def __init__(self, solver: LayerSolver, updates: list, adopt: dict, scalars: dict, shared: frozenset):
         self.solver = solver
         self.updates = updates  # SymmetricRankUpdate per in-place term
         self.adopt = adopt  # attribute -> tensor (new weights, new state, copied-on-write targets)
@@ -280,6 +280,12 @@ class LayerSolver(ABC):
         self.commit(self.propose_removal(K, V))
         return self.W_
 
+    @property
+    def identity_weight(self) -> float:
+        """The weight of ``||W - W0||_F^2`` in the objective the solver's weights minimise (its
+        ``alpha``, unless the method adds its own ridge to it)."""
+        return self.alpha
+
     def condition_number(self) -> float | None:
         """Condition number of the information ``G_t`` the method carries (None if it keeps none)."""
         return None
@@ -325,14 +331,14 @@ class LayerSolver(ABC):
         self._shared = frozenset(shared)
 
     @classmethod
-    def from_state_dict(cls, state: dict, *, device=None, share: bool = True) -> "LayerSolver":
+    def from_state_dict(cls, state: dict, *, device=None, share: bool = True) -> LayerSolver:
         """A solver rebuilt from :meth:`state_dict` (on ``device`` if given; ``share`` as in
         :meth:`load_state_dict`)."""
         new = object.__new__(cls)
         new.load_state_dict(state, device=device, share=share)
         return new
 
-    def clone(self) -> "LayerSolver":
+    def clone(self) -> LayerSolver:
         """Deep copy."""
         state = self.state_dict(snapshot=False)
         state["tensors"] = {k: v.clone() for k, v in state["tensors"].items()}

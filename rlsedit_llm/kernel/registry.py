@@ -1,37 +1,86 @@
-"""The one registry of editing methods: name -> the class that implements it.
+"""The one registry of editing methods: name -> the class that implements it and its config class.
 
 Layer-solver methods (:class:`~rlsedit_llm.kernel.protocol.LayerSolver` subclasses) run inside
-:class:`~rlsedit_llm.Editor`; editor-level methods (fine-tuning) implement the editor protocol
-themselves. Every class declares its ``name`` and ``capabilities``; callers ask this module.
+:class:`~rlsedit_llm.Editor`; editor-level methods (fine-tuning, UltraEdit) implement the editor
+protocol themselves. Every class declares its ``name`` and ``capabilities``; callers ask this
+module. Methods are added explicitly with :func:`register` (importing a method's module registers
+nothing); the built-in methods are registered, in order, by :mod:`rlsedit_llm.editing.catalog`,
+which importing :mod:`rlsedit_llm` runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from typing import Any
+
 from rlsedit_llm.errors import HyperparameterError
+from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver
 
-__all__ = ["register", "get_method", "method_names", "capabilities", "is_layer_method"]
+__all__ = ["register", "unregister", "get_method", "config_class", "method_names", "capabilities",
+           "is_layer_method"]
 
-_METHODS: dict[str, type] = {}
+_METHODS: dict[str, tuple[type, type[MethodConfig]]] = {}
+
+# What a layer solver's constructor takes before its config's fields.
+_SOLVER_ARGS = ("W0", "alpha", "beta", "gram0", "dtype", "track_information")
 
 
-def register(cls: type) -> type:
-    """Class decorator: add a method under its declared ``name``."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name or not isinstance(getattr(cls, "capabilities", None), Capabilities):
-        raise TypeError(f"{cls.__name__} must declare a str `name` and `capabilities: Capabilities`")
-    if name in _METHODS and _METHODS[name] is not cls:
-        raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__qualname__}")
-    _METHODS[name] = cls
-    return cls
+def register(name: str, method_cls: type, config_cls: type[MethodConfig]) -> None:
+    """Add method ``name``, implemented by ``method_cls`` and configured by ``config_cls``.
+
+    ``method_cls`` declares ``name`` (the same) and ``capabilities``; ``config_cls`` is a frozen
+    :class:`MethodConfig` dataclass whose ``method`` is ``name``. A layer solver must take every
+    field of its config as a keyword argument. A name already registered is refused.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a method name must be a non-empty str; got {name!r}")
+    if not isinstance(method_cls, type) or getattr(method_cls, "name", None) != name \
+            or not isinstance(getattr(method_cls, "capabilities", None), Capabilities):
+        raise TypeError(f"{getattr(method_cls, '__name__', method_cls)!r} must be a class declaring "
+                        f"name = {name!r} and capabilities: Capabilities")
+    if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)
+            and getattr(config_cls, "__dataclass_params__").frozen and config_cls.method == name):
+        raise TypeError(f"{getattr(config_cls, '__name__', config_cls)!r} must be a frozen MethodConfig dataclass "
+                        f"with method = {name!r}")
+    if issubclass(method_cls, LayerSolver):
+        _check_solver_takes(method_cls, config_cls)
+    if name in _METHODS:
+        raise HyperparameterError(f"method {name!r} is already registered (by {_METHODS[name][0].__qualname__}); "
+                                  f"choose another name or unregister({name!r}) first")
+    _METHODS[name] = (method_cls, config_cls)
+
+
+def _check_solver_takes(solver_cls: type, config_cls: type[MethodConfig]) -> None:
+    """The solver's constructor must accept each config field by keyword (how the editor passes them)."""
+    params = inspect.signature(solver_cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    missing = [f.name for f in dataclasses.fields(config_cls) if f.name not in params or f.name in _SOLVER_ARGS]
+    if missing:
+        raise TypeError(f"{solver_cls.__qualname__}.__init__ must take the settings {missing} of "
+                        f"{config_cls.__name__} as keyword arguments")
+
+
+def unregister(name: str) -> None:
+    """Remove method ``name`` (a method added for a test or a session); unknown names are refused."""
+    get_method(name)
+    del _METHODS[name]
 
 
 def get_method(name: str) -> type:
     """The class registered as ``name``; :class:`HyperparameterError` listing the choices otherwise."""
     try:
-        return _METHODS[name]
+        return _METHODS[name][0]
     except (KeyError, TypeError):
         raise HyperparameterError(f"unknown method {name!r}; choose one of {sorted(_METHODS)}") from None
+
+
+def config_class(name: str) -> type[MethodConfig]:
+    """The config dataclass of method ``name`` (its fields are the method's own settings)."""
+    get_method(name)
+    return _METHODS[name][1]
 
 
 def method_names() -> tuple[str, ...]:
@@ -41,7 +90,8 @@ def method_names() -> tuple[str, ...]:
 
 def capabilities(name: str) -> Capabilities:
     """What method ``name`` can do."""
-    return get_method(name).capabilities
+    method_cls: Any = get_method(name)
+    return method_cls.capabilities
 
 
 def is_layer_method(name: str) -> bool:

@@ -25,7 +25,6 @@ import torch
 from rlsedit_llm.errors import HyperparameterError, NonFiniteError, NotPositiveDefiniteError, ShapeError
 from rlsedit_llm.kernel.inplace import woodbury_factors
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, Step, spd_condition
-from rlsedit_llm.kernel.registry import register
 
 __all__ = ["LayerRLS", "woodbury_update", "woodbury_downdate", "anchor_metric", "max_condition"]
 
@@ -151,7 +150,6 @@ def _check_absorbable(K: torch.Tensor, G: torch.Tensor, alpha: float, beta: floa
             f"singular (later undos fail); raise alpha or the anchor weight beta * mom2_weight")
 
 
-@register
 class LayerRLS(LayerSolver):
     """Recursive least-squares state of one edited layer (method ``"rlsedit"``).
 
@@ -200,26 +198,27 @@ class LayerRLS(LayerSolver):
         self.G_ = A if track_information else None
 
     def _propose(self, K: torch.Tensor, V: torch.Tensor, sign: int) -> Step:
-        """The step as factors: ``W + sign G Y`` (a new tensor) and the in-place terms
-        ``C_ -= sign G G^T`` (and ``G_ += sign K^T K`` when tracked), ``O(d_k u)`` memory."""
-        G, Y = woodbury_factors(self.C_, K, V - K @ self.W_, sign=sign)  # reads C_; changes nothing
-        if sign > 0:
+        """The step as factors (``sign = -1`` adds, ``+1`` removes, the theory's convention):
+        ``W - sign G Y`` (a new tensor) and the in-place terms ``C_ += sign G G^T`` (and
+        ``G_ -= sign K^T K`` when tracked), ``O(d_k u)`` memory."""
+        G, Y = woodbury_factors(self.C_, self.W_, K, V, sign=sign)  # reads C_; changes nothing
+        if sign < 0:
             _check_absorbable(K, G, self.alpha, self.beta)
-        W = torch.addmm(self.W_, G, Y, alpha=sign)
-        terms = (("C_", G, -sign),)
+        W = torch.addmm(self.W_, G, Y, alpha=-sign)
+        terms: tuple[tuple[str, torch.Tensor, int], ...] = (("C_", G, sign),)
         if self.G_ is not None:
-            terms += (("G_", K.mT, sign),)
-        return Step(W, {}, sign * K.shape[0], terms)
+            terms += (("G_", K.mT, -sign),)
+        return Step(W, {}, -sign * K.shape[0], terms)
 
     def propose(self, K: torch.Tensor, V: torch.Tensor) -> Step:
         K, V = self._check(K, V)
-        return self._propose(K, V, +1)
+        return self._propose(K, V, -1)
 
     def propose_removal(self, K: torch.Tensor, V: torch.Tensor) -> Step:
         K, V = self._check(K, V)
         if K.shape[0] > self.n_rows_:
             raise ShapeError(f"cannot remove {K.shape[0]} rows: the state holds {self.n_rows_}")
-        return self._propose(K, V, -1)
+        return self._propose(K, V, +1)
 
     def condition_number(self) -> float:
         """``cond(G_t) = cond(C_t)`` (one symmetric eigendecomposition, ``O(d_k^3)``)."""
@@ -231,3 +230,16 @@ class LayerRLS(LayerSolver):
             raise RuntimeError("construct with track_information=True to measure drift")
         eye = torch.eye(self.C_.shape[0], dtype=self.dtype, device=self.device)
         return float(torch.linalg.norm(self.C_ @ self.G_ - eye))
+
+
+from dataclasses import dataclass  # noqa: E402  (the config sits beside its solver)
+
+from rlsedit_llm.kernel.method_config import MethodConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class RLSEditConfig(MethodConfig):
+    """rlsedit's settings: none of its own (``alpha``, ``beta``, the anchor, ``track_information``
+    and the state dtype are :class:`~rlsedit_llm.EditConfig`'s)."""
+
+    method = "rlsedit"

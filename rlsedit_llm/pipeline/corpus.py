@@ -27,6 +27,7 @@ kept as they are (an empty text simply contributes no tokens to the statistics).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -69,7 +70,7 @@ def split_txt_documents(text: str) -> list[tuple[str, str]]:
     docs: list[tuple[str, str]] = []
     if titles:
         bounds = titles + [len(lines)]
-        for start, stop in zip(bounds[:-1], bounds[1:]):
+        for start, stop in itertools.pairwise(bounds):
             title = lines[start].strip()[1:-1].strip()
             body = "\n".join(lines[start + 1 : stop]).strip()
             docs.append((title, body))
@@ -105,14 +106,15 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def _resolve(source: str | os.PathLike) -> tuple[str, object]:
-    """``("shipped", Path) | ("local", [Path, ...]) | ("hub", name)``."""
+def _resolve(source: str | os.PathLike) -> tuple[str, list[Path], str]:
+    """``(kind, files, name)``: ``("shipped", [Path], name) | ("local", [Path, ...], source) |
+    ("hub", [], name)``."""
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str) or not source:
         raise CorpusError(f"a corpus source must be a non-empty string or path, got {source!r}")
     if source in SHIPPED_CORPORA:
-        return "shipped", _DATA_DIR / SHIPPED_CORPORA[source]
+        return "shipped", [_DATA_DIR / SHIPPED_CORPORA[source]], source
     path = Path(source).expanduser()
     if path.exists():
         if path.is_dir():
@@ -128,15 +130,15 @@ def _resolve(source: str | os.PathLike) -> tuple[str, object]:
                 raise CorpusError(
                     f"corpus directory {path} mixes file kinds {sorted(kinds)}; keep one kind"
                 )
-            return "local", files
+            return "local", files, source
         if path.suffix.lower() not in _BUILDER_BY_SUFFIX:
             raise CorpusError(
                 f"unsupported corpus file {path}: use .txt, .json, .jsonl or .parquet"
             )
-        return "local", [path]
+        return "local", [path], source
     if _looks_like_path(source):
         raise CorpusError(f"corpus file or directory {source!r} does not exist")
-    return "hub", source
+    return "hub", [], source
 
 
 def _select_text(ds: datasets.Dataset, text_field: str, where: str) -> datasets.Dataset:
@@ -193,20 +195,19 @@ def load_corpus(
         Missing or unreadable file, unsupported file kind, missing or non-string text column, no
         document, or a hub dataset that cannot be reached (offline).
     """
-    kind, where = _resolve(source)
+    kind, files, where = _resolve(source)
     cache = None if cache_dir is None else os.fspath(cache_dir)
     if kind in ("shipped", "local") and (
-        kind == "shipped" or _BUILDER_BY_SUFFIX[where[0].suffix.lower()] == "text"
+        kind == "shipped" or _BUILDER_BY_SUFFIX[files[0].suffix.lower()] == "text"
     ):
         if split != "train":
             raise CorpusError(f"corpus {source!r} has the single split 'train', not {split!r}")
-        files = [where] if kind == "shipped" else where
         ds = _txt_dataset(files)
     elif kind == "local":
-        builder = _BUILDER_BY_SUFFIX[where[0].suffix.lower()]
+        builder = _BUILDER_BY_SUFFIX[files[0].suffix.lower()]
         try:
             ds = datasets.load_dataset(
-                builder, data_files=[os.fspath(p) for p in where], split=split, cache_dir=cache
+                builder, data_files=[os.fspath(p) for p in files], split=split, cache_dir=cache
             )
         except Exception as exc:  # datasets raises many kinds for malformed files
             raise CorpusError(f"cannot load corpus {source!r} with datasets: {exc}") from exc
@@ -251,9 +252,9 @@ def corpus_fingerprint(
 
     Returns ``"sha256:<64 hex digits>"``. Raises :class:`CorpusError` for a missing file.
     """
-    kind, where = _resolve(source)
+    kind, files, where = _resolve(source)
     h = hashlib.sha256()
-    head = {"v": _FINGERPRINT_VERSION, "kind": kind, "split": split, "text_field": text_field}
+    head: dict[str, object] = {"v": _FINGERPRINT_VERSION, "kind": kind, "split": split, "text_field": text_field}
     if kind == "hub":
         if revision is None:
             logger.warning(
@@ -265,7 +266,6 @@ def corpus_fingerprint(
         h.update(json.dumps(head, sort_keys=True).encode())
         return "sha256:" + h.hexdigest()
     h.update(json.dumps(head, sort_keys=True).encode())
-    files = [where] if kind == "shipped" else where
     for path in files:
         h.update(b"\0file\0" + path.name.encode() + b"\0")
         try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from rlsedit_llm.errors import FactError
 
-__all__ = ["Fact", "as_fact", "as_facts", "validate_facts", "checked_facts", "encode_target"]
+__all__ = ["Fact", "FactBatch", "as_fact", "as_facts", "validate_facts", "checked_facts", "encode_target"]
 
 
 @dataclass(frozen=True)
@@ -296,11 +296,23 @@ def validate_facts(facts, tokenizer) -> None:
         seen[key] = i
 
 
-def checked_facts(facts, tokenizer, *, purpose: str = "edit") -> list[Fact]:
+class FactBatch(list):
+    """A ``list[Fact]`` already checked by :func:`validate_facts` against ``tokenizer``: the stages
+    of one editor call take it without checking it again (the door checks once)."""
+
+    def __init__(self, facts: Iterable[Fact], tokenizer):
+        super().__init__(facts)
+        self.tokenizer = tokenizer
+
+
+def checked_facts(facts, tokenizer, *, purpose: str = "edit") -> FactBatch:
     """:func:`as_facts`, at least one fact, :func:`validate_facts`: the entry check of every stage
-    that takes facts. Raises :class:`FactError` (``purpose`` names the stage in the message)."""
+    that takes facts. Raises :class:`FactError` (``purpose`` names the stage in the message).
+    A :class:`FactBatch` checked against the same tokenizer is returned as it is."""
+    if isinstance(facts, FactBatch) and facts.tokenizer is tokenizer and facts:
+        return facts
     facts = as_facts(facts)
     if not facts:
         raise FactError(f"no facts given: pass at least one fact to {purpose}")
     validate_facts(facts, tokenizer)
-    return facts
+    return FactBatch(facts, tokenizer)

@@ -27,15 +27,19 @@ rows (:class:`~rlsedit_llm.pipeline.values` builds them): ``ids`` (R token lists
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
+from torch import nn
 
+from rlsedit_llm.adapters.hooks import capture_outputs, first_tensor, run_until_stopped
 from rlsedit_llm.adapters.residual import final_logits
 from rlsedit_llm.adapters.spec import ModelSpec, get_module
-from rlsedit_llm.adapters.hooks import capture_outputs, first_tensor, run_until_stopped
 from rlsedit_llm.pipeline.tokens import input_device, right_pad
 
-__all__ = ["FastForward", "NaiveForward", "FastPathUnavailable", "SUPPORTED_ATTENTION", "length_groups"]
+__all__ = ["FastForward", "NaiveForward", "ValueForward", "ValueRows", "FastPathUnavailable", "SUPPORTED_ATTENTION",
+           "length_groups"]
 
 _CACHE_ARG_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
 _POSITION_ARG_NAMES = ("position_ids", "position_embeddings")
@@ -44,7 +48,33 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
 class FastPathUnavailable(Exception):
-    pass
+    """The fast path cannot run this model or these rows; the caller uses :class:`NaiveForward`."""
+
+
+class ValueRows(Protocol):
+    """The token rows of a value optimisation, as the forward passes read them."""
+
+    @property
+    def ids(self) -> Sequence[Sequence[int]]:
+        """R token rows."""
+
+    @property
+    def subject(self) -> torch.Tensor:
+        """(R,) subject-last position per row."""
+
+    @property
+    def need(self) -> torch.Tensor:
+        """(R,) last position whose logits the loss reads, per row."""
+
+
+class ValueForward(Protocol):
+    """A forward pass of the value optimisation: ``h_z`` (R, S, d), the edited layer's output on
+    every row, and log-probs at the selected positions with ``delta_rows`` added at each row's
+    subject position."""
+
+    h_z: torch.Tensor
+
+    def __call__(self, delta_rows: torch.Tensor, sel_row: torch.Tensor, sel_pos: torch.Tensor) -> torch.Tensor: ...
 
 
 def _flat_arguments(fn, args, kwargs) -> tuple[str, dict]:
@@ -101,7 +131,7 @@ class _PrefixCache:
 class FastForward:
     """Re-run only the layers above ``layer``, only from each row's subject position onwards."""
 
-    def __init__(self, model, spec: ModelSpec, layer: int, rows, pad_id: int):
+    def __init__(self, model: nn.Module, spec: ModelSpec, layer: int, rows: ValueRows, pad_id: int):
         impl = getattr(model.config, "_attn_implementation", None)
         if impl not in SUPPORTED_ATTENTION:
             raise FastPathUnavailable(f"attention implementation {impl!r} (fast path supports {SUPPORTED_ATTENTION})")
@@ -148,11 +178,15 @@ class FastForward:
             finally:
                 for h in handles:
                     h.remove()
-        for _, cache_name, flat in self.calls:
+        calls: list[tuple[str, str, dict]] = []
+        for first, cache_name, flat in self.calls:
             if cache_name is None:
                 raise FastPathUnavailable("a decoder layer takes no KV-cache argument")
             if "attention_mask" not in flat:
                 raise FastPathUnavailable("a decoder layer takes no attention_mask argument")
+            calls.append((first, cache_name, flat))
+        if len(calls) != len(self.upper):
+            raise FastPathUnavailable("an upper decoder layer ran more than once per forward pass")
         if self.upper and len(recorder.store) != len(self.upper):
             raise FastPathUnavailable("not every upper layer reported its keys/values")
         self.store = recorder.store
@@ -163,7 +197,7 @@ class FastForward:
         memo: dict = {}
         self.kwargs = [
             (first, cache_name, {k: self._slice(k, v, memo) for k, v in flat.items() if k != cache_name})
-            for first, cache_name, flat in self.calls
+            for first, cache_name, flat in calls
         ]
         self.checked = not self.upper
 
@@ -207,6 +241,7 @@ class FastForward:
         key = (name, id(value))
         if key in memo:
             return memo[key][1]
+        out: object
         if name == "attention_mask":
             if not isinstance(value, torch.Tensor):  # e.g. None: the layer would assume a plain causal mask
                 raise FastPathUnavailable(f"attention mask passed as {type(value).__name__}")
@@ -215,7 +250,8 @@ class FastForward:
             out = value
         elif name in _POSITION_ARG_NAMES and isinstance(value, torch.Tensor):
             out = self._slice_positions(value)
-        elif name in _POSITION_ARG_NAMES and isinstance(value, tuple) and all(isinstance(t, torch.Tensor) for t in value):
+        elif (name in _POSITION_ARG_NAMES and isinstance(value, tuple)
+              and all(isinstance(t, torch.Tensor) for t in value)):
             out = tuple(self._slice_positions(t) for t in value)
         elif name == "cache_position" and isinstance(value, torch.Tensor):
             out = torch.arange(self.P, self.P + self.S_suf, device=value.device)
@@ -272,7 +308,7 @@ class FastForward:
             return out
 
         store = {l: (k[group.to(k.device)], v[group.to(v.device)]) for l, (k, v) in self.store.items()}
-        for module, (first, cache_name, kwargs) in zip(self.upper, self.kwargs):
+        for module, (_, cache_name, kwargs) in zip(self.upper, self.kwargs, strict=True):
             kw = {k: sub(k, v) for k, v in kwargs.items()}
             h = first_tensor(module(h, **{cache_name: _PrefixCache(store)}, **kw))
         if not self.checked:
@@ -314,7 +350,7 @@ def length_groups(rows: torch.Tensor, length: torch.Tensor, overhead: int = 32) 
 class NaiveForward:
     """The whole model on every row and position, with a hook adding delta after ``layer``."""
 
-    def __init__(self, model, spec: ModelSpec, layer: int, rows, pad_id: int):
+    def __init__(self, model: nn.Module, spec: ModelSpec, layer: int, rows: ValueRows, pad_id: int):
         self.model = model
         device = input_device(model)
         self.input_ids, self.attn = right_pad(rows.ids, pad_id, device)
@@ -326,7 +362,7 @@ class NaiveForward:
             run_until_stopped(base, input_ids=self.input_ids, attention_mask=self.attn, use_cache=False)
         self.h_z = captured["h"]  # (R, S, d)
 
-    def __call__(self, delta_rows, sel_row, sel_pos):
+    def __call__(self, delta_rows: torch.Tensor, sel_row: torch.Tensor, sel_pos: torch.Tensor) -> torch.Tensor:
         def add(module, args, output):
             h = first_tensor(output)
             idx = (self.rows.to(h.device), self.subject.to(h.device))

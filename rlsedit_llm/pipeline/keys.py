@@ -69,7 +69,9 @@ def template_parts(template: str) -> tuple[str, str]:
     fields = [(name, spec, conv) for _, name, spec, conv in pieces if name is not None]
     if len(fields) != 1 or fields[0] != ("", "", None):
         raise HyperparameterError(f"context template {template!r} must contain exactly one '{{}}' slot")
-    before, after, seen = [], [], False
+    before: list[str] = []
+    after: list[str] = []
+    seen = False
     for literal, name, _, _ in pieces:
         (after if seen else before).append(literal)
         if name is not None:
@@ -284,8 +286,7 @@ def compute_keys_multi(model, tokenizer, spec: ModelSpec, layers, facts, templat
     for l in layers:
         x = per_row[l].view(len(facts), len(templates), -1)  # (u, T, d_k)
         k = torch.einsum("utd,t->ud", x, weights.to(x.device))  # (u, d_k)
-        dev = modules[l].weight.device
-        keys[l] = k.to(dev)
+        keys[l] = k.to(next(modules[l].parameters()).device)
     return keys
 
 

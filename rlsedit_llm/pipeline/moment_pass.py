@@ -5,12 +5,14 @@ and an attention mask; a forward pre-hook on each edited module takes its input
 ``x (B, T, d_k)`` (or ``(B·T, d_k)``: OPT runs its MLP on flattened tokens), keeps the rows of
 real tokens ``a (n, d_k)`` and adds ``aᵀa`` to a float64 sum on the module's device. For families
 whose prompts start with BOS (Gemma, :func:`~rlsedit_llm.adapters.spec.needs_bos`) every sequence
-is run with ``Plan.bos`` in front and that position is not summed. Once every edited module has seen the batch, the forward pass is stopped:
-layers above the last edited one and the LM head are never run.
+is run with ``Plan.bos`` in front and that position is not summed. Once every edited module has
+seen the batch, the forward pass is stopped: layers above the last edited one and the LM head are
+never run.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 
 import torch
@@ -19,10 +21,10 @@ from tqdm.auto import tqdm
 
 from rlsedit_llm.adapters.hooks import on_inputs, run_until_stopped
 from rlsedit_llm.errors import HyperparameterError, ShapeError, UnsupportedArchitectureError
+from rlsedit_llm.interrupts import poll_interrupts
 from rlsedit_llm.pipeline.moments import MomentSum
 from rlsedit_llm.pipeline.token_stream import Plan
 from rlsedit_llm.pipeline.tokens import input_device, needs_bos, right_pad
-from rlsedit_llm.interrupts import poll_interrupts
 
 __all__ = ["check_modules", "input_width", "module_device", "accumulate"]
 
@@ -126,22 +128,22 @@ def accumulate(
         disable=not progress or rank != 0,
     )
     device = input_device(model)
-    bos = needs_bos(model)
-    if bos and plan.bos is None:
+    bos = plan.bos if needs_bos(model) else None
+    if needs_bos(model) and bos is None:
         raise UnsupportedArchitectureError("this model family needs a BOS token in front of every sequence, "
                                            "but the tokenizer has no bos_token_id")
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with on_inputs(modules, add_keys, stop=True), torch.no_grad():
-            for seg_start, seg_stop in zip(bounds[:-1], bounds[1:]):
+            for seg_start, seg_stop in itertools.pairwise(bounds):
                 mine = [i for i in range(seg_start, seg_stop) if i % world == rank]
                 for b in range(0, len(mine), batch_size):
                     poll_interrupts()  # a safe point: Ctrl-C stops the pass between batches
                     ids, mask = right_pad([plan.seqs[i] for i in mine[b : b + batch_size]], plan.pad)  # (B, T)
                     summed = mask.bool()
-                    if bos:  # BOS in front; its position is attended to but not summed
-                        ids = torch.cat([torch.full_like(ids[:, :1], plan.bos), ids], dim=1)
+                    if bos is not None:  # BOS in front; its position is attended to but not summed
+                        ids = torch.cat([torch.full_like(ids[:, :1], bos), ids], dim=1)
                         mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
                         summed = torch.cat([torch.zeros_like(summed[:, :1]), summed], dim=1)
                     masks.clear()

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlsedit_llm.pipeline.facts import encode_target  # re-exported: editing/finetune.py imports it here
 from rlsedit_llm.adapters.residual import transform_logits
+from rlsedit_llm.pipeline.facts import encode_target  # re-exported: editing/finetune.py imports it here
 from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
 
 __all__ = ["TargetScore", "encode_target", "score_targets", "logits_at"]
@@ -83,7 +83,7 @@ def score_targets(model, tokenizer, prompts, targets, *, batch_size: int = 16) -
     scores: list[TargetScore] = []
     for start in range(0, len(prompts), batch_size):
         rows = []
-        for prompt, target in zip(prompts[start:start + batch_size], targets[start:start + batch_size]):
+        for prompt, target in zip(prompts[start:start + batch_size], targets[start:start + batch_size], strict=True):
             p = encode_prompt(tokenizer, prompt, bos=bos)
             t = encode_target(tokenizer, target)
             rows.append((p, t))
@@ -93,7 +93,7 @@ def score_targets(model, tokenizer, prompts, targets, *, batch_size: int = 16) -
         pos = torch.cat([torch.arange(len(p) - 1, len(p) + len(t) - 1) for p, t in rows])
         logp = torch.log_softmax(logits_at(model, ids, mask, row_of, pos), dim=-1).cpu()
         start_tok = 0
-        for p, t in rows:
+        for _, t in rows:
             lp, tgt = logp[start_tok:start_tok + len(t)], torch.tensor(t)  # (len(t), vocab)
             token_logprobs = lp[torch.arange(len(t)), tgt]
             scores.append(TargetScore(token_logprobs, lp.argmax(-1) == tgt))

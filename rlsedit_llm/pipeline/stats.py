@@ -54,9 +54,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlsedit_llm.adapters.spec import needs_bos
-from rlsedit_llm.adapters.spec import get_module
 from rlsedit_llm.adapters.fingerprint import model_fingerprint, tokenizer_fingerprint
+from rlsedit_llm.adapters.spec import get_module, needs_bos
 from rlsedit_llm.errors import HyperparameterError, ShapeError
 from rlsedit_llm.pipeline.corpus import corpus_fingerprint, load_corpus, texts_fingerprint
 from rlsedit_llm.pipeline.distributed import all_have, all_reduce_sums, broadcast_int
@@ -313,20 +312,19 @@ def second_moments(
             continue
         tensors, meta = entry
         mean = tensors.get("mean")
-        ok = (
+        if (
             mean is not None
             and tuple(mean.shape) == (widths[layer], widths[layer])
             and mean.dtype == dtype
             and meta.get("count") == n_tokens
             and bool(torch.isfinite(mean).all())
-        )
-        if ok:
+        ):
             means[layer] = mean
         else:
             logger.warning("ignoring cache entry %s: wrong shape, dtype, count or values", folder / keys[layer])
     if world > 1:
         hits = all_have([layer in means for layer in layers], coll_device)
-        means = {layer: means[layer] for layer, hit in zip(layers, hits) if hit}
+        means = {layer: means[layer] for layer, hit in zip(layers, hits, strict=True) if hit}
     missing = [layer for layer in layers if layer not in means]
     for layer in layers:
         if layer in means:

@@ -21,6 +21,7 @@ import io
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,8 +81,9 @@ def read_layer_stats(path, *, d_k: int) -> MomentSum:
 def write_layer_stats(moment: MomentSum, path, *, precision: str = "float32") -> Path:
     """Write ``moment`` as ROME's ``SecondMoment`` state (``mom2.mom2`` sum, ``mom2.count``), atomically."""
     buffer = io.BytesIO()
-    np.savez(buffer, **{"mom2.mom2": moment.total.detach().cpu().numpy().astype(precision),
-                        "mom2.count": np.asarray(moment.count, dtype=np.int64)})
+    arrays: dict[str, Any] = {"mom2.mom2": moment.total.detach().cpu().numpy().astype(precision),
+                              "mom2.count": np.asarray(moment.count, dtype=np.int64)}
+    np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
 

@@ -51,7 +51,8 @@ def encode_prompt(tokenizer, text: str, *, bos: bool) -> list[int]:
     return bos_prefix(tokenizer, bos) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def right_pad(rows: Sequence[Sequence[int]], pad: int, device=None, extra: int = 0):
+def right_pad(rows: Sequence[Sequence[int] | torch.Tensor], pad: int, device: torch.device | str | None = None,
+              extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token rows (lists or 1-D tensors) into ``(input_ids, attention_mask)``, both
     int64 of shape (n, max_len + extra), on ``device`` (``None``: the CPU)."""
     width = max(len(r) for r in rows) + extra

@@ -48,6 +48,7 @@ from rlsedit_llm.pipeline.facts import checked_facts, encode_target
 from rlsedit_llm.pipeline.fast_forward import FastForward, FastPathUnavailable, NaiveForward
 from rlsedit_llm.pipeline.keys import check_templates, encode_with_subject, fact_rows, template_parts
 from rlsedit_llm.pipeline.tokens import needs_bos, pad_id
+from rlsedit_llm.presets import SMALL_MODEL_D_MODEL, family_presets
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ _FLOAT_RANGES = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class ValueConfig:
     """Hyperparameters of the value optimisation (defaults: the published AlphaEdit/RLSEdit ones).
 
@@ -101,7 +102,7 @@ class ValueConfig:
 
         Called by :meth:`EditConfig.validate <rlsedit_llm.editing.config.EditConfig.validate>`
         (so an :class:`~rlsedit_llm.Editor` refuses a bad setting when it is built) and by
-        :func:`compute_values`; the dataclass is mutable, so it is checked where it is used.
+        :func:`compute_values`. Frozen: change a setting with ``dataclasses.replace``.
         """
         for name, (low, high, low_open) in _FLOAT_RANGES.items():
             v = getattr(self, name)
@@ -125,14 +126,16 @@ class ValueConfig:
 
 
 def default_value_config(spec: ModelSpec) -> ValueConfig:
-    """Per-family defaults: GPT-2 lr 0.5 and 20 steps; GPT-J/NeoX lr 0.5; Llama-like lr 0.1,
-    except models with ``d_model < 1024`` (e.g. SmolLM2-135M), which keep lr 0.5: at lr 0.1 their
-    values often miss the target within 25 steps (measured on SmolLM2 with CounterFact)."""
-    if spec.family == "gpt2":
-        return ValueConfig(lr=0.5, steps=20)
-    if spec.family in ("gptj", "gpt_neox"):
-        return ValueConfig(lr=0.5)
-    return ValueConfig(lr=0.1 if spec.d_model >= 1024 else 0.5)
+    """Per-family defaults from :data:`rlsedit_llm.presets.FAMILY_PRESETS`: GPT-2 lr 0.5 and 20
+    steps; GPT-J/NeoX lr 0.5; Llama-like lr 0.1, except models with ``d_model < 1024`` (e.g.
+    SmolLM2-135M), which keep lr 0.5: at lr 0.1 their values often miss the target within 25
+    steps (measured on SmolLM2 with CounterFact)."""
+    row = family_presets(spec.family)
+    lr = row["value_lr"].value
+    if "value_lr_small" in row and spec.d_model < SMALL_MODEL_D_MODEL:
+        lr = row["value_lr_small"].value
+    steps = row["value_steps"].value if "value_steps" in row else ValueConfig.steps
+    return ValueConfig(lr=float(lr), steps=int(steps))
 
 
 @dataclass
@@ -357,6 +360,7 @@ def _check_progress(result: ValueResult, first_nll: torch.Tensor, config: ValueC
         raise NonFiniteError(
             f"the value optimisation diverged (NaN/inf in the target hidden states) with lr={config.lr:g}; "
             f"lower ValueConfig.lr (published: 0.1-0.5)")
+    assert result.final_loss is not None and result.final_nll is not None  # set by the last evaluation
     unfinished = result.final_loss >= config.early_stop_loss  # (u,)
     stuck = unfinished & ~(result.final_nll < first_nll)
     if bool(stuck.any()):

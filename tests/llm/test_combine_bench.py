@@ -29,8 +29,8 @@ def test_rows_at_several_lengths_are_distinct_and_match_the_runs(combine, tmp_pa
     assert ("rlsedit", 1000) in keys and ("rlsedit", 2000) in keys
     final2000 = json.loads((runs[1] / "results.json").read_text())["methods"]["rlsedit"]["final"]
     row = next(r for r in rows if r[0] == "rlsedit" and r[2] == 2000)
-    assert row[3] == final2000["all"] and row[4] == final2000["retention"]
-    assert set(base) == {1000, 2000} and 0 < base[2000]["efficacy"] < 1
+    assert row[3].to_json() == final2000["all"] and row[4].to_json() == final2000["retention"]
+    assert set(base) == {1000, 2000} and 0 < base[2000].efficacy < 1
     plot = tmp_path / "lengths.png"
     combine.main(["--at", "2000,1000", "--plot", str(plot), *map(str, runs)])
     out = capsys.readouterr().out
@@ -54,9 +54,9 @@ def test_different_streams_and_bad_lengths_are_refused(combine, tmp_path):
 def test_retention_plot_merges_runs_of_one_stream_and_refuses_unequal_retention_sets(combine, tmp_path, capsys):
     runs = [ASSETS / "zsre887", ASSETS / "zsre887o_memit"]  # RLSEdit with shadows; MEMIT on its own values
     merged = combine.merge_retention(runs)
-    assert set(merged["methods"]) == {"rlsedit", "memit (shadow)", "alphaedit (shadow)", "memit"}
+    assert set(merged.methods) == {"rlsedit", "memit (shadow)", "alphaedit (shadow)", "memit"}
     own = json.loads((runs[1] / "results.json").read_text())["methods"]["memit"]
-    assert merged["methods"]["memit"]["checkpoints"] == own["checkpoints"]
+    assert [p.to_json() for p in merged.methods["memit"].checkpoints] == own["checkpoints"]
     # two runs of one method: each label names its run (by path where the folder names agree)
     copies = []
     for parent in ("a", "b"):
@@ -64,7 +64,7 @@ def test_retention_plot_merges_runs_of_one_stream_and_refuses_unequal_retention_
         copy.mkdir(parents=True)
         (copy / "results.json").write_bytes((runs[1] / "results.json").read_bytes())
         copies.append(copy)
-    assert set(combine.merge_retention(copies)["methods"]) == {f"memit [{copy}]" for copy in copies}
+    assert set(combine.merge_retention(copies).methods) == {f"memit [{copy}]" for copy in copies}
     plot = tmp_path / "retention.png"
     combine.main(["--at", "887", "--retention-plot", str(plot), *map(str, runs)])
     assert plot.stat().st_size > 0 and "retention plot:" in capsys.readouterr().out

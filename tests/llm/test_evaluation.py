@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -13,8 +14,10 @@ import torch
 
 from rlsedit_llm import EditConfig, Editor, EditReport, Fact
 from rlsedit_llm.errors import FactError, HyperparameterError
+from rlsedit_llm import cli
 from rlsedit_llm.evaluation import bench, data, metrics, protocol
 from rlsedit_llm.evaluation import report as bench_report
+from rlsedit_llm.evaluation import results as results_mod
 from rlsedit_llm.editing.finetune import FineTuneEditor, target_nll
 from rlsedit_llm.kernel.registry import method_names
 from rlsedit_llm.adapters.spec import get_module, read_weight
@@ -24,6 +27,8 @@ from rlsedit_llm.pipeline.tokens import encode_prompt, needs_bos
 from rlsedit_llm.pipeline.values import ValueConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
+
+ASSETS = Path(__file__).resolve().parents[2] / "docs" / "assets" / "bench"
 
 FACTS = [
     Fact("{} is located in the city of", "The Eiffel Tower", "Rome", target_true="Paris", case_id=0,
@@ -103,12 +108,47 @@ def test_protocol_config_checkpoints_and_validation():
             protocol.ProtocolConfig(**bad).validate()
 
 
-def test_parse_methods():
-    assert bench.parse_methods("rlsedit, memit_seq") == ["rlsedit", "memit_seq"]
-    assert bench.parse_methods("all") == list(list(method_names()))
+def _cli_config(**flags):
+    """The BenchConfig `rlsedit bench` builds from these flag values (strings as typed)."""
+    return cli._bench_config(argparse.Namespace(**flags))
+
+
+def test_bench_flags_parse_into_typed_fields():
+    cfg = _cli_config(out="o", methods="rlsedit, memit_seq", layers="3,4", score_all_at="300,600",
+                      shadow="memit_seq", interleave=True, ft_lr=0.25, ultraedit_ridge=0.5)
+    assert cfg.methods == ("rlsedit", "memit_seq") and cfg.layers == (3, 4) and cfg.score_all_at == (300, 600)
+    assert cfg.shadow == ("memit_seq",)
+    assert cfg.method_settings == {"ft": {"lr": 0.25, "steps": 10}, "ultraedit": {"ridge": 0.5}}
+    assert _cli_config(out="o", methods="all").methods == method_names()
+    assert _cli_config(out="o").method_settings == bench.BenchConfig(out="o").method_settings
     for bad in ("rlsedit,rome", "", "ft,ft"):
         with pytest.raises(HyperparameterError):
-            bench.parse_methods(bad)
+            _cli_config(out="o", methods=bad)
+    for flags, match in ((dict(layers="3,x"), "--layers"), (dict(score_all_at="three hundred"), "edit counts"),
+                         (dict(ultraedit_lr=0.0), "--ultraedit-lr must be > 0")):
+        with pytest.raises(HyperparameterError, match=match):
+            _cli_config(out="o", **flags)
+
+
+def test_bench_config_fields_are_typed_and_checked():
+    for bad, match in ((dict(methods="rlsedit,ft"), "tuple of method names"), (dict(layers="3,4"), "tuple of ints"),
+                       (dict(score_all_at="300"), "tuple of ints"), (dict(shadow="memit_seq"), "tuple of method"),
+                       (dict(methods=("rlsedit", "rome")), "unknown method"),
+                       (dict(method_settings={"rome": {}}), "unknown method"),
+                       (dict(method_settings={"ft": {"lrr": 1.0}}), "lrr"),
+                       (dict(method_settings={"ft": 1.0}), "method_settings"),
+                       (dict(save_every=0), "save-every"), (dict(value_steps=2.5), "value-steps"),
+                       (dict(time_budget=10.0), "needs --interleave"),
+                       (dict(methods=("rlsedit", "memit_seq"), shadow=("memit_seq",)), "needs --interleave"),
+                       (dict(methods=("memit_seq",), shadow=("memit_seq",), interleave=True), "needs 'rlsedit'"),
+                       (dict(methods=("rlsedit", "ft"), shadow=("ft",), interleave=True), "layer-solver")):
+        with pytest.raises(HyperparameterError, match=match):
+            bench.BenchConfig(out="o", **bad)
+    cfg = bench.BenchConfig(out="o", methods=["memit_seq", "rlsedit", "ft"], shadow=["memit_seq"], interleave=True)
+    assert cfg.methods == ("memit_seq", "rlsedit", "ft") and cfg.run_order() == ("rlsedit", "ft", "memit_seq")
+    assert dataclasses.replace(cfg, alpha=0.5).method_settings == cfg.method_settings
+    with pytest.raises(TypeError):  # the settings cannot be changed in place
+        cfg.method_settings["ft"]["lr"] = 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,22 +345,25 @@ def test_continuation_nll_is_the_teacher_forced_nll_of_the_text_after_the_prompt
 
 def test_report_prints_the_first_generations_on_one_line_each():
     gens = [{"prompt": "Q1?", "text": "\nA | b\n\nc"}, {"prompt": "Q2?", "text": "\n"}, {"prompt": "Q3?", "text": "x"}]
-    lines = bench_report._generation_samples({"base": {"generations": gens}, "methods": {"m": {"final": {}}}})
+    settings = results_mod.Results.from_json(json.loads((ASSETS / "cf300" / "results.json").read_text())).settings
+    res = results_mod.Results(settings, base=results_mod.BaseScores.from_json({"generations": gens}),
+                              methods={"m": results_mod.MethodRecord(final=results_mod.FinalScores())})
+    lines = bench_report._generation_samples(res)
     assert lines[-2:] == ["- **unedited**: Q1? → A / b c", "- **unedited**: Q2? → (nothing: it stops at once)"]
-    assert bench_report._generation_samples({"base": {}, "methods": {}}) == []
+    assert bench_report._generation_samples(results_mod.Results(settings, base=results_mod.BaseScores())) == []
 
 
 def test_score_generations_scores_kept_generations_once(llama):
     model, tok = llama
     prompts = ["The Eiffel Tower is", "Toyota makes"]
-    part = {"generations": [{"prompt": p, "text": t} for p, t in zip(prompts, [" a tower", ""])]}
+    part = results_mod.FinalScores(generations=[results_mod.Generation(p, t) for p, t in zip(prompts, [" a tower", ""])])
     assert protocol.score_generations(part, model, tok)
     # The empty generation (an immediate EOS) has no tokens to score and is left out of the mean.
-    assert part["generation_nll_n"] == 1
-    assert part["generation_nll"] == pytest.approx(metrics.continuation_nll(model, tok, prompts[:1], [" a tower"])[0])
-    part["generation_nll"] = 123.0
-    assert not protocol.score_generations(part, model, tok) and part["generation_nll"] == 123.0  # never rescored
-    assert not protocol.score_generations({"fluency": 5.0}, model, tok)
+    assert part.generation_nll_n == 1
+    assert part.generation_nll == pytest.approx(metrics.continuation_nll(model, tok, prompts[:1], [" a tower"])[0])
+    part.generation_nll = 123.0
+    assert not protocol.score_generations(part, model, tok) and part.generation_nll == 123.0  # never rescored
+    assert not protocol.score_generations(results_mod.FinalScores(fluency=5.0), model, tok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,30 +434,42 @@ def test_memit_seq_equals_rlsedit_alpha0_on_the_llm_layer(tiny, tmp_path):
         assert torch.linalg.norm(W - states["memit"][l]) / torch.linalg.norm(W - W0) > 1e-3
 
 
-def test_deviation_report_respects_t3_bounds(tiny, tmp_path):
+def test_runner_deviations_come_from_the_editor_and_respect_t3_bounds(tiny, tmp_path):
+    """A layer-solver method's deviation is its editor's (with T3's bounds, which hold); an
+    editor-level method's is measured on its weights with the anchor Gram the editors use."""
+    from rlsedit_llm.kernel.certificates import weight_deviation
+
     model, tok = tiny("llama")
     cfg = _fast_config(tmp_path, alpha=0.5)
     runner = protocol.make_runner("rlsedit", model, tok, edit_config=cfg)
-    W0 = {l: read_weight(get_module(model, runner.editor.spec_.edit_module_path.format(l))).cpu()
-          for l in runner.layers}
+    W0 = protocol.snapshot_weights(model, runner.editor.spec_, runner.layers)
     for b in range(3):
         runner.edit(FACTS[2 * b: 2 * b + 2])
-    from rlsedit_llm.pipeline.stats import second_moments
-
-    moments = second_moments(model, tok, runner.editor.spec_, list(runner.layers), n_tokens=cfg.stats_tokens,
-                             max_length=cfg.stats_max_length, cache_dir=cfg.cache_dir)
-    N = runner.editor.mom2_weight_
-    grams = {l: N * m.double() for l, m in moments.items()}
-    rep = protocol.deviation_report(runner, W0, grams, alpha=cfg.alpha, beta=cfg.beta)
-    assert set(rep) == {str(l) for l in runner.layers}
-    for row in rep.values():
-        assert 0 < row["fro"] <= row["t3a"] * (1 + 1e-6)
-        assert 0 < row["anchor"] <= row["t3b"] * (1 + 1e-6)
+    rep = runner.deviations(W0)
+    own = runner.editor.deviations()
+    assert set(rep) == set(runner.layers) == set(own)
+    for layer, row in rep.items():
+        assert row.fro == pytest.approx(own[layer].fro) and row.cond == pytest.approx(own[layer].condition)
+        assert 0 < row.fro <= row.t3a * (1 + 1e-6)
+        assert 0 < row.anchor <= row.t3b * (1 + 1e-6)
     # No bound is claimed for a method that does not minimise the cumulative objective.
     memit = protocol.make_runner("memit", *tiny("llama"), edit_config=cfg)
     memit.edit(FACTS[:2])
-    row = next(iter(protocol.deviation_report(memit, W0, grams, alpha=cfg.alpha, beta=cfg.beta).values()))
-    assert "t3a" not in row and "t3b" not in row and row["fro"] > 0
+    row = next(iter(memit.deviations(W0).values()))
+    assert row.t3a is None and row.t3b is None and row.fro > 0
+    assert set(results_mod.LayerDeviation.from_json(row.to_json()).to_json()) == {"fro", "anchor"}
+    # FT keeps no statistics: its drift is measured with the anchor Gram of the rlsedit editor.
+    ft_model, ft_tok = tiny("llama")
+    ft = protocol.make_runner("ft", ft_model, ft_tok, edit_config=cfg, method_settings={"ft": {"lr": 1e-2, "steps": 2}})
+    ft.edit(FACTS[:2])
+    grams = runner.anchor_grams()
+    got = ft.deviations(W0, grams)
+    for layer, W in ft.weights().items():
+        want = weight_deviation(W0[layer], W, grams[layer])
+        assert got[layer].fro == pytest.approx(want.fro) and got[layer].anchor == pytest.approx(want.anchor)
+        assert want.anchor > 0
+        assert got[layer].t3a is None
+    assert all(r.anchor is None for r in ft.deviations(W0).values())  # no Gram given: no anchor drift
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,12 +496,12 @@ def test_a_stream_stopped_at_a_full_checkpoint_reuses_its_scores(tiny, tmp_path,
                                                                                    real(ds, m, t, written, **kw))[1])
     rec = protocol.run_method(runner, model, tok, facts, cfg, protocol.new_record(), W0=W0, progress=False,
                               until=2, finish=True)
-    point = rec["checkpoints"][-1]
-    assert point["batch"] == 2 and point["all"]["n"] == 4
-    assert rec["final"]["partial"] and rec["final"]["all"] == point["all"] and rec["final"]["retention"]["n"] == 2
+    point = rec.checkpoints[-1]
+    assert point.batch == 2 and point.all.n == 4
+    assert rec.final.partial and rec.final.all == point.all and rec.final.retention.n == 2
     assert scored == [2, 2, 2, 2, 4]  # two batches, the retention set at batches 1 and 2, all 4 once
     rec = protocol.run_method(runner, model, tok, facts, cfg, rec, W0=W0, progress=False, until=3, finish=True)
-    assert rec["done"] and scored[-1] == 6  # the end of the stream is scored in full
+    assert rec.done and scored[-1] == 6  # the end of the stream is scored in full
 
 
 def test_run_method_records_immediate_retention_and_final(tiny, tmp_path):
@@ -458,44 +513,55 @@ def test_run_method_records_immediate_retention_and_final(tiny, tmp_path):
     W0 = protocol.snapshot_weights(model, runner.editor.spec_, runner.layers)
     glue = {t: data.load_glue(t, 4) for t in ("sst2", "cola")}
     base = protocol.base_report(model, tok, facts, cfg, glue, n_cases=6)
-    assert len(base["cases"]) == 6 and base["retention"]["n"] == cfg.retention_size
+    assert len(base.cases) == 6 and base.retention.n == cfg.retention_size
     calls = []
     # Stop after one batch and score what was written (a stream cut short by a time budget) ...
     rec = protocol.run_method(runner, model, tok, facts, cfg, protocol.new_record(), W0=W0, glue=glue, base=base,
-                              on_batch=lambda r: calls.append(r["batches_done"]), progress=False, until=1,
+                              on_batch=lambda r: calls.append(r.batches_done), progress=False, until=1,
                               finish=True)
-    assert not rec["done"] and rec["final"]["partial"] and rec["final"]["edits"] == 2
-    assert rec["final"]["all"]["n"] == 2 and rec["checkpoints"][-1]["batch"] == 1
+    assert not rec.done and rec.final.partial and rec.final.edits == 2
+    assert rec.final.all.n == 2 and rec.checkpoints[-1].batch == 1
     # ... then continue the same stream to its end.
     rec = protocol.run_method(runner, model, tok, facts, cfg, rec, W0=W0, glue=glue, base=base,
-                              on_batch=lambda r: calls.append(r["batches_done"]), progress=False)
+                              on_batch=lambda r: calls.append(r.batches_done), progress=False)
     assert calls == [1, 1, 2, 3, 3]  # after each batch, and after each final scoring
-    assert not rec["final"]["partial"]
-    assert rec["done"] and rec["edits_done"] == 6 and [e["edits"] for e in rec["immediate"]] == [2, 4, 6]
-    assert [p["batch"] for p in rec["checkpoints"]] == cfg.checkpoint_batches() == [1, 2, 3]
-    assert rec["checkpoints"][0]["retention"]["n"] == cfg.retention_size == 2
-    assert rec["final"]["all"]["n"] == 6 and 0 <= rec["final"]["all"]["score"] <= 1
-    assert set(rec["final"]["glue"]) == {"sst2", "cola", "mean"}
-    assert 0 <= rec["final"]["glue"]["sst2"]["agreement"] <= 1
-    assert rec["final"]["fluency_n"] == 1  # of the first two cases only one has a generation prompt
-    [gen] = rec["final"]["generations"]  # kept, for reading and for the unedited model's NLL
-    assert gen["prompt"] == facts[0].generation_prompts[0]
-    assert rec["final"]["fluency"] == pytest.approx(metrics.ngram_entropy(gen["prompt"] + gen["text"]))
+    assert not rec.final.partial
+    assert rec.done and rec.edits_done == 6 and [e.edits for e in rec.immediate] == [2, 4, 6]
+    assert [p.batch for p in rec.checkpoints] == cfg.checkpoint_batches() == [1, 2, 3]
+    assert rec.checkpoints[0].retention.n == cfg.retention_size == 2
+    assert rec.final.all.n == 6 and 0 <= rec.final.all.score <= 1
+    assert set(rec.final.glue.tasks) == {"sst2", "cola"} and set(rec.final.glue.to_json()) == {"sst2", "cola", "mean"}
+    assert 0 <= rec.final.glue.tasks["sst2"].agreement <= 1
+    assert rec.final.fluency_n == 1  # of the first two cases only one has a generation prompt
+    [gen] = rec.final.generations  # kept, for reading and for the unedited model's NLL
+    assert gen.prompt == facts[0].generation_prompts[0]
+    assert rec.final.fluency == pytest.approx(metrics.ngram_entropy(gen.prompt + gen.text))
     imm = protocol.immediate_summary(rec)
-    assert imm["n"] == 6
-    assert imm["efficacy"] == pytest.approx(sum(e["efficacy"] * e["n"] for e in rec["immediate"]) / 6, abs=1e-5)
+    assert imm.n == 6
+    assert imm.efficacy == pytest.approx(sum(e.scores.efficacy * e.scores.n for e in rec.immediate) / 6, abs=1e-5)
     # Editing raised the efficacy of the stream's facts over the unedited model.
-    assert rec["final"]["all"]["efficacy_magnitude"] > base["all"]["efficacy_magnitude"]
+    assert rec.final.all.efficacy_magnitude > base.all.efficacy_magnitude
+    # The record's JSON form reads back to the same record.
+    assert results_mod.MethodRecord.from_json(rec.to_json()) == rec
     with pytest.raises(HyperparameterError):
         protocol.run_method(runner, model, tok, facts[:4], cfg, protocol.new_record(), W0=W0, progress=False)
 
 
 def _bench_args(out, **kw):
+    """The BenchConfig of `rlsedit bench` with these flags (comma lists as strings)."""
     a = dict(dataset="counterfact", model="tiny", edits=6, batch=2, methods="rlsedit,ft", out=str(out),
              stats_tokens=3000, checkpoints=2, glue=0, fluency_cases=2, fluency_tokens=6, quiet=True,
              cache_dir=str(out.parent / "stats"), ft_steps=2, ft_lr=1e-3)
     a.update(kw)
-    return bench.BenchConfig(**a)
+    return _cli_config(**a)
+
+
+def _replace(args, **changes):
+    """``dataclasses.replace`` with comma lists given as the command line takes them."""
+    for name, item in (("methods", str), ("shadow", str), ("score_all_at", int)):
+        if isinstance(changes.get(name), str):
+            changes[name] = tuple(item(x) for x in changes[name].split(",") if x)
+    return dataclasses.replace(args, **changes)
 
 
 def _interrupted(monkeypatch, runner_cls, args, at: int = 2) -> None:
@@ -628,7 +694,7 @@ def test_bench_smollm2_short_stream(smollm2, tmp_path, monkeypatch):
     model, tok = smollm2
     monkeypatch.setattr(bench, "load_model", lambda name, **kw: (model, tok))
     out = tmp_path / "bench"
-    args = bench.BenchConfig(dataset="counterfact", model="smollm2", edits=20, batch=10, methods="rlsedit,memit_seq",
+    args = bench.BenchConfig(dataset="counterfact", model="smollm2", edits=20, batch=10, methods=("rlsedit", "memit_seq"),
                              out=str(out), stats_tokens=6000, checkpoints=1, glue=8, fluency_cases=2,
                              fluency_tokens=10, quiet=True, cache_dir=str(tmp_path / "stats"))
     assert bench.run_bench(args) == 0
@@ -643,7 +709,8 @@ def test_bench_smollm2_short_stream(smollm2, tmp_path, monkeypatch):
     for p_r, p_m in zip(res["methods"]["rlsedit"]["checkpoints"], res["methods"]["memit_seq"]["checkpoints"]):
         for layer, d in p_r["deviation"].items():
             assert d["fro"] == pytest.approx(p_m["deviation"][layer]["fro"], rel=1e-4)
-            assert d["fro"] <= d["t3a"] and d["anchor"] <= d["t3b"] * (1 + 1e-6)
+            assert d.get("t3a") is None  # alpha = 0: T3(a) is vacuous
+            assert d["anchor"] <= d["t3b"] * (1 + 1e-6)
     for name in ("summary.csv", "results.md", "scores.png", "retention.png", "deviation.png"):
         assert (out / name).exists()
 
@@ -658,7 +725,7 @@ def test_bench_smollm2_batch100_stream(smollm2, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "load_model", lambda name, **kw: (model, tok))
     out = tmp_path / "bench"
     args = bench.BenchConfig(dataset="counterfact_simple", model="smollm2", edits=200, batch=100,
-                             methods="rlsedit,memit", shadow="memit", interleave=True, out=str(out),
+                             methods=("rlsedit", "memit"), shadow=("memit",), interleave=True, out=str(out),
                              stats_tokens=6000, checkpoints=2, glue=0, fluency_cases=0, no_wild=True,
                              retention_fraction=0.5,  # the retention set is the first batch
                              quiet=True, cache_dir=str(tmp_path / "stats"))
@@ -673,7 +740,7 @@ def test_bench_smollm2_batch100_stream(smollm2, tmp_path, monkeypatch):
         assert 0.5 < entry["value_norm_ratio"] < 3.0  # written values near the model's own norms
     for point in rls["checkpoints"]:
         for d in point["deviation"].values():
-            assert d["fro"] <= d["t3a"] * (1 + 1e-6)
+            assert d["anchor"] <= d["t3b"] * (1 + 1e-6)
     memit = res["methods"]["memit"]
     assert memit["done"] and memit["final"]["all"]["n"] == 200
     assert all(p["leader_gap"] is not None for p in memit["checkpoints"])
@@ -750,16 +817,6 @@ def test_shadow_runner_refuses_a_batch_its_leader_has_not_written(tiny, tmp_path
     with pytest.raises(HyperparameterError):  # a retracting leader's journal is not one stream
         protocol.make_runner("memit_seq", model, tok, leader=protocol.make_runner(
             "rlsedit", model, tok, edit_config=dataclasses.replace(cfg, replace=True)))
-
-
-def test_parse_shadows():
-    assert bench.parse_shadows("", ["rlsedit"], interleave=False) == []
-    assert bench.parse_shadows("memit_seq", ["rlsedit", "memit_seq"], interleave=True) == ["memit_seq"]
-    for text, methods, inter in [("memit_seq", ["rlsedit", "memit_seq"], False), ("memit_seq", ["memit_seq"], True),
-                                 ("memit", ["rlsedit", "memit_seq"], True), ("ft", ["rlsedit", "ft"], True),
-                                 ("rlsedit", ["rlsedit"], True)]:
-        with pytest.raises(HyperparameterError):
-            bench.parse_shadows(text, methods, interleave=inter)
 
 
 def test_bench_shadow_and_full_checkpoints_resume(tiny_bench, tmp_path, monkeypatch):
@@ -882,7 +939,7 @@ def test_bench_extends_a_finished_run_to_a_longer_stream(tiny_bench, tmp_path):
     def refused(match, **changes):
         out = tmp_path / "short" / f"refused_{match.split()[0]}"
         with pytest.raises(HyperparameterError, match=match):
-            bench.run_bench(dataclasses.replace(args, out=str(out), **changes))
+            bench.run_bench(_replace(args, out=str(out), **changes))
         assert not out.exists() or not (out / "results.json").exists()
 
     refused("must exceed", edits=6, score_all_at="")
@@ -1095,3 +1152,94 @@ def test_bench_value_steps_lengthen_each_methods_own_value_settings(tiny, tmp_pa
         with pytest.raises(HyperparameterError, match="value-steps"):
             bench.run_bench(_bench_args(tmp_path / f"bad{bad}", value_steps=bad))
     assert len(loads) == n_loads  # refused before the model was loaded
+
+
+# ----------------------------------------------------------------------------------------------
+# Results: typed, versioned, reading every committed run
+
+
+def _committed_runs() -> list[Path]:
+    return sorted(p.parent for p in ASSETS.glob("*/results.json"))
+
+
+def _as_v2(data: dict) -> dict:
+    """What format v2 writes for a v1 run: FT's and UltraEdit's settings under method_settings."""
+    data = copy.deepcopy(data)
+    settings = data["settings"]
+    settings["format"] = results_mod.FORMAT
+    ft = {new: settings.pop(old) for old, new in (("ft_lr", "lr"), ("ft_steps", "steps")) if old in settings}
+    ultra = {k: v for k, v in (settings.pop("ultraedit", None) or {}).items() if v is not None}
+    settings["method_settings"] = {m: s for m, s in (("ft", ft), ("ultraedit", ultra)) if s}
+    settings.setdefault("full_checkpoints", [])
+    settings.setdefault("shadow", [])
+    return data
+
+
+def test_every_committed_run_loads_round_trips_and_renders_its_report(tmp_path):
+    runs = _committed_runs()
+    assert len(runs) >= 17
+    for run in runs:
+        data = json.loads((run / "results.json").read_text(encoding="utf-8"))
+        assert data["settings"]["format"] in results_mod.FORMATS
+        res = results_mod.Results.from_json(data)
+        assert res.to_json() == _as_v2(data), run.name  # nothing dropped, nothing invented
+        assert results_mod.Results.from_json(res.to_json()) == res
+        out = tmp_path / run.name
+        out.mkdir()
+        bench_report.write_report(res, out)
+        md = (out / "results.md").read_text(encoding="utf-8")
+        for name, rec in res.methods.items():
+            assert f"| {name} | {rec.edits_done}" in md, (run.name, name)
+        rows = (out / "deviation.csv").read_text().splitlines()
+        assert len(rows) == 1 + sum(len(p.deviation) for rec in res.methods.values() for p in rec.checkpoints)
+        for name in ("scores.png", "retention.png", "deviation.png", "norms.png", "summary.csv", "curves.csv"):
+            assert (out / name).stat().st_size > 0, (run.name, name)
+
+
+def test_results_keep_unknown_keys_and_refuse_malformed_files():
+    data = json.loads((ASSETS / "zsre887o_rlsedit" / "results.json").read_text(encoding="utf-8"))
+    data["note"] = "kept"
+    rec = data["methods"]["rlsedit"]
+    rec["reviewer"] = {"ok": True}
+    rec["checkpoints"][0]["deviation"]["4"]["spectral"] = 1.5
+    rec["immediate"][0]["new_metric"] = 0.25
+    res = results_mod.Results.from_json(data)
+    assert res.extra == {"note": "kept"} and res.methods["rlsedit"].extra == {"reviewer": {"ok": True}}
+    assert res.methods["rlsedit"].checkpoints[0].deviation[4].extra == {"spectral": 1.5}
+    assert res.methods["rlsedit"].immediate[0].scores.get("new_metric") == 0.25
+    assert res.to_json() == _as_v2(data)
+    from rlsedit_llm.errors import StateMismatchError
+
+    for breaks, match in ((lambda d: d["settings"].update(format="rlsedit-bench-v9"), "format"),
+                          (lambda d: d["settings"].pop("format"), "format"),
+                          (lambda d: d["methods"]["rlsedit"].update(batches_done="three"), "batches_done"),
+                          (lambda d: d["methods"]["rlsedit"]["immediate"].append(7), "expected a JSON object"),
+                          (lambda d: d["methods"]["rlsedit"]["checkpoints"][0]["deviation"].update(x={}), "int keys")):
+        broken = copy.deepcopy(data)
+        breaks(broken)
+        with pytest.raises(StateMismatchError, match=match):
+            results_mod.Results.from_json(broken)
+
+
+def test_a_v1_run_in_progress_resumes_under_v2(tiny_bench, tmp_path, monkeypatch):
+    """A run written in format v1 (FT's settings as ft_lr/ft_steps) is resumed, not refused, and
+    is written back as v2."""
+    model, _ = tiny_bench
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = tmp_path / "run" / "out"
+    out.parent.mkdir()
+    _interrupted(monkeypatch, protocol.MethodRunner, _bench_args(out, methods="rlsedit,ft"))
+    with torch.no_grad():  # a fresh process starts from the base model
+        for n, p in model.named_parameters():
+            p.copy_(base_weights[n])
+    data = json.loads((out / "results.json").read_text())
+    settings = data["settings"]
+    ft = settings.pop("method_settings")["ft"]
+    settings.update(format="rlsedit-bench-v1", ft_lr=ft["lr"], ft_steps=ft["steps"])
+    (out / "results.json").write_text(json.dumps(data))
+    assert bench.run_bench(_bench_args(out, methods="rlsedit,ft")) == 0
+    done = bench.load_results(out)
+    assert all(rec.done for rec in done.methods.values()) and len(done.sessions) == 2
+    assert bench.read_results(out)["settings"]["format"] == results_mod.FORMAT
+    assert done.settings.method_settings["ft"] == {"lr": 1e-3, "steps": 2}
+    assert done.methods["ft"].settings == {"lr": 1e-3, "steps": 2} and done.methods["rlsedit"].settings is None

@@ -1,4 +1,4 @@
-"""Families added with issue #13 (Gemma 2/3, OLMo 2, OPT, Falcon, Granite, StableLM), post-MLP norms
+"""Families beyond the Llama-like core (Gemma 2/3, OLMo 2, OPT, Falcon, Granite, StableLM), post-MLP norms
 (module_target), mixture-of-experts refusal, user-described architectures, and the real offline
 Gemma 3 270M (slow)."""
 

@@ -3,6 +3,8 @@ capabilities, round-trips its state, and a new method needs one class and its re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
@@ -11,9 +13,17 @@ import rlsedit_llm
 from rlsedit_llm import EditConfig, Editor, Fact
 from rlsedit_llm.editing.methods import load_editor, make_editor
 from rlsedit_llm.errors import HyperparameterError
-from rlsedit_llm.kernel import Capabilities, LayerSolver, Step, get_method, method_names, register
-from rlsedit_llm.kernel import registry
-from rlsedit_llm.kernel.rls import woodbury_downdate, woodbury_update
+from rlsedit_llm.kernel import (
+    Capabilities,
+    LayerSolver,
+    MethodConfig,
+    Step,
+    get_method,
+    method_names,
+    register,
+    unregister,
+)
+from rlsedit_llm.kernel.rls import RLSEditConfig, woodbury_downdate, woodbury_update
 from rlsedit_llm.pipeline.values import ValueConfig
 from rlsedit_theory import Problem
 from rlsedit_theory import recursive as np_recursive
@@ -97,7 +107,17 @@ def test_unknown_method_and_removal_without_retraction_are_typed_errors():
     with pytest.raises(HyperparameterError, match="cannot retract"):
         solver.downdate(*(torch.from_numpy(x) for x in edits[0]))
     with pytest.raises(TypeError):
-        register(type("Nameless", (), {}))
+        register("nameless", type("Nameless", (), {}), RLSEditConfig)
+
+
+@dataclass(frozen=True)
+class _HalfStepConfig(MethodConfig):
+    method = "half_step_test"
+    fraction: float = 0.5
+
+    def validate(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise HyperparameterError(f"_HalfStepConfig.fraction must lie in (0, 1]; got {self.fraction!r}")
 
 
 class _HalfStep(LayerSolver):
@@ -106,33 +126,41 @@ class _HalfStep(LayerSolver):
     name = "half_step_test"
     capabilities = Capabilities()
 
-    def __init__(self, W0, alpha, beta, gram0=None, *, dtype=torch.float64, track_information=False):
+    state_scalars = LayerSolver.state_scalars + ("fraction",)
+
+    def __init__(self, W0, alpha, beta, gram0=None, *, dtype=torch.float64, track_information=False,
+                 fraction: float = 0.5):
         self._init_common(W0, alpha, beta, dtype)
+        self.fraction = fraction
 
     def propose(self, K, V) -> Step:
         K, V = self._check(K, V)
-        return Step(self.W_ + 0.5 * torch.linalg.pinv(K) @ (V - K @ self.W_), {}, K.shape[0])
+        return Step(self.W_ + self.fraction * torch.linalg.pinv(K) @ (V - K @ self.W_), {}, K.shape[0])
 
 
 def test_a_new_method_is_one_class_plus_its_registration(tiny, tmp_path):
-    register(_HalfStep)
+    register("half_step_test", _HalfStep, _HalfStepConfig)
     try:
         assert "half_step_test" in method_names()
         model, tok = tiny("llama")
         cfg = EditConfig(method="half_step_test", stats_tokens=2000, n_templates=2, template_length=4,
                          cache_dir=str(tmp_path / "stats"), value=ValueConfig(steps=4))
-        editor = make_editor("half_step_test", model, tok, cfg)
+        editor = make_editor("half_step_test", model, tok, cfg, fraction=0.25)
         assert isinstance(editor, Editor) and not editor.capabilities.retracts
+        assert editor.config.method_config == _HalfStepConfig(fraction=0.25)
         report = editor.edit([Fact("{} lives in", "Alice", "Paris")])
         assert report.facts[0].residual_after < report.facts[0].residual_before
         editor.save(tmp_path / "s")
         fresh, _ = tiny("llama")
         again = load_editor("half_step_test", fresh, tok, tmp_path / "s")
         assert all(torch.equal(again.solvers_[l].W_, editor.solvers_[l].W_) for l in editor.layers_)
+        assert again.config.method_config == _HalfStepConfig(fraction=0.25)
+        assert all(s.fraction == 0.25 for s in editor.solvers_.values())
         with pytest.raises(HyperparameterError, match="retracts"):
             editor.undo(report.edit_id)
     finally:
-        registry._METHODS.pop("half_step_test", None)
+        unregister("half_step_test")
+    assert "half_step_test" not in method_names()
 
 
 def test_editor_level_method_cannot_run_inside_editor(tiny):
@@ -141,5 +169,5 @@ def test_editor_level_method_cannot_run_inside_editor(tiny):
         Editor(model, tok, EditConfig(method="ft"))
     ft = make_editor("ft", model, tok, EditConfig(layers=(1,)), lr=1e-3, steps=1)
     assert ft.layers_ == (1,) and ft.capabilities == Capabilities()
-    with pytest.raises(HyperparameterError, match="unexpected"):
+    with pytest.raises(HyperparameterError, match=r"RLSEditConfig has no setting\(s\) \['lr'\]"):
         make_editor("rlsedit", model, tok, lr=1.0)

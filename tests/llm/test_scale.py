@@ -15,8 +15,7 @@ from rlsedit_llm import EditConfig, Editor, ValueConfig
 from rlsedit_llm.adapters.spec import get_module, read_weight
 from rlsedit_llm.errors import NotPositiveDefiniteError, RLSEditError
 from rlsedit_llm.kernel.inplace import mirror_upper_, symmetric_rank_update_, woodbury_update_
-from rlsedit_llm.kernel.memory import (InsufficientMemoryError, MODEL_SHAPES, check_fits, memory_table, plan,
-                                       plan_for_editor)
+from rlsedit_llm.memory import InsufficientMemoryError, MODEL_SHAPES, check_fits, memory_table, plan
 from rlsedit_llm.kernel.rls import LayerRLS, woodbury_downdate, woodbury_update
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,12 +53,12 @@ def test_plan_state_bytes_equal_the_tensors_nbytes(dtype, track):
     assert p.statistics_per_layer == torch.zeros(d_k, d_k, dtype=torch.float64).nbytes
 
 
-def test_plan_for_editor_matches_the_prepared_editor(tiny, tmp_path):
+def test_editor_memory_plan_matches_the_prepared_editor(tiny, tmp_path):
     model, tok = tiny("llama", init_std=0.3)
     cfg = EditConfig(alpha=1e-3, mom2_weight=1.0, stats_tokens=500, stats_max_length=32, cache_dir=str(tmp_path),
                      n_templates=1, template_length=3)
     editor = Editor(model, tok, cfg).prepare()
-    p = plan_for_editor(editor)
+    p = editor.memory_plan()
     kept = sum(x.nbytes for s in editor.solvers_.values() for x in s.state_dict()["tensors"].values())
     assert p.state == kept
     assert p.model_bytes == sum(x.nbytes for x in model.parameters())
@@ -102,7 +101,7 @@ def test_check_fits_raises_a_typed_error_naming_the_sizes():
 
 
 def test_check_fits_reads_the_free_memory_of_the_device(monkeypatch):
-    import rlsedit_llm.kernel.memory as memory
+    import rlsedit_llm.memory as memory
 
     monkeypatch.setattr(memory, "free_memory", lambda device: 10**8)
     with pytest.raises(InsufficientMemoryError):
@@ -133,8 +132,8 @@ def test_inplace_update_equals_the_pure_update(dtype, tol, u, block):
     C, W = start.C_.to(dtype).contiguous(), start.W_.to(dtype)
     batches = _stream(u, d_k, d_v)
     added = []
-    for sign, (K, noise) in ((1, batches[0]), (1, batches[1]), (-1, batches[1])):
-        if sign > 0:
+    for sign, (K, noise) in ((-1, batches[0]), (-1, batches[1]), (1, batches[1])):  # the theory's signs
+        if sign < 0:
             V = K @ W_ref + noise
             added.append(V)
             C_ref, W_ref = woodbury_update(C_ref, W_ref, K, V)
@@ -143,7 +142,7 @@ def test_inplace_update_equals_the_pure_update(dtype, tol, u, block):
             C_ref, W_ref = woodbury_downdate(C_ref, W_ref, K, V)
         data_ptr = C.data_ptr()
         Kd, Vd = K.to(dtype), V.to(dtype)
-        woodbury_update_(C, W, Kd, Vd - Kd @ W, sign=sign, block=block)  # the innovation at the in-place weights
+        woodbury_update_(C, W, Kd, Vd, sign=sign, block=block)
         assert C.data_ptr() == data_ptr and C.dtype == dtype
         assert torch.equal(C, C.mT)  # bitwise symmetric
         assert float((C.double() - C_ref).abs().max()) <= tol * float(C_ref.abs().max())
@@ -174,14 +173,32 @@ def test_every_symmetrize_mode_computes_the_same_step(mode):
     K = torch.randn(6, 48, dtype=torch.float64)
     R = torch.randn(6, 5, dtype=torch.float64)
     C, W = solver.C_.clone(), solver.W_.clone()
-    woodbury_update_(C, W, K, R, symmetrize=mode, block=20)
+    woodbury_update_(C, W, K, K @ W + R, symmetrize=mode, block=20)
     C_ref, W_ref = woodbury_update(solver.C_, solver.W_, K, K @ solver.W_ + R)
     assert float((C - C_ref).abs().max()) <= 1e-11 * float(C_ref.abs().max())
     assert float((W - W_ref).abs().max()) <= 1e-11 * float(W_ref.abs().max())
     if mode != "none":
         assert torch.equal(C, C.mT)
     with pytest.raises(ValueError):
-        woodbury_update_(C, W, K, R, symmetrize="sometimes")
+        woodbury_update_(C, W, K, K @ W + R, symmetrize="sometimes")
+
+
+def test_inplace_step_follows_the_theory_sign_convention():
+    """sign = -1 adds a batch and +1 removes it, with absolute targets, as in
+    rlsedit_theory.recursive: the kernel's factors reproduce the NumPy update."""
+    import numpy as np
+
+    from rlsedit_llm.kernel.inplace import woodbury_factors
+    from rlsedit_theory import recursive
+
+    solver = _layer(24, 4, torch.float64)
+    K, V = torch.randn(3, 24, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    C_np, W_np, _ = recursive.woodbury_update(solver.C_.numpy(), solver.W_.numpy(), K.numpy(), V.numpy())
+    G, Y = woodbury_factors(solver.C_, solver.W_, K, V, sign=-1)
+    np.testing.assert_allclose((solver.W_ + G @ Y).numpy(), W_np, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose((solver.C_ - G @ G.mT).numpy(), C_np, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="sign"):
+        woodbury_factors(solver.C_, solver.W_, K, V, sign=2)
 
 
 def test_inplace_update_refuses_a_removal_that_was_never_added():
@@ -189,7 +206,7 @@ def test_inplace_update_refuses_a_removal_that_was_never_added():
     C, W = solver.C_.clone(), solver.W_.clone()
     K = 100 * torch.randn(1, 16, dtype=torch.float64)
     with pytest.raises(NotPositiveDefiniteError):
-        woodbury_update_(C, W, K, torch.zeros(1, 3, dtype=torch.float64), sign=-1)
+        woodbury_update_(C, W, K, torch.zeros(1, 3, dtype=torch.float64), sign=1)
     assert torch.equal(C, solver.C_) and torch.equal(W, solver.W_)
 
 
@@ -272,7 +289,7 @@ def test_editor_refuses_up_front_a_state_that_cannot_fit(monkeypatch, tmp_path):
     """Editor.prepare checks the memory plan against the device before any statistics pass."""
     import rlsedit_llm
     from rlsedit_llm.adapters.tiny import tiny_model
-    from rlsedit_llm.kernel import memory
+    from rlsedit_llm import memory
 
     model, tok = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

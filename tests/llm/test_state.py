@@ -15,7 +15,8 @@ import torch
 
 from rlsedit_llm.editing import folder_swap
 from rlsedit_llm.editing import state as state_mod
-from rlsedit_llm.editing.editor import EditConfig, Editor
+from rlsedit_llm.editing.config import EditConfig
+from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.editing.lifelong import edit, editor_of, load_model_state, save_model_state
 from rlsedit_llm.errors import OwnershipError, RLSEditError, StateMismatchError
 from rlsedit_llm.pipeline.facts import Fact

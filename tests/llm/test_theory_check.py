@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from rlsedit_llm.adapters.tiny import tiny_model
-from rlsedit_llm.editing.editor import EditConfig, Editor
+from rlsedit_llm.editing.config import EditConfig
+from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.pipeline.values import ValueConfig
 

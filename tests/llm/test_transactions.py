@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rlsedit_llm.editing import editor as editor_mod
-from rlsedit_llm.editing.editor import EditConfig, Editor
+from rlsedit_llm.editing.config import EditConfig
+from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.errors import (
     FactError,
     HyperparameterError,

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlsedit_llm.editing.editor import EditConfig, Editor
+from rlsedit_llm.editing.config import EditConfig
+from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.errors import UnknownEditError
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.adapters.spec import read_weight

@@ -1,4 +1,4 @@
-"""Lost edits (issue #10): one owner per model, calls serialised by a per-model lock, and the
+"""Lost edits: one owner per model, calls serialised by a per-model lock, and the
 "model still holds this editor's state" check before every state-changing call."""
 
 from __future__ import annotations

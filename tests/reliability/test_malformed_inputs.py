@@ -1,4 +1,4 @@
-"""Malformed inputs thrown at the API and the command line (issue #10): every one gives a typed
+"""Malformed inputs thrown at the API and the command line: every one gives a typed
 error (an RLSEditError, or a one-line `error:` and a non-zero exit on the command line), and the
 model's weights, the editor's state and a saved state stay bit-identical."""
 
@@ -15,7 +15,8 @@ import torch
 import rlsedit_llm
 from rlsedit_llm import cli
 from rlsedit_llm.adapters.tiny import tiny_model
-from rlsedit_llm.editing.editor import EditConfig, Editor
+from rlsedit_llm.editing.config import EditConfig
+from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.errors import (FactError, HyperparameterError, NonFiniteError, RLSEditError, StateMismatchError, UnknownEditError)
 from rlsedit_llm.pipeline.facts import Fact
 

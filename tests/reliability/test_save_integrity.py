@@ -1,4 +1,4 @@
-"""Integrity of saves (issue #10): a checksummed, cross-checked manifest; recovery only of what an
+"""Integrity of saves: a checksummed, cross-checked manifest; recovery only of what an
 interrupted swap left; fsync before every rename that could lose a save."""
 
 from __future__ import annotations

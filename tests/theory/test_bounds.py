@@ -255,7 +255,7 @@ def test_c4_plasticity_bounds(instance):
     # information floor, on the exact states and on the recursion's own.
     problem, edits = instance
     for steps in (exact_steps(problem, edits), recursion_steps(problem, edits)):
-        for t, K, V, W_prev, W_new, C_prev, G_prev in steps:
+        for t, K, _V, _W_prev, _W_new, C_prev, G_prev in steps:
             bound = B.c4_plasticity_bound(problem, edits[: t - 1], K, C_prev)
             assert 0.0 <= bound.lhs <= 1.0 and 0.0 < bound.rhs <= 1.0
             assert bound.rhs == B.t2_shrink_factor(K, C_prev)

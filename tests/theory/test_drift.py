@@ -95,7 +95,7 @@ def test_float64_drift_over_ten_thousand_single_row_updates(stream, record_prope
             record_property(f"float64_rel_err_W_t{t}", rel_W)
             record_property(f"float64_CG_minus_I_t{t}", inv_err)
     assert rls.n_rows_ == T
-    for t, (rel_W, inv_err, cond, carried) in figures.items():
+    for t, (rel_W, inv_err, _cond, carried) in figures.items():
         assert rel_W <= 1e-8, (t, rel_W)
         assert inv_err <= 1e-8, (t, inv_err)
         assert carried <= 1e-8, (t, carried)  # against the carried G_ as well

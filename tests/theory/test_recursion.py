@@ -9,6 +9,7 @@ behaviour"); the constant ``1e-10`` leaves a margin of about 1e6 over ``eps``.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,7 +92,7 @@ def cases(draw, *, max_T: int = 10, min_T: int = 1):
 
     key_scale = 10.0**log_key
     batches = []
-    for u, low_rank in zip(sizes, deficient):
+    for u, low_rank in zip(sizes, deficient, strict=True):
         scale = key_scale * 10.0 ** rng.uniform(-0.5, 0.5)
         K = _batch_keys(rng, u, d_k, scale, low_rank)
         V = rng.standard_normal((u, d_v)) * max(1.0, scale)
@@ -218,7 +219,7 @@ def test_result_does_not_depend_on_batch_boundaries(case, seed):
     n = K_all.shape[0]
     rng = np.random.default_rng(seed)
     cuts = np.sort(rng.choice(np.arange(1, n), size=rng.integers(0, n), replace=False)) if n > 1 else []
-    rechunked = [(K_all[a:b], V_all[a:b]) for a, b in zip([0, *cuts], [*cuts, n])]
+    rechunked = [(K_all[a:b], V_all[a:b]) for a, b in itertools.pairwise([0, *cuts, n])]
     assert sum(K.shape[0] for K, _ in rechunked) == n
     a = run(case.problem, case.batches)
     b = run(case.problem, rechunked)

@@ -1,5 +1,8 @@
 """Memory planner: how many bytes an RLSEdit editor needs, and whether they fit on a device.
 
+It works from sizes alone (``d_model``, ``d_k``, edited layers, state dtype, batch, model bytes),
+outside the verified kernel; :meth:`rlsedit_llm.Editor.memory_plan` fills them in for an editor.
+
 Per edited layer (``d_k`` the key width, the MLP inner size; ``d_v = d_model``; ``s`` the bytes
 of one state entry, 8 for float64 and 4 for float32), :class:`~rlsedit_llm.kernel.rls.LayerRLS`
 keeps
@@ -49,7 +52,6 @@ __all__ = [
     "MODEL_SHAPES",
     "GPU_SIZES_GB",
     "plan",
-    "plan_for_editor",
     "free_memory",
     "check_fits",
     "memory_table",
@@ -223,14 +225,6 @@ def plan(d_model: int, d_k: int, n_edit_layers: int = 5, state_dtype="float64", 
                       replacing=replacing,
                       state_per_layer=state, master_per_layer=master, statistics_per_layer=8 * d_k * d_k,
                       edit_temporaries=edit_tmp, build_temporaries=build_tmp)
-
-
-def plan_for_editor(editor, *, batch: int = 100, inplace: bool = True, replacing: bool = False) -> MemoryPlan:
-    """The plan of an :class:`~rlsedit_llm.Editor` (its spec, layers, config and model size)."""
-    model_bytes = sum(p.numel() * p.element_size() for p in editor.model.parameters())
-    return plan(editor.spec_.d_model, editor.spec_.d_k, len(editor.layers_), editor.config.state_dtype,
-                batch=batch, model_bytes=model_bytes, track_information=editor.config.track_information,
-                inplace=inplace, replacing=replacing)
 
 
 def free_memory(device) -> int:

@@ -1,0 +1,56 @@
+"""The door of every editor call that takes facts: user input checked once, then passed down as
+``list[Fact]`` (the pipeline's stages trust it).
+
+:func:`admit_facts` turns what the user gave (Fact objects, dicts, CounterFact or zsRE records)
+into facts, refuses an empty batch, checks every fact against the tokenizer and the model's
+positions, and, when the editor replaces earlier facts, refuses two facts for one
+(subject, relation) in a batch. Each refusal is a :class:`~rlsedit_llm.errors.FactError` naming
+the fact; nothing has been changed when it is raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from rlsedit_llm.editing.config import EditConfig
+from rlsedit_llm.editing.statistics import max_positions
+from rlsedit_llm.errors import FactError
+from rlsedit_llm.pipeline.facts import Fact, FactBatch, checked_facts, encode_target
+
+__all__ = ["admit_facts", "check_batch", "fact_slot"]
+
+
+def fact_slot(fact: Fact) -> tuple[str, str]:
+    """What a later fact replaces: the same subject and relation (or prompt, without a relation)."""
+    return (fact.subject, fact.relation_id or fact.prompt)
+
+
+def admit_facts(facts: Iterable, tokenizer, *, action: str = "edit") -> FactBatch:
+    """``facts`` as a non-empty ``list[Fact]`` checked against ``tokenizer`` (a
+    :class:`~rlsedit_llm.pipeline.facts.FactBatch`, which the pipeline's stages do not check again)."""
+    return checked_facts(facts, tokenizer, purpose=action)
+
+
+def check_batch(facts: list[Fact], tokenizer, model: torch.nn.Module, config: EditConfig, *,
+                replaces: bool) -> None:
+    """Lengths within the model's positions; with ``replaces``, one fact per (subject, relation)."""
+    limit = max_positions(model)
+    margin = config.template_length + 8 if config.n_templates else 2  # context prefix, BOS
+    for i, f in enumerate(facts):
+        n = len(tokenizer(f.text(), add_special_tokens=True)["input_ids"]) + len(encode_target(tokenizer, f.target))
+        if n + margin > limit:
+            raise FactError(f"fact #{i} ({f.describe()}): prompt and target take {n} tokens, plus up to {margin} "
+                            f"of context template; the model accepts {limit} positions. Shorten the prompt or target")
+    if not replaces:
+        return
+    seen: dict[tuple[str, str], int] = {}
+    for i, f in enumerate(facts):
+        slot = fact_slot(f)
+        if slot in seen:
+            raise FactError(
+                f"fact #{i} ({f.describe()}): same subject and relation as fact #{seen[slot]} in this batch. "
+                f"With EditConfig(replace=True) a later fact for a (subject, relation) replaces the earlier "
+                f"one, so a batch may hold only one; keep the one you want (or use replace=False)")
+        seen[slot] = i
