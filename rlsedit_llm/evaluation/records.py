@@ -88,9 +88,10 @@ def decode(tp: Any, value: Any, where: str) -> Any:
             raise StateMismatchError(f"{where}: expected a JSON object; got {type(value).__name__}")
         key_type, item = args if args else (str, Any)
         try:
-            return {key_type(k): decode(item, v, f"{where}.{k}") for k, v in value.items()}
+            keys = [key_type(k) for k in value]
         except ValueError:
             raise StateMismatchError(f"{where}: expected {key_type.__name__} keys; got {list(value)}") from None
+        return {key: decode(item, v, f"{where}.{k}") for key, (k, v) in zip(keys, value.items())}
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif tp is int:

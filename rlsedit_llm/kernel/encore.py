@@ -76,3 +76,8 @@ class EncoreLayer(DenseCumulativeLayer):
         self._init_common(W0, alpha, beta, dtype)
         self.G_, self.gram0_ = anchor_metric(self.W0_.shape[0], self.alpha + self.norm_weight, self.beta, gram0,
                                              dtype=dtype, device=self.device)
+
+    @property
+    def identity_weight(self) -> float:
+        """``alpha + norm_weight``: the per-batch norm penalty telescopes into ``||W - W0||^2``."""
+        return self.alpha + self.norm_weight

@@ -19,14 +19,16 @@ implicit, so ``W*_0 = W0`` and ``C_0 = (alpha I + beta K0^T K0)^{-1}``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from rlsedit_llm.errors import HyperparameterError, NonFiniteError, NotPositiveDefiniteError, ShapeError
 from rlsedit_llm.kernel.inplace import woodbury_factors
+from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, Step, spd_condition
 
-__all__ = ["LayerRLS", "woodbury_update", "woodbury_downdate", "anchor_metric", "max_condition"]
+__all__ = ["LayerRLS", "RLSEditConfig", "woodbury_update", "woodbury_downdate", "anchor_metric", "max_condition"]
 
 
 def _cholesky(S: torch.Tensor, what: str) -> torch.Tensor:
@@ -230,11 +232,6 @@ class LayerRLS(LayerSolver):
             raise RuntimeError("construct with track_information=True to measure drift")
         eye = torch.eye(self.C_.shape[0], dtype=self.dtype, device=self.device)
         return float(torch.linalg.norm(self.C_ @ self.G_ - eye))
-
-
-from dataclasses import dataclass  # noqa: E402  (the config sits beside its solver)
-
-from rlsedit_llm.kernel.method_config import MethodConfig  # noqa: E402
 
 
 @dataclass(frozen=True)

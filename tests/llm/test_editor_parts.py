@@ -81,7 +81,7 @@ def test_anchor_grams_are_the_statistics_the_solvers_were_built_from(tiny, tmp_p
         torch.testing.assert_close(gram, (expected + expected.mT) / 2, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["rlsedit", "memit_seq", "memit"])
+@pytest.mark.parametrize("method", ["rlsedit", "memit_seq", "encore", "memit"])
 def test_deviations_match_the_theory_bounds(tiny, tmp_path, method):
     model, tok = tiny("llama", init_std=0.3)
     config = _config(tmp_path, method=method, beta=0.5)
@@ -103,7 +103,7 @@ def test_deviations_match_the_theory_bounds(tiny, tmp_path, method):
             continue
         K = torch.cat([r.keys[layer] for r in editor.journal_]).numpy()
         V = torch.cat([r.values[layer] for r in editor.journal_]).numpy()
-        problem = Problem(W0, config.alpha, config.beta, gram0=gram)
+        problem = Problem(W0, solver.identity_weight, config.beta, gram0=gram)  # encore: alpha + its ridge
         t3a = bounds.t3a_deviation_bound(problem, [(K, V)], W)
         t3b = bounds.t3b_anchor_bound(problem, [(K, V)], W)
         assert dev.t3a == pytest.approx(t3a.rhs, rel=1e-10) and dev.fro <= dev.t3a

@@ -810,7 +810,7 @@ def test_shadow_runner_refuses_a_batch_its_leader_has_not_written(tiny, tmp_path
     protocol.restore_weights(model, shadow.editor.spec_, {l: s.W0_ for l, s in shadow.editor.solvers_.items()})
     shadow.edit(FACTS[:2])
     gap = shadow.leader_gap()
-    assert set(gap) == {str(l) for l in leader.layers} and all(g["rel"] < 1e-6 for g in gap.values())
+    assert set(gap) == set(leader.layers) and all(g.rel < 1e-6 for g in gap.values())
     shadow.editor.release()
     with pytest.raises(HyperparameterError):
         protocol.make_runner("ft", model, tok, edit_config=cfg, leader=leader)

@@ -15,7 +15,7 @@ from .test_methods import _instance
 from rlsedit_llm import EditConfig, Fact
 from rlsedit_llm.adapters.spec import detect_spec, get_module
 from rlsedit_llm.editing.methods import load_editor, make_editor
-from rlsedit_llm.editing.ultraedit import RunningMoments, UltraEditor, ultraedit_shift
+from rlsedit_llm.editing.ultraedit import RunningMoments, UltraEditConfig, UltraEditor, ultraedit_shift
 from rlsedit_llm.errors import FactError
 from rlsedit_llm.evaluation import bench, protocol
 from rlsedit_llm.kernel import Capabilities, get_method
@@ -317,7 +317,8 @@ def test_bench_runs_rlsedit_ultraedit_and_encore_on_a_tiny_model(tiny, tmp_path,
     monkeypatch.setattr(bench, "make_runner", fast_runner)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = tmp_path / "bench"
-    args = bench.BenchConfig(dataset="counterfact", model="tiny", edits=4, batch=2, methods="rlsedit,ultraedit,encore",
+    args = bench.BenchConfig(dataset="counterfact", model="tiny", edits=4, batch=2,
+                             methods=("rlsedit", "ultraedit", "encore"),
                              out=str(out), stats_tokens=3000, checkpoints=2, glue=0, fluency_cases=2,
                              fluency_tokens=6, quiet=True, cache_dir=str(tmp_path / "stats"))
     assert bench.run_bench(args) == 0
@@ -329,8 +330,8 @@ def test_bench_runs_rlsedit_ultraedit_and_encore_on_a_tiny_model(tiny, tmp_path,
 
 
 def test_bench_passes_ultraedit_settings_and_records_them(tiny, tmp_path, monkeypatch):
-    """--ultraedit-lr/--ultraedit-ridge reach the UltraEdit editor and the run's settings; the
-    released defaults leave the settings as older runs wrote them (they still resume)."""
+    """UltraEdit's settings (--ultraedit-lr/--ultraedit-ridge) reach the UltraEdit editor and the
+    run's settings; without them the run records none and UltraEdit keeps its released defaults."""
     model, tok = tiny("llama")
     seen = []
     real = protocol.make_runner
@@ -343,16 +344,17 @@ def test_bench_passes_ultraedit_settings_and_records_them(tiny, tmp_path, monkey
     monkeypatch.setattr(bench, "load_model", lambda name, **kw: (model, tok))
     monkeypatch.setattr(bench, "load_stream", lambda dataset, n, tok=None, **kw: list(FACTS[:n]))
     monkeypatch.setattr(bench, "make_runner", spy)
-    for lr, ridge, recorded in ((None, 1.0, False), (0.25, 0.01, True)):
+    for given, recorded in (({}, False), ({"lr": 0.25, "ridge": 0.01}, True)):
         out = tmp_path / f"bench-{recorded}"
-        args = bench.BenchConfig(model="tiny", edits=2, batch=2, methods="ultraedit", out=str(out), stats_tokens=3000,
-                                 glue=0, fluency_cases=0, quiet=True, cache_dir=str(tmp_path / "stats"),
-                                 ultraedit_lr=lr, ultraedit_ridge=ridge)
+        extra = {"method_settings": {"ultraedit": given}} if given else {}
+        args = bench.BenchConfig(model="tiny", edits=2, batch=2, methods=("ultraedit",), out=str(out),
+                                 stats_tokens=3000, glue=0, fluency_cases=0, quiet=True,
+                                 cache_dir=str(tmp_path / "stats"), **extra)
         with pytest.raises(KeyboardInterrupt):
             bench.run_bench(args)
         settings = bench.read_results(out)["settings"]
         if recorded:
             assert seen[-1] == (0.25, 0.01)
-            assert settings["ultraedit"] == {"lr": 0.25, "ridge": 0.01}
+            assert settings["method_settings"]["ultraedit"] == {"lr": 0.25, "ridge": 0.01}
         else:
-            assert seen[-1][1] == 1.0 and "ultraedit" not in settings
+            assert seen[-1][1] == UltraEditConfig().ridge and "ultraedit" not in settings.get("method_settings", {})
