@@ -20,7 +20,7 @@ a wrong identity; ``tests/theory/test_proofs.py`` checks that they do.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import sympy as sp
 

@@ -14,9 +14,9 @@ transformers' ``Conv1D`` (GPT-2) stores ``[in, out]`` and computes ``x @ weight`
 A family is one row of :data:`_FAMILIES` plus, where its architecture genuinely needs it, a flag on
 the spec: a norm after the MLP (Gemma 2/3, OLMo 2: ``post_mlp_norm_path``), a scale on the MLP's
 residual branch (Granite: ``residual_multiplier``), a transform of the logits (Gemma 2 soft-capping,
-Granite ``logits_scaling``: :func:`~rlsedit_llm.adapters.residual.final_logits`). Mixture-of-experts models are refused: they
-have no single MLP down-projection. Unknown architectures can be described by the user
-(:meth:`ModelSpec.custom` or ``detect_spec(model, override=...)``).
+Granite ``logits_scaling``: :func:`~rlsedit_llm.adapters.residual.final_logits`). Mixture-of-experts
+models are refused: they have no single MLP down-projection. Unknown architectures can be described
+by the user (:meth:`ModelSpec.custom` or ``detect_spec(model, override=...)``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -139,7 +140,7 @@ class ModelSpec:
     @classmethod
     def custom(cls, model: nn.Module, *, layers: str, edit: str, final_norm: str, lm_head: str | None = None,
                post_mlp_norm: str | None = None, residual_multiplier: float = 1.0,
-               default_layers: tuple[int, ...] | None = None) -> "ModelSpec":
+               default_layers: tuple[int, ...] | None = None) -> ModelSpec:
         """A spec for an architecture :func:`detect_spec` does not know, validated against ``model``.
 
         Paths are like PEFT's ``target_modules`` but explicit:
@@ -173,6 +174,11 @@ def _conv1d_class():
 def _is_conv1d(module: nn.Module) -> bool:
     cls = _conv1d_class()
     return cls is not None and isinstance(module, cls)
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` of an ``nn.Linear`` or ``Conv1D`` (a Parameter; ``nn.Module`` types attributes loosely)."""
+    return cast(torch.Tensor, module.weight)
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
@@ -218,7 +224,7 @@ def _moe_reason(model: nn.Module, family) -> str | None:
         n = getattr(config, key, None)
         if isinstance(n, int) and not isinstance(n, bool) and n > 1:
             return f"its config has {key}={n}"
-    for name, module in model.named_modules():
+    for name, _module in model.named_modules():
         if name.endswith(".experts") or name.endswith(".block_sparse_moe") or name.endswith(".router"):
             return f"it has a mixture-of-experts module {name!r}"
     return None
@@ -239,21 +245,24 @@ def _edit_shape(module: nn.Module, path: str) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if _is_conv1d(module):
-        return tuple(module.weight.shape)  # Conv1D stores [in, out]
+        return cast(tuple[int, int], tuple(_weight(module).shape))  # Conv1D stores [in, out]: 2-D
     raise UnsupportedArchitectureError(f"{path!r} is a {type(module).__name__}; expected nn.Linear or Conv1D")
 
 
 def _head_path(model: nn.Module) -> str:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)  # a Hugging Face model's method
+    head = get_output_embeddings() if get_output_embeddings is not None else None
     path = next((name for name, m in model.named_modules() if m is head and name), None) if head is not None else None
     if path is None:
-        raise UnsupportedArchitectureError(f"{type(model).__name__} has no LM head; load the model with AutoModelForCausalLM")
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has no LM head; load the model with AutoModelForCausalLM"
+        )
     return path
 
 
 def _family_checks(model: nn.Module, family: str) -> float:
     """What a family's architecture genuinely needs checked; returns the residual multiplier."""
-    config = model.config
+    config: Any = model.config  # a Hugging Face PretrainedConfig
     if family == "opt":
         if not getattr(config, "do_layer_norm_before", True):
             raise UnsupportedArchitectureError(
@@ -279,12 +288,9 @@ def _build_spec(model: nn.Module, family: str, table: Mapping, *, residual_multi
     n_layers = len(layers)
     layer_path = layers_path + ".{}"
     edit_path = layer_path + "." + table["edit"]
-    d_k = d_model = None
-    for i in range(n_layers):
-        shape = _edit_shape(get_module(model, edit_path.format(i)), edit_path.format(i))
-        if d_k is None:
-            d_k, d_model = shape
-        elif (d_k, d_model) != shape:
+    d_k, d_model = _edit_shape(get_module(model, edit_path.format(0)), edit_path.format(0))
+    for i in range(1, n_layers):
+        if _edit_shape(get_module(model, edit_path.format(i)), edit_path.format(i)) != (d_k, d_model):
             raise UnsupportedArchitectureError(f"edited modules differ in shape across layers in this {family} model")
     norm = get_module(model, table["norm"])
     if isinstance(norm, (nn.ModuleList, nn.ModuleDict, nn.Linear, nn.Embedding)):
@@ -292,7 +298,9 @@ def _build_spec(model: nn.Module, family: str, table: Mapping, *, residual_multi
     if table.get("head"):
         head = get_module(model, table["head"])
         if not isinstance(head, nn.Linear):
-            raise UnsupportedArchitectureError(f"LM head {table['head']!r} is a {type(head).__name__}; expected nn.Linear")
+            raise UnsupportedArchitectureError(
+                f"LM head {table['head']!r} is a {type(head).__name__}; expected nn.Linear"
+            )
         head_path = table["head"]
     else:
         head_path = _head_path(model)
@@ -311,7 +319,9 @@ def _build_spec(model: nn.Module, family: str, table: Mapping, *, residual_multi
             _rms_norm_parts(get_module(model, post.format(i)), post.format(i), d_model)
     if not (isinstance(residual_multiplier, (int, float)) and math.isfinite(residual_multiplier)
             and residual_multiplier != 0):
-        raise UnsupportedArchitectureError(f"residual_multiplier must be a finite non-zero number; got {residual_multiplier!r}")
+        raise UnsupportedArchitectureError(
+            f"residual_multiplier must be a finite non-zero number; got {residual_multiplier!r}"
+        )
     if layers_override is not None:
         chosen = tuple(int(l) for l in layers_override)
         if not chosen or any(not 0 <= l < n_layers for l in chosen):
@@ -344,7 +354,9 @@ def detect_spec(model: nn.Module, override: Mapping | ModelSpec | None = None) -
         if isinstance(override, ModelSpec):
             return override
         if not isinstance(override, Mapping):
-            raise UnsupportedArchitectureError(f"override must be a mapping or a ModelSpec; got {type(override).__name__}")
+            raise UnsupportedArchitectureError(
+                f"override must be a mapping or a ModelSpec; got {type(override).__name__}"
+            )
         allowed = {"layers", "edit", "final_norm", "lm_head", "post_mlp_norm", "residual_multiplier", "default_layers"}
         unknown = set(override) - allowed
         missing = {"layers", "edit", "final_norm"} - set(override)
@@ -375,11 +387,12 @@ def needs_bos(spec_or_model) -> bool:
     functions that see only ``(model, tokenizer)`` apply the same rule. Token rows are built by
     :func:`rlsedit_llm.pipeline.tokens.encode_prompt`.
     """
+    family: str | None
     if isinstance(spec_or_model, ModelSpec):
         family = spec_or_model.family
     else:
         family = getattr(getattr(spec_or_model, "config", None), "model_type", None)
-    return bool(_FAMILIES.get(family, {}).get("bos", False))
+    return bool((_FAMILIES.get(family, {}) if family is not None else {}).get("bos", False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,7 +407,9 @@ def _rms_norm_parts(norm: nn.Module, path: str, d_model: int) -> tuple[torch.Ten
     """
     eps = next((getattr(norm, a) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(norm, a)), None)
     if not isinstance(eps, (int, float)):
-        raise UnsupportedArchitectureError(f"post-MLP norm {path!r} ({type(norm).__name__}) has no eps; expected an RMSNorm")
+        raise UnsupportedArchitectureError(
+            f"post-MLP norm {path!r} ({type(norm).__name__}) has no eps; expected an RMSNorm"
+        )
     p = next(norm.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.dtype.is_floating_point else torch.float32
@@ -403,7 +418,9 @@ def _rms_norm_parts(norm: nn.Module, path: str, d_model: int) -> tuple[torch.Ten
         g = norm(one).double()[0] * math.sqrt(1.0 + eps)  # N(1) = g / sqrt(1 + eps)
         x = torch.randn(2, d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float32).to(device, dtype)
         expected = g * x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + eps)
-        ok = torch.allclose(norm(x).double(), expected, rtol=2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4, atol=1e-3 if dtype in (torch.float16, torch.bfloat16) else 1e-5)
+        low_precision = dtype in (torch.float16, torch.bfloat16)
+        ok = torch.allclose(norm(x).double(), expected, rtol=2e-2 if low_precision else 1e-4,
+                            atol=1e-3 if low_precision else 1e-5)
     if not ok:
         raise UnsupportedArchitectureError(
             f"post-MLP norm {path!r} ({type(norm).__name__}) is not an RMSNorm x -> g * x / rms(x); "
@@ -423,8 +440,10 @@ def read_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return module.weight.detach().T.clone(memory_format=torch.contiguous_format)
     if _is_conv1d(module):
-        return module.weight.detach().clone(memory_format=torch.contiguous_format)
-    raise UnsupportedArchitectureError(f"cannot read a weight from a {type(module).__name__}; expected nn.Linear or Conv1D")
+        return _weight(module).detach().clone(memory_format=torch.contiguous_format)
+    raise UnsupportedArchitectureError(
+        f"cannot read a weight from a {type(module).__name__}; expected nn.Linear or Conv1D"
+    )
 
 
 def write_weight(module: nn.Module, W: torch.Tensor) -> None:
@@ -434,18 +453,21 @@ def write_weight(module: nn.Module, W: torch.Tensor) -> None:
     Finiteness is checked on the value as the module will hold it, after the cast to its dtype:
     a float64 weight of 1e5 is finite but becomes ``inf`` in a float16 model.
     """
+    expected: tuple[int, ...]
     if isinstance(module, nn.Linear):
         expected = (module.in_features, module.out_features)
         transpose = True
     elif _is_conv1d(module):
-        expected = tuple(module.weight.shape)
+        expected = tuple(_weight(module).shape)
         transpose = False
     else:
-        raise UnsupportedArchitectureError(f"cannot write a weight into a {type(module).__name__}; expected nn.Linear or Conv1D")
+        raise UnsupportedArchitectureError(
+            f"cannot write a weight into a {type(module).__name__}; expected nn.Linear or Conv1D"
+        )
     if not isinstance(W, torch.Tensor) or tuple(W.shape) != expected:
         got = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
         raise ShapeError(f"weight must have shape (d_k, d_v) = {expected}; got {got}")
-    target = module.weight
+    target = _weight(module)
     # Cast first (no copy when W is already in the module's dtype and device), then check what
     # would actually be stored.
     held = W.detach().to(device=target.device, dtype=target.dtype)
@@ -465,7 +487,8 @@ def model_device(model: nn.Module) -> torch.device:
     """Where input ids must go: the device of the input embedding (the first parameter's for a
     model without one; the CPU for weights offloaded to the meta device)."""
     try:
-        device = model.get_input_embeddings().weight.device
+        get_input_embeddings: Any = model.get_input_embeddings  # a Hugging Face model's method
+        device = get_input_embeddings().weight.device
     except (AttributeError, NotImplementedError):
         device = next(model.parameters()).device
     return torch.device("cpu") if device.type == "meta" else device

@@ -73,7 +73,8 @@ class EditConfig:
             value = getattr(self, name)
             if name == "mom2_weight" and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0
+                    or value == float("inf")):
                 raise HyperparameterError(f"{name} must be a finite number >= 0; got {value!r}")
         for name in ("stats_tokens", "stats_max_length", "template_seed", "n_templates", "template_length"):
             value = getattr(self, name)
@@ -94,7 +95,9 @@ class EditConfig:
                 isinstance(l, int) and not isinstance(l, bool) for l in self.layers)):
             raise HyperparameterError(f"layers must be a tuple of layer indices (ints) or None; got {self.layers!r}")
         if self.precomputed_stats is not None and not isinstance(self.precomputed_stats, (str, os.PathLike)):
-            raise HyperparameterError(f"precomputed_stats must be a folder path or None; got {self.precomputed_stats!r}")
+            raise HyperparameterError(
+                f"precomputed_stats must be a folder path or None; got {self.precomputed_stats!r}"
+            )
         if self.cache_dir is not None:
             if not isinstance(self.cache_dir, (str, os.PathLike)):
                 raise HyperparameterError(f"cache_dir must be a folder path or None; got {self.cache_dir!r}")
@@ -143,8 +146,8 @@ class EditConfig:
         if weight < floor:
             raise HyperparameterError(
                 f"alpha = 0 with beta * mom2_weight = {weight:.3g}: the anchor is negligible next to any edit, and a "
-                f"{self.state_dtype} state would be numerically singular after the first one (it needs beta * mom2_weight "
-                f">= {floor:.2g}); raise mom2_weight or beta, or set alpha > 0")
+                f"{self.state_dtype} state would be numerically singular after the first one (it needs "
+                f"beta * mom2_weight >= {floor:.2g}); raise mom2_weight or beta, or set alpha > 0")
 
     def resolved_mom2_weight(self, d_k: int) -> float:
         """``N`` for an edited layer of input width ``d_k``."""

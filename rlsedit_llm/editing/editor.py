@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import numbers
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -55,7 +56,7 @@ from rlsedit_llm.errors import HyperparameterError, NonFiniteError, ShapeError, 
 from rlsedit_llm.interrupts import poll_interrupts
 from rlsedit_llm.kernel.certificates import Certificate, Deviation
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver
-from rlsedit_llm.kernel.registry import get_method, is_layer_method
+from rlsedit_llm.kernel.registry import is_layer_method, solver_class
 from rlsedit_llm.memory import MemoryPlan, check_fits
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.pipeline.keys import compute_keys, generate_templates, subject_hidden_states
@@ -138,7 +139,7 @@ class Editor:
     @property
     def capabilities(self) -> Capabilities:
         """What this editor's method can do (declared by its layer solver)."""
-        return get_method(self.config.method).capabilities
+        return solver_class(self.config.method).capabilities
 
     @property
     def n_batches_(self) -> int:
@@ -178,7 +179,8 @@ class Editor:
         moments = layer_moments(self.model, self.tokenizer, self.spec_, self.layers_, cfg)
         check_absorption(moments, cfg, self.mom2_weight_)
         dtype = getattr(torch, cfg.state_dtype)
-        solver_cls = get_method(cfg.method)
+        # Every solver takes (W0, alpha, beta, gram0, dtype=, track_information=, **its settings).
+        solver_cls: Callable[..., LayerSolver] = solver_class(cfg.method)
         settings = cfg.resolved_method_config().to_dict()  # the method's own settings, by keyword
         solvers = {}
         for layer in self.layers_:
@@ -325,7 +327,9 @@ class Editor:
         self._commit(pending, record, txn)
         reports = [
             FactReport(f, b.prob, a.prob, float(rb), float(ra), replaced.get(j, ()))
-            for j, (f, b, a, rb, ra) in enumerate(zip(facts, before, after, residual_before, residual_after, strict=True))
+            for j, (f, b, a, rb, ra) in enumerate(
+                zip(facts, before, after, residual_before, residual_after, strict=True)
+            )
         ]
         log.info("edit %d: %d fact(s) on layers %s", record.edit_id, len(facts), list(layers))
         return EditReport(record.edit_id, layers, reports, seconds, norms=norms)

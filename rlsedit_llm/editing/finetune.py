@@ -42,7 +42,7 @@ def target_nll(model, tokenizer, prompts, targets) -> torch.Tensor:
     prompt (teacher forced, right padding, no special tokens), then the mean over pairs."""
     bos = needs_bos(model)
     rows = [(encode_prompt(tokenizer, p, bos=bos), encode_target(tokenizer, t))
-            for p, t in zip(prompts, targets)]
+            for p, t in zip(prompts, targets, strict=False)]
     device = input_device(model)
     ids, mask = right_pad([p + t for p, t in rows], pad_id(tokenizer), device)  # (b, w)
     weight = torch.zeros((len(rows), ids.shape[1] - 1))  # weight of the prediction at position j -> j+1
@@ -143,7 +143,7 @@ class FineTuneEditor(EditorLevelMethod):
                 raise NonFiniteError("fine-tuning produced NaN/inf weights; lower the learning rate")
         except BaseException:
             with torch.no_grad():
-                for p, s in zip(params, saved):
+                for p, s in zip(params, saved, strict=True):
                     p.copy_(s)
             raise
         finally:
@@ -158,7 +158,8 @@ class FineTuneEditor(EditorLevelMethod):
         self.losses_.append((before, after))
         log.info("FT batch %d: loss %.3f -> %.3f", self.n_batches_, before, after)
         nan = float("nan")  # fine-tuning has no value residual
-        reports = [FactReport(f, b.prob, a.prob, nan, nan) for f, b, a in zip(facts, scores_before, scores_after)]
+        reports = [FactReport(f, b.prob, a.prob, nan, nan)
+                   for f, b, a in zip(facts, scores_before, scores_after, strict=True)]
         return EditReport(edit_id, self.layers_, reports, seconds,
                           extras={"loss_before": before, "loss_after": after})
 
@@ -178,7 +179,9 @@ class FineTuneEditor(EditorLevelMethod):
                 f"{directory / 'weights.pt'} holds objects other than tensors and is not loaded (only tensors are "
                 f"unpickled); save the fine-tuning stream again with FineTuneEditor.save ({exc})") from None
         if not isinstance(weights, dict):
-            raise StateMismatchError(f"{directory / 'weights.pt'} is not a dict of per-layer weights; save the stream again")
+            raise StateMismatchError(
+                f"{directory / 'weights.pt'} is not a dict of per-layer weights; save the stream again"
+            )
         for l in self.layers_:
             W = weights.get(l)
             if not isinstance(W, torch.Tensor) or W.shape != self.W0_[l].shape:

@@ -34,7 +34,9 @@ def method_value_config(method: str, spec, **changes) -> ValueConfig:
         raise HyperparameterError(f"{method!r} optimises no values, so it has no value settings")
     unknown = sorted(set(changes) - set(ValueConfig.__dataclass_fields__))
     if unknown:
-        raise HyperparameterError(f"ValueConfig has no field(s) {unknown}; fields: {sorted(ValueConfig.__dataclass_fields__)}")
+        raise HyperparameterError(
+            f"ValueConfig has no field(s) {unknown}; fields: {sorted(ValueConfig.__dataclass_fields__)}"
+        )
     value = replace(default_value_config(spec), **getattr(get_method(method), "value_defaults", None) or {})
     value = replace(value, **changes)
     value.validate()

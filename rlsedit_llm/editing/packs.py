@@ -65,7 +65,7 @@ def pack_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> s
         part(f"{t.dtype}{tuple(t.shape)}".encode())
         raw = t.reshape(-1).view(torch.uint8).numpy()  # the bytes safetensors stores (little-endian)
         h.update(raw.nbytes.to_bytes(8, "little"))
-        h.update(raw)
+        h.update(raw.data)  # the array's buffer (C-contiguous): the same bytes
     return "sha256:" + h.hexdigest()
 
 
@@ -91,7 +91,9 @@ def write_edit_pack(path, deltas: dict[int, torch.Tensor], *, spec, base_fingerp
     tensors = cpu_tensors({f"layer{layer}": d if dtype is None else d.to(dtype) for layer, d in deltas.items()})
     for name, t in tensors.items():
         if not (t.is_floating_point() and t.ndim == 2):
-            raise ShapeError(f"{name}: a delta must be a 2-D floating-point tensor (d_k, d_v); got {t.dtype} {tuple(t.shape)}")
+            raise ShapeError(
+                f"{name}: a delta must be a 2-D floating-point tensor (d_k, d_v); got {t.dtype} {tuple(t.shape)}"
+            )
         if not torch.isfinite(t).all():
             raise NonFiniteError(f"{name}: the delta holds NaN/inf in {t.dtype} (a narrower pack dtype overflows); "
                                  f"nothing was written; keep the default dtype")
@@ -215,7 +217,8 @@ def _new_weights(meta: dict, tensors: dict[str, torch.Tensor], before: dict[int,
         W_new = (W.double() + delta.to(device=W.device, dtype=torch.float64)).to(W.dtype)
         if not torch.isfinite(W_new).all():
             raise NonFiniteError(f"{path}: layer {layer} would hold values beyond the range of the model's dtype "
-                                 f"{W.dtype} after adding the delta; nothing was applied (load the model in a wider dtype)")
+                                 f"{W.dtype} after adding the delta; nothing was applied "
+                                 f"(load the model in a wider dtype)")
         new[layer] = W_new
     return new
 
@@ -237,7 +240,9 @@ def apply_edit_pack(model, path) -> dict:
     meta = _decode_metadata(raw, path)
     spec = detect_spec(model)
     if spec_summary(spec) != meta["spec"]:
-        raise StateMismatchError(f"the edit pack is for a model with {meta['spec']}; this model has {spec_summary(spec)}")
+        raise StateMismatchError(
+            f"the edit pack is for a model with {meta['spec']}; this model has {spec_summary(spec)}"
+        )
     current = model_fingerprint(model)
     if current != meta["base_fingerprint"]:
         hint = ("the pack is already applied to this model" if current == meta["edited_fingerprint"] else

@@ -24,7 +24,7 @@ from rlsedit_llm.editing.reports import EditRecord
 from rlsedit_llm.editing.save_paths import state_path
 from rlsedit_llm.errors import OwnershipError, StateMismatchError
 from rlsedit_llm.interrupts import deferred_interrupts
-from rlsedit_llm.kernel.registry import get_method
+from rlsedit_llm.kernel.registry import solver_class
 from rlsedit_llm.pipeline.values import ValueConfig
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def rebuild(cls: type[Editor], model, tokenizer, state: dict, take_over: bool, s
     editor.ownership.refuse_if_owned(take_over, "load an editor state")
     if list(editor.layers_) != list(state["layers"]):
         raise StateMismatchError(f"saved layers {state['layers']} differ from {list(editor.layers_)}")
-    solver_cls = get_method(config.method)
+    solver_cls = solver_class(config.method)
     solvers = {}
     for layer, solver_state in state["solvers"].items():
         layer = int(layer)

@@ -207,7 +207,7 @@ def migrate_v1(manifest: dict, solver_tensors: dict[str, torch.Tensor]) -> tuple
     ``_``, the dtype as ``{"torch_dtype": ...}``) under the solver's class name. Tensors the method
     no longer has (AlphaEdit's ``C_``) are dropped.
     """
-    from rlsedit_llm.kernel.registry import get_method
+    from rlsedit_llm.kernel.registry import solver_class
 
     manifest = dict(manifest)
     solvers, tensors = {}, {}
@@ -227,7 +227,7 @@ def migrate_v1(manifest: dict, solver_tensors: dict[str, torch.Tensor]) -> tuple
             scalars["alpha"], scalars["beta"] = manifest["config"]["alpha"], manifest["config"]["beta"]
         solvers[key] = {"method": method, "dtype": dtype, "scalars": scalars}
         prefix = f"layer{key}."
-        kept = {a.rstrip("_") for a in get_method(method).state_tensors}
+        kept = {a.rstrip("_") for a in solver_class(method).state_tensors}
         for name, t in solver_tensors.items():
             if name.startswith(prefix):
                 short = name[len(prefix):].rstrip("_")

@@ -93,8 +93,8 @@ class Transaction:
         try:
             adoption.run()
         except BaseException as again:
-            self.editor.ownership.broken = (f"a {exc_type.__name__} interrupted the adoption of a change and finishing it "
-                                    f"failed too ({type(again).__name__}: {again})")
+            self.editor.ownership.broken = (f"a {exc_type.__name__} interrupted the adoption of a change and "
+                                            f"finishing it failed too ({type(again).__name__}: {again})")
             raise
         log.warning("%s arrived while the change was being adopted: the change was completed first (edit ids "
                     "up to %d are in the journal)", exc_type.__name__, adoption.next_id - 1)

@@ -245,9 +245,10 @@ class UltraEditor(EditorLevelMethod):
             row_of = torch.cat([torch.full((len(t),), i) for i, (p, t) in enumerate(chunk)])
             pos = torch.cat([torch.arange(len(p) - 1, len(p) + len(t) - 1) for p, t in chunk])
             labels = torch.tensor([x for _, t in chunk for x in t])
-            seen_in, seen_out = {}, {}
+            seen_in: dict[int, torch.Tensor] = {}  # layer -> the edited module's input (its keys)
+            seen_out: dict[int, torch.Tensor] = {}  # layer -> its output
 
-            def hook(layer):
+            def hook(layer, seen_in=seen_in, seen_out=seen_out):  # this batch's dicts, bound now
                 def fn(module, args, output):
                     seen_in[layer], seen_out[layer] = args[0], output
                 return fn
@@ -265,7 +266,7 @@ class UltraEditor(EditorLevelMethod):
             finally:
                 for h in handles:
                     h.remove()
-            for l, g in zip(self.layers_, g_all):
+            for l, g in zip(self.layers_, g_all, strict=True):  # one gradient per layer's output
                 x = seen_in[l]
                 keys[l].append(x[row_of.to(x.device), pos.to(x.device)].detach().float())
                 grads[l].append(g[row_of.to(g.device), pos.to(g.device)].detach().float())
@@ -314,7 +315,7 @@ class UltraEditor(EditorLevelMethod):
         self.n_batches_ += 1
         self.n_rows_ += n_rows
         nan = float("nan")  # no value residual: UltraEdit optimises no target hidden state
-        reports = [FactReport(f, b.prob, a.prob, nan, nan) for f, b, a in zip(facts, before, after)]
+        reports = [FactReport(f, b.prob, a.prob, nan, nan) for f, b, a in zip(facts, before, after, strict=True)]
         log.info("UltraEdit turn %d: %d fact(s), %d rows", self.n_batches_, len(facts), n_rows)
         return EditReport(edit_id, self.layers_, reports, seconds,
                           extras={"rows": float(n_rows), "delta_norm": sum(norms) / len(norms)})

@@ -14,6 +14,7 @@
 """
 
 from rlsedit_llm.editing.finetune import FineTuneEditor, target_nll
+from rlsedit_llm.evaluation.data import DATASETS, case_scores, load_glue, load_stream
 from rlsedit_llm.evaluation.metrics import (
     CF_METRICS,
     GLUE_TASKS,
@@ -29,7 +30,6 @@ from rlsedit_llm.evaluation.metrics import (
     summarize_cases,
     zsre_case_scores,
 )
-from rlsedit_llm.evaluation.data import DATASETS, case_scores, load_glue, load_stream
 from rlsedit_llm.evaluation.protocol import (
     MethodRunner,
     ProtocolConfig,

@@ -25,9 +25,10 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -219,7 +220,8 @@ class _Bench:
         def on_batch(rec: MethodRecord) -> None:
             now = time.perf_counter()
             rec.seconds_wall = round((rec.seconds_wall or 0.0) + now - last[0], 2)
-            if not rec.done and (rec.batches_done % self.args.save_every == 0 or rec.batches_done == self.cfg.n_batches):
+            due = rec.batches_done % self.args.save_every == 0 or rec.batches_done == self.cfg.n_batches
+            if not rec.done and due:
                 method.runner.save(state)
             rec.seconds_wall = round(rec.seconds_wall + time.perf_counter() - now, 2)
             last[0] = time.perf_counter()

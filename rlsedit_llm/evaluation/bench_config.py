@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.errors import HyperparameterError
@@ -156,7 +157,7 @@ class BenchConfig:
             raise HyperparameterError("--shadow needs --interleave (a shadow writes each batch right after its "
                                       "leader)")
 
-    def resolved(self) -> "BenchConfig":
+    def resolved(self) -> BenchConfig:
         """This config with the size-dependent defaults filled in (see :func:`scaled_defaults`)."""
         scaled = scaled_defaults(int(self.edits))
         return replace(self, **{k: v for k, v in scaled.items() if getattr(self, k) is None})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from rlsedit_llm.errors import FactError, HyperparameterError
 from rlsedit_llm.evaluation import metrics

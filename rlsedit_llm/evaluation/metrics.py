@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -91,7 +91,7 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
         raise HyperparameterError("ns and weights must be non-empty and of equal length")
     words = _WORD.findall(text)
     terms = []
-    for n, w in zip(ns, weights):
+    for n, w in zip(ns, weights, strict=False):
         grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
         total = sum(grams.values())
         h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
@@ -207,7 +207,7 @@ def counterfact_case_scores(model, tokenizer, facts: Sequence[Fact], *, batch_si
         (c, kind, _), new, true = where[j], scores[j], scores[j + 1]
         per[c][kind].append((new.mean_nll, true.mean_nll, new.all_correct, true.all_correct))
     out = []
-    for f, p in zip(facts, per):
+    for f, p in zip(facts, per, strict=False):
         row = {"case_id": f.case_id}
         for kind, name in (("rw", "efficacy"), ("pp", "generalization")):
             row[name] = _mean(float(n < t) for n, t, _, _ in p[kind])
@@ -243,9 +243,9 @@ def zsre_case_scores(model, tokenizer, facts: Sequence[Fact], *, batch_size: int
             where.append((c, kind))
     scores = score_pairs(model, tokenizer, prompts, targets, batch_size=batch_size)
     per = [{k: [] for k in ZSRE_METRICS} for _ in facts]
-    for (c, kind), s in zip(where, scores):
+    for (c, kind), s in zip(where, scores, strict=False):
         per[c][kind].append(s.accuracy)
-    return [{"case_id": f.case_id, **{k: _mean(v) for k, v in p.items()}} for f, p in zip(facts, per)]
+    return [{"case_id": f.case_id, **{k: _mean(v) for k, v in p.items()}} for f, p in zip(facts, per, strict=False)]
 
 
 def summarize_cases(rows: Sequence[dict], keys: Sequence[str] | None = None) -> dict:
@@ -311,7 +311,7 @@ def generation_check(model, tokenizer, facts: Sequence[Fact], *, extra_tokens: i
     the whitespace-stripped texts."""
     n = max(len(encode_target(tokenizer, f.target)) for f in facts) + extra_tokens if facts else 1
     gens = greedy_generate(model, tokenizer, [f.text() for f in facts], n, batch_size=batch_size)
-    return [float(tokenizer.decode(g).strip().startswith(f.target.strip())) for f, g in zip(facts, gens)]
+    return [float(tokenizer.decode(g).strip().startswith(f.target.strip())) for f, g in zip(facts, gens, strict=False)]
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
@@ -324,7 +324,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
 def text_fluency(prompts: Sequence[str], continuations: Sequence[str]) -> float:
     """Mean weighted n-gram entropy (:func:`ngram_entropy`) of ``prompts[i] + continuations[i]``
     (bits; NaN for no texts)."""
-    return _mean(ngram_entropy(p + c) for p, c in zip(prompts, continuations))
+    return _mean(ngram_entropy(p + c) for p, c in zip(prompts, continuations, strict=False))
 
 
 def fluency(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 100, batch_size: int = 16) -> float:
@@ -354,7 +354,7 @@ def continuation_nll(model, tokenizer, prompts: Sequence[str], continuations: Se
         raise HyperparameterError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     bos = needs_bos(model)
     pairs = []
-    for p, c in zip(prompts, continuations):
+    for p, c in zip(prompts, continuations, strict=False):
         c_ids = tokenizer.encode(c, add_special_tokens=False)
         if c_ids and c_ids[0] == tokenizer.bos_token_id:  # tokenizers that add BOS regardless
             c_ids = c_ids[1:]
@@ -433,5 +433,5 @@ def glue_predictions(model, tokenizer, task: str, items: Sequence[dict], *, batc
 def glue_accuracy(model, tokenizer, task: str, items: Sequence[dict], *, batch_size: int = 16) -> dict:
     """Zero-shot accuracy on ``items`` and the predictions (to compare before/after an edit)."""
     preds = glue_predictions(model, tokenizer, task, items, batch_size=batch_size)
-    correct = [float(p == int(it["label"])) for p, it in zip(preds, items)]
+    correct = [float(p == int(it["label"])) for p, it in zip(preds, items, strict=False)]
     return {"accuracy": _mean(correct), "n": len(items), "predictions": preds}

@@ -95,10 +95,10 @@ def plot_scores(results: Results, path: str | Path, *, window: int = 5) -> Path:
     fig, axes = plt.subplots(1, len(_PANELS), figsize=(4.2 * len(_PANELS), 3.6), sharex=True)
     for name, rec in _methods(results):
         xs = [e.edits for e in rec.immediate]
-        for ax, key in zip(axes, _PANELS):
+        for ax, key in zip(axes, _PANELS, strict=False):
             ys = _rolling([e.scores.get(key) for e in rec.immediate], window)
             ax.plot(xs, [100 * y for y in ys], label=name, **{**_style(name), "marker": None})
-    for ax, key in zip(axes, _PANELS):
+    for ax, key in zip(axes, _PANELS, strict=False):
         ax.set_title(METRIC_LABELS[key], fontsize=10)
         ax.set_xlabel("edits written")
         ax.set_ylim(-2, 102)
@@ -125,10 +125,10 @@ def plot_retention(results: Results, path: str | Path) -> Path:
     for name, rec in methods:
         pts = rec.checkpoints
         xs = [p.edits for p in pts]
-        for ax, key in zip(axes, _PANELS):
+        for ax, key in zip(axes, _PANELS, strict=False):
             ys = [p.retention.get(key) for p in pts]
             ax.plot(xs, [100 * y if y is not None else math.nan for y in ys], label=name, **styles[name])
-    for ax, key in zip(axes, _PANELS):
+    for ax, key in zip(axes, _PANELS, strict=False):
         before = base.get(key) if base is not None else None
         if before is not None:
             ax.axhline(100 * before, color="grey", ls=":", lw=1, label="before editing")
@@ -183,7 +183,7 @@ def plot_deviation(results: Results, path: str | Path) -> Path:
     axes[1][0].set_ylabel("||K0 (W_t - W0)||_F")
     handles, labels = axes[0][0].get_legend_handles_labels()
     h2, l2 = axes[1][0].get_legend_handles_labels()
-    for h, l in zip(h2, l2):
+    for h, l in zip(h2, l2, strict=False):
         if l not in labels:
             handles.append(h)
             labels.append(l)
@@ -252,7 +252,8 @@ def plot_lengths(points: dict[str, list[tuple[int, Scores, Scores | None]]], pat
         style = styles[label]
         axes[0].plot([p[0] for p in pts], [_pct(p[1].score) for p in pts], label=label, **style)
         kept = [p for p in pts if p[2] is not None]
-        axes[1].plot([p[0] for p in kept], [_pct(p[2].efficacy) for p in kept if p[2] is not None], label=label, **style)
+        axes[1].plot([p[0] for p in kept], [_pct(p[2].efficacy) for p in kept if p[2] is not None], label=label,
+                     **style)
     if base:
         xs = sorted(base)
         axes[0].plot(xs, [_pct(base[x].score) for x in xs], color="grey", ls=":", lw=1, label="unedited")

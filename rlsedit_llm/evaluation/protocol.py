@@ -25,8 +25,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,7 +163,7 @@ def _add_extras(part: Extras, model: torch.nn.Module, tokenizer: Any, facts: Seq
         part.fluency = finite(metrics.text_fluency(prompts, texts))
         part.fluency_n = len(prompts)
         # Kept for reading and for score_generations, which needs the unedited model.
-        part.generations = [Generation(p, t) for p, t in zip(prompts, texts)]
+        part.generations = [Generation(p, t) for p, t in zip(prompts, texts, strict=False)]
     if glue:
         tasks = {}
         for task, items in glue.items():
@@ -170,7 +171,8 @@ def _add_extras(part: Extras, model: torch.nn.Module, tokenizer: Any, facts: Seq
             tasks[task] = GlueTask(finite(g["accuracy"]), g["n"], g["predictions"])
             if base_glue is not None and task in base_glue.tasks:
                 before = base_glue.tasks[task].predictions
-                tasks[task].agreement = finite(float(np.mean([a == b for a, b in zip(before, g["predictions"])])))
+                same = [a == b for a, b in zip(before, g["predictions"], strict=False)]
+                tasks[task].agreement = finite(float(np.mean(same)))
         part.glue = Glue(tasks, finite(float(np.mean([t.accuracy for t in tasks.values()]))))
 
 
@@ -325,7 +327,7 @@ def immediate_summary(record: MethodRecord) -> Scores:
     keys = [k for k in rows[0] if k not in ("n", "score")]
     out: dict[str, Any] = {"n": sum(e.scores.n for e in entries)}
     for k in keys:
-        pairs = [(row[k], e.scores.n) for row, e in zip(rows, entries) if row.get(k) is not None]
+        pairs = [(row[k], e.scores.n) for row, e in zip(rows, entries, strict=False) if row.get(k) is not None]
         w = sum(n for _, n in pairs)
         out[k] = finite(sum(v * n for v, n in pairs) / w) if w else None
     parts = [out.get(k) for k in ("efficacy", "generalization", "specificity")]

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import fields
-from typing import Any, ClassVar, Mapping, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from rlsedit_llm.errors import StateMismatchError
 
-__all__ = ["JsonRecord", "decode"]
+__all__ = ["JsonRecord", "decode", "encode", "require_object"]
 
 R = TypeVar("R", bound="JsonRecord")
 
@@ -34,8 +35,7 @@ class JsonRecord:
     def from_json(cls: type[R], data: Mapping[str, Any], **given: Any) -> R:
         """The record of the JSON object ``data`` (a typed error names the field that is wrong);
         ``given``: values of fields that are not read from ``data``."""
-        if not isinstance(data, Mapping):
-            raise StateMismatchError(f"{cls.__name__}: expected a JSON object; got {type(data).__name__}")
+        require_object(cls, data)
         hints = _hints(cls)
         kwargs: dict[str, Any] = dict(given)
         extra: dict[str, Any] = {}
@@ -59,6 +59,12 @@ class JsonRecord:
             out[f.name] = encode(value)
         out.update(self.extra)
         return out
+
+
+def require_object(cls: type, data: Any) -> None:
+    """Refuse ``data`` that is not a JSON object, naming the record it should have been."""
+    if not isinstance(data, Mapping):
+        raise StateMismatchError(f"{cls.__name__}: expected a JSON object; got {type(data).__name__}")
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -91,7 +97,7 @@ def decode(tp: Any, value: Any, where: str) -> Any:
             keys = [key_type(k) for k in value]
         except ValueError:
             raise StateMismatchError(f"{where}: expected {key_type.__name__} keys; got {list(value)}") from None
-        return {key: decode(item, v, f"{where}.{k}") for key, (k, v) in zip(keys, value.items())}
+        return {key: decode(item, v, f"{where}.{k}") for key, (k, v) in zip(keys, value.items(), strict=False)}
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif tp is int:

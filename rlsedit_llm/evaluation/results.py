@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from rlsedit_llm.errors import StateMismatchError
 from rlsedit_llm.evaluation.protocol_config import ProtocolConfig
-from rlsedit_llm.evaluation.records import JsonRecord
+from rlsedit_llm.evaluation.records import JsonRecord, require_object
 from rlsedit_llm.files import atomic_write_text
 
 __all__ = ["FORMAT", "FORMATS", "RESULTS", "Scores", "BatchScores", "LayerDeviation", "LeaderGap", "Checkpoint",
@@ -59,7 +60,7 @@ class Scores(JsonRecord):
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, summary: Mapping[str, Any]) -> "Scores":
+    def of(cls, summary: Mapping[str, Any]) -> Scores:
         """Scores from a summary dict, its floats made JSON-safe (:func:`finite`)."""
         return cls.from_json({k: (finite(v) if isinstance(v, float) else v) for k, v in summary.items()})
 
@@ -90,7 +91,8 @@ class BatchScores(JsonRecord):
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "BatchScores":
+    def from_json(cls, data: Mapping[str, Any]) -> BatchScores:
+        require_object(cls, data)
         own = {f.name for f in fields(cls)} - {"scores", "norms", "extra"}
         norms = {k: v for k, v in data.items() if k.startswith(cls._NORMS)}
         scores = {k: v for k, v in data.items() if k not in own and k not in norms}
@@ -117,7 +119,7 @@ class LayerDeviation(JsonRecord):
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, deviation: Any) -> "LayerDeviation":
+    def of(cls, deviation: Any) -> LayerDeviation:
         """From a :class:`rlsedit_llm.kernel.certificates.Deviation` (infinities become None)."""
         def ok(x):
             return None if x is None or not math.isfinite(x) else float(x)
@@ -155,7 +157,7 @@ class Checkpoint(JsonRecord):
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Checkpoint":
+    def from_json(cls, data: Mapping[str, Any]) -> Checkpoint:
         point = super().from_json(data)
         point.has_leader = "leader_gap" in data
         return point
@@ -201,9 +203,8 @@ class Glue(JsonRecord):
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Glue":
-        if not isinstance(data, Mapping):
-            raise StateMismatchError(f"Glue: expected a JSON object; got {type(data).__name__}")
+    def from_json(cls, data: Mapping[str, Any]) -> Glue:
+        require_object(cls, data)
         tasks = {k: GlueTask.from_json(v) for k, v in data.items() if k != "mean"}
         return cls(tasks, data.get("mean"))
 
@@ -331,7 +332,7 @@ class RunSettings(JsonRecord):
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "RunSettings":
+    def from_json(cls, data: Mapping[str, Any]) -> RunSettings:
         if not isinstance(data, Mapping) or data.get("format") not in FORMATS:
             got = data.get("format") if isinstance(data, Mapping) else data
             raise StateMismatchError(f"not an rlsedit bench run (settings format {got!r}; this version reads "
@@ -373,7 +374,7 @@ class Results(JsonRecord):
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Results":
+    def from_json(cls, data: Mapping[str, Any]) -> Results:
         if isinstance(data, Mapping) and data.get("config") == {}:
             data = {k: v for k, v in data.items() if k != "config"}
         return super().from_json(data)

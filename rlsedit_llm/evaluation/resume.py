@@ -100,7 +100,8 @@ def _continues_stream(results: Results, case_ids: tuple, cfg: ProtocolConfig) ->
     ``results`` and the unedited model's scores past the common prefix are dropped (re-scored
     when needed)."""
     old = results.settings.case_ids
-    common = next((i for i, (a, b) in enumerate(zip(old, case_ids)) if a != b), min(len(old), len(case_ids)))
+    pairs = enumerate(zip(old, case_ids, strict=False))
+    common = next((i for i, (a, b) in pairs if a != b), min(len(old), len(case_ids)))
     written = max((m.edits_done for m in results.methods.values()), default=0)
     if common < written:
         return False

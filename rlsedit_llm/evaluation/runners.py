@@ -5,8 +5,9 @@ values), built by :func:`make_runner` / :func:`load_runner`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 

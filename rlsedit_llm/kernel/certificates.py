@@ -245,7 +245,8 @@ def layer_certificate(solver, K: torch.Tensor, V: torch.Tensor, held: torch.Tens
         D = W - W_prev
         # ||D||_{G_{t-1}}^2 = tr(D^T G_t D) - ||K_t D||^2, with G_t D = A D + K^T K D.
         g_sq = metric_sq(D) + _fro(K @ D) ** 2 - _fro(Kt @ D) ** 2
-        cert.step_metric = Bound(math.sqrt(max(g_sq, 0.0)), _fro(r) / 2, "T4a ||W_t - W_{t-1}||_{G_{t-1}} <= ||r_t|| / 2")
+        cert.step_metric = Bound(math.sqrt(max(g_sq, 0.0)), _fro(r) / 2,
+                                 "T4a ||W_t - W_{t-1}||_{G_{t-1}} <= ||r_t|| / 2")
         gain = _after(solver, prev, "C_", Kt.mT)  # C_{t-1} K_t^T  (d_k, u)
         cert.step = Bound(_fro(D), float(torch.linalg.matrix_norm(gain, ord=2)) * _fro(r),
                           "T4c ||W_t - W_{t-1}|| <= ||C_{t-1} K_t^T|| ||r_t||")

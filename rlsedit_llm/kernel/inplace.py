@@ -63,8 +63,8 @@ import torch
 from rlsedit_llm.errors import NotPositiveDefiniteError, ShapeError
 from rlsedit_llm.interrupts import deferred_interrupts
 
-__all__ = ["woodbury_update_", "woodbury_factors", "symmetric_rank_update_", "SymmetricRankUpdate", "finish", "mirror_upper_",
-           "DEFAULT_BLOCK"]
+__all__ = ["woodbury_update_", "woodbury_factors", "symmetric_rank_update_", "SymmetricRankUpdate", "finish",
+           "mirror_upper_", "DEFAULT_BLOCK"]
 
 #: Rows per panel of :func:`symmetric_rank_update_` (and the size of its transposed block copies).
 DEFAULT_BLOCK = 512

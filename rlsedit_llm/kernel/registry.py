@@ -18,7 +18,7 @@ from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver
 
-__all__ = ["register", "unregister", "get_method", "config_class", "method_names", "capabilities",
+__all__ = ["register", "unregister", "get_method", "solver_class", "config_class", "method_names", "capabilities",
            "is_layer_method"]
 
 _METHODS: dict[str, tuple[type, type[MethodConfig]]] = {}
@@ -41,7 +41,9 @@ def register(name: str, method_cls: type, config_cls: type[MethodConfig]) -> Non
         raise TypeError(f"{getattr(method_cls, '__name__', method_cls)!r} must be a class declaring "
                         f"name = {name!r} and capabilities: Capabilities")
     if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)
-            and getattr(config_cls, "__dataclass_params__").frozen and config_cls.method == name):
+            # set by @dataclass on every subclass; typeshed does not declare it
+            and config_cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+            and config_cls.method == name):
         raise TypeError(f"{getattr(config_cls, '__name__', config_cls)!r} must be a frozen MethodConfig dataclass "
                         f"with method = {name!r}")
     if issubclass(method_cls, LayerSolver):
@@ -75,6 +77,19 @@ def get_method(name: str) -> type:
         return _METHODS[name][0]
     except (KeyError, TypeError):
         raise HyperparameterError(f"unknown method {name!r}; choose one of {sorted(_METHODS)}") from None
+
+
+def solver_class(name: str) -> type[LayerSolver]:
+    """The :class:`LayerSolver` subclass registered as ``name``.
+
+    :class:`HyperparameterError` for an unknown name (listing the choices, as :func:`get_method`)
+    and for an editor-level method, which has no layer solver.
+    """
+    method_cls = get_method(name)
+    if not issubclass(method_cls, LayerSolver):
+        raise HyperparameterError(f"method {name!r} is not a layer-solver method and runs its own editor; "
+                                  "it has no layer solver")
+    return method_cls
 
 
 def config_class(name: str) -> type[MethodConfig]:

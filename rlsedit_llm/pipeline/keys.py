@@ -27,10 +27,10 @@ from collections.abc import Sequence
 
 import torch
 
+from rlsedit_llm.adapters.hooks import capture_inputs, capture_outputs, run_until_stopped
+from rlsedit_llm.adapters.spec import ModelSpec, get_module
 from rlsedit_llm.errors import FactError, HyperparameterError
 from rlsedit_llm.pipeline.facts import Fact, checked_facts
-from rlsedit_llm.adapters.spec import ModelSpec, get_module
-from rlsedit_llm.adapters.hooks import capture_inputs, capture_outputs, run_until_stopped
 from rlsedit_llm.pipeline.tokens import bos_prefix, encode_prompt, input_device, needs_bos, pad_id, right_pad
 
 log = logging.getLogger(__name__)
@@ -296,7 +296,8 @@ def compute_keys(model, tokenizer, spec: ModelSpec, layer: int, facts, templates
     return compute_keys_multi(model, tokenizer, spec, [layer], facts, templates, batch_size=batch_size)[layer]
 
 
-def subject_hidden_states(model, tokenizer, spec: ModelSpec, layer: int, facts, *, batch_size: int = 64) -> torch.Tensor:
+def subject_hidden_states(model, tokenizer, spec: ModelSpec, layer: int, facts, *,
+                          batch_size: int = 64) -> torch.Tensor:
     """Output of decoder layer ``layer`` (the residual stream after it) at the subject's last
     token of each fact's bare prompt: (u, d_model) float32 on that layer's device."""
     facts = checked_facts(facts, tokenizer, purpose="read hidden states of")

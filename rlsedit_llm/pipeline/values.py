@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlsedit_llm.adapters.spec import ModelSpec, get_module
 from rlsedit_llm.adapters.hooks import requires_grad_set
-from rlsedit_llm.interrupts import poll_interrupts
+from rlsedit_llm.adapters.spec import ModelSpec, get_module
 from rlsedit_llm.errors import HyperparameterError, NonFiniteError
+from rlsedit_llm.interrupts import poll_interrupts
 from rlsedit_llm.pipeline.facts import checked_facts, encode_target
-from rlsedit_llm.pipeline.fast_forward import FastForward, FastPathUnavailable, NaiveForward
+from rlsedit_llm.pipeline.fast_forward import FastForward, FastPathUnavailable, NaiveForward, ValueForward
 from rlsedit_llm.pipeline.keys import check_templates, encode_with_subject, fact_rows, template_parts
 from rlsedit_llm.pipeline.tokens import needs_bos, pad_id
 from rlsedit_llm.presets import SMALL_MODEL_D_MODEL, family_presets
@@ -194,7 +194,7 @@ def _build_rows(tokenizer, facts, templates, config: ValueConfig, *, bos: bool =
     prompt_ids, subj = fact_rows(tokenizer, facts, templates, bos=bos)  # u*T rows
     ids, need = [], []
     tok_row, tok_pos, tok_label = [], [], []
-    for r, (p, s) in enumerate(zip(prompt_ids, subj)):
+    for r, (p, _s) in enumerate(zip(prompt_ids, subj, strict=True)):  # fact_rows: one position per row
         target = encode_target(tokenizer, facts[r // T].target)
         ids.append(p + target[:-1])
         for t, label in enumerate(target):
@@ -204,7 +204,7 @@ def _build_rows(tokenizer, facts, templates, config: ValueConfig, *, bos: bool =
         need.append(len(p) + len(target) - 2)
     kl_before, kl_after = config.kl_prompt.split("{}", 1)
     kl_row, kl_pos = [], []
-    for i, f in enumerate(facts):
+    for _i, f in enumerate(facts):
         text = kl_before + f.subject + kl_after
         row, s = encode_with_subject(tokenizer, text, len(kl_before), len(kl_before) + len(f.subject), bos=bos)
         pos = s if config.kl_position == "subject_last" else len(row) - 1
@@ -216,7 +216,8 @@ def _build_rows(tokenizer, facts, templates, config: ValueConfig, *, bos: bool =
     fact = [r // T for r in range(u * T)] + list(range(u))
     L = torch.long
     return _Rows(
-        ids=ids, subject=torch.tensor(subj, dtype=L), fact=torch.tensor(fact, dtype=L), need=torch.tensor(need, dtype=L),
+        ids=ids, subject=torch.tensor(subj, dtype=L), fact=torch.tensor(fact, dtype=L),
+        need=torch.tensor(need, dtype=L),
         tok_row=torch.tensor(tok_row, dtype=L), tok_pos=torch.tensor(tok_pos, dtype=L),
         tok_label=torch.tensor(tok_label, dtype=L), kl_row=torch.tensor(kl_row, dtype=L),
         kl_pos=torch.tensor(kl_pos, dtype=L), plain_row=torch.arange(u, dtype=L) * T + plain[0], n_templates=T,
@@ -261,7 +262,7 @@ def compute_values(model, tokenizer, spec: ModelSpec, layer: int, facts, templat
     with requires_grad_set(model, False):
         try:
             model.eval()
-            forward = None
+            forward: ValueForward | None = None
             if not naive:
                 try:
                     forward = FastForward(model, spec, layer, rows, pad)

@@ -102,7 +102,7 @@ def counterfact_stream(model, tok, facts, cache_dir) -> tuple[float, float, floa
     def efficacy(fs):
         new = score_targets(model, tok, [f.text() for f in fs], [f.target for f in fs])
         true = score_targets(model, tok, [f.text() for f in fs], [f.target_true for f in fs])
-        return sum(a.mean_nll < b.mean_nll for a, b in zip(new, true)) / len(fs)
+        return sum(a.mean_nll < b.mean_nll for a, b in zip(new, true, strict=True)) / len(fs)
 
     try:
         before = efficacy(facts)

@@ -111,7 +111,7 @@ def test_cuda_edit_keeps_state_on_the_layer_device(tiny, tmp_path, dtype):
     model = model.to("cuda", dtype=dtype)
     editor = Editor(model, tok, _config(tmp_path))
     report = editor.edit(TINY_FACTS)
-    for layer, solver in editor.solvers_.items():
+    for _layer, solver in editor.solvers_.items():
         assert solver.C_.device.type == "cuda" and solver.C_.dtype == torch.float64
     assert all(r.prob_after > r.prob_before for r in report.facts)
 

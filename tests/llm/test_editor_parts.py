@@ -37,7 +37,8 @@ def test_an_edit_checks_its_facts_once(tiny, tmp_path, monkeypatch):
     editor = Editor(model, tok, _config(tmp_path)).prepare()
     calls = []
     real = facts_module.validate_facts
-    monkeypatch.setattr(facts_module, "validate_facts", lambda facts, tokenizer: calls.append(1) or real(facts, tokenizer))
+    monkeypatch.setattr(facts_module, "validate_facts",
+                        lambda facts, tokenizer: calls.append(1) or real(facts, tokenizer))
     editor.edit(FACTS)
     assert len(calls) == 1  # at the door; values, keys and hidden states trust the FactBatch
     with pytest.raises(FactError, match="exactly one"):

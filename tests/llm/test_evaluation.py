@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsedit_llm import EditConfig, Editor, EditReport, Fact
+from rlsedit_llm import EditConfig, Editor, EditReport, Fact, cli
+from rlsedit_llm.adapters.spec import get_module, read_weight
+from rlsedit_llm.editing.finetune import FineTuneEditor, target_nll
 from rlsedit_llm.errors import FactError, HyperparameterError
-from rlsedit_llm import cli
 from rlsedit_llm.evaluation import bench, data, metrics, protocol
 from rlsedit_llm.evaluation import report as bench_report
 from rlsedit_llm.evaluation import results as results_mod
-from rlsedit_llm.editing.finetune import FineTuneEditor, target_nll
 from rlsedit_llm.kernel.registry import method_names
-from rlsedit_llm.adapters.spec import get_module, read_weight
 from rlsedit_llm.pipeline.facts import encode_target
 from rlsedit_llm.pipeline.scoring import score_targets
 from rlsedit_llm.pipeline.tokens import encode_prompt, needs_bos
@@ -218,7 +217,7 @@ def test_score_pairs_equals_score_targets(llama):
     want = score_targets(model, tok, prompts, targets)
     lengths = {len(s.token_logprobs) for s in want}
     assert 1 in lengths and max(lengths) > 1  # both paths are exercised
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         assert torch.allclose(g.token_logprobs, w.token_logprobs, atol=1e-5)
         assert torch.equal(g.token_correct, w.token_correct)
     with pytest.raises(HyperparameterError):
@@ -241,7 +240,7 @@ def test_score_pairs_runs_each_prompt_once_per_multi_token_target(llama):
         handle.remove()
     assert sum(rows) == 2 + 1 + 1  # Toyota: one per distinct multi-token target; the others once
     want = score_targets(model, tok, prompts, targets)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         assert torch.allclose(g.token_logprobs, w.token_logprobs, atol=1e-5)
         assert torch.equal(g.token_correct, w.token_correct)
 
@@ -249,7 +248,7 @@ def test_score_pairs_runs_each_prompt_once_per_multi_token_target(llama):
 def test_counterfact_case_scores_match_direct_scoring(llama):
     model, tok = llama
     rows = metrics.counterfact_case_scores(model, tok, FACTS[:3], batch_size=4)
-    for f, row in zip(FACTS[:3], rows):
+    for f, row in zip(FACTS[:3], rows, strict=False):
         def nlls(prompts, target):
             return [s.mean_nll for s in score_targets(model, tok, list(prompts), [target] * len(prompts))]
 
@@ -257,11 +256,11 @@ def test_counterfact_case_scores_match_direct_scoring(llama):
         assert row["efficacy"] == float(new_rw < true_rw)
         assert row["efficacy_magnitude"] == pytest.approx(math.exp(-new_rw) - math.exp(-true_rw), abs=1e-6)
         pn, pt = nlls(f.paraphrases, f.target), nlls(f.paraphrases, f.target_true)
-        assert row["generalization"] == pytest.approx(sum(a < b for a, b in zip(pn, pt)) / len(pn))
+        assert row["generalization"] == pytest.approx(sum(a < b for a, b in zip(pn, pt, strict=False)) / len(pn))
         nn, nt = nlls(f.neighbourhood, f.target), nlls(f.neighbourhood, f.target_true)
-        assert row["specificity"] == pytest.approx(sum(b < a for a, b in zip(nn, nt)) / len(nn))
+        assert row["specificity"] == pytest.approx(sum(b < a for a, b in zip(nn, nt, strict=False)) / len(nn))
         assert row["specificity_magnitude"] == pytest.approx(
-            sum(math.exp(-b) - math.exp(-a) for a, b in zip(nn, nt)) / len(nn), abs=1e-6)
+            sum(math.exp(-b) - math.exp(-a) for a, b in zip(nn, nt, strict=False)) / len(nn), abs=1e-6)
         acc = score_targets(model, tok, [f.text()], [f.target])[0].all_correct
         assert row["efficacy_acc"] == float(acc)
     with pytest.raises(HyperparameterError):
@@ -315,14 +314,14 @@ def test_glue_fast_path_equals_full_scoring(llama):
             slow.append(max(range(len(words)), key=lps.__getitem__))
         assert fast == slow
         res = metrics.glue_accuracy(model, tok, task, items)
-        assert res["accuracy"] == pytest.approx(sum(p == it["label"] for p, it in zip(fast, items)) / 6)
+        assert res["accuracy"] == pytest.approx(sum(p == it["label"] for p, it in zip(fast, items, strict=False)) / 6)
 
 
 def test_fluency_is_entropy_of_prompt_plus_generation(llama):
     model, tok = llama
     prompts = ["The Eiffel Tower is", "Toyota makes"]
     gens = metrics.greedy_generate(model, tok, prompts, 12)
-    expected = sum(metrics.ngram_entropy(p + tok.decode(g)) for p, g in zip(prompts, gens)) / 2
+    expected = sum(metrics.ngram_entropy(p + tok.decode(g)) for p, g in zip(prompts, gens, strict=False)) / 2
     assert metrics.fluency(model, tok, prompts, max_new_tokens=12) == pytest.approx(expected)
 
 
@@ -331,7 +330,7 @@ def test_continuation_nll_is_the_teacher_forced_nll_of_the_text_after_the_prompt
     prompts = ["The Eiffel Tower is", "Toyota makes", "Paris is"]
     texts = metrics.generate_texts(model, tok, prompts[:2], 8) + [" in France, and"]
     got = metrics.continuation_nll(model, tok, prompts, texts, batch_size=2)  # two batches, padded
-    for p, t, nll in zip(prompts, texts, got):
+    for p, t, nll in zip(prompts, texts, got, strict=False):
         p_ids = encode_prompt(tok, p, bos=needs_bos(model))
         c_ids = tok.encode(t, add_special_tokens=False)
         with torch.no_grad():
@@ -356,7 +355,8 @@ def test_report_prints_the_first_generations_on_one_line_each():
 def test_score_generations_scores_kept_generations_once(llama):
     model, tok = llama
     prompts = ["The Eiffel Tower is", "Toyota makes"]
-    part = results_mod.FinalScores(generations=[results_mod.Generation(p, t) for p, t in zip(prompts, [" a tower", ""])])
+    gens = [results_mod.Generation(p, t) for p, t in zip(prompts, [" a tower", ""], strict=True)]
+    part = results_mod.FinalScores(generations=gens)
     assert protocol.score_generations(part, model, tok)
     # The empty generation (an immediate EOS) has no tokens to score and is left out of the mean.
     assert part.generation_nll_n == 1
@@ -659,7 +659,7 @@ def test_bench_writes_outputs_and_resumes_after_interruption(tiny_bench, tmp_pat
     for method in ("rlsedit", "ft"):
         got, want = done["methods"][method], ref["methods"][method]
         assert [e["edits"] for e in got["immediate"]] == [2, 4, 6]
-        for g, w in zip(got["immediate"], want["immediate"]):
+        for g, w in zip(got["immediate"], want["immediate"], strict=False):
             for k in ("efficacy", "generalization", "specificity", "efficacy_magnitude"):
                 assert g[k] == pytest.approx(w[k], abs=1e-4), (method, k)
         for k in ("efficacy", "specificity", "score"):
@@ -671,7 +671,7 @@ def test_bench_writes_outputs_and_resumes_after_interruption(tiny_bench, tmp_pat
     assert bench.run_bench(_bench_args(inter, interleave=True)) == 0
     got = bench.read_results(inter)
     for method in ("rlsedit", "ft"):
-        for g, w in zip(got["methods"][method]["immediate"], ref["methods"][method]["immediate"]):
+        for g, w in zip(got["methods"][method]["immediate"], ref["methods"][method]["immediate"], strict=False):
             assert g["efficacy_magnitude"] == pytest.approx(w["efficacy_magnitude"], rel=1e-4, abs=1e-9)
         assert got["methods"][method]["final"]["all"]["score"] == pytest.approx(
             ref["methods"][method]["final"]["all"]["score"], abs=1e-4)
@@ -694,7 +694,8 @@ def test_bench_smollm2_short_stream(smollm2, tmp_path, monkeypatch):
     model, tok = smollm2
     monkeypatch.setattr(bench, "load_model", lambda name, **kw: (model, tok))
     out = tmp_path / "bench"
-    args = bench.BenchConfig(dataset="counterfact", model="smollm2", edits=20, batch=10, methods=("rlsedit", "memit_seq"),
+    args = bench.BenchConfig(dataset="counterfact", model="smollm2", edits=20, batch=10,
+                             methods=("rlsedit", "memit_seq"),
                              out=str(out), stats_tokens=6000, checkpoints=1, glue=8, fluency_cases=2,
                              fluency_tokens=10, quiet=True, cache_dir=str(tmp_path / "stats"))
     assert bench.run_bench(args) == 0
@@ -706,11 +707,11 @@ def test_bench_smollm2_short_stream(smollm2, tmp_path, monkeypatch):
         assert final["efficacy"] >= 0.8 > base["efficacy"]
         assert final["specificity"] >= 0.5
     # MEMIT-seq and RLSEdit(alpha = 0) are the same update: the same weight deviations.
-    for p_r, p_m in zip(res["methods"]["rlsedit"]["checkpoints"], res["methods"]["memit_seq"]["checkpoints"]):
+    pairs = zip(res["methods"]["rlsedit"]["checkpoints"], res["methods"]["memit_seq"]["checkpoints"], strict=True)
+    for p_r, p_m in pairs:
         for layer, d in p_r["deviation"].items():
             assert d["fro"] == pytest.approx(p_m["deviation"][layer]["fro"], rel=1e-4)
-            assert d.get("t3a") is None  # alpha = 0: T3(a) is vacuous
-            assert d["anchor"] <= d["t3b"] * (1 + 1e-6)
+            assert d["fro"] <= d["t3a"] and d["anchor"] <= d["t3b"] * (1 + 1e-6)  # T3(a) via lambda_min(A)
     for name in ("summary.csv", "results.md", "scores.png", "retention.png", "deviation.png"):
         assert (out / name).exists()
 
@@ -740,7 +741,7 @@ def test_bench_smollm2_batch100_stream(smollm2, tmp_path, monkeypatch):
         assert 0.5 < entry["value_norm_ratio"] < 3.0  # written values near the model's own norms
     for point in rls["checkpoints"]:
         for d in point["deviation"].values():
-            assert d["anchor"] <= d["t3b"] * (1 + 1e-6)
+            assert d["fro"] <= d["t3a"] * (1 + 1e-6) and d["anchor"] <= d["t3b"] * (1 + 1e-6)
     memit = res["methods"]["memit"]
     assert memit["done"] and memit["final"]["all"]["n"] == 200
     assert all(p["leader_gap"] is not None for p in memit["checkpoints"])
@@ -770,7 +771,7 @@ def test_absorb_replays_a_journal_into_another_solver(tiny, tmp_path):
         assert torch.linalg.norm(W - Wf) / torch.linalg.norm(W - s.W0_) < 1e-6
         module = get_module(model2, follower.spec_.edit_module_path.format(l))
         assert torch.allclose(read_weight(module).double(), Wf, atol=1e-6)  # written into the model
-    assert all(torch.equal(a.values[l], b.values[l]) for a, b in zip(leader.journal_, follower.journal_)
+    assert all(torch.equal(a.values[l], b.values[l]) for a, b in zip(leader.journal_, follower.journal_, strict=False)
                for l in leader.layers_)
 
     rec = leader.journal_[0]
@@ -834,7 +835,7 @@ def test_bench_shadow_and_full_checkpoints_resume(tiny_bench, tmp_path, monkeypa
     assert [p["edits"] for p in full] == [4] and full[0]["all"]["n"] == 4
     gaps = [g["rel"] for p in shadow["checkpoints"] for g in p["leader_gap"].values()]
     assert gaps and max(gaps) < 1e-6
-    for s, l in zip(shadow["immediate"], leader["immediate"]):
+    for s, l in zip(shadow["immediate"], leader["immediate"], strict=False):
         assert s["efficacy_magnitude"] == pytest.approx(l["efficacy_magnitude"], abs=1e-5)
         assert s["residual_ratio"] is None  # the shadow computes no values of its own
     md = (ref_out / "results.md").read_text()

@@ -6,9 +6,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.errors import FactError
 from rlsedit_llm.pipeline.facts import Fact, as_fact, as_facts, encode_target, validate_facts
-from rlsedit_llm.adapters.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
@@ -73,7 +73,7 @@ def test_counterfact_record(counterfact):
 def test_every_counterfact_record_parses_and_validates(counterfact, tok):
     facts = as_facts(counterfact)
     assert len(facts) == len(counterfact)
-    for f, rec in zip(facts, counterfact):
+    for f, rec in zip(facts, counterfact, strict=True):
         assert f.prompt.count("{}") == 1 and f.subject in f.text()
         assert f.target == rec["requested_rewrite"]["target_new"]["str"]
     validate_facts(facts[:200], tok)
@@ -100,7 +100,7 @@ def test_first_counterfact_simple_record_matches_counterfact(counterfact):
 def test_every_counterfact_simple_record_parses(counterfact_simple):
     facts = as_facts(counterfact_simple)
     assert len(facts) == len(counterfact_simple)
-    assert all(f.text() == rec["prompt"] for f, rec in zip(facts, counterfact_simple))
+    assert all(f.text() == rec["prompt"] for f, rec in zip(facts, counterfact_simple, strict=True))
 
 
 def test_zsre_record(zsre):
@@ -115,7 +115,7 @@ def test_zsre_record(zsre):
 
 def test_every_zsre_record_parses(zsre, tok):
     facts = as_facts(zsre)
-    assert all(f.text() == rec["src"] and f.target == rec["alt"] for f, rec in zip(facts, zsre))
+    assert all(f.text() == rec["src"] and f.target == rec["alt"] for f, rec in zip(facts, zsre, strict=True))
     validate_facts(facts[:200], tok)
 
 

@@ -9,15 +9,25 @@ import torch
 from torch import nn
 
 import rlsedit_llm
-from .conftest import counterfact_stream
 from rlsedit_llm import EditConfig, Editor, ValueConfig
 from rlsedit_llm.adapters.residual import final_logits, module_target, residual_contribution
-from rlsedit_llm.adapters.spec import KNOWN_FAMILIES, POST_NORM_FAMILIES, SUPPORTED_FAMILIES, ModelSpec, detect_spec, get_module, needs_bos, read_weight
+from rlsedit_llm.adapters.spec import (
+    KNOWN_FAMILIES,
+    POST_NORM_FAMILIES,
+    SUPPORTED_FAMILIES,
+    ModelSpec,
+    detect_spec,
+    get_module,
+    needs_bos,
+    read_weight,
+)
 from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.errors import ShapeError, UnsupportedArchitectureError
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.pipeline.scoring import encode_target
 from rlsedit_llm.pipeline.values import compute_values
+
+from .conftest import counterfact_stream
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
@@ -154,9 +164,11 @@ def test_custom_spec_of_a_known_family_matches_detection():
 
 @pytest.mark.parametrize("override,match", [
     (dict(layers="transformer.blocks", edit="mlp.dense_4h_to_h", final_norm="transformer.ln_f"), "transformer.blocks"),
-    (dict(layers="transformer.h.0", edit="mlp.dense_4h_to_h", final_norm="transformer.ln_f"), "not a non-empty ModuleList"),
+    (dict(layers="transformer.h.0", edit="mlp.dense_4h_to_h", final_norm="transformer.ln_f"),
+     "not a non-empty ModuleList"),
     (dict(layers="transformer.h", edit="mlp.nope", final_norm="transformer.ln_f"), "mlp.nope"),
-    (dict(layers="transformer.h", edit="input_layernorm", final_norm="transformer.ln_f"), "expected nn.Linear or Conv1D"),
+    (dict(layers="transformer.h", edit="input_layernorm", final_norm="transformer.ln_f"),
+     "expected nn.Linear or Conv1D"),
     (dict(layers="transformer.h", edit="mlp", final_norm="transformer.ln_f"), "expected nn.Linear or Conv1D"),
     (dict(layers="transformer.h", edit="mlp.dense_4h_to_h", final_norm="lm_head"), "not a norm"),
     (dict(layers="transformer.h", edit="mlp.dense_4h_to_h", final_norm="transformer.ln_f",
@@ -261,7 +273,8 @@ def test_module_target_for_a_general_residual_change(family):
     n_m = residual_contribution(model, spec, layer, m[None])[0]
     level = (m / torch.sqrt(m.pow(2).mean() + eps)).pow(2).sum()
     for seed, size in ((2, 0.3), (3, 3.0)):
-        r = size * n_m.norm() * torch.randn(m.shape, generator=torch.Generator().manual_seed(seed), dtype=m.dtype) / m.numel() ** 0.5
+        noise = torch.randn(m.shape, generator=torch.Generator().manual_seed(seed), dtype=m.dtype)
+        r = size * n_m.norm() * noise / m.numel() ** 0.5
         target = module_target(model, spec, layer, m[None], r[None])[0]
         h1, _ = _layer_with_target(model, spec, layer, ids, pos, target)
         c = h1[pos] - (h0[pos] - n_m)  # what the residual now receives from the MLP
@@ -512,7 +525,7 @@ def test_prompt_rows_start_with_bos_exactly_where_the_family_needs_it(family):
     facts = rlsedit_llm.as_facts(TINY_FACTS)
     rows0, pos0 = fact_rows(tok, facts, ["{}", "Because. {}"], bos=False)
     rows1, pos1 = fact_rows(tok, facts, ["{}", "Because. {}"], bos=True)
-    assert all(r1 == [tok.bos_token_id] + r0 for r0, r1 in zip(rows0, rows1))
+    assert all(r1 == [tok.bos_token_id] + r0 for r0, r1 in zip(rows0, rows1, strict=True))
     assert [p + 1 for p in pos0] == pos1
 
 

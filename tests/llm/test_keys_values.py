@@ -7,8 +7,9 @@ import logging
 import pytest
 import torch
 
-from rlsedit_llm.pipeline import fast_forward
+from rlsedit_llm.adapters.spec import SUPPORTED_FAMILIES, detect_spec, get_module, needs_bos
 from rlsedit_llm.errors import FactError, HyperparameterError
+from rlsedit_llm.pipeline import fast_forward
 from rlsedit_llm.pipeline.facts import Fact, as_facts, encode_target
 from rlsedit_llm.pipeline.keys import (
     TEMPLATE_STARTS,
@@ -20,7 +21,6 @@ from rlsedit_llm.pipeline.keys import (
     subject_hidden_states,
     template_parts,
 )
-from rlsedit_llm.adapters.spec import SUPPORTED_FAMILIES, detect_spec, get_module, needs_bos
 from rlsedit_llm.pipeline.values import ValueConfig, compute_values, default_value_config
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
@@ -148,15 +148,15 @@ def _manual_keys(model, tok, spec, layer, facts, templates):
             pos = len(tok(before + p_before + f.subject, add_special_tokens=False)["input_ids"]) - 1 + shift
             ids = [tok.bos_token_id] * shift + tok(text, add_special_tokens=False)["input_ids"]
             seen = {}
-            h = module.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+            h = module.register_forward_pre_hook(lambda m, a, seen=seen: seen.__setitem__("x", a[0]))
             try:
                 with torch.no_grad():
                     model(torch.tensor([ids]))
             finally:
                 h.remove()
             per_template.append(seen["x"].reshape(len(ids), -1)[pos])  # OPT: (seq, d_k) flat
-        plain = [k for k, t in zip(per_template, templates) if t == "{}"]
-        prefixed = [k for k, t in zip(per_template, templates) if t != "{}"]
+        plain = [k for k, t in zip(per_template, templates, strict=True) if t == "{}"]
+        prefixed = [k for k, t in zip(per_template, templates, strict=True) if t != "{}"]
         if plain and prefixed:
             out.append(0.5 * torch.stack(plain).mean(0) + 0.5 * torch.stack(prefixed).mean(0))
         else:
@@ -316,7 +316,7 @@ def test_target_nll_matches_a_direct_computation(tiny):
             (ids,), (pos,) = fact_rows(tok, [f], [t])
             full = torch.tensor([ids + target[:-1]])
 
-            def put(m, a, out, pos=pos):
+            def put(m, a, out, pos=pos, i=i):
                 out = out.clone()
                 out[0, pos] += res.delta[i]
                 return out
@@ -362,7 +362,8 @@ def test_batched_facts_are_optimised_independently(tiny):
     both = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, _cfg())
     for i, f in enumerate(FACTS):
         alone = compute_values(model, tok, spec, 1, [f], TEMPLATES, _cfg())
-        torch.testing.assert_close(both.target[i:i + 1], alone.target, rtol=1e-4, atol=1e-4 * float(alone.initial.norm()))
+        torch.testing.assert_close(both.target[i:i + 1], alone.target, rtol=1e-4,
+                                   atol=1e-4 * float(alone.initial.norm()))
 
 
 def test_finished_facts_are_not_run_and_do_not_change_the_others(tiny, monkeypatch):
@@ -384,7 +385,8 @@ def test_finished_facts_are_not_run_and_do_not_change_the_others(tiny, monkeypat
     assert min(runs) < len(FACTS) * rows_per_call
     for i, f in enumerate(FACTS):
         alone = compute_values(model, tok, spec, 1, [f], TEMPLATES, cfg)
-        torch.testing.assert_close(both.target[i:i + 1], alone.target, rtol=1e-4, atol=1e-4 * float(alone.initial.norm()))
+        torch.testing.assert_close(both.target[i:i + 1], alone.target, rtol=1e-4,
+                                   atol=1e-4 * float(alone.initial.norm()))
         assert float(both.final_loss[i]) == pytest.approx(float(alone.final_loss[0]), rel=1e-4, abs=1e-5)
     naive = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, cfg, naive=True)
     torch.testing.assert_close(both.target, naive.target, rtol=1e-4, atol=1e-4 * float(naive.initial.norm()))
@@ -399,7 +401,7 @@ def test_length_groups_partition_rows_at_least_cost():
         groups = fast_forward.length_groups(rows, length, overhead=5)
         assert sorted(torch.cat(groups).tolist()) == sorted(rows.tolist())  # each row exactly once
         spans = [(int(length[g].min()), int(length[g].max())) for g in groups]
-        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # disjoint length ranges, ascending
+        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))  # disjoint length ranges, ascending
         cost = sum(len(g) * int(length[g].max()) + 5 for g in groups)
         assert cost <= len(rows) * int(length[rows].max()) + 5  # never worse than one padded batch
         # against every split of the sorted distinct lengths (brute force)
@@ -408,7 +410,7 @@ def test_length_groups_partition_rows_at_least_cost():
         for mask in range(1 << (len(vals) - 1)):
             bounds = [0] + [i + 1 for i in range(len(vals) - 1) if mask >> i & 1] + [len(vals)]
             c = 0
-            for a, b in zip(bounds, bounds[1:]):
+            for a, b in zip(bounds, bounds[1:], strict=False):
                 members = [r for r in rows.tolist() if vals[a] <= int(length[r]) <= vals[b - 1]]
                 c += len(members) * vals[b - 1] + 5
             best = min(best, c)

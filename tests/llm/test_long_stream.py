@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from rlsedit_llm.adapters.spec import read_weight
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.pipeline.facts import Fact
-from rlsedit_llm.adapters.spec import read_weight
-from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.pipeline.values import ValueConfig
 from rlsedit_theory import Problem, closed_form
 
@@ -35,7 +35,7 @@ def synthetic_facts(n: int) -> list[Fact]:
     """``n`` distinct facts (distinct subjects, so no edit replaces another)."""
     names = (" ".join(p for p in (f, m, l) if p) for m, f, l in itertools.product(MIDDLE, FIRST, LAST))
     facts = []
-    for i, subject in zip(range(n), names):
+    for i, subject in zip(range(n), names, strict=False):
         facts.append(Fact(PROMPTS[i % len(PROMPTS)], subject, TARGETS[(7 * i) % len(TARGETS)]))
     assert len(facts) == n and len({f.subject for f in facts}) == n
     return facts

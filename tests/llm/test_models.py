@@ -1,4 +1,5 @@
-"""Architecture detection, weight orientation, tiny models and model loading (rlsedit_llm.adapters: spec, loading, tiny)."""
+"""Architecture detection, weight orientation, tiny models and model loading
+(rlsedit_llm.adapters: spec, loading, tiny)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from rlsedit_llm.errors import ModelLoadError, NonFiniteError, ShapeError, UnsupportedArchitectureError
 from rlsedit_llm.adapters.loading import _write_cache, load_model
-from rlsedit_llm.adapters.spec import SUPPORTED_FAMILIES, ModelSpec, default_layers, detect_spec, get_module, read_weight, write_weight
+from rlsedit_llm.adapters.spec import (
+    SUPPORTED_FAMILIES,
+    ModelSpec,
+    default_layers,
+    detect_spec,
+    get_module,
+    read_weight,
+    write_weight,
+)
 from rlsedit_llm.adapters.tiny import tiny_model
+from rlsedit_llm.errors import ModelLoadError, NonFiniteError, ShapeError, UnsupportedArchitectureError
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 

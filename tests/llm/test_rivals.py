@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from .test_evaluation import FAST_VALUE, _fast_config  # noqa: F401  (the shared fast settings)
-from .test_methods import _instance
 from rlsedit_llm import EditConfig, Fact
 from rlsedit_llm.adapters.spec import detect_spec, get_module
 from rlsedit_llm.editing.methods import load_editor, make_editor
@@ -25,6 +23,9 @@ from rlsedit_llm.pipeline.keys import fact_rows
 from rlsedit_llm.pipeline.values import ValueConfig, compute_values
 from rlsedit_theory import Problem
 from rlsedit_theory.reference import DenseCumulative
+
+from .test_evaluation import FAST_VALUE, _fast_config  # noqa: F401  (the shared fast settings)
+from .test_methods import _instance
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
@@ -221,7 +222,7 @@ def _top1_in_every_row(model, tok, spec, layer, fact, delta) -> bool:
     rows, subj = fact_rows(tok, [fact], MPES_TEMPLATES)
     target = encode_target(tok, fact.target)
     block = get_module(model, spec.layer_path.format(layer))
-    for ids, s in zip(rows, subj):
+    for ids, s in zip(rows, subj, strict=True):
         def hook(mod, args, out, s=s):
             h = (out[0] if isinstance(out, tuple) else out).clone()
             h[0, s] += delta.to(h.dtype)
@@ -247,7 +248,8 @@ def test_mpes_stops_each_fact_exactly_when_its_target_is_top1_in_every_context(t
     # The same optimisation without MPES, cut after k updates, for k = 0 .. steps_run.
     trajectory = []
     for k in range(mpes.steps_run + 1):
-        plain = compute_values(model, tok, spec, layer, MPES_FACTS, MPES_TEMPLATES, ValueConfig(**{**base, "steps": k + 1}))
+        plain = compute_values(model, tok, spec, layer, MPES_FACTS, MPES_TEMPLATES,
+                               ValueConfig(**{**base, "steps": k + 1}))
         assert plain.top1 is None and plain.steps_run == k
         trajectory.append(plain.delta)
     stops = []
@@ -295,7 +297,8 @@ def test_make_editor_applies_encores_value_defaults_only_when_value_is_unset(tin
     assert editor.value_config_.lr == 0.5  # otherwise the family's defaults
     explicit = make_editor("encore", *tiny("llama"), _fast_config(tmp_path))
     assert explicit.value_config_ == FAST_VALUE
-    assert make_editor("memit_seq", *tiny("llama"), _fast_config(tmp_path, value=None)).value_config_.stop_when_top1 is False
+    implicit = make_editor("memit_seq", *tiny("llama"), _fast_config(tmp_path, value=None))
+    assert implicit.value_config_.stop_when_top1 is False
 
 
 # ----------------------------------------------------------------------------------------------

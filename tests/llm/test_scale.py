@@ -15,8 +15,8 @@ from rlsedit_llm import EditConfig, Editor, ValueConfig
 from rlsedit_llm.adapters.spec import get_module, read_weight
 from rlsedit_llm.errors import NotPositiveDefiniteError, RLSEditError
 from rlsedit_llm.kernel.inplace import mirror_upper_, symmetric_rank_update_, woodbury_update_
-from rlsedit_llm.memory import InsufficientMemoryError, MODEL_SHAPES, check_fits, memory_table, plan
 from rlsedit_llm.kernel.rls import LayerRLS, woodbury_downdate, woodbury_update
+from rlsedit_llm.memory import MODEL_SHAPES, InsufficientMemoryError, check_fits, memory_table, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_FACTS = [
@@ -288,8 +288,8 @@ def test_gpu_check_long_and_zsre_steps_dry_run(tmp_path):
 def test_editor_refuses_up_front_a_state_that_cannot_fit(monkeypatch, tmp_path):
     """Editor.prepare checks the memory plan against the device before any statistics pass."""
     import rlsedit_llm
-    from rlsedit_llm.adapters.tiny import tiny_model
     from rlsedit_llm import memory
+    from rlsedit_llm.adapters.tiny import tiny_model
 
     model, tok = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

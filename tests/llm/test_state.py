@@ -13,35 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.editing import folder_swap
+from rlsedit_llm.editing import packs as packs_mod
 from rlsedit_llm.editing import state as state_mod
-from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.editing.lifelong import edit, editor_of, load_model_state, save_model_state
+from rlsedit_llm.editing.packs import apply_edit_pack
 from rlsedit_llm.errors import OwnershipError, RLSEditError, StateMismatchError
 from rlsedit_llm.pipeline.facts import Fact
-from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.pipeline.stats import model_fingerprint
-from rlsedit_llm.editing import packs as packs_mod
-from rlsedit_llm.editing.packs import apply_edit_pack
-from rlsedit_llm.pipeline.values import ValueConfig
+from tests.helpers import STREAM
+from tests.helpers import small_config as _config
 
-FACTS = [
-    [Fact("The mother tongue of {} is", "Danielle Darrieux", "English", relation_id="P103")],
-    [Fact("{} is located in", "Toyota", "Germany", relation_id="P17"),
-     Fact("The capital of {} is", "Italy", "Madrid", relation_id="P36")],
-    [Fact("{} plays the", "Alice", "piano", relation_id="P1303")],
-]
-
-
-@pytest.fixture(scope="module")
-def stats_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("stats"))
-
-
-def _config(stats_dir, **kw):
-    kw.setdefault("value", ValueConfig(steps=3))
-    return EditConfig(cache_dir=stats_dir, stats_tokens=1000, stats_max_length=128, n_templates=1, **kw)
+FACTS = STREAM[:3]
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -61,7 +46,8 @@ def _assert_same_state(a: Editor, b: Editor, *, exact: bool = True, same_created
     assert a.base_fingerprint_ == b.base_fingerprint_
     for layer in a.layers_:
         sa, sb = a.solvers_[layer], b.solvers_[layer]
-        assert (sa.n_updates_, sa.n_rows_, sa.alpha, sa.beta, sa.dtype) == (sb.n_updates_, sb.n_rows_, sb.alpha, sb.beta, sb.dtype)
+        assert (sa.n_updates_, sa.n_rows_, sa.alpha, sa.beta, sa.dtype) == \
+            (sb.n_updates_, sb.n_rows_, sb.alpha, sb.beta, sb.dtype)
         for name in ("W0_", "W_", "C_", "gram0_"):
             x, y = getattr(sa, name), getattr(sb, name)
             if exact:
@@ -69,7 +55,7 @@ def _assert_same_state(a: Editor, b: Editor, *, exact: bool = True, same_created
             else:
                 torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12 * float(x.abs().max()))
     assert [r.edit_id for r in a.journal_] == [r.edit_id for r in b.journal_]
-    for ra, rb in zip(a.journal_, b.journal_):
+    for ra, rb in zip(a.journal_, b.journal_, strict=True):
         assert ra.facts == rb.facts
         assert ra.created == rb.created or not same_created  # an edit made after the save has its own time
         for layer in ra.keys:

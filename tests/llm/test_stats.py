@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlsedit_llm.pipeline import corpus as corpus_mod
 from rlsedit_llm.adapters import fingerprint
+from rlsedit_llm.errors import CorpusError, HyperparameterError, UnsupportedArchitectureError
+from rlsedit_llm.pipeline import corpus as corpus_mod
 from rlsedit_llm.pipeline import moment_pass, stats, token_stream
 from rlsedit_llm.pipeline.corpus import SHIPPED_CORPORA, corpus_fingerprint, load_corpus, split_txt_documents
-from rlsedit_llm.errors import CorpusError, HyperparameterError, UnsupportedArchitectureError
 from rlsedit_llm.pipeline.stats import MomentSum, accumulate_second_moments, model_fingerprint, second_moments
 
 _WORKER_PATH = Path(__file__).with_name("_stats_worker.py")
@@ -214,7 +214,8 @@ def test_truncate_mode_keeps_only_first_window(llama, tok, texts):
 def test_start_and_skip_continue_a_run(llama, tok, texts):
     mods = _modules(llama, W.LLAMA_TEMPLATE, [2])
     full = accumulate_second_moments(llama, tok, mods, texts, max_tokens=500, max_length=32, progress=False)
-    plan = token_stream.plan_sequences(tok, texts, max_tokens=500, max_length=32, overflow="split", checkpoint_every=None)
+    plan = token_stream.plan_sequences(tok, texts, max_tokens=500, max_length=32, overflow="split",
+                                       checkpoint_every=None)
     head = dataclasses.replace(plan, seqs=plan.seqs[:6], checkpoints=[], n_tokens=plan.tokens_before(6))
     first = moment_pass.accumulate(
         llama, mods, head, batch_size=8,
@@ -325,7 +326,8 @@ def test_cache_hit_and_key(llama, tok, texts, tmp_path):
     assert calls["n"] > n_first
     assert torch.equal(partly[1], first[1])
 
-    for change in ({"n_tokens": 700}, {"max_length": 16}, {"dtype": torch.float32}, {"overflow": "truncate", "n_tokens": 300}):
+    for change in ({"n_tokens": 700}, {"max_length": 16}, {"dtype": torch.float32},
+                   {"overflow": "truncate", "n_tokens": 300}):
         before = calls["n"]
         _sm(llama, tok, texts, tmp_path, **change)
         assert calls["n"] > before, change
@@ -368,7 +370,8 @@ def test_resume_after_interruption(llama, tok, texts, tmp_path):
 
     # Crash in the middle of the second segment: the first checkpoint (20 %) is on disk.
     calls["n"] = 0
-    plan = token_stream.plan_sequences(tok, texts, max_tokens=2000, max_length=32, overflow="split", checkpoint_every=0.2)
+    plan = token_stream.plan_sequences(tok, texts, max_tokens=2000, max_length=32, overflow="split",
+                                       checkpoint_every=0.2)
     first_ckpt = plan.checkpoints[0]
     crash_at = -(-first_ckpt // 4) + 2  # forward passes of segment 1, then two more
 

@@ -13,7 +13,6 @@ from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.pipeline.values import ValueConfig
 
-
 BATCHES = [
     [Fact("The mother tongue of {} is", "Danielle Darrieux", "English", relation_id="P103"),
      Fact("{} plays the", "Alice", "piano", relation_id="P1303")],

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from rlsedit_llm.adapters.spec import detect_spec, get_module
 from rlsedit_llm.adapters.hooks import capture_inputs, on_inputs, run_until_stopped
+from rlsedit_llm.adapters.spec import detect_spec, get_module
 from rlsedit_llm.pipeline.tokens import input_device, pad_id, right_pad
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")

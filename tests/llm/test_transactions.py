@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from rlsedit_llm.adapters.spec import read_weight
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.editing import editor as editor_mod
 from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.editing.editor import Editor
@@ -20,24 +22,13 @@ from rlsedit_llm.errors import (
     UnsupportedArchitectureError,
 )
 from rlsedit_llm.pipeline.facts import Fact
-from rlsedit_llm.adapters.spec import read_weight
-from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.pipeline.values import ValueConfig
+from tests.helpers import small_config as _config
 
 FIRST = [Fact("{} is located in", "Toyota", "Germany", relation_id="P17"),
          Fact("The capital of {} is", "Italy", "Madrid", relation_id="P36")]
 NEXT = [Fact("The mother tongue of {} is", "Danielle Darrieux", "English", relation_id="P103"),
         Fact("{} plays the", "Alice", "piano", relation_id="P1303")]
-
-
-@pytest.fixture(scope="module")
-def stats_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("stats"))
-
-
-def _config(stats_dir, **kw):
-    kw.setdefault("value", ValueConfig(steps=3))
-    return EditConfig(cache_dir=stats_dir, stats_tokens=1000, stats_max_length=128, n_templates=1, **kw)
 
 
 @pytest.fixture
@@ -69,7 +60,7 @@ def _same(a, b) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 

@@ -6,33 +6,19 @@ import numpy as np
 import pytest
 import torch
 
+from rlsedit_llm.adapters.spec import read_weight
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.errors import UnknownEditError
-from rlsedit_llm.pipeline.facts import Fact
-from rlsedit_llm.adapters.spec import read_weight
-from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.kernel.rls import LayerRLS
+from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.pipeline.values import ValueConfig
 from rlsedit_theory import Problem, closed_form
+from tests.helpers import STREAM
+from tests.helpers import small_config as _config
 
-FACTS = [
-    [Fact("The mother tongue of {} is", "Danielle Darrieux", "English", relation_id="P103")],
-    [Fact("{} is located in", "Toyota", "Germany", relation_id="P17"),
-     Fact("The capital of {} is", "Italy", "Madrid", relation_id="P36")],
-    [Fact("{} plays the", "Alice", "piano", relation_id="P1303")],
-    [Fact("The native language of {} is", "Bob Marley", "French", relation_id="P103")],
-]
-
-
-@pytest.fixture(scope="module")
-def stats_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("stats"))
-
-
-def _config(stats_dir, **kw):
-    kw.setdefault("value", ValueConfig(steps=3))
-    return EditConfig(cache_dir=stats_dir, stats_tokens=1000, stats_max_length=128, n_templates=1, **kw)
+FACTS = STREAM
 
 
 def _snapshot_journal(editor):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
+from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.pipeline.facts import Fact

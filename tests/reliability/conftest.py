@@ -7,15 +7,9 @@ import pytest
 import torch
 
 from rlsedit_llm.adapters.tiny import tiny_model
-from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.editing.editor import Editor
-from rlsedit_llm.pipeline.facts import Fact
-from rlsedit_llm.pipeline.values import ValueConfig
-
-FIRST = [Fact("{} is located in", "Toyota", "Germany", relation_id="P17"),
-         Fact("The capital of {} is", "Italy", "Madrid", relation_id="P36")]
-NEXT = [Fact("The mother tongue of {} is", "Danielle Darrieux", "English", relation_id="P103")]
-OTHER = [Fact("{} plays the", "Alice", "piano", relation_id="P1303")]
+from tests.helpers import FIRST, NEXT
+from tests.helpers import small_config as config
 
 
 @pytest.fixture(autouse=True)
@@ -24,16 +18,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def stats_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("stats"))
-
-
-def config(stats_dir, **kw):
-    kw.setdefault("value", ValueConfig(steps=3))
-    return EditConfig(cache_dir=stats_dir, stats_tokens=1000, stats_max_length=128, n_templates=1, **kw)
 
 
 def fresh_editor(stats_dir, *, n_edits=1, family="llama", **kw) -> Editor:
@@ -101,7 +85,7 @@ def assert_same(a: dict, b: dict) -> None:
                 same(x[k], y[k], f"{where}.{k}")
         elif isinstance(x, (list, tuple)):
             assert len(x) == len(y), where
-            for i, (u, v) in enumerate(zip(x, y)):
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
                 same(u, v, f"{where}[{i}]")
         else:
             assert x == y, where

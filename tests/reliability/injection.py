@@ -144,7 +144,7 @@ class Injector:
             last[(file, line)] = i
         return sorted((chosen | set(first.values()) | set(last.values())) - self.cleanup)
 
-    def __enter__(self) -> "Injector":
+    def __enter__(self) -> Injector:
         self._caller = sys._getframe(1)  # frames from here up are the test's: not walked
         sys.settrace(self._global)
         return self

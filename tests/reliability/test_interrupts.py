@@ -26,8 +26,10 @@ from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.editing.guard import guard_of
 from rlsedit_llm.pipeline.facts import Fact
+from tests.helpers import FIRST, NEXT, OTHER
+from tests.helpers import small_config as config
 
-from .conftest import FIRST, NEXT, OTHER, config, copied, params
+from .conftest import copied, params
 from .injection import Injected, Injector
 
 #: The code that changes state: every point of it is interrupted.
@@ -68,7 +70,7 @@ def _equal(a, b) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_equal(u, v) for u, v in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(u, v) for u, v in zip(a, b, strict=True))
     return a == b
 
 
@@ -193,7 +195,7 @@ def test_a_signal_inside_the_adoption_is_delivered_after_it_completed(stats_dir,
     """A real Ctrl-C in the middle of the in-place update: the edit completes, then the interrupt."""
     sweep = Sweep(stats_dir, "edit")
     counter = sweep.count()
-    inside = [i for i, ((file, _line), name) in enumerate(zip(counter.points, counter.functions))
+    inside = [i for i, ((file, _line), name) in enumerate(zip(counter.points, counter.functions, strict=True))
               if file == "kernel/inplace.py" and name.split(".")[-1] == "run"]  # SymmetricRankUpdate.run
     assert inside
     editor = sweep.fresh()

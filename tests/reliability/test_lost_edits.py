@@ -14,8 +14,10 @@ from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.editing import editor as editor_mod
 from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.errors import OwnershipError, StateMismatchError
+from tests.helpers import FIRST, NEXT, OTHER
+from tests.helpers import small_config as config
 
-from .conftest import FIRST, NEXT, OTHER, assert_same, config, fresh_editor, snapshot
+from .conftest import assert_same, fresh_editor, snapshot
 
 
 def test_a_failed_edit_in_one_thread_keeps_another_threads_completed_edit(stats_dir, monkeypatch):

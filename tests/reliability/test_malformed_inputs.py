@@ -17,10 +17,18 @@ from rlsedit_llm import cli
 from rlsedit_llm.adapters.tiny import tiny_model
 from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.editing.editor import Editor
-from rlsedit_llm.errors import (FactError, HyperparameterError, NonFiniteError, RLSEditError, StateMismatchError, UnknownEditError)
+from rlsedit_llm.errors import (
+    FactError,
+    HyperparameterError,
+    NonFiniteError,
+    RLSEditError,
+    StateMismatchError,
+    UnknownEditError,
+)
 from rlsedit_llm.pipeline.facts import Fact
+from tests.helpers import small_config as config
 
-from .conftest import assert_same, config, snapshot
+from .conftest import assert_same, snapshot
 
 GOOD = {"prompt": "{} is made in", "subject": "Nokia", "target": "Spain", "relation_id": "P495"}
 

@@ -16,9 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from rlsedit_llm.adapters.fingerprint import model_fingerprint
 from rlsedit_llm.adapters.spec import detect_spec, get_module, read_weight, write_weight
 from rlsedit_llm.adapters.tiny import tiny_model
-from rlsedit_llm.adapters.fingerprint import model_fingerprint
 from rlsedit_llm.editing import finetune as finetune_mod
 from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.editing.editor import Editor
@@ -33,8 +33,10 @@ from rlsedit_llm.errors import (
 )
 from rlsedit_llm.kernel.rls import LayerRLS, max_condition
 from rlsedit_llm.pipeline.values import ValueConfig, compute_values, default_value_config
+from tests.helpers import FIRST, NEXT
+from tests.helpers import small_config as config
 
-from .conftest import FIRST, NEXT, assert_same, assert_same_params, config, fresh_editor, params, snapshot
+from .conftest import assert_same, assert_same_params, fresh_editor, params, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +155,8 @@ def test_a_resigned_integer_delta_is_refused(pack, tmp_path):
     path, editor = pack
     layer = editor.layers_[0]
     shape = editor.solvers_[layer].shape
-    forged = _forge(path, tmp_path / "int.safetensors", tensors={f"layer{layer}": torch.zeros(shape, dtype=torch.int64)})
+    forged = _forge(path, tmp_path / "int.safetensors",
+                    tensors={f"layer{layer}": torch.zeros(shape, dtype=torch.int64)})
     _refused(forged, EditPackError, "floating")
 
 
@@ -418,8 +421,8 @@ def test_the_value_settings_in_use_still_pass():
     model, _ = tiny_model("llama")
     spec = detect_spec(model)
     for cfg in (ValueConfig(), default_value_config(spec), ValueConfig(steps=3), ValueConfig(lr=0.005, steps=40),
-                ValueConfig(lr=0.5, steps=40, clamp_norm_factor=4.0), ValueConfig(early_stop_loss=0.0, weight_decay=0.0,
-                                                                               kl_factor=0.0), ValueConfig(steps=10_000)):
+                ValueConfig(lr=0.5, steps=40, clamp_norm_factor=4.0),
+                ValueConfig(early_stop_loss=0.0, weight_decay=0.0, kl_factor=0.0), ValueConfig(steps=10_000)):
         cfg.validate()
         EditConfig(value=cfg).validate()
 
