@@ -365,10 +365,17 @@ def _ft_default(setting: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``rlsedit`` command line: ``demo``, ``edit`` and ``bench``."""
     parser = argparse.ArgumentParser(prog="rlsedit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_edit(sub)
+    _add_bench(sub)
+    return parser
 
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="edit an offline model (SmolLM2-135M by default) in two lifelong calls")
     demo.add_argument("--model", choices=sorted(DEMOS), default="smollm2",
                       help="the offline model to edit (default smollm2)")
@@ -376,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Wikipedia tokens for the key statistics (default 20000)")
     demo.set_defaults(func=_demo)
 
+
+def _add_edit(sub) -> None:
     ed = sub.add_parser("edit", help="apply facts from a JSON/JSONL file, keeping state in DIR")
     ed.add_argument("--model", default="smollm2", help="'smollm2' or a HF model name/path")
     ed.add_argument("--facts", required=True, type=_path_text, help="JSON list or JSONL of facts")
@@ -404,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      f"({_config_default('stats_tokens')}; only for a new stream)")
     ed.set_defaults(func=_edit)
 
+
+def _add_bench(sub) -> None:
     from rlsedit_llm.evaluation.data import DATASETS
 
     bench = sub.add_parser("bench", help="sequential editing benchmark (CounterFact / zsRE)",
@@ -471,7 +482,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start a longer stream from the finished run in OLD (same settings, kept states): "
                             "its edits are not written again, OLD is only read")
     bench.set_defaults(func=_bench)
-    return parser
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,7 @@ def load_stream(dataset: str, n_edits: int, tokenizer=None, *, path=None, batch_
 
     ``dataset`` is one of :data:`DATASETS` (the shipped files, or ``path``). zsRE records
     get ``case_id`` = their index in the file. With a ``tokenizer``, records whose fact the
-    tokenizer cannot represent (:func:`~rlsedit_llm.facts.validate_facts`) are skipped and
+    tokenizer cannot represent (:func:`~rlsedit_llm.pipeline.facts.validate_facts`) are skipped and
     logged. Raises :class:`HyperparameterError` if fewer than ``n_edits`` records are usable.
     """
     if dataset not in DATASETS:

@@ -89,6 +89,22 @@ def _title(results: Results, what: str) -> str:
     return f"{what}: {c.dataset} on {c.model}, batches of {c.batch_size}"
 
 
+def _save_panels(plt, fig, axes, path: str | Path, ylabel: str, title: str) -> Path:
+    """Label the score panels (one per metric, 0-100), add the legend and title, write the PNG."""
+    for ax, key in zip(axes, _PANELS, strict=True):
+        ax.set_title(METRIC_LABELS[key], fontsize=10)
+        ax.set_xlabel("edits written")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_scores(results: Results, path: str | Path, *, window: int = 5) -> Path:
     """Immediate scores of each batch (rolling mean over ``window`` batches) against edits."""
     plt = _pyplot()
@@ -98,18 +114,8 @@ def plot_scores(results: Results, path: str | Path, *, window: int = 5) -> Path:
         for ax, key in zip(axes, _PANELS, strict=False):
             ys = _rolling([e.scores.get(key) for e in rec.immediate], window)
             ax.plot(xs, [100 * y for y in ys], label=name, **{**_style(name), "marker": None})
-    for ax, key in zip(axes, _PANELS, strict=False):
-        ax.set_title(METRIC_LABELS[key], fontsize=10)
-        ax.set_xlabel("edits written")
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"immediate score x100 (rolling mean, {window} batches)")
-    axes[-1].legend(fontsize=8)
-    fig.suptitle(_title(results, "Immediate scores"), fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_panels(plt, fig, axes, path, f"immediate score x100 (rolling mean, {window} batches)",
+                        _title(results, "Immediate scores"))
 
 
 def plot_retention(results: Results, path: str | Path) -> Path:
@@ -128,22 +134,13 @@ def plot_retention(results: Results, path: str | Path) -> Path:
         for ax, key in zip(axes, _PANELS, strict=False):
             ys = [p.retention.get(key) for p in pts]
             ax.plot(xs, [100 * y if y is not None else math.nan for y in ys], label=name, **styles[name])
-    for ax, key in zip(axes, _PANELS, strict=False):
+    for ax, key in zip(axes, _PANELS, strict=True):
         before = base.get(key) if base is not None else None
         if before is not None:
             ax.axhline(100 * before, color="grey", ls=":", lw=1, label="before editing")
-        ax.set_title(METRIC_LABELS[key], fontsize=10)
-        ax.set_xlabel("edits written")
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
     n = results.config.retention_size if results.config is not None else "?"
-    axes[0].set_ylabel(f"score x100 of the first {n} edits")
-    axes[-1].legend(fontsize=8)
-    fig.suptitle(_title(results, "Retention of early edits"), fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_panels(plt, fig, axes, path, f"score x100 of the first {n} edits",
+                        _title(results, "Retention of early edits"))
 
 
 def plot_deviation(results: Results, path: str | Path) -> Path:

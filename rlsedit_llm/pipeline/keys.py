@@ -267,7 +267,7 @@ def compute_keys_multi(model, tokenizer, spec: ModelSpec, layers, facts, templat
     Parameters
     ----------
     layers : layer indices; the edited module of each is ``spec.edit_module_path.format(layer)``
-    facts : :class:`Fact` objects or records (see :func:`rlsedit_llm.facts.as_fact`)
+    facts : :class:`Fact` objects or records (see :func:`rlsedit_llm.pipeline.facts.as_fact`)
     templates : context templates (see :func:`generate_templates`); ``["{}"]`` for the bare prompt
 
     Returns

@@ -208,13 +208,13 @@ def second_moments(
     model, tokenizer
         A transformers causal LM and its tokenizer.
     spec_or_paths
-        A :class:`~rlsedit_llm.models.ModelSpec` (its ``edit_module_path``), a path template with
+        A :class:`~rlsedit_llm.adapters.spec.ModelSpec` (its ``edit_module_path``), a path template with
         ``{}`` for the layer (``"model.layers.{}.mlp.down_proj"``), or a dict layer -> path.
     layers : iterable of int
         Edited layers (at least one).
     corpus : str, path, datasets.Dataset or sequence of str
-        A source for :func:`~rlsedit_llm.corpus.load_corpus` (versioned by
-        :func:`~rlsedit_llm.corpus.corpus_fingerprint`), or the documents themselves (versioned
+        A source for :func:`~rlsedit_llm.pipeline.corpus.load_corpus` (versioned by
+        :func:`~rlsedit_llm.pipeline.corpus.corpus_fingerprint`), or the documents themselves (versioned
         by a SHA-256 over every text, so prefer a source for large corpora).
     n_tokens : int
         Tokens summed (exactly).

@@ -233,7 +233,7 @@ def compute_values(model, tokenizer, spec: ModelSpec, layer: int, facts, templat
 
     Parameters
     ----------
-    model, tokenizer : a supported causal LM (see :func:`rlsedit_llm.models.detect_spec`)
+    model, tokenizer : a supported causal LM (see :func:`rlsedit_llm.adapters.spec.detect_spec`)
     spec : its :class:`ModelSpec`
     layer : the layer whose output (residual stream) receives ``delta``
     facts : :class:`Fact` objects or records; validated first (:class:`FactError`)
