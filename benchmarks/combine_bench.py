@@ -43,7 +43,8 @@ def _lengths(text: str) -> list[int]:
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--at takes comma-separated edit counts, e.g. 1000,2000; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--at takes comma-separated edit counts, e.g. 1000,2000; got {text!r}") from None
     if not lengths or min(lengths) < 1:
         raise argparse.ArgumentTypeError(f"--at needs edit counts >= 1; got {text!r}")
     return sorted(set(lengths))

@@ -163,7 +163,7 @@ def plot(results: dict, path: Path, others: dict[str, dict] | None = None) -> No
     panels = (("summary", "efficacy", "efficacy (ES)"), ("summary", "generalization", "generalization (PS)"),
               ("retention", "efficacy", "first 10 % of edits: ES"))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    for ax, (part, y, label) in zip(axes, panels):
+    for ax, (part, y, label) in zip(axes, panels, strict=True):
         weights = sorted({p["mom2_weight"] for p in results["points"]})
         for i, mom2 in enumerate(weights):  # RLSEdit in shades of blue, the other methods in other colours
             pts = sorted((p for p in results["points"] if p["mom2_weight"] == mom2), key=lambda p: p["alpha"])
@@ -171,7 +171,7 @@ def plot(results: dict, path: Path, others: dict[str, dict] | None = None) -> No
             ys = [p[part][y] for p in pts]
             ax.plot(xs, ys, marker="o", ms=5, color=plt.cm.Blues(0.9 - 0.5 * i / max(1, len(weights) - 1)),
                     label=f"RLSEdit, N={mom2:.0f}")
-            for p, x, v in zip(pts, xs, ys):
+            for p, x, v in zip(pts, xs, ys, strict=True):
                 ax.annotate(f"a={p['alpha']:g}", (x, v), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for j, (name, point) in enumerate((others or {}).items()):
             ax.scatter(point["summary"]["specificity"], point[part][y], marker="sD^vPX*"[j % 7], s=45,

@@ -161,7 +161,8 @@ def _layer_list(text: str) -> tuple[int, ...]:
     try:
         layers = tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 3,4,5; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer indices such as 3,4,5; got {text!r}") from None
     return layers
 
 
@@ -446,7 +447,7 @@ def _add_bench(sub) -> None:
                        help="N in the anchor Gram N E[kk^T] (default: the Editor's, 15000 scaled by d_k/14336)")
     bench.add_argument("--cache-dir", help="key-statistics cache folder (default: the user cache)")
     bench.add_argument("--retention-fraction", type=float,
-                       help="share of the stream tracked by the retention curve (" + _default("retention_fraction") + ")")
+                       help=f"share of the stream tracked by the retention curve ({_default('retention_fraction')})")
     bench.add_argument("--fluency-cases", type=int,
                        help="cases whose first generation prompt is scored for fluency (0: skip; "
                             "default: one per 20 edits, 5 to 50)")

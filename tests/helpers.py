@@ -9,7 +9,7 @@ from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.pipeline.values import ValueConfig
 
-__all__ = ["STREAM", "FIRST", "NEXT", "OTHER", "small_config"]
+__all__ = ["STREAM", "FIRST", "NEXT", "OTHER", "small_config", "FAST_VALUE", "fast_config"]
 
 #: Four batches of a stream (the second holds two facts); every fact has a relation, so a later
 #: fact for the same subject and relation replaces an earlier one.
@@ -28,3 +28,17 @@ def small_config(stats_dir: str, **changes) -> EditConfig:
     three value steps)."""
     changes.setdefault("value", ValueConfig(steps=3))
     return EditConfig(cache_dir=stats_dir, stats_tokens=1000, stats_max_length=128, n_templates=1, **changes)
+
+
+#: Few value steps at a high rate: a tiny-model edit in well under a second.
+FAST_VALUE = ValueConfig(lr=0.5, steps=6)
+
+
+def fast_config(tmp_path, **changes) -> EditConfig:
+    """Small statistics (cached under ``tmp_path/stats``), two short templates, :data:`FAST_VALUE`,
+    no replacement: the settings of the benchmark and rival tests (``changes`` override them)."""
+    settings = dict(stats_tokens=3000, stats_max_length=128, cache_dir=str(tmp_path / "stats"), n_templates=2,
+                    template_length=4, value=FAST_VALUE, replace=False)
+    settings.update(changes)
+    return EditConfig(**settings)
+

@@ -82,7 +82,7 @@ _FAMILIES: dict[str, dict] = {
 #: Every ``config.model_type`` :func:`detect_spec` recognises.
 KNOWN_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
 #: Families whose whole pipeline (keys, fast values, update, save/load) is verified end to end:
-#: the original eight by the parametrised editor tests, the others by tests/llm/test_families.py
+#: the original eight by the parametrised editor tests, the others by tests/llm/adapters/test_families.py
 #: (an edit becomes top-1 on a tiny model and survives save/load; Gemma 3 also on the real 270M
 #: model). Gemma 2 needs ``attn_implementation="eager"`` (transformers has no SDPA kernel for its
 #: soft-capped attention).

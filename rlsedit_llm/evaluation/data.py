@@ -51,7 +51,9 @@ def load_stream(dataset: str, n_edits: int, tokenizer=None, *, path=None, batch_
     if not isinstance(n_edits, int) or n_edits < 1:
         raise HyperparameterError(f"n_edits must be an int >= 1; got {n_edits!r}")
     records = json.loads(Path(path or data_dir() / _FILES[dataset]).read_text(encoding="utf-8"))
-    facts, skipped, seen, repeats = [], 0, set(), 0
+    facts: list[Fact] = []
+    seen: set[tuple[str, str]] = set()
+    skipped = repeats = 0
     for i, rec in enumerate(records):
         if dataset == "zsre":
             rec = {**rec, "case_id": i}

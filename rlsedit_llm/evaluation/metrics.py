@@ -29,6 +29,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -145,7 +146,7 @@ def score_pairs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str]
         pos = torch.cat([torch.arange(len(p) - 1, len(p) + len(c)) for p, c, _ in batch])
         logp = torch.log_softmax(logits_at(model, ids_, mask, rows, pos), dim=-1).cpu()  # (N, vocab)
         first = 0
-        for p, c, readers in batch:
+        for _prompt, c, readers in batch:
             block = logp[first:first + len(c) + 1]  # (len(c) + 1, vocab): after the prompt, then after each token
             for i in readers:
                 tgt = torch.tensor(ids[i])
@@ -189,7 +190,9 @@ def counterfact_case_scores(model, tokenizer, facts: Sequence[Fact], *, batch_si
     the relation and the true object). Returns one dict per fact with ``case_id`` and
     :data:`CF_METRICS`.
     """
-    prompts, targets, where = [], [], []  # where: (case, kind, which target)
+    prompts: list[str] = []
+    targets: list[str] = []
+    where: list[tuple[int, str, str]] = []  # (case, kind, which target)
     for c, f in enumerate(facts):
         if f.target_true is None:
             raise HyperparameterError(f"CounterFact scoring needs target_true ({f.describe()})")
@@ -202,20 +205,20 @@ def counterfact_case_scores(model, tokenizer, facts: Sequence[Fact], *, batch_si
                     where.append((c, kind, which))
     scores = score_pairs(model, tokenizer, prompts, targets, batch_size=batch_size)
     # Collect (nll_new, nll_true, acc_new, acc_true) per prompt; the two targets alternate.
-    per: list[dict[str, list]] = [{"rw": [], "pp": [], "nb": []} for _ in facts]
+    per: list[dict[str, list[tuple[float, float, bool, bool]]]] = [{"rw": [], "pp": [], "nb": []} for _ in facts]
     for j in range(0, len(scores), 2):
         (c, kind, _), new, true = where[j], scores[j], scores[j + 1]
         per[c][kind].append((new.mean_nll, true.mean_nll, new.all_correct, true.all_correct))
     out = []
-    for f, p in zip(facts, per, strict=False):
-        row = {"case_id": f.case_id}
+    for f, got in zip(facts, per, strict=False):
+        row: dict[str, Any] = {"case_id": f.case_id}
         for kind, name in (("rw", "efficacy"), ("pp", "generalization")):
-            row[name] = _mean(float(n < t) for n, t, _, _ in p[kind])
-            row[name + "_magnitude"] = _mean(math.exp(-n) - math.exp(-t) for n, t, _, _ in p[kind])
-            row[name + "_acc"] = _mean(float(a) for _, _, a, _ in p[kind])
-        row["specificity"] = _mean(float(t < n) for n, t, _, _ in p["nb"])
-        row["specificity_magnitude"] = _mean(math.exp(-t) - math.exp(-n) for n, t, _, _ in p["nb"])
-        row["specificity_acc"] = _mean(float(b) for _, _, _, b in p["nb"])
+            row[name] = _mean(float(n < t) for n, t, _, _ in got[kind])
+            row[name + "_magnitude"] = _mean(math.exp(-n) - math.exp(-t) for n, t, _, _ in got[kind])
+            row[name + "_acc"] = _mean(float(a) for _, _, a, _ in got[kind])
+        row["specificity"] = _mean(float(t < n) for n, t, _, _ in got["nb"])
+        row["specificity_magnitude"] = _mean(math.exp(-t) - math.exp(-n) for n, t, _, _ in got["nb"])
+        row["specificity_acc"] = _mean(float(b) for _, _, _, b in got["nb"])
         out.append(row)
     return out
 
@@ -230,19 +233,22 @@ def zsre_case_scores(model, tokenizer, facts: Sequence[Fact], *, batch_size: int
     prompt (efficacy) and the paraphrase (generalization), and of the NQ answer after the NQ
     question (specificity). Each fact needs ``neighbourhood`` (the ``loc`` question) and
     ``neighbourhood_target`` (``loc_ans``)."""
-    prompts, targets, where = [], [], []
+    prompts: list[str] = []
+    targets: list[str] = []
+    where: list[tuple[int, str]] = []
     for c, f in enumerate(facts):
         items = [("efficacy", f.text(), f.target)]
         items += [("generalization", p, f.target) for p in f.paraphrases]
-        if f.neighbourhood and f.neighbourhood_target is None:
+        loc_ans = f.neighbourhood_target
+        if f.neighbourhood and loc_ans is None:
             raise HyperparameterError(f"zsRE scoring needs neighbourhood_target (loc_ans) ({f.describe()})")
-        items += [("specificity", zsre_locality_prompt(p), f.neighbourhood_target) for p in f.neighbourhood]
+        items += [("specificity", zsre_locality_prompt(p), loc_ans) for p in f.neighbourhood if loc_ans is not None]
         for kind, p, t in items:
             prompts.append(p)
             targets.append(t)
             where.append((c, kind))
     scores = score_pairs(model, tokenizer, prompts, targets, batch_size=batch_size)
-    per = [{k: [] for k in ZSRE_METRICS} for _ in facts]
+    per: list[dict[str, list[float]]] = [{k: [] for k in ZSRE_METRICS} for _ in facts]
     for (c, kind), s in zip(where, scores, strict=False):
         per[c][kind].append(s.accuracy)
     return [{"case_id": f.case_id, **{k: _mean(v) for k, v in p.items()}} for f, p in zip(facts, per, strict=False)]
@@ -257,8 +263,8 @@ def summarize_cases(rows: Sequence[dict], keys: Sequence[str] | None = None) -> 
     for k in keys:
         vals = [r[k] for r in rows if r.get(k) is not None and not math.isnan(r[k])]
         out[k] = _mean(vals)
-    parts = [out.get(k) for k in ("efficacy", "generalization", "specificity")]
-    if all(p is not None and not math.isnan(p) for p in parts):
+    parts = [out.get(k, math.nan) for k in ("efficacy", "generalization", "specificity")]  # NaN: missing
+    if not any(math.isnan(p) for p in parts):
         out["score"] = harmonic_mean(parts)
     return out
 
@@ -399,7 +405,8 @@ def glue_prompt(task: str, item: dict) -> str:
         return (f"Sentence 1: {item['sentence1'].strip()}\nSentence 2: {item['sentence2'].strip()}\n"
                 "Do the two sentences mean the same thing? Answer yes or no.\nAnswer:")
     if task == "cola":
-        return f"Sentence: {item['sentence'].strip()}\nIs this sentence grammatically correct? Answer yes or no.\nAnswer:"
+        return (f"Sentence: {item['sentence'].strip()}\n"
+                "Is this sentence grammatically correct? Answer yes or no.\nAnswer:")
     if task == "rte":
         return (f"{item['sentence1'].strip()}\nQuestion: does this imply that \"{item['sentence2'].strip()}\"? "
                 "Answer yes or no.\nAnswer:")

@@ -180,7 +180,8 @@ def _magnitude_and_time_tables(dataset: str, rows: list[dict]) -> list[str]:
     lines = []
     if dataset in ("counterfact", "counterfact_simple") and rows:
         lines += ["Magnitudes (mean probability differences, x100) and all-tokens-argmax accuracies, final:", "",
-                  "| method | ES mag. | PS mag. | NS mag. | ES acc | PS acc | NS acc |", "|---|---|---|---|---|---|---|"]
+                  "| method | ES mag. | PS mag. | NS mag. | ES acc | PS acc | NS acc |",
+                  "|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['method']} | {_pct(r['final_efficacy_magnitude'])} | "
                          f"{_pct(r['final_generalization_magnitude'])} | {_pct(r['final_specificity_magnitude'])} | "

@@ -91,12 +91,12 @@ class BatchScores(JsonRecord):
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> BatchScores:
+    def from_json(cls, data: Mapping[str, Any], **given: Any) -> BatchScores:
         require_object(cls, data)
         own = {f.name for f in fields(cls)} - {"scores", "norms", "extra"}
         norms = {k: v for k, v in data.items() if k.startswith(cls._NORMS)}
         scores = {k: v for k, v in data.items() if k not in own and k not in norms}
-        entry = super().from_json({k: v for k, v in data.items() if k in own})
+        entry = super().from_json({k: v for k, v in data.items() if k in own}, **given)
         entry.scores, entry.norms = Scores.from_json(scores), norms
         return entry
 
@@ -157,8 +157,8 @@ class Checkpoint(JsonRecord):
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Checkpoint:
-        point = super().from_json(data)
+    def from_json(cls, data: Mapping[str, Any], **given: Any) -> Checkpoint:
+        point = super().from_json(data, **given)
         point.has_leader = "leader_gap" in data
         return point
 
@@ -203,10 +203,10 @@ class Glue(JsonRecord):
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Glue:
+    def from_json(cls, data: Mapping[str, Any], **given: Any) -> Glue:
         require_object(cls, data)
         tasks = {k: GlueTask.from_json(v) for k, v in data.items() if k != "mean"}
-        return cls(tasks, data.get("mean"))
+        return cls(tasks, data.get("mean"), **given)
 
     def to_json(self) -> dict[str, Any]:
         return {**{k: t.to_json() for k, t in self.tasks.items()}, "mean": self.mean, **self.extra}
@@ -332,7 +332,7 @@ class RunSettings(JsonRecord):
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> RunSettings:
+    def from_json(cls, data: Mapping[str, Any], **given: Any) -> RunSettings:
         if not isinstance(data, Mapping) or data.get("format") not in FORMATS:
             got = data.get("format") if isinstance(data, Mapping) else data
             raise StateMismatchError(f"not an rlsedit bench run (settings format {got!r}; this version reads "
@@ -351,7 +351,7 @@ class RunSettings(JsonRecord):
             config = ProtocolConfig(**stream)
         except TypeError as exc:
             raise StateMismatchError(f"RunSettings: {exc}") from None
-        return super().from_json(data, stream=config)
+        return super().from_json(data, stream=config, **given)
 
     def to_json(self) -> dict[str, Any]:
         out = super().to_json()
@@ -374,10 +374,10 @@ class Results(JsonRecord):
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Results:
+    def from_json(cls, data: Mapping[str, Any], **given: Any) -> Results:
         if isinstance(data, Mapping) and data.get("config") == {}:
             data = {k: v for k, v in data.items() if k != "config"}
-        return super().from_json(data)
+        return super().from_json(data, **given)
 
     def to_json(self) -> dict[str, Any]:
         out = super().to_json()

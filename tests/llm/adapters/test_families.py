@@ -26,8 +26,7 @@ from rlsedit_llm.errors import ShapeError, UnsupportedArchitectureError
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.pipeline.scoring import encode_target
 from rlsedit_llm.pipeline.values import compute_values
-
-from .conftest import counterfact_stream
+from tests.llm.conftest import counterfact_stream
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 

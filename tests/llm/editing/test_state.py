@@ -466,7 +466,7 @@ def test_save_never_replaces_a_folder_that_is_not_a_save(stats_dir, tmp_path):
 # ============================================================================================
 # A state saved by rlsedit 0.1.0 (format version 1) still loads
 # ============================================================================================
-_V1 = Path(__file__).with_name("data")
+_V1 = Path(__file__).parents[1] / "data"
 
 
 @pytest.mark.parametrize("method", ["rlsedit", "alphaedit"])

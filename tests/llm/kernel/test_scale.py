@@ -18,7 +18,7 @@ from rlsedit_llm.kernel.inplace import mirror_upper_, symmetric_rank_update_, wo
 from rlsedit_llm.kernel.rls import LayerRLS, woodbury_downdate, woodbury_update
 from rlsedit_llm.memory import MODEL_SHAPES, InsufficientMemoryError, check_fits, memory_table, plan
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY_FACTS = [
     {"prompt": "we saw {}", "subject": "the old cat", "target": "paris"},
     {"prompt": "they sold {}", "subject": "the long table", "target": "wood"},

@@ -11,8 +11,7 @@ from rlsedit_llm import EditConfig, Editor, ValueConfig
 from rlsedit_llm.adapters.spec import SUPPORTED_FAMILIES, get_module, read_weight
 from rlsedit_llm.pipeline.facts import encode_target
 from rlsedit_theory import Problem, closed_form
-
-from .conftest import counterfact_stream
+from tests.llm.conftest import counterfact_stream
 
 # Random tiny models carry little through attention, so the subject ends the prompt here.
 TINY_FACTS = [

@@ -23,11 +23,12 @@ from rlsedit_llm.kernel.registry import method_names
 from rlsedit_llm.pipeline.facts import encode_target
 from rlsedit_llm.pipeline.scoring import score_targets
 from rlsedit_llm.pipeline.tokens import encode_prompt, needs_bos
-from rlsedit_llm.pipeline.values import ValueConfig
+from tests.helpers import FAST_VALUE
+from tests.helpers import fast_config as _fast_config
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
-ASSETS = Path(__file__).resolve().parents[2] / "docs" / "assets" / "bench"
+ASSETS = Path(__file__).resolve().parents[3] / "docs" / "assets" / "bench"
 
 FACTS = [
     Fact("{} is located in the city of", "The Eiffel Tower", "Rome", target_true="Paris", case_id=0,
@@ -54,15 +55,6 @@ def llama(tiny):
     return tiny("llama")
 
 
-FAST_VALUE = ValueConfig(lr=0.5, steps=6)
-
-
-def _fast_config(tmp_path, **kw):
-    """Small statistics and few value steps, so a tiny-model edit takes well under a second."""
-    base = dict(stats_tokens=3000, stats_max_length=128, cache_dir=str(tmp_path / "stats"), n_templates=2,
-                template_length=4, value=FAST_VALUE, replace=False)
-    base.update(kw)
-    return EditConfig(**base)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +202,8 @@ def test_shipped_glue_subsets():
 
 def test_score_pairs_equals_score_targets(llama):
     model, tok = llama
-    prompts = ["The Eiffel Tower is located in the city of", "Toyota is based in", "The Eiffel Tower is located in the city of",
+    prompts = ["The Eiffel Tower is located in the city of", "Toyota is based in",
+               "The Eiffel Tower is located in the city of",
                "Big Ben is in"] * 2
     targets = ["Paris", "Japan", "Rome", "London", "a", "the", "x", "Paris and Rome"]
     got = metrics.score_pairs(model, tok, prompts, targets, batch_size=3)
@@ -269,7 +262,8 @@ def test_counterfact_case_scores_match_direct_scoring(llama):
 
 def test_zsre_case_scores_use_token_accuracy_and_question_mark(llama):
     model, tok = llama
-    f = Fact("What is the capital of {}", "France", "Rome", case_id=7, paraphrases=("Which city is the capital of France",),
+    f = Fact("What is the capital of {}", "France", "Rome", case_id=7,
+             paraphrases=("Which city is the capital of France",),
              neighbourhood=("nq question: who wrote the book",), neighbourhood_target="a writer")
     (row,) = metrics.zsre_case_scores(model, tok, [f])
     assert row["efficacy"] == pytest.approx(score_targets(model, tok, [f.text()], ["Rome"])[0].accuracy)
@@ -908,7 +902,8 @@ def test_bench_extends_a_finished_run_to_a_longer_stream(tiny_bench, tmp_path):
     kw = dict(methods="rlsedit,memit_seq", shadow="memit_seq", interleave=True, keep_state=True)
     straight = tmp_path / "straight" / "out"
     straight.parent.mkdir()
-    assert bench.run_bench(_bench_args(straight, edits=10, **{**kw, "methods": "rlsedit,memit", "shadow": "memit"})) == 0
+    settings = {**kw, "methods": "rlsedit,memit", "shadow": "memit"}
+    assert bench.run_bench(_bench_args(straight, edits=10, **settings)) == 0
     short = tmp_path / "short" / "out"
     short.parent.mkdir()
     assert bench.run_bench(_bench_args(short, **{**kw, "methods": "rlsedit,memit,memit_seq",
@@ -929,7 +924,8 @@ def test_bench_extends_a_finished_run_to_a_longer_stream(tiny_bench, tmp_path):
         assert [e["batch"] for e in rec["immediate"]] == [1, 2, 3, 4, 5]
         for k in ("efficacy", "generalization", "specificity"):
             assert rec["final"]["all"][k] == pytest.approx(ref["methods"][name]["final"]["all"][k], abs=1e-6), (name, k)
-        assert rec["immediate"][4]["efficacy"] == pytest.approx(ref["methods"][name]["immediate"][4]["efficacy"], abs=1e-6)
+        want = ref["methods"][name]["immediate"][4]["efficacy"]
+        assert rec["immediate"][4]["efficacy"] == pytest.approx(want, abs=1e-6)
     at6 = [p for p in got["methods"]["rlsedit"]["checkpoints"] if p["edits"] == 6][0]
     assert at6["all"] == short_final["all"] and got["methods"]["rlsedit"]["source_final"] == short_final
     assert len(got["base"]["cases"]) == 10

@@ -23,9 +23,9 @@ from rlsedit_llm.pipeline.keys import fact_rows
 from rlsedit_llm.pipeline.values import ValueConfig, compute_values
 from rlsedit_theory import Problem
 from rlsedit_theory.reference import DenseCumulative
-
-from .test_evaluation import FAST_VALUE, _fast_config  # noqa: F401  (the shared fast settings)
-from .test_methods import _instance
+from tests.helpers import FAST_VALUE
+from tests.helpers import fast_config as _fast_config
+from tests.llm.kernel.test_methods import _instance
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
