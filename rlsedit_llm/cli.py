@@ -278,7 +278,7 @@ def _edit_stream(args, facts: list, request: _Request, state: Path | None) -> in
 
     model, tok = rlsedit_llm.load_model(args.model)
     saved = _saved_method(state) if state is not None else None
-    if saved is not None:
+    if state is not None and saved is not None:
         if saved == "layer":
             editor = rlsedit_llm.Editor.load(model, tok, state)
         else:

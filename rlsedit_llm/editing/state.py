@@ -465,7 +465,8 @@ def check_consistency(manifest: dict, solver_tensors: dict[str, torch.Tensor],
     """Cross-check a (version-2 layout) manifest against itself and the tensors; raise
     :class:`StateMismatchError` naming the first inconsistency.
 
-    The config against every solver's method and scalars (alpha, beta), the layers, edit ids
+    The config against every solver's method and scalars (alpha, beta and the method config's own
+    settings, e.g. AlphaEdit's threshold), the layers, edit ids
     (ints, unique, increasing, below ``next_id``), every solver's row count against the journal's
     rows, every journal entry's tensors (present, ``(rows, d_k)`` / ``(rows, d_v)``), every solver's
     W0 and W ``(d_k, d_v)``."""
@@ -525,6 +526,7 @@ def check_consistency(manifest: dict, solver_tensors: dict[str, torch.Tensor],
                 bad(f"edit {eid}, layer {l}: keys {tuple(K.shape)} and values {tuple(V.shape)} do not fit "
                     f"{len(facts)} fact(s) and ({d_k}, {d_v}) weights")
         rows += len(facts)
+    settings = config.resolved_method_config().to_dict()
     for key, meta in solvers.items():
         if meta.get("method") != config.method:
             bad(f"layer {key}: solver of method {meta.get('method')!r}, config says {config.method!r}")
@@ -532,6 +534,9 @@ def check_consistency(manifest: dict, solver_tensors: dict[str, torch.Tensor],
         for name in ("alpha", "beta"):
             if scalars.get(name) != getattr(config, name):
                 bad(f"layer {key}: solver {name} = {scalars.get(name)!r}, config {name} = {getattr(config, name)!r}")
+        for name, value in settings.items():  # the method's own settings the solver keeps
+            if name in scalars and scalars[name] != value:
+                bad(f"layer {key}: solver {name} = {scalars[name]!r}, the method config's {name} = {value!r}")
         if scalars.get("n_rows") != rows:
             bad(f"layer {key}: the solver holds {scalars.get('n_rows')!r} rows, the journal {rows}")
         for name in ("W0", "W"):

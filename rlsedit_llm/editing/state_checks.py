@@ -55,96 +55,136 @@ def validate_state(state: dict, model, *, spec=None) -> None:
     and finiteness, its scalars (the method's names; counts ints >= 0, the rest finite numbers
     >= 0); per journal entry its time, facts, and keys and values (float, ``(rows, d_k)`` and
     ``(rows, d_v)``, finite). ``spec``: the model's, if already detected."""
-    from rlsedit_llm.editing.config import EditConfig
-    from rlsedit_llm.errors import RLSEditError
-    from rlsedit_llm.kernel.registry import get_method, is_layer_method
-    from rlsedit_llm.pipeline.facts import Fact
-    from rlsedit_llm.pipeline.keys import template_parts
-
-    def bad(field: str, why: str) -> NoReturn:
-        raise StateMismatchError(f"the save is damaged or forged: {field} {why}")
-
     spec = spec if spec is not None else detect_spec(model)
     d_k, d_v = spec.d_k, spec.d_model
+    _check_keys(state)
+    config = _check_configs(state)
+    layers = _check_layers(state["layers"], spec.n_layers)
+    _check_templates(state["templates"])
+    if not _is_count(state["next_id"]):
+        _bad("next_id", f"must be an int in [0, 2**62]; got {state['next_id']!r}"[:300])
+    if not isinstance(state["base_fingerprint"], str):
+        _bad("base_fingerprint", "must be a string")
+    _check_solvers(state["solvers"], layers, config, (d_k, d_v))
+    journal = state["journal"]
+    if not isinstance(journal, list):
+        _bad("journal", "must be a list")
+    for entry in journal:
+        _check_journal_entry(entry, layers, (d_k, d_v))
+
+
+def _bad(field: str, why: str) -> NoReturn:
+    """Refuse the save: ``field`` is wrong for the reason ``why``."""
+    raise StateMismatchError(f"the save is damaged or forged: {field} {why}")
+
+
+def _check_keys(state) -> None:
+    """The state is a mapping with every top-level key."""
     if not isinstance(state, dict):
-        bad("the state", "is not a mapping")
+        _bad("the state", "is not a mapping")
     for key in ("config", "value_config", "layers", "templates", "next_id", "base_fingerprint", "solvers", "journal"):
         if key not in state:
-            bad(key, "is missing")
+            _bad(key, "is missing")
+
+
+def _check_configs(state: dict):
+    """The edit config (returned) and both value-optimisation configs are valid."""
+    from rlsedit_llm.editing.config import EditConfig
+    from rlsedit_llm.errors import RLSEditError
 
     try:
         config = EditConfig.from_dict(state["config"])
         config.validate()
     except (RLSEditError, TypeError, ValueError, KeyError, AttributeError) as exc:
-        bad("config", f"is invalid ({exc})")
+        _bad("config", f"is invalid ({exc})")
     if config.value is not None:
-        _check_value_config("config.value", config.value, bad)
-    _check_value_config("value_config", state["value_config"], bad)
+        _check_value_config("config.value", config.value, _bad)
+    _check_value_config("value_config", state["value_config"], _bad)
+    return config
 
-    layers = state["layers"]
-    if not (isinstance(layers, list) and layers and all(type(l) is int and 0 <= l < spec.n_layers for l in layers)
+
+def _check_layers(layers, n_layers: int) -> list[int]:
+    """The edited layers (returned): distinct indices of the model's layers."""
+    if not (isinstance(layers, list) and layers and all(type(l) is int and 0 <= l < n_layers for l in layers)
             and len(set(layers)) == len(layers)):
-        bad("layers", f"must be distinct layer indices in [0, {spec.n_layers}); got {layers!r}"[:300])
+        _bad("layers", f"must be distinct layer indices in [0, {n_layers}); got {layers!r}"[:300])
+    return layers
 
-    templates = state["templates"]
-    if templates is not None:
-        if not (isinstance(templates, list) and 1 <= len(templates) <= MAX_TEMPLATES):
-            bad("templates", f"must be a list of 1 to {MAX_TEMPLATES} strings (or null)")
-        for i, template in enumerate(templates):
-            if not isinstance(template, str) or len(template) > MAX_TEXT_CHARS:
-                bad(f"templates[{i}]", f"must be a string of at most {MAX_TEXT_CHARS} characters")
-            try:
-                template_parts(template)
-            except RLSEditError as exc:
-                bad(f"templates[{i}]", f"is unusable ({exc})")
 
-    if not _is_count(state["next_id"]):
-        bad("next_id", f"must be an int in [0, 2**62]; got {state['next_id']!r}"[:300])
-    if not isinstance(state["base_fingerprint"], str):
-        bad("base_fingerprint", "must be a string")
+def _check_templates(templates) -> None:
+    """The context templates: null, or a bounded list of bounded strings with one ``{}`` slot."""
+    from rlsedit_llm.errors import RLSEditError
+    from rlsedit_llm.pipeline.keys import template_parts
 
-    solvers = state["solvers"]
+    if templates is None:
+        return
+    if not (isinstance(templates, list) and 1 <= len(templates) <= MAX_TEMPLATES):
+        _bad("templates", f"must be a list of 1 to {MAX_TEMPLATES} strings (or null)")
+    for i, template in enumerate(templates):
+        if not isinstance(template, str) or len(template) > MAX_TEXT_CHARS:
+            _bad(f"templates[{i}]", f"must be a string of at most {MAX_TEXT_CHARS} characters")
+        try:
+            template_parts(template)
+        except RLSEditError as exc:
+            _bad(f"templates[{i}]", f"is unusable ({exc})")
+
+
+def _check_solvers(solvers, layers: list[int], config, shape: tuple[int, int]) -> None:
+    """The per-layer solvers: a mapping, empty unless the method keeps them, each one valid."""
+    from rlsedit_llm.kernel.registry import get_method, is_layer_method
+
     if not isinstance(solvers, dict):
-        bad("solvers", "must be a mapping layer -> solver")
+        _bad("solvers", "must be a mapping layer -> solver")
     if solvers and not is_layer_method(config.method):
-        bad("solvers", f"are saved for {config.method!r}, which keeps no per-layer solver")
+        _bad("solvers", f"are saved for {config.method!r}, which keeps no per-layer solver")
     for layer, solver in solvers.items():
-        _check_solver(f"solvers[{layer}]", layer, solver, layers, config, (d_k, d_v), bad, get_method)
+        _check_solver(f"solvers[{layer}]", layer, solver, layers, config, shape, _bad, get_method)
 
-    journal = state["journal"]
-    if not isinstance(journal, list):
-        bad("journal", "must be a list")
-    for entry in journal:
-        if not isinstance(entry, dict):
-            bad("journal", "entries must be mappings")
-        where = f"journal edit {entry.get('edit_id')!r}"
-        if not _is_count(entry.get("edit_id")):
-            bad(where, "has no valid id")
-        if not _is_real(entry.get("created")):
-            bad(f"{where}: created", "must be a finite number (seconds since the epoch)")
-        facts = entry.get("facts")
-        if not isinstance(facts, list) or not facts:
-            bad(f"{where}: facts", "must be a non-empty list")
-        for record in facts:
-            if not (isinstance(record, dict)
-                    and all(isinstance(record.get(k), str) for k in ("prompt", "subject", "target"))):
-                bad(f"{where}: facts", "must be records with string prompt, subject and target")
-            try:
-                Fact(**record)
-            except (RLSEditError, TypeError, ValueError) as exc:
-                bad(f"{where}: facts", f"hold a record this rlsedit cannot read ({exc})")
-        for part, width in (("keys", d_k), ("values", d_v)):
-            tensors = entry.get(part)
-            if not isinstance(tensors, dict) or sorted(tensors) != sorted(layers):
-                bad(f"{where}: {part}", f"must be given for the layers {layers}")
-            for layer, t in tensors.items():
-                field = f"{where}: {part} of layer {layer}"
-                if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
-                    bad(field, "must be a floating-point tensor")
-                if tuple(t.shape) != (len(facts), width):
-                    bad(field, f"has shape {tuple(t.shape)}, not ({len(facts)}, {width})")
-                if not torch.isfinite(t).all():
-                    bad(field, "holds NaN or infinity")
+
+def _check_journal_entry(entry, layers: list[int], shape: tuple[int, int]) -> None:
+    """One journal entry: a mapping with a valid id, creation time, facts, keys and values."""
+    if not isinstance(entry, dict):
+        _bad("journal", "entries must be mappings")
+    where = f"journal edit {entry.get('edit_id')!r}"
+    if not _is_count(entry.get("edit_id")):
+        _bad(where, "has no valid id")
+    if not _is_real(entry.get("created")):
+        _bad(f"{where}: created", "must be a finite number (seconds since the epoch)")
+    facts = _check_journal_facts(where, entry.get("facts"))
+    for part, width in (("keys", shape[0]), ("values", shape[1])):
+        _check_journal_tensors(f"{where}: {part}", entry.get(part), layers, (len(facts), width))
+
+
+def _check_journal_facts(where: str, facts) -> list:
+    """A journal entry's facts (returned): a non-empty list of records this rlsedit can read."""
+    from rlsedit_llm.errors import RLSEditError
+    from rlsedit_llm.pipeline.facts import Fact
+
+    if not isinstance(facts, list) or not facts:
+        _bad(f"{where}: facts", "must be a non-empty list")
+    for record in facts:
+        if not (isinstance(record, dict)
+                and all(isinstance(record.get(k), str) for k in ("prompt", "subject", "target"))):
+            _bad(f"{where}: facts", "must be records with string prompt, subject and target")
+        try:
+            Fact(**record)
+        except (RLSEditError, TypeError, ValueError) as exc:
+            _bad(f"{where}: facts", f"hold a record this rlsedit cannot read ({exc})")
+    return facts
+
+
+def _check_journal_tensors(where: str, tensors, layers: list[int], shape: tuple[int, int]) -> None:
+    """A journal entry's keys or values: per edited layer a finite float tensor of ``shape``."""
+    if not isinstance(tensors, dict) or sorted(tensors) != sorted(layers):
+        _bad(where, f"must be given for the layers {layers}")
+    for layer, t in tensors.items():
+        field = f"{where} of layer {layer}"
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
+            _bad(field, "must be a floating-point tensor")
+        if tuple(t.shape) != shape:
+            _bad(field, f"has shape {tuple(t.shape)}, not ({shape[0]}, {shape[1]})")
+        if not torch.isfinite(t).all():
+            _bad(field, "holds NaN or infinity")
 
 
 def _check_value_config(field: str, value_config, bad) -> None:

@@ -160,7 +160,8 @@ class BenchConfig:
     def resolved(self) -> BenchConfig:
         """This config with the size-dependent defaults filled in (see :func:`scaled_defaults`)."""
         scaled = scaled_defaults(int(self.edits))
-        return replace(self, **{k: v for k, v in scaled.items() if getattr(self, k) is None})
+        missing: dict[str, Any] = {k: v for k, v in scaled.items() if getattr(self, k) is None}
+        return replace(self, **missing)
 
     def run_order(self) -> tuple[str, ...]:
         """The methods in the order they write each batch: every shadow after its leader."""
@@ -179,10 +180,10 @@ class BenchConfig:
 
     def edit_config(self) -> EditConfig:
         """The hyperparameters shared by the layer-solver methods (validated)."""
+        tokens: dict[str, Any] = {} if self.stats_tokens is None else {"stats_tokens": int(self.stats_tokens)}
         config = EditConfig(layers=self.layers, alpha=float(self.alpha), beta=float(self.beta),
                             mom2_weight=self.mom2_weight, cache_dir=self.cache_dir, replace=False,
-                            anchor_value_norms=bool(self.anchor_value_norms),
-                            **({} if self.stats_tokens is None else {"stats_tokens": int(self.stats_tokens)}))
+                            anchor_value_norms=bool(self.anchor_value_norms), **tokens)
         config.validate()
         return config
 

@@ -44,7 +44,9 @@ def _label_styles(labels) -> dict[str, dict]:
     """Styles for run labels ``"method [qualifiers]"`` across runs: the method (first word) picks
     colour and marker, a second run of one method another marker, and a shadow (the method on
     another's values) a thin dotted line with hollow markers."""
-    names, runs_of, out = method_names(), {}, {}
+    names = method_names()
+    runs_of: dict[str, int] = {}
+    out: dict[str, dict] = {}
     for label in labels:
         method = label.split()[0]
         style = {**_style(method), "color": f"C{names.index(method) % 10 if method in names else 9}"}
@@ -152,7 +154,7 @@ def plot_deviation(results: Results, path: str | Path) -> Path:
     if not layers:
         layers = ["?"]
     fig, axes = plt.subplots(2, len(layers), figsize=(3.4 * len(layers), 6.2), squeeze=False)
-    colours = {}
+    colours: dict[str, Any] = {}
     for name, rec in _methods(results):
         pts = rec.checkpoints
         for j, layer in enumerate(layers):

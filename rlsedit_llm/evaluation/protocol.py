@@ -330,7 +330,7 @@ def immediate_summary(record: MethodRecord) -> Scores:
         pairs = [(row[k], e.scores.n) for row, e in zip(rows, entries, strict=False) if row.get(k) is not None]
         w = sum(n for _, n in pairs)
         out[k] = finite(sum(v * n for v, n in pairs) / w) if w else None
-    parts = [out.get(k) for k in ("efficacy", "generalization", "specificity")]
-    if all(p is not None for p in parts):
+    parts = [out[k] for k in ("efficacy", "generalization", "specificity") if out.get(k) is not None]
+    if len(parts) == 3:
         out["score"] = finite(metrics.harmonic_mean(parts))
     return Scores.from_json(out)

@@ -120,7 +120,7 @@ def write_report(results: Results, out: str | Path) -> None:
     rows = [_method_row(n, r) for n, r in methods.items()]
     if rows:
         _write_csv(out / "summary.csv", list(rows[0]), [list(r.values()) for r in rows])
-    curves = [[name, "immediate", e.batch, e.edits, *(e.scores.get(k) for k in _CURVE_KEYS)]
+    curves: list[list[Any]] = [[name, "immediate", e.batch, e.edits, *(e.scores.get(k) for k in _CURVE_KEYS)]
               for name, rec in methods.items() for e in rec.immediate]
     curves += [[name, "retention", p.batch, p.edits, *(p.retention.get(k) for k in _CURVE_KEYS)]
                for name, rec in methods.items() for p in rec.checkpoints]

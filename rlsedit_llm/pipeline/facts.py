@@ -126,63 +126,12 @@ def as_fact(obj) -> Fact:
     rec = obj
     where = f"record with case_id={rec.get('case_id')!r}" if "case_id" in rec else "record"
     try:
-        if "requested_rewrite" in rec:  # CounterFact (ROME schema)
-            rw = rec["requested_rewrite"]
-            return Fact(
-                prompt=rw["prompt"],
-                subject=rw["subject"],
-                target=_target_str(rw["target_new"], where),
-                target_true=_target_str(rw.get("target_true"), where),
-                case_id=rec.get("case_id"),
-                relation_id=rw.get("relation_id"),
-                paraphrases=_strings(rec.get("paraphrase_prompts")),
-                neighbourhood=_strings(rec.get("neighborhood_prompts")),
-                attribute_prompts=_strings(rec.get("attribute_prompts")),
-                generation_prompts=_strings(rec.get("generation_prompts")),
-            )
-        if "src" in rec and "alt" in rec:  # zsRE
-            answers = _strings(rec.get("answers"))
-            return Fact(
-                prompt=_template_from(rec["src"], rec["subject"], where),
-                subject=rec["subject"],
-                target=rec["alt"],
-                target_true=answers[0] if answers else None,
-                case_id=rec.get("case_id"),
-                paraphrases=_strings(rec.get("rephrase")),
-                neighbourhood=_strings(rec.get("loc")),
-                neighbourhood_target=rec.get("loc_ans"),
-            )
+        if "requested_rewrite" in rec:
+            return _counterfact_fact(rec, where)
+        if "src" in rec and "alt" in rec:
+            return _zsre_fact(rec, where)
         if "prompt" in rec and "subject" in rec:
-            target = rec.get("target", rec.get("target_new"))
-            if target is None:
-                raise FactError(f"{where}: no 'target' (or 'target_new') field; give the new object to write")
-            target = _target_str(target, where)
-            prompt = rec["prompt"]
-            if isinstance(prompt, str) and "{}" not in prompt:  # simplified CounterFact: filled prompt
-                prompt = _template_from(prompt, rec["subject"], where)
-            if "ground_truth" in rec or "rephrase_prompt" in rec or "locality_prompt" in rec:
-                return Fact(
-                    prompt=prompt,
-                    subject=rec["subject"],
-                    target=target,
-                    target_true=rec.get("ground_truth", rec.get("target_true")),
-                    case_id=rec.get("case_id"),
-                    relation_id=rec.get("relation_id"),
-                    paraphrases=_strings(rec.get("rephrase_prompt")),
-                    neighbourhood=_strings(rec.get("locality_prompt")),
-                    neighbourhood_target=rec.get("locality_ground_truth"),
-                )
-            return Fact(
-                prompt=prompt,
-                subject=rec["subject"],
-                target=target,
-                target_true=_target_str(rec.get("target_true"), where),
-                case_id=rec.get("case_id"),
-                relation_id=rec.get("relation_id"),
-                paraphrases=_strings(rec.get("paraphrases")),
-                neighbourhood=_strings(rec.get("neighbourhood", rec.get("neighborhood"))),
-                neighbourhood_target=rec.get("neighbourhood_target"),
-            )
+            return _prompt_fact(rec, where)
     except KeyError as exc:
         raise FactError(f"{where}: missing field {exc.args[0]!r}") from None
     except TypeError as exc:
@@ -190,6 +139,69 @@ def as_fact(obj) -> Fact:
     raise FactError(
         f"cannot read a fact from a record with keys {sorted(map(str, rec))}; expected prompt/subject/target, "
         f"a CounterFact record (requested_rewrite) or a zsRE record (src/subject/alt)"
+    )
+
+
+def _counterfact_fact(rec: Mapping, where: str) -> Fact:
+    """The fact of a CounterFact record (ROME schema: ``requested_rewrite``)."""
+    rw = rec["requested_rewrite"]
+    return Fact(
+        prompt=rw["prompt"],
+        subject=rw["subject"],
+        target=_target_str(rw["target_new"], where),
+        target_true=_target_str(rw.get("target_true"), where),
+        case_id=rec.get("case_id"),
+        relation_id=rw.get("relation_id"),
+        paraphrases=_strings(rec.get("paraphrase_prompts")),
+        neighbourhood=_strings(rec.get("neighborhood_prompts")),
+        attribute_prompts=_strings(rec.get("attribute_prompts")),
+        generation_prompts=_strings(rec.get("generation_prompts")),
+    )
+
+
+def _zsre_fact(rec: Mapping, where: str) -> Fact:
+    """The fact of a zsRE record (``src``, ``subject``, ``alt``, ...)."""
+    answers = _strings(rec.get("answers"))
+    return Fact(
+        prompt=_template_from(rec["src"], rec["subject"], where),
+        subject=rec["subject"],
+        target=rec["alt"],
+        target_true=answers[0] if answers else None,
+        case_id=rec.get("case_id"),
+        paraphrases=_strings(rec.get("rephrase")),
+        neighbourhood=_strings(rec.get("loc")),
+        neighbourhood_target=rec.get("loc_ans"),
+    )
+
+
+def _prompt_fact(rec: Mapping, where: str) -> Fact:
+    """The fact of a ``prompt``/``subject``/``target`` record: plain, or simplified CounterFact
+    (a filled prompt; ``ground_truth``, ``rephrase_prompt``, ``locality_prompt``)."""
+    target = rec.get("target", rec.get("target_new"))
+    if target is None:
+        raise FactError(f"{where}: no 'target' (or 'target_new') field; give the new object to write")
+    target = _target_str(target, where)
+    prompt = rec["prompt"]
+    if isinstance(prompt, str) and "{}" not in prompt:  # simplified CounterFact: filled prompt
+        prompt = _template_from(prompt, rec["subject"], where)
+    if "ground_truth" in rec or "rephrase_prompt" in rec or "locality_prompt" in rec:
+        target_true = rec.get("ground_truth", rec.get("target_true"))
+        paraphrases, neighbourhood = rec.get("rephrase_prompt"), rec.get("locality_prompt")
+        neighbourhood_target = rec.get("locality_ground_truth")
+    else:
+        target_true = _target_str(rec.get("target_true"), where)
+        paraphrases, neighbourhood = rec.get("paraphrases"), rec.get("neighbourhood", rec.get("neighborhood"))
+        neighbourhood_target = rec.get("neighbourhood_target")
+    return Fact(
+        prompt=prompt,
+        subject=rec["subject"],
+        target=target,
+        target_true=target_true,
+        case_id=rec.get("case_id"),
+        relation_id=rec.get("relation_id"),
+        paraphrases=_strings(paraphrases),
+        neighbourhood=_strings(neighbourhood),
+        neighbourhood_target=neighbourhood_target,
     )
 
 

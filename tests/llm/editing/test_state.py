@@ -196,6 +196,30 @@ def test_model_state_of_rlsedit_edit(stats_dir, tmp_path):
     _assert_same_state(editor_of(model), editor_of(fresh), exact=True, same_created=False)
 
 
+@pytest.mark.parametrize("method,setting,saved,forged", [("alphaedit", "threshold", 0.02, 0.05),
+                                                         ("encore", "norm_weight", 10.0, 20.0)])
+def test_a_method_setting_is_saved_and_checked_against_the_solvers(stats_dir, tmp_path, method, setting, saved,
+                                                                     forged):
+    """A method's own setting (AlphaEdit's threshold, ENCORE's norm weight) is saved with the
+    config and each solver; a save whose config and solvers disagree on it is refused."""
+    from rlsedit_llm.editing.methods import make_editor
+
+    model, tok = tiny_model("llama")
+    editor = make_editor(method, model, tok, _config(stats_dir, alpha=0.1), **{setting: saved})
+    editor.edit(FACTS[0])
+    editor.save(tmp_path / "s")
+    loaded = Editor.load(tiny_model("llama")[0], tok, tmp_path / "s")
+    assert getattr(loaded.config.method_config, setting) == saved
+    assert all(getattr(s, setting) == saved for s in loaded.solvers_.values())
+    manifest = json.loads((tmp_path / "s" / "editor.json").read_text())
+    manifest["config"]["method_config"][setting] = forged  # the solvers still say `saved`
+    manifest["digest"] = state_mod.manifest_digest(manifest)
+    (tmp_path / "s" / "editor.json").write_text(json.dumps(manifest))
+    fresh = tiny_model("llama")[0]
+    with pytest.raises(StateMismatchError, match=f"solver {setting} = {saved!r}, the method config's {setting}"):
+        Editor.load(fresh, tok, tmp_path / "s")
+
+
 # ---------------------------------------------------------------------------------------------
 # Edit packs
 # ---------------------------------------------------------------------------------------------
