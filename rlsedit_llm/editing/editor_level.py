@@ -11,8 +11,9 @@ layers, the config's fields and the counters). A subclass writes ``edit`` and it
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, NoReturn, TypeVar, overload
 
 import torch
 
@@ -23,9 +24,10 @@ from rlsedit_llm.files import atomic_write_text
 from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities
 
-__all__ = ["EditorLevelMethod", "resolve_layers"]
+__all__ = ["ConfigSetting", "EditorLevelMethod", "resolve_layers"]
 
 _E = TypeVar("_E", bound="EditorLevelMethod")
+_T = TypeVar("_T")
 
 
 def resolve_layers(spec: ModelSpec, layers: Any) -> tuple[int, ...]:
@@ -38,12 +40,42 @@ def resolve_layers(spec: ModelSpec, layers: Any) -> tuple[int, ...]:
     return layers
 
 
+class ConfigSetting(Generic[_T]):
+    """A read-only attribute of an editor: the field of the same name of its ``method_config``,
+    converted by ``kind`` (``None`` stays ``None``)."""
+
+    def __init__(self, kind: Callable[[Any], _T]) -> None:
+        self.kind, self.name = kind, ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> ConfigSetting[_T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = getattr(obj.method_config, self.name)
+        return value if value is None else self.kind(value)
+
+    def __set__(self, obj: object, value: Any) -> NoReturn:
+        raise AttributeError(f"{self.name} is a setting of the editor's method_config and cannot be set")
+
+
 class EditorLevelMethod:
     """Shared plumbing of an editor-level method (see the module docstring).
 
     Subclasses set ``name``, ``capabilities``, ``config_cls`` (their :class:`MethodConfig`),
     ``state_file`` (the JSON file of a save), and implement ``edit``, ``_save_tensors`` and
     ``_load_tensors``; ``_save_meta`` / ``_load_meta`` add fields of their own.
+
+    A subclass takes ``model, tokenizer`` (the causal LM to edit in place, and its tokenizer),
+    ``layers`` (tuple of int or None: the edited layers; None: the family's default block, the
+    same layers as :class:`~rlsedit_llm.Editor`), then the fields of its config as keywords.
 
     Attributes: ``method_config`` (the config), ``spec_``, ``layers_``, ``W0_`` (layer -> (d_k, d_v)
     pre-edit weights, CPU), ``n_edits_``, ``n_batches_``.

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from rlsedit_llm.adapters.spec import write_weight
-from rlsedit_llm.editing.editor_level import EditorLevelMethod
+from rlsedit_llm.editing.editor_level import ConfigSetting, EditorLevelMethod
 from rlsedit_llm.editing.reports import EditReport, FactReport
 from rlsedit_llm.errors import NonFiniteError, StateMismatchError
 from rlsedit_llm.files import atomic_path
-from rlsedit_llm.kernel.method_config import MethodConfig, check_count, check_number
+from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities
 from rlsedit_llm.pipeline.facts import checked_facts, encode_target
 from rlsedit_llm.pipeline.scoring import score_targets
@@ -65,27 +65,16 @@ class FTConfig(MethodConfig):
     method = "ft"
     lr: float = 5e-4
     steps: int = 10
-
-    def validate(self) -> None:
-        check_number("FTConfig", "lr", self.lr, positive=True)
-        check_count("FTConfig", "steps", self.steps)
+    checks = {"lr": "positive", "steps": "count"}
 
 
 class FineTuneEditor(EditorLevelMethod):
     """Sequential fine-tuning of the edited layers' MLP output weights.
 
-    Parameters
-    ----------
-    model, tokenizer : the causal LM to edit in place, and its tokenizer
-    layers : tuple of int or None
-        Layers whose MLP output projection is trained (None: the family's default edited block,
-        the same layers as :class:`~rlsedit_llm.Editor`).
-    lr, steps : the fields of :class:`FTConfig`
-
-    Attributes
-    ----------
-    method_config (:class:`FTConfig`), spec_, layers_, W0_ (layer -> (d_k, d_v) pre-edit weights,
-    CPU), n_edits_, n_batches_, losses_ (per batch: loss before and after its steps).
+    Takes ``model``, ``tokenizer`` and ``layers`` (whose MLP output projections are trained) as
+    :class:`~rlsedit_llm.editing.editor_level.EditorLevelMethod` describes, then ``lr`` and
+    ``steps``, the fields of :class:`FTConfig`. Attributes: the base class's, and ``losses_`` (per
+    batch: loss before and after its steps).
     """
 
     name = "ft"
@@ -93,18 +82,12 @@ class FineTuneEditor(EditorLevelMethod):
     config_cls = FTConfig
     state_file = "finetune.json"
     method_config: FTConfig
+    lr = ConfigSetting(float)
+    steps = ConfigSetting(int)
 
     def __init__(self, model, tokenizer, *, layers=None, lr: float = FTConfig.lr, steps: int = FTConfig.steps) -> None:
         super().__init__(model, tokenizer, layers, FTConfig.build(lr=lr, steps=steps))
         self.losses_: list[tuple[float, float]] = []
-
-    @property
-    def lr(self) -> float:
-        return float(self.method_config.lr)
-
-    @property
-    def steps(self) -> int:
-        return self.method_config.steps
 
     def edit(self, facts) -> EditReport:
         """Fine-tune on one batch; return an :class:`~rlsedit_llm.EditReport` (its ``extras``

@@ -460,6 +460,10 @@ _REQUIRED = ("config", "value_config", "spec", "layers", "templates", "next_id",
              "edited_fingerprint", "solvers", "journal", "files")
 
 
+def _damaged(msg: str) -> NoReturn:
+    raise StateMismatchError(msg + "; the save is damaged or was edited by hand")
+
+
 def check_consistency(manifest: dict, solver_tensors: dict[str, torch.Tensor],
                       journal_tensors: dict[str, torch.Tensor]) -> None:
     """Cross-check a (version-2 layout) manifest against itself and the tensors; raise
@@ -473,9 +477,7 @@ def check_consistency(manifest: dict, solver_tensors: dict[str, torch.Tensor],
     from rlsedit_llm.editing.config import EditConfig
     from rlsedit_llm.errors import RLSEditError
 
-    def bad(msg: str) -> NoReturn:
-        raise StateMismatchError(msg + "; the save is damaged or was edited by hand")
-
+    bad = _damaged
     try:
         config = EditConfig.from_dict(manifest["config"])
         config.validate()
@@ -492,18 +494,11 @@ def check_consistency(manifest: dict, solver_tensors: dict[str, torch.Tensor],
     templates = manifest["templates"]
     if templates is not None and not (isinstance(templates, list) and all(isinstance(t, str) for t in templates)):
         bad("templates must be a list of strings")
-    spec = manifest["spec"]
-    d_k, d_v = spec["d_k"], spec["d_model"]
+    shape = (manifest["spec"]["d_k"], manifest["spec"]["d_model"])
     journal = manifest["journal"]
     if not isinstance(journal, list):
         bad("the journal must be a list")
-    ids = [e["edit_id"] for e in journal]
-    if not all(type(i) is int for i in ids):
-        bad(f"edit ids must be ints; got {ids}")
-    if ids != sorted(set(ids)):
-        bad(f"edit ids must be unique and increasing; got {ids}")
-    if ids and not (0 <= ids[0] and ids[-1] < next_id):
-        bad(f"edit ids {ids} must lie in [0, next_id = {next_id})")
+    _check_edit_ids([e["edit_id"] for e in journal], next_id)
     solvers = manifest["solvers"]
     if not isinstance(solvers, dict):
         bad("solvers must be a mapping layer -> solver")
@@ -511,6 +506,25 @@ def check_consistency(manifest: dict, solver_tensors: dict[str, torch.Tensor],
         bad(f"solvers saved for layers {sorted(int(k) for k in solvers)}, expected {layers}")
     if not solvers and journal:
         bad("the journal holds edits but no solver state was saved")
+    rows = _check_journal(journal, journal_tensors, layers, shape)
+    for key, meta in solvers.items():
+        _check_saved_solver(key, meta, solver_tensors, config, rows, shape)
+
+
+def _check_edit_ids(ids: list, next_id: int) -> None:
+    """Edit ids: ints, unique, increasing, in ``[0, next_id)``."""
+    if not all(type(i) is int for i in ids):
+        _damaged(f"edit ids must be ints; got {ids}")
+    if ids != sorted(set(ids)):
+        _damaged(f"edit ids must be unique and increasing; got {ids}")
+    if ids and not (0 <= ids[0] and ids[-1] < next_id):
+        _damaged(f"edit ids {ids} must lie in [0, next_id = {next_id})")
+
+
+def _check_journal(journal: list, journal_tensors: dict[str, torch.Tensor], layers: list[int],
+                   shape: tuple[int, int]) -> int:
+    """Every journal entry's facts and tensors; returns the journal's total number of rows."""
+    bad, (d_k, d_v) = _damaged, shape
     rows = 0
     for entry in journal:
         eid, facts = entry["edit_id"], entry["facts"]
@@ -526,21 +540,25 @@ def check_consistency(manifest: dict, solver_tensors: dict[str, torch.Tensor],
                 bad(f"edit {eid}, layer {l}: keys {tuple(K.shape)} and values {tuple(V.shape)} do not fit "
                     f"{len(facts)} fact(s) and ({d_k}, {d_v}) weights")
         rows += len(facts)
-    settings = config.resolved_method_config().to_dict()
-    for key, meta in solvers.items():
-        if meta.get("method") != config.method:
-            bad(f"layer {key}: solver of method {meta.get('method')!r}, config says {config.method!r}")
-        scalars = meta["scalars"]
-        for name in ("alpha", "beta"):
-            if scalars.get(name) != getattr(config, name):
-                bad(f"layer {key}: solver {name} = {scalars.get(name)!r}, config {name} = {getattr(config, name)!r}")
-        for name, value in settings.items():  # the method's own settings the solver keeps
-            if name in scalars and scalars[name] != value:
-                bad(f"layer {key}: solver {name} = {scalars[name]!r}, the method config's {name} = {value!r}")
-        if scalars.get("n_rows") != rows:
-            bad(f"layer {key}: the solver holds {scalars.get('n_rows')!r} rows, the journal {rows}")
-        for name in ("W0", "W"):
-            t = solver_tensors.get(f"layer{key}.{name}")
-            if t is None or tuple(t.shape) != (d_k, d_v):
-                bad(f"layer {key}: {name} missing or not ({d_k}, {d_v})")
+    return rows
 
+
+def _check_saved_solver(key: str, meta: dict, solver_tensors: dict[str, torch.Tensor], config, rows: int,
+                        shape: tuple[int, int]) -> None:
+    """One solver's method and scalars against the config and the journal, and its W0 and W."""
+    bad = _damaged
+    if meta.get("method") != config.method:
+        bad(f"layer {key}: solver of method {meta.get('method')!r}, config says {config.method!r}")
+    scalars = meta["scalars"]
+    for name in ("alpha", "beta"):
+        if scalars.get(name) != getattr(config, name):
+            bad(f"layer {key}: solver {name} = {scalars.get(name)!r}, config {name} = {getattr(config, name)!r}")
+    for name, value in config.resolved_method_config().to_dict().items():  # the method's own settings
+        if name in scalars and scalars[name] != value:
+            bad(f"layer {key}: solver {name} = {scalars[name]!r}, the method config's {name} = {value!r}")
+    if scalars.get("n_rows") != rows:
+        bad(f"layer {key}: the solver holds {scalars.get('n_rows')!r} rows, the journal {rows}")
+    for name in ("W0", "W"):
+        t = solver_tensors.get(f"layer{key}.{name}")
+        if t is None or tuple(t.shape) != shape:
+            bad(f"layer {key}: {name} missing or not {shape}")

@@ -44,11 +44,11 @@ import torch
 
 from rlsedit_llm.adapters.hooks import requires_grad_set
 from rlsedit_llm.adapters.spec import read_weight, write_weight
-from rlsedit_llm.editing.editor_level import EditorLevelMethod
+from rlsedit_llm.editing.editor_level import ConfigSetting, EditorLevelMethod
 from rlsedit_llm.editing.reports import EditReport, FactReport
 from rlsedit_llm.errors import NonFiniteError, StateMismatchError
 from rlsedit_llm.files import atomic_path
-from rlsedit_llm.kernel.method_config import MethodConfig, check_count, check_number
+from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities
 from rlsedit_llm.pipeline.facts import checked_facts, encode_target
 from rlsedit_llm.pipeline.scoring import score_targets
@@ -157,29 +157,17 @@ class UltraEditConfig(MethodConfig):
     lr: float | None = None
     ridge: float = float(method_preset("ultraedit", "ridge"))
     batch_size: int = 16
-
-    def validate(self) -> None:
-        check_number("UltraEditConfig", "lr", self.lr, positive=True, optional=True)
-        check_number("UltraEditConfig", "ridge", self.ridge, positive=True)
-        check_count("UltraEditConfig", "batch_size", self.batch_size)
+    checks = {"lr": "positive or None", "ridge": "positive", "batch_size": "count"}
 
 
 class UltraEditor(EditorLevelMethod):
     """UltraEdit on the edited layers' MLP output projections (see the module docstring).
 
-    Parameters
-    ----------
-    model, tokenizer : the causal LM to edit in place, and its tokenizer
-    layers : tuple of int or None
-        Edited layers (None: the family's default block, the same layers as
-        :class:`~rlsedit_llm.Editor`).
-    lr, ridge, batch_size : the fields of :class:`UltraEditConfig`
-
-    Attributes
-    ----------
-    method_config (:class:`UltraEditConfig`), spec_, layers_, lr_ (the resolved lr), W0_ (layer ->
-    (d_k, d_v) pre-edit weights, CPU), moments_ (layer -> :class:`RunningMoments` of ``[k, g]``),
-    n_edits_, n_batches_, n_rows_.
+    Takes ``model``, ``tokenizer`` and ``layers`` as
+    :class:`~rlsedit_llm.editing.editor_level.EditorLevelMethod` describes, then ``lr``, ``ridge``
+    and ``batch_size``, the fields of :class:`UltraEditConfig`. Attributes: the base class's, and
+    ``lr_`` (the resolved lr), ``moments_`` (layer -> :class:`RunningMoments` of ``[k, g]``) and
+    ``n_rows_``.
     """
 
     name = "ultraedit"
@@ -187,6 +175,9 @@ class UltraEditor(EditorLevelMethod):
     config_cls = UltraEditConfig
     state_file = "ultraedit.json"
     method_config: UltraEditConfig
+    lr = ConfigSetting[float | None](float)
+    ridge = ConfigSetting(float)
+    batch_size = ConfigSetting(int)
 
     def __init__(self, model, tokenizer, *, layers=None, lr: float | None = UltraEditConfig.lr,
                  ridge: float = UltraEditConfig.ridge, batch_size: int = UltraEditConfig.batch_size) -> None:
@@ -197,18 +188,6 @@ class UltraEditor(EditorLevelMethod):
             d_k, d_v = self.W0_[l].shape
             self.moments_[l] = RunningMoments(d_k + d_v, device=self._module(l).weight.device)
         self.n_rows_ = 0
-
-    @property
-    def lr(self) -> float | None:
-        return None if self.method_config.lr is None else float(self.method_config.lr)
-
-    @property
-    def ridge(self) -> float:
-        return float(self.method_config.ridge)
-
-    @property
-    def batch_size(self) -> int:
-        return self.method_config.batch_size
 
     # -- features ----------------------------------------------------------------------------
     def features(self, facts) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:

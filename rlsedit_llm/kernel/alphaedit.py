@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from rlsedit_llm.errors import HyperparameterError, ShapeError
-from rlsedit_llm.kernel.method_config import MethodConfig, check_number
+from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, Step, check_weights
 from rlsedit_llm.presets import method_preset
 
@@ -31,12 +31,9 @@ class AlphaEditConfig(MethodConfig):
     """
 
     method = "alphaedit"
+    checks = {"threshold": "number", "ridge": "positive"}
     threshold: float = float(method_preset("alphaedit", "threshold"))
     ridge: float = float(method_preset("alphaedit", "ridge"))
-
-    def validate(self) -> None:
-        check_number("AlphaEditConfig", "threshold", self.threshold)
-        check_number("AlphaEditConfig", "ridge", self.ridge, positive=True)
 
 
 class NullSpaceLayer(LayerSolver):

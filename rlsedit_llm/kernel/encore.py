@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from rlsedit_llm.kernel.memit_seq import DenseCumulativeLayer
-from rlsedit_llm.kernel.method_config import MethodConfig, check_number
+from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, check_weights
 from rlsedit_llm.kernel.rls import anchor_metric
 from rlsedit_llm.presets import method_preset
@@ -44,10 +44,8 @@ class EncoreConfig(MethodConfig):
     """
 
     method = "encore"
+    checks = {"norm_weight": "number"}
     norm_weight: float = ENCORE_NORM_WEIGHT
-
-    def validate(self) -> None:
-        check_number("EncoreConfig", "norm_weight", self.norm_weight)
 
 
 class EncoreLayer(DenseCumulativeLayer):

@@ -18,14 +18,6 @@ from rlsedit_llm.kernel.rls import _cholesky, anchor_metric, woodbury_update
 __all__ = ["PerBatchLayer", "MemitConfig"]
 
 
-@dataclass(frozen=True)
-class MemitConfig(MethodConfig):
-    """memit's settings: none of its own (``alpha``, ``beta`` and the anchor are
-    :class:`~rlsedit_llm.EditConfig`'s)."""
-
-    method = "memit"
-
-
 class PerBatchLayer(LayerSolver):
     """Per-batch MEMIT write; ``C_ = A^{-1}`` is computed once and never updated."""
 
@@ -45,3 +37,10 @@ class PerBatchLayer(LayerSolver):
         K, V = self._check(K, V)
         _, W = woodbury_update(self.C_, self.W_, K, V)  # the updated C is dropped: no memory
         return Step(W, {}, K.shape[0])
+
+
+@dataclass(frozen=True)
+class MemitConfig(MethodConfig):
+    """memit's settings: none of its own (``alpha``, ``beta``, the anchor: :class:`~rlsedit_llm.EditConfig`)."""
+
+    method = "memit"

@@ -20,14 +20,6 @@ from rlsedit_llm.kernel.rls import anchor_metric
 __all__ = ["DenseCumulativeLayer", "MemitSeqConfig"]
 
 
-@dataclass(frozen=True)
-class MemitSeqConfig(MethodConfig):
-    """memit_seq's settings: none of its own (``alpha``, ``beta`` and the anchor are
-    :class:`~rlsedit_llm.EditConfig`'s)."""
-
-    method = "memit_seq"
-
-
 class DenseCumulativeLayer(LayerSolver):
     """MEMIT-seq: ``G_`` is the information matrix, solved by Cholesky every batch."""
 
@@ -53,3 +45,10 @@ class DenseCumulativeLayer(LayerSolver):
             raise NotPositiveDefiniteError("G_t is not positive definite: use alpha > 0 or more statistics tokens")
         delta = torch.cholesky_solve(K.mT @ (V - K @ self.W_), L)  # (d_k, d_v)
         return Step(self.W_ + delta, {"G_": G}, K.shape[0])
+
+
+@dataclass(frozen=True)
+class MemitSeqConfig(MethodConfig):
+    """memit_seq's settings: none of its own (``alpha``, ``beta``, the anchor: :class:`~rlsedit_llm.EditConfig`)."""
+
+    method = "memit_seq"

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -21,6 +22,13 @@ from rlsedit_llm.errors import HyperparameterError
 __all__ = ["MethodConfig", "check_number", "check_count", "parse_value"]
 
 _C = TypeVar("_C", bound="MethodConfig")
+
+#: The number checks a field can declare in :attr:`MethodConfig.checks` (``"count"`` is the other).
+_NUMBER_CHECKS: dict[str, dict[str, bool]] = {
+    "number": {},  # a finite number >= 0
+    "positive": {"positive": True},  # a finite number > 0
+    "positive or None": {"positive": True, "optional": True},
+}
 
 
 def check_number(owner: str, name: str, value: Any, *, positive: bool = False, optional: bool = False) -> None:
@@ -45,15 +53,25 @@ def check_count(owner: str, name: str, value: Any) -> None:
 class MethodConfig:
     """Base of a method's frozen config dataclass (no fields of its own).
 
-    A subclass lists its hyperparameters as fields with their published defaults and checks
-    them in :meth:`validate`; the helpers below read the fields, so nothing else is needed.
+    A subclass lists its hyperparameters as fields with their published defaults and declares
+    their :attr:`checks` (or overrides :meth:`validate`); the helpers below read the fields, so
+    nothing else is needed.
     """
 
     #: The registered method this config belongs to (set by each subclass).
     method: ClassVar[str] = ""
+    #: Field -> its check, run in this order by :meth:`validate`: ``"number"`` (a finite number
+    #: >= 0), ``"positive"`` (> 0), ``"positive or None"`` or ``"count"`` (an int >= 1).
+    checks: ClassVar[Mapping[str, str]] = {}
 
     def validate(self) -> None:
-        """Raise :class:`HyperparameterError` naming the first bad field (none here)."""
+        """Raise :class:`HyperparameterError` naming the first field that fails its :attr:`checks`."""
+        owner = type(self).__name__
+        for name, check in self.checks.items():
+            if check == "count":
+                check_count(owner, name, getattr(self, name))
+            else:
+                check_number(owner, name, getattr(self, name), **_NUMBER_CHECKS[check])
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -83,40 +83,7 @@ def accumulate(
     all ranks together.
     """
     rank, world = shard
-    sums: dict[int, MomentSum] = {}
-    for layer, module in modules.items():
-        d_k, device = input_width(module, layer), module_device(module)
-        if start is not None and layer in start:
-            s = start[layer]
-            if s.d_k != d_k:
-                raise ShapeError(f"start sum of layer {layer} has width {s.d_k}, the module takes {d_k}")
-            sums[layer] = MomentSum(s.total.to(device=device, dtype=dtype).clone(), s.count)
-        else:
-            sums[layer] = MomentSum.zeros(d_k, device=device, dtype=dtype)
-
-    masks: dict[torch.device, torch.Tensor] = {}  # device -> (B, T) bool of the current batch
-    seen: set[int] = set()  # layers summed in the current forward pass
-
-    def add_keys(layer: int, x: torch.Tensor) -> None:  # x (B, T, d_k), or (B * T, d_k) for OPT
-        if layer in seen:
-            raise UnsupportedArchitectureError(
-                f"the edited module of layer {layer} is called more than once per forward pass"
-            )
-        acc = sums[layer]
-        shape = masks[torch.device("cpu")].shape  # (B, T)
-        if x.dim() == 2 and x.shape[0] == shape[0] * shape[1]:
-            x = x.view(shape[0], shape[1], x.shape[-1])
-        if x.dim() != 3 or tuple(x.shape[:2]) != tuple(shape):
-            raise UnsupportedArchitectureError(
-                f"the edited module of layer {layer} received an input of shape {tuple(x.shape)}; expected "
-                f"(batch, seq, d_k) = ({shape[0]}, {shape[1]}, d_k) or flattened (batch * seq, d_k)")
-        if x.device not in masks:
-            masks[x.device] = masks[torch.device("cpu")].to(x.device)
-        a = x[masks[x.device]].to(device=acc.total.device, dtype=dtype)  # (n, d_k), real tokens only
-        acc.total.addmm_(a.mT, a)  # += aᵀa
-        acc.count += a.shape[0]
-        seen.add(layer)
-
+    keys = _KeySums(_start_sums(modules, start, dtype), dtype)
     # Segments of the global stream end at checkpoints; batches never straddle one, so a resumed
     # run adds exactly the same batches in the same order as an uninterrupted one.
     bounds = [skip_sequences] + [c for c in plan.checkpoints if c > skip_sequences] + [len(plan.seqs)]
@@ -128,41 +95,110 @@ def accumulate(
         disable=not progress or rank != 0,
     )
     device = input_device(model)
-    bos = plan.bos if needs_bos(model) else None
-    if needs_bos(model) and bos is None:
-        raise UnsupportedArchitectureError("this model family needs a BOS token in front of every sequence, "
-                                           "but the tokenizer has no bos_token_id")
+    bos = _bos_token(model, plan)
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with on_inputs(modules, add_keys, stop=True), torch.no_grad():
+        with on_inputs(modules, keys.add, stop=True), torch.no_grad():
             for seg_start, seg_stop in itertools.pairwise(bounds):
                 mine = [i for i in range(seg_start, seg_stop) if i % world == rank]
                 for b in range(0, len(mine), batch_size):
                     poll_interrupts()  # a safe point: Ctrl-C stops the pass between batches
-                    ids, mask = right_pad([plan.seqs[i] for i in mine[b : b + batch_size]], plan.pad)  # (B, T)
-                    summed = mask.bool()
-                    if bos is not None:  # BOS in front; its position is attended to but not summed
-                        ids = torch.cat([torch.full_like(ids[:, :1], bos), ids], dim=1)
-                        mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-                        summed = torch.cat([torch.zeros_like(summed[:, :1]), summed], dim=1)
-                    masks.clear()
-                    masks[torch.device("cpu")] = summed
-                    seen.clear()
+                    ids, mask, summed = _batch(plan, mine[b : b + batch_size], bos)
+                    keys.start_batch(summed)
                     run_until_stopped(
                         model, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
                     )
-                    if len(seen) != len(modules):
-                        missing = sorted(set(modules) - seen)
-                        raise UnsupportedArchitectureError(
-                            f"the edited modules of layers {missing} were not called in the forward pass"
-                        )
+                    keys.check_all_called(modules)
                     bar.update(int(summed.sum()))
                 if on_checkpoint is not None and seg_stop < len(plan.seqs):
-                    on_checkpoint(seg_stop, sums)
+                    on_checkpoint(seg_stop, keys.sums)
     finally:
         for m, training in modes:
             m.training = training
-        masks.clear()
+        keys.masks.clear()
         bar.close()
+    return keys.sums
+
+
+def _start_sums(
+    modules: dict[int, nn.Module], start: Mapping[int, MomentSum] | None, dtype: torch.dtype
+) -> dict[int, MomentSum]:
+    """Per layer the sum to add to: a copy of ``start``'s on the module's device, else zeros."""
+    sums: dict[int, MomentSum] = {}
+    for layer, module in modules.items():
+        d_k, device = input_width(module, layer), module_device(module)
+        if start is not None and layer in start:
+            s = start[layer]
+            if s.d_k != d_k:
+                raise ShapeError(f"start sum of layer {layer} has width {s.d_k}, the module takes {d_k}")
+            sums[layer] = MomentSum(s.total.to(device=device, dtype=dtype).clone(), s.count)
+        else:
+            sums[layer] = MomentSum.zeros(d_k, device=device, dtype=dtype)
     return sums
+
+
+def _bos_token(model: nn.Module, plan: Plan) -> int | None:
+    """The token put in front of every sequence (``None``: the family needs none)."""
+    bos = plan.bos if needs_bos(model) else None
+    if needs_bos(model) and bos is None:
+        raise UnsupportedArchitectureError("this model family needs a BOS token in front of every sequence, "
+                                           "but the tokenizer has no bos_token_id")
+    return bos
+
+
+def _batch(plan: Plan, rows: list[int], bos: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sequences ``rows`` of ``plan`` right-padded: ``(ids, attention mask, summed)``, each
+    ``(B, T)``; with ``bos`` that token leads every row, attended to but not summed."""
+    ids, mask = right_pad([plan.seqs[i] for i in rows], plan.pad)  # (B, T)
+    summed = mask.bool()
+    if bos is not None:
+        ids = torch.cat([torch.full_like(ids[:, :1], bos), ids], dim=1)
+        mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        summed = torch.cat([torch.zeros_like(summed[:, :1]), summed], dim=1)
+    return ids, mask, summed
+
+
+class _KeySums:
+    """The pre-hook's side of the pass: adds each edited module's input rows at the summed tokens
+    of the current batch to its layer's running sum, once per forward pass."""
+
+    def __init__(self, sums: dict[int, MomentSum], dtype: torch.dtype) -> None:
+        self.sums, self.dtype = sums, dtype
+        self.masks: dict[torch.device, torch.Tensor] = {}  # device -> (B, T) bool of the current batch
+        self.seen: set[int] = set()  # layers summed in the current forward pass
+
+    def start_batch(self, summed: torch.Tensor) -> None:
+        """Sum the tokens where ``summed`` (B, T) is true in the next forward pass."""
+        self.masks.clear()
+        self.masks[torch.device("cpu")] = summed
+        self.seen.clear()
+
+    def add(self, layer: int, x: torch.Tensor) -> None:  # x (B, T, d_k), or (B * T, d_k) for OPT
+        """Add ``aᵀa`` of the summed rows ``a`` of ``x`` to the sum of ``layer``."""
+        if layer in self.seen:
+            raise UnsupportedArchitectureError(
+                f"the edited module of layer {layer} is called more than once per forward pass"
+            )
+        acc = self.sums[layer]
+        shape = self.masks[torch.device("cpu")].shape  # (B, T)
+        if x.dim() == 2 and x.shape[0] == shape[0] * shape[1]:
+            x = x.view(shape[0], shape[1], x.shape[-1])
+        if x.dim() != 3 or tuple(x.shape[:2]) != tuple(shape):
+            raise UnsupportedArchitectureError(
+                f"the edited module of layer {layer} received an input of shape {tuple(x.shape)}; expected "
+                f"(batch, seq, d_k) = ({shape[0]}, {shape[1]}, d_k) or flattened (batch * seq, d_k)")
+        if x.device not in self.masks:
+            self.masks[x.device] = self.masks[torch.device("cpu")].to(x.device)
+        a = x[self.masks[x.device]].to(device=acc.total.device, dtype=self.dtype)  # (n, d_k), real tokens only
+        acc.total.addmm_(a.mT, a)  # += aᵀa
+        acc.count += a.shape[0]
+        self.seen.add(layer)
+
+    def check_all_called(self, modules: Mapping[int, nn.Module]) -> None:
+        """Refuse a forward pass that did not reach every edited module."""
+        if len(self.seen) != len(modules):
+            missing = sorted(set(modules) - self.seen)
+            raise UnsupportedArchitectureError(
+                f"the edited modules of layers {missing} were not called in the forward pass"
+            )

@@ -32,7 +32,9 @@ While computing, the float64 partial sums are checkpointed every ``checkpoint_ev
 tokens (default 20 %) with the number of sequences consumed, when at least
 ``checkpoint_min_seconds`` (default 60 s) of the pass have run since the last write; a rerun
 with ``resume=True`` continues from the last checkpoint and gives the same result as one
-uninterrupted pass.
+uninterrupted pass. The time threshold matters at 8B widths, where one write is several GB of
+float64 sums and costs more than a short pass; skipping a write changes nothing but what a resume
+can reuse (batches never straddle a checkpoint position, written or not).
 
 Distributed
 -----------
@@ -183,25 +185,14 @@ def _module_paths(spec_or_paths, layers: list[int]) -> dict[int, str]:
 
 
 def second_moments(
-    model: nn.Module,
-    tokenizer,
-    spec_or_paths,
-    layers: Iterable[int],
-    *,
-    corpus="enwiki_sample",
-    n_tokens: int = 100_000,
-    max_length: int = 512,
-    dtype: torch.dtype = torch.float32,
-    cache_dir: str | os.PathLike | None = None,
-    resume: bool = True,
-    progress: bool = True,
-    distributed: bool | None = None,
-    batch_size: int = 8,
-    overflow: str = "split",
-    checkpoint_every: float = 0.2,
-    checkpoint_min_seconds: float = 60.0,
+    model: nn.Module, tokenizer, spec_or_paths, layers: Iterable[int], *, corpus="enwiki_sample",
+    n_tokens: int = 100_000, max_length: int = 512, dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike | None = None, resume: bool = True, progress: bool = True,
+    distributed: bool | None = None, batch_size: int = 8, overflow: str = "split",
+    checkpoint_every: float = 0.2, checkpoint_min_seconds: float = 60.0,
 ) -> dict[int, torch.Tensor]:
-    """The uncentred second moment ``E[k kᵀ]`` of each edited layer's keys, cached on disk.
+    """The uncentred second moment ``E[k kᵀ]`` of each edited layer's keys, cached on disk (the
+    module docstring describes the cache, its checkpoints and distributed runs).
 
     Parameters
     ----------
@@ -216,33 +207,23 @@ def second_moments(
         A source for :func:`~rlsedit_llm.pipeline.corpus.load_corpus` (versioned by
         :func:`~rlsedit_llm.pipeline.corpus.corpus_fingerprint`), or the documents themselves (versioned
         by a SHA-256 over every text, so prefer a source for large corpora).
-    n_tokens : int
-        Tokens summed (exactly).
-    max_length : int
-        Sequence length; longer documents are split (``overflow="split"``) or truncated.
+    n_tokens, max_length, batch_size : int
+        Tokens summed (exactly); the sequence length (longer documents are handled per ``overflow``);
+        sequences per forward pass (changes rounding only, not the key).
     dtype : torch.float32 (default) or torch.float64
         Dtype of the stored and returned mean; sums are always float64.
-    cache_dir : path or None
-        Folder of the cache files (default :func:`default_stats_dir`).
-    resume : bool
-        Continue from a checkpoint of an interrupted run with the same key.
-    progress : bool
-        Show a tqdm bar (rank 0 only).
+    cache_dir, resume, progress
+        Folder of the cache files (default :func:`default_stats_dir`); continue from a checkpoint of
+        an interrupted run with the same key; show a tqdm bar (rank 0 only).
     distributed : bool or None
         ``None``: shard across ranks when ``torch.distributed`` is initialised. ``True``: shard,
         initialising the process group from the launcher's environment if needed (NCCL for a
         CUDA model, else gloo). ``False``: every process computes everything.
-    batch_size : int
-        Sequences per forward pass (changes rounding only, not the key).
     overflow : "split" or "truncate"
         Handling of documents longer than ``max_length`` (part of the key).
-    checkpoint_every : float in (0, 1)
-        Fraction of the tokens between checkpoints of the partial sums.
-    checkpoint_min_seconds : float
-        A checkpoint is written only when the pass has run at least this long since the last one
-        (or its start): at 8B widths one write is several GB of float64 sums and costs more than
-        a short pass. Skipping a write changes nothing but what a resume can reuse (batches never
-        straddle a checkpoint position, written or not).
+    checkpoint_every, checkpoint_min_seconds : float
+        Fraction of the tokens, in (0, 1), between checkpoints of the partial sums; the least
+        time in seconds since the last write (or the start) for a checkpoint to be written.
 
     Returns
     -------
@@ -258,6 +239,38 @@ def second_moments(
     UnsupportedArchitectureError
         A module path that does not exist, or a module that is not Linear/Conv1D.
     """
+    layers = _check_settings(layers, dtype=dtype, checkpoint_min_seconds=checkpoint_min_seconds, n_tokens=n_tokens,
+                             max_length=max_length, batch_size=batch_size, overflow=overflow)
+    paths = _module_paths(spec_or_paths, layers)
+    modules = check_modules({layer: get_module(model, path) for layer, path in paths.items()})
+    widths = {layer: input_width(m, layer) for layer, m in modules.items()}
+    rank, world, coll_device = dist_setup(distributed, model)
+    root = Path(cache_dir) if cache_dir is not None else default_stats_dir()
+    common, keys, folder = _cache_keys(model, tokenizer, corpus, paths, root, n_tokens=n_tokens,
+                                       max_length=max_length, overflow=overflow, dtype=dtype)
+    means = _cached_means(folder, keys, widths, paths, dtype=dtype, n_tokens=n_tokens, world=world,
+                          coll_device=coll_device)
+    missing = [layer for layer in layers if layer not in means]
+    if missing:
+        logger.info("key statistics cache miss: layers %s; computing over %d tokens of %s", missing, n_tokens,
+                    os.fspath(corpus) if isinstance(corpus, (str, os.PathLike)) else "<in-memory corpus>")
+        sums = _compute_missing(
+            model, tokenizer, {layer: modules[layer] for layer in missing}, corpus,
+            keys={layer: keys[layer] for layer in missing}, paths=paths, common=common, folder=folder,
+            n_tokens=n_tokens, max_length=max_length, overflow=overflow, batch_size=batch_size, resume=resume,
+            progress=progress, checkpoint_every=checkpoint_every, checkpoint_min_seconds=checkpoint_min_seconds,
+            rank=rank, world=world, coll_device=coll_device,
+        )
+        for layer in missing:
+            means[layer] = sums[layer].mean().to(dtype)
+    return {layer: means[layer].to(module_device(modules[layer])) for layer in layers}
+
+
+def _check_settings(
+    layers: Iterable[int], *, dtype, checkpoint_min_seconds, n_tokens, max_length, batch_size, overflow,
+) -> list[int]:
+    """The edited layers, sorted and distinct; :class:`HyperparameterError` for none or a bad
+    setting of :func:`second_moments`."""
     layers = sorted({int(layer) for layer in layers})
     if not layers:
         raise HyperparameterError("no layers given: pass at least one edited layer")
@@ -270,20 +283,19 @@ def second_moments(
     _check_positive_int("batch_size", batch_size)
     if overflow not in OVERFLOW:
         raise HyperparameterError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
-    paths = _module_paths(spec_or_paths, layers)
-    modules = check_modules({layer: get_module(model, path) for layer, path in paths.items()})
-    widths = {layer: input_width(m, layer) for layer, m in modules.items()}
-    rank, world, coll_device = dist_setup(distributed, model)
-    root = Path(cache_dir) if cache_dir is not None else default_stats_dir()
+    return layers
 
-    # ---- cache keys -------------------------------------------------------------------------
+
+def _cache_keys(model, tokenizer, corpus, paths: dict[int, str], root: Path, *, n_tokens, max_length, overflow,
+                dtype) -> tuple[dict, dict[int, str], Path]:
+    """The key fields shared by every layer (format, model, tokenizer, corpus and stream), each
+    layer's cache key (a SHA-256 of those fields, the layer and its module path) and the model's
+    cache folder under ``root``."""
     t0 = time.perf_counter()
     if isinstance(corpus, (str, os.PathLike)):
         corpus_fp = corpus_fingerprint(corpus)
-        corpus_name = os.fspath(corpus)
     else:
         corpus_fp = texts_fingerprint(corpus)
-        corpus_name = "<in-memory corpus>"
     model_fp = model_fingerprint(model)
     common = {
         "format": FORMAT,
@@ -298,16 +310,24 @@ def second_moments(
         **({"bos": True} if needs_bos(model) else {}),
     }
     keys = {}
-    for layer in layers:
-        fields = json.dumps(dict(common, layer=layer, module=paths[layer]), sort_keys=True)
+    for layer, path in paths.items():
+        fields = json.dumps(dict(common, layer=layer, module=path), sort_keys=True)
         keys[layer] = hashlib.sha256(fields.encode()).hexdigest()
     folder = root / model_fp.split(":")[1][:16]
     logger.debug("stats keys computed in %.2f s", time.perf_counter() - t0)
+    return common, keys, folder
 
-    # ---- cache lookup (in distributed runs a layer counts as cached only if every rank has it)
+
+def _cached_means(
+    folder: Path, keys: dict[int, str], widths: dict[int, int], paths: dict[int, str], *, dtype, n_tokens, world,
+    coll_device,
+) -> dict[int, torch.Tensor]:
+    """The layers' means found in the cache with the right shape, dtype, count and values (a
+    wrong entry is logged and ignored); in distributed runs a layer counts as cached only if
+    every rank has it."""
     means: dict[int, torch.Tensor] = {}
-    for layer in layers:
-        entry = read_entry(folder / keys[layer], keys[layer])
+    for layer, key in keys.items():
+        entry = read_entry(folder / key, key)
         if entry is None:
             continue
         tensors, meta = entry
@@ -321,29 +341,14 @@ def second_moments(
         ):
             means[layer] = mean
         else:
-            logger.warning("ignoring cache entry %s: wrong shape, dtype, count or values", folder / keys[layer])
+            logger.warning("ignoring cache entry %s: wrong shape, dtype, count or values", folder / key)
     if world > 1:
-        hits = all_have([layer in means for layer in layers], coll_device)
-        means = {layer: means[layer] for layer, hit in zip(layers, hits, strict=True) if hit}
-    missing = [layer for layer in layers if layer not in means]
-    for layer in layers:
+        hits = all_have([layer in means for layer in keys], coll_device)
+        means = {layer: means[layer] for layer, hit in zip(keys, hits, strict=True) if hit}
+    for layer in keys:
         if layer in means:
             logger.info("key statistics cache hit: layer %d (%s, %s)", layer, paths[layer], folder / keys[layer])
-    if missing:
-        logger.info(
-            "key statistics cache miss: layers %s; computing over %d tokens of %s", missing, n_tokens, corpus_name
-        )
-        sums = _compute_missing(
-            model, tokenizer, {layer: modules[layer] for layer in missing}, corpus,
-            keys={layer: keys[layer] for layer in missing}, paths=paths, common=common, folder=folder,
-            n_tokens=n_tokens, max_length=max_length, overflow=overflow, batch_size=batch_size,
-            resume=resume, progress=progress, checkpoint_every=checkpoint_every,
-            checkpoint_min_seconds=checkpoint_min_seconds,
-            rank=rank, world=world, coll_device=coll_device,
-        )
-        for layer in missing:
-            means[layer] = sums[layer].mean().to(dtype)
-    return {layer: means[layer].to(module_device(modules[layer])) for layer in layers}
+    return means
 
 
 def _compute_missing(
@@ -360,37 +365,69 @@ def _compute_missing(
     run_key = hashlib.sha256(json.dumps(sorted(keys.items())).encode()).hexdigest()
     ckpt_stem = folder / f"{run_key}-partial"
     prefix = {layer: f"layer{layer}." for layer in modules}
-
-    # ---- resume from a checkpoint (read by rank 0; its position is broadcast) -----------------
-    start: dict[int, MomentSum] | None = None
-    position = 0
-    if resume and rank == 0:
-        entry = read_entry(ckpt_stem, run_key)
-        if entry is not None:
-            tensors, meta = entry
-            try:
-                pos = int(meta["position"])
-                loaded = {l: MomentSum.from_tensors(tensors, prefix[l]) for l in modules}
-                expected = plan.tokens_before(pos)
-                if not (0 < pos < len(plan.seqs) and all(s.count == expected for s in loaded.values())):
-                    raise ValueError("its position and token counts do not match this run's token stream")
-                for l, s in loaded.items():
-                    if s.total.dtype != torch.float64 or s.d_k != input_width(modules[l], l):
-                        raise ValueError(f"layer {l}: wrong dtype or width")
-                start, position = loaded, pos
-                logger.info(
-                    "resuming key statistics from checkpoint %s at sequence %d/%d", ckpt_stem, pos, len(plan.seqs)
-                )
-            except (KeyError, ValueError, ShapeError, HyperparameterError) as exc:
-                logger.warning("ignoring checkpoint %s: %s", ckpt_stem, exc)
+    # Resume from a checkpoint: read by rank 0, its position broadcast.
+    start, position = _read_checkpoint(ckpt_stem, run_key, plan, modules, prefix) if resume and rank == 0 else (None, 0)
     if world > 1:
         position = broadcast_int(position, coll_device)
+    on_checkpoint = _checkpoint_writer(
+        ckpt_stem, run_key, plan, prefix, min_seconds=checkpoint_min_seconds, rank=rank, world=world,
+        coll_device=coll_device,
+    )
+    sums = accumulate(
+        model, modules, plan, batch_size=batch_size, dtype=torch.float64, progress=progress,
+        start=start, skip_sequences=position, shard=(rank, world), on_checkpoint=on_checkpoint,
+    )
+    if world > 1:
+        sums = all_reduce_sums(sums, coll_device)
+    for layer, s in sums.items():
+        if s.count != n_tokens:  # a bug guard: the plan holds exactly n_tokens tokens
+            raise RuntimeError(f"layer {layer}: summed {s.count} tokens, expected {n_tokens}")
+    elapsed = time.perf_counter() - started
+    if rank == 0:
+        _write_means(sums, keys=keys, paths=paths, common=common, folder=folder, elapsed=elapsed)
+        for suffix in (".safetensors", ".json"):
+            try:
+                ckpt_stem.with_suffix(suffix).unlink()
+            except FileNotFoundError:
+                pass
+        logger.info(
+            "key statistics: %d tokens, layers %s in %.1f s (%.0f tokens/s); cached in %s",
+            n_tokens, sorted(sums), elapsed, n_tokens / max(elapsed, 1e-9), folder,
+        )
+    return sums
 
+
+def _read_checkpoint(ckpt_stem: Path, run_key: str, plan, modules, prefix) -> tuple[dict[int, MomentSum] | None, int]:
+    """The partial sums and sequence position of a checkpoint of this run, or ``(None, 0)`` if
+    there is none or it does not fit this run's token stream (logged)."""
+    entry = read_entry(ckpt_stem, run_key)
+    if entry is None:
+        return None, 0
+    tensors, meta = entry
+    try:
+        pos = int(meta["position"])
+        loaded = {l: MomentSum.from_tensors(tensors, prefix[l]) for l in modules}
+        expected = plan.tokens_before(pos)
+        if not (0 < pos < len(plan.seqs) and all(s.count == expected for s in loaded.values())):
+            raise ValueError("its position and token counts do not match this run's token stream")
+        for l, s in loaded.items():
+            if s.total.dtype != torch.float64 or s.d_k != input_width(modules[l], l):
+                raise ValueError(f"layer {l}: wrong dtype or width")
+    except (KeyError, ValueError, ShapeError, HyperparameterError) as exc:
+        logger.warning("ignoring checkpoint %s: %s", ckpt_stem, exc)
+        return None, 0
+    logger.info("resuming key statistics from checkpoint %s at sequence %d/%d", ckpt_stem, pos, len(plan.seqs))
+    return loaded, pos
+
+
+def _checkpoint_writer(ckpt_stem: Path, run_key: str, plan, prefix, *, min_seconds, rank, world, coll_device):
+    """The ``on_checkpoint(position, sums)`` of a pass: when ``min_seconds`` have run since the
+    last write (rank 0's clock), reduce the sums over ranks and let rank 0 write them."""
     last_write = [time.perf_counter()]
 
     def on_checkpoint(pos: int, sums: dict[int, MomentSum]) -> None:
         # Every rank takes the same decision (rank 0's clock) before the collective.
-        due = time.perf_counter() - last_write[0] >= checkpoint_min_seconds
+        due = time.perf_counter() - last_write[0] >= min_seconds
         if world > 1:
             due = bool(broadcast_int(int(due), coll_device))
         if not due:
@@ -406,31 +443,15 @@ def _compute_missing(
         last_write[0] = time.perf_counter()  # the interval excludes the write itself
         logger.info("key statistics checkpoint at sequence %d/%d (%s)", pos, len(plan.seqs), ckpt_stem)
 
-    sums = accumulate(
-        model, modules, plan, batch_size=batch_size, dtype=torch.float64, progress=progress,
-        start=start, skip_sequences=position, shard=(rank, world), on_checkpoint=on_checkpoint,
-    )
-    if world > 1:
-        sums = all_reduce_sums(sums, coll_device)
+    return on_checkpoint
+
+
+def _write_means(sums: dict[int, MomentSum], *, keys, paths, common, folder: Path, elapsed: float) -> None:
+    """Cache each layer's mean (in the stored dtype) with its key fields and provenance."""
     for layer, s in sums.items():
-        if s.count != n_tokens:  # a bug guard: the plan holds exactly n_tokens tokens
-            raise RuntimeError(f"layer {layer}: summed {s.count} tokens, expected {n_tokens}")
-    elapsed = time.perf_counter() - started
-    if rank == 0:
-        for layer, s in sums.items():
-            mean = s.mean().to(getattr(torch, common["dtype"]))
-            meta = dict(
-                common, key=keys[layer], layer=layer, module=paths[layer], count=s.count,
-                seconds=round(elapsed, 3), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            )
-            write_entry(folder / keys[layer], {"mean": mean.detach().cpu().contiguous()}, meta)
-        for suffix in (".safetensors", ".json"):
-            try:
-                ckpt_stem.with_suffix(suffix).unlink()
-            except FileNotFoundError:
-                pass
-        logger.info(
-            "key statistics: %d tokens, layers %s in %.1f s (%.0f tokens/s); cached in %s",
-            n_tokens, sorted(sums), elapsed, n_tokens / max(elapsed, 1e-9), folder,
+        mean = s.mean().to(getattr(torch, common["dtype"]))
+        meta = dict(
+            common, key=keys[layer], layer=layer, module=paths[layer], count=s.count,
+            seconds=round(elapsed, 3), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
-    return sums
+        write_entry(folder / keys[layer], {"mean": mean.detach().cpu().contiguous()}, meta)
