@@ -126,7 +126,7 @@ fi
 
 if wanted bench || wanted long || wanted zsre; then
   if [ "$DRY" = 1 ]; then  # the bench loads a model by name or folder: save a tiny random one
-    "$PY" -c "import sys; from rlsedit_llm.adapters.architectures import tiny_model; m, t = tiny_model('llama'); \
+    "$PY" -c "import sys; from rlsedit_llm.adapters.tiny import tiny_model; m, t = tiny_model('llama'); \
 m.save_pretrained(sys.argv[1]); t.save_pretrained(sys.argv[1])" "$RESULTS/tiny_model" >/dev/null 2>&1
   fi
 fi

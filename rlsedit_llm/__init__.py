@@ -4,6 +4,8 @@
     report = rlsedit_llm.edit(model, facts, tokenizer=tok)   # later calls continue the stream
 """
 
+from __future__ import annotations
+
 from rlsedit_llm.adapters.loading import load_model
 from rlsedit_llm.adapters.spec import ModelSpec, detect_spec
 from rlsedit_llm.editing.config import EditConfig

@@ -1,5 +1,7 @@
 """Typed errors of the LLM layer. All subclass :class:`rlsedit_theory.errors.RLSEditError`."""
 
+from __future__ import annotations
+
 from rlsedit_theory.errors import (  # noqa: F401  (re-exported)
     HyperparameterError,
     NonFiniteError,

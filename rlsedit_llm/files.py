@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path of ``path`` to write; on a clean exit it becomes ``path``.
 
     The caller writes the whole file at the yielded path (it does not exist yet); then it is

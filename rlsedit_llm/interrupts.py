@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 __all__ = ["deferred_interrupts", "poll_interrupts"]
@@ -59,7 +60,7 @@ def _current_handlers() -> dict:
 
 
 @contextmanager
-def deferred_interrupts():
+def deferred_interrupts() -> Iterator[None]:
     """Run the block with ``SIGINT``/``SIGTERM`` recorded, then deliver them (see the module
     docstring)."""
     if threading.current_thread() is not threading.main_thread():

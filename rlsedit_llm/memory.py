@@ -40,6 +40,7 @@ keeps are exact (a test compares them with ``nbytes``); the temporaries are the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -189,8 +190,8 @@ class MemoryPlan:
         return self.table()
 
 
-def plan(d_model: int, d_k: int, n_edit_layers: int = 5, state_dtype="float64", *, batch: int = 100,
-         model_bytes: int = 0, track_information: bool = False, inplace: bool = True,
+def plan(d_model: int, d_k: int, n_edit_layers: int = 5, state_dtype: torch.dtype | str = "float64", *,
+         batch: int = 100, model_bytes: int = 0, track_information: bool = False, inplace: bool = True,
          replacing: bool = False) -> MemoryPlan:
     """The :class:`MemoryPlan` of an editor of ``n_edit_layers`` MLP down-projections of shape
     ``(d_k, d_model)`` with a ``state_dtype`` state, edits of ``batch`` facts, and a model whose
@@ -227,7 +228,7 @@ def plan(d_model: int, d_k: int, n_edit_layers: int = 5, state_dtype="float64", 
                       edit_temporaries=edit_tmp, build_temporaries=build_tmp)
 
 
-def free_memory(device) -> int:
+def free_memory(device: torch.device | str) -> int:
     """Free bytes on ``device``: ``torch.cuda.mem_get_info`` for CUDA, else the host's available
     RAM (psutil, or ``MemAvailable`` in /proc/meminfo)."""
     device = torch.device(device)
@@ -246,8 +247,8 @@ def free_memory(device) -> int:
     raise RuntimeError("cannot read the free memory of this host")  # pragma: no cover
 
 
-def check_fits(plan: MemoryPlan, device="cpu", *, include_model: bool = False, reserve: float = 0.05,
-               free_bytes: int | None = None) -> int:
+def check_fits(plan: MemoryPlan, device: torch.device | str = "cpu", *, include_model: bool = False,
+               reserve: float = 0.05, free_bytes: int | None = None) -> int:
     """Raise :class:`InsufficientMemoryError` when ``plan``'s peak cannot fit on ``device``.
 
     ``include_model=False`` (default) assumes the model is already loaded (its weights are not in
@@ -275,7 +276,7 @@ def check_fits(plan: MemoryPlan, device="cpu", *, include_model: bool = False, r
 
 
 def memory_table(shapes: dict[str, dict] | None = None, *, n_edit_layers: int = 5, batch: int = 100,
-                 gpus_gb=GPU_SIZES_GB, inplace: bool = True) -> str:
+                 gpus_gb: Sequence[float] = GPU_SIZES_GB, inplace: bool = True) -> str:
     """Markdown table: per model shape and state dtype, the state, master weights, statistics,
     peak of an edit, and which GPU sizes hold the model (bf16) plus the editor's peak."""
     shapes = MODEL_SHAPES if shapes is None else shapes

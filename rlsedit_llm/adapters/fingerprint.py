@@ -8,9 +8,13 @@ import hashlib
 import itertools
 import json
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["model_fingerprint", "tokenizer_fingerprint"]
 
@@ -95,7 +99,7 @@ def model_fingerprint(model: nn.Module) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """SHA-256 of the tokenizer's full definition (fast tokenizers) or vocabulary (slow ones)."""
     h = hashlib.sha256(type(tokenizer).__name__.encode() + b"\0")
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -14,7 +14,9 @@ in the forward pass never leaves a hook behind on the user's model.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +38,7 @@ class StopForward(Exception):
     """Raised from a hook once everything needed has been read: the rest of the pass is skipped."""
 
 
-def run_until_stopped(forward, /, *args, **kwargs):
+def run_until_stopped(forward: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     """``forward(*args, **kwargs)``; ``None`` instead of its output when a hook raised :class:`StopForward`."""
     try:
         return forward(*args, **kwargs)
@@ -44,7 +46,7 @@ def run_until_stopped(forward, /, *args, **kwargs):
         return None
 
 
-def first_tensor(value) -> torch.Tensor:
+def first_tensor(value: object) -> torch.Tensor:
     """A decoder layer returns a tensor (transformers >= 5) or a tuple whose first item is one."""
     if isinstance(value, torch.Tensor):
         return value
@@ -95,7 +97,7 @@ def _hooked(modules: dict, fn, *, inputs: bool, stop: bool):
 
 
 @contextmanager
-def on_inputs(modules: dict, fn, *, stop: bool = False):
+def on_inputs(modules: dict, fn: Callable[[Any, torch.Tensor], object], *, stop: bool = False) -> Iterator[None]:
     """Call ``fn(key, x)`` with the first positional (or ``hidden_states=``) input of each module
     ``modules[key]`` as it is called; ``stop``: see the module docstring."""
     with _hooked(modules, fn, inputs=True, stop=stop):
@@ -103,14 +105,14 @@ def on_inputs(modules: dict, fn, *, stop: bool = False):
 
 
 @contextmanager
-def on_outputs(modules: dict, fn, *, stop: bool = False):
+def on_outputs(modules: dict, fn: Callable[[Any, torch.Tensor], object], *, stop: bool = False) -> Iterator[None]:
     """Call ``fn(key, y)`` with the output tensor (first item of a tuple output) of each module."""
     with _hooked(modules, fn, inputs=False, stop=stop):
         yield
 
 
 @contextmanager
-def capture_inputs(modules: dict, *, detach: bool = True, stop: bool = False):
+def capture_inputs(modules: dict, *, detach: bool = True, stop: bool = False) -> Iterator[dict]:
     """Record the first positional (or ``hidden_states=``) input of each module; yields a dict."""
     seen: dict = {}
     with on_inputs(modules, lambda key, x: seen.__setitem__(key, x.detach() if detach else x), stop=stop):
@@ -118,7 +120,7 @@ def capture_inputs(modules: dict, *, detach: bool = True, stop: bool = False):
 
 
 @contextmanager
-def capture_outputs(modules: dict, *, detach: bool = True, stop: bool = False):
+def capture_outputs(modules: dict, *, detach: bool = True, stop: bool = False) -> Iterator[dict]:
     """Record the output tensor (first item of a tuple output) of each module; yields a dict."""
     seen: dict = {}
     with on_outputs(modules, lambda key, y: seen.__setitem__(key, y.detach() if detach else y), stop=stop):
@@ -126,7 +128,7 @@ def capture_outputs(modules: dict, *, detach: bool = True, stop: bool = False):
 
 
 @contextmanager
-def requires_grad_set(model: nn.Module, flag: bool):
+def requires_grad_set(model: nn.Module, flag: bool) -> Iterator[None]:
     """Set ``requires_grad`` on every parameter for the block, and put every flag back after it.
     Each flag is recorded before it is changed, inside the ``try``, so an exception at any point
     restores exactly the flags that were changed."""

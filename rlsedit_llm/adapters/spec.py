@@ -377,7 +377,7 @@ def detect_spec(model: nn.Module, override: Mapping | ModelSpec | None = None) -
     return _build_spec(model, family, _FAMILIES[family], residual_multiplier=residual_multiplier)
 
 
-def needs_bos(spec_or_model) -> bool:
+def needs_bos(spec_or_model: ModelSpec | nn.Module) -> bool:
     """Whether every prompt must start with the tokenizer's BOS token: the family table's one
     rule (Gemma 2/3: without it the model is badly off-distribution; Gemma 3 270M gets 0 of 20
     simple facts right without BOS, 10 with it). Every other family, and custom specs, run

@@ -21,7 +21,8 @@ PUBLISHED_MOM2_WEIGHT = float(method_preset("rlsedit", "mom2_weight"))  # N of t
 PUBLISHED_D_K = int(method_preset("rlsedit", "d_k"))  # d_k of Llama-3-8B, the reference model of those configs
 
 
-def anchor_gram(moment: torch.Tensor, mom2_weight: float, *, dtype=torch.float64, device=None) -> torch.Tensor:
+def anchor_gram(moment: torch.Tensor, mom2_weight: float, *, dtype: torch.dtype = torch.float64,
+                device: torch.device | str | None = None) -> torch.Tensor:
     """The anchor Gram ``K0^T K0 = N E[k k^T]`` (d_k, d_k) of one layer from its second moment."""
     return mom2_weight * moment.to(device=device, dtype=dtype)
 

@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -62,6 +64,9 @@ from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.pipeline.keys import compute_keys, generate_templates, subject_hidden_states
 from rlsedit_llm.pipeline.scoring import score_targets
 from rlsedit_llm.pipeline.values import anchor_norms, compute_values, default_value_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["Editor"]
 
@@ -94,7 +99,8 @@ class Editor:
     ownership : Ownership — this editor's claim on the model (take-over, release)
     """
 
-    def __init__(self, model, tokenizer, config: EditConfig | None = None, *, take_over: bool = False):
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: EditConfig | None = None,
+                 *, take_over: bool = False) -> None:
         self._bind(model, tokenizer, config)
         guard = guard_of(model)
         with guard.lock:
@@ -194,7 +200,7 @@ class Editor:
         return self
 
     # -- editing -----------------------------------------------------------------------------
-    def edit(self, facts) -> EditReport:
+    def edit(self, facts: Iterable[Fact | Mapping[str, Any]]) -> EditReport:
         """Apply a batch of facts as one step of the lifelong stream; return a report.
 
         ``facts``: :class:`Fact` objects, dicts with prompt/subject/target, CounterFact or zsRE
@@ -211,7 +217,8 @@ class Editor:
             with Transaction(self) as txn:
                 return self._edit(facts, seconds, txn)
 
-    def absorb(self, facts, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor]) -> EditReport:
+    def absorb(self, facts: Iterable[Fact | Mapping[str, Any]], keys: dict[int, torch.Tensor],
+               values: dict[int, torch.Tensor]) -> EditReport:
         """Write a batch whose keys and absolute values were computed elsewhere.
 
         The same step as :meth:`edit` without the value optimisation and key computation: for
@@ -474,7 +481,8 @@ class Editor:
         return persistence.gather_state(self, snapshot=snapshot)
 
     @classmethod
-    def from_state_dict(cls, model: torch.nn.Module, tokenizer, state: dict, *, take_over: bool = False) -> Editor:
+    def from_state_dict(cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, state: dict, *,
+                        take_over: bool = False) -> Editor:
         """Rebuild an editor from :meth:`state_dict` and write its weights into ``model`` (all or
         nothing; see :func:`rlsedit_llm.editing.persistence.from_state_dict`)."""
         return persistence.from_state_dict(cls, model, tokenizer, state, take_over=take_over)
@@ -486,18 +494,19 @@ class Editor:
     def _install(self, guard, take_over: bool, *, edited_fingerprint: str | None = None) -> None:
         persistence.install(self, guard, take_over, edited_fingerprint=edited_fingerprint)
 
-    def save(self, directory) -> None:
+    def save(self, directory: str | os.PathLike[str]) -> None:
         """Write the whole lifelong state to ``directory`` atomically; see
         :func:`rlsedit_llm.editing.persistence.save` for what is refused and why."""
         persistence.save(self, directory)
 
     @classmethod
-    def load(cls, model: torch.nn.Module, tokenizer, directory, *, take_over: bool = False) -> Editor:
+    def load(cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike[str], *,
+             take_over: bool = False) -> Editor:
         """Restore an editor saved by :meth:`save` onto the base model or the saved edited model;
         see :func:`rlsedit_llm.editing.persistence.load`."""
         return persistence.load(cls, model, tokenizer, directory, take_over=take_over)
 
-    def save_edit_pack(self, path, *, dtype: torch.dtype | None = None) -> None:
+    def save_edit_pack(self, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> None:
         """Write only the edited weights' deltas, to apply to a fresh copy of the base model."""
         persistence.save_edit_pack(self, path, dtype=dtype)
 

@@ -11,9 +11,10 @@ layers, the config's fields and the counters). A subclass writes ``edit`` and it
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Generic, NoReturn, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, NoReturn, TypeVar, overload
 
 import torch
 
@@ -23,6 +24,9 @@ from rlsedit_llm.errors import HyperparameterError, StateMismatchError
 from rlsedit_llm.files import atomic_write_text
 from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["ConfigSetting", "EditorLevelMethod", "resolve_layers"]
 
@@ -86,7 +90,8 @@ class EditorLevelMethod:
     config_cls: ClassVar[type[MethodConfig]]
     state_file: ClassVar[str]
 
-    def __init__(self, model, tokenizer, layers: Any, config: MethodConfig) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, layers: Any,
+                 config: MethodConfig) -> None:
         if not isinstance(config, self.config_cls):
             raise HyperparameterError(f"{self.name} takes a {self.config_cls.__name__}; got {type(config).__name__}")
         config.validate()
@@ -98,7 +103,8 @@ class EditorLevelMethod:
         self.n_batches_ = 0
 
     @classmethod
-    def from_config(cls: type[_E], model, tokenizer, config: EditConfig) -> _E:
+    def from_config(cls: type[_E], model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                    config: EditConfig) -> _E:
         """The editor on ``config.layers`` with ``config.method_config`` (None: the defaults); the
         other fields of ``config`` do not apply (no statistics, no values)."""
         settings = config.method_config.to_dict() if config.method_config is not None else {}
@@ -112,7 +118,7 @@ class EditorLevelMethod:
         return {l: read_weight(self._module(l)) for l in self.layers_}
 
     # -- persistence ---------------------------------------------------------------------------
-    def save(self, directory) -> None:
+    def save(self, directory: str | os.PathLike[str]) -> None:
         """Write the method's tensors, then ``state_file`` (layers, settings, counters), each atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -122,7 +128,8 @@ class EditorLevelMethod:
         atomic_write_text(directory / self.state_file, json.dumps(meta))
 
     @classmethod
-    def load(cls: type[_E], model, tokenizer, directory) -> _E:
+    def load(cls: type[_E], model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+             directory: str | os.PathLike[str]) -> _E:
         """Restore a saved stream onto a pristine copy of the model (all or nothing)."""
         directory = Path(directory)
         try:

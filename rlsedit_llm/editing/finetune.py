@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import pickle
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,12 +34,18 @@ from rlsedit_llm.pipeline.facts import checked_facts, encode_target
 from rlsedit_llm.pipeline.scoring import score_targets
 from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from rlsedit_llm.pipeline.facts import Fact
+
 __all__ = ["FineTuneEditor", "FTConfig", "target_nll"]
 
 log = logging.getLogger(__name__)
 
 
-def target_nll(model, tokenizer, prompts, targets) -> torch.Tensor:
+def target_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Iterable[str],
+               targets: Iterable[str]) -> torch.Tensor:
     """Differentiable mean target NLL: per pair the mean over ``" " + target`` tokens after the
     prompt (teacher forced, right padding, no special tokens), then the mean over pairs."""
     bos = needs_bos(model)
@@ -85,11 +93,12 @@ class FineTuneEditor(EditorLevelMethod):
     lr = ConfigSetting(float)
     steps = ConfigSetting(int)
 
-    def __init__(self, model, tokenizer, *, layers=None, lr: float = FTConfig.lr, steps: int = FTConfig.steps) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *,
+                 layers: Sequence[int] | None = None, lr: float = FTConfig.lr, steps: int = FTConfig.steps) -> None:
         super().__init__(model, tokenizer, layers, FTConfig.build(lr=lr, steps=steps))
         self.losses_: list[tuple[float, float]] = []
 
-    def edit(self, facts) -> EditReport:
+    def edit(self, facts: Iterable[Fact | Mapping[str, Any]]) -> EditReport:
         """Fine-tune on one batch; return an :class:`~rlsedit_llm.EditReport` (its ``extras``
         hold ``loss_before`` and ``loss_after``; there are no value residuals).
 
@@ -102,7 +111,7 @@ class FineTuneEditor(EditorLevelMethod):
         seconds = {"score": time.perf_counter() - tic}
         tic = time.perf_counter()
         modules = [self._module(l) for l in self.layers_]
-        params: list[torch.Tensor] = [m.weight for m in modules]  # type: ignore[misc]
+        params: list[torch.nn.Parameter] = [m.weight for m in modules]  # type: ignore[misc]
         saved = [p.detach().clone() for p in params]
         flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
         try:

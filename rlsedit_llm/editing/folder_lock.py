@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ class Hold:
     so the next holder removes them if this process is killed); ``inherited``: what the lock file
     recorded when it was taken (a killed holder's folders)."""
 
-    def __init__(self, target: Path, lock_file: Path, fd: int, inherited: list):
+    def __init__(self, target: Path, lock_file: Path, fd: int, inherited: list) -> None:
         self.target, self.lock_file, self.fd, self.inherited = target, lock_file, fd, inherited
         self.pid, self.thread, self.depth = os.getpid(), threading.get_ident(), 1
         self.made: list[str] = []
@@ -220,7 +221,7 @@ def _release(hold: Hold) -> None:
 
 
 @contextmanager
-def locked(target: Path):
+def locked(target: Path) -> Iterator[Hold]:
     """Hold the lock of the (already checked) save folder ``target`` for a block; yield the :class:`Hold`."""
     hold = _acquire(target)
     try:
@@ -230,7 +231,7 @@ def locked(target: Path):
 
 
 @contextmanager
-def state_lock(directory):
+def state_lock(directory: str | os.PathLike[str]) -> Iterator[Path]:
     """Hold the one-writer lock of the save folder ``directory`` for a block; yield the folder.
 
     Raises :class:`StateLockedError` at once, without waiting, while another process (or another

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
 from rlsedit_llm.errors import OwnershipError, StateMismatchError, UnsupportedArchitectureError
 from rlsedit_llm.interrupts import deferred_interrupts
+
+if TYPE_CHECKING:
+    from rlsedit_llm.editing.editor import Editor
 
 __all__ = ["ModelGuard", "Ownership", "guard_of", "named_tensors", "tensor_digests"]
 
@@ -28,9 +31,9 @@ class ModelGuard:
 
     A copy of the model (``copy.deepcopy``, pickling) gets a fresh guard with no owner."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.RLock()
-        self._owner = None
+        self._owner: weakref.ref[Editor] | None = None
         # held while a state-changing call runs (only ever taken with ``lock`` held, so when it is
         # locked the caller's own thread is inside a call: a re-entrant call from a hook). A lock,
         # not a flag: ``with`` releases it in C, so no interrupt can leave it set.
@@ -43,11 +46,11 @@ class ModelGuard:
         return self.call.locked()
 
     @property
-    def owner(self):
+    def owner(self) -> Editor | None:
         return self._owner() if self._owner is not None else None
 
     @owner.setter
-    def owner(self, editor) -> None:
+    def owner(self, editor: Editor | None) -> None:
         self._owner = weakref.ref(editor) if editor is not None else None
 
     def __deepcopy__(self, memo):
@@ -60,7 +63,7 @@ class ModelGuard:
         self.__init__()
 
 
-def guard_of(model) -> ModelGuard:
+def guard_of(model: torch.nn.Module) -> ModelGuard:
     """The model's guard, created on first use. No lock: ``dict.setdefault`` is atomic, so
     threads racing on a fresh model all get the same guard (and an interrupt cannot leave a lock
     held here)."""
@@ -87,7 +90,7 @@ class Ownership:
     """
 
     def __init__(self, model: torch.nn.Module, editor: Any, mismatch: Callable[[], str | None],
-                 describe: Callable[[], str], journal: Callable[[], list]):
+                 describe: Callable[[], str], journal: Callable[[], list]) -> None:
         self.model, self.mismatch, self.describe, self.journal = model, mismatch, describe, journal
         self._editor = weakref.ref(editor)
         self.displaced = False
@@ -174,7 +177,7 @@ class _OneTensor(torch.nn.Module):
         self.register_buffer("t", tensor.detach(), persistent=True)
 
 
-def named_tensors(model):
+def named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters and persistent buffers by name (what :func:`model_fingerprint` covers)."""
     persistent = set(model.state_dict(keep_vars=True))
     yield from model.named_parameters()
@@ -190,7 +193,8 @@ def _token(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t._version, t.dtype, tuple(t.shape), tuple(t.stride()), str(t.device))
 
 
-def tensor_digests(model, *, skip=frozenset(), fresh: bool = False) -> dict[str, str]:
+def tensor_digests(model: torch.nn.Module, *, skip: Container[int] = frozenset(),
+                   fresh: bool = False) -> dict[str, str]:
     """Per parameter and persistent buffer of ``model`` (except those whose ``id`` is in ``skip``)
     its :func:`model_fingerprint` digest, recomputed only for tensors whose storage pointer,
     version counter or layout changed since the last call (``fresh=True``: all of them)."""

@@ -11,6 +11,7 @@ the fact; nothing has been changed when it is raised.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.editing.statistics import max_positions
 from rlsedit_llm.errors import FactError
 from rlsedit_llm.pipeline.facts import Fact, FactBatch, checked_facts, encode_target
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["admit_facts", "check_batch", "fact_slot"]
 
@@ -27,13 +31,13 @@ def fact_slot(fact: Fact) -> tuple[str, str]:
     return (fact.subject, fact.relation_id or fact.prompt)
 
 
-def admit_facts(facts: Iterable, tokenizer, *, action: str = "edit") -> FactBatch:
+def admit_facts(facts: Iterable, tokenizer: PreTrainedTokenizerBase, *, action: str = "edit") -> FactBatch:
     """``facts`` as a non-empty ``list[Fact]`` checked against ``tokenizer`` (a
     :class:`~rlsedit_llm.pipeline.facts.FactBatch`, which the pipeline's stages do not check again)."""
     return checked_facts(facts, tokenizer, purpose=action)
 
 
-def check_batch(facts: list[Fact], tokenizer, model: torch.nn.Module, config: EditConfig, *,
+def check_batch(facts: list[Fact], tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module, config: EditConfig, *,
                 replaces: bool) -> None:
     """Lengths within the model's positions; with ``replaces``, one fact per (subject, relation)."""
     limit = max_positions(model)

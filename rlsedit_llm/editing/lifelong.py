@@ -4,6 +4,10 @@ persist it."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
 from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.editing.editor import Editor
 from rlsedit_llm.editing.guard import guard_of
@@ -11,12 +15,19 @@ from rlsedit_llm.editing.reports import EditReport
 from rlsedit_llm.errors import HyperparameterError, RLSEditError
 from rlsedit_llm.interrupts import deferred_interrupts
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from rlsedit_llm.pipeline.facts import Fact
+
 __all__ = ["edit", "editor_of", "save_model_state", "load_model_state"]
 
 _ATTR = "_rlsedit_editor"  # where rlsedit_llm.edit keeps the lifelong editor on the model
 
 
-def edit(model, facts, *, tokenizer=None, config: EditConfig | None = None) -> EditReport:
+def edit(model: torch.nn.Module, facts: Iterable[Fact | Mapping[str, Any]], *,
+         tokenizer: PreTrainedTokenizerBase | None = None, config: EditConfig | None = None) -> EditReport:
     """Edit ``model`` with ``facts``, continuing the model's lifelong RLSEdit stream.
 
     The first call creates an :class:`Editor` (statistics, per-layer state) and keeps it with the
@@ -52,12 +63,12 @@ def _edit(model, facts, tokenizer, config) -> EditReport:
     return editor.edit(facts)
 
 
-def editor_of(model) -> Editor | None:
+def editor_of(model: torch.nn.Module) -> Editor | None:
     """The lifelong editor :func:`edit` keeps with ``model`` (None before the first call)."""
     return getattr(model, _ATTR, None)
 
 
-def save_model_state(model, directory) -> None:
+def save_model_state(model: torch.nn.Module, directory: str | os.PathLike[str]) -> None:
     """Save the lifelong editor that :func:`edit` keeps with ``model``."""
     editor = editor_of(model)
     if editor is None:
@@ -65,7 +76,8 @@ def save_model_state(model, directory) -> None:
     editor.save(directory)
 
 
-def load_model_state(model, tokenizer, directory, *, take_over: bool = False) -> Editor:
+def load_model_state(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike[str], *,
+                     take_over: bool = False) -> Editor:
     """Restore a state saved by :func:`save_model_state` and attach it to ``model``, so that
     :func:`edit` continues the saved stream. Returns the editor. ``take_over`` as in
     :meth:`Editor.load`."""

@@ -11,9 +11,10 @@ for a config file). Both speak the editor protocol:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlsedit_llm.adapters.spec import detect_spec
 from rlsedit_llm.editing.config import EditConfig
@@ -22,11 +23,17 @@ from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.kernel.registry import config_class, get_method, is_layer_method
 from rlsedit_llm.pipeline.values import ValueConfig, default_value_config
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from rlsedit_llm.adapters.spec import ModelSpec
+
 __all__ = ["make_editor", "load_editor", "method_value_config", "with_method_settings", "parse_settings",
            "edit_config_from_mapping"]
 
 
-def method_value_config(method: str, spec, **changes) -> ValueConfig:
+def method_value_config(method: str, spec: ModelSpec, **changes: Any) -> ValueConfig:
     """The value settings a layer-solver ``method`` uses by default on a model of ``spec``: the
     family's (:func:`default_value_config`) with the method's declared ``value_defaults`` on top,
     then ``changes`` (ValueConfig fields, e.g. ``steps=50``), validated."""
@@ -43,7 +50,8 @@ def method_value_config(method: str, spec, **changes) -> ValueConfig:
     return value
 
 
-def make_editor(method: str, model, tokenizer, config: EditConfig | None = None, **settings: Any):
+def make_editor(method: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                config: EditConfig | None = None, **settings: Any) -> Any:
     """A fresh editor of ``method`` on ``model``; ``config`` (its ``method`` is overridden) sets the
     layers, statistics and shared hyperparameters; ``settings`` are fields of the method's config
     class (:func:`~rlsedit_llm.kernel.registry.config_class`), put over ``config.method_config``,
@@ -135,7 +143,8 @@ def _value_config(data: Any) -> ValueConfig:
     return ValueConfig(**data)
 
 
-def load_editor(method: str, model, tokenizer, directory):
+def load_editor(method: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                directory: str | os.PathLike[str]) -> Any:
     """Restore an editor of ``method`` saved in ``directory`` onto ``model``."""
     if not is_layer_method(method):
         method_cls: Any = get_method(method)

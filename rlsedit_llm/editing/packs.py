@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from safetensors import safe_open
@@ -29,6 +30,9 @@ from rlsedit_llm.adapters.spec import detect_spec, get_module, read_weight, writ
 from rlsedit_llm.editing.state import cpu_tensors, package_version, spec_summary
 from rlsedit_llm.errors import EditPackError, HyperparameterError, NonFiniteError, ShapeError, StateMismatchError
 from rlsedit_llm.files import atomic_path
+
+if TYPE_CHECKING:
+    from rlsedit_llm.adapters.spec import ModelSpec
 
 __all__ = ["write_edit_pack", "read_edit_pack_metadata", "apply_edit_pack", "pack_digest", "EditPackError",
            "PACK_FORMAT", "PACK_VERSION"]
@@ -69,8 +73,8 @@ def pack_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> s
     return "sha256:" + h.hexdigest()
 
 
-def write_edit_pack(path, deltas: dict[int, torch.Tensor], *, spec, base_fingerprint: str,
-                    edited_fingerprint: str, edit_ids: list[int], facts: list[dict],
+def write_edit_pack(path: str | os.PathLike[str], deltas: dict[int, torch.Tensor], *, spec: ModelSpec,
+                    base_fingerprint: str, edited_fingerprint: str, edit_ids: list[int], facts: list[dict],
                     dtype: torch.dtype | None = None) -> Path:
     """Write the edited layers' weight deltas ``W_t - W0`` to one safetensors file, atomically.
 
@@ -188,7 +192,7 @@ def _decode_metadata(raw: dict[str, str], path) -> dict:
     return meta
 
 
-def read_edit_pack_metadata(path) -> dict:
+def read_edit_pack_metadata(path: str | os.PathLike[str]) -> dict:
     """The metadata of an edit pack, validated, with the JSON fields decoded.
 
     Reads the header only, so the digest is not checked here (:func:`apply_edit_pack` checks it).
@@ -223,7 +227,7 @@ def _new_weights(meta: dict, tensors: dict[str, torch.Tensor], before: dict[int,
     return new
 
 
-def apply_edit_pack(model, path) -> dict:
+def apply_edit_pack(model: torch.nn.Module, path: str | os.PathLike[str]) -> dict:
     """Add the deltas of an edit pack to a fresh copy of the base model; return its metadata.
 
     Before anything is written: the digest is verified (a pack without one is accepted with a

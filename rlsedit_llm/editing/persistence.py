@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,7 +29,10 @@ from rlsedit_llm.kernel.registry import solver_class
 from rlsedit_llm.pipeline.values import ValueConfig
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from rlsedit_llm.editing.editor import Editor
+    from rlsedit_llm.editing.guard import ModelGuard
 
 __all__ = ["state_dict", "gather_state", "from_state_dict", "rebuild", "install", "save", "load",
            "save_edit_pack"]
@@ -62,7 +66,8 @@ def gather_state(editor: Editor, *, snapshot: bool = True) -> dict:
         "journal": [r.to_state() for r in editor.journal_],
     }
 
-def from_state_dict(cls: type[Editor], model, tokenizer, state: dict, *, take_over: bool = False) -> Editor:
+def from_state_dict(cls: type[Editor], model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, state: dict, *,
+                    take_over: bool = False) -> Editor:
     """Rebuild an editor from :meth:`state_dict` and write its weights into ``model``'s edited
     layers (all or nothing). ``model`` must be the base model or already the edited one; the
     caller checks which (:func:`rlsedit_llm.editing.state.read_state` does it by fingerprint).
@@ -75,7 +80,8 @@ def from_state_dict(cls: type[Editor], model, tokenizer, state: dict, *, take_ov
         install(editor, guard, take_over)
         return editor
 
-def rebuild(cls: type[Editor], model, tokenizer, state: dict, take_over: bool, share: bool = True) -> Editor:
+def rebuild(cls: type[Editor], model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, state: dict, take_over: bool,
+            share: bool = True) -> Editor:
     """The editor of ``state``, not yet written into the model (see :meth:`_install`).
     ``share``: the state's tensors may be held elsewhere (copied before an in-place change);
     ``False`` when they were just read from files."""
@@ -108,7 +114,7 @@ def rebuild(cls: type[Editor], model, tokenizer, state: dict, take_over: bool, s
     editor.journal_ = journal
     return editor
 
-def install(editor: Editor, guard, take_over: bool, *, edited_fingerprint: str | None = None) -> None:
+def install(editor: Editor, guard: ModelGuard, take_over: bool, *, edited_fingerprint: str | None = None) -> None:
     """Write this editor's weights into the model, check the result (against
     ``edited_fingerprint`` when given) and make the editor the model's owner: all or nothing.
     On any exception or signal the model gets its own weights back and the owner is unchanged."""
@@ -135,7 +141,7 @@ def install(editor: Editor, guard, take_over: bool, *, edited_fingerprint: str |
         raise
 
 # -- persistence and certificates -----------------------------------------------------------
-def save(editor: Editor, directory) -> None:
+def save(editor: Editor, directory: str | os.PathLike[str]) -> None:
     """Write the whole lifelong state to ``directory`` atomically (see :mod:`.state`).
 
     Refused with :class:`StateMismatchError` when the model no longer holds this editor's
@@ -148,7 +154,8 @@ def save(editor: Editor, directory) -> None:
                              edited_fingerprint=model_fingerprint(editor.model))
     log.info("saved editor state (%d edits, layers %s) to %s", len(editor.journal_), list(editor.layers_), directory)
 
-def load(cls: type[Editor], model, tokenizer, directory, *, take_over: bool = False) -> Editor:
+def load(cls: type[Editor], model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+         directory: str | os.PathLike[str], *, take_over: bool = False) -> Editor:
     """Restore an editor saved by :meth:`save` onto ``model``: the base model the edits were
     made on (the saved weights are written into it) or the saved edited model itself.
     Refused with :class:`StateMismatchError` for any other model, which is left untouched, and
@@ -174,12 +181,12 @@ def load(cls: type[Editor], model, tokenizer, directory, *, take_over: bool = Fa
              len(editor.journal_), list(editor.layers_), directory, mode)
     return editor
 
-def save_edit_pack(editor: Editor, path, *, dtype: torch.dtype | None = None) -> None:
+def save_edit_pack(editor: Editor, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> None:
     """Write only the edited weights' deltas, to apply to a fresh copy of the base model."""
     with editor._owning("save an edit pack", claim=False, fresh=True):
         write_pack(editor, path, dtype)
 
-def write_pack(editor: Editor, path, dtype) -> None:
+def write_pack(editor: Editor, path: str | os.PathLike[str], dtype: torch.dtype | None) -> None:
     write_edit_pack(
         path, {l: s.W_ - s.W0_ for l, s in editor.solvers_.items()}, dtype=dtype,
         spec=editor.spec_, base_fingerprint=editor.base_fingerprint_,

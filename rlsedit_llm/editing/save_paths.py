@@ -30,7 +30,7 @@ SOLVERS = "solvers.safetensors"
 JOURNAL = "journal.safetensors"
 
 
-def state_path(directory, what: str = "the editor state folder") -> Path:
+def state_path(directory: str | os.PathLike[str], what: str = "the editor state folder") -> Path:
     """``directory`` as a :class:`Path` to save to or read from.
 
     Refused with :class:`PathError` unless a non-empty ``str`` or ``os.PathLike`` (``None``, numbers

@@ -62,7 +62,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from safetensors import SafetensorError
@@ -76,6 +76,9 @@ from rlsedit_llm.editing.save_paths import JOURNAL, MANIFEST, SOLVERS, state_pat
 from rlsedit_llm.editing.state_checks import validate_state
 from rlsedit_llm.errors import StateMismatchError, StateWriteError
 from rlsedit_llm.files import fsync_path, sha256_file
+
+if TYPE_CHECKING:
+    from rlsedit_llm.adapters.spec import ModelSpec
 
 __all__ = [
     "check_consistency",
@@ -137,7 +140,7 @@ def cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def spec_summary(spec) -> dict:
+def spec_summary(spec: ModelSpec) -> dict:
     """What a save records of the architecture (compared on load)."""
     return {"family": spec.family, "n_layers": spec.n_layers, "edit_module_path": spec.edit_module_path,
             "d_k": spec.d_k, "d_model": spec.d_model}
@@ -242,7 +245,7 @@ def migrate_v1(manifest: dict, solver_tensors: dict[str, torch.Tensor]) -> tuple
 # ---------------------------------------------------------------------------------------------
 # Editor state
 # ---------------------------------------------------------------------------------------------
-def write_state(directory, state: dict, *, edited_fingerprint: str) -> Path:
+def write_state(directory: str | os.PathLike[str], state: dict, *, edited_fingerprint: str) -> Path:
     """Write an editor state dict (:meth:`rlsedit_llm.Editor.state_dict`) to the folder
     ``directory``, atomically, holding the folder's one-writer lock; return the folder (a symbolic
     link's target).
@@ -323,7 +326,7 @@ def manifest_digest(manifest: dict) -> str:
     return "sha256:" + hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def read_manifest(directory) -> dict:
+def read_manifest(directory: str | os.PathLike[str]) -> dict:
     """The ``editor.json`` of a save (after recovering an interrupted swap), checked for format."""
     target = _resolve_save(state_path(directory))
     try:
@@ -350,7 +353,7 @@ def read_manifest(directory) -> dict:
     return manifest
 
 
-def read_state(directory, model) -> tuple[dict, str]:
+def read_state(directory: str | os.PathLike[str], model: torch.nn.Module) -> tuple[dict, str]:
     """Read a save and check it belongs to ``model``; return ``(state, mode)``.
 
     ``state`` is the editor state dict (plus ``edited_fingerprint``), checked field by field by
@@ -427,7 +430,7 @@ def _model_mode(target: Path, manifest: dict, spec, model) -> str:
     )
 
 
-def read_state_files(directory, *, manifest: dict | None = None) -> dict:
+def read_state_files(directory: str | os.PathLike[str], *, manifest: dict | None = None) -> dict:
     """The editor state dict of the save at ``directory`` (as :meth:`rlsedit_llm.Editor.state_dict`
     returns it, plus ``edited_fingerprint``) without a model: the manifest's format and checksum,
     every tensor file against its checksum, a version-1 save migrated, the manifest cross-checked

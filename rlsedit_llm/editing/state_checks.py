@@ -11,13 +11,16 @@ before the editor is built, so the model is never touched by a bad save.
 from __future__ import annotations
 
 import math
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
 from rlsedit_llm.adapters.spec import detect_spec
 from rlsedit_llm.errors import StateMismatchError
 from rlsedit_llm.pipeline.values import MAX_VALUE_STEPS
+
+if TYPE_CHECKING:
+    from rlsedit_llm.adapters.spec import ModelSpec
 
 __all__ = ["MAX_COUNT", "MAX_TEMPLATES", "MAX_TEXT_CHARS", "MAX_VALUE_STEPS", "validate_state"]
 
@@ -41,7 +44,7 @@ def _is_count(value) -> bool:
     return type(value) is int and 0 <= value <= MAX_COUNT
 
 
-def validate_state(state: dict, model, *, spec=None) -> None:
+def validate_state(state: dict, model: torch.nn.Module, *, spec: ModelSpec | None = None) -> None:
     """Check every field of an editor state read from files as if it were forged; raise
     :class:`StateMismatchError` (``"the save is damaged or forged: <field> ..."``) at the first
     bad one. :func:`read_state` calls it, so the editor is never built from such a state.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,9 @@ from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.pipeline.stats import second_moments
 from rlsedit_llm.pipeline.stats_npz import load_stats
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["layer_moments", "max_positions", "check_absorption", "MIN_ABSORPTION", "MAX_ABSORPTION"]
 
@@ -38,7 +42,7 @@ def max_positions(model: torch.nn.Module) -> int:
     return 1 << 30
 
 
-def layer_moments(model: torch.nn.Module, tokenizer, spec: ModelSpec, layers: Sequence[int],
+def layer_moments(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, layers: Sequence[int],
                   config: EditConfig, *, progress: bool = True) -> dict[int, torch.Tensor]:
     """``E[k k^T]`` (d_k, d_k) per layer in ``layers``, as ``config`` asks: from the bound MEMIT/ROME
     files of ``config.precomputed_stats``, else from ``config.stats_tokens`` tokens of

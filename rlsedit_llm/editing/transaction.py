@@ -24,10 +24,14 @@ its last save).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from rlsedit_llm.adapters.spec import read_weight, write_weight
 from rlsedit_llm.interrupts import deferred_interrupts
 from rlsedit_llm.kernel.protocol import PendingCommit, Step
+
+if TYPE_CHECKING:
+    from rlsedit_llm.editing.editor import Editor
 
 __all__ = ["Transaction", "Adoption"]
 
@@ -38,7 +42,7 @@ class Adoption:
     """The last phase of a call: every layer's pending commit, then the journal and the edit
     counter (values fixed in advance). ``run`` is resumable and idempotent."""
 
-    def __init__(self, editor, pending: list[PendingCommit], journal: list, next_id: int):
+    def __init__(self, editor: Editor, pending: list[PendingCommit], journal: list, next_id: int) -> None:
         self.editor = editor
         self.pending = pending
         self.journal = journal
@@ -59,7 +63,7 @@ class Transaction:
     :meth:`adopt` ends the proposal phase.
     """
 
-    def __init__(self, editor):
+    def __init__(self, editor: Editor) -> None:
         self.editor = editor
         self.undo_log: list = []
         self.adoption: Adoption | None = None

@@ -37,8 +37,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -54,6 +56,11 @@ from rlsedit_llm.pipeline.facts import checked_facts, encode_target
 from rlsedit_llm.pipeline.scoring import score_targets
 from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
 from rlsedit_llm.presets import method_preset
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from rlsedit_llm.pipeline.facts import Fact
 
 __all__ = ["UltraEditor", "UltraEditConfig", "RunningMoments", "ultraedit_shift", "PUBLISHED_LR"]
 
@@ -73,7 +80,7 @@ class RunningMoments:
     snapshot (:meth:`state`) is a valid rollback point.
     """
 
-    def __init__(self, dim: int, *, device=None):
+    def __init__(self, dim: int, *, device: torch.device | str | None = None) -> None:
         self.count_ = 0
         self.mean_ = torch.zeros(dim, dtype=torch.float64, device=device)
         self.m2_ = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -179,18 +186,20 @@ class UltraEditor(EditorLevelMethod):
     ridge = ConfigSetting(float)
     batch_size = ConfigSetting(int)
 
-    def __init__(self, model, tokenizer, *, layers=None, lr: float | None = UltraEditConfig.lr,
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *,
+                 layers: Sequence[int] | None = None, lr: float | None = UltraEditConfig.lr,
                  ridge: float = UltraEditConfig.ridge, batch_size: int = UltraEditConfig.batch_size) -> None:
         super().__init__(model, tokenizer, layers, UltraEditConfig.build(lr=lr, ridge=ridge, batch_size=batch_size))
         self.lr_ = float(lr) if lr is not None else PUBLISHED_LR * _PUBLISHED_D_K / self.spec_.d_k
         self.moments_ = {}
         for l in self.layers_:
             d_k, d_v = self.W0_[l].shape
-            self.moments_[l] = RunningMoments(d_k + d_v, device=self._module(l).weight.device)
+            self.moments_[l] = RunningMoments(d_k + d_v, device=self._module(l).weight.device)  # type: ignore[arg-type]
         self.n_rows_ = 0
 
     # -- features ----------------------------------------------------------------------------
-    def features(self, facts) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    def features(self, facts: Iterable[Fact | Mapping[str, Any]]
+                 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Keys ``K[l] (n, d_k)`` and output gradients ``G[l] (n, d_v)`` (float32) at every answer
         position of ``facts`` (fact-major, positions in order), on the current model; changes nothing."""
         facts = checked_facts(facts, self.tokenizer, purpose="edit")
@@ -251,7 +260,7 @@ class UltraEditor(EditorLevelMethod):
                 grads[l].append(g[row_of.to(g.device), pos.to(g.device)].detach().float())
 
     # -- editing -------------------------------------------------------------------------------
-    def edit(self, facts) -> EditReport:
+    def edit(self, facts: Iterable[Fact | Mapping[str, Any]]) -> EditReport:
         """Write one turn of facts; return an :class:`~rlsedit_llm.EditReport` (its ``extras`` hold
         ``rows``, the answer positions written, and ``delta_norm``, the mean ``||Delta||_F`` over
         layers; there are no value residuals). Bad facts raise :class:`FactError`; a failure

@@ -13,6 +13,8 @@
 - :mod:`.plots`: the figures.
 """
 
+from __future__ import annotations
+
 from rlsedit_llm.editing.finetune import FineTuneEditor, target_nll
 from rlsedit_llm.evaluation.data import DATASETS, case_scores, load_glue, load_stream
 from rlsedit_llm.evaluation.metrics import (

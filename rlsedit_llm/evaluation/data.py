@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlsedit_llm.errors import FactError, HyperparameterError
 from rlsedit_llm.evaluation import metrics
 from rlsedit_llm.files import DATA_DIR
 from rlsedit_llm.pipeline.facts import Fact, as_fact, validate_facts
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["DATASETS", "data_dir", "load_stream", "load_glue", "case_scores"]
 
@@ -32,7 +38,8 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
-def load_stream(dataset: str, n_edits: int, tokenizer=None, *, path=None, batch_size: int | None = None) -> list[Fact]:
+def load_stream(dataset: str, n_edits: int, tokenizer: PreTrainedTokenizerBase | None = None, *,
+                path: str | os.PathLike[str] | None = None, batch_size: int | None = None) -> list[Fact]:
     """The first ``n_edits`` usable records of a data set, as facts in file order.
 
     With ``batch_size``, a record that repeats the prompt and subject of an earlier record of
@@ -95,7 +102,8 @@ def load_glue(task: str, n_items: int) -> list[dict]:
     return items[:n_items]
 
 
-def case_scores(dataset: str, model, tokenizer, facts: Sequence[Fact], *, batch_size: int = 32) -> list[dict]:
+def case_scores(dataset: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact], *,
+                batch_size: int = 32) -> list[dict]:
     """Per-case metrics of ``facts`` on the model as it is now (CounterFact, either schema, or zsRE)."""
     if not facts:
         return []

@@ -29,7 +29,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,9 @@ from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.pipeline.facts import Fact, encode_target
 from rlsedit_llm.pipeline.scoring import TargetScore, logits_at
 from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "harmonic_mean",
@@ -101,7 +104,8 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
 
 
 @torch.no_grad()
-def score_pairs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32):
+def score_pairs(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                targets: Sequence[str], *, batch_size: int = 32) -> list[Any]:
     """:func:`~rlsedit_llm.pipeline.scoring.score_targets` of every ``(prompts[i], targets[i])``, in
     input order, with as few forward passes as the pairs allow.
 
@@ -180,7 +184,8 @@ def _mean(xs) -> float:
 # CounterFact and zsRE (teacher forced)
 
 
-def counterfact_case_scores(model, tokenizer, facts: Sequence[Fact], *, batch_size: int = 32) -> list[dict]:
+def counterfact_case_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact], *,
+                            batch_size: int = 32) -> list[dict]:
     """Per-case CounterFact metrics (see the module docstring) of ``facts`` on ``model``.
 
     Each fact needs ``target_true``; paraphrase and neighbourhood prompts may be empty (the
@@ -228,7 +233,8 @@ def zsre_locality_prompt(question: str) -> str:
     return question if question.rstrip().endswith("?") else question + "?"
 
 
-def zsre_case_scores(model, tokenizer, facts: Sequence[Fact], *, batch_size: int = 32) -> list[dict]:
+def zsre_case_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact], *,
+                     batch_size: int = 32) -> list[dict]:
     """Per-case zsRE metrics: teacher-forced top-1 token accuracy of the target after the rewrite
     prompt (efficacy) and the paraphrase (generalization), and of the NQ answer after the NQ
     question (specificity). Each fact needs ``neighbourhood`` (the ``loc`` question) and
@@ -274,8 +280,8 @@ def summarize_cases(rows: Sequence[dict], keys: Sequence[str] | None = None) -> 
 
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
-                    batch_size: int = 16, stop_at_eos: bool = True) -> list[list[int]]:
+def greedy_generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                    max_new_tokens: int, *, batch_size: int = 16, stop_at_eos: bool = True) -> list[list[int]]:
     """Greedy continuations (token ids, prompt excluded) of ``prompts``.
 
     Prompts are encoded without special tokens and left padded in batches; the continuation of a
@@ -297,7 +303,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
         for r, i in enumerate(rows):  # left padding
             ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[r, width - len(encoded[i]):] = 1
-        gen = model.generate(
+        gen = model.generate(  # type: ignore[operator]  # a transformers PreTrainedModel method
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             min_new_tokens=0, do_sample=False, temperature=None, top_p=None, top_k=None,
             pad_token_id=pad, eos_token_id=eos if stop_at_eos else None,
@@ -310,20 +316,20 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     return out  # type: ignore[return-value]
 
 
-def generation_check(model, tokenizer, facts: Sequence[Fact], *, extra_tokens: int = 0,
-                     batch_size: int = 16) -> list[float]:
+def generation_check(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact], *,
+                     extra_tokens: int = 0, batch_size: int = 16) -> list[float]:
     """Per fact: 1.0 if greedy decoding of the rewrite prompt (no teacher forcing) starts with the
     target, else 0.0. Decodes as many tokens as the target has (plus ``extra_tokens``) and compares
     the whitespace-stripped texts."""
     n = max(len(encode_target(tokenizer, f.target)) for f in facts) + extra_tokens if facts else 1
     gens = greedy_generate(model, tokenizer, [f.text() for f in facts], n, batch_size=batch_size)
-    return [float(tokenizer.decode(g).strip().startswith(f.target.strip())) for f, g in zip(facts, gens, strict=False)]
+    return [float(tokenizer.decode(g).strip().startswith(f.target.strip())) for f, g in zip(facts, gens, strict=False)]  # type: ignore[union-attr]
 
 
-def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
-                   batch_size: int = 16) -> list[str]:
+def generate_texts(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                   max_new_tokens: int, *, batch_size: int = 16) -> list[str]:
     """The decoded greedy continuations (:func:`greedy_generate`, prompt excluded) of ``prompts``."""
-    return [tokenizer.decode(g) for g in greedy_generate(model, tokenizer, prompts, max_new_tokens,
+    return [tokenizer.decode(g) for g in greedy_generate(model, tokenizer, prompts, max_new_tokens,  # type: ignore[misc]
                                                          batch_size=batch_size)]
 
 
@@ -333,7 +339,8 @@ def text_fluency(prompts: Sequence[str], continuations: Sequence[str]) -> float:
     return _mean(ngram_entropy(p + c) for p, c in zip(prompts, continuations, strict=False))
 
 
-def fluency(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 100, batch_size: int = 16) -> float:
+def fluency(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
+            max_new_tokens: int = 100, batch_size: int = 16) -> float:
     """Mean weighted n-gram entropy (:func:`ngram_entropy`) of prompt + greedy continuation of
     ``max_new_tokens`` tokens, over ``prompts`` (bits; the published tables show x100).
 
@@ -345,8 +352,8 @@ def fluency(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 1
 
 
 @torch.no_grad()
-def continuation_nll(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str], *,
-                     batch_size: int = 8) -> list[float]:
+def continuation_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                     continuations: Sequence[str], *, batch_size: int = 8) -> list[float]:
     """Per pair: the mean negative log-likelihood, in nats per token, of the text
     ``continuations[i]`` right after ``prompts[i]``, teacher forced (NaN for an empty continuation).
 
@@ -414,7 +421,8 @@ def glue_prompt(task: str, item: dict) -> str:
 
 
 @torch.no_grad()
-def glue_predictions(model, tokenizer, task: str, items: Sequence[dict], *, batch_size: int = 8) -> list[int]:
+def glue_predictions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: str, items: Sequence[dict], *,
+                     batch_size: int = 8) -> list[int]:
     """Predicted label of each item: the label word with the highest log-probability after the
     prompt (teacher forced, with a leading space; a multi-token word scores its total)."""
     words = GLUE_TASKS.get(task)
@@ -437,7 +445,8 @@ def glue_predictions(model, tokenizer, task: str, items: Sequence[dict], *, batc
     return preds
 
 
-def glue_accuracy(model, tokenizer, task: str, items: Sequence[dict], *, batch_size: int = 16) -> dict:
+def glue_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: str, items: Sequence[dict], *,
+                  batch_size: int = 16) -> dict:
     """Zero-shot accuracy on ``items`` and the predictions (to compare before/after an edit)."""
     preds = glue_predictions(model, tokenizer, task, items, batch_size=batch_size)
     correct = [float(p == int(it["label"])) for p, it in zip(preds, items, strict=False)]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from rlsedit_llm.adapters.spec import get_module, read_weight, write_weight
-from rlsedit_llm.editing.editor import EditConfig
+from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.editing.methods import load_editor, make_editor
 from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.evaluation.results import LayerDeviation, LeaderGap, finite
@@ -32,7 +32,7 @@ class MethodRunner:
     templates; only the solver differs) or an editor-level method such as fine-tuning.
     """
 
-    def __init__(self, name: str, editor: Any):
+    def __init__(self, name: str, editor: Any) -> None:
         self.name, self.editor = name, editor
 
     @property
@@ -96,7 +96,7 @@ class ShadowRunner(MethodRunner):
     solvers it is a solver-only comparison, not their own sequential run.
     """
 
-    def __init__(self, name: str, editor: Any, leader: MethodRunner):
+    def __init__(self, name: str, editor: Any, leader: MethodRunner) -> None:
         if not (is_layer_method(name) and is_layer_method(leader.name)):
             raise HyperparameterError("a shadow and its leader must both be layer-solver methods: an "
                                       "editor-level method (e.g. 'ft') computes no keys or values")

@@ -6,6 +6,8 @@ importing them registers nothing. :mod:`rlsedit_llm.editing.catalog` registers t
 methods, in order, when :mod:`rlsedit_llm` is imported.
 """
 
+from __future__ import annotations
+
 from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver, Step
 from rlsedit_llm.kernel.registry import (

@@ -44,8 +44,9 @@ class NullSpaceLayer(LayerSolver):
     state_tensors = ("W0_", "W_", "P_", "X_")
     state_scalars = LayerSolver.state_scalars + ("ridge", "threshold")
 
-    def __init__(self, W0, alpha, beta, gram0=None, *, dtype=torch.float64, track_information=False,
-                 threshold: float = AlphaEditConfig.threshold, ridge: float = AlphaEditConfig.ridge):
+    def __init__(self, W0: torch.Tensor, alpha: float, beta: float, gram0: torch.Tensor | None = None, *,
+                 dtype: torch.dtype = torch.float64, track_information: bool = False,
+                 threshold: float = AlphaEditConfig.threshold, ridge: float = AlphaEditConfig.ridge) -> None:
         self._init_common(W0, alpha, beta, dtype)
         self.threshold, self.ridge = check_weights("threshold", threshold), check_weights("ridge", ridge)
         if gram0 is None or self.ridge <= 0:
@@ -58,7 +59,7 @@ class NullSpaceLayer(LayerSolver):
         self.P_ = Q @ Q.mT  # projector onto the kept (small-eigenvalue) directions
         self.X_ = torch.zeros_like(self.P_)
 
-    def propose(self, K, V) -> Step:
+    def propose(self, K: torch.Tensor, V: torch.Tensor) -> Step:
         K, V = self._check(K, V)
         X = self.X_ + K.mT @ K
         M = self.P_ @ X + self.ridge * torch.eye(X.shape[0], dtype=X.dtype, device=X.device)

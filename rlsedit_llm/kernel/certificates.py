@@ -36,10 +36,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlsedit_theory.bounds import Bound, Identity
+
+if TYPE_CHECKING:
+    from rlsedit_llm.kernel.protocol import LayerSolver
 
 __all__ = ["Certificate", "LayerCertificate", "layer_certificate", "Deviation", "weight_deviation",
            "layer_deviation", "tolerance_for"]
@@ -179,7 +183,7 @@ def _fro(X: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def layer_certificate(solver, K: torch.Tensor, V: torch.Tensor, held: torch.Tensor, *, layer: int,
+def layer_certificate(solver: Any, K: torch.Tensor, V: torch.Tensor, held: torch.Tensor, *, layer: int,
                       last: tuple[torch.Tensor, torch.Tensor, int] | None = None, n_probes: int = 8,
                       seed: int = 0) -> LayerCertificate:
     """The certificate of one solver (a method that minimises ``J_t`` and keeps ``C_t``).
@@ -302,7 +306,7 @@ def weight_deviation(W0: torch.Tensor, W: torch.Tensor, gram0: torch.Tensor | No
 
 
 @torch.no_grad()
-def layer_deviation(solver, K: torch.Tensor, V: torch.Tensor) -> Deviation:
+def layer_deviation(solver: LayerSolver, K: torch.Tensor, V: torch.Tensor) -> Deviation:
     """:class:`Deviation` of one layer solver whose absorbed rows are ``K (n, d_k)``, ``V (n, d_v)``.
 
     The bounds are given when the solver's class declares ``cumulative_objective`` (its weights

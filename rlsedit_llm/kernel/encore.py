@@ -68,8 +68,9 @@ class EncoreLayer(DenseCumulativeLayer):
     #: ``value`` unset): most-probable early stopping.
     value_defaults = {"stop_when_top1": True}
 
-    def __init__(self, W0, alpha, beta, gram0=None, *, dtype=torch.float64, track_information=False,
-                 norm_weight: float = EncoreConfig.norm_weight):
+    def __init__(self, W0: torch.Tensor, alpha: float, beta: float, gram0: torch.Tensor | None = None, *,
+                 dtype: torch.dtype = torch.float64, track_information: bool = False,
+                 norm_weight: float = EncoreConfig.norm_weight) -> None:
         self.norm_weight = check_weights("norm_weight", norm_weight)
         self._init_common(W0, alpha, beta, dtype)
         self.G_, self.gram0_ = anchor_metric(self.W0_.shape[0], self.alpha + self.norm_weight, self.beta, gram0,

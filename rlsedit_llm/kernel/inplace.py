@@ -58,6 +58,9 @@ The staging costs one ``block x d_k`` buffer per panel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from rlsedit_llm.errors import NotPositiveDefiniteError, ShapeError
@@ -111,7 +114,7 @@ class SymmetricRankUpdate:
     dtype and device.
     """
 
-    def __init__(self, C: torch.Tensor, G: torch.Tensor, alpha: float = 1.0, *, block: int = DEFAULT_BLOCK):
+    def __init__(self, C: torch.Tensor, G: torch.Tensor, alpha: float = 1.0, *, block: int = DEFAULT_BLOCK) -> None:
         if C.ndim != 2 or C.shape[0] != C.shape[1] or C.stride(1) != 1:
             raise ShapeError(f"C must be a square matrix with unit column stride; got shape {tuple(C.shape)}")
         if G.ndim != 2 or G.shape[0] != C.shape[0]:
@@ -150,7 +153,7 @@ class SymmetricRankUpdate:
         return C
 
 
-def finish(run):
+def finish(run: Callable[[], Any]) -> Any:
     """Call ``run`` (a resumable, idempotent step) with Ctrl-C deferred; if it raises, call it again
     to finish, then re-raise (the step is complete either way)."""
     with deferred_interrupts():

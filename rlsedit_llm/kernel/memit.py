@@ -25,7 +25,8 @@ class PerBatchLayer(LayerSolver):
     capabilities = Capabilities()
     state_tensors = ("W0_", "W_", "C_", "gram0_")
 
-    def __init__(self, W0, alpha, beta, gram0=None, *, dtype=torch.float64, track_information=False):
+    def __init__(self, W0: torch.Tensor, alpha: float, beta: float, gram0: torch.Tensor | None = None, *,
+                 dtype: torch.dtype = torch.float64, track_information: bool = False) -> None:
         self._init_common(W0, alpha, beta, dtype)
         d_k = self.W0_.shape[0]
         A, self.gram0_ = anchor_metric(d_k, self.alpha, self.beta, gram0, dtype=dtype, device=self.device)
@@ -33,7 +34,7 @@ class PerBatchLayer(LayerSolver):
         C = torch.cholesky_solve(torch.eye(d_k, dtype=dtype, device=self.device), L)  # A^{-1}
         self.C_ = ((C + C.mT) / 2).contiguous()  # symmetric, row-major (bitwise the same after a reload)
 
-    def propose(self, K, V) -> Step:
+    def propose(self, K: torch.Tensor, V: torch.Tensor) -> Step:
         K, V = self._check(K, V)
         _, W = woodbury_update(self.C_, self.W_, K, V)  # the updated C is dropped: no memory
         return Step(W, {}, K.shape[0])

@@ -27,7 +27,8 @@ class DenseCumulativeLayer(LayerSolver):
     capabilities = Capabilities(cumulative_objective=True)
     state_tensors = ("W0_", "W_", "G_", "gram0_")
 
-    def __init__(self, W0, alpha, beta, gram0=None, *, dtype=torch.float64, track_information=False):
+    def __init__(self, W0: torch.Tensor, alpha: float, beta: float, gram0: torch.Tensor | None = None, *,
+                 dtype: torch.dtype = torch.float64, track_information: bool = False) -> None:
         self._init_common(W0, alpha, beta, dtype)
         self.G_, self.gram0_ = anchor_metric(self.W0_.shape[0], self.alpha, self.beta, gram0,
                                              dtype=dtype, device=self.device)
@@ -36,7 +37,7 @@ class DenseCumulativeLayer(LayerSolver):
         """``cond(G_t)``."""
         return spd_condition(self.G_)
 
-    def propose(self, K, V) -> Step:
+    def propose(self, K: torch.Tensor, V: torch.Tensor) -> Step:
         K, V = self._check(K, V)
         G = self.G_ + K.mT @ K  # (d_k, d_k)
         G = ((G + G.mT) / 2).contiguous()

@@ -101,7 +101,7 @@ class PendingCommit:
     the rest are assignments of values fixed in advance).
     """
 
-    def __init__(self, solver: LayerSolver, updates: list, adopt: dict, scalars: dict, shared: frozenset):
+    def __init__(self, solver: LayerSolver, updates: list, adopt: dict, scalars: dict, shared: frozenset) -> None:
         self.solver = solver
         self.updates = updates  # SymmetricRankUpdate per in-place term
         self.adopt = adopt  # attribute -> tensor (new weights, new state, copied-on-write targets)
@@ -139,7 +139,7 @@ def _take_back(entry, log: list) -> None:
                 SymmetricRankUpdate(update.C, update.G, -update.alpha, block=update.block).run()
 
 
-def check_weights(name: str, value) -> float:
+def check_weights(name: str, value: float) -> float:
     """A regularisation weight: a finite number >= 0."""
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
         raise HyperparameterError(f"{name} must be a finite number >= 0; got {value!r}")
@@ -306,7 +306,7 @@ class LayerSolver(ABC):
             self._shared = frozenset(a for a in self.state_tensors if getattr(self, a, None) is not None)
         return {"method": self.name, "dtype": _dtype_name(self.dtype), "tensors": tensors, "scalars": scalars}
 
-    def load_state_dict(self, state: dict, *, device=None, share: bool = True) -> None:
+    def load_state_dict(self, state: dict, *, device: torch.device | str | None = None, share: bool = True) -> None:
         """Adopt a state from :meth:`state_dict` (moved to ``device`` if given).
 
         ``share=True`` (default): the tensors adopted as they are may be held elsewhere, so each is
@@ -331,7 +331,8 @@ class LayerSolver(ABC):
         self._shared = frozenset(shared)
 
     @classmethod
-    def from_state_dict(cls, state: dict, *, device=None, share: bool = True) -> LayerSolver:
+    def from_state_dict(cls, state: dict, *, device: torch.device | str | None = None,
+                        share: bool = True) -> LayerSolver:
         """A solver rebuilt from :meth:`state_dict` (on ``device`` if given; ``share`` as in
         :meth:`load_state_dict`)."""
         new = object.__new__(cls)

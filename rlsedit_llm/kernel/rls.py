@@ -49,7 +49,8 @@ def _step(C, W, K, V, sign: float, what: str):
     return C_new, W - sign * (gain @ r)
 
 
-def woodbury_update(C: torch.Tensor, W: torch.Tensor, K: torch.Tensor, V: torch.Tensor):
+def woodbury_update(C: torch.Tensor, W: torch.Tensor, K: torch.Tensor,
+                    V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Add the batch ``(K, V)``: return ``(C_t, W_t)`` (inputs untouched).
 
     Mirrors :func:`rlsedit_theory.recursive.woodbury_update`.
@@ -57,7 +58,8 @@ def woodbury_update(C: torch.Tensor, W: torch.Tensor, K: torch.Tensor, V: torch.
     return _step(C, W, K, V, -1.0, "I + K C K^T is not SPD: the state is corrupted")
 
 
-def woodbury_downdate(C: torch.Tensor, W: torch.Tensor, K: torch.Tensor, V: torch.Tensor):
+def woodbury_downdate(C: torch.Tensor, W: torch.Tensor, K: torch.Tensor,
+                      V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Remove the batch ``(K, V)`` added earlier: return ``(C_prev, W_prev)``.
 
     Mirrors :func:`rlsedit_theory.recursive.woodbury_downdate`; raises
@@ -66,7 +68,8 @@ def woodbury_downdate(C: torch.Tensor, W: torch.Tensor, K: torch.Tensor, V: torc
     return _step(C, W, K, V, 1.0, "I - K C K^T is not positive definite: this batch was never added to the state")
 
 
-def anchor_metric(d_k: int, alpha: float, beta: float, gram0: torch.Tensor | None, *, dtype, device):
+def anchor_metric(d_k: int, alpha: float, beta: float, gram0: torch.Tensor | None, *, dtype: torch.dtype,
+                  device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(A, gram0)``: the prior metric ``A = alpha I + beta gram0`` (d_k, d_k) and the
     symmetrised anchor Gram (or None). Mirrors ``rlsedit_theory.Problem.metric``."""
     A = alpha * torch.eye(d_k, dtype=dtype, device=device)
@@ -187,7 +190,7 @@ class LayerRLS(LayerSolver):
     state_tensors = ("W0_", "W_", "C_", "G_", "gram0_")
 
     def __init__(self, W0: torch.Tensor, alpha: float, beta: float, gram0: torch.Tensor | None = None, *,
-                 dtype: torch.dtype = torch.float64, track_information: bool = False):
+                 dtype: torch.dtype = torch.float64, track_information: bool = False) -> None:
         self._init_common(W0, alpha, beta, dtype)
         d_k = self.W0_.shape[0]
         A, self.gram0_ = anchor_metric(d_k, self.alpha, self.beta, gram0, dtype=dtype, device=self.device)

@@ -280,7 +280,7 @@ def corpus_fingerprint(
 # --------------------------------------------------------------------------------------------
 # In-memory corpora: documents passed directly instead of a source
 # --------------------------------------------------------------------------------------------
-def iter_texts(texts) -> Iterable[str]:
+def iter_texts(texts: datasets.Dataset | Iterable[str]) -> Iterable[str]:
     """Yield the documents of a Dataset (its "text" column, read in chunks) or of an iterable."""
     if isinstance(texts, str):
         raise CorpusError("texts must be a collection of documents, not a single string")
@@ -293,7 +293,7 @@ def iter_texts(texts) -> Iterable[str]:
     yield from texts
 
 
-def texts_fingerprint(texts) -> str:
+def texts_fingerprint(texts: datasets.Dataset | Iterable[str]) -> str:
     """SHA-256 over every document of an in-memory corpus (length-prefixed, in order)."""
     h = hashlib.sha256(b"rlsedit-texts-v1")
     for text in iter_texts(texts):

@@ -16,7 +16,7 @@ from rlsedit_llm.pipeline.tokens import input_device
 __all__ = ["setup", "all_reduce_sums", "all_have", "broadcast_int"]
 
 
-def setup(distributed: bool | None, model: nn.Module):
+def setup(distributed: bool | None, model: nn.Module) -> tuple[int, int, torch.device | None]:
     """``(rank, world, device_for_collectives)``; world 1 means single process."""
     import torch.distributed as dist
 
@@ -51,7 +51,7 @@ def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return buf.to(t.device)
 
 
-def all_reduce_sums(sums: dict[int, MomentSum], device) -> dict[int, MomentSum]:
+def all_reduce_sums(sums: dict[int, MomentSum], device: torch.device) -> dict[int, MomentSum]:
     """The sums over all ranks (SUM of totals and counts), on every rank."""
     out = {}
     for layer, s in sums.items():
@@ -61,7 +61,7 @@ def all_reduce_sums(sums: dict[int, MomentSum], device) -> dict[int, MomentSum]:
     return out
 
 
-def all_have(flags: list[bool], device) -> list[bool]:
+def all_have(flags: list[bool], device: torch.device | str | None) -> list[bool]:
     """Per item, whether every rank has it (an all-reduce MIN of the flags)."""
     import torch.distributed as dist
 
@@ -70,7 +70,7 @@ def all_have(flags: list[bool], device) -> list[bool]:
     return [bool(v) for v in buf.cpu().tolist()]
 
 
-def broadcast_int(value: int, device) -> int:
+def broadcast_int(value: int, device: torch.device | str | None) -> int:
     """Rank 0's ``value`` on every rank."""
     import torch.distributed as dist
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from rlsedit_llm.errors import FactError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["Fact", "FactBatch", "as_fact", "as_facts", "validate_facts", "checked_facts", "encode_target"]
 
@@ -101,7 +105,7 @@ def _target_str(value, where: str):
     return value
 
 
-def as_fact(obj) -> Fact:
+def as_fact(obj: Fact | Mapping[str, Any]) -> Fact:
     """Convert a record to a :class:`Fact`.
 
     Accepted inputs
@@ -216,7 +220,7 @@ def as_facts(objs: Iterable) -> list[Fact]:
     return [as_fact(o) for o in objs]
 
 
-def encode_target(tokenizer, target: str) -> list[int]:
+def encode_target(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
     """Token ids of a target as it follows a prompt: the one encoding every path shares.
 
     The rule: ``" " + target.strip()`` (edge whitespace of the record is not part of the answer;
@@ -249,7 +253,7 @@ def _check_text(text, where: str, name: str) -> None:
         raise FactError(f"{where}: {name} holds a NUL character; remove it")
 
 
-def validate_facts(facts, tokenizer) -> None:
+def validate_facts(facts: Iterable[Fact | Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase) -> None:
     """Check a batch of facts before editing; raise :class:`FactError` naming the first bad fact.
 
     Checks: string fields; exactly one ``"{}"`` in the prompt; non-empty subject and target;
@@ -294,7 +298,7 @@ def validate_facts(facts, tokenizer) -> None:
         if not ids:
             raise FactError(f"{where}: the tokenizer encodes the target to no tokens; use another target string")
         decoded = tokenizer.decode(ids)
-        if _squash(decoded) != _squash(f.target):
+        if _squash(decoded) != _squash(f.target):  # type: ignore[arg-type]
             raise FactError(
                 f"{where}: the tokenizer cannot represent the target (it decodes back as {decoded!r}); "
                 f"use characters this tokenizer knows"
@@ -312,12 +316,13 @@ class FactBatch(list):
     """A ``list[Fact]`` already checked by :func:`validate_facts` against ``tokenizer``: the stages
     of one editor call take it without checking it again (the door checks once)."""
 
-    def __init__(self, facts: Iterable[Fact], tokenizer):
+    def __init__(self, facts: Iterable[Fact], tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__(facts)
         self.tokenizer = tokenizer
 
 
-def checked_facts(facts, tokenizer, *, purpose: str = "edit") -> FactBatch:
+def checked_facts(facts: Iterable[Fact | Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase, *,
+                  purpose: str = "edit") -> FactBatch:
     """:func:`as_facts`, at least one fact, :func:`validate_facts`: the entry check of every stage
     that takes facts. Raises :class:`FactError` (``purpose`` names the stage in the message).
     A :class:`FactBatch` checked against the same tokenizer is returned as it is."""

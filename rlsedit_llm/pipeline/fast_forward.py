@@ -131,7 +131,7 @@ class _PrefixCache:
 class FastForward:
     """Re-run only the layers above ``layer``, only from each row's subject position onwards."""
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, layer: int, rows: ValueRows, pad_id: int):
+    def __init__(self, model: nn.Module, spec: ModelSpec, layer: int, rows: ValueRows, pad_id: int) -> None:
         impl = getattr(model.config, "_attn_implementation", None)
         if impl not in SUPPORTED_ATTENTION:
             raise FastPathUnavailable(f"attention implementation {impl!r} (fast path supports {SUPPORTED_ATTENTION})")
@@ -350,7 +350,7 @@ def length_groups(rows: torch.Tensor, length: torch.Tensor, overhead: int = 32) 
 class NaiveForward:
     """The whole model on every row and position, with a hook adding delta after ``layer``."""
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, layer: int, rows: ValueRows, pad_id: int):
+    def __init__(self, model: nn.Module, spec: ModelSpec, layer: int, rows: ValueRows, pad_id: int) -> None:
         self.model = model
         device = input_device(model)
         self.input_ids, self.attn = right_pad(rows.ids, pad_id, device)

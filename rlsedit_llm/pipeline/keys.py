@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +33,9 @@ from rlsedit_llm.adapters.spec import ModelSpec, get_module
 from rlsedit_llm.errors import FactError, HyperparameterError
 from rlsedit_llm.pipeline.facts import Fact, checked_facts
 from rlsedit_llm.pipeline.tokens import bos_prefix, encode_prompt, input_device, needs_bos, pad_id, right_pad
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +129,8 @@ def _sample_texts(model, tokenizer, starts: list[str], length: int, gen: torch.G
     return [tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
 
 
-def generate_templates(model, tokenizer, *, seed: int, n: int = 5, length: int = 10) -> list[str]:
+def generate_templates(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, seed: int, n: int = 5,
+                       length: int = 10) -> list[str]:
     """Context templates: ``["{}"]`` plus ``n`` model-sampled prefixes, each ending in ``". {}"``.
 
     Prefix ``j`` starts with ``TEMPLATE_STARTS[j % 5]`` and continues with up to ``length`` tokens
@@ -157,7 +162,7 @@ def generate_templates(model, tokenizer, *, seed: int, n: int = 5, length: int =
 # --------------------------------------------------------------------------------------------
 # Rows: (template, fact) -> token ids and subject-last position
 # --------------------------------------------------------------------------------------------
-def encode_with_subject(tokenizer, text: str, subj_start: int, subj_end: int, *,
+def encode_with_subject(tokenizer: PreTrainedTokenizerBase, text: str, subj_start: int, subj_end: int, *,
                         bos: bool = False) -> tuple[list[int], int]:
     """Token ids of ``text`` and the index of the token holding the subject's last character.
 
@@ -187,7 +192,7 @@ def _encode_with_subject(tokenizer, text: str, subj_start: int, subj_end: int) -
     return ids, min(len(head), len(ids)) - 1
 
 
-def fact_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], *,
+def fact_rows(tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact], templates: Sequence[str], *,
               bos: bool = False) -> tuple[list[list[int]], list[int]]:
     """Token ids and subject-last positions for every (fact, template) pair, fact-major.
 
@@ -260,7 +265,8 @@ def _run_capture(model, tokenizer, rows, positions, modules: dict, *, outputs: b
 # --------------------------------------------------------------------------------------------
 # Public key functions
 # --------------------------------------------------------------------------------------------
-def compute_keys_multi(model, tokenizer, spec: ModelSpec, layers, facts, templates: Sequence[str], *,
+def compute_keys_multi(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, spec: ModelSpec,
+                       layers: Sequence[int], facts: Iterable[Fact | Mapping[str, Any]], templates: Sequence[str], *,
                        batch_size: int = 64) -> dict[int, torch.Tensor]:
     """Keys of every fact at several layers from shared forward passes.
 
@@ -290,13 +296,15 @@ def compute_keys_multi(model, tokenizer, spec: ModelSpec, layers, facts, templat
     return keys
 
 
-def compute_keys(model, tokenizer, spec: ModelSpec, layer: int, facts, templates: Sequence[str], *,
+def compute_keys(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, layer: int,
+                 facts: Iterable[Fact | Mapping[str, Any]], templates: Sequence[str], *,
                  batch_size: int = 64) -> torch.Tensor:
     """Keys (u, d_k) float32 at one layer; see :func:`compute_keys_multi`."""
     return compute_keys_multi(model, tokenizer, spec, [layer], facts, templates, batch_size=batch_size)[layer]
 
 
-def subject_hidden_states(model, tokenizer, spec: ModelSpec, layer: int, facts, *,
+def subject_hidden_states(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, layer: int,
+                          facts: Iterable[Fact | Mapping[str, Any]], *,
                           batch_size: int = 64) -> torch.Tensor:
     """Output of decoder layer ``layer`` (the residual stream after it) at the subject's last
     token of each fact's bare prompt: (u, d_model) float32 on that layer's device."""

@@ -13,7 +13,7 @@ never run.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from rlsedit_llm.pipeline.tokens import input_device, needs_bos, right_pad
 __all__ = ["check_modules", "input_width", "module_device", "accumulate"]
 
 
-def input_width(module: nn.Module, layer) -> int:
+def input_width(module: nn.Module, layer: int) -> int:
     """``d_k``: the input width of an edited module, decided by module type (never by shape)."""
     if isinstance(module, nn.Linear):
         return int(module.in_features)
@@ -74,7 +74,7 @@ def accumulate(
     start: Mapping[int, MomentSum] | None,
     skip_sequences: int,
     shard: tuple[int, int] = (0, 1),
-    on_checkpoint=None,
+    on_checkpoint: Callable[[int, dict[int, MomentSum]], object] | None = None,
 ) -> dict[int, MomentSum]:
     """Run this shard's sequences of ``plan[skip_sequences:]`` and return the running sums.
 

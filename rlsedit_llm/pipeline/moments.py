@@ -39,7 +39,8 @@ class MomentSum:
         self.count = int(self.count)
 
     @classmethod
-    def zeros(cls, d_k: int, *, device=None, dtype: torch.dtype = torch.float64) -> MomentSum:
+    def zeros(cls, d_k: int, *, device: torch.device | str | None = None,
+              dtype: torch.dtype = torch.float64) -> MomentSum:
         """An empty sum (no token) of width ``d_k``."""
         return cls(torch.zeros(d_k, d_k, dtype=dtype, device=device), 0)
 
@@ -67,7 +68,8 @@ class MomentSum:
         }
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "", *, device=None) -> MomentSum:
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "", *,
+                     device: torch.device | str | None = None) -> MomentSum:
         """Inverse of :meth:`to_tensors`."""
         total = tensors[prefix + "total"]
         count = tensors[prefix + "count"]

@@ -10,13 +10,18 @@ exactly the tokens the value optimisation trains on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlsedit_llm.adapters.residual import transform_logits
 from rlsedit_llm.pipeline.facts import encode_target  # re-exported: editing/finetune.py imports it here
 from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["TargetScore", "encode_target", "score_targets", "logits_at"]
 
@@ -53,7 +58,7 @@ class TargetScore:
 
 
 @torch.no_grad()
-def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+def logits_at(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
               positions: torch.Tensor) -> torch.Tensor:
     """``model(input_ids, attention_mask).logits[rows, positions]`` as float32 (N, vocab), with the
     LM head applied only at those N places: the base model's last hidden state there goes
@@ -61,7 +66,7 @@ def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows
     ``logits_scaling``; the vocabulary projection is most of a small model's forward cost when
     every position is projected). Falls back to the full logits for a model without a
     separate base model and output embedding."""
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings()  # type: ignore[operator]  # a transformers PreTrainedModel method
     base = getattr(model, "base_model", model)
     if head is None or base is model:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -72,7 +77,8 @@ def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows
 
 
 @torch.no_grad()
-def score_targets(model, tokenizer, prompts, targets, *, batch_size: int = 16) -> list[TargetScore]:
+def score_targets(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                  targets: Sequence[str], *, batch_size: int = 16) -> list[TargetScore]:
     """Score ``targets[i]`` after ``prompts[i]`` (both lists of str, same length); prompts start
     with BOS where the model's family needs it (``needs_bos(model)``)."""
     if len(prompts) != len(targets):

@@ -50,8 +50,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -66,6 +67,12 @@ from rlsedit_llm.pipeline.moment_pass import accumulate, check_modules, input_wi
 from rlsedit_llm.pipeline.moments import MomentSum
 from rlsedit_llm.pipeline.stats_cache import FORMAT, default_stats_dir, read_entry, write_entry
 from rlsedit_llm.pipeline.token_stream import OVERFLOW, plan_sequences
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+    from rlsedit_llm.adapters.spec import ModelSpec
 
 __all__ = [
     "MomentSum",  # re-exported from pipeline.moments
@@ -88,9 +95,9 @@ def _check_positive_int(name: str, value) -> int:
 
 def accumulate_second_moments(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     modules: Mapping[int, nn.Module],
-    texts,
+    texts: datasets.Dataset | Iterable[str],
     *,
     max_tokens: int,
     max_length: int = 512,
@@ -185,7 +192,8 @@ def _module_paths(spec_or_paths, layers: list[int]) -> dict[int, str]:
 
 
 def second_moments(
-    model: nn.Module, tokenizer, spec_or_paths, layers: Iterable[int], *, corpus="enwiki_sample",
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec_or_paths: ModelSpec | str | Mapping[int, str],
+    layers: Iterable[int], *, corpus: str | os.PathLike[str] | datasets.Dataset | Sequence[str] = "enwiki_sample",
     n_tokens: int = 100_000, max_length: int = 512, dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None, resume: bool = True, progress: bool = True,
     distributed: bool | None = None, batch_size: int = 8, overflow: str = "split",

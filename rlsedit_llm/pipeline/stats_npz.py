@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +32,9 @@ from rlsedit_llm.adapters.fingerprint import model_fingerprint
 from rlsedit_llm.errors import NonFiniteError, ShapeError, StateMismatchError
 from rlsedit_llm.files import atomic_write_bytes, atomic_write_text, sha256_file
 from rlsedit_llm.pipeline.moments import MomentSum
+
+if TYPE_CHECKING:
+    from rlsedit_llm.adapters.spec import ModelSpec
 
 __all__ = ["read_layer_stats", "write_layer_stats", "stats_file_name", "bind_stats", "load_stats", "export_stats"]
 
@@ -42,7 +47,7 @@ def stats_file_name(module_path: str, n_tokens: int, precision: str = "float32")
     return f"{module_path}_{precision}_mom2_{n_tokens}.npz"
 
 
-def read_layer_stats(path, *, d_k: int) -> MomentSum:
+def read_layer_stats(path: str | os.PathLike[str], *, d_k: int) -> MomentSum:
     """One ROME/MEMIT ``.npz`` as a :class:`MomentSum`, validated for a layer of width ``d_k``.
 
     Raises :class:`ShapeError` (missing keys, wrong shape, count < 1, non-float data),
@@ -78,7 +83,7 @@ def read_layer_stats(path, *, d_k: int) -> MomentSum:
     return MomentSum(T, int(count))
 
 
-def write_layer_stats(moment: MomentSum, path, *, precision: str = "float32") -> Path:
+def write_layer_stats(moment: MomentSum, path: str | os.PathLike[str], *, precision: str = "float32") -> Path:
     """Write ``moment`` as ROME's ``SecondMoment`` state (``mom2.mom2`` sum, ``mom2.count``), atomically."""
     buffer = io.BytesIO()
     arrays: dict[str, Any] = {"mom2.mom2": moment.total.detach().cpu().numpy().astype(precision),
@@ -105,7 +110,7 @@ def _files_by_layer(folder: Path, spec, layers) -> dict[int, Path]:
     return found
 
 
-def bind_stats(model, spec, layers, folder) -> dict:
+def bind_stats(model: torch.nn.Module, spec: ModelSpec, layers: Iterable[int], folder: str | os.PathLike[str]) -> dict:
     """Validate the ``.npz`` files of ``layers`` in ``folder`` against ``model`` and bind them to its
     weights (the sidecar ``rlsedit_stats.json``). Only bind files computed on these weights."""
     folder = Path(folder)
@@ -119,7 +124,8 @@ def bind_stats(model, spec, layers, folder) -> dict:
     return sidecar
 
 
-def load_stats(model, spec, layers, folder, *, dtype=torch.float64) -> dict[int, torch.Tensor]:
+def load_stats(model: torch.nn.Module, spec: ModelSpec, layers: Iterable[int], folder: str | os.PathLike[str], *,
+               dtype: torch.dtype = torch.float64) -> dict[int, torch.Tensor]:
     """``E[k kᵀ]`` per layer from a folder bound to ``model`` by :func:`bind_stats` or
     :func:`export_stats`. Raises :class:`StateMismatchError` for an unbound folder, other weights,
     or files changed since binding."""
@@ -148,7 +154,8 @@ def load_stats(model, spec, layers, folder, *, dtype=torch.float64) -> dict[int,
     return means
 
 
-def export_stats(model, spec, sums: dict[int, MomentSum], folder, *, precision: str = "float32") -> Path:
+def export_stats(model: torch.nn.Module, spec: ModelSpec, sums: dict[int, MomentSum], folder: str | os.PathLike[str], *,
+                 precision: str = "float32") -> Path:
     """Write per-layer sums in ROME's format under ROME's file names, bound to ``model``."""
     folder = Path(folder)
     for layer, moment in sums.items():

@@ -19,12 +19,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlsedit_llm.errors import CorpusError, HyperparameterError
 from rlsedit_llm.pipeline.corpus import iter_texts
 from rlsedit_llm.pipeline.tokens import pad_id
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["OVERFLOW", "Plan", "plan_sequences"]
 
@@ -47,7 +53,8 @@ class Plan:
 
 
 def plan_sequences(
-    tokenizer, texts, *, max_tokens: int, max_length: int, overflow: str, checkpoint_every: float | None
+    tokenizer: PreTrainedTokenizerBase, texts: datasets.Dataset | Iterable[str], *, max_tokens: int, max_length: int,
+    overflow: str, checkpoint_every: float | None
 ) -> Plan:
     """Tokenize documents in order into sequences until exactly ``max_tokens`` tokens."""
     if overflow not in OVERFLOW:

@@ -14,22 +14,26 @@ other continuations are appended without special tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlsedit_llm.adapters.spec import model_device, needs_bos
 from rlsedit_llm.errors import UnsupportedArchitectureError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 __all__ = ["pad_id", "right_pad", "input_device", "needs_bos", "bos_prefix", "encode_prompt"]
 
 
-def pad_id(tokenizer) -> int:
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The tokenizer's pad token, else its EOS token, else 0."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return 0 if pad is None else int(pad)
 
 
-def bos_prefix(tokenizer, bos: bool) -> list[int]:
+def bos_prefix(tokenizer: PreTrainedTokenizerBase, bos: bool) -> list[int]:
     """``[tokenizer.bos_token_id]`` when ``bos``, else ``[]``.
 
     Raises :class:`UnsupportedArchitectureError` when ``bos`` is asked for and the tokenizer has
@@ -44,7 +48,7 @@ def bos_prefix(tokenizer, bos: bool) -> list[int]:
     return [int(token)]
 
 
-def encode_prompt(tokenizer, text: str, *, bos: bool) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, *, bos: bool) -> list[int]:
     """Token ids of a prompt: ``text`` without special tokens, preceded by BOS when ``bos``
     (pass ``needs_bos(spec)`` or ``needs_bos(model)``). Positions in the text's own tokenisation
     shift by ``len(bos_prefix(tokenizer, bos))``."""

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -49,6 +50,11 @@ from rlsedit_llm.pipeline.fast_forward import FastForward, FastPathUnavailable, 
 from rlsedit_llm.pipeline.keys import check_templates, encode_with_subject, fact_rows, template_parts
 from rlsedit_llm.pipeline.tokens import needs_bos, pad_id
 from rlsedit_llm.presets import SMALL_MODEL_D_MODEL, family_presets
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from rlsedit_llm.pipeline.facts import Fact
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +233,8 @@ def _build_rows(tokenizer, facts, templates, config: ValueConfig, *, bos: bool =
 # --------------------------------------------------------------------------------------------
 # The optimisation
 # --------------------------------------------------------------------------------------------
-def compute_values(model, tokenizer, spec: ModelSpec, layer: int, facts, templates: Sequence[str],
+def compute_values(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, layer: int,
+                   facts: Iterable[Fact | Mapping[str, Any]], templates: Sequence[str],
                    config: ValueConfig | None = None, *, naive: bool = False) -> ValueResult:
     """Optimise ``z* = h0 + delta`` for every fact at decoder layer ``layer`` (the last edited layer).
 
