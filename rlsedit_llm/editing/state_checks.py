@@ -4,8 +4,9 @@ A save is user-supplied input: it can be damaged, or written by hand to make thi
 ever, allocate without limit or build an editor that corrupts the model. :func:`validate_state`
 checks every field (tensor names, shapes against the model's edited layers, dtypes and
 finiteness; solver scalars; the value-optimisation settings, bounded; the templates; the journal)
-before the editor is built, so the model is never touched by a bad save.
-:func:`rlsedit_llm.editing.state.read_state` calls it.
+before the editor is built, so the model is never touched by a bad save;
+:func:`check_consistency` cross-checks a manifest against itself and its tensor files first.
+:mod:`rlsedit_llm.editing.state` calls both when it reads a save.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rlsedit_llm.pipeline.values import MAX_VALUE_STEPS
 if TYPE_CHECKING:
     from rlsedit_llm.adapters.spec import ModelSpec
 
-__all__ = ["MAX_COUNT", "MAX_TEMPLATES", "MAX_TEXT_CHARS", "MAX_VALUE_STEPS", "validate_state"]
+__all__ = ["MAX_COUNT", "MAX_TEMPLATES", "MAX_TEXT_CHARS", "MAX_VALUE_STEPS", "check_consistency", "validate_state"]
 
 #: Bounds on what a save may ask of this code: a forged save must not make an edit run for ever
 #: or allocate without limit (the defaults are 25 steps, 6 templates of about 10 tokens).
@@ -268,3 +269,107 @@ def _check_solver(field: str, layer, solver, layers, config, shape, bad, get_met
                 bad(f"{field}.scalars.{name}", f"= {value!r} must be an int >= 0"[:300])
         elif not (_is_real(value) and value >= 0):
             bad(f"{field}.scalars.{name}", f"= {value!r} must be a finite number >= 0"[:300])
+
+
+def _damaged(msg: str) -> NoReturn:
+    raise StateMismatchError(msg + "; the save is damaged or was edited by hand")
+
+
+def check_consistency(manifest: dict, solver_tensors: dict[str, torch.Tensor],
+                      journal_tensors: dict[str, torch.Tensor]) -> None:
+    """Cross-check a (version-2 layout) manifest against itself and the tensors; raise
+    :class:`StateMismatchError` naming the first inconsistency.
+
+    The config against every solver's method and scalars (alpha, beta and the method config's own
+    settings, e.g. AlphaEdit's threshold), the layers, edit ids
+    (ints, unique, increasing, below ``next_id``), every solver's row count against the journal's
+    rows, every journal entry's tensors (present, ``(rows, d_k)`` / ``(rows, d_v)``), every solver's
+    W0 and W ``(d_k, d_v)``."""
+    from rlsedit_llm.editing.config import EditConfig
+    from rlsedit_llm.errors import RLSEditError
+
+    bad = _damaged
+    try:
+        config = EditConfig.from_dict(manifest["config"])
+        config.validate()
+    except (RLSEditError, TypeError, KeyError, ValueError) as exc:
+        bad(f"the saved config is invalid ({exc})")
+    layers = manifest["layers"]
+    if not (isinstance(layers, list) and all(type(l) is int for l in layers)):
+        bad(f"layers must be a list of ints; got {layers!r}")
+    if config.layers is not None and list(config.layers) != layers:
+        bad(f"the config's layers {list(config.layers)} differ from the saved layers {layers}")
+    next_id = manifest["next_id"]
+    if type(next_id) is not int or next_id < 0:
+        bad(f"next_id must be an int >= 0; got {next_id!r}")
+    templates = manifest["templates"]
+    if templates is not None and not (isinstance(templates, list) and all(isinstance(t, str) for t in templates)):
+        bad("templates must be a list of strings")
+    shape = (manifest["spec"]["d_k"], manifest["spec"]["d_model"])
+    journal = manifest["journal"]
+    if not isinstance(journal, list):
+        bad("the journal must be a list")
+    _check_edit_ids([e["edit_id"] for e in journal], next_id)
+    solvers = manifest["solvers"]
+    if not isinstance(solvers, dict):
+        bad("solvers must be a mapping layer -> solver")
+    if solvers and sorted(int(k) for k in solvers) != layers:
+        bad(f"solvers saved for layers {sorted(int(k) for k in solvers)}, expected {layers}")
+    if not solvers and journal:
+        bad("the journal holds edits but no solver state was saved")
+    rows = _check_journal(journal, journal_tensors, layers, shape)
+    for key, meta in solvers.items():
+        _check_saved_solver(key, meta, solver_tensors, config, rows, shape)
+
+
+def _check_edit_ids(ids: list, next_id: int) -> None:
+    """Edit ids: ints, unique, increasing, in ``[0, next_id)``."""
+    if not all(type(i) is int for i in ids):
+        _damaged(f"edit ids must be ints; got {ids}")
+    if ids != sorted(set(ids)):
+        _damaged(f"edit ids must be unique and increasing; got {ids}")
+    if ids and not (0 <= ids[0] and ids[-1] < next_id):
+        _damaged(f"edit ids {ids} must lie in [0, next_id = {next_id})")
+
+
+def _check_journal(journal: list, journal_tensors: dict[str, torch.Tensor], layers: list[int],
+                   shape: tuple[int, int]) -> int:
+    """Every journal entry's facts and tensors; returns the journal's total number of rows."""
+    bad, (d_k, d_v) = _damaged, shape
+    rows = 0
+    for entry in journal:
+        eid, facts = entry["edit_id"], entry["facts"]
+        if not (isinstance(facts, list) and facts and all(isinstance(f, dict) for f in facts)):
+            bad(f"edit {eid}: facts must be a non-empty list of records")
+        if sorted(entry["layers"]) != layers:
+            bad(f"edit {eid}: keys saved for layers {entry['layers']}, expected {layers}")
+        for l in entry["layers"]:
+            K, V = journal_tensors.get(f"edit{eid}.layer{l}.K"), journal_tensors.get(f"edit{eid}.layer{l}.V")
+            if K is None or V is None:
+                bad(f"the journal file lacks the keys or values of edit {eid} at layer {l}")
+            if tuple(K.shape) != (len(facts), d_k) or tuple(V.shape) != (len(facts), d_v):
+                bad(f"edit {eid}, layer {l}: keys {tuple(K.shape)} and values {tuple(V.shape)} do not fit "
+                    f"{len(facts)} fact(s) and ({d_k}, {d_v}) weights")
+        rows += len(facts)
+    return rows
+
+
+def _check_saved_solver(key: str, meta: dict, solver_tensors: dict[str, torch.Tensor], config, rows: int,
+                        shape: tuple[int, int]) -> None:
+    """One solver's method and scalars against the config and the journal, and its W0 and W."""
+    bad = _damaged
+    if meta.get("method") != config.method:
+        bad(f"layer {key}: solver of method {meta.get('method')!r}, config says {config.method!r}")
+    scalars = meta["scalars"]
+    for name in ("alpha", "beta"):
+        if scalars.get(name) != getattr(config, name):
+            bad(f"layer {key}: solver {name} = {scalars.get(name)!r}, config {name} = {getattr(config, name)!r}")
+    for name, value in config.resolved_method_config().to_dict().items():  # the method's own settings
+        if name in scalars and scalars[name] != value:
+            bad(f"layer {key}: solver {name} = {scalars[name]!r}, the method config's {name} = {value!r}")
+    if scalars.get("n_rows") != rows:
+        bad(f"layer {key}: the solver holds {scalars.get('n_rows')!r} rows, the journal {rows}")
+    for name in ("W0", "W"):
+        t = solver_tensors.get(f"layer{key}.{name}")
+        if t is None or tuple(t.shape) != shape:
+            bad(f"layer {key}: {name} missing or not {shape}")

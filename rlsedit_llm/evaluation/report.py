@@ -112,9 +112,9 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
         w.writerows(rows)
 
 
-def write_report(results: Results, out: str | Path) -> None:
-    """Write ``summary.csv``, ``curves.csv``, ``deviation.csv``, ``results.md`` and the PNG
-    figures of ``results`` into ``out`` (partial results are reported as such)."""
+def write_report(results: Results, out: str | Path, *, figures: bool = True) -> None:
+    """Write ``summary.csv``, ``curves.csv``, ``deviation.csv``, ``results.md`` and (``figures``)
+    the PNG figures of ``results`` into ``out`` (partial results are reported as such)."""
     out = Path(out)
     methods = results.methods
     rows = [_method_row(n, r) for n, r in methods.items()]
@@ -129,7 +129,7 @@ def write_report(results: Results, out: str | Path) -> None:
     deviation = [[name, p.edits, layer, *(getattr(d, k) for k in _DEVIATION_KEYS)]
                  for name, rec in methods.items() for p in rec.checkpoints for layer, d in p.deviation.items()]
     _write_csv(out / "deviation.csv", ["method", "edits", "layer", *_DEVIATION_KEYS], deviation)
-    if any(r.immediate for r in methods.values()):
+    if figures and any(r.immediate for r in methods.values()):
         plots.plot_scores(results, out / "scores.png")
         plots.plot_retention(results, out / "retention.png")
         plots.plot_deviation(results, out / "deviation.png")
