@@ -9,7 +9,7 @@ from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.pipeline.values import ValueConfig
 
-__all__ = ["STREAM", "FIRST", "NEXT", "OTHER", "small_config", "FAST_VALUE", "fast_config"]
+__all__ = ["STREAM", "FIRST", "NEXT", "OTHER", "small_config", "FAST_VALUE", "fast_config", "random_model_config"]
 
 #: Four batches of a stream (the second holds two facts); every fact has a relation, so a later
 #: fact for the same subject and relation replaces an earlier one.
@@ -39,6 +39,16 @@ def fast_config(tmp_path, **changes) -> EditConfig:
     no replacement: the settings of the benchmark and rival tests (``changes`` override them)."""
     settings = dict(stats_tokens=3000, stats_max_length=128, cache_dir=str(tmp_path / "stats"), n_templates=2,
                     template_length=4, value=FAST_VALUE, replace=False)
+    settings.update(changes)
+    return EditConfig(**settings)
+
+
+def random_model_config(tmp_path, **changes) -> EditConfig:
+    """Settings for edits that must take on tiny *random* models (the family tests): a light
+    anchor (``N = 1``), a small ``alpha`` and a loose clamp, since random models need large
+    hidden-state changes."""
+    settings = dict(alpha=1e-3, mom2_weight=1.0, stats_tokens=2000, stats_max_length=64, cache_dir=str(tmp_path),
+                    n_templates=2, template_length=4, value=ValueConfig(lr=0.5, steps=40, clamp_norm_factor=4.0))
     settings.update(changes)
     return EditConfig(**settings)
 

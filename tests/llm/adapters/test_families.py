@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import rlsedit_llm
-from rlsedit_llm import EditConfig, Editor, ValueConfig
+from rlsedit_llm import Editor, ValueConfig
 from rlsedit_llm.adapters.residual import final_logits, module_target, residual_contribution
 from rlsedit_llm.adapters.spec import (
     KNOWN_FAMILIES,
@@ -26,6 +26,7 @@ from rlsedit_llm.errors import ShapeError, UnsupportedArchitectureError
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.pipeline.scoring import encode_target
 from rlsedit_llm.pipeline.values import compute_values
+from tests.helpers import random_model_config as _config
 from tests.llm.conftest import counterfact_stream
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
@@ -408,14 +409,6 @@ TINY_FACTS = [
     {"prompt": "we saw {}", "subject": "the old cat", "target": "paris"},
     {"prompt": "they sold {}", "subject": "the long table", "target": "wood"},
 ]
-
-
-def _config(tmp_path, **kw):
-    base = dict(alpha=1e-3, mom2_weight=1.0, stats_tokens=2000, stats_max_length=64,
-                cache_dir=str(tmp_path), n_templates=2, template_length=4,
-                value=ValueConfig(lr=0.5, steps=40, clamp_norm_factor=4.0))
-    base.update(kw)
-    return EditConfig(**base)
 
 
 def _top1(model, tok, fact) -> bool:

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import rlsedit_llm
-from rlsedit_llm import EditConfig, Editor, ValueConfig
+from rlsedit_llm import Editor
 from rlsedit_llm.adapters.spec import SUPPORTED_FAMILIES, get_module, read_weight
 from rlsedit_llm.pipeline.facts import encode_target
 from rlsedit_theory import Problem, closed_form
+from tests.helpers import random_model_config as _config
 from tests.llm.conftest import counterfact_stream
 
 # Random tiny models carry little through attention, so the subject ends the prompt here.
@@ -19,15 +20,6 @@ TINY_FACTS = [
     {"prompt": "they sold {}", "subject": "the long table", "target": "wood"},
 ]
 FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"]
-
-
-def _config(tmp_path, **kw):
-    # A light anchor (N = 1) and a loose clamp: random models need large hidden changes.
-    base = dict(alpha=1e-3, mom2_weight=1.0, stats_tokens=2000, stats_max_length=64,
-                cache_dir=str(tmp_path), n_templates=2, template_length=4,
-                value=ValueConfig(lr=0.5, steps=40, clamp_norm_factor=4.0))
-    base.update(kw)
-    return EditConfig(**base)
 
 
 def _top1(model, tok, fact) -> bool:

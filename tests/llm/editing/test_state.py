@@ -333,14 +333,21 @@ def _check_complete_save(directory, candidates: dict[tuple, Editor]):
     _assert_same_state(candidates[ids], loaded)
 
 
-@pytest.mark.parametrize("use_exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
-def test_killing_a_saving_process_leaves_the_previous_or_the_new_save(stats_dir, tmp_path, use_exchange):
-    ctx = _fork_context()
+def _two_states(stats_dir, tmp_path):
+    """Editor ``a`` (two edits) saved in ``tmp_path/state``, and ``b``: that save loaded with edit 0
+    undone; the two states a killed save must leave one of."""
     a = _edited(stats_dir, n_edits=2)
     directory = tmp_path / "state"
     a.save(directory)
     b = Editor.load(tiny_model("llama")[0], a.tokenizer, directory)
     b.undo(0)
+    return a, b, directory
+
+
+@pytest.mark.parametrize("use_exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_killing_a_saving_process_leaves_the_previous_or_the_new_save(stats_dir, tmp_path, use_exchange):
+    ctx = _fork_context()
+    a, b, directory = _two_states(stats_dir, tmp_path)
     candidates = {(0, 1): a, (1,): b}
 
     rng = random.Random(1234)
@@ -366,11 +373,7 @@ def test_killing_a_saving_process_leaves_the_previous_or_the_new_save(stats_dir,
 
 def test_kill_between_the_two_renames_recovers_the_previous_save(stats_dir, tmp_path):
     ctx = _fork_context()
-    a = _edited(stats_dir, n_edits=2)
-    directory = tmp_path / "state"
-    a.save(directory)
-    b = Editor.load(tiny_model("llama")[0], a.tokenizer, directory)
-    b.undo(0)
+    a, b, directory = _two_states(stats_dir, tmp_path)
 
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_stop_in_the_rename_window, args=(b, directory, child))
