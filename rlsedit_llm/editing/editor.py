@@ -12,7 +12,7 @@ One :class:`Editor` per model. Each call to :meth:`Editor.edit` takes a batch of
    (:class:`~rlsedit_llm.kernel.rls.LayerRLS`, the verified recursion, by default), whose state
    persists across calls, and writes the new weights into the model.
 
-Facts are checked once, at the door (:mod:`rlsedit_llm.editing.intake`), and passed down as a
+Facts are checked once, at the door (:func:`~rlsedit_llm.pipeline.facts.checked_facts`), and passed down as a
 ``list[Fact]``. Every call is a transaction (:mod:`rlsedit_llm.editing.transaction`): whatever exception or signal
 arrives at any bytecode (bad fact, NaN, out of memory, Ctrl-C), the model's weights and the
 editor's state are either exactly as before the call or exactly as after it.
@@ -50,7 +50,7 @@ from rlsedit_llm.adapters.spec import detect_spec, get_module, read_weight, writ
 from rlsedit_llm.editing import inspection, persistence
 from rlsedit_llm.editing.config import EditConfig, anchor_gram
 from rlsedit_llm.editing.guard import Ownership, guard_of, named_tensors, tensor_digests
-from rlsedit_llm.editing.intake import admit_facts, check_batch, fact_slot
+from rlsedit_llm.editing.intake import check_batch, fact_slot
 from rlsedit_llm.editing.reports import EditRecord, EditReport, FactReport
 from rlsedit_llm.editing.statistics import check_absorption, layer_moments
 from rlsedit_llm.editing.transaction import Transaction
@@ -60,7 +60,7 @@ from rlsedit_llm.kernel.certificates import Certificate, Deviation
 from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver
 from rlsedit_llm.kernel.registry import is_layer_method, solver_class
 from rlsedit_llm.memory import MemoryPlan, check_fits
-from rlsedit_llm.pipeline.facts import Fact
+from rlsedit_llm.pipeline.facts import Fact, checked_facts
 from rlsedit_llm.pipeline.keys import compute_keys, generate_templates, subject_hidden_states
 from rlsedit_llm.pipeline.scoring import score_targets
 from rlsedit_llm.pipeline.values import anchor_norms, compute_values, default_value_config
@@ -206,7 +206,7 @@ class Editor:
         ``facts``: :class:`Fact` objects, dicts with prompt/subject/target, CounterFact or zsRE
         records. Raises :class:`FactError` (and leaves everything unchanged) for bad facts.
         """
-        facts = admit_facts(facts, self.tokenizer)
+        facts = checked_facts(facts, self.tokenizer)  # the door: checked once, a FactBatch from here on
         check_batch(facts, self.tokenizer, self.model, self.config,
                     replaces=self.config.replace and self.capabilities.retracts)
         seconds: dict[str, float] = {}
@@ -229,7 +229,7 @@ class Editor:
         retracted (``replace`` is not applied). Transactional like :meth:`edit`; shapes and
         finiteness are checked first.
         """
-        facts = admit_facts(facts, self.tokenizer, action="absorb")
+        facts = checked_facts(facts, self.tokenizer, purpose="absorb")
         if not (isinstance(keys, dict) and isinstance(values, dict)):
             raise ShapeError("keys and values must be dicts layer -> tensor (u, d_k) / (u, d_v)")
         with self._owning("absorb"):
@@ -477,22 +477,12 @@ class Editor:
         tensors, kept valid as a snapshot); see :func:`rlsedit_llm.editing.persistence.state_dict`."""
         return persistence.state_dict(self)
 
-    def _state_dict(self, *, snapshot: bool = True) -> dict:
-        return persistence.gather_state(self, snapshot=snapshot)
-
     @classmethod
     def from_state_dict(cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, state: dict, *,
                         take_over: bool = False) -> Editor:
         """Rebuild an editor from :meth:`state_dict` and write its weights into ``model`` (all or
         nothing; see :func:`rlsedit_llm.editing.persistence.from_state_dict`)."""
         return persistence.from_state_dict(cls, model, tokenizer, state, take_over=take_over)
-
-    @classmethod
-    def _from_state_dict(cls, model, tokenizer, state: dict, take_over: bool, share: bool = True) -> Editor:
-        return persistence.rebuild(cls, model, tokenizer, state, take_over, share)
-
-    def _install(self, guard, take_over: bool, *, edited_fingerprint: str | None = None) -> None:
-        persistence.install(self, guard, take_over, edited_fingerprint=edited_fingerprint)
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write the whole lifelong state to ``directory`` atomically; see

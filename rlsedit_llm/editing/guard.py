@@ -117,19 +117,7 @@ class Ownership:
 
     def refuse_if_owned(self, take_over: bool, action: str) -> None:
         """OwnershipError if another editor owns the model and its edits are still in it."""
-        owner = self.guard.owner
-        if owner is None or owner is self._editor() or take_over or owner.ownership.mismatch() is not None:
-            return
-        raise OwnershipError(
-            f"cannot {action}: this model is owned by another editor ({owner.ownership.describe()}) whose state "
-            f"the model holds; two editors on one model overwrite each other's writes. Continue with that editor "
-            f"(rlsedit_llm.editor_of(model) for the one rlsedit_llm.edit keeps), call its release(), or take the "
-            f"model over explicitly (take_over=True)")
-
-    def refuse_reentry(self, action: str) -> None:
-        if self.guard.busy:
-            raise OwnershipError(f"cannot {action}: another editor call on this model is running in this "
-                                 f"thread (a re-entrant call from a hook or callback); call it afterwards")
+        refuse_foreign_owner(self.guard, self._editor(), take_over, action)
 
     @contextmanager
     def call(self, action: str, *, claim: bool = True, check: Callable[[], None]) -> Iterator[None]:
@@ -139,7 +127,7 @@ class Ownership:
         points (:func:`~rlsedit_llm.interrupts.poll_interrupts`) or when it ends."""
         guard = self.guard
         with deferred_interrupts(), guard.lock:
-            self.refuse_reentry(action)
+            refuse_reentry(guard, action)
             if self.displaced:
                 raise OwnershipError(f"cannot {action}: another editor took this model over (take_over=True); "
                                      f"this editor may no longer change it. Call its take_over() to take the "
@@ -167,6 +155,26 @@ class Ownership:
         with guard.lock:
             if guard.owner is self._editor():
                 guard.owner = None
+
+
+def refuse_reentry(guard: ModelGuard, action: str) -> None:
+    """OwnershipError if a state-changing call on the model is already running in this thread."""
+    if guard.busy:
+        raise OwnershipError(f"cannot {action}: another editor call on this model is running in this "
+                             f"thread (a re-entrant call from a hook or callback); call it afterwards")
+
+
+def refuse_foreign_owner(guard: ModelGuard, editor: Any, take_over: bool, action: str, *, hint: str = "") -> None:
+    """OwnershipError if an editor other than ``editor`` (None: any) owns the model and the model
+    still holds its state, unless ``take_over``. ``hint`` adds a likely cause to the message."""
+    owner = guard.owner
+    if owner is None or owner is editor or take_over or owner.ownership.mismatch() is not None:
+        return
+    raise OwnershipError(
+        f"cannot {action}: this model is owned by another editor ({owner.ownership.describe()}) whose state "
+        f"the model holds{hint}; two editors on one model overwrite each other's writes. Continue with that "
+        f"editor (rlsedit_llm.editor_of(model) for the one rlsedit_llm.edit keeps), call its release(), or take "
+        f"the model over explicitly (take_over=True)")
 
 
 class _OneTensor(torch.nn.Module):

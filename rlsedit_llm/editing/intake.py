@@ -1,16 +1,15 @@
-"""The door of every editor call that takes facts: user input checked once, then passed down as
-``list[Fact]`` (the pipeline's stages trust it).
+"""The editor's checks of a batch beyond the facts themselves.
 
-:func:`admit_facts` turns what the user gave (Fact objects, dicts, CounterFact or zsRE records)
-into facts, refuses an empty batch, checks every fact against the tokenizer and the model's
-positions, and, when the editor replaces earlier facts, refuses two facts for one
-(subject, relation) in a batch. Each refusal is a :class:`~rlsedit_llm.errors.FactError` naming
+The facts are checked once, at the door of every editor call, by
+:func:`~rlsedit_llm.pipeline.facts.checked_facts` (a :class:`~rlsedit_llm.pipeline.facts.FactBatch`
+from there on, which the pipeline's stages do not check again). :func:`check_batch` then checks
+the batch against the model's positions and, when the editor replaces earlier facts, refuses two
+facts for one (subject, relation) in a batch. Each refusal is a :class:`~rlsedit_llm.errors.FactError` naming
 the fact; nothing has been changed when it is raised.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,23 +17,17 @@ import torch
 from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.editing.statistics import max_positions
 from rlsedit_llm.errors import FactError
-from rlsedit_llm.pipeline.facts import Fact, FactBatch, checked_facts, encode_target
+from rlsedit_llm.pipeline.facts import Fact, encode_target
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["admit_facts", "check_batch", "fact_slot"]
+__all__ = ["check_batch", "fact_slot"]
 
 
 def fact_slot(fact: Fact) -> tuple[str, str]:
     """What a later fact replaces: the same subject and relation (or prompt, without a relation)."""
     return (fact.subject, fact.relation_id or fact.prompt)
-
-
-def admit_facts(facts: Iterable, tokenizer: PreTrainedTokenizerBase, *, action: str = "edit") -> FactBatch:
-    """``facts`` as a non-empty ``list[Fact]`` checked against ``tokenizer`` (a
-    :class:`~rlsedit_llm.pipeline.facts.FactBatch`, which the pipeline's stages do not check again)."""
-    return checked_facts(facts, tokenizer, purpose=action)
 
 
 def check_batch(facts: list[Fact], tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module, config: EditConfig, *,

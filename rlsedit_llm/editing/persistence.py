@@ -19,11 +19,11 @@ from rlsedit_llm.adapters.fingerprint import model_fingerprint
 from rlsedit_llm.adapters.spec import read_weight, write_weight
 from rlsedit_llm.editing import state as state_io
 from rlsedit_llm.editing.config import EditConfig
-from rlsedit_llm.editing.guard import guard_of, tensor_digests
+from rlsedit_llm.editing.guard import guard_of, refuse_foreign_owner, refuse_reentry, tensor_digests
 from rlsedit_llm.editing.packs import write_edit_pack
 from rlsedit_llm.editing.reports import EditRecord
 from rlsedit_llm.editing.save_paths import state_path
-from rlsedit_llm.errors import OwnershipError, StateMismatchError
+from rlsedit_llm.errors import StateMismatchError
 from rlsedit_llm.interrupts import deferred_interrupts
 from rlsedit_llm.kernel.registry import solver_class
 from rlsedit_llm.pipeline.values import ValueConfig
@@ -164,19 +164,13 @@ def load(cls: type[Editor], model: torch.nn.Module, tokenizer: PreTrainedTokeniz
     """
     guard = guard_of(model)
     with deferred_interrupts(), guard.lock:
-        if guard.busy:
-            raise OwnershipError("cannot load an editor state: another editor call on this model is running "
-                                 "in this thread")
+        refuse_reentry(guard, "load an editor state")
         state, mode = state_io.read_state(directory, model)  # refuses a save of another model first
-        owner = guard.owner
-        if owner is not None and not take_over and owner.ownership.mismatch() is None:
-            raise OwnershipError(
-                f"cannot load an editor state: this model is owned by another editor ({owner.ownership.describe()}) "
-                f"whose state the model holds (a save loaded twice onto one model?). "
-                f"Continue with that editor, call its release(), or pass take_over=True")
+        refuse_foreign_owner(guard, None, take_over, "load an editor state",
+                             hint=" (a save loaded twice onto one model?)")
         editor = rebuild(cls, model, tokenizer, state, True, share=False)  # fresh from the files
         install(editor, guard, take_over,
-                        edited_fingerprint=state["edited_fingerprint"] if mode == "base" else None)
+                edited_fingerprint=state["edited_fingerprint"] if mode == "base" else None)
     log.info("loaded editor state (%d edits, layers %s) from %s onto the %s model",
              len(editor.journal_), list(editor.layers_), directory, mode)
     return editor
