@@ -1,6 +1,8 @@
 """rlsedit_theory: the exact RLSEdit objective, closed form and recursion in NumPy/SciPy (float64).
 
-Row-key convention: ``W (d_k, d_v)``, edit batch ``K (u, d_k)``, ``V (u, d_v)``, fit ``K W ~ V``.
+Row-key convention: ``W (d_k, d_v)``, edit batch ``K (u, d_k)``, ``V (u, d_v)``, fit ``K W ~ V``;
+optional positive per-row (per-fact) weights ``omega (u,)`` weight the batch's misfit by
+``Omega = diag(omega)`` (``weights=`` everywhere; applied by row scaling, :func:`scale_rows`).
 """
 
 from .errors import (
@@ -19,8 +21,9 @@ from .objective import (
     objective,
     objective_terms,
     stack_edits,
+    weighted_edits,
 )
-from .problem import Problem
+from .problem import Problem, check_row_weights, scale_rows
 from .recursive import RecursiveLS, StepInfo, woodbury_downdate, woodbury_update
 from .reference import DenseCumulative, HardWrite, NullSpaceProjection, PerBatchReset, run_stream
 
@@ -34,6 +37,9 @@ __all__ = [
     "normal_rhs",
     "closed_form",
     "stack_edits",
+    "weighted_edits",
+    "check_row_weights",
+    "scale_rows",
     "RecursiveLS",
     "StepInfo",
     "woodbury_update",

@@ -9,6 +9,13 @@ The regulariser of the cumulative objective is
 
 a quadratic with Hessian ``2 A`` where ``A = alpha I + beta K0^T K0`` is the *preservation
 metric*. It must be positive definite for the problem to have a unique minimiser.
+
+Per-fact (per-row) weights. An edit batch may carry positive weights ``omega (u,)``, one per row;
+its term in the objective is then ``||Omega^{1/2} (K W - V)||_F^2`` with ``Omega = diag(omega)``.
+That is exactly the unweighted term of the row-scaled batch ``(Omega^{1/2} K, Omega^{1/2} V)``
+(row-scaling lemma, proofs/weights.md), so every function of the package handles weights by
+:func:`scale_rows` and then runs its unweighted code. ``omega = 1`` scales by exactly ``1.0``, so
+it reproduces the unweighted results bit for bit.
 """
 
 from __future__ import annotations
@@ -19,7 +26,15 @@ from numpy.typing import ArrayLike
 
 from .errors import HyperparameterError, NonFiniteError, NotPositiveDefiniteError, ShapeError
 
-__all__ = ["Problem", "as_matrix", "check_batch", "check_weight"]
+__all__ = [
+    "Problem",
+    "as_matrix",
+    "check_batch",
+    "check_weight",
+    "check_row_weights",
+    "scale_rows",
+    "weighted_batch",
+]
 
 
 def as_matrix(x: ArrayLike, name: str, *, shape: tuple | None = None) -> np.ndarray:
@@ -69,6 +84,72 @@ def check_weight(x: float, name: str) -> float:
     if not np.isfinite(value) or value < 0:
         raise HyperparameterError(f"{name} must be finite and >= 0; got {value}")
     return value
+
+
+def check_row_weights(weights: ArrayLike | None, u: int, name: str = "weights") -> np.ndarray:
+    """Validate the per-row weights of a batch of ``u`` rows; return them as ``omega (u,)`` float64.
+
+    ``None`` means weight 1 on every row; a scalar is the same weight on every row; otherwise a
+    1-D array with one entry per row. Every weight must be finite and ``> 0``.
+
+    Raises
+    ------
+    ShapeError
+        Not numeric, not 0-D or 1-D, or not one weight per row.
+    NonFiniteError
+        A weight is NaN or infinite.
+    HyperparameterError
+        A weight is ``<= 0`` (a zero weight is no constraint: leave the row out, or downdate it).
+    """
+    if weights is None:
+        return np.ones(u)
+    try:
+        omega = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ShapeError(f"{name} must be numeric (one weight per row); got {type(weights).__name__}") from exc
+    if omega.ndim == 0:
+        omega = np.full(u, float(omega))
+    if omega.ndim != 1 or omega.shape[0] != u:
+        raise ShapeError(f"{name} must hold one weight per row of the batch ({u}); got shape {omega.shape}")
+    if not np.all(np.isfinite(omega)):
+        raise NonFiniteError(f"{name} contains NaN or infinity; every weight must be finite")
+    if not np.all(omega > 0):
+        bad = float(omega[~(omega > 0)][0])
+        raise HyperparameterError(
+            f"{name} must be > 0 on every row; got {bad:g} (to drop a fact, leave it out or downdate it)"
+        )
+    return omega
+
+
+def scale_rows(K: np.ndarray, V: np.ndarray, omega: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The row-scaled batch ``(Omega^{1/2} K, Omega^{1/2} V)`` for validated ``omega (u,)``.
+
+    ``||Omega^{1/2}(K W - V)||_F^2 = ||(Omega^{1/2} K) W - Omega^{1/2} V||_F^2`` for every ``W``
+    (the row-scaling lemma), so the weighted problem is the unweighted one on these rows.
+    ``omega=None`` returns ``(K, V)`` themselves. Raises :class:`NonFiniteError` if the scaled
+    rows overflow.
+    """
+    if omega is None:
+        return K, V
+    root = np.sqrt(omega)[:, None]  # (u, 1)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, typed
+        Ks, Vs = root * K, root * V  # (u, d_k), (u, d_v)
+    if not (np.all(np.isfinite(Ks)) and np.all(np.isfinite(Vs))):
+        raise NonFiniteError("the weighted rows sqrt(omega) * K, sqrt(omega) * V overflow; use smaller weights")
+    return Ks, Vs
+
+
+def weighted_batch(K: np.ndarray, V: np.ndarray, weights: ArrayLike | None, d_k: int,
+                   d_v: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a batch and its row weights; return the row-scaled batch.
+
+    ``K (u, d_k)``, ``V (u, d_v)``, ``weights`` as in :func:`check_row_weights`. With
+    ``weights=None`` this is :func:`check_batch` (the rows are not touched).
+    """
+    K, V = check_batch(K, V, d_k, d_v)
+    if weights is None:
+        return K, V
+    return scale_rows(K, V, check_row_weights(weights, K.shape[0]))
 
 
 class Problem:
@@ -184,6 +265,14 @@ class Problem:
     def check_batch(self, K: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Validate an edit batch against this problem's sizes."""
         return check_batch(K, V, self.d_k, self.d_v)
+
+    def weighted_batch(self, K: np.ndarray, V: np.ndarray,
+                       weights: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Validate an edit batch and its row weights; return ``(Omega^{1/2} K, Omega^{1/2} V)``.
+
+        See :func:`weighted_batch`; ``weights=None`` returns what :meth:`check_batch` returns.
+        """
+        return weighted_batch(K, V, weights, self.d_k, self.d_v)
 
     def __repr__(self) -> str:
         return (

@@ -14,6 +14,13 @@ for a stream. With ``C_{t-1} = G_{t-1}^{-1}`` and ``W_{t-1}`` the minimiser of `
 The downdate removes a batch that was added before: the same with ``S = I - K F`` and the signs
 flipped.
 
+Per-row weights ``omega (u,)`` (``Omega = diag(omega)``, positive) enter by row scaling: the step
+runs on ``(Omega^{1/2} K, Omega^{1/2} V)``, which is the Woodbury step for
+``G_t = G_{t-1} + K^T Omega K`` and ``B_t = B_{t-1} + K^T Omega V`` (proofs/weights.md). So
+``S = I + Omega^{1/2} K C K^T Omega^{1/2}``, the innovation is ``Omega^{1/2} r`` and the gain is
+``C_t K^T Omega^{1/2}``; ``W_t = W_{t-1} + gain @ innovation`` as before. A weighted batch is
+removed by a downdate with the same weights.
+
 Memory traffic. For large ``d_k`` a step is bound by reading and writing the ``d_k x d_k`` matrix
 ``C``, so the ``C`` update is written as ``C -/+ G G^T`` with ``G = F R^{-T}`` (``S = R R^T``),
 applied by one BLAS ``dgemm`` to a fresh copy of ``C``: no other ``d_k^2`` temporaries and no
@@ -29,15 +36,21 @@ from typing import NamedTuple
 import numpy as np
 import scipy.linalg
 import scipy.linalg.blas
+from numpy.typing import ArrayLike
 
 from .errors import NotPositiveDefiniteError, ShapeError
-from .problem import Problem
+from .problem import Problem, check_row_weights, scale_rows
 
 __all__ = ["StepInfo", "woodbury_update", "woodbury_downdate", "RecursiveLS"]
 
 
 class StepInfo(NamedTuple):
-    """What one step used, for the bounds of T2/T4/T5."""
+    """What one step used, for the bounds of T2/T4/T5.
+
+    For a weighted batch all three are in the row-scaled coordinates (``K -> Omega^{1/2} K``):
+    innovation ``Omega^{1/2} r``, gain ``C_t K^T Omega^{1/2}``,
+    ``S = I +/- Omega^{1/2} K C_{t-1} K^T Omega^{1/2}``.
+    """
 
     innovation: np.ndarray  # r (u, d_v)
     gain: np.ndarray  # L = C_t K^T (d_k, u)
@@ -92,24 +105,42 @@ def _step(C: np.ndarray, W: np.ndarray, K: np.ndarray, V: np.ndarray, sign: floa
     return C_new, W - sign * (L @ r), StepInfo(r, L, S)
 
 
-def woodbury_update(C: np.ndarray, W: np.ndarray, K: np.ndarray, V: np.ndarray):
+def _scaled(K: np.ndarray, V: np.ndarray, weights: ArrayLike | None) -> tuple[np.ndarray, np.ndarray]:
+    """The batch row-scaled by validated weights (``None``: the batch itself)."""
+    if weights is None:
+        return K, V
+    return scale_rows(K, V, check_row_weights(weights, np.shape(K)[0]))
+
+
+def woodbury_update(C: np.ndarray, W: np.ndarray, K: np.ndarray, V: np.ndarray,
+                    weights: ArrayLike | None = None):
     """Add the batch ``(K, V)``: return ``(C_t, W_t, StepInfo)``.
 
     ``C (d_k, d_k)`` symmetric positive definite, ``W (d_k, d_v)``, ``K (u, d_k)``,
-    ``V (u, d_v)``. Inputs are not modified; ``C_t`` is a new, exactly symmetric array (when ``C``
-    is symmetric). Cost ``4 d_k^2 u + O(d_k u^2 + u^3 + d_k d_v u)`` flops and about five passes
-    over a ``d_k^2`` array (one read for ``F``, a copy, and the in-place rank-``u`` update).
+    ``V (u, d_v)``, ``weights (u,)`` positive per-row weights or ``None`` (all 1): the step adds
+    ``K^T Omega K`` to the information and ``K^T Omega V`` to the right-hand side. Inputs are not
+    modified; ``C_t`` is a new, exactly symmetric array (when ``C`` is symmetric). Cost
+    ``4 d_k^2 u + O(d_k u^2 + u^3 + d_k d_v u)`` flops and about five passes over a ``d_k^2``
+    array (one read for ``F``, a copy, and the in-place rank-``u`` update).
+
+    Raises :class:`ShapeError`, :class:`NonFiniteError` or :class:`HyperparameterError` for bad
+    weights (see :func:`~rlsedit_theory.problem.check_row_weights`) before anything is computed.
     """
+    K, V = _scaled(K, V, weights)
     return _step(C, W, K, V, -1.0, "I + K C K^T is not SPD: is C corrupted?")
 
 
-def woodbury_downdate(C: np.ndarray, W: np.ndarray, K: np.ndarray, V: np.ndarray):
+def woodbury_downdate(C: np.ndarray, W: np.ndarray, K: np.ndarray, V: np.ndarray,
+                      weights: ArrayLike | None = None):
     """Remove a batch ``(K, V)`` added earlier: return ``(C_prev, W_prev, StepInfo)``.
 
     Exact inverse of :func:`woodbury_update` on the information ``G`` and right-hand side ``B``
-    whatever happened in between. Raises :class:`NotPositiveDefiniteError` when
+    whatever happened in between; a batch added with ``weights`` is removed with the same
+    ``weights`` (smaller ones remove part of its weight: the state is then the one where the
+    batch carries the difference). Raises :class:`NotPositiveDefiniteError` when
     ``I - K C K^T`` is not positive definite, i.e. the batch cannot have been part of the data.
     """
+    K, V = _scaled(K, V, weights)
     msg = "I - K C K^T is not positive definite: this batch was never added to the state"
     return _step(C, W, K, V, 1.0, msg)
 
@@ -161,9 +192,14 @@ class RecursiveLS:
         self.last_step_ = None
         return self
 
-    def update(self, K: np.ndarray, V: np.ndarray) -> np.ndarray:
-        """Add the batch ``K (u, d_k)``, ``V (u, d_v)``; return the new ``W_``."""
-        K, V = self.problem.check_batch(K, V)
+    def update(self, K: np.ndarray, V: np.ndarray, weights: ArrayLike | None = None) -> np.ndarray:
+        """Add the batch ``K (u, d_k)``, ``V (u, d_v)``; return the new ``W_``.
+
+        ``weights (u,)``: positive per-row (per-fact) weights, ``None`` for all 1; the batch's term
+        in the objective becomes ``||Omega^{1/2}(K W - V)||_F^2``. Bad weights raise a typed error
+        (:func:`~rlsedit_theory.problem.check_row_weights`) and leave the state unchanged.
+        """
+        K, V = self.problem.weighted_batch(K, V, weights)
         self.C_, self.W_, self.last_step_ = woodbury_update(self.C_, self.W_, K, V)
         if self.G_ is not None:
             self.G_ = self.G_ + K.T @ K
@@ -171,17 +207,18 @@ class RecursiveLS:
         self.n_rows_ += K.shape[0]
         return self.W_
 
-    def partial_fit(self, K: np.ndarray, V: np.ndarray) -> RecursiveLS:
+    def partial_fit(self, K: np.ndarray, V: np.ndarray, weights: ArrayLike | None = None) -> RecursiveLS:
         """scikit-learn style alias of :meth:`update` that returns ``self``."""
-        self.update(K, V)
+        self.update(K, V, weights)
         return self
 
-    def downdate(self, K: np.ndarray, V: np.ndarray) -> np.ndarray:
+    def downdate(self, K: np.ndarray, V: np.ndarray, weights: ArrayLike | None = None) -> np.ndarray:
         """Remove a batch added earlier (exactly); return the new ``W_``.
 
-        The state is unchanged if this raises.
+        A batch added with ``weights`` is removed by passing the same ``weights``. The state is
+        unchanged if this raises.
         """
-        K, V = self.problem.check_batch(K, V)
+        K, V = self.problem.weighted_batch(K, V, weights)
         if K.shape[0] > self.n_rows_:
             raise ShapeError(f"cannot remove {K.shape[0]} rows: the state holds {self.n_rows_}")
         self.C_, self.W_, _ = woodbury_downdate(self.C_, self.W_, K, V)

@@ -11,16 +11,22 @@ returns the new weights, and ``W_`` holds them.
   Gram's small eigenvalues, with cumulative past keys and a ridge.
 - :class:`DenseCumulative`: MEMIT-seq-like; the cumulative normal equations re-solved densely
   every batch (``O(d_k^3)`` per batch). Equals RLSEdit exactly.
+
+Every ``update`` takes optional per-row weights ``weights (u,)``: the editor then works on the
+row-scaled batch ``(Omega^{1/2} K, Omega^{1/2} V)``, i.e. its least-squares terms for that batch
+are weighted by ``Omega`` (for :class:`HardWrite` the weights only matter where the batch cannot
+be written exactly).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import scipy.linalg
+from numpy.typing import ArrayLike
 
-from .errors import HyperparameterError
+from .errors import HyperparameterError, ShapeError
 from .problem import Problem
 from .recursive import woodbury_update
 
@@ -33,8 +39,10 @@ class _Editor:
         self.W_ = problem.W_star0
         self.n_updates_ = 0
 
-    def update(self, K: np.ndarray, V: np.ndarray) -> np.ndarray:
-        K, V = self.problem.check_batch(K, V)
+    def update(self, K: np.ndarray, V: np.ndarray, weights: ArrayLike | None = None) -> np.ndarray:
+        """Apply the batch ``K (u, d_k)``, ``V (u, d_v)`` with optional positive row weights
+        ``(u,)``; return the new ``W_``. Bad input raises a typed error and changes nothing."""
+        K, V = self.problem.weighted_batch(K, V, weights)
         self.W_ = self.W_ + self._delta(K, V - K @ self.W_)
         self.n_updates_ += 1
         return self.W_
@@ -104,6 +112,19 @@ class DenseCumulative(_Editor):
         return scipy.linalg.cho_solve(scipy.linalg.cho_factor(self._G, lower=True), K.T @ r)
 
 
-def run_stream(editor, edits: Iterable) -> list[np.ndarray]:
-    """Feed ``edits`` (pairs ``(K_i, V_i)``) to ``editor``; return ``W`` after each batch."""
-    return [editor.update(K, V).copy() for K, V in edits]
+def run_stream(editor, edits: Iterable, weights: Sequence[ArrayLike | None] | None = None) -> list[np.ndarray]:
+    """Feed ``edits`` (pairs ``(K_i, V_i)``) to ``editor``; return ``W`` after each batch.
+
+    ``weights``: one entry per batch (``None``, a positive scalar or ``(u_i,)`` array), passed to
+    ``editor.update``; ``None`` feeds the batches unweighted.
+    """
+    if weights is None:
+        return [editor.update(K, V).copy() for K, V in edits]
+    edits = list(edits)
+    try:
+        weights = list(weights)
+    except TypeError as exc:
+        raise ShapeError("weights must be a sequence with one entry per batch") from exc
+    if len(weights) != len(edits):
+        raise ShapeError(f"weights has {len(weights)} entries but there are {len(edits)} batches; one per batch")
+    return [editor.update(K, V, w).copy() for (K, V), w in zip(edits, weights, strict=True)]

@@ -1,5 +1,5 @@
-"""The sympy scripts in proofs/ verify the algebraic steps of T1-T7, and the checkers they use
-can reject a wrong identity (so these tests can fail)."""
+"""The sympy scripts in proofs/ verify the algebraic steps of T1-T7 and of per-fact weights, and
+the checkers they use can reject a wrong identity (so these tests can fail)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ SCRIPTS = [
     "check_one_step.py",
     "check_perturbation.py",
     "check_limits.py",
+    "check_weights.py",
 ]
 
 
@@ -65,11 +66,15 @@ def test_wrong_variants_of_the_theorems_are_rejected(proofs_module):
     one_step = proofs_module("check_one_step")
     perturbation = proofs_module("check_perturbation")
     limits = proofs_module("check_limits")
+    weights = proofs_module("check_weights")
     assert woodbury.update_is_right_inverse(-1) and not woodbury.update_is_right_inverse(+1)
     assert energy.energy_identity(2, 2, 2) and not energy.energy_identity(2, 2, 2, weight=1)
     assert one_step.residual_identity() and not one_step.residual_identity(use_inverse=False)
     assert perturbation.perturbation_identity(-1) and not perturbation.perturbation_identity(+1)
     assert limits.resolvent_rate(+1) and not limits.resolvent_rate(-1)
+    # weighted T2 in the original coordinates: (I + K C K^T Omega)^-1, not (I + Omega K C K^T)^-1
+    assert weights.weighted_residual_original() and not weights.weighted_residual_original(correct_order=False)
+    assert weights.weighted_energy_identity(2, 2, 1) and not weights.weighted_energy_identity(2, 2, 1, weight=1)
 
 
 def test_main_reports_failure_when_a_check_fails(proofs_module, monkeypatch, capsys):
