@@ -204,16 +204,18 @@ def run_pipeline(args, device, model_dtype, state_dtype) -> dict:
         editor = stages.run("load", Editor.load, model, tok, state_dir)
         if editor is not None and editor.journal_:
             stages.run("undo", editor.undo, editor.journal_[-1].edit_id)
-        efficacy = report.efficacy if report else float("nan")
+        improved = report.improved if report else float("nan")  # target more probable than before
+        success = report.success_rate if report else float("nan")  # target top-1 after the edit
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    print(f"  saved state on disk: {format_bytes(size)}; efficacy of the edit {efficacy:.2f}; "
+    print(f"  saved state on disk: {format_bytes(size)}; the edit's targets: more probable {improved:.2f}, "
+          f"top-1 (took) {success:.2f}; "
           f"certificate gradient {max(l.gradient for l in cert.layers) if hasattr(cert, 'layers') else cert}")
     if any(r["error"] for r in stages.rows):
         print("  FAILED stages: " + "; ".join(f"{r['stage']}: {r['error']}" for r in stages.rows if r["error"]))
     print("\n" + stages.table())
-    return {"stages": stages.rows, "edit_seconds": report.seconds if report else None, "efficacy": efficacy,
-            "saved_bytes": size, "params": n_params}
+    return {"stages": stages.rows, "edit_seconds": report.seconds if report else None, "improved": improved,
+            "success_rate": success, "saved_bytes": size, "params": n_params}
 
 
 def _print_lambda(editor) -> None:
@@ -459,7 +461,7 @@ def run_stream(args, device, model_dtype, state_dtype) -> dict:
             for stage, sec in report.seconds.items():
                 totals[stage] = totals.get(stage, 0.0) + sec
             print(f"  batch {start // args.batch + 1}: {sum(report.seconds.values()):.1f} s, "
-                  f"efficacy {report.efficacy:.2f}", flush=True)
+                  f"more probable {report.improved:.2f}, took (top-1) {report.success_rate:.2f}", flush=True)
         wall = time.perf_counter() - tic
         new = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
         true = score_targets(model, tok, [f.text() for f in facts], [f.target_true or f.target for f in facts])
@@ -485,7 +487,7 @@ def run_half(args, device, model_dtype) -> dict:
     facts = rlsedit_llm.as_facts(counterfact_records(args.edits))
     print(f"\n== half precision: {args.stream_model} in {model_dtype}, float64 state, {len(facts)} edits "
           f"in batches of {args.batch}, {device} ==")
-    print("| edits | efficacy of the batch | max rel. rounding (written vs master, per entry) "
+    print("| edits | batch: more probable / took (top-1) | max rel. rounding (written vs master, per entry) "
           "| ||round(W) - W||_F / ||W - W0||_F | written == master.to(dtype) |")
     print("|---|---|---|---|---|")
     cache = tempfile.mkdtemp(prefix="rlsedit-half-")
@@ -502,11 +504,11 @@ def run_half(args, device, model_dtype) -> dict:
                 diff = written.double() - solver.W_
                 gaps.append(float(torch.linalg.norm(diff) / torch.linalg.norm(solver.W_ - solver.W0_)))
                 rels.append(float((diff.abs() / solver.W_.abs().clamp_min(1e-30)).max()))
-            row = {"edits": start + len(report.facts), "efficacy": report.efficacy,
+            row = {"edits": start + len(report.facts), "improved": report.improved, "success_rate": report.success_rate,
                    "max_entry_rel": max(rels), "gap_vs_edit": max(gaps), "exact_master": exact}
             rows.append(row)
-            print(f"| {row['edits']} | {row['efficacy']:.2f} | {row['max_entry_rel']:.2e} | "
-                  f"{row['gap_vs_edit']:.2e} | {exact} |", flush=True)
+            print(f"| {row['edits']} | {row['improved']:.2f} / {row['success_rate']:.2f} | "
+                  f"{row['max_entry_rel']:.2e} | {row['gap_vs_edit']:.2e} | {exact} |", flush=True)
         new = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
         true = score_targets(model, tok, [f.text() for f in facts], [f.target_true or f.target for f in facts])
         efficacy = sum(a.mean_nll < b.mean_nll for a, b in zip(new, true, strict=True)) / len(facts)

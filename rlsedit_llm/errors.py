@@ -65,3 +65,13 @@ class EditPackError(StateMismatchError):
     """An edit pack is damaged or malformed: unreadable, its digest does not match its contents,
     or its metadata or tensors are not those of a pack. Get an intact copy, or export the pack
     again from the editor that made it (``Editor.save_edit_pack``)."""
+
+
+class StreamError(StateMismatchError):
+    """The model's weights carry the edits of an rlsedit stream whose state is not loaded (a copy
+    reloaded with plain ``from_pretrained``, a model saved after editing, ...): editing it with a
+    fresh editor would silently start a new stream, on top of edits that could then no longer be
+    undone. Load the stream's state first (``rlsedit_llm.from_pretrained(folder)``,
+    ``rlsedit_llm.load_model_state(model, tok, state_folder)``, ``Editor.load``), or start a new
+    stream deliberately (``Editor(model, tok, config, new_stream=True)``,
+    ``rlsedit_llm.edit(model, facts, tokenizer=tok, new_stream=True)``)."""

@@ -158,6 +158,9 @@ def _read_cache(target: Path, fingerprint: dict, label: str) -> Loaded | None:
 
 
 def _from_gguf(folder: Path, gguf_name: str, label: str) -> Loaded:
+    if importlib.util.find_spec("gguf") is None:  # an optional dependency: the offline GGUF models only
+        raise ImportError(f"loading {label} from its GGUF file needs the gguf package, part of the gguf extra: "
+                          "pip install 'rlsedit[gguf]' (or pip install gguf)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -239,9 +242,20 @@ def _write_cache(model: Any, tok: PreTrainedTokenizerBase, target: Path, fingerp
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _local_path(name: str | os.PathLike) -> Path | None:
+    """The folder ``name`` names when it reads as a path (an ``os.PathLike``, or a string that
+    starts with ``/``, ``.`` or ``~``, or holds the OS's own separator other than ``/``); None for a
+    name that may be a Hugging Face Hub id (``"gpt2"``, ``"org/model"``)."""
+    text = os.fspath(name)
+    seps = {os.sep, os.altsep} - {None, "/"}
+    if isinstance(name, os.PathLike) or text.startswith(("/", ".", "~")) or any(s in text for s in seps):
+        return Path(text).expanduser()
+    return None
+
+
 def load_model(name: str | os.PathLike = "smollm2", *, dtype: torch.dtype = torch.float32,
                device: torch.device | str | None = None, cache: bool = True,
-               cache_dir: str | os.PathLike | None = None) -> Loaded:
+               cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> Loaded:
     """Load a causal LM and its tokenizer, in eval mode, with a pad token.
 
     Parameters
@@ -257,13 +271,18 @@ def load_model(name: str | os.PathLike = "smollm2", *, dtype: torch.dtype = torc
         folder + rename).
     cache_dir : where that copy lives; default ``$XDG_CACHE_HOME/rlsedit/models/<model>``
         (``~/.cache`` when ``XDG_CACHE_HOME`` is unset).
+    local_files_only : never contact the Hugging Face Hub: a name that is neither an offline model,
+        a folder nor in the local Hugging Face cache is refused (the command line loads this way).
 
     Returns
     -------
     (model, tokenizer)
 
     Raises :class:`ModelLoadError` with the reason when the model cannot be loaded (for example
-    a hub name while offline, or an offline model package that is not installed).
+    a hub name while offline, or an offline model package that is not installed); a path (a name
+    that starts with ``/``, ``.`` or ``~``, or an ``os.PathLike``) with nothing there is refused as
+    ``"no model at PATH"`` before any hub lookup. :class:`ImportError` naming the ``gguf`` extra
+    when an offline GGUF model is loaded without the ``gguf`` package.
     """
     if not isinstance(name, (str, os.PathLike)):
         raise ModelLoadError(f"model name must be a string or path; got {type(name).__name__}")
@@ -272,6 +291,12 @@ def load_model(name: str | os.PathLike = "smollm2", *, dtype: torch.dtype = torc
         return _load_smollm2(dtype, device, cache, cache_dir)
     if offline == "gemma3-270m":
         return _load_gemma3(dtype, device, cache, cache_dir)
+    folder = _local_path(name)
+    if folder is not None:
+        if not folder.exists():
+            raise ModelLoadError(f"could not load model {os.fspath(name)!r}: no model at {os.fspath(name)} "
+                                 f"(no such folder)")
+        name = folder  # "~" expanded
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -281,9 +306,16 @@ def load_model(name: str | os.PathLike = "smollm2", *, dtype: torch.dtype = torc
         except Exception:
             if Path(name).exists():
                 raise
+            if local_files_only:
+                raise ModelLoadError(
+                    f"no model at {os.fspath(name)}: not a folder, not in the local Hugging Face cache, and not an "
+                    f"offline model ({', '.join(sorted(set(OFFLINE_MODELS.values())))}); nothing is downloaded "
+                    f"here: pass a local folder (save_pretrained output)") from None
             tok = AutoTokenizer.from_pretrained(name)  # fails fast-ish (hub retries) when offline
             local = False
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(
             f"could not load model {str(name)!r}: {type(exc).__name__}: {exc}. Without network access "

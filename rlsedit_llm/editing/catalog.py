@@ -1,9 +1,9 @@
 """The built-in editing methods, in the order of ``method_names()`` (and of the benchmark's "all").
 
 The one place that registers them: :func:`register_builtins` runs when :mod:`rlsedit_llm.editing`
-is imported (so importing :mod:`rlsedit_llm` or any of its modules fills the registry). Importing
-a method's own module registers nothing. It lives on the editing floor because the list holds the
-editor-level methods too; the kernel never imports it.
+is imported, which the registry's functions do on their first call (so the registry is never seen
+empty). Importing a method's own module registers nothing. It lives on the editing floor because
+the list holds the editor-level methods too; the kernel imports it only lazily, from the registry.
 """
 
 from __future__ import annotations

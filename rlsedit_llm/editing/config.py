@@ -43,6 +43,13 @@ class EditConfig:
 
     ``method_config`` holds the settings of ``method`` alone (its registered config class, e.g.
     ``AlphaEditConfig(threshold=2e-2)``); None: that method's defaults.
+
+    ``retry_weight`` (None: off; else a finite number > 1): within one :meth:`Editor.edit` call,
+    the facts that did not take (target not the top-1 continuation after the write,
+    ``FactReport.success``) are solved once more with their weight multiplied by this factor:
+    the whole batch is re-proposed from the same pre-call state inside the same transaction, so
+    the call still writes once, all or nothing, and the journal holds the rows actually written.
+    The report marks those facts (``FactReport.retried``, ``FactReport.weight``).
     """
 
     layers: tuple[int, ...] | None = None  # None: the family's default block
@@ -68,6 +75,11 @@ class EditConfig:
     # used instead of computing E[kk^T] (corpus and stats_tokens then do not apply).
     precomputed_stats: str | None = None
     method_config: MethodConfig | None = None  # the method's own settings; None: its defaults
+    retry_weight: float | None = None  # re-solve the facts that did not take with weight x this, once (see above)
+    # Score the paraphrase, neighbourhood and portability prompts a fact carries in its edit report
+    # (EasyEdit's rephrase / locality / portability accuracies). The benchmark turns it off: it
+    # scores those prompts itself, and CounterFact's 12 prompts per fact would count as editing time.
+    report_accuracies: bool = True
 
     def validate(self) -> None:
         for name in ("alpha", "beta", "mom2_weight"):
@@ -81,7 +93,7 @@ class EditConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise HyperparameterError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
-        for name in ("replace", "track_information", "anchor_value_norms"):
+        for name in ("replace", "track_information", "anchor_value_norms", "report_accuracies"):
             if not isinstance(getattr(self, name), bool):
                 raise HyperparameterError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if not isinstance(self.method, str):
@@ -105,6 +117,11 @@ class EditConfig:
             if os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir):
                 raise HyperparameterError(f"cache_dir {os.fspath(self.cache_dir)!r} is a file, not a folder; "
                                           f"point it at a folder (it is created if missing)")
+        if self.retry_weight is not None and (
+                isinstance(self.retry_weight, bool) or not isinstance(self.retry_weight, (int, float))
+                or not 1 < self.retry_weight < float("inf")):
+            raise HyperparameterError(f"retry_weight must be None (no retry) or a finite number > 1 (the factor "
+                                      f"applied to the weight of a fact that did not take); got {self.retry_weight!r}")
         if self.alpha == 0 and (self.beta == 0 or self.mom2_weight == 0):
             raise HyperparameterError(
                 "alpha = 0 and a zero anchor weight leave the preservation metric singular; "

@@ -8,7 +8,8 @@ One :class:`Editor` per model. Each call to :meth:`Editor.edit` takes a batch of
    ``R = (z* - h) / (L - i)`` (the layer's share of the residual: the residual is never used as an
    absolute value);
 3. gives the layer's keys and absolute targets ``V = K W + R`` (through the post-MLP norm where
-   the family has one: :func:`~rlsedit_llm.adapters.residual.module_target`) to the method's layer solver
+   the family has one: :func:`~rlsedit_llm.adapters.residual.module_target`), each fact's rows scaled by
+   ``sqrt(Fact.weight)``, to the method's layer solver
    (:class:`~rlsedit_llm.kernel.rls.LayerRLS`, the verified recursion, by default), whose state
    persists across calls, and writes the new weights into the model.
 
@@ -35,6 +36,7 @@ robin) need nothing: each call checks that the model holds the caller's state.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 import os
@@ -49,9 +51,9 @@ from rlsedit_llm.adapters.residual import module_target
 from rlsedit_llm.adapters.spec import detect_spec, get_module, read_weight, write_weight
 from rlsedit_llm.editing import inspection, persistence
 from rlsedit_llm.editing.config import EditConfig, anchor_gram
-from rlsedit_llm.editing.guard import Ownership, guard_of, named_tensors, tensor_digests
+from rlsedit_llm.editing.guard import EditsDisabled, Ownership, disable_edits, guard_of, named_tensors, tensor_digests
 from rlsedit_llm.editing.intake import check_batch, fact_slot
-from rlsedit_llm.editing.reports import EditRecord, EditReport, FactReport
+from rlsedit_llm.editing.reports import EditRecord, EditReport, fact_report, format_prob
 from rlsedit_llm.editing.statistics import check_absorption, layer_moments
 from rlsedit_llm.editing.transaction import Transaction
 from rlsedit_llm.errors import HyperparameterError, NonFiniteError, ShapeError, StateMismatchError, UnknownEditError
@@ -61,8 +63,9 @@ from rlsedit_llm.kernel.protocol import Capabilities, LayerSolver
 from rlsedit_llm.kernel.registry import is_layer_method, solver_class
 from rlsedit_llm.memory import MemoryPlan, check_fits
 from rlsedit_llm.pipeline.facts import Fact, checked_facts
-from rlsedit_llm.pipeline.keys import compute_keys, generate_templates, subject_hidden_states
-from rlsedit_llm.pipeline.scoring import score_targets
+from rlsedit_llm.pipeline.keys import compute_keys, fact_rows, generate_templates, subject_hidden_states
+from rlsedit_llm.pipeline.scoring import FactScores, report_scores, score_targets
+from rlsedit_llm.pipeline.tokens import needs_bos
 from rlsedit_llm.pipeline.values import anchor_norms, compute_values, default_value_config
 
 if TYPE_CHECKING:
@@ -71,6 +74,29 @@ if TYPE_CHECKING:
 __all__ = ["Editor"]
 
 log = logging.getLogger(__name__)
+
+def _failure_warning(report: EditReport, first_token: list[bool]) -> str:
+    """The warning naming the facts of ``report`` that did not take, with what to try.
+    ``first_token[i]``: the subject of ``report.failed[i]`` ends at its prompt's first token."""
+    failed = report.failed
+    facts = "; ".join(
+        f"{r.fact.text()!r} -> {r.fact.target!r} (P {format_prob(r.prob_before)} -> {format_prob(r.prob_after)}, "
+        f"residual share {r.residual_share:.2f}, NLL at z* {r.value_nll:.2f}"
+        + (f", weight {r.weight:g}" if r.weight != 1 else "") + (", retried" if r.retried else "")
+        + (", the subject is the prompt's first token" if first else "") + ")"
+        for r, first in zip(failed, first_token, strict=True))
+    text = (f"edit {report.edit_id}: {len(failed)} of {len(report.facts)} fact(s) did not take (the target is not the "
+            f"top-1 continuation of the prompt after the edit): {facts}. To try: raise that fact's weight "
+            f"(Fact(..., weight=5) or a record's \"weight\"; EditConfig(retry_weight=5) retries within the call) "
+            f"when the residual share is high; more value steps (EditConfig(value=ValueConfig(steps=50))) when the "
+            f"NLL at z* is high; or check the subject's spelling in the prompt (the key is read at its last token)")
+    if any(first_token):
+        text += (". A subject that is the prompt's very first token (this model adds no BOS) is read at the first "
+                 "position, a key the anchor protects strongly and unlike the subject's key in other contexts: the "
+                 "write then moves the fact in other contexts but hardly in this prompt, and a higher weight does not "
+                 "help; put words before the subject (e.g. 'The company {} was founded by')")
+    return text
+
 
 def _check_finite(step, layer: int) -> None:
     """Refuse a proposed step with NaN/inf in its weights, new state tensors or in-place factors."""
@@ -100,12 +126,13 @@ class Editor:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: EditConfig | None = None,
-                 *, take_over: bool = False) -> None:
+                 *, take_over: bool = False, new_stream: bool = False) -> None:
         self._bind(model, tokenizer, config)
         guard = guard_of(model)
         with guard.lock:
             self.ownership.refuse_if_owned(take_over, "create an editor")
             self.base_fingerprint_ = model_fingerprint(model)  # of the weights before any edit
+            persistence.begin_stream(self, new_stream=new_stream)  # StreamError: edits of a stream not loaded
             self.templates_: list[str] | None = None
             self.solvers_: dict[int, LayerSolver] = {}
             self.journal_: list[EditRecord] = []
@@ -205,6 +232,17 @@ class Editor:
 
         ``facts``: :class:`Fact` objects, dicts with prompt/subject/target, CounterFact or zsRE
         records. Raises :class:`FactError` (and leaves everything unchanged) for bad facts.
+
+        Each fact's term of the least-squares objective weighs ``Fact.weight``: its key and value
+        rows are scaled by ``sqrt(weight)`` before the layer solver absorbs them (exactly weighted
+        least squares for every layer-solver method, whose writes are all least squares in
+        ``K, V``), and the journal keeps the scaled rows, so undo and replacement stay exact.
+
+        The report says per fact whether the edit took (:attr:`FactReport.success`: the target is
+        the top-1 continuation after the edit); facts that did not are listed in
+        :attr:`EditReport.failed` and named in a ``logging`` warning of this module, with what to
+        try. With ``EditConfig.retry_weight`` they are first solved once more, within this call,
+        with their weight multiplied by it (:attr:`FactReport.retried`).
         """
         facts = checked_facts(facts, self.tokenizer)  # the door: checked once, a FactBatch from here on
         check_batch(facts, self.tokenizer, self.model, self.config,
@@ -228,6 +266,10 @@ class Editor:
         the solver, and a journal can be replayed onto a fresh editor. No earlier fact is
         retracted (``replace`` is not applied). Transactional like :meth:`edit`; shapes and
         finiteness are checked first.
+
+        The rows are taken as given: ``Fact.weight`` is not applied (a journal's rows already
+        carry their weights, scaled by ``sqrt(weight)``; scale rows yourself to weigh them), and
+        nothing is scored (the report has no facts).
         """
         facts = checked_facts(facts, self.tokenizer, purpose="absorb")
         if not (isinstance(keys, dict) and isinstance(values, dict)):
@@ -279,19 +321,20 @@ class Editor:
 
     def _edit(self, facts: list[Fact], seconds: dict[str, float], txn: Transaction) -> EditReport:
         model, tok, spec, layers = self.model, self.tokenizer, self.spec_, self.layers_
-        templates = self.templates_
-        assert templates is not None  # set by _prepare
         z_layer = layers[-1]
 
         replaced = self._retract_replaced(facts, txn) if self.config.replace and self.capabilities.retracts else {}
 
         tic = time.perf_counter()
-        before = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
+        # Rewrite prompts (and neighbourhood prompts where facts carry them, for locality).
+        before = report_scores(model, tok, facts, after=False, accuracies=self.config.report_accuracies,
+                               scorer=score_targets)
         seconds["score"] = time.perf_counter() - tic
         poll_interrupts()
 
         tic = time.perf_counter()
-        values = compute_values(model, tok, spec, z_layer, facts, templates, self.value_config_)
+        assert self.templates_ is not None  # set by _prepare
+        values = compute_values(model, tok, spec, z_layer, facts, self.templates_, self.value_config_)
         z_star = values.target  # (u, d_model) float32
         if self.config.anchor_value_norms:
             z_star = anchor_norms(z_star, values.initial)
@@ -302,7 +345,69 @@ class Editor:
         poll_interrupts()
 
         seconds["keys"] = seconds["update"] = 0.0
-        record = EditRecord(self.next_id_, list(facts), {}, {})
+        weights = [float(f.weight) for f in facts]
+        record, pending, residual_before = self._write_layers(facts, weights, z_star, norms, seconds)
+        poll_interrupts()
+        residual_after, after = self._outcome(facts, z_star, seconds)
+        retried = [False] * len(facts)
+        factor = self.config.retry_weight
+        failed = [j for j, a in enumerate(after) if not a.rewrite.all_correct]
+        if factor is not None and failed:
+            # Re-propose the whole batch from the same pre-call state (nothing is committed yet:
+            # the solvers only proposed; put their weights back into the model first), the failed
+            # facts with factor times their weight. Same transaction: still all or nothing.
+            log.info("edit %d: %d fact(s) did not take; solving the batch again with their weight x %g",
+                     self.next_id_, len(failed), factor)
+            for layer in layers:
+                write_weight(self._module(layer), self.solvers_[layer].W_)
+            for j in failed:
+                weights[j] *= factor
+                retried[j] = True
+            record, pending, _ = self._write_layers(facts, weights, z_star, norms, seconds)
+            poll_interrupts()
+            residual_after, after = self._outcome(facts, z_star, seconds)
+
+        self._commit(pending, record, txn)
+        nll = values.final_nll.tolist() if values.final_nll is not None else [float("nan")] * len(facts)
+        reports = [
+            fact_report(f, b, a, rb, ra, replaced=replaced.get(j, ()), weight=w, retried=t, value_nll=v)
+            for j, (f, b, a, rb, ra, w, t, v) in enumerate(
+                zip(facts, before, after, residual_before.tolist(), residual_after.tolist(), weights, retried, nll,
+                    strict=True)
+            )
+        ]
+        report = EditReport(record.edit_id, layers, reports, seconds, norms=norms)
+        log.info("edit %d: %d fact(s) on layers %s, %d took", record.edit_id, len(facts), list(layers),
+                 len(facts) - len(report.failed))
+        if report.failed:
+            _, positions = fact_rows(tok, [r.fact for r in report.failed], ["{}"], bos=needs_bos(spec))
+            log.warning("%s", _failure_warning(report, [p == 0 for p in positions]))
+        return report
+
+    def _write_layers(self, facts: list[Fact], weights: list[float], z_star: torch.Tensor, norms: dict,
+                      seconds: dict[str, float]) -> tuple[EditRecord, dict, torch.Tensor]:
+        """Propose and write the batch at every edited layer (ascending; changes no solver).
+
+        Per layer: keys on the model as written so far, the layer's share of the residual
+        ``z* - h`` and the absolute targets ``V``; then each fact's key and value rows are scaled
+        by ``sqrt(weight)`` (its term of the least-squares objective weighs ``weight``) before the
+        solver's propose, so the record (journal) holds the scaled rows. Returns the record (its
+        facts carry the weights written), the layers' pending steps and the residual norms before
+        the write (u,).
+
+        Row scaling is exact weighted least squares for every layer-solver method, since each
+        solves a least-squares problem in the rows of ``K, V``: ``rlsedit``, ``memit_seq`` and
+        ``encore`` minimise ``J_t`` whose batch terms become ``sum_i w_i ||k_i W - v_i||^2``
+        (``K^T K -> K^T diag(w) K`` in the information, ``K^T r -> K^T diag(w) r`` in the step);
+        ``memit`` the same per-batch objective; ``alphaedit`` its projected normal equations, whose
+        cumulative key Gram then keeps each past fact's weight too."""
+        model, tok, spec, layers = self.model, self.tokenizer, self.spec_, self.layers_
+        templates = self.templates_
+        assert templates is not None  # set by _prepare
+        z_layer = layers[-1]
+        written = [f if w == f.weight else dataclasses.replace(f, weight=w)
+                   for f, w in zip(facts, weights, strict=True)]
+        record = EditRecord(self.next_id_, written, {}, {})
         pending = {}
         residual_before = torch.zeros(0)  # (u,) from the first layer
         for i, layer in enumerate(layers):
@@ -321,25 +426,26 @@ class Editor:
             # Absolute targets: the module outputs whose effect on the residual is + R (just K W + R
             # unless the family puts a norm after the MLP or scales its branch).
             V = module_target(model, spec, layer, K @ solver.W_, R)  # (u, d_v)
-            pending[layer] = self._write(layer, K, V, record)
             norms[f"V{layer}"] = V.norm(dim=1).tolist()
             norms[f"KW0{layer}"] = (K @ solver.W0_).norm(dim=1).tolist()
+            if any(w != 1 for w in weights):  # weighted least squares = rows scaled by sqrt(weight)
+                scale = torch.tensor(weights, dtype=solver.dtype, device=solver.device).sqrt()[:, None]
+                K, V = K * scale, V * scale
+            pending[layer] = self._write(layer, K, V, record)
             seconds["update"] += time.perf_counter() - tic
+        return record, pending, residual_before
 
-        poll_interrupts()
-        h_after = subject_hidden_states(model, tok, spec, z_layer, facts)
+    def _outcome(self, facts: list[Fact], z_star: torch.Tensor,
+                 seconds: dict[str, float]) -> tuple[torch.Tensor, list[FactScores]]:
+        """After the write: the residual ``||z* - h||`` left at the last edited layer (u,) and the
+        facts' scores (rewrite, paraphrase and neighbourhood prompts where they carry them)."""
+        h_after = subject_hidden_states(self.model, self.tokenizer, self.spec_, self.layers_[-1], facts)
         residual_after = (z_star.to(h_after.device) - h_after).norm(dim=1)
-        after = score_targets(model, tok, [f.text() for f in facts], [f.target for f in facts])
-
-        self._commit(pending, record, txn)
-        reports = [
-            FactReport(f, b.prob, a.prob, float(rb), float(ra), replaced.get(j, ()))
-            for j, (f, b, a, rb, ra) in enumerate(
-                zip(facts, before, after, residual_before, residual_after, strict=True)
-            )
-        ]
-        log.info("edit %d: %d fact(s) on layers %s", record.edit_id, len(facts), list(layers))
-        return EditReport(record.edit_id, layers, reports, seconds, norms=norms)
+        tic = time.perf_counter()
+        after = report_scores(self.model, self.tokenizer, facts, after=True,
+                              accuracies=self.config.report_accuracies, scorer=score_targets)
+        seconds["score"] += time.perf_counter() - tic
+        return residual_after, after
 
     # -- retraction ----------------------------------------------------------------------------
     def _retract_replaced(self, facts: list[Fact], txn: Transaction) -> dict[int, tuple[int, ...]]:
@@ -499,6 +605,33 @@ class Editor:
     def save_edit_pack(self, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> None:
         """Write only the edited weights' deltas, to apply to a fresh copy of the base model."""
         persistence.save_edit_pack(self, path, dtype=dtype)
+
+    def save_pretrained(self, directory: str | os.PathLike[str], *, safe_serialization: bool = True) -> None:
+        """Write the edited model and tokenizer in Hugging Face format with this editor's state in
+        ``directory/rlsedit``, atomically; see :func:`rlsedit_llm.editing.pretrained.save_editor`."""
+        from rlsedit_llm.editing import pretrained
+
+        pretrained.save_editor(self, directory, safe_serialization=safe_serialization)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str], *, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None, take_over: bool = False) -> Editor:
+        """Load a folder written by :meth:`save_pretrained` (model, tokenizer, state; local files
+        only) and return the editor; see :func:`rlsedit_llm.editing.pretrained.load_editor`."""
+        from rlsedit_llm.editing import pretrained
+
+        return pretrained.load_editor(cls, directory, device=device, dtype=dtype, take_over=take_over)
+
+    def disabled(self) -> EditsDisabled:
+        """``with editor.disabled():`` run a block on the base model (``W0`` in the edited layers),
+        the edits back bit for bit afterwards, even on an exception or Ctrl-C; the model's lock is
+        held meanwhile (see :func:`rlsedit_llm.editing.guard.disable_edits`)."""
+        return disable_edits(self)
+
+    def state_bytes(self) -> int:
+        """Bytes of the tensors a save writes now (:func:`rlsedit_llm.editing.persistence.state_bytes`;
+        for ``rlsedit`` the formula :func:`rlsedit_llm.editing.state.state_size`)."""
+        return persistence.state_bytes(self)
 
     # -- read-only questions (editing/inspection.py) ----------------------------------------------
     def memory_plan(self, *, batch: int = 100, inplace: bool = True, replacing: bool = False) -> MemoryPlan:

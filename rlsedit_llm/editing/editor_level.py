@@ -101,14 +101,17 @@ class EditorLevelMethod:
         self.W0_ = {l: read_weight(self._module(l)).cpu() for l in self.layers_}
         self.n_edits_ = 0
         self.n_batches_ = 0
+        self.report_accuracies = True  # score the prompts a fact carries in its report (EditConfig's field)
 
     @classmethod
     def from_config(cls: type[_E], model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                     config: EditConfig) -> _E:
         """The editor on ``config.layers`` with ``config.method_config`` (None: the defaults); the
-        other fields of ``config`` do not apply (no statistics, no values)."""
+        other fields of ``config`` do not apply (no statistics, no values), except ``report_accuracies``."""
         settings = config.method_config.to_dict() if config.method_config is not None else {}
-        return cls(model, tokenizer, layers=config.layers, **settings)
+        editor = cls(model, tokenizer, layers=config.layers, **settings)
+        editor.report_accuracies = config.report_accuracies
+        return editor
 
     def _module(self, layer: int) -> torch.nn.Module:
         return get_module(self.model, self.spec_.edit_module_path.format(layer))

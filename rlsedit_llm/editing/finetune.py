@@ -3,7 +3,10 @@
 Each batch of facts takes ``steps`` Adam steps (a fresh optimiser per batch) on the weights of the
 same modules the locate-then-edit methods rewrite (the MLP down-projections of the edited layers),
 minimising the target NLL on the rewrite prompt: per fact the mean over the target's tokens,
-then the mean over facts. No constraint keeps the weights near the original ones: this is the
+then the mean over facts, each fact's term multiplied by its ``Fact.weight`` (1 by default: the
+plain mean). Adam's steps do not change when the whole loss is scaled, so weights act relative to
+one another: a weight on a one-fact batch, or the same weight on every fact, changes nothing.
+No constraint keeps the weights near the original ones: this is the
 "unconstrained FT" of the editing literature and the baseline that forgets.
 
 An editor-level method: it computes no keys or values, so it runs its own loop, but it speaks the
@@ -25,13 +28,13 @@ import torch
 
 from rlsedit_llm.adapters.spec import write_weight
 from rlsedit_llm.editing.editor_level import ConfigSetting, EditorLevelMethod
-from rlsedit_llm.editing.reports import EditReport, FactReport
+from rlsedit_llm.editing.reports import EditReport, fact_report
 from rlsedit_llm.errors import NonFiniteError, StateMismatchError
 from rlsedit_llm.files import atomic_path
 from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities
 from rlsedit_llm.pipeline.facts import checked_facts, encode_target
-from rlsedit_llm.pipeline.scoring import score_targets
+from rlsedit_llm.pipeline.scoring import report_scores
 from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
 
 if TYPE_CHECKING:
@@ -45,17 +48,21 @@ log = logging.getLogger(__name__)
 
 
 def target_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Iterable[str],
-               targets: Iterable[str]) -> torch.Tensor:
+               targets: Iterable[str], weights: Sequence[float] | None = None) -> torch.Tensor:
     """Differentiable mean target NLL: per pair the mean over ``" " + target`` tokens after the
-    prompt (teacher forced, right padding, no special tokens), then the mean over pairs."""
+    prompt (teacher forced, right padding, no special tokens), times the pair's weight
+    (``weights``, one per pair; None: all 1), then the mean over pairs."""
     bos = needs_bos(model)
     rows = [(encode_prompt(tokenizer, p, bos=bos), encode_target(tokenizer, t))
             for p, t in zip(prompts, targets, strict=False)]
+    factors = [1.0] * len(rows) if weights is None else [float(w) for w in weights]
+    if len(factors) != len(rows):
+        raise ValueError(f"{len(rows)} prompt/target pairs but {len(factors)} weights")
     device = input_device(model)
     ids, mask = right_pad([p + t for p, t in rows], pad_id(tokenizer), device)  # (b, w)
     weight = torch.zeros((len(rows), ids.shape[1] - 1))  # weight of the prediction at position j -> j+1
     for i, (p, t) in enumerate(rows):
-        weight[i, len(p) - 1: len(p) + len(t) - 1] = 1.0 / len(t)
+        weight[i, len(p) - 1: len(p) + len(t) - 1] = factors[i] / len(t)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (b, w-1, V)
     logp = torch.log_softmax(logits.float(), dim=-1)
     nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (b, w-1)
@@ -100,14 +107,18 @@ class FineTuneEditor(EditorLevelMethod):
 
     def edit(self, facts: Iterable[Fact | Mapping[str, Any]]) -> EditReport:
         """Fine-tune on one batch; return an :class:`~rlsedit_llm.EditReport` (its ``extras``
-        hold ``loss_before`` and ``loss_after``; there are no value residuals).
+        hold ``loss_before`` and ``loss_after``, the weighted loss; there are no value residuals).
+        Each fact's loss term is multiplied by its ``Fact.weight`` (see the module docstring).
 
-        Bad facts raise :class:`FactError` and a failure half-way restores the weights.
+        Bad facts raise :class:`FactError` and a failure half-way restores the weights. The facts
+        that did not take (:attr:`EditReport.failed`) are named in a ``logging`` warning.
         """
         facts = checked_facts(facts, self.tokenizer)
         prompts, targets = [f.text() for f in facts], [f.target for f in facts]
+        weights = [float(f.weight) for f in facts]
         tic = time.perf_counter()
-        scores_before = score_targets(self.model, self.tokenizer, prompts, targets)
+        scores_before = report_scores(self.model, self.tokenizer, facts, after=False,
+                               accuracies=self.report_accuracies)
         seconds = {"score": time.perf_counter() - tic}
         tic = time.perf_counter()
         modules = [self._module(l) for l in self.layers_]
@@ -121,16 +132,16 @@ class FineTuneEditor(EditorLevelMethod):
                 p.requires_grad_(True)
             opt = torch.optim.Adam(params, lr=self.lr)
             with torch.no_grad():
-                before = float(target_nll(self.model, self.tokenizer, prompts, targets))
+                before = float(target_nll(self.model, self.tokenizer, prompts, targets, weights))
             for _ in range(self.steps):
                 opt.zero_grad(set_to_none=True)
-                loss = target_nll(self.model, self.tokenizer, prompts, targets)
+                loss = target_nll(self.model, self.tokenizer, prompts, targets, weights)
                 if not torch.isfinite(loss):
                     raise NonFiniteError("fine-tuning loss became NaN/inf; lower the learning rate")
                 loss.backward()
                 opt.step()
             with torch.no_grad():
-                after = float(target_nll(self.model, self.tokenizer, prompts, targets))
+                after = float(target_nll(self.model, self.tokenizer, prompts, targets, weights))
             if not all(torch.isfinite(p).all() for p in params):
                 raise NonFiniteError("fine-tuning produced NaN/inf weights; lower the learning rate")
         except BaseException:
@@ -143,17 +154,24 @@ class FineTuneEditor(EditorLevelMethod):
                 p.requires_grad_(flags[n])
                 p.grad = None
         seconds["update"] = time.perf_counter() - tic
-        scores_after = score_targets(self.model, self.tokenizer, prompts, targets)
+        scores_after = report_scores(self.model, self.tokenizer, facts, after=True,
+                              accuracies=self.report_accuracies)
         edit_id = self.n_batches_
         self.n_edits_ += len(facts)
         self.n_batches_ += 1
         self.losses_.append((before, after))
         log.info("FT batch %d: loss %.3f -> %.3f", self.n_batches_, before, after)
-        nan = float("nan")  # fine-tuning has no value residual
-        reports = [FactReport(f, b.prob, a.prob, nan, nan)
-                   for f, b, a in zip(facts, scores_before, scores_after, strict=True)]
-        return EditReport(edit_id, self.layers_, reports, seconds,
-                          extras={"loss_before": before, "loss_after": after})
+        # fine-tuning has no value residual (NaN)
+        reports = [fact_report(f, b, a, weight=w)
+                   for f, b, a, w in zip(facts, scores_before, scores_after, weights, strict=True)]
+        report = EditReport(edit_id, self.layers_, reports, seconds,
+                            extras={"loss_before": before, "loss_after": after})
+        if report.failed:
+            log.warning("FT batch %d: %d of %d fact(s) did not take (the target is not the top-1 continuation after "
+                        "the edit): %s. To try: more steps or a higher lr (FTConfig), or a higher weight for those "
+                        "facts relative to the rest of the batch", edit_id, len(report.failed), len(facts),
+                        "; ".join(f"{r.fact.text()!r} -> {r.fact.target!r}" for r in report.failed))
+        return report
 
     # -- persistence: the trained weights, counters and losses (the optimiser restarts every batch) --
     def _save_tensors(self, directory: Path) -> dict:

@@ -1,27 +1,29 @@
 """One owner per model: the lock every editor call on a model holds, the owning editor
 (:class:`ModelGuard`, kept on the model), each editor's claim on its model (:class:`Ownership`:
-the checks every state-changing call makes, take-over and release), and the per-tensor digests
+the checks every state-changing call makes, take-over and release), the per-tensor digests
 that let every call check cheaply that the model still holds what its editor wrote (see
-:meth:`rlsedit_llm.Editor.check_model`)."""
+:meth:`rlsedit_llm.Editor.check_model`), and :func:`disable_edits`, the block that switches an
+editor's edits off while holding the lock (:meth:`rlsedit_llm.Editor.disabled`)."""
 
 from __future__ import annotations
 
 import threading
 import weakref
 from collections.abc import Callable, Container, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
+from rlsedit_llm.adapters.spec import read_weight, write_weight
 from rlsedit_llm.errors import OwnershipError, StateMismatchError, UnsupportedArchitectureError
 from rlsedit_llm.interrupts import deferred_interrupts
 
 if TYPE_CHECKING:
     from rlsedit_llm.editing.editor import Editor
 
-__all__ = ["ModelGuard", "Ownership", "guard_of", "named_tensors", "tensor_digests"]
+__all__ = ["EditsDisabled", "disable_edits", "ModelGuard", "Ownership", "guard_of", "named_tensors", "tensor_digests"]
 
 _GUARD = "_rlsedit_guard"  # the per-model lock, owner and digest cache (see ModelGuard)
 
@@ -38,6 +40,7 @@ class ModelGuard:
         # locked the caller's own thread is inside a call: a re-entrant call from a hook). A lock,
         # not a flag: ``with`` releases it in C, so no interrupt can leave it set.
         self.call = threading.Lock()
+        self.activity: str | None = None  # what holds ``call`` when it is not an editor call (messages)
         self.cache: dict[str, tuple[tuple, str]] = {}  # name -> (token, digest)
 
     @property
@@ -160,6 +163,8 @@ class Ownership:
 def refuse_reentry(guard: ModelGuard, action: str) -> None:
     """OwnershipError if a state-changing call on the model is already running in this thread."""
     if guard.busy:
+        if guard.activity is not None:
+            raise OwnershipError(f"cannot {action}: {guard.activity} in this thread; call it after that block")
         raise OwnershipError(f"cannot {action}: another editor call on this model is running in this "
                              f"thread (a re-entrant call from a hook or callback); call it afterwards")
 
@@ -218,3 +223,61 @@ def tensor_digests(model: torch.nn.Module, *, skip: Container[int] = frozenset()
             cache[name] = hit
         out[name] = hit[1]
     return out
+
+
+#: What :meth:`rlsedit_llm.Editor.disabled` returns (see :func:`disable_edits`).
+EditsDisabled: TypeAlias = AbstractContextManager[torch.nn.Module]
+
+
+def _put_back(guard: ModelGuard, modules: dict, held: dict[int, torch.Tensor]) -> None:
+    """Write the copies ``held`` back into the edited modules (signals deferred); idempotent."""
+    with deferred_interrupts():
+        for layer, W in held.items():
+            write_weight(modules[layer], W)
+        guard.activity = None
+
+
+@contextmanager
+def disable_edits(editor: Editor) -> Iterator[torch.nn.Module]:
+    """``with editor.disabled():`` the block runs on the base model: the edited layers hold the
+    editor's pre-edit weights ``W0``; afterwards they hold exactly (bit for bit) the weights they
+    held before the block, whatever exception or Ctrl-C ends it. The block's value is the model.
+
+    On entry the model's lock is taken; re-entry, a displaced or broken editor and a model that
+    does not hold the editor's state are refused (:meth:`~rlsedit_llm.Editor.check_model`), nothing
+    changed; the edited layers' weights are copied and ``W0`` written, signals deferred (all or
+    nothing). The lock is held for the whole block, so no edit runs meanwhile: an editor call on the
+    model from another thread *waits* for the block to end; one from the block's own thread (any
+    editor, ``rlsedit_llm.edit`` too) is *refused* with :class:`OwnershipError`. The block itself
+    stays interruptible (Ctrl-C raises ``KeyboardInterrupt`` in it as usual). On exit the copies are
+    written back with signals deferred, a second time if anything (a Ctrl-C that landed before the
+    deferral took over, a failed write) interrupted the first, and the exception is raised after
+    that; the locks are released by ``with`` statements, and should the exit itself be skipped, the
+    generator's clean-up (its ``finally``, run when it is closed) puts the weights back all the same."""
+    guard = guard_of(editor.model)
+    with guard.lock:
+        refuse_reentry(guard, "switch the edits off")
+        if editor.ownership.displaced:
+            raise OwnershipError("cannot switch the edits off: another editor took this model over "
+                                 "(take_over=True); call this editor's take_over() first")
+        if editor.ownership.broken:
+            raise StateMismatchError(f"cannot switch the edits off: {editor.ownership.broken}")
+        editor.check_model()
+        modules = {layer: editor._module(layer) for layer in editor.solvers_}
+        held = {layer: read_weight(module) for layer, module in modules.items()}  # copies
+        with guard.call:  # re-entry refused until the block ends
+            guard.activity = "the edits of this model are switched off (a `with editor.disabled():` block runs)"
+            try:
+                with deferred_interrupts():
+                    for layer, module in modules.items():
+                        write_weight(module, editor.solvers_[layer].W0_)
+                yield editor.model
+            finally:
+                try:
+                    _put_back(guard, modules, held)
+                except BaseException:
+                    try:
+                        _put_back(guard, modules, held)  # once more; a no-op rewrite if the first completed
+                    finally:
+                        guard.activity = None
+                    raise

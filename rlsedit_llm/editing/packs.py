@@ -9,6 +9,17 @@ catches damage (a flipped bit, a truncated or mixed-up copy), not forgery: anyon
 changed pack, which is why :func:`apply_edit_pack` also validates every field and every tensor
 before the first write. Packs written before the digest existed (same format version) are still
 applied, with a logged warning, after the same validation.
+
+:func:`remove_edit_pack` is the exact inverse of :func:`apply_edit_pack`: it takes a model that
+holds base + pack back to the base model's weights, bit for bit (checked by the base
+fingerprint). ``W + delta`` rounded to the model's dtype loses the low bits of ``W`` where the
+delta is comparable to the weight, so ``W_new - delta`` alone does not give ``W`` back (on tiny
+random models 35-50 % of the entries differ in their last bits): the map is not one to one.
+:func:`apply_edit_pack` therefore keeps with the model, on the CPU, the entries where it does not
+(positions and base values, or the base weights of the edited layers when that is smaller), which
+makes the removal exact. A model that got its pack elsewhere (loaded from disk as base + pack) is
+restored from ``W_new - delta`` alone only when that reproduces the base fingerprint, and refused
+otherwise (load the base model again).
 """
 
 from __future__ import annotations
@@ -27,15 +38,17 @@ from safetensors.torch import save_file
 
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
 from rlsedit_llm.adapters.spec import detect_spec, get_module, read_weight, write_weight
+from rlsedit_llm.editing.guard import guard_of, refuse_foreign_owner, refuse_reentry
 from rlsedit_llm.editing.state import cpu_tensors, package_version, spec_summary
 from rlsedit_llm.errors import EditPackError, HyperparameterError, NonFiniteError, ShapeError, StateMismatchError
 from rlsedit_llm.files import atomic_path
+from rlsedit_llm.interrupts import deferred_interrupts
 
 if TYPE_CHECKING:
     from rlsedit_llm.adapters.spec import ModelSpec
 
-__all__ = ["write_edit_pack", "read_edit_pack_metadata", "apply_edit_pack", "pack_digest", "EditPackError",
-           "PACK_FORMAT", "PACK_VERSION"]
+__all__ = ["write_edit_pack", "read_edit_pack_metadata", "apply_edit_pack", "remove_edit_pack", "pack_digest",
+           "EditPackError", "PACK_FORMAT", "PACK_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -201,14 +214,13 @@ def read_edit_pack_metadata(path: str | os.PathLike[str]) -> dict:
     return _decode_metadata(raw, path)
 
 
-def _new_weights(meta: dict, tensors: dict[str, torch.Tensor], before: dict[int, torch.Tensor], path):
-    """Per layer ``W + delta`` (added in float64) in the module's dtype, every delta and result
-    checked first: names, dtype, exact shape, finite before and after the cast."""
+def _check_deltas(meta: dict, tensors: dict[str, torch.Tensor], before: dict[int, torch.Tensor], path) -> None:
+    """Every delta: the names of the metadata's layers, floating point, the exact shape of the
+    layer's weight, finite."""
     expected = {f"layer{l}" for l in meta["layers"]}
     if set(tensors) != expected:
         raise EditPackError(f"{path}: the tensors {sorted(tensors)} do not match the layers {meta['layers']} of its "
                             f"metadata; export the pack again")
-    new = {}
     for layer, W in before.items():
         delta = tensors[f"layer{layer}"]
         if not delta.is_floating_point():
@@ -217,7 +229,16 @@ def _new_weights(meta: dict, tensors: dict[str, torch.Tensor], before: dict[int,
             raise ShapeError(f"{path}: the delta of layer {layer} has shape {tuple(delta.shape)}; this model's weight "
                              f"is (d_k, d_v) = {tuple(W.shape)} (row-key orientation). The pack is not for this model")
         if not torch.isfinite(delta).all():
-            raise NonFiniteError(f"{path}: the delta of layer {layer} holds NaN/inf; nothing was applied")
+            raise NonFiniteError(f"{path}: the delta of layer {layer} holds NaN/inf; nothing was changed")
+
+
+def _new_weights(meta: dict, tensors: dict[str, torch.Tensor], before: dict[int, torch.Tensor], path):
+    """Per layer ``W + delta`` (added in float64) in the module's dtype, every delta and result
+    checked first: names, dtype, exact shape, finite before and after the cast."""
+    _check_deltas(meta, tensors, before, path)
+    new = {}
+    for layer, W in before.items():
+        delta = tensors[f"layer{layer}"]
         W_new = (W.double() + delta.to(device=W.device, dtype=torch.float64)).to(W.dtype)
         if not torch.isfinite(W_new).all():
             raise NonFiniteError(f"{path}: layer {layer} would hold values beyond the range of the model's dtype "
@@ -265,7 +286,132 @@ def apply_edit_pack(model: torch.nn.Module, path: str | os.PathLike[str]) -> dic
         for layer, W in before.items():
             write_weight(modules[layer], W)
         raise
-    if model_fingerprint(model) != meta["edited_fingerprint"]:
+    after = model_fingerprint(model)
+    if after != meta["edited_fingerprint"]:
         log.warning("after applying %s the model differs from the packed edited model (a reduced-precision "
                     "pack, or rounding); the deltas were applied", path)
+    _remember(model, raw.get("digest") or pack_digest(tensors, raw), after, tensors, before, new)
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# Removal: the exact inverse of apply_edit_pack
+# --------------------------------------------------------------------------------------------
+_APPLIED = "_rlsedit_applied_packs"  # on the model: pack digest -> what removing it needs
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
+
+
+def _subtracted(W: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``W - delta`` in float64, in ``W``'s dtype: the base weights, up to the rounding of the apply."""
+    return (W.double() - delta.to(device=W.device, dtype=torch.float64)).to(W.dtype)
+
+
+def _remember(model: torch.nn.Module, digest: str, after: str, tensors: dict[str, torch.Tensor],
+              before: dict[int, torch.Tensor], new: dict[int, torch.Tensor]) -> None:
+    """Keep with ``model`` (on the CPU) what :func:`remove_edit_pack` needs beyond the pack: per
+    layer the positions where ``new - delta`` is not bitwise the base weight and the base values
+    there, or the whole base weight when that is smaller (at most the size of the edited layers)."""
+    fixes: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    for layer, W in before.items():
+        guess = _subtracted(new[layer], tensors[f"layer{layer}"]).reshape(-1)
+        flat = W.reshape(-1)
+        where = (_bits(guess) != _bits(flat)).nonzero().reshape(-1)
+        if where.numel() * (4 + W.element_size()) < W.numel() * W.element_size():
+            fixes[layer] = (where.to("cpu", torch.int32), flat[where].to("cpu"))
+        else:
+            fixes[layer] = (None, W.to("cpu"))
+    records = model.__dict__.setdefault(_APPLIED, {})
+    records[digest] = {"after": after, "fixes": fixes}
+
+
+def _fixed(guess: torch.Tensor, fix: tuple[torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
+    """``guess`` (``W - delta``) with the recorded base values put back (:func:`_remember`)."""
+    where, values = fix
+    if where is None:
+        return values.to(guess.device)
+    guess.reshape(-1)[where.to(device=guess.device, dtype=torch.int64)] = values.to(guess.device)
+    return guess
+
+
+def remove_edit_pack(model: torch.nn.Module, path: str | os.PathLike[str]) -> dict:
+    """Take the edit pack at ``path`` back out of ``model``: the exact inverse of
+    :func:`apply_edit_pack`; return the pack's metadata.
+
+    ``model`` must hold base + pack (its fingerprint is the pack's edited fingerprint, or what
+    :func:`apply_edit_pack` made of it in this process). The pack is verified and validated as by
+    :func:`apply_edit_pack`; the base weights are written back into the edited layers (in the
+    module's dtype and orientation) and the result checked against the pack's base fingerprint.
+    All or nothing, signals deferred, the model's lock held: on any failure the model keeps the
+    weights it had.
+
+    Raises
+    ------
+    EditPackError
+        The pack is damaged or malformed.
+    StateMismatchError
+        Another architecture; the pack is not applied (the model is its base model); the model
+        holds something other than base + pack; or its base weights cannot be recovered exactly
+        (a model that got the pack elsewhere, where ``W - delta`` does not round back to the base:
+        reload the base model instead).
+    OwnershipError
+        An editor owns the model and the model holds its state (release it first), or the call
+        comes from inside an editor call on the model.
+    ShapeError, NonFiniteError
+        A delta does not fit the model, or the result would not be finite.
+    """
+    raw, tensors = _read_pack(path, with_tensors=True)
+    _check_digest(raw, tensors, path)
+    meta = _decode_metadata(raw, path)
+    spec = detect_spec(model)
+    if spec_summary(spec) != meta["spec"]:
+        raise StateMismatchError(
+            f"the edit pack is for a model with {meta['spec']}; this model has {spec_summary(spec)}"
+        )
+    digest = raw.get("digest") or pack_digest(tensors, raw)
+    guard = guard_of(model)
+    with deferred_interrupts(), guard.lock:
+        refuse_reentry(guard, "remove an edit pack")
+        refuse_foreign_owner(guard, None, False, "remove an edit pack")
+        record = model.__dict__.get(_APPLIED, {}).get(digest)
+        current = model_fingerprint(model)
+        if current != meta["edited_fingerprint"] and not (record is not None and current == record["after"]):
+            if current == meta["base_fingerprint"]:
+                why = "the pack is not applied: this model already is the pack's base model"
+            else:
+                why = ("this model does not hold the pack's base model plus the pack (another model, another pack, "
+                       "or weights changed since it was applied)")
+            raise StateMismatchError(f"cannot remove the edit pack {path}: {why} (fingerprint {current[:23]}...; "
+                                     f"the pack's edited model is {meta['edited_fingerprint'][:23]}...); nothing "
+                                     f"was changed")
+        modules = {l: get_module(model, spec.edit_module_path.format(l)) for l in meta["layers"]}
+        held = {l: read_weight(m) for l, m in modules.items()}
+        _check_deltas(meta, tensors, held, path)  # the same checks of every delta as apply
+        base = {}
+        for layer, W in held.items():
+            guess = _subtracted(W, tensors[f"layer{layer}"])
+            if record is not None and layer in record["fixes"]:
+                guess = _fixed(guess, record["fixes"][layer])
+            if not torch.isfinite(guess).all():
+                raise NonFiniteError(f"{path}: layer {layer} would hold NaN/inf once the delta is taken out; "
+                                     f"nothing was changed")
+            base[layer] = guess
+        try:
+            for layer, module in modules.items():
+                write_weight(module, base[layer])
+            if model_fingerprint(model) != meta["base_fingerprint"]:
+                raise StateMismatchError(
+                    f"cannot remove the edit pack {path} exactly: taking its deltas out of this model does not give "
+                    f"back the base model bit for bit (the pack was applied to it elsewhere, and the rounding of "
+                    f"the weights plus the deltas lost low bits of the base weights); nothing was changed. Load the "
+                    f"base model again instead")
+        except BaseException:
+            for layer, W in held.items():
+                write_weight(modules[layer], W)
+            raise
+        if record is not None:
+            model.__dict__[_APPLIED].pop(digest, None)
+    log.info("removed edit pack %s (layers %s) from the model", path, meta["layers"])
     return meta

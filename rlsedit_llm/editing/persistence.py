@@ -3,7 +3,16 @@ convention), the state written to and read from a folder, and the weight deltas 
 
 Functions of an editor, which its methods of the same names call; file formats
 live in :mod:`rlsedit_llm.editing.state`, the checks of a loaded state in
-:mod:`rlsedit_llm.editing.state_checks`.
+:mod:`rlsedit_llm.editing.state_checks`, the model-and-state folders of ``save_pretrained`` in
+:mod:`rlsedit_llm.editing.pretrained`.
+
+**Stream marks.** Every editor belongs to a *stream* (``Editor.stream_id_``, a random id kept in
+its state and saves). A save (:func:`save`, ``save_pretrained``), a load and every
+``rlsedit_llm.edit`` call mark the model's Hugging Face config with it
+(``model.config.rlsedit``, see :func:`mark_model`), so a copy of the edited model written with
+``model.save_pretrained`` and reloaded with plain ``from_pretrained`` is recognised without its
+state: creating an editor on it (:func:`begin_stream`, from ``Editor(...)``) raises
+:class:`~rlsedit_llm.errors.StreamError` naming the state to load, unless ``new_stream=True``.
 """
 
 from __future__ import annotations
@@ -11,6 +20,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
+import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,7 +35,7 @@ from rlsedit_llm.editing.guard import guard_of, refuse_foreign_owner, refuse_ree
 from rlsedit_llm.editing.packs import write_edit_pack
 from rlsedit_llm.editing.reports import EditRecord
 from rlsedit_llm.editing.save_paths import state_path
-from rlsedit_llm.errors import StateMismatchError
+from rlsedit_llm.errors import StateMismatchError, StreamError
 from rlsedit_llm.interrupts import deferred_interrupts
 from rlsedit_llm.kernel.registry import solver_class
 from rlsedit_llm.pipeline.values import ValueConfig
@@ -35,7 +47,7 @@ if TYPE_CHECKING:
     from rlsedit_llm.editing.guard import ModelGuard
 
 __all__ = ["state_dict", "gather_state", "from_state_dict", "rebuild", "install", "save", "load",
-           "save_edit_pack"]
+           "save_edit_pack", "state_bytes", "stream_id", "stream_mark", "mark_model", "begin_stream", "MARK"]
 
 log = logging.getLogger("rlsedit_llm.editing.editor")
 
@@ -64,6 +76,7 @@ def gather_state(editor: Editor, *, snapshot: bool = True) -> dict:
         "base_fingerprint": editor.base_fingerprint_,
         "solvers": {layer: solver.state_dict(snapshot=snapshot) for layer, solver in editor.solvers_.items()},
         "journal": [r.to_state() for r in editor.journal_],
+        "stream": stream_id(editor),
     }
 
 def from_state_dict(cls: type[Editor], model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, state: dict, *,
@@ -106,6 +119,9 @@ def rebuild(cls: type[Editor], model: torch.nn.Module, tokenizer: PreTrainedToke
     editor.templates_ = state["templates"]
     editor.base_fingerprint_ = state["base_fingerprint"]
     editor.next_id_ = int(state["next_id"])
+    stream = state.get("stream")  # saves before streams were recorded: a new id (stream_id)
+    if isinstance(stream, str) and _STREAM_ID.fullmatch(stream):
+        setattr(editor, "stream_id_", stream)  # noqa: B010 (set outside the class, like every state attribute here)
     try:
         journal = [EditRecord.from_state(e) for e in state["journal"]]
     except (TypeError, KeyError, ValueError) as exc:
@@ -150,8 +166,10 @@ def save(editor: Editor, directory: str | os.PathLike[str]) -> None:
     writes the folder, :class:`StateWriteError` when it cannot be written (the previous save kept)."""
     state_path(directory)  # a path that is not one is refused before the state is gathered
     with editor._owning("save", claim=False, fresh=True):
-        state_io.write_state(directory, gather_state(editor, snapshot=False),  # written at once: no snapshot
-                             edited_fingerprint=model_fingerprint(editor.model))
+        edited = model_fingerprint(editor.model)
+        target = state_io.write_state(directory, gather_state(editor, snapshot=False),  # written at once: no snapshot
+                                      edited_fingerprint=edited)
+        mark_model(editor, edited_fingerprint=edited, state=str(Path(os.path.abspath(target))))
     log.info("saved editor state (%d edits, layers %s) to %s", len(editor.journal_), list(editor.layers_), directory)
 
 def load(cls: type[Editor], model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -171,6 +189,8 @@ def load(cls: type[Editor], model: torch.nn.Module, tokenizer: PreTrainedTokeniz
         editor = rebuild(cls, model, tokenizer, state, True, share=False)  # fresh from the files
         install(editor, guard, take_over,
                 edited_fingerprint=state["edited_fingerprint"] if mode == "base" else None)
+        mark_model(editor, edited_fingerprint=state["edited_fingerprint"],
+                   state=str(Path(os.path.abspath(state_path(directory)))))
     log.info("loaded editor state (%d edits, layers %s) from %s onto the %s model",
              len(editor.journal_), list(editor.layers_), directory, mode)
     return editor
@@ -188,3 +208,152 @@ def write_pack(editor: Editor, path: str | os.PathLike[str], dtype: torch.dtype 
         edit_ids=[r.edit_id for r in editor.journal_],
         facts=[dataclasses.asdict(f) for r in editor.journal_ for f in r.facts],
     )
+
+
+def state_bytes(editor: Editor) -> int:
+    """Bytes of the tensors a save of ``editor`` writes now (the files add a few KB of headers
+    and the manifest): every solver tensor (a bitwise symmetric matrix as its packed triangle,
+    as :mod:`~rlsedit_llm.editing.state` stores it) and the journal's keys and values. Before the
+    first edit (no solver yet), what the first save after it will hold without the journal:
+    :func:`~rlsedit_llm.editing.state.state_size` for ``rlsedit``, and the same count from the
+    method's state tensors for the others (their square matrices counted as packed only when
+    they are symmetric by construction)."""
+    if editor.solvers_:
+        total = 0
+        for solver in editor.solvers_.values():
+            for t in solver.state_dict(snapshot=False)["tensors"].values():
+                n = t.shape[0]
+                count = n * (n + 1) // 2 if state_io.is_bitwise_symmetric(t) else t.numel()
+                total += count * t.element_size()
+        for record in editor.journal_:
+            for part in (record.keys, record.values):
+                total += sum(t.numel() * t.element_size() for t in part.values())
+        return total
+    from rlsedit_llm.kernel.registry import solver_class
+
+    cfg, spec = editor.config, editor.spec_
+    dtype = getattr(torch, cfg.state_dtype)
+    if cfg.method == "rlsedit":
+        return state_io.state_size(spec.d_k, spec.d_model, len(editor.layers_), dtype=dtype,
+                                   track_information=cfg.track_information)
+    names = [a.rstrip("_") for a in solver_class(cfg.method).state_tensors]
+    d_k, d_v = spec.d_k, spec.d_model
+    per_layer = sum(d_k * d_v if n in ("W0", "W") else d_k * (d_k + 1) // 2 if n in _SYMMETRIC else d_k * d_k
+                    for n in names)
+    return per_layer * len(editor.layers_) * torch.empty((), dtype=dtype).element_size()
+
+
+#: Square state tensors that are symmetric by construction (packed in saves).
+_SYMMETRIC = frozenset({"C", "G", "gram0", "X"})
+
+
+# -- streams: which edits a model carries ---------------------------------------------------------
+#: The attribute of ``model.config`` that carries the stream mark (saved in ``config.json``).
+MARK = "rlsedit"
+MARK_FORMAT = "rlsedit-stream"
+_STREAM_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def stream_id(editor: Editor) -> str:
+    """The id of ``editor``'s stream (32 hex digits), made on first use and kept in its state."""
+    sid = getattr(editor, "stream_id_", None)
+    if not (isinstance(sid, str) and _STREAM_ID.fullmatch(sid)):
+        sid = uuid.uuid4().hex
+        setattr(editor, "stream_id_", sid)  # noqa: B010 (made on first use)
+    return sid
+
+
+def stream_mark(model: torch.nn.Module) -> dict | None:
+    """The stream mark of ``model`` (``model.config.rlsedit``), or None when it carries none."""
+    mark = getattr(getattr(model, "config", None), MARK, None)
+    if isinstance(mark, dict) and isinstance(mark.get("stream"), str):
+        return mark
+    return None
+
+
+def mark_model(editor: Editor, *, edited_fingerprint: str | None, state: str | None) -> None:
+    """Record in ``model.config.rlsedit`` (a JSON dict, written by ``model.save_pretrained``) that
+    the model carries ``editor``'s stream: its id, method, number of edits in the journal and
+    next edit id, the base fingerprint, the fingerprint of the edited weights when known (a save or
+    a load: else None) and the folder of the last save (``state``: an absolute path; ``"rlsedit"``,
+    relative to the model folder, in the ``config.json`` of ``save_pretrained``). A model without
+    a Hugging Face config is left alone."""
+    config = getattr(editor.model, "config", None)
+    if config is None:
+        return
+    previous = stream_mark(editor.model)
+    sid = stream_id(editor)
+    if state is None and previous is not None and previous.get("stream") == sid:
+        state = previous.get("state")  # the last save of this stream stays the one to name
+    setattr(config, MARK, {
+        "format": MARK_FORMAT, "stream": sid, "method": editor.config.method, "edits": len(editor.journal_),
+        "next_id": editor.next_id_, "base_fingerprint": editor.base_fingerprint_,
+        "edited_fingerprint": edited_fingerprint, "state": state,
+    })
+
+
+def _holds_stream(model: torch.nn.Module, sid: str, editor: Editor) -> bool:
+    """Whether a live editor other than ``editor`` (the owner, or the one ``rlsedit_llm.edit``
+    keeps) holds stream ``sid`` and the model holds its state: the stream's state is loaded."""
+    candidates = (guard_of(model).owner, model.__dict__.get("_rlsedit_editor"))
+    return any(other is not None and other is not editor and getattr(other, "stream_id_", None) == sid
+               and other.ownership.mismatch() is None for other in candidates)
+
+
+def _state_hint(model: torch.nn.Module, mark: dict) -> str:
+    """How to load the state of the stream ``mark`` names: the folder, and the call."""
+    saved = mark.get("state")
+    origin = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    candidates = []
+    if isinstance(saved, str) and saved:
+        candidates.append(Path(saved) if os.path.isabs(saved) or not origin else Path(origin) / saved)
+    if origin:
+        candidates.append(Path(origin) / state_io.SUBFOLDER)
+    for folder in candidates:
+        if (folder / "editor.json").is_file():
+            if folder.name == state_io.SUBFOLDER and (folder.parent / "config.json").is_file():
+                return (f"rlsedit_llm.from_pretrained({str(folder.parent)!r}) (model and state), or "
+                        f"rlsedit_llm.load_model_state(model, tok, {str(folder)!r}) / "
+                        f"Editor.load(model, tok, {str(folder)!r})")
+            return (f"rlsedit_llm.load_model_state(model, tok, {str(folder)!r}) or "
+                    f"Editor.load(model, tok, {str(folder)!r})")
+    where = f" (its last save was at {saved!r}, which is not there)" if isinstance(saved, str) and saved else \
+        " (no save of it is recorded)"
+    return (f"rlsedit_llm.load_model_state(model, tok, <state folder>) or rlsedit_llm.from_pretrained(<folder>) "
+            f"with the folder that holds its state{where}")
+
+
+def begin_stream(editor: Editor, *, new_stream: bool) -> None:
+    """At the creation of ``editor`` (its ``base_fingerprint_`` just taken): refuse, with
+    :class:`StreamError`, a model whose weights carry the edits of a stream whose state is not
+    loaded; with ``new_stream`` start the new stream deliberately (the model's mark is replaced).
+
+    The model carries such edits when its config has a stream mark (:func:`mark_model`) with
+    edits, its weights are not that stream's base model, and no live editor of the model holds
+    that stream (the owner, reached with ``take_over=True``, or the editor ``rlsedit_llm.edit``
+    keeps). A model whose mark was lost (a copy saved without its config) is not recognised here;
+    :meth:`Editor.load` recognises it by the saved edited fingerprint."""
+    model = editor.model
+    mark = stream_mark(model)
+    if mark is None or not mark.get("edits") or editor.base_fingerprint_ == mark.get("base_fingerprint"):
+        return
+    if _holds_stream(model, mark["stream"], editor):
+        return
+    if new_stream:
+        log.info("starting a new stream on a model that carries %s edit(s) of stream %s (new_stream=True)",
+                 mark.get("edits"), mark["stream"][:8])
+        setattr(model.config, MARK, {
+            "format": MARK_FORMAT, "stream": stream_id(editor), "method": editor.config.method, "edits": 0,
+            "next_id": 0, "base_fingerprint": editor.base_fingerprint_, "edited_fingerprint": None, "state": None,
+        })
+        return
+    same = editor.base_fingerprint_ == mark.get("edited_fingerprint")
+    weights = ("its weights are those of the stream's last save" if same else
+               "its weights are not those its last save recorded (edits made after that save, or other changes)")
+    raise StreamError(
+        f"this model carries {mark.get('edits')} edit(s) of the rlsedit stream {mark['stream'][:8]} "
+        f"(model.config.rlsedit; {weights}) whose state is not loaded: a new editor would silently start a new "
+        f"stream on top of them, and they could no longer be undone. To continue that stream, load its state: "
+        f"{_state_hint(model, mark)}. To start a new stream on these weights deliberately, pass new_stream=True "
+        f"(Editor(model, tok, config, new_stream=True), or rlsedit_llm.edit(model, facts, tokenizer=tok, "
+        f"new_stream=True))")

@@ -9,11 +9,17 @@ A saved editor is a folder::
                           fingerprints, the journal's facts, per-layer solver method, dtype and
                           scalars, SHA-256 of the files
     solvers.safetensors   per edited layer the solver's tensors: W0, W (the master copy),
-                          C = G_t^{-1}, the anchor Gram, ... (``layer{l}.{name}``), state dtype
+                          C = G_t^{-1}, the anchor Gram, ... (``layer{l}.{name}``), state dtype;
+                          a symmetric matrix (C, G, the anchor Gram) as its packed triangle
     journal.safetensors   per journal entry and layer: the keys K and absolute values V that were
                           added (``edit{id}.layer{l}.K`` / ``.V``); what undo needs
 
-Version 1 (rlsedit 0.1.0, solvers saved attribute by attribute) is read through
+Version 4 stores every solver tensor that is a bitwise symmetric square matrix as its upper
+triangle packed into a ``(2m+1, n-m)`` matrix, ``m = n // 2`` (:func:`pack_symmetric`, exact: the
+matrix read back is bit for bit the one saved) and lists those names in the solver's ``packed``
+field of the manifest; a matrix that is not bitwise symmetric is stored whole. So a save of
+``rlsedit`` takes :func:`state_size` bytes of tensors. Versions 1 to 3 (whole matrices) are still
+read. Version 1 (rlsedit 0.1.0, solvers saved attribute by attribute) is read through
 :func:`migrate_v1`.
 
 What lies around the format, each in its own module:
@@ -82,20 +88,30 @@ if TYPE_CHECKING:
 
 __all__ = [
     "check_consistency",
+    "is_bitwise_symmetric",
     "manifest_digest",
     "migrate_v1",
+    "pack_symmetric",
+    "packed_size",
     "read_manifest",
     "read_state",
     "read_state_files",
     "spec_summary",
+    "state_size",
+    "unpack_symmetric",
     "write_state",
+    "write_state_files",
 ]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "rlsedit-editor-state"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+#: The first version that may store symmetric matrices packed (:func:`pack_symmetric`).
+PACKED_SINCE = 4
+#: The subfolder of a ``save_pretrained`` folder that holds the editor's state.
+SUBFOLDER = "rlsedit"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +156,91 @@ def cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def is_bitwise_symmetric(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a square floating-point matrix equal to its transpose bit for bit (``-0.0``
+    and ``0.0`` differ here, unlike ``torch.equal``), so that its packed triangle restores it exactly."""
+    if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim == 2 and t.shape[0] == t.shape[1]
+            and t.shape[0] > 0):
+        return False
+    bits = t.detach().view(_BITS[t.element_size()])
+    return torch.equal(bits, bits.mT)
+
+
+def pack_symmetric(A: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of the symmetric ``(n, n)`` matrix ``A`` as a ``(2m+1, n-m)`` matrix,
+    ``m = n // 2``: ``n(n+1)/2`` entries, copied (never computed), so :func:`unpack_symmetric` gives
+    ``A`` back bit for bit when ``A`` is bitwise symmetric (:func:`is_bitwise_symmetric`).
+
+    Layout, with ``k = n - m`` and ``A = [[A11, A12], [A21, A22]]`` split at ``k``: the first
+    ``m + 1`` rows hold the upper triangle of ``A11`` (``k x k``) on and above their diagonal and
+    the upper triangle of ``A22`` (``m x m``), transposed, below it (shifted down one row); the
+    last ``m`` rows hold ``A21`` (``m x k``): the idea of LAPACK's rectangular full packed format,
+    a 2-D tensor with no padding."""
+    n = A.shape[0]
+    m = n // 2
+    k = n - m
+    R = A.new_empty((2 * m + 1, k))
+    T = R[: m + 1]
+    upper = torch.ones(k, k, dtype=torch.bool, device=A.device).triu()
+    T[:k][upper] = A[:k, :k][upper]
+    lower = torch.ones(m, m, dtype=torch.bool, device=A.device).tril()
+    T[1:, :m][lower] = A[k:, k:].mT[lower]
+    R[m + 1:] = A[k:, :k]
+    return R
+
+
+def packed_size(shape: tuple[int, ...]) -> int | None:
+    """The order ``n`` of the symmetric matrix a packed ``(2m+1, n-m)`` tensor of ``shape`` holds,
+    or None when ``shape`` is not such a shape."""
+    if len(shape) != 2 or shape[0] < 1 or shape[0] % 2 != 1:
+        return None
+    m = (shape[0] - 1) // 2
+    if shape[1] == m and m > 0:
+        return 2 * m
+    if shape[1] == m + 1:
+        return 2 * m + 1
+    return None
+
+
+def unpack_symmetric(R: torch.Tensor) -> torch.Tensor:
+    """The symmetric ``(n, n)`` matrix of a :func:`pack_symmetric` tensor (selected, never
+    computed: bit for bit). Raises ``ValueError`` for a tensor of no packed shape."""
+    n = packed_size(tuple(R.shape))
+    if n is None:
+        raise ValueError(f"shape {tuple(R.shape)} is not that of a packed symmetric matrix (2m+1, n-m)")
+    m = n // 2
+    k = n - m
+    A = R.new_empty((n, n))
+    U = R[:k]
+    upper = torch.ones(k, k, dtype=torch.bool, device=R.device).triu()
+    A[:k, :k] = torch.where(upper, U, U.mT)
+    L = R[1 : m + 1, :m]
+    lower = torch.ones(m, m, dtype=torch.bool, device=R.device).tril()
+    A[k:, k:] = torch.where(lower, L, L.mT)
+    A[k:, :k] = R[m + 1:]
+    A[:k, k:] = R[m + 1:].mT
+    return A
+
+
+def state_size(d_k: int, d_v: int, n_layers: int = 1, *, rows: int = 0, dtype: torch.dtype = torch.float64,
+               gram0: bool = True, track_information: bool = False) -> int:
+    """Bytes of the tensors an ``rlsedit`` save holds (the files add a few KB of headers and the
+    ``editor.json`` manifest).
+
+    Per edited layer: ``W0`` and ``W`` (``d_k x d_v`` each), the packed triangles of ``C`` and of
+    the anchor Gram (``d_k (d_k+1) / 2`` each; ``G`` too with ``track_information``), and the
+    journal's keys and values (``rows x (d_k + d_v)``, ``rows`` = facts in the journal), all in the
+    state dtype. In float64 with the anchor Gram kept:
+    ``n_layers * 8 * (2 d_k d_v + d_k (d_k + 1) + rows (d_k + d_v))``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    triangle = d_k * (d_k + 1) // 2
+    symmetric = 1 + int(bool(gram0)) + int(bool(track_information))
+    return itemsize * n_layers * (2 * d_k * d_v + symmetric * triangle + rows * (d_k + d_v))
+
+
 def spec_summary(spec: ModelSpec) -> dict:
     """What a save records of the architecture (compared on load)."""
     return {"family": spec.family, "n_layers": spec.n_layers, "edit_module_path": spec.edit_module_path,
@@ -156,13 +257,21 @@ def package_version() -> str:
 
 
 def _split(state: dict) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """An editor state dict -> (JSON manifest part, solver tensors, journal tensors)."""
+    """An editor state dict -> (JSON manifest part, solver tensors, journal tensors); bitwise
+    symmetric solver matrices as their packed triangle (named in the solver's ``packed``)."""
     manifest = {k: v for k, v in state.items() if k not in ("solvers", "journal")}
     solvers_meta, solver_tensors = {}, {}
     for layer, solver in state["solvers"].items():
-        solvers_meta[str(layer)] = {k: v for k, v in solver.items() if k != "tensors"}
+        meta = {k: v for k, v in solver.items() if k != "tensors"}
+        packed = []
         for name, t in solver["tensors"].items():
+            if is_bitwise_symmetric(t):  # C, G, the anchor Gram: half the bytes, exactly
+                t = pack_symmetric(t.detach().to("cpu"))  # on the CPU: no device memory for the copy
+                packed.append(name)
             solver_tensors[f"layer{layer}.{name}"] = t
+        if packed:
+            meta["packed"] = packed
+        solvers_meta[str(layer)] = meta
     journal_meta, journal_tensors = [], {}
     for entry in state["journal"]:
         eid = entry["edit_id"]
@@ -194,6 +303,41 @@ def _join(manifest: dict, solver_tensors: dict[str, torch.Tensor], journal_tenso
         state["journal"].append({"edit_id": eid, "created": entry["created"], "facts": entry["facts"],
                                  "keys": keys, "values": values})
     return state
+
+
+def _unpack(manifest: dict, solver_tensors: dict[str, torch.Tensor]) -> dict:
+    """The manifest without the solvers' ``packed`` fields; the tensors they name unpacked in
+    ``solver_tensors`` (in place). Refuses a ``packed`` field that is malformed, names a missing
+    tensor, appears before version 4, or a tensor of no packed shape of the model's ``d_k``."""
+    solvers = manifest.get("solvers")
+    if not isinstance(solvers, dict):
+        return manifest  # refused by check_consistency
+    spec = manifest.get("spec")
+    d_k = spec.get("d_k") if isinstance(spec, dict) else None
+    out = {}
+    for key, meta in solvers.items():
+        if not (isinstance(meta, dict) and "packed" in meta):
+            out[key] = meta
+            continue
+        packed = meta["packed"]
+        where = f"the save is damaged or forged: solvers[{key}].packed"
+        if manifest.get("version", 0) < PACKED_SINCE:
+            raise StateMismatchError(f"{where} appears in a version-{manifest.get('version')} save")
+        if not (isinstance(packed, list) and all(isinstance(n, str) for n in packed)
+                and len(set(packed)) == len(packed)):
+            raise StateMismatchError(f"{where} must be a list of distinct tensor names")
+        for name in packed:
+            full = f"layer{key}.{name}"
+            t = solver_tensors.get(full)
+            if t is None:
+                raise StateMismatchError(f"{where} names {name!r}, which the solver file lacks")
+            n = packed_size(tuple(t.shape))
+            if n is None or n != d_k:
+                raise StateMismatchError(f"the save is damaged or forged: layer {key} tensor {name} has shape "
+                                         f"{tuple(t.shape)}, not the packed triangle of a ({d_k}, {d_k}) matrix")
+            solver_tensors[full] = unpack_symmetric(t)
+        out[key] = {k: v for k, v in meta.items() if k != "packed"}
+    return {**manifest, "solvers": out}
 
 
 #: Version-1 solver class names and the methods that replaced them.
@@ -265,10 +409,6 @@ def write_state(directory: str | os.PathLike[str], state: dict, *, edited_finger
         removed and the previous save stays in place.
     """
     target = state_path(directory)
-    manifest, solver_tensors, journal_tensors = _split(state)
-    manifest = {"format": FORMAT, "version": VERSION, "rlsedit_version": package_version(),
-                "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest,
-                "edited_fingerprint": edited_fingerprint}
     if not target.parent.is_dir():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -282,16 +422,7 @@ def write_state(directory: str | os.PathLike[str], state: dict, *, edited_finger
         tmp = None
         try:
             tmp = folder_swap.make_work_folder(target, hold)
-            files = {}
-            for name, tensors in ((SOLVERS, solver_tensors), (JOURNAL, journal_tensors)):
-                save_file(cpu_tensors(tensors), tmp / name, metadata={"format": FORMAT})
-                fsync_path(tmp / name)
-                files[name] = sha256_file(tmp / name)
-            manifest["files"] = files
-            manifest["digest"] = manifest_digest(manifest)
-            folder_swap.write_durably(tmp / MANIFEST,
-                                      json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
-            fsync_path(tmp)
+            write_state_files(tmp, state, edited_fingerprint=edited_fingerprint)
             folder_swap.swap_in(tmp, target, hold)
             tmp = None
         except (OSError, SafetensorError) as exc:
@@ -301,6 +432,25 @@ def write_state(directory: str | os.PathLike[str], state: dict, *, edited_finger
                 folder_swap.discard(tmp)
         folder_swap.log_foreign_leftovers(target, hold)
     return target
+
+
+def write_state_files(folder: Path, state: dict, *, edited_fingerprint: str) -> None:
+    """Write the three files of a save into the existing, empty, private ``folder`` and fsync
+    them and the folder; the manifest last, so a folder with a manifest is a complete save. No
+    lock and no swap: :func:`write_state` (and ``Editor.save_pretrained``) make ``folder`` the save."""
+    manifest, solver_tensors, journal_tensors = _split(state)
+    manifest = {"format": FORMAT, "version": VERSION, "rlsedit_version": package_version(),
+                "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest,
+                "edited_fingerprint": edited_fingerprint}
+    files = {}
+    for name, tensors in ((SOLVERS, solver_tensors), (JOURNAL, journal_tensors)):
+        save_file(cpu_tensors(tensors), folder / name, metadata={"format": FORMAT})
+        fsync_path(folder / name)
+        files[name] = sha256_file(folder / name)
+    manifest["files"] = files
+    manifest["digest"] = manifest_digest(manifest)
+    folder_swap.write_durably(folder / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
+    fsync_path(folder)
 
 
 def _write_error(target: Path, exc: BaseException, had_save: bool) -> StateWriteError:
@@ -451,6 +601,7 @@ def read_state_files(directory: str | os.PathLike[str], *, manifest: dict | None
         if manifest["version"] == 1:
             manifest, solver_tensors = migrate_v1(manifest, solver_tensors)
             log.info("read a version-1 save from %s; the next save writes version %d", target, VERSION)
+        manifest = _unpack(manifest, solver_tensors)
         check_consistency(manifest, solver_tensors, journal_tensors)
         return _join(manifest, solver_tensors, journal_tensors)
     except StateMismatchError as exc:

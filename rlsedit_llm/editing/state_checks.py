@@ -53,7 +53,7 @@ def validate_state(state: dict, model: torch.nn.Module, *, spec: ModelSpec | Non
     Checked: the config and the value-optimisation settings (valid, finite, ``steps`` at most
     :data:`MAX_VALUE_STEPS`); the layers (distinct ints of the model); the templates (at most
     :data:`MAX_TEMPLATES` strings of at most :data:`MAX_TEXT_CHARS` characters, each with exactly one
-    ``{}`` slot); ``next_id`` and the fingerprints; per solver its method and state dtype, its tensor
+    ``{}`` slot); ``next_id``, the fingerprints and the stream id; per solver its method and state dtype, its tensor
     names (the method's own; the required ones present), every tensor's dtype (the state dtype),
     shape (``W0`` and ``W`` ``(d_k, d_v)`` of the model's edited layers, every other ``(d_k, d_k)``)
     and finiteness, its scalars (the method's names; counts ints >= 0, the rest finite numbers
@@ -69,6 +69,10 @@ def validate_state(state: dict, model: torch.nn.Module, *, spec: ModelSpec | Non
         _bad("next_id", f"must be an int in [0, 2**62]; got {state['next_id']!r}"[:300])
     if not isinstance(state["base_fingerprint"], str):
         _bad("base_fingerprint", "must be a string")
+    stream = state.get("stream")  # absent in saves before streams were recorded
+    if stream is not None and not (isinstance(stream, str) and len(stream) == 32
+                                   and all(c in "0123456789abcdef" for c in stream)):
+        _bad("stream", f"must be 32 hex digits; got {stream!r}"[:300])
     _check_solvers(state["solvers"], layers, config, (d_k, d_v))
     journal = state["journal"]
     if not isinstance(journal, list):

@@ -23,6 +23,11 @@ one forward and backward pass of the unedited-so-far model:
    computed as ``K^T (K K^T + ridge I)^{-1} V`` when there are fewer rows than ``d_k``; every
    edited layer gets its own ``Delta`` from the same pass and they are added together.
 
+``Fact.weight`` is honoured in the solve: each of a fact's rows (answer positions) counts
+``weight`` times in ``||K Delta - V||^2`` (its rows of ``K`` and ``V`` scaled by ``sqrt(weight)``:
+weighted ridge regression). The running statistics, which only whiten the features, are not
+weighted.
+
 ``lr = None`` scales the released ``1e-6`` (Llama-3-8B, ``d_k = 14336``) to the layer's width,
 ``1e-6 * 14336 / d_k``, so that ``lr ||k_hat||^2 ~ lr d_k`` is the same on any model (as
 :class:`~rlsedit_llm.EditConfig` scales ``N``). See docs/theory/relation.md#ultraedit for the
@@ -47,13 +52,13 @@ import torch
 from rlsedit_llm.adapters.hooks import requires_grad_set
 from rlsedit_llm.adapters.spec import read_weight, write_weight
 from rlsedit_llm.editing.editor_level import ConfigSetting, EditorLevelMethod
-from rlsedit_llm.editing.reports import EditReport, FactReport
+from rlsedit_llm.editing.reports import EditReport, fact_report
 from rlsedit_llm.errors import NonFiniteError, StateMismatchError
 from rlsedit_llm.files import atomic_path
 from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.protocol import Capabilities
 from rlsedit_llm.pipeline.facts import checked_facts, encode_target
-from rlsedit_llm.pipeline.scoring import score_targets
+from rlsedit_llm.pipeline.scoring import report_scores
 from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
 from rlsedit_llm.presets import method_preset
 
@@ -129,18 +134,22 @@ class RunningMoments:
 
 
 def ultraedit_shift(K: torch.Tensor, G: torch.Tensor, moments: RunningMoments, *, lr: float,
-                    ridge: float) -> torch.Tensor:
+                    ridge: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """UltraEdit's closed-form weight change ``Delta (d_k, d_v)`` for keys ``K (n, d_k)`` and output
     gradients ``G (n, d_v)``, whitened with ``moments`` (already updated with this turn).
 
-    ``Delta = argmin ||K Delta - V||^2 + ridge ||Delta||^2`` with the pseudo-values
-    ``V = -lr ||k_hat||^2 g_hat`` of the whitened features; float64.
+    ``Delta = argmin sum_r w_r ||k_r Delta - v_r||^2 + ridge ||Delta||^2`` with the pseudo-values
+    ``V = -lr ||k_hat||^2 g_hat`` of the whitened features and the row weights ``weights (n,)``
+    (None: all 1); float64.
     """
     K = K.detach().to(device=moments.mean_.device, dtype=torch.float64)
     z_hat = moments.normalise(torch.cat([K, G.detach().to(K)], dim=1))  # (n, d_k + d_v)
     d_k = K.shape[1]
     k_hat, g_hat = z_hat[:, :d_k], z_hat[:, d_k:]
     V = -lr * k_hat.square().sum(dim=1, keepdim=True) * g_hat  # (n, d_v)
+    if weights is not None:  # weighted least squares: rows scaled by sqrt(w)
+        scale = weights.detach().to(K).sqrt()[:, None]
+        K, V = K * scale, V * scale
     n = K.shape[0]
     if n < d_k:  # the push-through identity: an (n, n) system instead of (d_k, d_k)
         S = K @ K.mT + ridge * torch.eye(n, dtype=K.dtype, device=K.device)
@@ -264,11 +273,13 @@ class UltraEditor(EditorLevelMethod):
         """Write one turn of facts; return an :class:`~rlsedit_llm.EditReport` (its ``extras`` hold
         ``rows``, the answer positions written, and ``delta_norm``, the mean ``||Delta||_F`` over
         layers; there are no value residuals). Bad facts raise :class:`FactError`; a failure
-        half-way restores the weights and the statistics."""
+        half-way restores the weights and the statistics. ``Fact.weight`` weighs each fact's rows
+        in the solve (see the module docstring); the facts that did not take
+        (:attr:`EditReport.failed`) are named in a ``logging`` warning."""
         facts = checked_facts(facts, self.tokenizer, purpose="edit")
-        prompts, targets = [f.text() for f in facts], [f.target for f in facts]
         tic = time.perf_counter()
-        before = score_targets(self.model, self.tokenizer, prompts, targets)
+        before = report_scores(self.model, self.tokenizer, facts, after=False,
+                               accuracies=self.report_accuracies)
         seconds = {"score": time.perf_counter() - tic}
         tic = time.perf_counter()
         K, G = self.features(facts)
@@ -276,12 +287,17 @@ class UltraEditor(EditorLevelMethod):
         tic = time.perf_counter()
         saved_weights = {l: read_weight(self._module(l)) for l in self.layers_}
         saved_moments = {l: m.state() for l, m in self.moments_.items()}
+        row_weights = None  # fact-major rows, one per answer position, as features() returns them
+        if any(f.weight != 1 for f in facts):
+            row_weights = torch.cat([torch.full((len(encode_target(self.tokenizer, f.target)),), float(f.weight),
+                                                dtype=torch.float64) for f in facts])
         norms = []
         try:
             new = {}
             for l in self.layers_:
                 self.moments_[l].update(torch.cat([K[l], G[l]], dim=1))
-                delta = ultraedit_shift(K[l], G[l], self.moments_[l], lr=self.lr_, ridge=self.ridge)
+                delta = ultraedit_shift(K[l], G[l], self.moments_[l], lr=self.lr_, ridge=self.ridge,
+                                        weights=row_weights)
                 if not torch.isfinite(delta).all():
                     raise NonFiniteError(f"layer {l}: the UltraEdit update produced NaN/inf")
                 W = saved_weights[l]
@@ -296,17 +312,24 @@ class UltraEditor(EditorLevelMethod):
                 self.moments_[l].load(state)
             raise
         seconds["update"] = time.perf_counter() - tic
-        after = score_targets(self.model, self.tokenizer, prompts, targets)
+        after = report_scores(self.model, self.tokenizer, facts, after=True,
+                              accuracies=self.report_accuracies)
         n_rows = int(next(iter(K.values())).shape[0])
         edit_id = self.n_batches_
         self.n_edits_ += len(facts)
         self.n_batches_ += 1
         self.n_rows_ += n_rows
-        nan = float("nan")  # no value residual: UltraEdit optimises no target hidden state
-        reports = [FactReport(f, b.prob, a.prob, nan, nan) for f, b, a in zip(facts, before, after, strict=True)]
+        # no value residual (NaN): UltraEdit optimises no target hidden state
+        reports = [fact_report(f, b, a, weight=float(f.weight)) for f, b, a in zip(facts, before, after, strict=True)]
         log.info("UltraEdit turn %d: %d fact(s), %d rows", self.n_batches_, len(facts), n_rows)
-        return EditReport(edit_id, self.layers_, reports, seconds,
-                          extras={"rows": float(n_rows), "delta_norm": sum(norms) / len(norms)})
+        report = EditReport(edit_id, self.layers_, reports, seconds,
+                            extras={"rows": float(n_rows), "delta_norm": sum(norms) / len(norms)})
+        if report.failed:
+            log.warning("UltraEdit turn %d: %d of %d fact(s) did not take (the target is not the top-1 continuation "
+                        "after the edit): %s. To try: a larger lr (UltraEditConfig), or a higher weight for those "
+                        "facts", edit_id, len(report.failed), len(facts),
+                        "; ".join(f"{r.fact.text()!r} -> {r.fact.target!r}" for r in report.failed))
+        return report
 
     # -- persistence: ultraedit.safetensors, then ultraedit.json (which carries its SHA-256) -----
     def _save_tensors(self, directory: Path) -> dict:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
 from rlsedit_llm.adapters.loading import load_model
@@ -43,6 +42,7 @@ from rlsedit_llm.errors import HyperparameterError, StateMismatchError
 from rlsedit_llm.evaluation.bench_config import SHADOW_LEADER as LEADER
 from rlsedit_llm.evaluation.bench_config import BenchConfig, scaled_defaults
 from rlsedit_llm.evaluation.data import load_glue, load_stream
+from rlsedit_llm.evaluation.metrics import scoring_progress
 from rlsedit_llm.evaluation.protocol import base_report, extend_base, run_method, score_generations
 from rlsedit_llm.evaluation.protocol_config import ProtocolConfig
 from rlsedit_llm.evaluation.report import write_report
@@ -66,6 +66,7 @@ from rlsedit_llm.evaluation.runners import (
     snapshot_weights,
 )
 from rlsedit_llm.kernel.registry import is_layer_method
+from rlsedit_llm.pipeline.moment_pass import progress_bar
 
 __all__ = ["BenchConfig", "run_bench", "write_report", "read_results", "load_results"]
 
@@ -268,7 +269,8 @@ def run_interleaved(bench: _Bench, todo: list[str]) -> None:
         method.weights = snapshot_weights(bench.model, bench.spec, bench.layers)
         active[name] = method
     budget, stop = bench.args.time_budget, None
-    rounds = tqdm(range(1, bench.cfg.n_batches + 1), desc="+".join(active), unit="round", disable=bench.args.quiet)
+    rounds = progress_bar(not bench.args.quiet, iterable=range(1, bench.cfg.n_batches + 1), desc="+".join(active),
+                          unit="round")
     for b in rounds:
         if budget is not None and time.perf_counter() - bench.t0 > budget:
             stop = b - 1
@@ -354,13 +356,14 @@ def run_bench(config: BenchConfig) -> int:
         print(f"bench: {cfg.n_edits} edits of {cfg.dataset} in batches of {cfg.batch_size}; "
               + ", ".join(f"{k} {v}" + (" (scaled to the run)" if getattr(config, k) is None else "")
                           for k, v in sized.items()))
-    bench = _start(args, cfg, out)
-    todo = [m for m in args.run_order() if not (m in bench.results.methods and bench.results.methods[m].done)]
-    for name in args.run_order():
-        if name not in todo:
-            log.info("%s: already complete", name)
-    run: Callable[[_Bench, list[str]], None] = run_interleaved if args.interleave else run_sequential
-    run(bench, todo)
-    _finish(bench)
+    with scoring_progress(not args.quiet):  # --quiet: no bars of the scoring passes either
+        bench = _start(args, cfg, out)
+        todo = [m for m in args.run_order() if not (m in bench.results.methods and bench.results.methods[m].done)]
+        for name in args.run_order():
+            if name not in todo:
+                log.info("%s: already complete", name)
+        run: Callable[[_Bench, list[str]], None] = run_interleaved if args.interleave else run_sequential
+        run(bench, todo)
+        _finish(bench)
     print(f"results in {out}")
     return 0

@@ -183,7 +183,9 @@ class BenchConfig:
         tokens: dict[str, Any] = {} if self.stats_tokens is None else {"stats_tokens": int(self.stats_tokens)}
         config = EditConfig(layers=self.layers, alpha=float(self.alpha), beta=float(self.beta),
                             mom2_weight=self.mom2_weight, cache_dir=self.cache_dir, replace=False,
-                            anchor_value_norms=bool(self.anchor_value_norms), **tokens)
+                            anchor_value_norms=bool(self.anchor_value_norms),
+                            report_accuracies=False,  # the protocol scores paraphrases and neighbours itself
+                            **tokens)
         config.validate()
         return config
 

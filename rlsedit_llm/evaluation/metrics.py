@@ -25,16 +25,19 @@ multiply by 100.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.pipeline.facts import Fact, encode_target
+from rlsedit_llm.pipeline.moment_pass import progress_bar
 from rlsedit_llm.pipeline.scoring import TargetScore, logits_at
 from rlsedit_llm.pipeline.tokens import encode_prompt, input_device, needs_bos, pad_id, right_pad
 
@@ -59,6 +62,7 @@ __all__ = [
     "glue_accuracy",
     "CF_METRICS",
     "ZSRE_METRICS",
+    "scoring_progress",
 ]
 
 #: Per-case metric names of each data set (the first three enter the harmonic ``score``).
@@ -66,6 +70,28 @@ CF_METRICS = ("efficacy", "generalization", "specificity", "efficacy_magnitude",
               "generalization_magnitude", "specificity_magnitude", "efficacy_acc",
               "generalization_acc", "specificity_acc")
 ZSRE_METRICS = ("efficacy", "generalization", "specificity")
+
+#: Seconds a scoring pass runs before its progress bar appears (a short one shows none).
+PROGRESS_DELAY = 5.0
+_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar("rlsedit_scoring_progress", default=True)
+
+
+@contextlib.contextmanager
+def scoring_progress(enabled: bool) -> Iterator[None]:
+    """Within the block, the scoring passes (:func:`score_pairs`, :func:`greedy_generate`) show a
+    progress bar (``enabled``, the default outside any block) or none. A bar appears only once a
+    pass has run :data:`PROGRESS_DELAY` seconds and is removed when it ends; ``TQDM_DISABLE`` in the
+    environment switches it off too. The benchmark's ``--quiet`` and ``run_method(progress=False)``
+    use this."""
+    token = _PROGRESS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _scoring_bar(total: int, desc: str):
+    return progress_bar(_PROGRESS.get(), total=total, desc=desc, unit="seq", leave=False, delay=PROGRESS_DELAY)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,21 +168,23 @@ def score_pairs(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prom
     out: list[TargetScore | None] = [None] * len(prompts)
     pad, device = pad_id(tokenizer), input_device(model)
     order = sorted(range(len(seqs)), key=lambda j: len(seqs[j][0]) + len(seqs[j][1]))
-    for start in range(0, len(order), batch_size):
-        batch = [seqs[j] for j in order[start:start + batch_size]]
-        ids_, mask = right_pad([p + list(c) for p, c, _ in batch], pad, device)  # (b, w)
-        # Only the positions that predict target tokens go through the LM head.
-        rows = torch.cat([torch.full((len(c) + 1,), r) for r, (_, c, _) in enumerate(batch)])
-        pos = torch.cat([torch.arange(len(p) - 1, len(p) + len(c)) for p, c, _ in batch])
-        logp = torch.log_softmax(logits_at(model, ids_, mask, rows, pos), dim=-1).cpu()  # (N, vocab)
-        first = 0
-        for _prompt, c, readers in batch:
-            block = logp[first:first + len(c) + 1]  # (len(c) + 1, vocab): after the prompt, then after each token
-            for i in readers:
-                tgt = torch.tensor(ids[i])
-                lp = block[: len(tgt)]
-                out[i] = TargetScore(lp[torch.arange(len(tgt)), tgt].clone(), lp.argmax(-1) == tgt)
-            first += len(c) + 1
+    with _scoring_bar(len(order), "scoring") as bar:
+        for start in range(0, len(order), batch_size):
+            batch = [seqs[j] for j in order[start:start + batch_size]]
+            ids_, mask = right_pad([p + list(c) for p, c, _ in batch], pad, device)  # (b, w)
+            # Only the positions that predict target tokens go through the LM head.
+            rows = torch.cat([torch.full((len(c) + 1,), r) for r, (_, c, _) in enumerate(batch)])
+            pos = torch.cat([torch.arange(len(p) - 1, len(p) + len(c)) for p, c, _ in batch])
+            logp = torch.log_softmax(logits_at(model, ids_, mask, rows, pos), dim=-1).cpu()  # (N, vocab)
+            first = 0
+            for _prompt, c, readers in batch:
+                block = logp[first:first + len(c) + 1]  # (len(c) + 1, vocab): after the prompt, then after each token
+                for i in readers:
+                    tgt = torch.tensor(ids[i])
+                    lp = block[: len(tgt)]
+                    out[i] = TargetScore(lp[torch.arange(len(tgt)), tgt].clone(), lp.argmax(-1) == tgt)
+                first += len(c) + 1
+            bar.update(len(batch))
     return out
 
 
@@ -295,24 +323,26 @@ def greedy_generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     encoded = [encode_prompt(tokenizer, p, bos=needs_bos(model)) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[list[int] | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):  # left padding
-            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[r, width - len(encoded[i]):] = 1
-        gen = model.generate(  # type: ignore[operator]  # a transformers PreTrainedModel method
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            min_new_tokens=0, do_sample=False, temperature=None, top_p=None, top_k=None,
-            pad_token_id=pad, eos_token_id=eos if stop_at_eos else None,
-        )[:, width:].cpu()  # (b, <= max_new_tokens)
-        for r, i in enumerate(rows):
-            seq = gen[r].tolist()
-            if stop_at_eos and eos is not None and eos in seq:
-                seq = seq[: seq.index(eos)]
-            out[i] = seq
+    with _scoring_bar(len(order), "generating") as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):  # left padding
+                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[r, width - len(encoded[i]):] = 1
+            gen = model.generate(  # type: ignore[operator]  # a transformers PreTrainedModel method
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                min_new_tokens=0, do_sample=False, temperature=None, top_p=None, top_k=None,
+                pad_token_id=pad, eos_token_id=eos if stop_at_eos else None,
+            )[:, width:].cpu()  # (b, <= max_new_tokens)
+            for r, i in enumerate(rows):
+                seq = gen[r].tolist()
+                if stop_at_eos and eos is not None and eos in seq:
+                    seq = seq[: seq.index(eos)]
+                out[i] = seq
+            bar.update(len(rows))
     return out  # type: ignore[return-value]
 
 

@@ -60,7 +60,11 @@ def _label_styles(labels) -> dict[str, dict]:
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:  # an optional dependency: the figures only
+        raise ImportError("the benchmark's figures need matplotlib, part of the bench extra: "
+                          "pip install 'rlsedit[bench]' (or pip install matplotlib)") from exc
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.evaluation import metrics
@@ -60,6 +59,7 @@ from rlsedit_llm.evaluation.runners import (
     snapshot_weights,
 )
 from rlsedit_llm.pipeline.facts import Fact
+from rlsedit_llm.pipeline.moment_pass import progress_bar
 
 __all__ = [
     "ProtocolConfig",
@@ -212,9 +212,11 @@ class _Stream:
     cfg: ProtocolConfig
     W0: Mapping[int, torch.Tensor]
     grams: Mapping[int, torch.Tensor] | None
+    progress: bool = True  # bars of long scoring passes (metrics.scoring_progress)
 
     def scored(self, written: Sequence[Fact]) -> tuple[list[dict], Scores]:
-        return score_cases(self.model, self.tokenizer, written, self.cfg)
+        with metrics.scoring_progress(self.progress):
+            return score_cases(self.model, self.tokenizer, written, self.cfg)
 
     def checkpoint(self, batch: int, edits: int) -> Checkpoint:
         """The retention set (and at a full checkpoint every edit so far) re-scored, the deviation."""
@@ -266,7 +268,9 @@ class _Stream:
             rows, summary = self.scored(written)
             retention = Scores.of(metrics.summarize_cases(rows[:self.cfg.retention_size]))
         final = FinalScores(edits=record.edits_done, partial=not complete, all=summary, retention=retention)
-        _add_extras(final, self.model, self.tokenizer, written, self.cfg, glue, None if base is None else base.glue)
+        with metrics.scoring_progress(self.progress):
+            _add_extras(final, self.model, self.tokenizer, written, self.cfg, glue,
+                        None if base is None else base.glue)
         final.seconds = round(time.perf_counter() - tic, 2)
         return final
 
@@ -285,16 +289,18 @@ def run_method(runner: MethodRunner, model: torch.nn.Module, tokenizer: Any, fac
     many batches; the final scoring runs once the whole stream is written, or, with ``finish``,
     on the edits written so far (a stream stopped early: ``record.final.partial`` is true,
     ``record.done`` stays false and a later call continues the stream). Returns ``record``.
+    ``progress``: a bar over the batches, and bars over long scoring passes
+    (:func:`.metrics.scoring_progress`); ``TQDM_DISABLE`` in the environment switches them off too.
     """
     cfg.validate()
     if len(facts) != cfg.n_edits:
         raise HyperparameterError(f"got {len(facts)} facts for a stream of {cfg.n_edits} edits")
-    stream = _Stream(runner, model, tokenizer, facts, cfg, W0, grams)
+    stream = _Stream(runner, model, tokenizer, facts, cfg, W0, grams, progress)
     checkpoints = set(cfg.checkpoint_batches())
     start = record.batches_done
     stop = cfg.n_batches if until is None else min(until, cfg.n_batches)
-    bar = tqdm(range(start, stop), desc=runner.name, unit="batch", initial=start, total=cfg.n_batches,
-               disable=not progress)
+    bar = progress_bar(progress, iterable=range(start, stop), desc=runner.name, unit="batch", initial=start,
+                       total=cfg.n_batches)
     for b in bar:
         entry = stream.write_batch(b, record, checkpoints)
         bar.set_postfix(edit=f"{entry.seconds_edit:.1f}s", es=entry.scores.efficacy)

@@ -3,7 +3,8 @@
 The layer-solver methods (``rlsedit``, ``memit``, ``memit_seq``, ``alphaedit``, ``encore``) are
 :class:`~rlsedit_llm.kernel.protocol.LayerSolver` subclasses, each beside its config dataclass;
 importing them registers nothing. :mod:`rlsedit_llm.editing.catalog` registers the built-in
-methods, in order, when :mod:`rlsedit_llm` is imported.
+methods, in order, when :mod:`rlsedit_llm.editing` is imported, which the registry's functions do
+on their first call.
 """
 
 from __future__ import annotations

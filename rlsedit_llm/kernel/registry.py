@@ -4,14 +4,17 @@ Layer-solver methods (:class:`~rlsedit_llm.kernel.protocol.LayerSolver` subclass
 :class:`~rlsedit_llm.Editor`; editor-level methods (fine-tuning, UltraEdit) implement the editor
 protocol themselves. Every class declares its ``name`` and ``capabilities``; callers ask this
 module. Methods are added explicitly with :func:`register` (importing a method's module registers
-nothing); the built-in methods are registered, in order, by :mod:`rlsedit_llm.editing.catalog`,
-which importing :mod:`rlsedit_llm` runs.
+nothing); the built-in methods are registered, in order, by :mod:`rlsedit_llm.editing.catalog`
+when :mod:`rlsedit_llm.editing` is imported, which this module's functions do on their first call
+(so the registry is never seen empty, whatever was imported first).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
+import sys
 from typing import Any
 
 from rlsedit_llm.errors import HyperparameterError
@@ -25,6 +28,15 @@ _METHODS: dict[str, tuple[type, type[MethodConfig]]] = {}
 
 # What a layer solver's constructor takes before its config's fields.
 _SOLVER_ARGS = ("W0", "alpha", "beta", "gram0", "dtype", "track_information")
+
+
+def _with_builtins() -> dict[str, tuple[type, type[MethodConfig]]]:
+    """The registry, the built-in methods in it. Importing :mod:`rlsedit_llm.editing` registers
+    them (its catalog); a lazy import, since the editors are built on this kernel. Once the package
+    is in ``sys.modules`` (even half-imported, i.e. while it registers them) nothing is done."""
+    if "rlsedit_llm.editing" not in sys.modules:
+        importlib.import_module("rlsedit_llm.editing")
+    return _METHODS
 
 
 def register(name: str, method_cls: type, config_cls: type[MethodConfig]) -> None:
@@ -48,7 +60,7 @@ def register(name: str, method_cls: type, config_cls: type[MethodConfig]) -> Non
                         f"with method = {name!r}")
     if issubclass(method_cls, LayerSolver):
         _check_solver_takes(method_cls, config_cls)
-    if name in _METHODS:
+    if name in _with_builtins():
         raise HyperparameterError(f"method {name!r} is already registered (by {_METHODS[name][0].__qualname__}); "
                                   f"choose another name or unregister({name!r}) first")
     _METHODS[name] = (method_cls, config_cls)
@@ -74,7 +86,7 @@ def unregister(name: str) -> None:
 def get_method(name: str) -> type:
     """The class registered as ``name``; :class:`HyperparameterError` listing the choices otherwise."""
     try:
-        return _METHODS[name][0]
+        return _with_builtins()[name][0]
     except (KeyError, TypeError):
         raise HyperparameterError(f"unknown method {name!r}; choose one of {sorted(_METHODS)}") from None
 
@@ -100,7 +112,7 @@ def config_class(name: str) -> type[MethodConfig]:
 
 def method_names() -> tuple[str, ...]:
     """Every registered method, in registration order."""
-    return tuple(_METHODS)
+    return tuple(_with_builtins())
 
 
 def capabilities(name: str) -> Capabilities:

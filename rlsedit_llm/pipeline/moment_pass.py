@@ -13,7 +13,9 @@ never run.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +28,17 @@ from rlsedit_llm.pipeline.moments import MomentSum
 from rlsedit_llm.pipeline.token_stream import Plan
 from rlsedit_llm.pipeline.tokens import input_device, needs_bos, right_pad
 
-__all__ = ["check_modules", "input_width", "module_device", "accumulate"]
+__all__ = ["check_modules", "input_width", "module_device", "accumulate", "progress_bar"]
+
+
+def progress_bar(progress: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm bar (``kwargs`` are tqdm's), switched off by ``progress=False`` or by the
+    ``TQDM_DISABLE`` environment variable (any non-empty value, as tqdm reads it; read at each call,
+    so setting it after tqdm was imported counts too). Otherwise ``disable`` is left to tqdm, never
+    forced on: a bar that passed ``disable=False`` would override ``TQDM_DISABLE``."""
+    if not progress or os.environ.get("TQDM_DISABLE"):
+        kwargs["disable"] = True
+    return tqdm(**kwargs)
 
 
 def input_width(module: nn.Module, layer: int) -> int:
@@ -88,11 +100,11 @@ def accumulate(
     # run adds exactly the same batches in the same order as an uninterrupted one.
     bounds = [skip_sequences] + [c for c in plan.checkpoints if c > skip_sequences] + [len(plan.seqs)]
     todo = [i for i in range(skip_sequences, len(plan.seqs)) if i % world == rank]
-    bar = tqdm(
+    bar = progress_bar(
+        progress and rank == 0,
         total=sum(int(plan.seqs[i].numel()) for i in todo),
         unit="tok",
         desc="key second moments",
-        disable=not progress or rank != 0,
     )
     device = input_device(model)
     bos = _bos_token(model, plan)

@@ -128,7 +128,7 @@ def accumulate_second_moments(
     dtype : torch.float64 (default) or torch.float32
         Accumulation dtype of the sums.
     progress : bool
-        Show a tqdm bar.
+        Show a tqdm bar (``TQDM_DISABLE`` set in the environment switches it off too).
     start, skip_sequences
         Continue a previous run: ``start`` holds its sums over the first ``skip_sequences``
         sequences of the stream, which are not run again.
@@ -222,7 +222,8 @@ def second_moments(
         Dtype of the stored and returned mean; sums are always float64.
     cache_dir, resume, progress
         Folder of the cache files (default :func:`default_stats_dir`); continue from a checkpoint of
-        an interrupted run with the same key; show a tqdm bar (rank 0 only).
+        an interrupted run with the same key; show a tqdm bar (rank 0 only; ``TQDM_DISABLE`` set in
+        the environment switches it off too).
     distributed : bool or None
         ``None``: shard across ranks when ``torch.distributed`` is initialised. ``True``: shard,
         initialising the process group from the launcher's environment if needed (NCCL for a

@@ -48,6 +48,7 @@ from rlsedit_llm.interrupts import poll_interrupts
 from rlsedit_llm.pipeline.facts import checked_facts, encode_target
 from rlsedit_llm.pipeline.fast_forward import FastForward, FastPathUnavailable, NaiveForward, ValueForward
 from rlsedit_llm.pipeline.keys import check_templates, encode_with_subject, fact_rows, template_parts
+from rlsedit_llm.pipeline.moment_pass import progress_bar
 from rlsedit_llm.pipeline.tokens import needs_bos, pad_id
 from rlsedit_llm.presets import SMALL_MODEL_D_MODEL, family_presets
 
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 __all__ = ["ValueConfig", "ValueResult", "default_value_config", "compute_values", "anchor_norms"]
 
 
+#: Seconds a value optimisation runs before its progress bar appears (a short one shows none).
+PROGRESS_DELAY = 3.0
 MAX_VALUE_STEPS = 10_000  # far above the published 20-25; more is a typo, not a setting
 # name -> (low, high, low excluded). Adam moves each coordinate of delta by about lr per step:
 # the published lr is 0.1-0.5, and above 10 the first step overshoots ||h0|| by far, the clamp
@@ -235,7 +238,7 @@ def _build_rows(tokenizer, facts, templates, config: ValueConfig, *, bos: bool =
 # --------------------------------------------------------------------------------------------
 def compute_values(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, layer: int,
                    facts: Iterable[Fact | Mapping[str, Any]], templates: Sequence[str],
-                   config: ValueConfig | None = None, *, naive: bool = False) -> ValueResult:
+                   config: ValueConfig | None = None, *, naive: bool = False, progress: bool = True) -> ValueResult:
     """Optimise ``z* = h0 + delta`` for every fact at decoder layer ``layer`` (the last edited layer).
 
     Parameters
@@ -247,6 +250,8 @@ def compute_values(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, s
     templates : context templates; must include the bare ``"{}"``
     config : :class:`ValueConfig`; default :func:`default_value_config`
     naive : use the full-model reference path instead of the fast path
+    progress : a tqdm bar over the steps, shown only once the optimisation has run for
+        :data:`PROGRESS_DELAY` seconds and removed when it ends (``TQDM_DISABLE`` also switches it off)
 
     Returns
     -------
@@ -273,13 +278,13 @@ def compute_values(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, s
             if not naive:
                 try:
                     forward = FastForward(model, spec, layer, rows, pad)
-                    result = _optimise(forward, rows, config, len(facts), path="fast")
+                    result = _optimise(forward, rows, config, len(facts), path="fast", progress=progress)
                 except FastPathUnavailable as exc:
                     log.warning("fast value path unavailable for %s (%s); using the full-model path", spec.family, exc)
                     forward = None
             if forward is None:
                 forward = NaiveForward(model, spec, layer, rows, pad)
-                result = _optimise(forward, rows, config, len(facts), path="naive")
+                result = _optimise(forward, rows, config, len(facts), path="naive", progress=progress)
         finally:
             model.train(was_training)
     dev = next(get_module(model, spec.layer_path.format(layer)).parameters()).device
@@ -287,7 +292,7 @@ def compute_values(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, s
     return result
 
 
-def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str) -> ValueResult:
+def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str, progress: bool = True) -> ValueResult:
     h_z = forward.h_z
     device = h_z.device
     h0 = h_z[rows.plain_row.to(device), rows.subject[rows.plain_row].to(device)].float()  # (u, d)
@@ -310,8 +315,12 @@ def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str) -
     last_top1 = torch.zeros(u, dtype=torch.bool, device=device) if config.stop_when_top1 else None
     kl_init = None
     result = ValueResult(target=h0, initial=h0, path=path)
-    with torch.enable_grad():
+    # A small batch ends before the bar's delay and never shows it.
+    bar = progress_bar(progress, total=config.steps, desc="value optimisation", unit="step", leave=False,
+                       delay=PROGRESS_DELAY)
+    with bar, torch.enable_grad():
         for it in range(config.steps):
+            bar.update(1)
             poll_interrupts()  # a safe point: Ctrl-C stops the edit here (nothing is changed yet)
             opt.zero_grad(set_to_none=True)
             # Only active facts are evaluated: a finished fact's loss no longer changes.
@@ -334,6 +343,7 @@ def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str) -
             last_loss[facts_on], last_nll[facts_on] = loss.detach(), nll.detach()
             result.loss_history.append(float(last_loss.mean()))
             result.nll_history.append(float(last_nll.mean()))
+            bar.set_postfix(loss=f"{result.loss_history[-1]:.3g}", refresh=False)
             result.final_loss, result.final_nll = last_loss.clone(), last_nll.clone()
             still = ~(loss.detach() < config.early_stop_loss)  # (a,)
             if last_top1 is not None:  # MPES: every target token is the argmax in every template row

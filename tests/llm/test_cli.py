@@ -1,7 +1,10 @@
-"""The command line: `rlsedit edit` continues one stream across invocations through --state."""
+"""The command line: `rlsedit edit` continues one stream across invocations through --state;
+`query`, `undo` and `export` on a saved stream; input checked before any model is loaded."""
 
 import json
 import re
+import shutil
+import sys
 
 import pytest
 import torch
@@ -133,3 +136,186 @@ def test_bench_loads_the_model_on_the_device_it_is_given(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "load_model", fake_load)
     assert cli.main(["bench", "--device", "cpu", "--edits", "2", "--batch", "1", "--out", str(tmp_path / "b")]) == 1
     assert seen == [torch.device("cpu")]
+
+
+# ----------------------------------------------------------------------------------------------
+# query, undo, export on a tiny random model saved with save_pretrained; checks before loading
+
+GOOD_FACTS = [{"prompt": "we saw {}", "subject": "the old cat", "target": "paris"},
+              {"prompt": "they sold {}", "subject": "the long table", "target": "wood"}]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A folder with ``model/`` (a tiny Llama, save_pretrained) and ``state/``: two edits written
+    by `rlsedit edit` with a YAML config (``1e-3`` is read as a float)."""
+    root = tmp_path_factory.mktemp("cli")
+    model, tok = tiny_model("llama", init_std=0.3)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "facts.jsonl").write_text("\n".join(json.dumps(f) for f in GOOD_FACTS))
+    (root / "config.yaml").write_text(f"alpha: 1e-3\nmom2_weight: 1\nstats_tokens: 2000\ncache_dir: {root / 'stats'}\n")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["edit", "--model", str(root / "model"), "--facts", str(root / "facts.jsonl"), "--state",
+                         str(root / "state"), "--config", str(root / "config.yaml"), "--batch", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def _edited(saved, state=None):
+    """The saved tiny model with the stream of ``state`` (default: the saved one) on it."""
+    model, tok = rlsedit_llm.load_model(str(saved / "model"))
+    editor = rlsedit_llm.Editor.load(model, tok, state or saved / "state")
+    return model, tok, editor
+
+
+def _no_load(monkeypatch):
+    monkeypatch.setattr(rlsedit_llm, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+@pytest.mark.usefixtures("one_thread_unless_slow")
+def test_query_prints_what_the_edited_model_says(saved, capsys):
+    prompts = ["we saw the old cat", "they sold the long table"]
+    args = ["query", "--model", str(saved / "model"), "--max-new-tokens", "3", "--top-k", "2"]
+    for p in prompts:
+        args += ["--prompt", p]
+    assert cli.main(args + ["--state", str(saved / "state")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    model, tok, editor = _edited(saved)
+    assert editor.config.alpha == 0.001  # the YAML config of the stream
+    assert out[0] == f"{prompts[0]!r} -> {cli._generate(model, tok, prompts[0], 3)!r}"
+    assert out[3] == f"{prompts[1]!r} -> {cli._generate(model, tok, prompts[1], 3)!r}"
+    (token, p), _ = cli._next_tokens(model, tok, prompts[1], 2)
+    assert out[4] == f"    1. {token!r:<24} {p:.4f}" and len(out) == 6
+    assert cli.main(["generate"] + args[1:]) == 0  # the alias; without --state: the saved base model
+    plain = capsys.readouterr().out.splitlines()
+    base, base_tok = rlsedit_llm.load_model(str(saved / "model"))
+    assert plain[0] == f"{prompts[0]!r} -> {cli._generate(base, base_tok, prompts[0], 3)!r}"
+
+
+@pytest.mark.usefixtures("one_thread_unless_slow")
+def test_undo_lists_the_journal_and_retracts_an_edit_exactly(saved, tmp_path, monkeypatch, capsys):
+    state = tmp_path / "state"
+    shutil.copytree(saved / "state", state)
+    _no_load(monkeypatch)  # listing, and refusing an unknown id, need no model
+    assert cli.main(["undo", "--state", str(state), "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert f"{state}: method rlsedit, 2 edit(s) in the journal" in listing
+    assert re.search(r"edit 0 .* 'we saw the old cat' -> 'paris'", listing)
+    assert re.search(r"edit 1 .* 'they sold the long table' -> 'wood'", listing)
+    assert cli.main(["undo", "--model", str(saved / "model"), "--state", str(state), "--edit-id", "5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no edit 5 in {state} (its journal holds ids [0, 1]") and len(err.splitlines()) == 1
+    monkeypatch.undo()
+    assert cli.main(["undo", "--model", str(saved / "model"), "--state", str(state), "--edit-id", "0"]) == 0
+    assert "retracted edit 0: 'we saw the old cat' -> 'paris'" in capsys.readouterr().out
+    model, _, editor = _edited(saved, state)
+    assert [r.edit_id for r in editor.journal_] == [1]
+    reference, _, ref_editor = _edited(saved)  # the same undo through the library
+    ref_editor.undo(0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values(),
+                                                   strict=True))
+
+
+@pytest.mark.usefixtures("one_thread_unless_slow")
+def test_export_writes_the_edited_model_in_hugging_face_format(saved, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "exported"
+    assert cli.main(["export", "--model", str(saved / "model"), "--state", str(saved / "state"),
+                     "--out", str(out)]) == 0
+    assert f"(2 edit(s) in its journal) to {out}" in capsys.readouterr().out
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    edited, tok, _ = _edited(saved)
+    theirs = edited.state_dict()
+    assert all(torch.equal(t, theirs[name]) for name, t in exported.state_dict().items())
+    assert AutoTokenizer.from_pretrained(out)("we saw")["input_ids"] == tok("we saw")["input_ids"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no temporary folder left
+    _no_load(monkeypatch)
+    assert cli.main(["export", "--model", str(saved / "model"), "--state", str(saved / "state"),
+                     "--out", str(out)]) == 1  # a non-empty folder is refused before loading
+    assert "already exists and is not an empty folder" in capsys.readouterr().err
+    monkeypatch.undo()
+    half = tmp_path / "half"
+    assert cli.main(["export", "--model", str(saved / "model"), "--state", str(saved / "state"),
+                     "--out", str(half), "--out-dtype", "bfloat16"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(half, dtype="auto").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["edit", "--model", "./no/such/model", "--facts", "f.jsonl"], "no model at ./no/such/model"),
+    (["query", "--model", "~/no-such-model-for-rlsedit", "--prompt", "x"], "no model at ~/no-such-model-for-rlsedit"),
+    (["export", "--model", "no-such-org/no-such-model", "--state", "s", "--out", "o"],
+     "no model at no-such-org/no-such-model"),
+    (["undo", "--model", "./nope", "--state", "s", "--edit-id", "0"], "no model at ./nope"),
+    (["query", "--model", "tiny", "--prompt", "x", "--state", "nowhere"], "no saved edit state at nowhere"),
+    (["export", "--model", "tiny", "--state", ".", "--out", "o"], "no saved edit state in ."),
+    (["undo", "--state", "nowhere", "--list"], "no saved edit state at nowhere"),
+    (["edit", "--model", "tiny", "--facts", "f.jsonl", "--config", "c.json"], "c.json: EditConfig has no field"),
+    (["edit", "--model", "tiny", "--facts", "f.jsonl", "--method", "romeo"], "unknown method 'romeo'"),
+    (["demo", "--config", "c.yaml"], "c.yaml:2:1: invalid YAML"),
+    pytest.param(["query", "--model", "tiny", "--prompt", "x", "--device", "cuda:0"], "--device cuda:0: no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")),
+])
+def test_input_errors_are_one_line_before_any_model_is_loaded(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f.jsonl").write_text(json.dumps(GOOD_FACTS[0]))
+    (tmp_path / "c.json").write_text(json.dumps({"alpah": 1}))
+    (tmp_path / "c.yaml").write_text("alpha: [1\n")
+    _no_load(monkeypatch)
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+
+
+def test_a_yaml_config_without_pyyaml_and_a_bench_without_matplotlib_name_what_to_install(tmp_path, monkeypatch,
+                                                                                          capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f.jsonl").write_text(json.dumps(GOOD_FACTS[0]))
+    (tmp_path / "c.yml").write_text("alpha: 0.1\n")
+    _no_load(monkeypatch)
+    monkeypatch.setitem(sys.modules, "yaml", None)  # as if PyYAML were not installed
+    assert cli.main(["edit", "--model", "tiny", "--facts", "f.jsonl", "--config", "c.yml"]) == 1
+    assert capsys.readouterr().err == "error: c.yml: a YAML config needs PyYAML (pip install pyyaml); or write the " \
+                                      "file as JSON\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main(["bench", "--edits", "2", "--batch", "1", "--out", "b"]) == 1
+    assert "pip install 'rlsedit[bench]'" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_the_model_flags_reach_the_loader(monkeypatch, capsys):
+    seen = []
+
+    def fake_load(name, **kwargs):
+        seen.append((name, kwargs))
+        return tiny_model("llama")
+
+    monkeypatch.setattr(rlsedit_llm, "load_model", fake_load)
+    assert cli.main(["query", "--model", "tiny", "--prompt", "we saw", "--max-new-tokens", "1",
+                     "--device", "CPU", "--dtype", "bfloat16"]) == 0
+    assert seen == [("tiny", {"dtype": torch.bfloat16, "device": torch.device("cpu"), "local_files_only": True})]
+    assert cli.main(["query", "--model", "smollm2", "--prompt", "we saw", "--max-new-tokens", "1",
+                     "--dtype", "auto"]) == 0
+    assert seen[1] == ("smollm2", {"dtype": torch.float32, "device": None, "local_files_only": True})
+
+
+@pytest.mark.parametrize("argv", [["query", "--prompt", "x", "--device", "gpu"], ["undo", "--state", "s"],
+                                  ["query", "--prompt", " "], ["no-such-command"], []])
+def test_usage_errors_are_one_line_with_exit_status_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+
+
+def test_version_and_help_show_the_library_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0 and re.fullmatch(r"rlsedit \S+.*\n", capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        cli.main(["edit", "--help"])
+    out = capsys.readouterr().out
+    assert f"default {rlsedit_llm.EditConfig.method}" in out and "shown with --help" not in out
