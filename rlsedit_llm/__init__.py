@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from rlsedit_llm.kernel.memit import MemitConfig
     from rlsedit_llm.kernel.memit_seq import MemitSeqConfig
     from rlsedit_llm.kernel.rls import LayerRLS, RLSEditConfig
-    from rlsedit_llm.pipeline.facts import Fact, as_fact, as_facts
+    from rlsedit_llm.pipeline.facts import Fact, as_fact, as_facts, from_easyedit
     from rlsedit_llm.pipeline.values import ValueConfig
 
 #: Exported name -> the module that defines it (imported on first access).
@@ -121,6 +121,7 @@ _EXPORTS: dict[str, str] = {
     "Fact": "rlsedit_llm.pipeline.facts",
     "as_fact": "rlsedit_llm.pipeline.facts",
     "as_facts": "rlsedit_llm.pipeline.facts",
+    "from_easyedit": "rlsedit_llm.pipeline.facts",
     "ValueConfig": "rlsedit_llm.pipeline.values",
 }
 
@@ -158,6 +159,7 @@ __all__ = [
     "Fact",
     "as_fact",
     "as_facts",
+    "from_easyedit",
     "load_model",
     "ModelSpec",
     "detect_spec",

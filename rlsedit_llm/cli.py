@@ -452,6 +452,9 @@ def _edit(args) -> int:
     # One writer per state folder from before the model is loaded until after the save: a second
     # `rlsedit edit` on the same folder fails at once instead of overwriting this one's edits.
     with state_lock(state):
+        if args.new_stream and _saved_method(state) is not None:
+            raise CLIError(f"--new-stream starts a new stream, but {state} holds a saved one (continued without the "
+                           f"flag); give another --state folder")
         return _edit_stream(args, facts, request, state, loading)
 
 
@@ -508,7 +511,13 @@ def _edit_stream(args, facts: list, request: _Request, state: Path | None, loadi
         _refuse_changes(state, editor, request)
         log.info("continuing the stream saved in %s (%d batches)", state, editor.n_batches_)
     else:
-        editor = make_editor(request.config.method, model, tok, request.config)
+        from rlsedit_llm.errors import StreamError
+
+        try:
+            editor = make_editor(request.config.method, model, tok, request.config, new_stream=args.new_stream)
+        except StreamError as exc:
+            raise CLIError(f"{exc}. On the command line: give that stream's folder as --state, or pass "
+                           f"--new-stream") from None
     for start in range(0, len(facts), args.batch):
         print(editor.edit(facts[start:start + args.batch]))
     if state is not None:
@@ -841,6 +850,9 @@ def _add_edit(sub) -> None:
     ed.add_argument("--state", type=_path_text,
                     help="edit-state directory (loaded if present, saved after; one `rlsedit edit` at a time)")
     ed.add_argument("--batch", type=_positive_int, default=10, help="facts per edit call (>= 1)")
+    ed.add_argument("--new-stream", action="store_true",
+                    help="start a new stream on a model that carries the edits of a stream whose state is not "
+                         "given (an exported edited model); refused with a --state that holds a saved stream")
     ed.add_argument("--method", help=_Later(lambda: f"a registered method ({_config_default('method')}; "
                                                     "only for a new stream)"))
     ed.add_argument("--set", action="append", metavar="FIELD=VALUE",

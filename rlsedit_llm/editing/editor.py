@@ -202,12 +202,27 @@ class Editor:
                 raise NonFiniteError(f"the model's {name} holds NaN or infinity; load an intact model "
                                      f"before editing (nothing was changed)")
 
+    def _check_placement(self) -> None:
+        """Refuse, before any work, edited layers offloaded to the ``meta`` device (an edit writes
+        their weights) and a state that cannot fit: each layer's state lives on its weight's
+        device, so every device is checked for the layers it holds (typed error naming the sizes)."""
+        on: dict[torch.device, list[int]] = {}
+        for layer in self.layers_:
+            on.setdefault(self._module(layer).weight.device, []).append(layer)
+        offloaded = on.get(torch.device("meta"), [])
+        if offloaded:
+            raise HyperparameterError(
+                f"edited layer(s) {offloaded} are offloaded (their weights are on the meta device, e.g. accelerate's "
+                f"disk offload): an edit writes those weights and keeps their state beside them. Load the model with "
+                f"those blocks on a GPU or the CPU (device_map), or edit other layers (EditConfig(layers=...))")
+        for device, layers in on.items():
+            check_fits(inspection.memory_plan(self, n_layers=len(layers)), device)
+
     def _prepare(self) -> Editor:
         if self.solvers_ and self.templates_ is not None:
             return self
         self._check_finite_model()
-        # Refuse up front (typed error naming the sizes) an edit whose state cannot fit the device.
-        check_fits(self.memory_plan(), self._module(self.layers_[0]).weight.device)
+        self._check_placement()
         cfg = self.config
         moments = layer_moments(self.model, self.tokenizer, self.spec_, self.layers_, cfg)
         check_absorption(moments, cfg, self.mom2_weight_)

@@ -22,11 +22,14 @@ if TYPE_CHECKING:
 __all__ = ["memory_plan", "layer_rows", "anchor_grams", "deviations", "certificate"]
 
 
-def memory_plan(editor: Editor, *, batch: int = 100, inplace: bool = True, replacing: bool = False) -> MemoryPlan:
+def memory_plan(editor: Editor, *, batch: int = 100, inplace: bool = True, replacing: bool = False,
+                n_layers: int | None = None) -> MemoryPlan:
     """The :class:`~rlsedit_llm.memory.MemoryPlan` of this editor (its spec, layers, config and
-    model size) for edits of ``batch`` facts."""
+    model size) for edits of ``batch`` facts; ``n_layers``: for that many of its layers (those one
+    device holds) instead of all."""
     model_bytes = sum(p.numel() * p.element_size() for p in editor.model.parameters())
-    return plan(editor.spec_.d_model, editor.spec_.d_k, len(editor.layers_), editor.config.state_dtype, batch=batch,
+    n_layers = len(editor.layers_) if n_layers is None else n_layers
+    return plan(editor.spec_.d_model, editor.spec_.d_k, n_layers, editor.config.state_dtype, batch=batch,
                 model_bytes=model_bytes, track_information=editor.config.track_information, inplace=inplace,
                 replacing=replacing)
 

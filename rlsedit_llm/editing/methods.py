@@ -51,7 +51,7 @@ def method_value_config(method: str, spec: ModelSpec, **changes: Any) -> ValueCo
 
 
 def make_editor(method: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                config: EditConfig | None = None, **settings: Any) -> Any:
+                config: EditConfig | None = None, *, new_stream: bool = False, **settings: Any) -> Any:
     """A fresh editor of ``method`` on ``model``; ``config`` (its ``method`` is overridden) sets the
     layers, statistics and shared hyperparameters; ``settings`` are fields of the method's config
     class (:func:`~rlsedit_llm.kernel.registry.config_class`), put over ``config.method_config``,
@@ -60,13 +60,15 @@ def make_editor(method: str, model: torch.nn.Module, tokenizer: PreTrainedTokeni
 
     A layer-solver class may declare ``value_defaults`` (ValueConfig fields its method is defined
     with, e.g. ENCORE's ``{"stop_when_top1": True}``): when ``config.value`` is None they are
-    applied over the family's default value settings. An explicit ``config.value`` is used as is."""
+    applied over the family's default value settings. An explicit ``config.value`` is used as is.
+    ``new_stream``: as in :class:`~rlsedit_llm.Editor` (start a new stream on weights that carry
+    the edits of a stream whose state is not loaded); editor-level methods keep no stream mark."""
     cls: Any = get_method(method)
     config = with_method_settings(replace(config or EditConfig(), method=method), settings)
     if is_layer_method(method):
         if getattr(cls, "value_defaults", None) and config.value is None:
             config = replace(config, value=method_value_config(method, detect_spec(model)))
-        return Editor(model, tokenizer, config)
+        return Editor(model, tokenizer, config, new_stream=new_stream)
     if config.anchor_value_norms:  # an editor-level method optimises no value z* to rescale
         raise HyperparameterError(f"{method!r} computes no values, so value-norm anchoring does not apply to it; "
                                   "use EditConfig(anchor_value_norms=False)")

@@ -218,7 +218,8 @@ def counterfact_case_scores(model: torch.nn.Module, tokenizer: PreTrainedTokeniz
 
     Each fact needs ``target_true``; paraphrase and neighbourhood prompts may be empty (the
     corresponding metrics are then NaN). At the neighbourhood prompts the new target competes
-    with ``neighbourhood_target`` where the record gives one (simplified CounterFact's
+    with that prompt's answer where the record gives one (:meth:`Fact.neighbourhood_answers`:
+    EasyEdit's per-prompt ``neighbourhood_targets``, simplified CounterFact's
     ``locality_ground_truth``), else with ``target_true`` (full CounterFact: the neighbours share
     the relation and the true object). Returns one dict per fact with ``case_id`` and
     :data:`CF_METRICS`.
@@ -229,9 +230,10 @@ def counterfact_case_scores(model: torch.nn.Module, tokenizer: PreTrainedTokeniz
     for c, f in enumerate(facts):
         if f.target_true is None:
             raise HyperparameterError(f"CounterFact scoring needs target_true ({f.describe()})")
+        answers = {"rw": (f.target_true,), "pp": (f.target_true,) * len(f.paraphrases),
+                   "nb": tuple(a if a is not None else f.target_true for a in f.neighbourhood_answers())}
         for kind, ps in (("rw", (f.text(),)), ("pp", f.paraphrases), ("nb", f.neighbourhood)):
-            true = f.neighbourhood_target if kind == "nb" and f.neighbourhood_target is not None else f.target_true
-            for p in ps:
+            for p, true in zip(ps, answers[kind], strict=True):
                 for which, t in (("new", f.target), ("true", true)):
                     prompts.append(p)
                     targets.append(t)

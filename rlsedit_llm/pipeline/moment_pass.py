@@ -104,7 +104,7 @@ def accumulate(
         progress and rank == 0,
         total=sum(int(plan.seqs[i].numel()) for i in todo),
         unit="tok",
-        desc="key second moments",
+        desc="key statistics (computed once, then cached)",
     )
     device = input_device(model)
     bos = _bos_token(model, plan)

@@ -24,6 +24,19 @@ argmax in every template row: ENCORE's MPES); after every update
 All facts are optimised in one batch; since every ``delta_i`` only enters its own rows and Adam is
 element-wise, this equals optimising each fact alone.
 
+Two optimisers of that same loss (``ValueConfig.optimizer``):
+
+* ``"adam"`` (default): the published one above, unchanged (what comparisons with the literature use);
+* ``"lbfgs"``: per-fact limited-memory BFGS on the small smooth problem of each fact (one vector
+  of the model width): a steepest-descent first step of length ``lbfgs_first_step * ||h0_i||``,
+  then quasi-Newton directions from the fact's last ``lbfgs_history`` curvature pairs, each step
+  at most ``lbfgs_max_step * ||h0_i||`` long and projected onto the clamp ball, accepted if it
+  lowers the fact's loss enough (Armijo), else shortened and retried at the next evaluation. A
+  fact stops once its NLL part is below ``stop_nll`` (the total loss rarely reaches
+  ``early_stop_loss``: the KL term keeps it above), or by the published criteria; ``steps`` is
+  its budget of evaluations. Each evaluation runs only the facts still optimising, so converged
+  facts cost nothing. Every evaluation is a forward and a backward pass, as an Adam step is.
+
 Two interchangeable forward paths (:mod:`rlsedit_llm.pipeline.fast_forward`) produce the
 log-probabilities the loss needs: **fast** (default) re-runs only the layers above ``layer`` on
 the positions from the subject onwards, checked against the full pass at step 0 (on any mismatch
@@ -62,6 +75,15 @@ log = logging.getLogger(__name__)
 __all__ = ["ValueConfig", "ValueResult", "default_value_config", "compute_values", "anchor_norms"]
 
 
+#: The value optimisers (:attr:`ValueConfig.optimizer`).
+OPTIMIZERS = ("adam", "lbfgs")
+MAX_LBFGS_HISTORY = 100
+#: Armijo's sufficient-decrease constant and the factor a rejected L-BFGS step is shortened by;
+#: a fact whose step has been shortened below ``_LBFGS_MIN_SCALE`` stops (no descent left).
+_ARMIJO_C1 = 1e-4
+_LBFGS_BACKTRACK = 0.25
+_LBFGS_MIN_SCALE = 1e-3
+
 #: Seconds a value optimisation runs before its progress bar appears (a short one shows none).
 PROGRESS_DELAY = 3.0
 MAX_VALUE_STEPS = 10_000  # far above the published 20-25; more is a typo, not a setting
@@ -71,6 +93,9 @@ MAX_VALUE_STEPS = 10_000  # far above the published 20-25; more is a typo, not a
 # The others have no natural ceiling (early_stop_loss=1e9 legitimately means "stop at once").
 _FLOAT_RANGES = {
     "lr": (0.0, 10.0, True),
+    "stop_nll": (0.0, math.inf, False),
+    "lbfgs_first_step": (0.0, 10.0, True),
+    "lbfgs_max_step": (0.0, 10.0, True),
     "weight_decay": (0.0, math.inf, False),
     "clamp_norm_factor": (0.0, math.inf, True),
     "kl_factor": (0.0, math.inf, False),
@@ -94,6 +119,13 @@ class ValueConfig:
     stop_when_top1 : also stop a fact at the first evaluation at which every target token is the
         (teacher-forced) most probable token in every one of its template rows: ENCORE's
         most-probable early stopping (MPES). Off by default (the published AlphaEdit/RLSEdit loss)
+    optimizer : ``"adam"`` (the published optimiser, default) or ``"lbfgs"`` (per-fact L-BFGS of the
+        same loss with a per-fact stop on the NLL part; see the module docstring). The fields below
+        are read by ``"lbfgs"`` only
+    stop_nll : ``"lbfgs"`` stops a fact once its NLL part (mean over template rows) is below this
+    lbfgs_history : curvature pairs kept per fact
+    lbfgs_first_step : length of the first (steepest-descent) step, as a multiple of ``||h0||``
+    lbfgs_max_step : the longest step, as a multiple of ``||h0||``
     """
 
     lr: float = 0.5
@@ -105,6 +137,11 @@ class ValueConfig:
     kl_prompt: str = "{} is a"
     kl_position: str = "subject_last"
     stop_when_top1: bool = False
+    optimizer: str = "adam"
+    stop_nll: float = 0.02
+    lbfgs_history: int = 8
+    lbfgs_first_step: float = 0.2
+    lbfgs_max_step: float = 0.5
 
     def validate(self) -> None:
         """Raise :class:`HyperparameterError` naming the first bad setting and its allowed range.
@@ -132,6 +169,12 @@ class ValueConfig:
             )
         if not isinstance(self.stop_when_top1, bool):
             raise HyperparameterError(f"ValueConfig.stop_when_top1 must be a bool; got {self.stop_when_top1!r}")
+        if not isinstance(self.optimizer, str) or self.optimizer not in OPTIMIZERS:
+            raise HyperparameterError(f"ValueConfig.optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
+        if (isinstance(self.lbfgs_history, bool) or not isinstance(self.lbfgs_history, int)
+                or not 1 <= self.lbfgs_history <= MAX_LBFGS_HISTORY):
+            raise HyperparameterError(
+                f"ValueConfig.lbfgs_history must be an int in [1, {MAX_LBFGS_HISTORY}]; got {self.lbfgs_history!r}")
 
 
 def default_value_config(spec: ModelSpec) -> ValueConfig:
@@ -160,6 +203,8 @@ class ValueResult:
     path : ``"fast"`` or ``"naive"`` (the forward path actually used)
     top1 : (u,) bool, whether each fact's target was top-1 in all its template rows at its last
         evaluation (only with ``ValueConfig.stop_when_top1``; None otherwise)
+    fact_steps : (u,) int64, loss evaluations each fact took part in (its share of the cost)
+    optimizer : the optimiser that ran (``ValueConfig.optimizer``)
     """
 
     target: torch.Tensor
@@ -171,6 +216,8 @@ class ValueResult:
     final_nll: torch.Tensor | None = None
     path: str = "fast"
     top1: torch.Tensor | None = None
+    fact_steps: torch.Tensor | None = None
+    optimizer: str = "adam"
 
     @property
     def delta(self) -> torch.Tensor:
@@ -269,6 +316,7 @@ def compute_values(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, s
         raise HyperparameterError(f"layer must be an int in [0, {spec.n_layers}); got {layer!r}")
     rows = _build_rows(tokenizer, facts, templates, config, bos=needs_bos(spec))
     pad = pad_id(tokenizer)
+    optimise = _optimise_lbfgs if config.optimizer == "lbfgs" else _optimise
 
     was_training = model.training
     with requires_grad_set(model, False):
@@ -278,13 +326,13 @@ def compute_values(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, s
             if not naive:
                 try:
                     forward = FastForward(model, spec, layer, rows, pad)
-                    result = _optimise(forward, rows, config, len(facts), path="fast", progress=progress)
+                    result = optimise(forward, rows, config, len(facts), path="fast", progress=progress)
                 except FastPathUnavailable as exc:
                     log.warning("fast value path unavailable for %s (%s); using the full-model path", spec.family, exc)
                     forward = None
             if forward is None:
                 forward = NaiveForward(model, spec, layer, rows, pad)
-                result = _optimise(forward, rows, config, len(facts), path="naive", progress=progress)
+                result = optimise(forward, rows, config, len(facts), path="naive", progress=progress)
         finally:
             model.train(was_training)
     dev = next(get_module(model, spec.layer_path.format(layer)).parameters()).device
@@ -314,6 +362,7 @@ def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str, p
     last_nll = torch.zeros(u, device=device)
     last_top1 = torch.zeros(u, dtype=torch.bool, device=device) if config.stop_when_top1 else None
     kl_init = None
+    fact_steps = torch.zeros(u, dtype=torch.long, device=device)
     result = ValueResult(target=h0, initial=h0, path=path)
     # A small batch ends before the bar's delay and never shows it.
     bar = progress_bar(progress, total=config.steps, desc="value optimisation", unit="step", leave=False,
@@ -327,6 +376,7 @@ def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str, p
             keep = active[tok_fact]  # (n_tok,)
             facts_on = active.nonzero()[:, 0]  # (a,)
             n_tok = int(keep.sum())
+            fact_steps[facts_on] += 1
             sel_row = torch.cat([tok_row[keep], kl_row[facts_on]])  # (N,)
             sel_pos = torch.cat([tok_pos[keep], kl_pos[facts_on]])
             logp = forward(delta[row_fact], sel_row, sel_pos)  # (N, vocab) float32
@@ -366,11 +416,183 @@ def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str, p
             result.steps_run += 1
     result.target = (h0 + delta.detach()).float()
     result.initial = h0.clone()
+    result.fact_steps = fact_steps
     _check_progress(result, first_nll, config)
     return result
 
 
-def _check_progress(result: ValueResult, first_nll: torch.Tensor, config: ValueConfig) -> None:
+def _optimise_lbfgs(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str,
+                    progress: bool = True) -> ValueResult:
+    """Per-fact L-BFGS of the published loss (``ValueConfig(optimizer="lbfgs")``; module docstring).
+
+    Every fact carries its own accepted point ``x_i``, its loss and gradient there, its curvature
+    pairs and its trial point. One evaluation (forward + backward over the facts still
+    optimising) scores every trial point; a trial that lowers the fact's loss enough (Armijo) is
+    accepted and gives a new quasi-Newton direction, one that does not is shortened towards
+    ``x_i`` and tried at the next evaluation. Facts are independent: each ``delta_i`` only
+    enters its own rows, and every dot product below is per fact (row-wise)."""
+    h_z = forward.h_z
+    device = h_z.device
+    h0 = h_z[rows.plain_row.to(device), rows.subject[rows.plain_row].to(device)].float()  # (u, d)
+    h0_norm = h0.norm(dim=1)  # (u,)
+    radius = config.clamp_norm_factor * h0_norm  # (u,)
+
+    labels = rows.tok_label.to(device)
+    tok_row, tok_pos = rows.tok_row.to(device), rows.tok_pos.to(device)
+    kl_row, kl_pos = rows.kl_row.to(device), rows.kl_pos.to(device)
+    row_fact = rows.fact.to(device)
+    tok_fact = row_fact[tok_row]  # (n_tok,)
+    n_template_rows = u * rows.n_templates
+    tokens_per_row = torch.bincount(tok_row, minlength=n_template_rows).clamp_min(1).float()  # (u*T,)
+    kl_init: torch.Tensor | None = None  # (u, vocab) unedited KL-row log-probs (first evaluation)
+
+    def evaluate(point: torch.Tensor, on: torch.Tensor):
+        """Loss, NLL, gradient and top-1 flags (or None) of facts ``on`` (a,) at ``point`` (u, d)."""
+        nonlocal kl_init
+        delta = point.detach().clone().requires_grad_(True)
+        is_on = torch.zeros(u, dtype=torch.bool, device=device)
+        is_on[on] = True
+        keep = is_on[tok_fact]  # (n_tok,)
+        n_tok = int(keep.sum())
+        sel_row = torch.cat([tok_row[keep], kl_row[on]])
+        sel_pos = torch.cat([tok_pos[keep], kl_pos[on]])
+        logp = forward(delta[row_fact], sel_row, sel_pos)  # (N, vocab) float32
+        tok_logp = logp[:n_tok].gather(1, labels[keep][:, None])[:, 0]  # (n_tok,)
+        row_nll = torch.zeros(n_template_rows, device=device).index_add(0, tok_row[keep], -tok_logp)
+        nll = (row_nll / tokens_per_row).view(u, rows.n_templates).mean(dim=1)[on]  # (a,)
+        kl_logp = logp[n_tok:]  # (a, vocab)
+        if kl_init is None:  # the first evaluation: delta = 0, every fact on
+            kl_init = kl_logp.detach()
+        kl = (kl_logp.exp() * (kl_logp - kl_init[on])).sum(dim=1)  # (a,) KL(edited || unedited)
+        decay = config.weight_decay * delta[on].norm(dim=1) / h0_norm[on].pow(2)
+        loss = nll + config.kl_factor * kl + decay  # (a,)
+        (grad,) = torch.autograd.grad(loss.sum(), delta)
+        top1 = None
+        if config.stop_when_top1:
+            wrong = (logp[:n_tok].detach().argmax(dim=1) != labels[keep]).float()  # (n_tok,)
+            top1 = torch.zeros(u, device=device).index_add(0, tok_fact[keep], wrong)[on] == 0  # (a,)
+        return loss.detach(), nll.detach(), grad[on], top1
+
+    def project(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Rows of ``p`` scaled into the balls of radii ``r`` (the published clamp)."""
+        n = p.norm(dim=1)
+        return p * torch.where(n > r, r / n.clamp_min(1e-30), torch.ones_like(n))[:, None]
+
+    m = config.lbfgs_history
+    x = torch.zeros_like(h0)  # accepted points
+    trial = torch.zeros_like(h0)  # the next point each fact evaluates
+    direction = torch.zeros_like(h0)
+    scale = torch.ones(u, device=device)  # fraction of `direction` in the current trial
+    f_x = torch.zeros(u, device=device)
+    nll_x = torch.zeros(u, device=device)
+    g_x = torch.zeros_like(h0)
+    S = torch.zeros((m, *h0.shape), device=device)  # curvature pairs, ring buffer per fact
+    Y = torch.zeros_like(S)
+    rho = torch.zeros((m, u), device=device)  # 1 / (s . y); 0 marks an empty slot
+    n_pairs = torch.zeros(u, dtype=torch.long, device=device)
+    accepted = torch.zeros(u, dtype=torch.bool, device=device)  # has an accepted point
+    active = torch.ones(u, dtype=torch.bool, device=device)
+    fact_steps = torch.zeros(u, dtype=torch.long, device=device)
+    top1_x = torch.zeros(u, dtype=torch.bool, device=device) if config.stop_when_top1 else None
+    first_nll = torch.zeros(u, device=device)
+    result = ValueResult(target=h0, initial=h0, path=path, optimizer="lbfgs")
+    bar = progress_bar(progress, total=config.steps, desc="value optimisation (L-BFGS)", unit="step", leave=False,
+                       delay=PROGRESS_DELAY)
+    with bar, torch.enable_grad():
+        for it in range(config.steps):
+            bar.update(1)
+            poll_interrupts()  # a safe point: Ctrl-C stops the edit here (nothing is changed yet)
+            on = active.nonzero()[:, 0]  # (a,)
+            fact_steps[on] += 1
+            loss, nll, grad, top1 = evaluate(trial, on)
+            if it == 0:
+                first_nll = nll.clone()
+            # Armijo on facts that already have an accepted point; a first evaluation is accepted.
+            ok = ~accepted[on] | (loss <= f_x[on] + _ARMIJO_C1 * ((trial[on] - x[on]) * g_x[on]).sum(dim=1))
+            take = on[ok]
+            # Curvature pairs of accepted steps (skipped where s . y is not positive).
+            s = trial[take] - x[take]
+            y = grad[ok] - g_x[take]
+            sy = (s * y).sum(dim=1)
+            good = accepted[take] & (sy > 1e-10 * s.norm(dim=1) * y.norm(dim=1))
+            if bool(good.any()):
+                f_idx = take[good]
+                slot = n_pairs[f_idx] % m
+                S[slot, f_idx], Y[slot, f_idx], rho[slot, f_idx] = s[good], y[good], 1.0 / sy[good]
+                n_pairs[f_idx] += 1
+            x[take], f_x[take], nll_x[take], g_x[take] = trial[take], loss[ok], nll[ok], grad[ok]
+            accepted[take] = True
+            if top1_x is not None and top1 is not None:
+                top1_x[take] = top1[ok]
+                result.top1 = top1_x.clone()
+            result.loss_history.append(float(f_x.mean()))
+            result.nll_history.append(float(nll_x.mean()))
+            bar.set_postfix(loss=f"{result.loss_history[-1]:.3g}", facts=len(on), refresh=False)
+            # Per-fact stop at the accepted point; a fact whose step shrank to nothing stops too.
+            done = (nll_x[take] < config.stop_nll) | (f_x[take] < config.early_stop_loss)
+            if top1_x is not None:
+                done = done | top1_x[take]
+            active[take[done]] = False
+            rejected = on[~ok]
+            scale[rejected] *= _LBFGS_BACKTRACK
+            active[rejected[scale[rejected] < _LBFGS_MIN_SCALE]] = False
+            if not bool(active.any()) or it == config.steps - 1:
+                break
+            result.steps_run += 1
+            retry = rejected[active[rejected]]
+            trial[retry] = project(x[retry] + scale[retry, None] * direction[retry], radius[retry])
+            new = take[~done]
+            if len(new):
+                direction[new] = _lbfgs_direction(g_x[new], S[:, new], Y[:, new], rho[:, new], n_pairs[new],
+                                                  h0_norm[new], config)
+                scale[new] = 1.0
+                trial[new] = project(x[new] + direction[new], radius[new])
+    result.target = (h0 + x).float()
+    result.initial = h0.clone()
+    result.final_loss, result.final_nll = f_x.clone(), nll_x.clone()
+    result.fact_steps = fact_steps
+    converged = (nll_x < config.stop_nll) | (f_x < config.early_stop_loss)
+    _check_progress(result, first_nll, config, unfinished=~converged)
+    return result
+
+
+def _lbfgs_direction(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tensor, n_pairs: torch.Tensor,
+                     h0_norm: torch.Tensor, config: ValueConfig) -> torch.Tensor:
+    """Quasi-Newton directions ``-H_i g_i`` (two-loop recursion, per fact) for ``g`` (b, d) from
+    the pairs ``S, Y`` (m, b, d), ``rho`` (m, b) (0: empty slot) of ring buffers whose newest pair
+    sits at ``(n_pairs - 1) % m``; steepest descent of length ``lbfgs_first_step * ||h0||``
+    where a fact has no pair, and every step capped at ``lbfgs_max_step * ||h0||``."""
+    m, b = rho.shape
+    cols = torch.arange(b, device=g.device)
+    q = g.clone()
+    alphas = []
+    for k in range(m):  # newest to oldest
+        slot = (n_pairs - 1 - k) % m
+        s, y, r = S[slot, cols], Y[slot, cols], rho[slot, cols] * (k < n_pairs).float()
+        a = r * (s * q).sum(dim=1)
+        q = q - a[:, None] * y
+        alphas.append((a, r, s, y))
+    newest = (n_pairs - 1) % m
+    s, y = S[newest, cols], Y[newest, cols]
+    yy = (y * y).sum(dim=1)
+    gamma = torch.where((n_pairs > 0) & (yy > 0), (s * y).sum(dim=1) / yy.clamp_min(1e-30), torch.zeros_like(yy))
+    g_norm = g.norm(dim=1).clamp_min(1e-30)
+    first = config.lbfgs_first_step * h0_norm / g_norm  # steepest-descent scaling without curvature
+    gamma = torch.where(gamma > 0, gamma, first)
+    q = q * gamma[:, None]
+    for a, r, s, y in reversed(alphas):  # oldest to newest
+        beta = r * (y * q).sum(dim=1)
+        q = q + (a - beta)[:, None] * s
+    p = -q
+    uphill = (p * g).sum(dim=1) >= 0  # not a descent direction: steepest descent instead
+    p = torch.where(uphill[:, None], -g * first[:, None], p)
+    cap = config.lbfgs_max_step * h0_norm
+    n = p.norm(dim=1)
+    return p * torch.where(n > cap, cap / n.clamp_min(1e-30), torch.ones_like(n))[:, None]
+
+
+def _check_progress(result: ValueResult, first_nll: torch.Tensor, config: ValueConfig, *,
+                    unfinished: torch.Tensor | None = None) -> None:
     """Refuse values that diverged, and warn about facts the optimisation did not move: an edit
     with them "succeeds" and changes nothing (``steps=1`` takes no update; a huge ``lr`` makes
     Adam overshoot and the clamp undo it)."""
@@ -379,7 +601,8 @@ def _check_progress(result: ValueResult, first_nll: torch.Tensor, config: ValueC
             f"the value optimisation diverged (NaN/inf in the target hidden states) with lr={config.lr:g}; "
             f"lower ValueConfig.lr (published: 0.1-0.5)")
     assert result.final_loss is not None and result.final_nll is not None  # set by the last evaluation
-    unfinished = result.final_loss >= config.early_stop_loss  # (u,)
+    if unfinished is None:
+        unfinished = result.final_loss >= config.early_stop_loss  # (u,)
     stuck = unfinished & ~(result.final_nll < first_nll)
     if bool(stuck.any()):
         why = ("steps=1 evaluates the loss and takes no update" if result.steps_run == 0 else

@@ -245,6 +245,29 @@ def test_export_writes_the_edited_model_in_hugging_face_format(saved, tmp_path, 
     assert AutoModelForCausalLM.from_pretrained(half, dtype="auto").dtype == torch.bfloat16
 
 
+@pytest.mark.usefixtures("one_thread_unless_slow")
+def test_an_exported_model_is_edited_only_with_its_state_or_new_stream(saved, tmp_path, capsys):
+    """An exported model carries its stream's mark: `rlsedit edit` without that stream's state is
+    refused (one line naming StreamError's remedy); --new-stream starts a new stream deliberately,
+    and is refused with a --state folder that holds a saved stream."""
+    out = tmp_path / "exported"
+    assert cli.main(["export", "--model", str(saved / "model"), "--state", str(saved / "state"),
+                     "--out", str(out)]) == 0
+    config = ["--config", str(saved / "config.yaml"), "--batch", "1"]
+    facts = ["--facts", str(saved / "facts.jsonl")]
+    capsys.readouterr()
+    assert cli.main(["edit", "--model", str(out), *facts, "--state", str(tmp_path / "fresh"), *config]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # after the loader's progress bars
+    assert last.startswith("error: this model carries 2 edit(s)") and last.endswith("or pass --new-stream")
+    assert not (tmp_path / "fresh" / "editor.json").exists()
+    assert cli.main(["edit", "--model", str(out), *facts, "--state", str(tmp_path / "fresh"), *config,
+                     "--new-stream"]) == 0
+    assert (tmp_path / "fresh" / "editor.json").exists()
+    assert cli.main(["edit", "--model", str(out), *facts, "--state", str(tmp_path / "fresh"), *config,
+                     "--new-stream"]) == 1
+    assert "holds a saved one" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["edit", "--model", "./no/such/model", "--facts", "f.jsonl"], "no model at ./no/such/model"),
     (["query", "--model", "~/no-such-model-for-rlsedit", "--prompt", "x"], "no model at ~/no-such-model-for-rlsedit"),

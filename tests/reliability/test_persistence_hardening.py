@@ -324,7 +324,7 @@ def test_the_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
     assert cli.main(_cli_args(state, _facts_file(tmp_path))) == 1
     err = capsys.readouterr().err
     # not the progress bar
-    lines = [line for line in err.splitlines() if line.strip() and "key second moments" not in line]
+    lines = [line for line in err.splitlines() if line.strip() and "key statistics" not in line]
     assert len(lines) == 1 and "Traceback" not in err
     assert lines[0].startswith(f"error: could not write the editor state to {state}") and "free space" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "facts.jsonl"]

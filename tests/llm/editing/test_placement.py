@@ -195,14 +195,40 @@ def test_a_loaded_state_is_put_on_each_layers_device(tiny, stats_dir, tmp_path):
     assert all(torch.equal(w, _edited_weights(loaded)[l]) for l, w in _edited_weights(editor).items())
 
 
-@pytest.mark.xfail(strict=True, reason="Editor._prepare does not refuse an edited layer offloaded to the meta "
-                                       "device with a typed error yet (it fails in LayerRLS with RuntimeError)")
 def test_an_offloaded_edited_layer_is_refused_with_a_typed_error(tiny, stats_dir, tmp_path):
     model, tok = _dispatched(tiny, "model.layers.1", tmp_path)
     editor = Editor(model, tok, small_config(stats_dir))
     assert 1 in editor.layers_
-    with pytest.raises(rlsedit_llm.RLSEditError, match="meta|offload"):
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.device.type != "meta"}
+    with pytest.raises(rlsedit_llm.HyperparameterError, match=r"layer\(s\) \[1\] are offloaded"):
         editor.edit(FACTS)
+    assert not editor.solvers_ and not editor.journal_
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)
+
+
+def test_memory_is_checked_on_each_device_for_the_layers_it_holds(tiny, stats_dir, monkeypatch):
+    """One check per device, with the number of edited layers that device holds (here the CPU
+    holds them all); a device without room refuses the edit before any statistics are computed."""
+    import rlsedit_llm.editing.editor as editor_module
+
+    model, tok = tiny("llama")
+    editor = Editor(model, tok, small_config(stats_dir))
+    seen = []
+    monkeypatch.setattr(editor_module, "check_fits", lambda plan, device: seen.append((plan.n_edit_layers, device)))
+    editor.prepare()
+    assert seen == [(len(editor.layers_), torch.device("cpu"))]
+
+    fresh = Editor(*tiny("llama"), small_config(stats_dir))
+    monkeypatch.setattr(editor_module, "check_fits", _no_room)
+    with pytest.raises(rlsedit_llm.InsufficientMemoryError):
+        fresh.prepare()
+    assert not fresh.solvers_
+
+
+def _no_room(plan, device):
+    from rlsedit_llm.memory import check_fits
+
+    return check_fits(plan, device, free_bytes=0)
 
 
 @pytest.mark.gpu

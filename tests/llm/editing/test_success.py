@@ -202,6 +202,39 @@ def test_easyedit_accuracies_only_for_facts_that_carry_their_prompts(tiny, stats
     assert calls == [1, 1]  # a plain fact: nothing but its rewrite prompt, before and after
 
 
+
+def test_portability_accuracy_by_hand_and_accuracies_can_be_switched_off(tiny, stats_dir, monkeypatch):
+    """A fact's portability pairs are scored after the write (EasyEdit's token accuracy, by hand);
+    with ``report_accuracies=False`` only the rewrite prompts are scored, before and after."""
+    model, tok = tiny("llama", init_std=0.3)
+    rich = dataclasses.replace(FACTS[0], paraphrases=("we once saw the old cat",),
+                               neighbourhood=("we saw the young dog",), neighbourhood_target="Tokyo",
+                               portability=(("they met the old cat in", "Paris"), ("we sold the old cat to", "Japan")))
+    editor = Editor(model, tok, _strong(stats_dir))
+    report = editor.edit([rich])
+    accs = []
+    for prompt, answer in rich.portability:
+        argmax, target = _hand_argmax(model, tok, prompt, answer)
+        accs.append(float((argmax == target).float().mean()))
+    assert report.facts[0].portability_acc == pytest.approx(sum(accs) / len(accs))
+    assert "portability acc" in str(report)
+
+    calls = []
+    real = scoring.score_targets
+
+    def counting(model_, tok_, prompts, targets, **kw):
+        calls.append(len(prompts))
+        return real(model_, tok_, prompts, targets, **kw)
+
+    monkeypatch.setattr(editor_module, "score_targets", counting)
+    quiet = Editor(*tiny("llama", init_std=0.3), _strong(stats_dir, report_accuracies=False))
+    r = quiet.edit([rich, FACTS[1]]).facts[0]
+    assert calls == [2, 2]  # the two rewrite prompts, before and after; nothing else
+    assert r.rephrase_acc is None and r.locality_acc is None and r.portability_acc is None
+    with pytest.raises(HyperparameterError, match="report_accuracies"):
+        Editor(*tiny("llama"), _strong(stats_dir, report_accuracies="no"))
+
+
 # -- weights -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("weight", [0, -1.0, float("nan"), float("inf"), True, "2", None])

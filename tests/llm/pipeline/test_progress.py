@@ -38,7 +38,7 @@ def test_tqdm_disable_silences_the_statistics_pass(model, tmp_path, monkeypatch,
 def test_the_statistics_pass_shows_its_bar_unless_switched_off(model, tmp_path, monkeypatch, capfd):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     _statistics(model, tmp_path / "a")
-    assert "key second moments" in capfd.readouterr().err
+    assert "key statistics" in capfd.readouterr().err
     _statistics(model, tmp_path / "b", progress=False)
     assert capfd.readouterr().err == ""
 
