@@ -27,6 +27,13 @@ from rlsedit_llm.adapters.tiny import tiny_model
 DATA = Path("/work/shared/data")
 _ROOT = Path(__file__).resolve().parents[2]
 _PACKAGED = _ROOT / "rlsedit_llm" / "data"
+#: Where each data fixture reads its records: the copy shipped in the package first (present in
+#: every clone), else the shared reference folder.
+DATASETS = {
+    "counterfact": (_PACKAGED / "counterfact.json", DATA / "counterfact" / "counterfact.json"),
+    "counterfact_simple": (_PACKAGED / "counterfact_simple.json", DATA / "counterfact" / "counterfact_simple.json"),
+    "zsre": (_PACKAGED / "zsre_eval.json", DATA / "zsre" / "zsre_eval.json"),
+}
 
 
 @pytest.fixture(scope="session")
@@ -77,17 +84,17 @@ def one_thread_unless_slow(request):
 
 @pytest.fixture(scope="session")
 def counterfact():
-    return _load_json(_PACKAGED / "counterfact.json", DATA / "counterfact" / "counterfact.json")
+    return _load_json(*DATASETS["counterfact"])
 
 
 @pytest.fixture(scope="session")
 def counterfact_simple():
-    return _load_json(DATA / "counterfact" / "counterfact_simple.json")
+    return _load_json(*DATASETS["counterfact_simple"])
 
 
 @pytest.fixture(scope="session")
 def zsre():
-    return _load_json(_PACKAGED / "zsre_eval.json", DATA / "zsre" / "zsre_eval.json")
+    return _load_json(*DATASETS["zsre"])
 
 
 def counterfact_stream(model, tok, facts, cache_dir) -> tuple[float, float, float]:

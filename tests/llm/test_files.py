@@ -47,3 +47,13 @@ def test_atomic_path_fsyncs_the_file_and_the_folder(tmp_path, monkeypatch):
         tmp.write_bytes(b"new")
     assert synced == [os.fspath(tmp), os.fspath(tmp_path)]
     assert path.read_bytes() == b"new"
+
+
+def test_every_data_fixture_reads_the_copy_shipped_in_the_package_first():
+    """The data fixtures must not skip on a fresh clone: each reads the package's own copy when
+    it exists (it always does), and only then the shared reference folder."""
+    from tests.llm.conftest import _PACKAGED, DATASETS
+
+    for name, candidates in DATASETS.items():
+        assert candidates[0].parent == _PACKAGED, name
+        assert candidates[0].is_file(), f"{name}: {candidates[0]} is not shipped"
