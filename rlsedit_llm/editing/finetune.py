@@ -28,7 +28,7 @@ import torch
 
 from rlsedit_llm.adapters.spec import write_weight
 from rlsedit_llm.editing.editor_level import ConfigSetting, EditorLevelMethod
-from rlsedit_llm.editing.reports import EditReport, fact_report
+from rlsedit_llm.editing.reports import EditReport, fact_report, warn_failures
 from rlsedit_llm.errors import NonFiniteError, StateMismatchError
 from rlsedit_llm.files import atomic_path
 from rlsedit_llm.kernel.method_config import MethodConfig
@@ -166,11 +166,8 @@ class FineTuneEditor(EditorLevelMethod):
                    for f, b, a, w in zip(facts, scores_before, scores_after, weights, strict=True)]
         report = EditReport(edit_id, self.layers_, reports, seconds,
                             extras={"loss_before": before, "loss_after": after})
-        if report.failed:
-            log.warning("FT batch %d: %d of %d fact(s) did not take (the target is not the top-1 continuation after "
-                        "the edit): %s. To try: more steps or a higher lr (FTConfig), or a higher weight for those "
-                        "facts relative to the rest of the batch", edit_id, len(report.failed), len(facts),
-                        "; ".join(f"{r.fact.text()!r} -> {r.fact.target!r}" for r in report.failed))
+        warn_failures(log, report, f"FT batch {edit_id}", "more steps or a higher lr (FTConfig), or a higher weight "
+                      "for those facts relative to the rest of the batch")
         return report
 
     # -- persistence: the trained weights, counters and losses (the optimiser restarts every batch) --

@@ -248,6 +248,20 @@ def _new_weights(meta: dict, tensors: dict[str, torch.Tensor], before: dict[int,
     return new
 
 
+def _read_for(model: torch.nn.Module, path) -> tuple[dict[str, str], dict[str, torch.Tensor], dict, ModelSpec]:
+    """The pack at ``path`` read and verified (digest, metadata) for ``model``, whose architecture
+    must be the pack's: its raw metadata, tensors, decoded metadata and the model's spec."""
+    raw, tensors = _read_pack(path, with_tensors=True)
+    _check_digest(raw, tensors, path)
+    meta = _decode_metadata(raw, path)
+    spec = detect_spec(model)
+    if spec_summary(spec) != meta["spec"]:
+        raise StateMismatchError(
+            f"the edit pack is for a model with {meta['spec']}; this model has {spec_summary(spec)}"
+        )
+    return raw, tensors, meta, spec
+
+
 def apply_edit_pack(model: torch.nn.Module, path: str | os.PathLike[str]) -> dict:
     """Add the deltas of an edit pack to a fresh copy of the base model; return its metadata.
 
@@ -260,14 +274,7 @@ def apply_edit_pack(model: torch.nn.Module, path: str | os.PathLike[str]) -> dic
     row-key orientation) and written back in the module's own dtype and orientation. All or
     nothing: on any failure the model is left as it was.
     """
-    raw, tensors = _read_pack(path, with_tensors=True)
-    _check_digest(raw, tensors, path)
-    meta = _decode_metadata(raw, path)
-    spec = detect_spec(model)
-    if spec_summary(spec) != meta["spec"]:
-        raise StateMismatchError(
-            f"the edit pack is for a model with {meta['spec']}; this model has {spec_summary(spec)}"
-        )
+    raw, tensors, meta, spec = _read_for(model, path)
     current = model_fingerprint(model)
     if current != meta["base_fingerprint"]:
         hint = ("the pack is already applied to this model" if current == meta["edited_fingerprint"] else
@@ -362,14 +369,7 @@ def remove_edit_pack(model: torch.nn.Module, path: str | os.PathLike[str]) -> di
     ShapeError, NonFiniteError
         A delta does not fit the model, or the result would not be finite.
     """
-    raw, tensors = _read_pack(path, with_tensors=True)
-    _check_digest(raw, tensors, path)
-    meta = _decode_metadata(raw, path)
-    spec = detect_spec(model)
-    if spec_summary(spec) != meta["spec"]:
-        raise StateMismatchError(
-            f"the edit pack is for a model with {meta['spec']}; this model has {spec_summary(spec)}"
-        )
+    raw, tensors, meta, spec = _read_for(model, path)
     digest = raw.get("digest") or pack_digest(tensors, raw)
     guard = guard_of(model)
     with deferred_interrupts(), guard.lock:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 import warnings
@@ -14,7 +15,7 @@ import torch
 from rlsedit_llm.pipeline.facts import Fact
 from rlsedit_llm.pipeline.scoring import FactScores, locality_accuracy, portability_accuracy, rephrase_accuracy
 
-__all__ = ["FactReport", "EditReport", "EditRecord", "fact_report", "format_prob"]
+__all__ = ["FactReport", "EditReport", "EditRecord", "warn_failures", "fact_report", "format_prob"]
 
 
 @dataclass
@@ -157,6 +158,15 @@ class EditReport:
         if self.seconds:
             lines.append("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
         return "\n".join(lines)
+
+
+def warn_failures(logger: logging.Logger, report: EditReport, what: str, remedy: str) -> None:
+    """Log a warning naming the facts of ``report`` that did not take (nothing when all took):
+    ``what`` names the call (e.g. ``"FT batch 3"``), ``remedy`` says what to try."""
+    if report.failed:
+        logger.warning("%s: %d of %d fact(s) did not take (the target is not the top-1 continuation after the "
+                       "edit): %s. To try: %s", what, len(report.failed), len(report.facts),
+                       "; ".join(f"{r.fact.text()!r} -> {r.fact.target!r}" for r in report.failed), remedy)
 
 
 @dataclass

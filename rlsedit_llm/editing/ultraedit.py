@@ -52,7 +52,7 @@ import torch
 from rlsedit_llm.adapters.hooks import requires_grad_set
 from rlsedit_llm.adapters.spec import read_weight, write_weight
 from rlsedit_llm.editing.editor_level import ConfigSetting, EditorLevelMethod
-from rlsedit_llm.editing.reports import EditReport, fact_report
+from rlsedit_llm.editing.reports import EditReport, fact_report, warn_failures
 from rlsedit_llm.errors import NonFiniteError, StateMismatchError
 from rlsedit_llm.files import atomic_path
 from rlsedit_llm.kernel.method_config import MethodConfig
@@ -324,11 +324,8 @@ class UltraEditor(EditorLevelMethod):
         log.info("UltraEdit turn %d: %d fact(s), %d rows", self.n_batches_, len(facts), n_rows)
         report = EditReport(edit_id, self.layers_, reports, seconds,
                             extras={"rows": float(n_rows), "delta_norm": sum(norms) / len(norms)})
-        if report.failed:
-            log.warning("UltraEdit turn %d: %d of %d fact(s) did not take (the target is not the top-1 continuation "
-                        "after the edit): %s. To try: a larger lr (UltraEditConfig), or a higher weight for those "
-                        "facts", edit_id, len(report.failed), len(facts),
-                        "; ".join(f"{r.fact.text()!r} -> {r.fact.target!r}" for r in report.failed))
+        warn_failures(log, report, f"UltraEdit turn {edit_id}",
+                      "a larger lr (UltraEditConfig), or a higher weight for those facts")
         return report
 
     # -- persistence: ultraedit.safetensors, then ultraedit.json (which carries its SHA-256) -----
