@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from rlsedit_llm.adapters.fingerprint import model_fingerprint
@@ -434,6 +434,25 @@ def write_state(directory: str | os.PathLike[str], state: dict, *, edited_finger
     return target
 
 
+FACTS_DIGEST = "facts_sha256"  # key of the journal file's metadata (older saves do not carry it)
+
+
+def facts_digest(journal: list) -> str:
+    """SHA-256 of the facts of every journal entry of a manifest, in order (as JSON)."""
+    facts = [entry["facts"] for entry in journal]
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _check_facts(target: Path, manifest: dict) -> None:
+    """Refuse a manifest whose journal facts differ from those the journal file was written for
+    (saves that carry no digest, written before it existed, are not checked)."""
+    with safe_open(target / JOURNAL, framework="pt") as f:
+        written = (f.metadata() or {}).get(FACTS_DIGEST)
+    if written is not None and written != facts_digest(manifest["journal"]):
+        raise StateMismatchError("the journal's facts differ from those its keys and values were written for "
+                                 "(the manifest was edited); the save is damaged or forged")
+
+
 def write_state_files(folder: Path, state: dict, *, edited_fingerprint: str) -> None:
     """Write the three files of a save into the existing, empty, private ``folder`` and fsync
     them and the folder; the manifest last, so a folder with a manifest is a complete save. No
@@ -443,8 +462,11 @@ def write_state_files(folder: Path, state: dict, *, edited_fingerprint: str) -> 
                 "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest,
                 "edited_fingerprint": edited_fingerprint}
     files = {}
+    # The journal file also carries a digest of the facts its keys and values were written for:
+    # a fact's text changed in the manifest (even with the manifest's digest recomputed) is caught.
+    facts = {JOURNAL: {FACTS_DIGEST: facts_digest(manifest["journal"])}, SOLVERS: {}}
     for name, tensors in ((SOLVERS, solver_tensors), (JOURNAL, journal_tensors)):
-        save_file(cpu_tensors(tensors), folder / name, metadata={"format": FORMAT})
+        save_file(cpu_tensors(tensors), folder / name, metadata={"format": FORMAT, **facts[name]})
         fsync_path(folder / name)
         files[name] = sha256_file(folder / name)
     manifest["files"] = files
@@ -603,6 +625,7 @@ def read_state_files(directory: str | os.PathLike[str], *, manifest: dict | None
             log.info("read a version-1 save from %s; the next save writes version %d", target, VERSION)
         manifest = _unpack(manifest, solver_tensors)
         check_consistency(manifest, solver_tensors, journal_tensors)
+        _check_facts(target, manifest)
         return _join(manifest, solver_tensors, journal_tensors)
     except StateMismatchError as exc:
         raise StateMismatchError(f"{target}: {exc}") from None
