@@ -44,7 +44,8 @@ def test_reach_reports_the_clamp_the_early_stops_and_top1(value_reach, tmp_path,
     assert all(r["facts"] == 3 for r in rows)
     # A clamp far below what the targets need binds for every fact, and keeps |delta| at it.
     assert tight["clamped"] == 3 and tight["delta_ratio"] == pytest.approx(0.001, rel=1e-3)
-    assert default["steps"] <= 5 and 0 <= default["reached"] <= 3
+    # The batch stops early only once every fact reached the stop loss; otherwise it runs 5 updates.
+    assert default["steps"] == 5 or default["reached"] == 3
     # Optimising lowers the target's NLL below the single evaluation of delta = 0.
     assert default["nll_mean"] < one["nll_mean"] and one["steps"] == 0 and one["delta_ratio"] == 0
     # top-1 is only counted under MPES; a random tiny model puts few targets on top at delta = 0.
