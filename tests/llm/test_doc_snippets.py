@@ -5,7 +5,7 @@ would type it), in a fresh process whose working folder is a temporary one. The 
 what the pages tell the reader to have: ``my-model/``, a causal LM saved with ``save_pretrained``
 (the offline SmolLM2-135M here), and ``facts.jsonl`` for the command-line blocks. ``bash`` blocks
 whose first word is ``rlsedit`` run too, after the Python blocks, with ``rlsedit`` resolved to this
-interpreter's entry point.
+interpreter's entry point (``rlsedit demo`` excepted: the command-line tests run it).
 """
 
 from __future__ import annotations
@@ -88,5 +88,7 @@ def test_every_command_line_of_the_usage_page_runs(tmp_path):
     (tmp_path / "facts.jsonl").write_text("".join(json.dumps(f) + "\n" for f in FACTS))
     entry = Path(sys.executable).with_name("rlsedit")
     for line, words in shell_commands(PAGES["usage"]):
+        if words[1:2] == ["demo"]:  # run by tests/llm/test_cli.py's demo test already (40 s)
+            continue
         out = _run([str(entry), *words[1:]], tmp_path, timeout=900)
         assert out.returncode == 0, f"usage.md:{line}: {shlex.join(words)}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
