@@ -9,14 +9,22 @@
 #   long   RLSEdit, AlphaEdit and MEMIT on their own values, 3,000 simplified-CounterFact edits,
 #          every edit re-scored at 1,000, 2,000 and 3,000
 #   zsre   the same three methods on all 887 zsRE records
+# Opt-in steps at the paper's scale (benchmarks/gpu_scale.py; JSON in $RESULTS/<step>.json):
+#   edit10k  SmolLM2, 10,000 simplified-CounterFact edits in batches of 100: s/edit by stage, then
+#            every edit written scored once (efficacy, top-1); stops editing at a batch boundary
+#            after GPU_CHECK_EDIT10K_BUDGET s (default 240) and scores what it wrote
+#   big8b    one edit of 100 facts on the 32-layer Llama-3-8B shape with Llama-3's vocabulary
+#            (128,256) and the published value settings (25 steps): s/edit, peak CUDA memory
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run   # the same steps on CPU with tiny settings (CI)
-#   bash benchmarks/gpu_check.sh --steps tests,scale   # only some steps (tests, stream, scale, bench, long, zsre)
+#   bash benchmarks/gpu_check.sh --steps tests,scale   # only some steps (tests, stream, scale, bench, long, zsre,
+#                                                      # edit10k, big8b)
 #
 # Output folder: $GPU_CHECK_OUT, else $OUT/gpu_check, else ./gpu_check_out (logs and JSON figures).
 # Per-step time limits (seconds): GPU_CHECK_TESTS_S, GPU_CHECK_STREAM_S, GPU_CHECK_SCALE_S, GPU_CHECK_BENCH_S
-# (each of bench, long and zsre).
+# (each of bench, long and zsre), GPU_CHECK_EDIT10K_S, GPU_CHECK_BIG8B_S. GPU_CHECK_EDIT10K_ARGS adds
+# arguments to the edit10k run (e.g. "--optimizer lbfgs" or "--stop-top1").
 # The Python: .venv if it imports torch and the package; else a python3 that already has torch
 # (a GPU image's CUDA build) with this checkout on PYTHONPATH; else `make venv` builds .venv.
 set -u
@@ -28,14 +36,14 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --steps) shift; STEPS="${1:-}" ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
 done
 for s in ${STEPS//,/ }; do
-  case "$s" in tests|stream|scale|bench|long|zsre) ;;
-    *) echo "--steps takes tests, stream, scale, bench, long, zsre; got '$s'" >&2; exit 2 ;; esac
+  case "$s" in tests|stream|scale|bench|long|zsre|edit10k|big8b) ;;
+    *) echo "--steps takes tests, stream, scale, bench, long, zsre, edit10k, big8b; got '$s'" >&2; exit 2 ;; esac
 done
 wanted() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
@@ -69,6 +77,9 @@ if [ "$DRY" = 1 ]; then
              --stats-tokens 500 --methods rlsedit,alphaedit,memit --checkpoints 1 --fluency-cases 0 --score-all-at 2,4)
   ZSRE_ARGS=(--device cpu --model "$RESULTS/tiny_model" --dataset zsre --edits 4 --batch 2 --stats-tokens 500
              --methods rlsedit,alphaedit,memit --checkpoints 1 --fluency-cases 0)
+  EDIT10K_S=${GPU_CHECK_EDIT10K_S:-120}; BIG8B_S=${GPU_CHECK_BIG8B_S:-120}
+  EDIT10K_ARGS=(edit10k --dry-run --profile-batch 2)   # CPU: tiny model, 20 facts in batches of 10
+  BIG8B_ARGS=(big8b --dry-run)       # CPU: tiny widths, 2 layers, vocabulary 1,024, 10 facts
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
   DEVICE=cuda
@@ -84,6 +95,14 @@ else
              --methods rlsedit,alphaedit,memit --checkpoints 6 --fluency-cases 10 --score-all-at 1000,2000)
   ZSRE_ARGS=(--device cuda --model smollm2 --dataset zsre --edits 887 --batch 100
              --methods rlsedit,alphaedit,memit --checkpoints 3 --fluency-cases 10)
+  # edit10k: 240 s of editing (about 1,700 edits at the H200's 0.14 s/edit with the published
+  # optimiser), then the final scoring of every edit written; big8b: build, statistics, state and
+  # one 100-fact edit. 330 + 240 s: both steps fit one 600 s call (--steps edit10k,big8b).
+  EDIT10K_S=${GPU_CHECK_EDIT10K_S:-330}; BIG8B_S=${GPU_CHECK_BIG8B_S:-240}
+  EDIT10K_ARGS=(edit10k --device cuda --model smollm2 --edits 10000 --batch 100 --stats-tokens 100000
+                --time-budget "${GPU_CHECK_EDIT10K_BUDGET:-240}" --score-batch 256 --profile-batch 3)
+  BIG8B_ARGS=(big8b --device cuda --layers 32 --edit-layers 5 --vocab 128256 --batch 100 --dtype bfloat16
+              --state-dtype float64 --stats-tokens 4096)
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device visible to $PY (use --dry-run on a CPU machine)" >&2
     exit 1
@@ -122,6 +141,19 @@ if wanted scale; then
   step "scale.py ($([ "$DRY" = 1 ] && echo quick || echo 8B shape))" "$SCALE_S" "$RESULTS/scale.log" \
     "$PY" benchmarks/scale.py "${SCALE_ARGS[@]}" --json "$RESULTS/scale.json"
   DETAIL+=("$(grep -E '^target|^total' "$RESULTS/scale.log" | sed 's/target (in place within 1.5x of the floor, torch./in place vs floor /' | tr '\n|' '; ')")
+fi
+
+if wanted edit10k; then
+  # shellcheck disable=SC2206  # GPU_CHECK_EDIT10K_ARGS is split into words on purpose
+  step "edit10k ($([ "$DRY" = 1 ] && echo "tiny model" || echo SmolLM2), simplified CounterFact)" "$EDIT10K_S" "$RESULTS/edit10k.log" \
+    "$PY" benchmarks/gpu_scale.py "${EDIT10K_ARGS[@]}" ${GPU_CHECK_EDIT10K_ARGS:-} --out "$RESULTS/edit10k.json"
+  DETAIL+=("$(grep -E '^edits done|^final scores' "$RESULTS/edit10k.log" | tr '\n|' '; ')")
+fi
+
+if wanted big8b; then
+  step "big8b ($([ "$DRY" = 1 ] && echo 'quick widths' || echo '8B shape, vocabulary 128,256'))" "$BIG8B_S" \
+    "$RESULTS/big8b.log" "$PY" benchmarks/gpu_scale.py "${BIG8B_ARGS[@]}" --out "$RESULTS/big8b.json"
+  DETAIL+=("$(grep -E '^  edit of' "$RESULTS/big8b.log" | sed 's/^ *//' | tr '\n|' '; ')")
 fi
 
 if wanted bench || wanted long || wanted zsre; then

@@ -1,0 +1,47 @@
+"""benchmarks/edit_memory.py: the peak memory of one edit call, by stage, in a fresh process per
+configuration (its CPU dry run: a tiny random Llama, batches 2 and 4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_rss_high_water_mark_resets_and_sees_an_allocation(benchmark_script):
+    em = benchmark_script("edit_memory")
+    if not em.hwm_resettable():
+        pytest.skip("this kernel does not let a process reset VmHWM")
+    meter = em.Meter()
+    before = meter.start()
+    grow = meter.wrap("grow", lambda n: bytearray(n))
+    buf = grow(200 * 2**20)  # 200 MiB, touched (zero-filled)
+    peak = meter.finish()
+    assert peak - before >= 190 * 2**20
+    assert meter.stages["grow"]["calls"] == 1 and meter.stages["grow"]["increment"] >= 190 * 2**20
+    del buf
+
+
+def test_edit_memory_dry_run_writes_rows_and_a_table(tmp_path, benchmark_script):
+    out = tmp_path / "mem.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "benchmarks/edit_memory.py", "--dry-run", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    rows = results["rows"]
+    assert [(r["model"], r["batch"]) for r in rows] == [("tiny", 2), ("tiny", 4)]
+    for r in rows:
+        assert r["peak"] >= r["rss_before"] > 0 and r["increment"] == r["peak"] - r["rss_before"]
+        assert {"score_before", "values", "keys", "hidden", "propose", "commit", "score_after"} <= set(r["stages"])
+        assert all(s["peak"] <= r["peak"] for s in r["stages"].values())  # the call's peak covers every stage
+        assert r["logits_bytes"] == r["value_positions"] * r["vocab"] * 4
+    assert "tiny" in results["fit"]
+    render = benchmark_script("render_memory_table")
+    assert render.table(results) in proc.stdout
