@@ -123,8 +123,6 @@ def run_edit10k(args) -> dict:
     from rlsedit_llm.pipeline.scoring import score_targets
 
     device = torch.device(args.device)
-    if not args.verbose:  # one "did not take" warning per batch would bury the log's tail
-        logging.getLogger("rlsedit_llm").setLevel(logging.ERROR)
     model: Any
     tok: Any
     extra: dict[str, Any]
@@ -378,7 +376,14 @@ def main(argv=None) -> int:
         return 2
     print(machine_description(args.device), flush=True)
     tic = time.perf_counter()
-    result = run_edit10k(args) if args.part == "edit10k" else run_big8b(args)
+    library_log = logging.getLogger("rlsedit_llm")
+    level = library_log.level
+    if not args.verbose:  # one "did not take" warning per batch would bury the log's tail
+        library_log.setLevel(logging.ERROR)
+    try:
+        result = run_edit10k(args) if args.part == "edit10k" else run_big8b(args)
+    finally:  # main() is also called in-process (its dry-run test): leave the logger as it was
+        library_log.setLevel(level)
     result.update(machine=machine_description(args.device), args=vars(args), total_seconds=time.perf_counter() - tic)
     print(f"total {result['total_seconds']:.1f} s")
     if args.out:
