@@ -81,3 +81,16 @@ def read_saved_state(directory: str | os.PathLike) -> dict:
     Raises :class:`~rlsedit_llm.errors.StateMismatchError` for a damaged or foreign save.
     """
     return saved.read_state_files(Path(directory))
+
+
+#: The stages of one edit call as the benchmarks print them: ``EditReport.seconds`` keys, and
+#: ``"write"``, the update's share outside the solver's propose (targets and the weight write).
+EDIT_STAGES = {"score": "report scoring", "values": "values", "keys": "keys", "solve": "solve",
+               "write": "targets + write", "residual": "checks", "commit": "commit"}
+
+
+def edit_stages(seconds: dict[str, float]) -> dict[str, float]:
+    """One call's ``EditReport.seconds`` as :data:`EDIT_STAGES` (absent stages are 0)."""
+    sec = dict(seconds)
+    sec["write"] = sec.get("update", 0.0) - sec.get("solve", 0.0)
+    return {stage: sec.get(stage, 0.0) for stage in EDIT_STAGES}

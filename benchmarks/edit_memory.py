@@ -48,6 +48,7 @@ model. ``--out FILE.json`` writes every figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -170,34 +171,6 @@ def _load(model_name: str, args):
     return model, tok, cfg
 
 
-def chunked_values(compute_values, chunk: int):
-    """``compute_values`` over sub-batches of at most ``chunk`` facts, results concatenated: what
-    the proposed change in ``pipeline/values.py`` would do inside (every ``delta_i`` enters only its
-    own fact's rows and Adam is element-wise, so each fact's optimisation is the same alone or in a
-    batch, up to the rounding of batched kernels). Measurement only: this script wraps the editor's
-    call, values.py is unchanged."""
-    import dataclasses
-
-    import torch
-
-    def cat(parts, name):
-        xs = [getattr(p, name) for p in parts]
-        return None if any(x is None for x in xs) else torch.cat(xs)
-
-    def wrapped(model, tokenizer, spec, layer, facts, templates, config=None, **kwargs):
-        facts = list(facts)
-        if len(facts) <= chunk:
-            return compute_values(model, tokenizer, spec, layer, facts, templates, config, **kwargs)
-        parts = [compute_values(model, tokenizer, spec, layer, facts[i:i + chunk], templates, config, **kwargs)
-                 for i in range(0, len(facts), chunk)]
-        fields = {f.name for f in dataclasses.fields(parts[0])}
-        merged = {name: cat(parts, name) for name in ("target", "initial", "final_loss", "final_nll", "top1",
-                                                      "fact_steps") if name in fields}
-        return dataclasses.replace(parts[0], steps_run=max(p.steps_run for p in parts), **merged)
-
-    return wrapped
-
-
 def run_child(model_name: str, batch: int, args) -> dict:
     import torch
 
@@ -209,6 +182,8 @@ def run_child(model_name: str, batch: int, args) -> dict:
     torch.set_num_threads(args.threads)
     start_rss = rss()
     model, tok, cfg = _load(model_name, args)
+    if args.value_chunk:  # the library's sub-batching of the value stage (ValueConfig.max_batch)
+        cfg = dataclasses.replace(cfg, value=dataclasses.replace(cfg.value, max_batch=args.value_chunk))
     facts = data.load_stream("counterfact", batch, tok, batch_size=batch)
     editor = rlsedit_llm.Editor(model, tok, cfg, take_over=True)
     tic = time.perf_counter()
@@ -229,8 +204,6 @@ def run_child(model_name: str, batch: int, args) -> dict:
 
     for name, stage in names.items():
         fn = originals[name]
-        if name == "compute_values" and args.value_chunk:
-            fn = chunked_values(fn, args.value_chunk)
         setattr(editor_module, name, score_wrapper if stage is None else meter.wrap(stage, fn))
     for solver in editor.solvers_.values():
         solver.propose = meter.wrap("propose", solver.propose)  # type: ignore[method-assign]

@@ -27,9 +27,9 @@ from rlsedit_llm.evaluation import data, metrics
 from rlsedit_llm.pipeline.values import default_value_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this script
-from _common import load_average
+from _common import EDIT_STAGES, edit_stages, load_average
 
-STAGES = {"score": "report scoring", "values": "value optimisation", "keys": "keys", "update": "update (recursion)"}
+STAGES = EDIT_STAGES
 
 
 def run(model, tok, base_weights, facts, batch: int, value, cache: str) -> dict:
@@ -44,8 +44,8 @@ def run(model, tok, base_weights, facts, batch: int, value, cache: str) -> dict:
     tic = time.perf_counter()
     for start in range(0, len(facts), batch):
         report = editor.edit(facts[start:start + batch])
-        for stage in STAGES:
-            totals[stage] += report.seconds.get(stage, 0.0)
+        for stage, t in edit_stages(report.seconds).items():
+            totals[stage] += t
     wall = time.perf_counter() - tic
     summary = metrics.summarize_cases(metrics.counterfact_case_scores(model, tok, facts))
     editor.release()

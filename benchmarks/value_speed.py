@@ -34,9 +34,9 @@ from rlsedit_llm.evaluation import data, metrics  # noqa: E402
 from rlsedit_llm.pipeline.values import default_value_config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this script
-from _common import load_average, machine_description  # noqa: E402
+from _common import EDIT_STAGES, edit_stages, load_average, machine_description  # noqa: E402
 
-STAGES = {"score": "report scoring", "values": "values", "keys": "keys", "update": "solve/update + write"}
+STAGES = EDIT_STAGES
 SETTINGS = {"adam": "published (Adam, 25 steps)", "lbfgs": "L-BFGS (per-fact stop)"}
 METRICS = ("efficacy", "generalization", "specificity")
 
@@ -74,8 +74,8 @@ def run(model, tok, base_weights, facts, dataset: str, batch: int, value, cache:
             tic = time.perf_counter()
             report = editor.edit(facts[start:start + batch])
             wall += time.perf_counter() - tic
-            for stage in STAGES:
-                totals[stage] += report.seconds.get(stage, 0.0)
+            for stage, t in edit_stages(report.seconds).items():
+                totals[stage] += t
             if start == 0:
                 first_after_write = metrics.summarize_cases(data.case_scores(dataset, model, tok, first_batch))
     finally:
@@ -89,6 +89,20 @@ def run(model, tok, base_weights, facts, dataset: str, batch: int, value, cache:
             "value_evaluations_per_fact": sum(steps) / max(len(steps), 1), "value_config": asdict(value)}
 
 
+def setting(published, name: str):
+    """``"lbfgs+stop_nll=0.002+lbfgs_max_step=1"``: the published ValueConfig with that optimiser and
+    those fields (numbers parsed as int or float, ``true``/``false`` as bools)."""
+    optimizer, *changes = name.split("+")
+    fields: dict = {"optimizer": optimizer}
+    for change in changes:
+        key, _, text = change.partition("=")
+        value: object = {"true": True, "false": False}.get(text.lower(), text)
+        if isinstance(value, str):
+            value = float(text) if any(c in text for c in ".eE") else int(text)
+        fields[key] = value
+    return replace(published, **fields)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=("counterfact", "zsre"), default="counterfact")
@@ -97,7 +111,9 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=None,
                         help="first usable record of the stream (default: 1000 for counterfact, 0 for zsre)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--optimizers", default="adam,lbfgs", help="comma-separated ValueConfig.optimizer values")
+    parser.add_argument("--optimizers", default="adam,lbfgs",
+                        help="comma-separated settings, each a ValueConfig.optimizer value optionally followed by "
+                             "'+field=value' changes of the published ValueConfig, e.g. lbfgs+stop_nll=0.002")
     parser.add_argument("--cache", default=None, help="statistics cache folder (default: the user cache)")
     parser.add_argument("--out", default=None, help="write the raw figures to this JSON file")
     args = parser.parse_args()
@@ -113,8 +129,8 @@ def main() -> None:
     load = load_average()
     rlsedit_llm.Editor(model, tok, rlsedit_llm.EditConfig(cache_dir=args.cache), take_over=True).prepare().release()
     tic = time.perf_counter()
-    results = {name: run(model, tok, base, facts, args.dataset, args.batch, replace(published, optimizer=name),
-                         args.cache) for name in names}
+    results = {name: run(model, tok, base, facts, args.dataset, args.batch, setting(published, name), args.cache)
+               for name in names}
     total = time.perf_counter() - tic
     load_end = load_average()
 

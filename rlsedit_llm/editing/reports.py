@@ -107,7 +107,14 @@ def fact_report(fact: Fact, before: FactScores, after: FactScores, residual_befo
 
 @dataclass
 class EditReport:
-    """Result of one :meth:`Editor.edit` call."""
+    """Result of one :meth:`Editor.edit` call.
+
+    ``seconds`` holds the call's stage timings: ``score`` (the report's scoring before and after),
+    ``values`` (the value optimisation), ``keys`` (keys and hidden states of every edited layer),
+    ``update`` (per layer: targets, the solver's propose and the weight write; ``solve`` is the
+    propose's share of it), ``residual`` (the check of what the write left), ``commit`` (adopting
+    the layers' steps and journalling); methods without values report fewer.
+    """
 
     edit_id: int
     layers: tuple[int, ...]

@@ -130,6 +130,12 @@ class ValueConfig:
     lbfgs_history : curvature pairs kept per fact
     lbfgs_first_step : length of the first (steepest-descent) step, as a multiple of ``||h0||``
     lbfgs_max_step : the longest step, as a multiple of ``||h0||``
+    max_batch : the most facts optimised together (None: all of an edit call at once). A larger
+        call is optimised in sub-batches of at most this many facts, one after the other: each
+        fact's problem is independent of the others, so the values are the same (up to the
+        summation order of floating point) and the value stage's peak memory, which grows
+        linearly with the facts optimised together, is bounded (``docs/llm/scale.md``, "Memory
+        of one edit call")
     """
 
     lr: float = 0.5
@@ -146,6 +152,7 @@ class ValueConfig:
     lbfgs_history: int = 8
     lbfgs_first_step: float = 0.2
     lbfgs_max_step: float = 0.5
+    max_batch: int | None = None
 
     def validate(self) -> None:
         """Raise :class:`HyperparameterError` naming the first bad setting and its allowed range.
@@ -179,6 +186,10 @@ class ValueConfig:
                 or not 1 <= self.lbfgs_history <= MAX_LBFGS_HISTORY):
             raise HyperparameterError(
                 f"ValueConfig.lbfgs_history must be an int in [1, {MAX_LBFGS_HISTORY}]; got {self.lbfgs_history!r}")
+        if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
+                                           or self.max_batch < 1):
+            raise HyperparameterError(
+                f"ValueConfig.max_batch must be None (no limit) or an int >= 1; got {self.max_batch!r}")
 
 
 def default_value_config(spec: ModelSpec) -> ValueConfig:
@@ -318,6 +329,18 @@ def compute_values(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, s
     config.validate()
     if not isinstance(layer, int) or not 0 <= layer < spec.n_layers:
         raise HyperparameterError(f"layer must be an int in [0, {spec.n_layers}); got {layer!r}")
+    size = config.max_batch or max(len(facts), 1)
+    parts = [_values_of(model, tokenizer, spec, layer, facts[i:i + size], templates, config, naive=naive,
+                        progress=progress) for i in range(0, len(facts), size)]
+    result = parts[0] if len(parts) == 1 else _concatenate(parts)
+    dev = next(get_module(model, spec.layer_path.format(layer)).parameters()).device
+    result.target, result.initial = result.target.to(dev), result.initial.to(dev)
+    return result
+
+
+def _values_of(model, tokenizer, spec: ModelSpec, layer: int, facts: Sequence[Fact], templates: Sequence[str],
+               config: ValueConfig, *, naive: bool, progress: bool) -> ValueResult:
+    """:func:`compute_values` on one batch of checked facts (at most ``config.max_batch``)."""
     rows = _build_rows(tokenizer, facts, templates, config, bos=needs_bos(spec))
     pad = pad_id(tokenizer)
     optimise = _optimise_lbfgs if config.optimizer == "lbfgs" else _optimise
@@ -339,9 +362,32 @@ def compute_values(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, s
                 result = optimise(forward, rows, config, len(facts), path="naive", progress=progress)
         finally:
             model.train(was_training)
-    dev = next(get_module(model, spec.layer_path.format(layer)).parameters()).device
-    result.target, result.initial = result.target.to(dev), result.initial.to(dev)
     return result
+
+
+def _concatenate(parts: list[ValueResult]) -> ValueResult:
+    """One :class:`ValueResult` of sub-batches optimised one after the other: per-fact tensors
+    concatenated in fact order; the histories are fact-weighted means per evaluation (a part that
+    stopped early keeps its last value), ``steps_run`` the most any part took."""
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in values) else torch.cat([v.to(values[0].device) for v in values])
+
+    sizes = [len(p.target) for p in parts]
+
+    def history(name: str) -> list[float]:
+        runs = [getattr(p, name) for p in parts]
+        n = max(len(r) for r in runs)
+        return [sum(s * r[min(i, len(r) - 1)] for s, r in zip(sizes, runs, strict=True) if r) / sum(sizes)
+                for i in range(n)]
+
+    dev = parts[0].target.device
+    return ValueResult(
+        target=torch.cat([p.target.to(dev) for p in parts]), initial=torch.cat([p.initial.to(dev) for p in parts]),
+        loss_history=history("loss_history"), nll_history=history("nll_history"),
+        steps_run=max(p.steps_run for p in parts), final_loss=cat("final_loss"), final_nll=cat("final_nll"),
+        path="naive" if any(p.path == "naive" for p in parts) else parts[0].path, top1=cat("top1"),
+        fact_steps=cat("fact_steps"), optimizer=parts[0].optimizer)
 
 
 def _optimise(forward, rows: _Rows, config: ValueConfig, u: int, *, path: str, progress: bool = True) -> ValueResult:
@@ -615,9 +661,43 @@ def _check_progress(result: ValueResult, first_nll: torch.Tensor, config: ValueC
                     "their edits will not make these targets more likely", int(stuck.sum()), stuck.numel(), why)
 
 
-def anchor_norms(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Value-norm anchoring: each row of ``target`` (u, d) rescaled to the norm of the same row of
-    ``reference`` (u, d), its direction kept (arXiv 2602.02543 applies it to the values of
-    AlphaEdit and other MEMIT-family editors to keep long streams from inflating them)."""
-    scale = reference.norm(dim=1) / target.norm(dim=1).clamp_min(torch.finfo(target.dtype).tiny)  # (u,)
-    return target * scale[:, None].to(target.dtype)
+def anchor_norms(target: torch.Tensor, reference: torch.Tensor, *, branch: torch.Tensor | None = None,
+                 reference_norm: float | None = None, drop_factor: float = 2.0) -> torch.Tensor:
+    """Value-norm anchoring of the solved values ``target = z*`` (u, d), given the unedited hidden
+    states ``reference = h0`` (u, d) at the same positions; returns the anchored ``z*`` (u, d).
+
+    **NAS** (Norm-Anchor Scaling, arXiv 2602.02543, as its released code does), with ``branch``:
+    ``v0`` (u, d), what the MLP branch of the layer adds to the residual stream there before the
+    edit, and ``reference_norm``: ``rho``, the layer's reference value norm. The rescaled vector
+    is the MLP's value ``v* = z* - h0 + v0`` (the branch output that realises ``z*``), not ``z*``::
+
+        ||v*|| > drop_factor * rho   ->  z = h0                        (the fact's change is dropped)
+        otherwise                    ->  z = h0 - v0 + rho v* / ||v*||  (v* rescaled to norm rho)
+
+    (``rho <= 0`` or ``v* = 0`` leave ``z*`` as it is.) ``drop_factor = 2`` is the released one.
+
+    **h0 rule** (rlsedit's earlier anchoring; neither ``branch`` nor ``reference_norm`` given):
+    each row of ``z*`` rescaled to the norm of the same row of ``h0``, its direction kept.
+    """
+    if (branch is None) != (reference_norm is None):
+        raise HyperparameterError("anchor_norms takes branch and reference_norm together (NAS) or neither "
+                                  "(the h0 rule)")
+    tiny = torch.finfo(target.dtype).tiny
+    if branch is None:
+        scale = reference.norm(dim=1) / target.norm(dim=1).clamp_min(tiny)  # (u,)
+        return target * scale[:, None].to(target.dtype)
+    if target.shape != reference.shape or branch.shape != target.shape:
+        raise HyperparameterError(f"anchor_norms: target, reference and branch must all be (u, d); got "
+                                  f"{tuple(target.shape)}, {tuple(reference.shape)} and {tuple(branch.shape)}")
+    rho = float(reference_norm)  # type: ignore[arg-type]
+    if not (math.isfinite(rho) and drop_factor > 0):
+        raise HyperparameterError(f"anchor_norms: reference_norm must be finite and drop_factor > 0; got "
+                                  f"{reference_norm!r} and {drop_factor!r}")
+    if rho <= 0:
+        return target
+    h0, v0 = reference.to(target), branch.to(target)
+    value = target - h0 + v0  # v* (u, d)
+    norm = value.norm(dim=1, keepdim=True)  # (u, 1)
+    scaled = torch.where(norm > 0, value * (rho / norm.clamp_min(tiny)), value)
+    anchored = h0 - v0 + scaled
+    return torch.where(norm > drop_factor * rho, h0, anchored)

@@ -247,3 +247,45 @@ def test_new_settings_accept_their_ranges():
     for cfg in [ValueConfig(optimizer="lbfgs"), ValueConfig(stop_nll=0.0), ValueConfig(lbfgs_history=1),
                 ValueConfig(lbfgs_history=100), ValueConfig(lbfgs_first_step=10.0), ValueConfig(lbfgs_max_step=1e-3)]:
         cfg.validate()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_sub_batches_give_the_values_of_one_batch(tiny, optimizer, max_batch):
+    """``max_batch`` splits the facts into sub-batches optimised one after the other: each fact's
+    problem is its own, so every per-fact result is that of the whole batch (float summation order
+    aside), and the histories are the fact-weighted means."""
+    model, tok = tiny("llama", init_std=0.3)
+    spec = detect_spec(model)
+    config = ValueConfig(optimizer=optimizer, lr=0.5, steps=9, early_stop_loss=0.0, stop_nll=0.0)
+    whole = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, config, progress=False)
+    parts = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, dataclasses.replace(config, max_batch=max_batch),
+                           progress=False)
+    assert parts.target.shape == whole.target.shape and whole.delta.norm() > 0
+    torch.testing.assert_close(parts.target, whole.target, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(parts.initial, whole.initial, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(parts.final_nll, whole.final_nll, rtol=1e-4, atol=1e-4)
+    assert parts.fact_steps.tolist() == whole.fact_steps.tolist()
+    assert len(parts.loss_history) == len(whole.loss_history)
+    assert parts.loss_history[-1] == pytest.approx(whole.loss_history[-1], rel=1e-4, abs=1e-5)
+
+
+def test_sub_batches_bound_the_rows_run_together(tiny, monkeypatch):
+    model, tok = tiny("llama")
+    seen = []
+    real = values.FastForward
+
+    def recording(model, spec, layer, rows, pad):
+        seen.append(len(rows.kl_row))  # facts in this forward
+        return real(model, spec, layer, rows, pad)
+
+    monkeypatch.setattr(values, "FastForward", recording)
+    compute_values(model, tok, detect_spec(model), 1, FACTS, TEMPLATES, ValueConfig(steps=2, max_batch=2),
+                   progress=False)
+    assert seen == [2, 1]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "8"])
+def test_max_batch_is_validated(bad):
+    with pytest.raises(HyperparameterError, match="max_batch"):
+        ValueConfig(max_batch=bad).validate()
