@@ -91,14 +91,18 @@ def run(model, tok, base_weights, facts, dataset: str, batch: int, value, cache:
 
 def setting(published, name: str):
     """``"lbfgs+stop_nll=0.002+lbfgs_max_step=1"``: the published ValueConfig with that optimiser and
-    those fields (numbers parsed as int or float, ``true``/``false`` as bools)."""
+    those fields (numbers parsed as int or float, ``true``/``false``/``none`` as such, anything else a string)."""
     optimizer, *changes = name.split("+")
     fields: dict = {"optimizer": optimizer}
     for change in changes:
         key, _, text = change.partition("=")
-        value: object = {"true": True, "false": False}.get(text.lower(), text)
-        if isinstance(value, str):
-            value = float(text) if any(c in text for c in ".eE") else int(text)
+        value: object = {"true": True, "false": False, "none": None}.get(text.lower(), text)
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                pass
         fields[key] = value
     return replace(published, **fields)
 

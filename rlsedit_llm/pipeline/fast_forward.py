@@ -131,7 +131,11 @@ class _PrefixCache:
 class FastForward:
     """Re-run only the layers above ``layer``, only from each row's subject position onwards."""
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, layer: int, rows: ValueRows, pad_id: int) -> None:
+    def __init__(self, model: nn.Module, spec: ModelSpec, layer: int, rows: ValueRows, pad_id: int, *,
+                 compute_dtype: torch.dtype | None = None) -> None:
+        # compute_dtype: the upper layers of every evaluation after the first (self-checked) one run
+        # under autocast to this dtype (None: the model's own); the head and log-softmax stay float32.
+        self.compute_dtype = compute_dtype
         impl = getattr(model.config, "_attn_implementation", None)
         if impl not in SUPPORTED_ATTENTION:
             raise FastPathUnavailable(f"attention implementation {impl!r} (fast path supports {SUPPORTED_ATTENTION})")
@@ -308,9 +312,13 @@ class FastForward:
             return out
 
         store = {l: (k[group.to(k.device)], v[group.to(v.device)]) for l, (k, v) in self.store.items()}
-        for module, (_, cache_name, kwargs) in zip(self.upper, self.kwargs, strict=True):
-            kw = {k: sub(k, v) for k, v in kwargs.items()}
-            h = first_tensor(module(h, **{cache_name: _PrefixCache(store)}, **kw))
+        low = self.checked and self.compute_dtype is not None
+        with torch.autocast(h.device.type, dtype=self.compute_dtype or torch.bfloat16, enabled=low):
+            for module, (_, cache_name, kwargs) in zip(self.upper, self.kwargs, strict=True):
+                kw = {k: sub(k, v) for k, v in kwargs.items()}
+                h = first_tensor(module(h, **{cache_name: _PrefixCache(store)}, **kw))
+        if low:
+            h = h.float()
         if not self.checked:
             self._self_check(h, group, n)
         return h

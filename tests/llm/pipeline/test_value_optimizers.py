@@ -289,3 +289,33 @@ def test_sub_batches_bound_the_rows_run_together(tiny, monkeypatch):
 def test_max_batch_is_validated(bad):
     with pytest.raises(HyperparameterError, match="max_batch"):
         ValueConfig(max_batch=bad).validate()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_bfloat16_evaluations_stay_close_to_float32(tiny, optimizer, monkeypatch):
+    """``compute_dtype="bfloat16"``: the first evaluation is the model's own (checked against the full
+    pass: still the fast path), the later ones run the upper layers under bfloat16 autocast; the
+    values stay near the float32 ones and every later layer call sees bfloat16 activations."""
+    model, tok = tiny("llama", init_std=0.3)
+    spec = detect_spec(model)
+    config = ValueConfig(optimizer=optimizer, lr=0.5, steps=8, early_stop_loss=0.0, stop_nll=0.0)
+    ref = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, config, progress=False)
+    seen = []
+    mlp = model.model.layers[2].mlp
+    handle = mlp.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    try:
+        low = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, dataclasses.replace(config, compute_dtype="bfloat16"),
+                             progress=False)
+    finally:
+        handle.remove()
+    assert low.path == "fast"
+    assert seen[0] == torch.float32 and torch.bfloat16 in seen  # prefix pass in float32, later ones bfloat16
+    assert low.target.dtype == torch.float32
+    rel = (low.delta - ref.delta).norm() / ref.delta.norm()
+    assert float(rel) < 0.15, float(rel)
+    assert abs(float(low.final_nll.mean()) - float(ref.final_nll.mean())) < 0.05 + 0.1 * float(ref.final_nll.mean())
+
+
+def test_compute_dtype_is_validated():
+    with pytest.raises(HyperparameterError, match="compute_dtype"):
+        ValueConfig(compute_dtype="float16").validate()
