@@ -304,8 +304,8 @@ def test_bfloat16_evaluations_stay_close_to_float32(tiny, optimizer, monkeypatch
     mlp = model.model.layers[2].mlp
     handle = mlp.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
     try:
-        low = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, dataclasses.replace(config, compute_dtype="bfloat16"),
-                             progress=False)
+        low_config = dataclasses.replace(config, compute_dtype="bfloat16")
+        low = compute_values(model, tok, spec, 1, FACTS, TEMPLATES, low_config, progress=False)
     finally:
         handle.remove()
     assert low.path == "fast"
