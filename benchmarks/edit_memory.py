@@ -311,11 +311,25 @@ def fit(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def collect(rows: list[dict], machine: str, args) -> dict:
-    """The results dict of the configurations run so far (written after each one)."""
+def _key(row: dict) -> tuple:
+    return row["model"], row["batch"], row.get("value_chunk") or None, row["value_steps"]
+
+
+def collect(rows: list[dict], machine: str, args, previous: dict | None = None) -> dict:
+    """The results dict of the configurations run so far (written after each one). ``previous``
+    (``--merge``): an earlier results file whose rows are kept unless a new row has the same
+    model, batch, value sub-batch and value steps; its runs are listed before this one."""
     method = "VmHWM after clear_refs=5, one fresh process per configuration"
-    results: dict[str, Any] = {"machine": machine, "method": method,
-               "args": {k: v for k, v in vars(args).items() if k not in ("child", "cache_dir")},
+    run_args = {k: v for k, v in vars(args).items() if k not in ("child", "cache_dir")}
+    runs = [{"machine": machine, "args": run_args}]
+    if previous:
+        new = {_key(r) for r in rows}
+        old = [r for part in ("rows", "chunked_rows", "failed_rows", "check_rows")
+               for r in previous.get(part, []) if _key(r) not in new]
+        rows = old + rows
+        runs = previous.get("runs") or [{"machine": previous.get("machine"), "args": previous.get("args")}]
+        runs = [*runs, {"machine": machine, "args": run_args}]
+    results: dict[str, Any] = {"machine": machine, "method": method, "runs": runs, "args": run_args,
                "rows": [r for r in rows if r["value_steps"] == args.value_steps and not r.get("failed")
                         and not r.get("value_chunk")],
                "chunked_rows": [r for r in rows if r.get("value_chunk") and not r.get("failed")],
@@ -342,6 +356,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-gb", type=float, default=16.0,
                         help="address-space cap of each configuration's process (GB; at most MemAvailable)")
     parser.add_argument("--out", default=None, help="write the raw figures to this JSON file")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows already in --out (a new row replaces an old one of the same "
+                             "model, batch, value sub-batch and value steps)")
     parser.add_argument("--rewrite-only", action="store_true",
                         help="the edit reports score only the rewrite prompts (EditConfig(report_accuracies=False)); "
                              "default: also CounterFact's paraphrase and neighbourhood prompts, before and after")
@@ -359,6 +376,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     configs = _parse_configs(args.configs or (DRY_CONFIGS if args.dry_run else DEFAULT_CONFIGS))
+    previous = json.loads(Path(args.out).read_text()) if args.merge and args.out and Path(args.out).is_file() else None
     with tempfile.TemporaryDirectory(prefix="rlsedit-edit-memory-") as tmp:
         args.cache_dir = args.cache_dir or tmp
         import torch
@@ -378,14 +396,14 @@ def main(argv=None) -> int:
             rows.append(r)
             if args.out:  # after every configuration: a long run that is stopped keeps what it measured
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(collect(rows, machine, args), indent=1))
+                Path(args.out).write_text(json.dumps(collect(rows, machine, args, previous), indent=1))
             if r.get("failed"):
                 print(f"    FAILED: {r['failed']}", flush=True)
                 continue
             print(f"    RSS before {gb(r['rss_before'])} GB, peak {gb(r['peak'])} GB, increment "
                   f"{gb(r['increment'])} GB; values peak {gb(r['stages'].get('values', {}).get('peak', 0))} GB; "
                   f"{r['seconds']:.0f} s (child {r['wall_seconds']:.0f} s, load {load_average():.2f})", flush=True)
-    results = collect(rows, machine, args)
+    results = collect(rows, machine, args, previous)
     print()
     print(table(results))
     for model, f in results["fit"].items():

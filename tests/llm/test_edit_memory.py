@@ -59,3 +59,19 @@ def test_edit_memory_dry_run_writes_rows_and_a_table(tmp_path, benchmark_script)
     assert "tiny" in results["fit"]
     render = benchmark_script("render_memory_table")
     assert render.table(results) in proc.stdout
+
+
+def test_merge_keeps_earlier_rows_and_replaces_a_rerun(benchmark_script):
+    em = benchmark_script("edit_memory")
+
+    def row(batch, chunk=None, inc=1, steps=2):
+        return {"model": "smollm2", "batch": batch, "value_chunk": chunk, "value_steps": steps, "increment": inc}
+
+    class Args:
+        value_steps = 2
+
+    first = em.collect([row(10, inc=1), row(100, inc=5)], "machine A", Args())
+    second = em.collect([row(100, inc=7), row(500, chunk=50, inc=2)], "machine B", Args(), previous=first)
+    assert [(r["batch"], r["increment"]) for r in second["rows"]] == [(10, 1), (100, 7)]
+    assert [(r["batch"], r["value_chunk"]) for r in second["chunked_rows"]] == [(500, 50)]
+    assert [r["machine"] for r in second["runs"]] == ["machine A", "machine B"]
