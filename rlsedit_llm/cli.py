@@ -950,6 +950,11 @@ def _add_bench(sub) -> None:
     bench.add_argument("--device", help="where the model runs: cpu (default), cuda, cuda:1, ...")
     bench.add_argument("--edits", type=int, help=_Later(lambda: _default("edits")))
     bench.add_argument("--batch", type=int, help=_Later(lambda: _default("batch")))
+    bench.add_argument("--stream", type=int,
+                       help="which stream of records: 0 (default) the data set's file order, S >= 1 other records "
+                            "in another order, reproducible from S")
+    bench.add_argument("--zsre-target", choices=("alt", "answer"),
+                       help="zsRE: edit toward alt (default, EasyEdit's) or answers[0] (MEMIT's)")
     bench.add_argument("--methods", help=_Later(lambda: "comma-separated registered methods, or 'all' ("
                                                         + _default("methods") + ")"))
     bench.add_argument("--out", required=True)
@@ -976,7 +981,11 @@ def _add_bench(sub) -> None:
     bench.add_argument("--fluency-cases", type=int,
                        help="cases whose first generation prompt is scored for fluency (0: skip; "
                             "default: one per 20 edits, 5 to 50)")
-    bench.add_argument("--fluency-tokens", type=int, help="greedy tokens per fluency prompt")
+    bench.add_argument("--fluency-tokens", type=int,
+                       help="fluency length: rome, tokens of prompt plus generation; greedy-eos, new tokens (100)")
+    bench.add_argument("--fluency-protocol", choices=("rome", "greedy-eos"),
+                       help="rome (default of a new run: ROME's top-5 sampling to a fixed length) or greedy-eos "
+                            "(greedy, stops at end-of-sequence); a resumed run keeps its own")
     bench.add_argument("--no-wild", action="store_true", help="skip the generation check (no teacher forcing)")
     bench.add_argument("--ft-lr", type=float,
                        help=_Later(lambda: "Adam learning rate of the FT baseline (" + _ft_default("lr") + ")"))

@@ -49,6 +49,13 @@ METHOD_PRESETS: Mapping[str, Mapping[str, Published]] = _table({
                                      "of small eigenvalue; rlsedit takes the cut relative to the largest one"),
         "ridge": Published(1.0, f"rlsedit's choice: the identity added to {_ALPHAEDIT}'s projected normal "
                                 "equations"),
+        "released_threshold": Published(2e-2, f"{_ALPHAEDIT}, released configs (GPT-2 XL, GPT-J, Llama-3-8B alike): "
+                                              "nullspace_threshold = 2e-2, an absolute cut on the singular values "
+                                              "of the per-token second moment E[kk^T] (layer_stats' mom2 / token "
+                                              "count), not scaled by mom2_update_weight (experiments/evaluate.py "
+                                              "get_project keeps S < threshold)"),
+        "released_ridge": Published(10.0, f"{_ALPHAEDIT}, released configs: L2 = 10, added to P (K K^T + cache_c), "
+                                          "the raw key Grams of the batch and of every earlier batch"),
     },
     "encore": {
         "norm_weight": Published(20.0, f"{_ENCORE}, released Llama-3-8B config: update_norm_lambda = 20 "

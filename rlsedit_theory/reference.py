@@ -77,17 +77,26 @@ class PerBatchReset(_Editor):
 class NullSpaceProjection(_Editor):
     """AlphaEdit-like: ``Delta = (P X_t + ridge I)^{-1} P K^T r`` with ``X_t = sum_{i<=t} K_i^T K_i``.
 
-    ``P`` projects onto the eigenvectors of ``K0^T K0`` whose eigenvalue is at most
-    ``threshold`` times the largest (all of them when there is no anchor), so the anchor keys'
-    outputs are preserved exactly on the complement. ``Delta`` lies in the range of ``P``.
+    ``P`` projects onto the eigenvectors of ``K0^T K0`` that ``threshold_rule`` keeps:
+    ``"relative"`` (default) those whose eigenvalue is at most ``threshold`` times the largest
+    (all of them when there is no anchor); ``"absolute"`` (AlphaEdit's released rule) those whose
+    eigenvalue divided by ``scale`` is below ``threshold`` (``K0^T K0 = scale E[k k^T]``: the cut is
+    on the per-token second moment). The anchor keys' outputs are preserved exactly on the
+    complement. ``Delta`` lies in the range of ``P``.
     """
 
-    def __init__(self, problem: Problem, *, threshold: float = 1e-2, ridge: float = 1.0):
+    def __init__(self, problem: Problem, *, threshold: float = 1e-2, ridge: float = 1.0,
+                 threshold_rule: str = "relative", scale: float = 1.0):
         super().__init__(problem)
-        if not threshold >= 0 or not ridge > 0:
-            raise HyperparameterError("threshold must be >= 0 and ridge > 0")
+        if not threshold >= 0 or not ridge > 0 or not scale > 0:
+            raise HyperparameterError("threshold must be >= 0, ridge > 0 and scale > 0")
+        if threshold_rule not in ("relative", "absolute"):
+            raise HyperparameterError(f"threshold_rule must be 'relative' or 'absolute'; got {threshold_rule!r}")
         evals, evecs = np.linalg.eigh(problem.gram0)
-        keep = evals <= threshold * max(evals.max(), 0.0)
+        if threshold_rule == "relative":
+            keep = evals <= threshold * max(evals.max(), 0.0)
+        else:
+            keep = evals / scale < threshold
         Q = evecs[:, keep]  # (d_k, m) orthonormal basis of the kept space
         self.projector_ = Q @ Q.T
         self.ridge = ridge

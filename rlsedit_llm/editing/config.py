@@ -1,13 +1,17 @@
-"""The hyperparameters of an :class:`~rlsedit_llm.Editor` and the anchor Gram they define."""
+"""The hyperparameters of an :class:`~rlsedit_llm.Editor` and the anchor Gram they define (the
+value-norm anchoring they can ask for is measured in :mod:`rlsedit_llm.editing.norm_anchors`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from rlsedit_llm.editing.norm_anchors import NAS_REFERENCE_FACTS
 from rlsedit_llm.errors import HyperparameterError
 from rlsedit_llm.kernel.method_config import MethodConfig
 from rlsedit_llm.kernel.registry import config_class, get_method
@@ -15,10 +19,20 @@ from rlsedit_llm.kernel.rls import max_condition
 from rlsedit_llm.pipeline.values import ValueConfig
 from rlsedit_llm.presets import method_preset
 
-__all__ = ["EditConfig", "anchor_gram", "PUBLISHED_MOM2_WEIGHT", "PUBLISHED_D_K"]
+if TYPE_CHECKING:
+
+    pass
+
+__all__ = ["EditConfig", "anchor_gram", "PUBLISHED_MOM2_WEIGHT", "PUBLISHED_D_K", "VALUE_NORM_RULES"]
+
+log = logging.getLogger(__name__)
 
 PUBLISHED_MOM2_WEIGHT = float(method_preset("rlsedit", "mom2_weight"))  # N of the published RLSEdit/AlphaEdit configs
 PUBLISHED_D_K = int(method_preset("rlsedit", "d_k"))  # d_k of Llama-3-8B, the reference model of those configs
+
+#: The value-norm anchoring rules (:attr:`EditConfig.anchor_value_norms`): NAS as released, and
+#: rlsedit's earlier rule (``True`` is that one, as every run and save made with it recorded it).
+VALUE_NORM_RULES = ("nas", "h0")
 
 
 def anchor_gram(moment: torch.Tensor, mom2_weight: float, *, dtype: torch.dtype = torch.float64,
@@ -50,6 +64,21 @@ class EditConfig:
     the whole batch is re-proposed from the same pre-call state inside the same transaction, so
     the call still writes once, all or nothing, and the journal holds the rows actually written.
     The report marks those facts (``FactReport.retried``, ``FactReport.weight``).
+
+    ``anchor_value_norms`` rescales each solved value before it is written (every layer-solver
+    method; methods that solve no values refuse it):
+
+    * ``"nas"``: Norm-Anchor Scaling (Liu et al., arXiv 2602.02543) as its released code does it
+      (:func:`~rlsedit_llm.pipeline.values.anchor_norms`, :func:`anchored_values`): the MLP
+      branch's value ``v* = z* - h0 + v0`` at the last edited layer (``v0`` what the branch adds
+      there before the edit) is rescaled to ``rho``, the upper-trimmed mean (smallest 95 %) of
+      ``||v*||`` over ``nas_reference_facts`` CounterFact rewrites solved on the unedited model
+      (bare prompts, this editor's value settings; once per model, cached beside the key
+      statistics), and a fact with ``||v*|| > 2 rho`` is dropped (``z* = h0``). After the value
+      optimisation and its clamp, before the per-layer spreading.
+    * ``"h0"`` (or ``True``): rlsedit's earlier rule, each ``z*`` rescaled to the norm of the
+      unedited hidden state ``h0`` at that position (kept: it is what the runs and saved states
+      made with ``True`` used).
     """
 
     layers: tuple[int, ...] | None = None  # None: the family's default block
@@ -67,9 +96,10 @@ class EditConfig:
     value: ValueConfig | None = None  # None: the family's default
     replace: bool = True  # a new fact for an (subject, relation) retracts the earlier one
     track_information: bool = False  # carry G_t too (for drift certificates)
-    # Value-norm anchoring (arXiv 2602.02543): rescale each solved value z* to the norm the model
-    # had at that position before the edit, so written values cannot grow along a stream.
-    anchor_value_norms: bool = False
+    # Value-norm anchoring (see the class docstring): False (off), "nas" (NAS, arXiv 2602.02543, as
+    # released) or "h0" (rlsedit's earlier rule; True means it too).
+    anchor_value_norms: bool | str = False
+    nas_reference_facts: int = NAS_REFERENCE_FACTS  # NAS's reference sample (used by "nas" only)
     cache_dir: str | None = None  # statistics cache; None: the user cache directory
     # A folder of MEMIT/ROME .npz layer statistics bound to this model (pipeline.stats_npz):
     # used instead of computing E[kk^T] (corpus and stats_tokens then do not apply).
@@ -93,9 +123,16 @@ class EditConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise HyperparameterError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
-        for name in ("replace", "track_information", "anchor_value_norms", "report_accuracies"):
+        for name in ("replace", "track_information", "report_accuracies"):
             if not isinstance(getattr(self, name), bool):
                 raise HyperparameterError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        if not (isinstance(self.anchor_value_norms, bool) or self.anchor_value_norms in VALUE_NORM_RULES):
+            raise HyperparameterError(f"anchor_value_norms must be False, 'nas' (Norm-Anchor Scaling), 'h0' or True "
+                                      f"(the h0 rule); got {self.anchor_value_norms!r}")
+        n_ref = self.nas_reference_facts
+        if isinstance(n_ref, bool) or not isinstance(n_ref, int) or n_ref < 1:
+            raise HyperparameterError(f"nas_reference_facts must be an int >= 1 (NAS's reference sample; released: "
+                                      f"{NAS_REFERENCE_FACTS}); got {n_ref!r}")
         if not isinstance(self.method, str):
             raise HyperparameterError(f"method must be a method name (str); got {self.method!r}")
         if not isinstance(self.corpus, (str, os.PathLike)):
@@ -146,10 +183,28 @@ class EditConfig:
             raise HyperparameterError(f"method_config must be a {expected.__name__} for method {self.method!r} "
                                       f"(or None); got {type(self.method_config).__name__}")
         self.method_config.validate()
+        own = getattr(self.method_config, "mom2_weight", None)  # AlphaEdit's copy of N (absolute threshold)
+        if own is not None and own != self.mom2_weight:
+            raise HyperparameterError(
+                f"{type(self.method_config).__name__}.mom2_weight = {own!r} differs from EditConfig.mom2_weight = "
+                f"{self.mom2_weight!r}, which scales the anchor Gram: set mom2_weight on EditConfig and leave the "
+                "method's None (EditConfig fills it in)")
+
+    @property
+    def value_norm_rule(self) -> str | None:
+        """The value-norm anchoring rule in force: ``"nas"``, ``"h0"`` or None (off)."""
+        if self.anchor_value_norms is True:
+            return "h0"
+        return self.anchor_value_norms or None
 
     def resolved_method_config(self) -> MethodConfig:
-        """``method_config``, or the method's defaults when it is None."""
-        return self.method_config if self.method_config is not None else config_class(self.method)()
+        """``method_config``, or the method's defaults when it is None; a method setting that
+        mirrors ``mom2_weight`` (AlphaEdit's, for its absolute threshold) gets this config's."""
+        config = self.method_config if self.method_config is not None else config_class(self.method)()
+        if "mom2_weight" in config.field_names() and getattr(config, "mom2_weight", None) is None \
+                and self.mom2_weight is not None:
+            config = config.replace(mom2_weight=float(self.mom2_weight))
+        return config
 
     def _check_anchor_weight(self) -> None:
         """With ``alpha = 0`` the anchor alone regularises: an in-distribution key's absorption

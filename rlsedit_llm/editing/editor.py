@@ -53,6 +53,7 @@ from rlsedit_llm.editing import inspection, persistence
 from rlsedit_llm.editing.config import EditConfig, anchor_gram
 from rlsedit_llm.editing.guard import EditsDisabled, Ownership, disable_edits, guard_of, named_tensors, tensor_digests
 from rlsedit_llm.editing.intake import check_batch, fact_slot
+from rlsedit_llm.editing.norm_anchors import anchored_values
 from rlsedit_llm.editing.reports import EditRecord, EditReport, fact_report, format_prob
 from rlsedit_llm.editing.statistics import check_absorption, layer_moments
 from rlsedit_llm.editing.transaction import Transaction
@@ -66,7 +67,7 @@ from rlsedit_llm.pipeline.facts import Fact, checked_facts
 from rlsedit_llm.pipeline.keys import compute_keys, fact_rows, generate_templates, subject_hidden_states
 from rlsedit_llm.pipeline.scoring import FactScores, report_scores, score_targets
 from rlsedit_llm.pipeline.tokens import needs_bos
-from rlsedit_llm.pipeline.values import anchor_norms, compute_values, default_value_config
+from rlsedit_llm.pipeline.values import compute_values, default_value_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -168,6 +169,8 @@ class Editor:
         self.layers_ = layers
         self.value_config_ = config.value or default_value_config(self.spec_)
         self.mom2_weight_ = config.resolved_mom2_weight(self.spec_.d_k)  # N
+        # NAS's reference value norm (EditConfig(anchor_value_norms="nas")), measured at first use.
+        self.value_norm_reference_: float | None = None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -319,12 +322,17 @@ class Editor:
             seconds = {"update": time.perf_counter() - tic}
         return EditReport(record.edit_id, self.layers_, [], seconds)
 
-    def _write(self, layer: int, K: torch.Tensor, V: torch.Tensor, record: EditRecord):
+    def _write(self, layer: int, K: torch.Tensor, V: torch.Tensor, record: EditRecord,
+               seconds: dict[str, float] | None = None):
         """Propose the write of ``(K, V)`` at ``layer``, put its weights into the model and the
-        record; return the step (committed by :meth:`_commit` once every layer succeeded)."""
+        record; return the step (committed by :meth:`_commit` once every layer succeeded).
+        ``seconds``: ``"solve"`` (the solver's propose and its finiteness check) is added to it."""
         solver = self.solvers_[layer]
+        tic = time.perf_counter()
         step = solver.propose(K, V)
         _check_finite(step, layer)
+        if seconds is not None:
+            seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - tic
         write_weight(self._module(layer), step.W)
         record.keys[layer] = K.detach().to("cpu", solver.dtype)
         record.values[layer] = V.detach().to("cpu", solver.dtype)
@@ -351,8 +359,8 @@ class Editor:
         assert self.templates_ is not None  # set by _prepare
         values = compute_values(model, tok, spec, z_layer, facts, self.templates_, self.value_config_)
         z_star = values.target  # (u, d_model) float32
-        if self.config.anchor_value_norms:
-            z_star = anchor_norms(z_star, values.initial)
+        if self.config.anchor_value_norms:  # NAS or the h0 rule (EditConfig.anchor_value_norms)
+            z_star = anchored_values(self, facts, values)
         norms = {"z": z_star.norm(dim=1).tolist(), "h0": values.initial.norm(dim=1).tolist()}
         if not torch.isfinite(z_star).all():
             raise NonFiniteError("value optimisation produced NaN/inf; lower the value learning rate")
@@ -382,7 +390,9 @@ class Editor:
             poll_interrupts()
             residual_after, after = self._outcome(facts, z_star, seconds)
 
+        tic = time.perf_counter()
         self._commit(pending, record, txn)
+        seconds["commit"] = time.perf_counter() - tic
         nll = values.final_nll.tolist() if values.final_nll is not None else [float("nan")] * len(facts)
         reports = [
             fact_report(f, b, a, rb, ra, replaced=replaced.get(j, ()), weight=w, retried=t, value_nll=v)
@@ -446,7 +456,7 @@ class Editor:
             if any(w != 1 for w in weights):  # weighted least squares = rows scaled by sqrt(weight)
                 scale = torch.tensor(weights, dtype=solver.dtype, device=solver.device).sqrt()[:, None]
                 K, V = K * scale, V * scale
-            pending[layer] = self._write(layer, K, V, record)
+            pending[layer] = self._write(layer, K, V, record, seconds)
             seconds["update"] += time.perf_counter() - tic
         return record, pending, residual_before
 
@@ -454,8 +464,10 @@ class Editor:
                  seconds: dict[str, float]) -> tuple[torch.Tensor, list[FactScores]]:
         """After the write: the residual ``||z* - h||`` left at the last edited layer (u,) and the
         facts' scores (rewrite, paraphrase and neighbourhood prompts where they carry them)."""
+        tic = time.perf_counter()
         h_after = subject_hidden_states(self.model, self.tokenizer, self.spec_, self.layers_[-1], facts)
         residual_after = (z_star.to(h_after.device) - h_after).norm(dim=1)
+        seconds["residual"] = seconds.get("residual", 0.0) + time.perf_counter() - tic
         tic = time.perf_counter()
         after = report_scores(self.model, self.tokenizer, facts, after=True,
                               accuracies=self.config.report_accuracies, scorer=score_targets)

@@ -69,9 +69,11 @@ def make_editor(method: str, model: torch.nn.Module, tokenizer: PreTrainedTokeni
         if getattr(cls, "value_defaults", None) and config.value is None:
             config = replace(config, value=method_value_config(method, detect_spec(model)))
         return Editor(model, tokenizer, config, new_stream=new_stream)
-    if config.anchor_value_norms:  # an editor-level method optimises no value z* to rescale
-        raise HyperparameterError(f"{method!r} computes no values, so value-norm anchoring does not apply to it; "
-                                  "use EditConfig(anchor_value_norms=False)")
+    if config.anchor_value_norms:  # an editor-level method optimises no value z* to rescale (NAS or h0 rule)
+        raise HyperparameterError(f"{method!r} computes no values, so value-norm anchoring (anchor_value_norms="
+                                  f"{config.anchor_value_norms!r}) does not apply to it; use "
+                                  "EditConfig(anchor_value_norms=False), or a layer-solver method (rlsedit, memit, "
+                                  "memit_seq, alphaedit, encore), which all solve values")
     config.validate()
     return cls.from_config(model, tokenizer, config)
 

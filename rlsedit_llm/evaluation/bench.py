@@ -37,6 +37,7 @@ from rlsedit_llm.adapters.loading import load_model
 from rlsedit_llm.adapters.spec import detect_spec
 from rlsedit_llm.editing.config import EditConfig
 from rlsedit_llm.editing.methods import method_value_config
+from rlsedit_llm.editing.norm_anchors import NAS_REFERENCE_FACTS
 from rlsedit_llm.editing.statistics import layer_moments
 from rlsedit_llm.errors import HyperparameterError, StateMismatchError
 from rlsedit_llm.evaluation.bench_config import SHADOW_LEADER as LEADER
@@ -44,7 +45,7 @@ from rlsedit_llm.evaluation.bench_config import BenchConfig, scaled_defaults
 from rlsedit_llm.evaluation.data import load_glue, load_stream
 from rlsedit_llm.evaluation.metrics import scoring_progress
 from rlsedit_llm.evaluation.protocol import base_report, extend_base, run_method, score_generations
-from rlsedit_llm.evaluation.protocol_config import ProtocolConfig
+from rlsedit_llm.evaluation.protocol_config import LITERATURE_FLUENCY, ProtocolConfig
 from rlsedit_llm.evaluation.report import write_report
 from rlsedit_llm.evaluation.results import (
     RESULTS,
@@ -108,7 +109,11 @@ def _settings(args: BenchConfig, cfg: ProtocolConfig, edit_config: EditConfig, s
         corpus=str(edit_config.corpus), case_ids=tuple(case_ids), shadow=args.shadow,
         method_settings={m: dict(s) for m, s in args.method_settings.items()},
         anchor_value_norms=bool(edit_config.anchor_value_norms), value_steps=args.value_steps,
-        extended_from=None if args.extend_from is None else str(args.extend_from))
+        extended_from=None if args.extend_from is None else str(args.extend_from),
+        # NAS's reference sample, when the +nas entries use another than the released one
+        extra={"nas_reference_facts": args.nas_reference_facts}
+        if args.nas_reference_facts != NAS_REFERENCE_FACTS and any(args.variant(m).nas for m in args.methods)
+        else {})
 
 
 @dataclass
@@ -183,13 +188,16 @@ class _Bench:
         record = self.results.methods.get(name)
         runner = self._resumed(name, record, leader) if record is not None else None
         if runner is None:
-            record = MethodRecord(settings=self.args.settings_of(name) or None)
-            method_config = self.edit_config
-            if self.args.value_steps is not None and is_layer_method(name):  # its own value settings, longer
-                method_config = replace(self.edit_config, value=method_value_config(
-                    name, self.spec, steps=self.args.value_steps))
-            runner = make_runner(name, self.model, self.tokenizer, edit_config=method_config, leader=leader,
-                                 method_settings=self.args.method_settings)
+            # ``name`` may be a variant (METHOD[@PRESET][+nas]): its method, preset settings and NAS
+            variant = self.args.variant(name)
+            record = MethodRecord(settings=self.args.settings_of(name) or None,
+                                  extra=variant.record(self.args.nas_reference_facts))
+            method_config = self.args.edit_config_of(name, self.edit_config)
+            if self.args.value_steps is not None and is_layer_method(variant.method):  # its own value settings
+                method_config = replace(method_config, value=method_value_config(
+                    variant.method, self.spec, steps=self.args.value_steps))
+            runner = make_runner(variant.method, self.model, self.tokenizer, edit_config=method_config, leader=leader,
+                                 method_settings={variant.method: self.args.settings_of(name)})
         assert record is not None
         self.results.methods[name] = record
         return _Method(name, runner, record)
@@ -201,7 +209,7 @@ class _Bench:
         if record.batches_done == 0 or not state.exists():
             return None
         try:
-            runner = load_runner(name, self.model, self.tokenizer, state, leader=leader)
+            runner = load_runner(self.args.variant(name).method, self.model, self.tokenizer, state, leader=leader)
             if runner.n_batches > record.batches_done:
                 raise StateMismatchError(f"state holds {runner.n_batches} batches, results {record.batches_done}")
             record.truncate(runner.n_batches)  # batches after the last saved state are redone
@@ -303,7 +311,8 @@ def _start(args: BenchConfig, cfg: ProtocolConfig, out: Path) -> _Bench:
     log.info("loaded %s on %s in %.1f s", args.model, args.device or "cpu", time.perf_counter() - t0)
     spec = detect_spec(model)
     layers = tuple(edit_config.layers or spec.default_layers)
-    facts = load_stream(cfg.dataset, cfg.n_edits, tok, batch_size=cfg.batch_size)
+    facts = load_stream(cfg.dataset, cfg.n_edits, tok, batch_size=cfg.batch_size, stream=cfg.stream_seed,
+                        zsre_target=cfg.zsre_target)
     settings = _settings(args, cfg, edit_config, spec, layers, [f.case_id for f in facts])
     plan = RunPlan(out, settings, cfg, args.run_order(), args.shadow, state_root, restart=args.restart,
                    extend_from=None if args.extend_from is None else Path(args.extend_from))
@@ -337,6 +346,20 @@ def _finish(bench: _Bench) -> None:
     write_report(results, bench.out)
 
 
+def _with_fluency_protocol(args: BenchConfig, out: Path) -> BenchConfig:
+    """``args`` with its fluency protocol decided: the one given, else the one recorded by the run
+    this command resumes (or extends), else the literature's for a new run. A run recorded before
+    the choice existed used :data:`~.protocol_config.LEGACY_FLUENCY`."""
+    if args.fluency_protocol is not None:
+        return args
+    source = None if args.restart else out
+    if source is None or load_results(source) is None:
+        source = None if args.extend_from is None else Path(args.extend_from)
+    recorded = None if source is None else load_results(source)
+    protocol = LITERATURE_FLUENCY if recorded is None else recorded.settings.stream.fluency_protocol
+    return replace(args, fluency_protocol=protocol)
+
+
 def run_bench(config: BenchConfig) -> int:
     """Run (or resume) the benchmark ``config`` describes; the entry point of ``rlsedit bench``."""
     if not isinstance(config, BenchConfig):
@@ -350,6 +373,7 @@ def run_bench(config: BenchConfig) -> int:
         write_report(results, out)
         print(f"report rebuilt in {out}")
         return 0
+    args = _with_fluency_protocol(args, out)
     cfg = args.protocol()
     if not args.quiet:
         sized = {k: getattr(args, k) for k in scaled_defaults(0)}

@@ -17,22 +17,28 @@ Aggregates are means over cases; ``score`` is the harmonic mean of efficacy, gen
 specificity. zsRE, per case: teacher-forced top-1 token accuracy of ``alt`` after ``src``
 (efficacy) and after ``rephrase`` (generalization), and of ``loc_ans`` after ``loc + "?"``
 (specificity, absolute; about 25 % even before editing). Fluency is the weighted 2-/3-gram
-entropy of greedy generations; the generation NLL is those generations' mean per-token negative
-log-likelihood under the unedited model (high for incoherent text, which entropy cannot tell
-from varied prose). Scores are fractions in ``[0, 1]`` (fluency in bits); tables
-multiply by 100.
+entropy of generations, drawn by one of two protocols (:func:`fluency_texts`): ``rome``, the
+literature's (top-5 sampling to a fixed length, no early stop, Treebank-style words, as ROME's
+released ``generate_fast`` and ``n_gram_entropy``), or ``greedy-eos`` (greedy, stopped at
+end-of-sequence, words and punctuation by a regular expression). The generation NLL is those
+generations' mean per-token negative log-likelihood under the unedited model (high for incoherent
+text, which entropy cannot tell from varied prose). Scores are fractions in ``[0, 1]`` (fluency in
+bits); tables multiply by 100.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from rlsedit_llm.errors import HyperparameterError
@@ -47,6 +53,11 @@ if TYPE_CHECKING:
 __all__ = [
     "harmonic_mean",
     "ngram_entropy",
+    "treebank_words",
+    "rome_text",
+    "sample_generate",
+    "fluency_texts",
+    "fluency_entropy",
     "score_pairs",
     "counterfact_case_scores",
     "zsre_case_scores",
@@ -109,20 +120,67 @@ def harmonic_mean(values: Iterable[float]) -> float:
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
-def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+#: Penn-Treebank-style word splitting (:func:`treebank_words`), in order of precedence.
+_TREEBANK = re.compile(r"""
+      (?:[^\W\d_]\.){2,}            # abbreviations of single letters: U.S., e.g.
+    | \d+(?:[.,:/]\d+)+              # numbers with separators: 1,000  3.5  10:30  1/2
+    | \w+(?=n't\b)                   # the word before a negation clitic: do|n't, ca|n't
+    | n't\b
+    | '(?:s|m|d|ll|re|ve)\b          # clitics: 's 'm 'd 'll 're 've
+    | \.\.\.|--|``|''
+    | \w+
+    | [^\w\s]                          # any other mark, alone
+""", re.VERBOSE | re.IGNORECASE)
+_OPENING = "([{<\u201c"
+
+
+def treebank_words(text: str) -> list[str]:
+    """Words of ``text`` split by the Penn Treebank conventions that ``nltk.word_tokenize`` (ROME's
+    fluency tokenizer) follows, without NLTK or its sentence model: clitics are their own tokens
+    (``do n't``, ``John 's``), numbers keep their separators (``1,000``, ``3.5``), abbreviations
+    of single letters keep their periods (``U.S.``), every other punctuation mark, including a
+    sentence's period, stands alone, and a double quote becomes ````` `` ````` when it opens
+    (at the start or after a space or bracket) and ``''`` otherwise.
+
+    It differs from ``nltk.word_tokenize`` where the Punkt model would keep a period inside a
+    longer abbreviation (``Mr.``, ``Inc.``), on NLTK's splits of ``cannot``/``gonna``-like words,
+    and on rare Unicode punctuation.
+    """
+    words = []
+    for m in _TREEBANK.finditer(text):
+        word = m.group()
+        if word == '"':
+            before = text[m.start() - 1] if m.start() else " "
+            word = "``" if before.isspace() or before in _OPENING else "''"
+        words.append(word)
+    return words
+
+
+def rome_text(text: str) -> str:
+    """A generation as ROME's released ``generate_fast`` returns it for scoring: Unicode NFKD
+    normalised and every blank line (``"\n\n"``) turned into a space (its removal of the
+    ``<|endoftext|>`` string is done here by decoding without special tokens)."""
+    return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3), *,
+                  words: str = "regex") -> float:
     """Weighted n-gram entropy of a text (the fluency statistic), in bits.
 
-    The text is split into words and punctuation marks; for each ``n`` the entropy
+    The text is split into words and punctuation marks (``words="regex"``: the regular expression
+    ``\\w+|[^\\w\\s]``; ``"treebank"``: :func:`treebank_words`); for each ``n`` the entropy
     ``H_n = -sum_g f_g log2 f_g`` of the empirical n-gram frequencies ``f`` is weighted by
     ``weights[i]`` and the weighted entropies are averaged: ``mean_i(w_i H_{n_i})``. A text with
     fewer than ``n`` words contributes ``H_n = 0``. Repetitive text scores low.
     """
     if len(ns) != len(weights) or not ns:
         raise HyperparameterError("ns and weights must be non-empty and of equal length")
-    words = _WORD.findall(text)
+    if words not in ("regex", "treebank"):
+        raise HyperparameterError(f"words must be 'regex' or 'treebank'; got {words!r}")
+    tokens = _WORD.findall(text) if words == "regex" else treebank_words(text)
     terms = []
     for n, w in zip(ns, weights, strict=False):
-        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        grams = Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
         total = sum(grams.values())
         h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
         terms.append(w * h)
@@ -346,6 +404,106 @@ def greedy_generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
                 out[i] = seq
             bar.update(len(rows))
     return out  # type: ignore[return-value]
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The name under which ``model``'s forward takes, and its output returns, the key/value cache:
+    ``cache`` (transformers 5.x) or ``past_key_values`` (before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def sample_generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], length: int,
+                    *, rng: np.random.Generator, top_k: int = 5, batch_size: int = 16) -> list[list[int]]:
+    """Top-``k`` sampled continuations (token ids, prompt excluded) of ``prompts``, each to a
+    total of ``length`` tokens with its prompt (none when the prompt is that long already), with
+    no early stop: ROME's released ``generate_fast`` (``top_k=5``, ``max_out_len=100``).
+
+    At each step the next token is drawn from the ``top_k`` most probable tokens, their
+    probabilities renormalised. The draws come from ``rng`` only (no global random state): one
+    child generator per prompt, seeded by ``rng``, whose uniforms pick the token by inverse CDF, so a
+    prompt's generation does not depend on the batch it runs in, and the same ``rng`` seed gives
+    the same draws to every model (common random numbers, for paired comparisons). Prompts are
+    encoded without special tokens, left padded, with positions counted from each row's first
+    token.
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise HyperparameterError(f"rng must be a numpy Generator, e.g. np.random.default_rng(seed); "
+                                  f"got {type(rng).__name__}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise HyperparameterError(f"top_k must be an int >= 1; got {top_k!r}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise HyperparameterError(f"length must be an int >= 1 (tokens of prompt plus generation); got {length!r}")
+    pad, device = pad_id(tokenizer), input_device(model)
+    encoded = [encode_prompt(tokenizer, p, bos=needs_bos(model)) for p in prompts]
+    n_new = [max(0, length - len(e)) for e in encoded]
+    seeds = rng.integers(0, 2**63 - 1, size=len(prompts))  # one child generator per prompt
+    uniforms = [np.random.default_rng(int(seed)).random(n) for seed, n in zip(seeds, n_new, strict=True)]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    cache_arg = _cache_argument(model)
+    with _scoring_bar(len(order), "sampling") as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            steps = max(n_new[i] for i in rows)
+            if steps == 0:
+                bar.update(len(rows))
+                continue
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):  # left padding
+                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[r, width - len(encoded[i]):] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            draws = torch.tensor([[u[t] if t < len(u) else 0.0 for t in range(steps)] for u in
+                                  (uniforms[i] for i in rows)], dtype=torch.float64)  # (b, steps)
+            past, step_ids, tokens = None, ids, []
+            for t in range(steps):
+                got = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            **({} if past is None else {cache_arg: past}))
+                past = got[cache_arg]
+                probs = torch.softmax(got.logits[:, -1, :].double(), dim=-1)  # (b, vocab)
+                top_p, top_i = probs.topk(top_k, dim=-1)  # (b, k)
+                cdf = (top_p / top_p.sum(-1, keepdim=True)).cumsum(-1).cpu()
+                pick = (cdf < draws[:, t:t + 1]).sum(-1).clamp(max=top_k - 1)  # first index with cdf >= u
+                step_ids = top_i.gather(1, pick.to(top_i.device)[:, None])  # (b, 1)
+                tokens.append(step_ids.cpu())
+                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+                positions = positions[:, -1:] + 1
+            gen = torch.cat(tokens, dim=1)  # (b, steps)
+            for r, i in enumerate(rows):
+                out[i] = gen[r, :n_new[i]].tolist()
+            bar.update(len(rows))
+    return out
+
+
+def fluency_texts(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                  protocol: str, tokens: int, *, seed: int = 0, batch_size: int = 16) -> list[str]:
+    """The decoded continuations (prompt excluded) that fluency scores under ``protocol``:
+    ``"rome"``: :func:`sample_generate` to ``tokens`` tokens of prompt plus generation, its draws
+    from ``np.random.default_rng(seed)``, decoded without special tokens (ROME drops the
+    ``<|endoftext|>`` text); ``"greedy-eos"``: :func:`generate_texts` of at most ``tokens`` new
+    tokens."""
+    if protocol == "rome":
+        ids = sample_generate(model, tokenizer, prompts, tokens, rng=np.random.default_rng(seed),
+                              batch_size=batch_size)
+        return [tokenizer.decode(g, skip_special_tokens=True) for g in ids]  # type: ignore[misc]
+    if protocol == "greedy-eos":
+        return generate_texts(model, tokenizer, prompts, tokens, batch_size=batch_size)
+    raise HyperparameterError(f"unknown fluency protocol {protocol!r}; choose 'rome' or 'greedy-eos'")
+
+
+def fluency_entropy(prompt: str, continuation: str, protocol: str) -> float:
+    """The fluency statistic of one generation under ``protocol`` (bits): ``"rome"``: the
+    Treebank-word entropy of :func:`rome_text` of prompt plus continuation; ``"greedy-eos"``: the
+    regular-expression-word entropy of prompt plus continuation (:func:`ngram_entropy`)."""
+    if protocol == "rome":
+        return ngram_entropy(rome_text(prompt + continuation), words="treebank")
+    if protocol == "greedy-eos":
+        return ngram_entropy(prompt + continuation)
+    raise HyperparameterError(f"unknown fluency protocol {protocol!r}; choose 'rome' or 'greedy-eos'")
 
 
 def generation_check(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact], *,

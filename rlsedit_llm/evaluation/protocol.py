@@ -74,6 +74,7 @@ __all__ = [
     "extend_base",
     "base_summary",
     "fluency_prompts",
+    "fluency_prompt_groups",
     "score_generations",
     "new_record",
     "run_method",
@@ -153,14 +154,33 @@ def fluency_prompts(facts: Sequence[Fact], n_cases: int) -> list[str]:
     return [f.generation_prompts[0] for f in cases if f.generation_prompts]
 
 
+def fluency_prompt_groups(facts: Sequence[Fact], n_cases: int, protocol: str) -> list[list[str]]:
+    """The fluency prompts of the first ``n_cases`` cases, one list per case that has any:
+    ``rome``: every generation prompt of the case (ROME generates once from each of a
+    CounterFact record's ten); ``greedy-eos``: its first (:func:`fluency_prompts`). A data set
+    without generation prompts (simplified CounterFact, zsRE) gives each case its rewrite prompt."""
+    if protocol != "rome":
+        return [[p] for p in fluency_prompts(facts, n_cases)]
+    cases = facts[:n_cases]
+    if not any(f.generation_prompts for f in facts):
+        return [[f.text()] for f in cases]
+    return [list(f.generation_prompts) for f in cases if f.generation_prompts]
+
+
 def _add_extras(part: Extras, model: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact],
                 cfg: ProtocolConfig, glue: Mapping[str, list], base_glue: Glue | None) -> None:
     """Fluency on the subset (with its generations) and GLUE accuracy (with agreement with the
-    base predictions), set on ``part``."""
-    prompts = fluency_prompts(facts, cfg.fluency_cases)
+    base predictions), set on ``part``. Fluency follows ``cfg.fluency_protocol``
+    (:func:`.metrics.fluency_texts`); it is the mean over cases of the mean statistic of each
+    case's generations (ROME's aggregation; one generation per case under ``greedy-eos``), and
+    ``fluency_n`` counts the generations."""
+    groups = fluency_prompt_groups(facts, cfg.fluency_cases, cfg.fluency_protocol)
+    prompts = [p for g in groups for p in g]
     if prompts:
-        texts = metrics.generate_texts(model, tokenizer, prompts, cfg.fluency_tokens)
-        part.fluency = finite(metrics.text_fluency(prompts, texts))
+        texts = metrics.fluency_texts(model, tokenizer, prompts, cfg.fluency_protocol, cfg.fluency_tokens,
+                                      seed=cfg.stream_seed)
+        stats = iter([metrics.fluency_entropy(p, t, cfg.fluency_protocol) for p, t in zip(prompts, texts, strict=True)])
+        part.fluency = finite(float(np.mean([np.mean([next(stats) for _ in g]) for g in groups])))
         part.fluency_n = len(prompts)
         # Kept for reading and for score_generations, which needs the unedited model.
         part.generations = [Generation(p, t) for p, t in zip(prompts, texts, strict=False)]
@@ -261,13 +281,15 @@ class _Stream:
         tic = time.perf_counter()
         written = list(self.facts[:record.edits_done])
         point = record.checkpoints[-1] if record.checkpoints else None
+        rows: list[dict] | None = None
         if point is not None and point.batch == record.batches_done and point.all is not None:
             summary = point.all  # a stream stopped at a full checkpoint: already every edit so far
             retention = Scores.from_json({k: v for k, v in point.retention.to_json().items() if k != "wild"})
         else:
             rows, summary = self.scored(written)
             retention = Scores.of(metrics.summarize_cases(rows[:self.cfg.retention_size]))
-        final = FinalScores(edits=record.edits_done, partial=not complete, all=summary, retention=retention)
+        final = FinalScores(edits=record.edits_done, partial=not complete, all=summary, retention=retention,
+                            cases=None if rows is None else [_clean(r) for r in rows])
         with metrics.scoring_progress(self.progress):
             _add_extras(final, self.model, self.tokenizer, written, self.cfg, glue,
                         None if base is None else base.glue)

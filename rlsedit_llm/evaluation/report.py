@@ -57,7 +57,7 @@ def _generation_samples(results: Results, n: int = 2, width: int = 200) -> list[
     kept = [(name, part.generations[:n]) for name, part in parts if part is not None and part.generations]
     if not kept:
         return []
-    lines = ["", f"The first {n} fluency generations (prompt, then the greedy continuation; cut to {width} "
+    lines = ["", f"The first {n} fluency generations (prompt, then the continuation; cut to {width} "
                  "characters):", ""]
     for name, gens in kept:
         for g in gens:
@@ -198,11 +198,26 @@ def _magnitude_and_time_tables(dataset: str, rows: list[dict]) -> list[str]:
     return lines
 
 
+def _protocol_line(results: Results) -> str:
+    """Markdown: which stream and which scoring protocol the run used (runs recorded before these
+    choices existed: stream 0, ``greedy-eos`` fluency, zsRE toward ``alt``)."""
+    cfg = results.settings.stream
+    fluency = {"rome": "rome (top-5 sampling to a fixed length of prompt plus generation, no early stop, "
+                       "Treebank-style words; the literature's)",
+               "greedy-eos": "greedy-eos (greedy decoding stopped at end-of-sequence, regex words)"}
+    line = (f"Protocol: stream {cfg.stream_seed}" + (" (the data set's file order)" if cfg.stream_seed == 0 else "")
+            + f"; fluency {fluency.get(cfg.fluency_protocol, cfg.fluency_protocol)}, {cfg.fluency_tokens} tokens")
+    if cfg.dataset == "zsre":
+        line += "; zsRE target " + ("alt (EasyEdit's)" if cfg.zsre_target == "alt" else "answers[0] (MEMIT's)")
+    return line + "."
+
+
 def _markdown(results: Results, rows: list[dict]) -> str:
     c = results.config
     ds = c.dataset if c is not None else "?"
     n_edits, batch, model, kept = (c.n_edits, c.batch_size, c.model, c.retention_size) if c is not None else (None,) * 4
     lines = [f"# Sequential editing benchmark: {ds}, {n_edits} edits in batches of {batch} on {model}", ""]
+    lines += [_protocol_line(results), ""]
     lines += ["Scores x100. *Final*: every edit of the stream re-scored after the last batch. "
               "*Immediate*: each batch scored right after it was written. *Retention*: the first "
               f"{kept} edits, re-scored at the end. Wild = greedy decoding "

@@ -171,7 +171,7 @@ class Checkpoint(JsonRecord):
 
 @dataclass
 class Generation(JsonRecord):
-    """A fluency prompt and the model's greedy continuation."""
+    """A fluency prompt and the model's continuation (sampled or greedy: the run's fluency protocol)."""
 
     prompt: str
     text: str
@@ -241,13 +241,17 @@ class BaseScores(Extras):
 @dataclass
 class FinalScores(Extras):
     """Every edit written re-scored at the end of a method's stream (``partial``: the stream was
-    stopped early), the retention set's share of them, fluency and GLUE."""
+    stopped early), the retention set's share of them, fluency and GLUE; ``cases``: the per-case
+    rows of that re-scoring (``case_id`` and each metric, in stream order), which intervals over
+    facts and paired comparisons need (:mod:`.intervals`; None in runs recorded before they were
+    kept, and where a stream stopped at a full checkpoint reused that checkpoint's summary)."""
 
     edits: int = 0
     partial: bool = False
     all: Scores = field(default_factory=Scores)
     retention: Scores = field(default_factory=Scores)
     seconds: float = 0.0
+    cases: list[dict[str, Any]] | None = None
 
 
 @dataclass

@@ -1077,7 +1077,8 @@ def test_fluency_states_reproduces_the_bench_fluency_of_a_kept_state(tiny_bench,
 
     monkeypatch.setattr(bench, "load_stream", stream)
     out = tmp_path / "run"
-    assert bench.run_bench(_bench_args(out, methods="rlsedit", keep_state=True, fluency_cases=3)) == 0
+    args = _bench_args(out, methods="rlsedit", keep_state=True, fluency_cases=3, fluency_protocol="greedy-eos")
+    assert bench.run_bench(args) == 0
     rec = bench.read_results(out)
     assert rec["base"]["fluency_n"] == 3
     fluency_states = benchmark_script("fluency_states")

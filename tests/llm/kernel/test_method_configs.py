@@ -72,7 +72,8 @@ def test_registration_checks_the_class_the_config_and_their_match():
     class NeedsThreshold(AlphaEditConfig):
         method = "rlsedit_twin"
 
-    with pytest.raises(TypeError, match=r"must take the settings \['threshold', 'ridge'\]"):
+    with pytest.raises(TypeError, match=r"must take the settings \['threshold', 'ridge', 'threshold_rule', "
+                                        r"'mom2_weight'\]"):
         registry.register("rlsedit_twin", type("Twin", (LayerRLS,), {"name": "rlsedit_twin"}), NeedsThreshold)
     assert "rlsedit_twin" not in rlsedit_llm.method_names()
     with pytest.raises(HyperparameterError, match="choose one of"):
@@ -200,7 +201,8 @@ def test_a_state_saved_without_a_method_config_loads_with_the_methods_defaults(t
     assert again.config.resolved_method_config() == AlphaEditConfig()
     assert all(torch.equal(again.solvers_[l].W_, editor.solvers_[l].W_) for l in editor.layers_)
     d = EditConfig(method="alphaedit", method_config=AlphaEditConfig(threshold=0.5)).to_dict()
-    assert json.loads(json.dumps(d))["method_config"] == {"threshold": 0.5, "ridge": 1.0}
+    assert json.loads(json.dumps(d))["method_config"] == {"threshold": 0.5, "ridge": 1.0, "threshold_rule": "relative",
+                                                          "mom2_weight": None}
     assert EditConfig.from_dict(d).method_config == AlphaEditConfig(threshold=0.5)
 
 
