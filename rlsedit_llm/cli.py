@@ -956,7 +956,8 @@ def _add_bench(sub) -> None:
     bench.add_argument("--zsre-target", choices=("alt", "answer"),
                        help="zsRE: edit toward alt (default, EasyEdit's) or answers[0] (MEMIT's)")
     bench.add_argument("--methods", help=_Later(lambda: "comma-separated registered methods, or 'all' ("
-                                                        + _default("methods") + ")"))
+                                                        + _default("methods") + "); an entry may name a variant "
+                                                        "METHOD[@PRESET][+nas], e.g. alphaedit@released+nas"))
     bench.add_argument("--out", required=True)
     bench.add_argument("--stats-tokens", type=int,
                        help="Wikipedia tokens for the key statistics (default: 20000 below 100 edits, else 100000)")
@@ -967,8 +968,11 @@ def _add_bench(sub) -> None:
     bench.add_argument("--alpha", type=float, help="weight of ||W - W0||^2 (all Editor methods)")
     bench.add_argument("--beta", type=float, help="weight of the anchor term")
     bench.add_argument("--anchor-value-norms", action="store_true",
-                       help="value-norm anchoring: rescale each solved value to the model's norm at that "
-                            "position (methods that solve values)")
+                       help="value-norm anchoring, the h0 rule: rescale each solved value to the model's norm at "
+                            "that position (methods that solve values; NAS is the +nas variant of --methods)")
+    bench.add_argument("--nas-reference-facts", type=_positive_int,
+                       help="CounterFact rewrites NAS solves on the unedited model for its reference value norm "
+                            "(default 1000, NAS's; the +nas variants)")
     bench.add_argument("--value-steps", type=_positive_int,
                        help="loss evaluations of each value optimisation (default: the method's and "
                             "family's, 25 on Llama-like models; methods that solve values)")

@@ -342,3 +342,15 @@ def test_version_and_help_show_the_library_defaults(capsys):
         cli.main(["edit", "--help"])
     out = capsys.readouterr().out
     assert f"default {rlsedit_llm.EditConfig.method}" in out and "shown with --help" not in out
+
+
+def test_bench_flags_for_variants_and_the_nas_reference_reach_the_bench_config():
+    from rlsedit_llm import cli
+
+    args = cli.build_parser().parse_args(["bench", "--out", "x", "--methods", "rlsedit+nas,alphaedit@released",
+                                          "--nas-reference-facts", "50", "--stream", "2"])
+    config = cli._bench_config(args)
+    assert config.methods == ("rlsedit+nas", "alphaedit@released")
+    assert config.nas_reference_facts == 50 and config.stream == 2
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--out", "x", "--nas-reference-facts", "0"])
