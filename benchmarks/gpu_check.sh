@@ -9,6 +9,12 @@
 #   long   RLSEdit, AlphaEdit and MEMIT on their own values, 3,000 simplified-CounterFact edits,
 #          every edit re-scored at 1,000, 2,000 and 3,000
 #   zsre   the same three methods on all 887 zsRE records
+#   compare  issue 28's comparison: 1,000 full-schema CounterFact edits in batches of 100 on each of
+#          the streams in GPU_CHECK_COMPARE_STREAMS (default 0,1,2), every rival at its released and
+#          default settings with and without NAS norm anchors (rlsedit, memit, alphaedit,
+#          alphaedit@released, encore, each also +nas), then benchmarks/leaderboard.py over the
+#          streams (intervals, paired wins); each stream is its own resumable bench in
+#          $RESULTS/compare_s<S>
 # Opt-in steps at the paper's scale (benchmarks/gpu_scale.py; JSON in $RESULTS/<step>.json):
 #   edit10k  SmolLM2, 10,000 simplified-CounterFact edits in batches of 100: s/edit by stage, then
 #            every edit written scored once (efficacy, top-1); stops editing at a batch boundary
@@ -19,7 +25,7 @@
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run   # the same steps on CPU with tiny settings (CI)
 #   bash benchmarks/gpu_check.sh --steps tests,scale   # only some steps (tests, stream, scale, bench, long, zsre,
-#                                                      # edit10k, big8b)
+#                                                      # compare, edit10k, big8b)
 #
 # Output folder: $GPU_CHECK_OUT, else $OUT/gpu_check, else ./gpu_check_out (logs and JSON figures).
 # Per-step time limits (seconds): GPU_CHECK_TESTS_S, GPU_CHECK_STREAM_S, GPU_CHECK_SCALE_S, GPU_CHECK_BENCH_S
@@ -42,8 +48,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 for s in ${STEPS//,/ }; do
-  case "$s" in tests|stream|scale|bench|long|zsre|edit10k|big8b) ;;
-    *) echo "--steps takes tests, stream, scale, bench, long, zsre, edit10k, big8b; got '$s'" >&2; exit 2 ;; esac
+  case "$s" in tests|stream|scale|bench|long|zsre|compare|edit10k|big8b) ;;
+    *) echo "--steps takes tests, stream, scale, bench, long, zsre, compare, edit10k, big8b; got '$s'" >&2; exit 2 ;; esac
 done
 wanted() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
@@ -77,6 +83,10 @@ if [ "$DRY" = 1 ]; then
              --stats-tokens 500 --methods rlsedit,alphaedit,memit --checkpoints 1 --fluency-cases 0 --score-all-at 2,4)
   ZSRE_ARGS=(--device cpu --model "$RESULTS/tiny_model" --dataset zsre --edits 4 --batch 2 --stats-tokens 500
              --methods rlsedit,alphaedit,memit --checkpoints 1 --fluency-cases 0)
+  COMPARE_ARGS=(--device cpu --model "$RESULTS/tiny_model" --dataset counterfact --edits 4 --batch 2 --stats-tokens 500
+                --methods rlsedit,rlsedit+nas,alphaedit@released --nas-reference-facts 4 --checkpoints 1
+                --fluency-cases 0)
+  COMPARE_STREAMS=${GPU_CHECK_COMPARE_STREAMS:-0,1}
   EDIT10K_S=${GPU_CHECK_EDIT10K_S:-120}; BIG8B_S=${GPU_CHECK_BIG8B_S:-120}
   EDIT10K_ARGS=(edit10k --dry-run --profile-batch 2)   # CPU: tiny model, 20 facts in batches of 10
   BIG8B_ARGS=(big8b --dry-run)       # CPU: tiny widths, 2 layers, vocabulary 1,024, 10 facts
@@ -95,6 +105,10 @@ else
              --methods rlsedit,alphaedit,memit --checkpoints 6 --fluency-cases 10 --score-all-at 1000,2000)
   ZSRE_ARGS=(--device cuda --model smollm2 --dataset zsre --edits 887 --batch 100
              --methods rlsedit,alphaedit,memit --checkpoints 3 --fluency-cases 10)
+  COMPARE_ARGS=(--device cuda --model smollm2 --dataset counterfact --edits 1000 --batch 100
+                --methods rlsedit,rlsedit+nas,memit,memit+nas,alphaedit,alphaedit@released,alphaedit+nas,alphaedit@released+nas,encore,encore+nas
+                --checkpoints 3 --fluency-cases 10)
+  COMPARE_STREAMS=${GPU_CHECK_COMPARE_STREAMS:-0,1,2}
   # edit10k: 240 s of editing (about 1,700 edits at the H200's 0.14 s/edit with the published
   # optimiser), then the final scoring of every edit written; big8b: build, statistics, state and
   # one 100-fact edit. 330 + 240 s: both steps fit one 600 s call (--steps edit10k,big8b).
@@ -156,7 +170,7 @@ if wanted big8b; then
   DETAIL+=("$(grep -E '^  edit of' "$RESULTS/big8b.log" | sed 's/^ *//' | tr '\n|' '; ')")
 fi
 
-if wanted bench || wanted long || wanted zsre; then
+if wanted bench || wanted long || wanted zsre || wanted compare; then
   if [ "$DRY" = 1 ]; then  # the bench loads a model by name or folder: save a tiny random one
     "$PY" -c "import sys; from rlsedit_llm.adapters.tiny import tiny_model; m, t = tiny_model('llama'); \
 m.save_pretrained(sys.argv[1]); t.save_pretrained(sys.argv[1])" "$RESULTS/tiny_model" >/dev/null 2>&1
@@ -175,6 +189,14 @@ print(sum(r['done'] for r in m.values()), 'of', len(m), 'methods done at', min(r
 wanted bench && bench_step bench "rlsedit bench (every method)" "${BENCH_ARGS[@]}"
 wanted long && bench_step long "long stream (own values)" "${LONG_ARGS[@]}"
 wanted zsre && bench_step zsre "zsRE stream (own values)" "${ZSRE_ARGS[@]}"
+if wanted compare; then
+  for S in ${COMPARE_STREAMS//,/ }; do
+    bench_step "compare_s$S" "comparison, stream $S (released, default, +nas)" "${COMPARE_ARGS[@]}" --stream "$S"
+  done
+  step "leaderboard over the comparison's streams" 120 "$RESULTS/leaderboard.log" \
+    "$PY" benchmarks/leaderboard.py "$RESULTS"/compare_s*/ --out "$RESULTS/leaderboard.md"
+  DETAIL+=("$RESULTS/leaderboard.md")
+fi
 
 echo
 echo "GPU CHECK SUMMARY ($([ "$DRY" = 1 ] && echo 'dry run, CPU, tiny settings' || echo "$DEVICE"))"

@@ -285,6 +285,24 @@ def test_gpu_check_long_and_zsre_steps_dry_run(tmp_path):
     assert full == [2, 4]
 
 
+@pytest.mark.slow  # about 90 s on 2 shared cores
+def test_gpu_check_compare_step_dry_run(tmp_path):
+    """The opt-in comparison step runs one resumable bench per stream (released and +nas variants),
+    then the leaderboard over the streams."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", GPU_CHECK_OUT=str(tmp_path))
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--steps", "compare"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stream in (0, 1):
+        results = json.loads((tmp_path / f"compare_s{stream}" / "results.json").read_text())
+        assert results["settings"].get("stream_seed", 0) == stream
+        assert {m: r["done"] for m, r in results["methods"].items()} == {
+            m: True for m in ("rlsedit", "rlsedit+nas", "alphaedit@released")}
+    board = (tmp_path / "leaderboard.md").read_text()
+    assert "2 streams" in board and "rlsedit+nas" in board and "alphaedit@released" in board
+    assert "| leaderboard over the comparison's streams | PASS |" in proc.stdout
+
+
 def test_editor_refuses_up_front_a_state_that_cannot_fit(monkeypatch, tmp_path):
     """Editor.prepare checks the memory plan against the device before any statistics pass."""
     import rlsedit_llm
