@@ -55,12 +55,14 @@ class _ValueProbe:
         return result
 
 
-def run(model, tok, base_weights, facts, dataset: str, batch: int, value, cache: str | None) -> dict:
+def run(model, tok, base_weights, facts, dataset: str, batch: int, value, cache: str | None,
+        accuracies: bool = True) -> dict:
     """One stream on the base weights: per-stage seconds, wall time of the edit calls, scores."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(base_weights[name])
-    editor = rlsedit_llm.Editor(model, tok, rlsedit_llm.EditConfig(cache_dir=cache, value=value, replace=False),
+    config = rlsedit_llm.EditConfig(cache_dir=cache, value=value, replace=False, report_accuracies=accuracies)
+    editor = rlsedit_llm.Editor(model, tok, config,
                                 take_over=True)
     editor.prepare()
     probe = _ValueProbe()
@@ -120,6 +122,9 @@ def main() -> None:
                              "'+field=value' changes of the published ValueConfig, e.g. lbfgs+stop_nll=0.002")
     parser.add_argument("--cache", default=None, help="statistics cache folder (default: the user cache)")
     parser.add_argument("--out", default=None, help="write the raw figures to this JSON file")
+    parser.add_argument("--rewrite-only", action="store_true",
+                        help="the edit reports score only the rewrite prompts (EditConfig(report_accuracies=False), "
+                             "as the bench runs); default: also the paraphrase and neighbourhood prompts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = args.start if args.start is not None else (1000 if args.dataset == "counterfact" else 0)
@@ -133,7 +138,8 @@ def main() -> None:
     load = load_average()
     rlsedit_llm.Editor(model, tok, rlsedit_llm.EditConfig(cache_dir=args.cache), take_over=True).prepare().release()
     tic = time.perf_counter()
-    results = {name: run(model, tok, base, facts, args.dataset, args.batch, setting(published, name), args.cache)
+    results = {name: run(model, tok, base, facts, args.dataset, args.batch, setting(published, name), args.cache,
+                         accuracies=not args.rewrite_only)
                for name in names}
     total = time.perf_counter() - tic
     load_end = load_average()
