@@ -235,6 +235,18 @@ class EditConfig:
         return d
 
     @classmethod
+    def for_stream(cls, model: torch.nn.Module, expected_edits: int, tokenizer=None, **options) -> EditConfig:
+        """The configuration for a stream of about ``expected_edits`` edits on ``model``, chosen by
+        :func:`~rlsedit_llm.editing.planner.plan_stream` from a forecast of plasticity (computed
+        before any edit from a sample of keys): the layer window; ``alpha`` and ``N`` stay at the
+        defaults. Up to 0.7 edits per key dimension it is the default configuration. ``options``:
+        ``plan_stream``'s keyword arguments (``facts``, ``batch``, ``config``, ``max_layers``, ...).
+        The rule and its derivation: the docs page "Capacity and stream length"."""
+        from rlsedit_llm.editing.planner import plan_stream  # the planner imports this module
+
+        return plan_stream(model, expected_edits, tokenizer=tokenizer, **options).config
+
+    @classmethod
     def from_dict(cls, d: dict) -> EditConfig:
         d = dict(d)
         if d.get("layers") is not None:
