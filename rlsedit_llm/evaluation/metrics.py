@@ -368,6 +368,17 @@ def summarize_cases(rows: Sequence[dict], keys: Sequence[str] | None = None) -> 
 
 
 @torch.no_grad()
+def _left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded to the longest: ids and attention mask, each (b, width) int64."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[r, width - len(row):] = 1
+    return ids, mask
+
+
 def greedy_generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                     max_new_tokens: int, *, batch_size: int = 16, stop_at_eos: bool = True) -> list[list[int]]:
     """Greedy continuations (token ids, prompt excluded) of ``prompts``.
@@ -386,12 +397,8 @@ def greedy_generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     with _scoring_bar(len(order), "generating") as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):  # left padding
-                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[r, width - len(encoded[i]):] = 1
+            ids, mask = _left_padded([encoded[i] for i in rows], pad)
+            width = ids.shape[1]
             gen = model.generate(  # type: ignore[operator]  # a transformers PreTrainedModel method
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                 min_new_tokens=0, do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -449,12 +456,7 @@ def sample_generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
             if steps == 0:
                 bar.update(len(rows))
                 continue
-            width = max(len(encoded[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):  # left padding
-                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[r, width - len(encoded[i]):] = 1
+            ids, mask = _left_padded([encoded[i] for i in rows], pad)
             ids, mask = ids.to(device), mask.to(device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             draws = torch.tensor([[u[t] if t < len(u) else 0.0 for t in range(steps)] for u in
