@@ -168,7 +168,11 @@ def check_layer(layer: int, solver: dict, batches: list[dict], bar=None) -> tupl
                                    residual_then=float(np.linalg.norm(V_j - K_j @ Ws[j])),
                                    residual_now=float(np.linalg.norm(V_j - K_j @ W_t))))
         # C4
-        records.append(_record("C4", B.information_floor_bound(problem, seen), layer, t))
+        # The measured side is read off the replayed state (lambda_min(G_t) = 1 / lambda_max(C_t), C_t
+        # from the Woodbury steps), not recomputed from the keys by the function that predicts it.
+        floor = B.information_floor_bound(problem, seen)
+        records.append(_record("C4", B.Bound(floor.lhs, 1.0 / float(np.linalg.eigvalsh(C_t)[-1]), floor.name),
+                               layer, t, closed_form_rhs=floor.rhs))
         records.append(_record("C4p", B.c4_plasticity_bound(problem, edits[: t - 1], K, C_prev), layer, t))
         if bar is not None:
             bar.update(1)

@@ -64,6 +64,9 @@ def test_theory_check_replays_the_save_and_every_bound_holds(theory_check, saved
     counts = {key: s["n"] for key, s in results["summary"].items()}
     per_step = {"T2", "T3", "T3a", "T3b", "T4a", "T4b", "C4", "C4p"}
     assert counts == {**{k: layers * T for k in per_step}, "T5a": layers * 3, "T5b": layers * 3}
+    # C4's measured side comes from the replayed state, and agrees with lambda_min(G_t) formed from the keys.
+    c4 = [r for r in results["records"] if r["bound"] == "C4"]
+    assert all(abs(r["measured"] - r["closed_form_rhs"]) <= 1e-8 * abs(r["closed_form_rhs"]) for r in c4)
     # T2 with a single-row batch (t = 2) is an equality.
     t2 = [r for r in results["records"] if r["bound"] == "T2" and r["t"] == 2]
     assert all(abs(r["ratio"] - 1) < 1e-9 for r in t2)
