@@ -141,9 +141,11 @@ class ValueConfig:
     compute_dtype : ``"model"`` (default: the model's own dtype) or ``"bfloat16"``: on the fast
         path, every evaluation after the first (which is checked against the full model in the
         model's dtype) runs the upper layers under ``torch.autocast`` to bfloat16; the head, the
-        log-softmax, the loss and ``delta`` stay float32. About twice the matrix throughput on
-        CPUs with bfloat16 instructions (AVX512-BF16, AMX) and on GPUs, at bfloat16's rounding of
-        the activations. The naive path ignores it (it is the float reference)
+        log-softmax, the loss and ``delta`` stay float32. Measured on SmolLM2 on a 2-core
+        AVX512-BF16 CPU: the published quality, but no speed-up at 1 thread (the autocast casts
+        eat the faster matrix products; ``benchmarks/value_ab.py``, ``docs/assets/speed/``); meant
+        for devices whose bfloat16 matrix units are much faster than their float32 ones (GPUs),
+        where it is not yet measured. The naive path ignores it (it is the float reference)
     """
 
     lr: float = 0.5
