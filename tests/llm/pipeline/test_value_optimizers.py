@@ -275,9 +275,9 @@ def test_sub_batches_bound_the_rows_run_together(tiny, monkeypatch):
     seen = []
     real = values.FastForward
 
-    def recording(model, spec, layer, rows, pad):
+    def recording(model, spec, layer, rows, pad, **kwargs):
         seen.append(len(rows.kl_row))  # facts in this forward
-        return real(model, spec, layer, rows, pad)
+        return real(model, spec, layer, rows, pad, **kwargs)
 
     monkeypatch.setattr(values, "FastForward", recording)
     compute_values(model, tok, detect_spec(model), 1, FACTS, TEMPLATES, ValueConfig(steps=2, max_batch=2),
