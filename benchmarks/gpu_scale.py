@@ -98,6 +98,15 @@ def _reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _timed_prepare(editor, device) -> float:
+    """Prepare ``editor`` (statistics, state) with the device's peak memory reset first; its seconds."""
+    _reset_peak(device)
+    tic = time.perf_counter()
+    editor.prepare()
+    sync(device)
+    return time.perf_counter() - tic
+
+
 def value_config(spec, args):
     """The published value settings of the model's family, with the optional faster settings."""
     from rlsedit_llm.pipeline.values import default_value_config
@@ -149,11 +158,7 @@ def run_edit10k(args) -> dict:
         cfg = EditConfig(stats_tokens=args.stats_tokens, cache_dir=cache, report_accuracies=False, value=value,
                          **extra)
         editor = Editor(model, tok, cfg)
-        _reset_peak(device)
-        tic = time.perf_counter()
-        editor.prepare()
-        sync(device)
-        prepare_s = time.perf_counter() - tic
+        prepare_s = _timed_prepare(editor, device)
         done = 0
         start = time.perf_counter()
         for lo in range(0, len(facts), args.batch):
@@ -296,11 +301,7 @@ def run_big8b(args) -> dict:
                          stats_max_length=256, state_dtype=args.state_dtype, cache_dir=cache,
                          report_accuracies=False, value=value)
         editor = Editor(model, tok, cfg)
-        _reset_peak(device)
-        tic = time.perf_counter()
-        editor.prepare()
-        sync(device)
-        prepare_s = time.perf_counter() - tic
+        prepare_s = _timed_prepare(editor, device)
         prepare_peak = _cuda_peak(device)
         _reset_peak(device)
         tic = time.perf_counter()
